@@ -1,0 +1,483 @@
+"""The sweep file: one YAML document describes a whole scaling study.
+
+Every section is a frozen pydantic model with `extra="forbid"`, so a typo is an error, not a
+silently ignored setting. `load_sweep(path)` parses the YAML, validates it and, on failure, raises
+`SweepFileError` naming the file, the YAML line and the field (with a "did you mean" for typos).
+`expand_grid(cfg)` turns the validated file into the list of pretraining trials
+(sizes x budgets x seeds), each with its per-rung overrides applied.
+
+Derived quantities (parameter counts, FLOPs, token budgets from epochs) are computed elsewhere
+from these fields; nothing here stores a copy of something that can be derived.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_int(value: Any) -> Any:
+    """YAML reads `1e6` as a float (or a string); budgets and counts are integers."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+BigInt = Annotated[int, BeforeValidator(_as_int)]
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: corpus -> canonical, deduplicated shards
+
+
+class DataConfig(Strict):
+    corpus: list[Path] = Field(min_length=1)  # CSV / SMI / Parquet files, optionally .gz
+    smiles_column: str | None = None  # None: a column named smiles (any case), else the first
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    split: Literal["random", "scaffold"] = "random"
+    max_molecules: BigInt | None = Field(None, gt=0)  # cap on molecules read, in file order
+    isomeric: bool = True  # keep stereochemistry in canonical SMILES; False strips it
+    max_heavy_atoms: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)  # tokens per SMILES, before special tokens
+    shard_rows: BigInt = Field(50_000, gt=0)
+    seed: int = 0  # for the train/validation split
+
+
+# ---------------------------------------------------------------------------------------------
+# the model ladder
+
+
+class ModelSize(Strict):
+    """Explicit transformer dimensions; also the shape of every named rung in `LADDER`."""
+
+    name: str
+    n_layer: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+    d_ff: int | None = Field(None, gt=0)  # None: 4 * d_model, as in BERT and GPT-2
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSize:
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"d_model must be divisible by n_head (got d_model: {self.d_model} and n_head: {self.n_head})"
+            )
+        return self
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+
+def _rung(name: str, n_layer: int, d_model: int, n_head: int) -> ModelSize:
+    return ModelSize(name=name, n_layer=n_layer, d_model=d_model, n_head=n_head)
+
+
+# Named rungs, smallest first. Widths grow ~1.5-2x per rung and depth slowly, roughly the
+# aspect ratios of the Pythia / OLMo ladders; head width stays 16-128. Parameter counts depend on
+# the vocabulary and family: `clmscale validate` prints them, `engine.models.count_params` computes them.
+LADDER: dict[str, ModelSize] = {
+    r.name: r
+    for r in [
+        _rung("xxs", 1, 16, 2),  # ~5e3 non-embedding: CPU tests
+        _rung("xs", 2, 32, 2),  # ~2.5e4
+        _rung("s", 2, 64, 4),  # ~1e5
+        _rung("m", 4, 128, 4),  # ~8e5
+        _rung("l", 6, 256, 8),  # ~5e6
+        _rung("xl", 8, 384, 6),  # ~1.4e7
+        _rung("2xl", 12, 512, 8),  # ~3.8e7
+        _rung("3xl", 12, 768, 12),  # ~8.5e7: BERT-base shape
+        _rung("4xl", 16, 1024, 16),  # ~2e8
+        _rung("5xl", 24, 1536, 16),  # ~6.8e8
+        _rung("6xl", 24, 2048, 16),  # ~1.2e9
+    ]
+}
+
+
+class RungOverrides(Strict):
+    """Per-rung training settings; anything unset falls back to the `train` section."""
+
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    workers: int | None = Field(None, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0)  # e.g. 0.25: four tiny trials share a GPU
+    cpus_per_worker: float | None = Field(None, gt=0)
+
+    def split(self) -> tuple[dict, dict]:
+        """(train updates, resources updates): the fields that are set, by section."""
+        set_ = {k: v for k, v in self.model_dump().items() if v is not None}
+        res = {k: set_.pop(k) for k in ("workers", "gpus_per_worker", "cpus_per_worker") if k in set_}
+        return set_, res
+
+
+class ModelConfig(Strict):
+    family: Literal["mlm", "clm"] = "mlm"  # mlm: RoBERTa-style encoder; clm: GPT-2-style decoder
+    sizes: list[str | ModelSize] = Field(min_length=1)
+    max_seq_len: int = Field(128, gt=4)  # tokens incl. special tokens; longer SMILES are cut
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # 0: scaling-law runs are single-epoch-ish
+    overrides: dict[str, RungOverrides] = {}
+
+    @field_validator("sizes")
+    @classmethod
+    def _known_rungs(cls, sizes: list[str | ModelSize]) -> list[str | ModelSize]:
+        for i, name in enumerate(sizes):
+            if isinstance(name, str) and name not in LADDER:
+                raise ValueError(_unknown(f"rung sizes[{i}]", name, list(LADDER)))
+        return sizes
+
+    @model_validator(mode="after")
+    def _unique_and_overridden_rungs(self) -> ModelConfig:
+        names = [s if isinstance(s, str) else s.name for s in self.sizes]
+        for name in self.overrides:
+            if name not in names:
+                raise ValueError(_unknown("overrides", name, names))
+        if len(set(names)) != len(names):
+            raise ValueError(f"sizes names must be unique (got {names})")
+        return self
+
+    def rungs(self) -> list[ModelSize]:
+        return [LADDER[s] if isinstance(s, str) else s for s in self.sizes]
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets and training
+
+
+class BudgetConfig(Strict):
+    """How long each run trains: a list of token budgets, or a list of epochs over the train split."""
+
+    tokens: list[BigInt] | None = None
+    epochs: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetConfig:
+        if (self.tokens is None) == (self.epochs is None):
+            raise ValueError("give exactly one of budget.tokens or budget.epochs")
+        values = self.tokens or self.epochs or []
+        if not values or any(v <= 0 for v in values):
+            raise ValueError(f"budgets must be a non-empty list of positive numbers (got {values})")
+        return self
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(64, gt=0)  # global batch in sequences (all workers, all micro-steps)
+    micro_batch_size: int = Field(32, gt=0)  # per worker per forward pass
+    lr: float = Field(1e-3, gt=0)  # peak
+    lr_min_ratio: float = Field(0.1, ge=0, le=1)  # floor of the decay, as a fraction of peak
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)  # of the token budget
+    schedule: Literal["cosine", "constant_cooldown"] = "cosine"
+    cooldown_fraction: float = Field(0.2, ge=0, le=1)  # constant_cooldown only: linear decay tail
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)  # RoBERTa's beta2
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    packing: bool = False  # pack several SMILES per sequence instead of padding each
+    checkpoints: int = Field(4, ge=1)  # log-spaced token milestones per run, the last at the budget
+    log_every_steps: int = Field(10, gt=0)
+    val_batches: int = Field(4, gt=0)  # fixed validation batches, the same for every run
+    seed_data: bool = True  # True: the trial seed also shuffles the data; False: only the init
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> TrainConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size must be a multiple of micro_batch_size "
+                f"(got batch_size: {self.batch_size} and micro_batch_size: {self.micro_batch_size})"
+            )
+        return self
+
+
+class ResourcesConfig(Strict):
+    workers: int = Field(1, gt=0)  # Ray Train workers per trial
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # fractions let tiny rungs share a GPU
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster fits
+    max_failures: int = Field(2, ge=0)  # retries of a trial whose worker dies
+
+    @model_validator(mode="after")
+    def _whole_gpus_for_many(self) -> ResourcesConfig:
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ValueError(
+                f"fractional gpus_per_worker needs workers: 1 (got workers: {self.workers}, "
+                f"gpus_per_worker: {self.gpus_per_worker})"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis of the checkpoints
+
+
+class CustomTask(Strict):
+    name: str
+    path: Path
+    smiles_column: str = "smiles"
+    label_columns: list[str] = Field(min_length=1)
+    task_type: Literal["classification", "regression"]
+
+
+class DownstreamConfig(Strict):
+    tasks: list[str] = []  # registry names (engine.tasks.TASKS) or names of `custom` entries
+    custom: list[CustomTask] = []
+    split: Literal["scaffold", "random"] = "scaffold"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seeds: list[int] = [0, 1, 2]
+    modes: list[Literal["finetune", "probe"]] = ["finetune", "probe"]
+    baselines: bool = True  # random-init model and Morgan fingerprints on the same splits
+    epochs: int = Field(20, gt=0)
+    patience: int = Field(5, gt=0)  # early stopping on the validation metric
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_molecules: BigInt | None = Field(None, gt=0)  # cap per task (demo speed)
+    data_dir: Path | None = None  # local MoleculeNet CSVs; else CLMSCALE_DATA_DIR, else download
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DownstreamConfig:
+        if abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) <= 0:
+            raise ValueError(f"split_fractions must be positive and sum to 1 (got {self.split_fractions})")
+        return self
+
+
+class AnalysisConfig(Strict):
+    run_after_sweep: bool = False  # `clmscale sweep` then runs `analyze` on its checkpoints
+    checkpoints: Literal["final", "all"] = "final"
+    hessian_top_k: int = Field(5, ge=0)  # 0 skips Hessian spectra
+    hessian_batches: int = Field(2, gt=0)  # validation batches the Hessian is taken over
+    hessian_max_iter: int = Field(60, gt=0)  # Lanczos steps
+    hessian_workers: int = Field(1, gt=0)  # Ray workers sharing the batches of one HVP
+    trace_matvecs: int = Field(30, ge=0)
+    density_runs: int = Field(2, ge=0)
+    landscape_resolution: int = Field(11, ge=0)  # points per axis; 0 skips landscapes
+    landscape_span: float = Field(1.0, gt=0)
+    landscape_2d: bool = True
+    sharpness_eps: float = Field(1e-3, gt=0)
+
+
+class FitsConfig(Strict):
+    huber_delta: float = Field(1e-3, gt=0)  # Hoffmann et al. 2022
+    n_bootstrap: int = Field(1000, ge=0)
+    holdout_rungs: int = Field(1, ge=0)  # largest rungs held out for the extrapolation back-test
+    seed: int = 0
+
+
+class StorageConfig(Strict):
+    root: Path = Path("runs")  # the run dir is root/<name>; on a cluster, a shared mount
+
+
+class SweepConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig
+    model: ModelConfig
+    budget: BudgetConfig
+    seeds: list[int] = Field([0], min_length=1)
+    train: TrainConfig = TrainConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+    fits: FitsConfig = FitsConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage.root / self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid
+
+
+class Trial(Strict):
+    """One pretraining run: a rung, a budget and a seed, with that rung's overrides applied."""
+
+    trial_id: str
+    family: Literal["mlm", "clm"]
+    size: ModelSize
+    budget_tokens: BigInt | None  # set when the budget is in tokens
+    budget_epochs: float | None  # set when it is in epochs (tokens known after prepare)
+    seed: int
+    train: TrainConfig
+    resources: ResourcesConfig
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> Trial:
+        per_step = self.train.micro_batch_size * self.resources.workers
+        if self.train.batch_size % per_step:
+            raise ValueError(
+                f"{self.trial_id}: batch_size must be a multiple of micro_batch_size x workers "
+                f"(got batch_size: {self.train.batch_size}, micro_batch_size: {self.train.micro_batch_size}, "
+                f"workers: {self.resources.workers})"
+            )
+        return self
+
+    @property
+    def grad_accumulation_steps(self) -> int:
+        return self.train.batch_size // (self.train.micro_batch_size * self.resources.workers)
+
+
+def expand_grid(cfg: SweepConfig) -> list[Trial]:
+    """Sizes x budgets x seeds, in that nesting order (smallest rung first)."""
+    trials = []
+    for size in cfg.model.rungs():
+        train_update, resources_update = cfg.model.overrides.get(size.name, RungOverrides()).split()
+        train = TrainConfig.model_validate({**cfg.train.model_dump(), **train_update})
+        resources = ResourcesConfig.model_validate({**cfg.resources.model_dump(), **resources_update})
+        for budget in cfg.budget.tokens or cfg.budget.epochs or []:
+            for seed in cfg.seeds:
+                in_tokens = cfg.budget.tokens is not None
+                tag = f"{_short(budget)}tok" if in_tokens else f"{budget:g}ep"
+                trials.append(
+                    Trial(
+                        trial_id=f"{size.name}_{tag}_s{seed}",
+                        family=cfg.model.family,
+                        size=size,
+                        budget_tokens=budget if in_tokens else None,
+                        budget_epochs=None if in_tokens else budget,
+                        seed=seed,
+                        train=train,
+                        resources=resources,
+                    )
+                )
+    return trials
+
+
+def _short(n: float) -> str:
+    """1500000 -> '1.5M': trial ids a person can read."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, with errors that point at the YAML line
+
+
+class SweepFileError(ValueError):
+    """A sweep file that cannot be used; the message names the file, line and field."""
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise SweepFileError(f"{path}: no such sweep file")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise SweepFileError(f"{path}{where}: malformed YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SweepFileError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = _line_index(node)
+        raise SweepFileError("\n".join(_describe(path, e, lines) for e in err.errors())) from None
+    return _resolve_paths(cfg, path.parent)
+
+
+def _resolve_paths(cfg: SweepConfig, base: Path) -> SweepConfig:
+    """Relative corpus and task paths are relative to the sweep file's folder, else to the CWD."""
+
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() or p.exists() or not (base / p).exists() else base / p
+
+    data = cfg.data.model_copy(update={"corpus": [fix(p) for p in cfg.data.corpus]})
+    custom = [t.model_copy(update={"path": fix(t.path)}) for t in cfg.downstream.custom]
+    return cfg.model_copy(update={"data": data, "downstream": cfg.downstream.model_copy(update={"custom": custom})})
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple, int]:
+    """Map every key path in the YAML document to its 1-based line number."""
+    index: dict[tuple, int] = {}
+
+    def walk(n: yaml.Node, loc: tuple) -> None:
+        index.setdefault(loc, n.start_mark.line + 1)  # a key's own line was set first, keep it
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                index[loc + (k.value,)] = k.start_mark.line + 1
+                walk(v, loc + (k.value,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, loc + (i,))
+
+    if node is not None:
+        walk(node, ())
+    return index
+
+
+def _describe(path: Path, error: dict, lines: dict[tuple, int]) -> str:
+    # pydantic adds union-branch tags such as 'str' or 'ModelSize' to loc; keep only real keys
+    loc = tuple(p for p in error["loc"] if isinstance(p, int) or p in _ALL_FIELDS or _in_yaml(lines, p))
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
+    where = f"{path}:{line}" if line else str(path)
+    msg = error["msg"]
+    if error["type"] == "extra_forbidden":
+        msg = _unknown("key", str(loc[-1]), _fields_at(loc[:-1]))
+    elif error["type"] == "missing":
+        msg = "required field is missing"
+    return f"{where}: {field}: {msg}"
+
+
+def _unknown(what: str, got: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(got, choices, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(sorted(choices))}"
+    return f"unknown {what} '{got}'{hint}"
+
+
+def _in_yaml(lines: dict[tuple, int], key: object) -> bool:
+    return any(key in loc for loc in lines)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names that are allowed at a location in the document."""
+    model: type[BaseModel] | None = SweepConfig
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        info = model.model_fields.get(str(part))
+        model = _model_of(info.annotation) if info else None
+    return list(model.model_fields) if model else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found:
+            return found
+    return None
+
+
+def _collect_fields(model: type[BaseModel], out: set[str]) -> set[str]:
+    for name, info in model.model_fields.items():
+        out.add(name)
+        sub = _model_of(info.annotation)
+        if sub is not None and sub is not model:
+            _collect_fields(sub, out)
+    return out
+
+
+_ALL_FIELDS = _collect_fields(SweepConfig, set())

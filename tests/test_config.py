@@ -1,0 +1,114 @@
+"""The sweep file: shipped sweeps validate, the grid expands, and bad files name line and field."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.config import LADDER, SweepFileError, expand_grid, load_sweep
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """\
+name: t
+data:
+  corpus: [x.csv]
+model:
+  sizes: [xxs, xs]
+budget:
+  tokens: [1e5, 2e5]
+seeds: [0, 1]
+"""
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+def test_shipped_sweeps_validate(name):
+    cfg = load_sweep(SWEEPS / name)
+    trials = expand_grid(cfg)
+    assert len(trials) == len(cfg.model.sizes) * len(cfg.budget.tokens) * len(cfg.seeds)
+    assert len({t.trial_id for t in trials}) == len(trials)
+
+
+def test_demo_corpus_path_is_relative_to_the_sweep_file():
+    cfg = load_sweep(SWEEPS / "demo.yaml")
+    assert all(p.exists() for p in cfg.data.corpus)
+
+
+def test_paper_grid_spans_the_scales_of_the_study():
+    cfg = load_sweep(SWEEPS / "paper.yaml")
+    budgets = cfg.budget.tokens
+    assert max(budgets) / min(budgets) >= 1e3
+    assert len(cfg.downstream.seeds) == 3
+    trials = {t.size.name: t for t in expand_grid(cfg)}
+    assert trials["m"].resources.gpus_per_worker == 0.25  # tiny rungs share a GPU
+    assert trials["6xl"].resources.workers == 8 and trials["6xl"].train.zero_stage == 3
+
+
+def test_grid_order_and_overrides(tmp_path):
+    text = MINIMAL.replace("sizes: [xxs, xs]", "sizes: [xxs, xs]\n  overrides: {xs: {lr: 0.5}}")
+    cfg = load_sweep(write(tmp_path, text))
+    trials = expand_grid(cfg)
+    assert [t.trial_id for t in trials][:2] == ["xxs_100ktok_s0", "xxs_100ktok_s1"]
+    assert {t.train.lr for t in trials if t.size.name == "xs"} == {0.5}
+    assert {t.train.lr for t in trials if t.size.name == "xxs"} == {cfg.train.lr}
+    assert trials[0].size == LADDER["xxs"] and trials[0].budget_tokens == 100_000
+
+
+def test_explicit_dims_and_epoch_budgets(tmp_path):
+    text = MINIMAL.replace("[xxs, xs]", "[{name: tiny, n_layer: 1, d_model: 8, n_head: 2}]").replace(
+        "tokens: [1e5, 2e5]", "epochs: [0.5, 2]"
+    )
+    trials = expand_grid(load_sweep(write(tmp_path, text)))
+    assert trials[0].size.ffn_dim == 32 and trials[0].budget_epochs == 0.5 and trials[0].budget_tokens is None
+    assert trials[-1].trial_id == "tiny_2ep_s1"
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (("data:\n", "data:\n  val_fraktion: 0.1\n"), ["s.yaml:3", "data.val_fraktion", "did you mean 'val_fraction'"]),
+        (("[xxs, xs]", "[xxs, xsm]"), ["s.yaml:5", "model.sizes", "unknown rung sizes[1] 'xsm'; did you mean 'xs'"]),
+        (("seeds: [0, 1]", "seeds: zero"), ["s.yaml:8", "seeds"]),
+        (("tokens: [1e5, 2e5]", "tokens: [1e5, -3]"), ["s.yaml:6", "budget", "positive"]),
+        (("name: t\n", ""), ["name: required field is missing"]),
+        (("budget:\n", "budgets:\n"), ["budgets", "did you mean 'budget'"]),
+        (("model:\n", "model:\n  max_seq_len: ten\n"), ["s.yaml:5", "model.max_seq_len"]),
+    ],
+)
+def test_errors_name_line_and_field(tmp_path, edit, expected):
+    path = write(tmp_path, MINIMAL.replace(*edit))
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    for piece in expected:
+        assert piece in str(err.value)
+
+
+def test_batch_must_split_over_workers(tmp_path):
+    text = MINIMAL + "train: {batch_size: 32, micro_batch_size: 16}\nresources: {workers: 4}\n"
+    with pytest.raises(ValueError, match="multiple of micro_batch_size x workers"):
+        expand_grid(load_sweep(write(tmp_path, text)))
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(SweepFileError, match=r"s.yaml:3: malformed YAML"):
+        load_sweep(write(tmp_path, "name: t\ndata: [\n"))
+
+
+def test_cli_validate_prints_one_line_per_trial_and_fails_cleanly(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(SWEEPS / "demo.yaml")])
+    assert ok.exit_code == 0, ok.output
+    assert sum(line.startswith(("xxs_", "xs_", "s_")) for line in ok.output.splitlines()) == 6
+    bad = runner.invoke(app, ["validate", str(write(tmp_path, MINIMAL.replace("seeds", "seedz")))])
+    assert bad.exit_code == 2
+    assert "did you mean 'seeds'" in bad.output
+    missing = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "no such sweep file" in missing.output
