@@ -16,6 +16,7 @@ CLMSCALE_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 import typer
 
 from engine.config import SweepConfig, expand_grid, load_sweep
+from engine.rundir import RunDir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 log = logging.getLogger("clmscale")
@@ -69,6 +71,72 @@ def validate(sweep_file: Path) -> None:
             f"{budget:>16s} seed={t.seed} lr={t.train.lr:g} batch={t.train.batch_size} "
             f"zero={t.train.zero_stage} workers={t.resources.workers} gpus/worker={t.resources.gpus_per_worker:g}"
         )
+
+
+@app.command()
+@user_errors
+def prepare(
+    sweep_file: Path,
+    overwrite: bool = typer.Option(False, help="Replace shards made from other inputs."),
+) -> None:
+    """Turn the sweep's corpus into canonical, deduplicated shards, a manifest and a tokenizer."""
+    from engine.prepare import prepare as run_prepare
+    cfg = load_sweep(sweep_file)
+    data_dir = RunDir(cfg.run_dir).data
+    manifest = run_prepare(cfg.data, data_dir, overwrite=overwrite)
+    counts = manifest["counts"] if isinstance(manifest, dict) else manifest.counts
+    typer.echo(f"wrote {data_dir}: {json.dumps(counts)}")
+
+
+@app.command()
+@user_errors
+def sweep(
+    sweep_file: Path,
+    resume: bool = typer.Option(False, help="Continue an interrupted sweep in the same run directory."),
+    address: str = typer.Option(None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
+) -> None:
+    """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
+    from engine import sweep as sweep_mod
+
+    cfg = load_sweep(sweep_file)
+    _init_ray(address)
+    table = sweep_mod.run_sweep(cfg, resume=resume)
+    typer.echo(f"{len(table)} checkpoints in {RunDir(cfg.run_dir).table('pretrain')}")
+    if cfg.analysis.run_after_sweep:
+        from engine.analyze import run_analysis
+
+        run_analysis(RunDir(cfg.run_dir).root)
+
+
+@app.command()
+@user_errors
+def status(run_dir: Path) -> None:
+    """A table of the trials in RUN_DIR: state, tokens done, last loss, ETA."""
+    from engine.sweep import trial_status
+
+    rd = RunDir(run_dir)
+    if not rd.sweep_yaml.exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no sweep.yaml)")
+    import yaml
+
+    cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
+    table = trial_status(rd, expand_grid(cfg))
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def _init_ray(address: str | None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS, or a running `ray start`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init()
 
 
 def _yaml_dump(cfg: SweepConfig) -> str:
