@@ -1,0 +1,541 @@
+"""Scaling laws for pretraining loss: L(N, D), one-variable saturating laws, pure power laws, backtests.
+
+The two-variable law follows Hoffmann et al. 2022 (arXiv:2203.15556, Approach 3) as replicated by
+Besiroglu et al. 2024 (arXiv:2404.10102, github.com/epoch-research/analyzing-chinchilla):
+log L is modelled as logsumexp(a − α·log N, b − β·log D, e), fitted by a Huber loss (δ = 1e-3) on
+log L with L-BFGS-B from a grid of starting points, best kept, then bootstrapped for 95 % intervals.
+The one-variable law E + A·x^(−γ) is fitted the same way with two log-space terms.
+
+Every fit here is an estimator in the scikit-learn sense: `__init__` stores hyperparameters,
+`fit` validates, fits and returns `self`, and estimated values end in `_`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+import math
+import os
+import types
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import statsmodels.api as sm
+from scipy.optimize import minimize
+
+from fits._blas import one_blas_thread
+
+# --------------------------------------------------------------------------------------------
+# The log-space Huber fit shared by both saturating laws.
+#
+# A law is "log y = logsumexp of K terms, each linear in the parameters". For a dataset of n
+# points that is a design matrix of shape (K·n, n_parameters): rows [k·n, (k+1)·n) give term k.
+
+CHINCHILLA_PARAMS = ("a", "b", "e", "alpha", "beta")  # a = log A, b = log B, e = log E
+SATURATING_PARAMS = ("a", "e", "gamma")  # a = log A, e = log E
+
+# Epoch AI's initialisation grid (6·6·5·5·5 = 4500 points).
+CHINCHILLA_INIT_GRID = types.MappingProxyType({
+    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+})
+
+# scipy's L-BFGS-B stops when the decrease of f is below ftol·max(|f|, 1). The summed Huber loss is
+# ~1e-3, so the default ftol (2.2e-9) acts as a loose absolute test: a bootstrap refit started at the
+# point estimate stopped after ~15 steps up to 4 % above its minimum. Runs from the grid use the
+# defaults (fast, they only pick a basin); the best one is then polished with these.
+POLISH_OPTIONS = types.MappingProxyType({"ftol": 1e-14, "gtol": 1e-10, "maxiter": 5000})
+
+
+def _chinchilla_design(log_n_params: np.ndarray, log_n_tokens: np.ndarray) -> np.ndarray:
+    """Design of the terms a − α·log N, b − β·log D and e, as linear maps of CHINCHILLA_PARAMS."""
+    zeros, ones = np.zeros_like(log_n_params), np.ones_like(log_n_params)
+    term_n = {"a": ones, "b": zeros, "e": zeros, "alpha": -log_n_params, "beta": zeros}
+    term_d = {"a": zeros, "b": ones, "e": zeros, "alpha": zeros, "beta": -log_n_tokens}
+    term_e = {"a": zeros, "b": zeros, "e": ones, "alpha": zeros, "beta": zeros}
+    terms = (term_n, term_d, term_e)
+    return np.concatenate([np.column_stack([t[name] for name in CHINCHILLA_PARAMS]) for t in terms])  # (3n, 5)
+
+
+def _saturating_design(log_x: np.ndarray) -> np.ndarray:
+    """Design of the terms a − γ·log x and e, as linear maps of SATURATING_PARAMS."""
+    zeros, ones = np.zeros_like(log_x), np.ones_like(log_x)
+    term_x = {"a": ones, "e": zeros, "gamma": -log_x}
+    term_e = {"a": zeros, "e": ones, "gamma": zeros}
+    return np.concatenate([np.column_stack([t[name] for name in SATURATING_PARAMS]) for t in (term_x, term_e)])
+
+
+def huber_logsumexp_loss(theta: np.ndarray, design: np.ndarray, log_y: np.ndarray, delta: float):
+    """Summed Huber loss of logsumexp(terms) − log y, and its gradient in theta (for L-BFGS-B, jac=True)."""
+    terms = (design @ theta).reshape(-1, log_y.size)  # (K, n)
+    top = terms.max(axis=0)
+    weights = np.exp(terms - top)  # softmax numerators, ≤ 1: no overflow
+    total = weights.sum(axis=0)
+    residual = top + np.log(total) - log_y
+    clipped = np.clip(residual, -delta, delta)  # Huber'(r)
+    loss = float(clipped @ (residual - 0.5 * clipped))  # r²/2 inside ±δ, δ(|r| − δ/2) outside
+    gradient = design.T @ (weights * (clipped / total)).ravel()
+    return loss, gradient
+
+
+def _screen_starts(starts: np.ndarray, design: np.ndarray, log_y: np.ndarray, delta: float, n_keep):
+    """The n_keep starting points with the lowest initial loss, best first (all of them if n_keep is None)."""
+    initial = np.array([huber_logsumexp_loss(theta, design, log_y, delta)[0] for theta in starts])
+    order = np.argsort(initial, kind="stable")
+    return starts[order if n_keep is None else order[:n_keep]]
+
+
+def _minimize_from_starts(starts: np.ndarray, design: np.ndarray, log_y: np.ndarray, delta: float):
+    """L-BFGS-B from every start, then polish the best; returns (theta, loss, converged)."""
+    args = (design, log_y, delta)
+    runs = [minimize(huber_logsumexp_loss, theta, args=args, jac=True, method="L-BFGS-B") for theta in starts]
+    finite = [run for run in runs if np.isfinite(run.fun) and np.all(np.isfinite(run.x))]
+    if not finite:
+        return np.full(starts.shape[1], np.nan), np.nan, False
+    best = min(finite, key=lambda run: run.fun)
+    polished = minimize(huber_logsumexp_loss, best.x, args=args, jac=True, method="L-BFGS-B", options=POLISH_OPTIONS)
+    if polished.fun <= best.fun and np.all(np.isfinite(polished.x)):
+        return polished.x, float(polished.fun), bool(polished.success)
+    return best.x, float(best.fun), bool(best.success)
+
+
+def _refit_resample(theta_hat: np.ndarray, extra_starts: np.ndarray, design: np.ndarray, log_y: np.ndarray,
+                    delta: float) -> np.ndarray:
+    """One bootstrap refit: polish from the point estimate; extra grid starts may still find a lower basin."""
+    args = (design, log_y, delta)
+    run = minimize(huber_logsumexp_loss, theta_hat, args=args, jac=True, method="L-BFGS-B", options=POLISH_OPTIONS)
+    theta, loss = (run.x, run.fun) if np.all(np.isfinite(run.x)) and np.isfinite(run.fun) else (None, np.inf)
+    if len(extra_starts):
+        other_theta, other_loss, _ = _minimize_from_starts(extra_starts, design, log_y, delta)
+        if other_loss < loss:
+            theta, loss = other_theta, other_loss
+    return np.full(theta_hat.size, np.nan) if theta is None else theta
+
+
+def _bootstrap_chunk(design_fn: Callable, columns: tuple, log_y: np.ndarray, delta: float, theta_hat: np.ndarray,
+                     extra_starts: np.ndarray, resamples: np.ndarray) -> np.ndarray:
+    """Refit one chunk of bootstrap resamples (rows of point indices). Runs in a worker process."""
+    thetas = np.empty((len(resamples), theta_hat.size))
+    with one_blas_thread():
+        for row, index in enumerate(resamples):
+            design = design_fn(*(column[index] for column in columns))
+            thetas[row] = _refit_resample(theta_hat, extra_starts, design, log_y[index], delta)
+    return thetas
+
+
+def _bootstrap(design_fn: Callable, columns: tuple, log_y: np.ndarray, delta: float, theta_hat: np.ndarray,
+               extra_starts: np.ndarray, n_bootstrap: int, seed: int, n_jobs: int | None) -> np.ndarray:
+    """Refit n_bootstrap resamples of the points; (n_bootstrap, n_parameters), NaN rows for failed refits.
+
+    All resamples are drawn up front from `seed`, so the result does not depend on n_jobs.
+    """
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, log_y.size, size=(n_bootstrap, log_y.size))  # (n_bootstrap, n)
+    n_workers = os.cpu_count() if n_jobs is None else n_jobs
+    fixed = (design_fn, columns, log_y, delta, theta_hat, extra_starts)
+    if n_workers <= 1 or n_bootstrap < 2:
+        return _bootstrap_chunk(*fixed, resamples)
+    chunks = np.array_split(resamples, min(n_bootstrap, 4 * n_workers))  # a few chunks per worker evens out load
+    with ProcessPoolExecutor(max_workers=n_workers) as pool:
+        results = pool.map(_bootstrap_chunk, *(itertools.repeat(value) for value in fixed), chunks)
+        return np.concatenate(list(results))
+
+
+def _bootstrap_summary(samples: pd.DataFrame, ci_level: float, owner: str):
+    """Percentile intervals and standard errors per column; warns when some refits failed."""
+    n_failed = int(samples.isna().any(axis=1).sum())
+    if n_failed:
+        warnings.warn(f"{owner}: {n_failed} of {len(samples)} bootstrap refits failed (non-finite); "
+                      f"intervals use the other {len(samples) - n_failed}.", RuntimeWarning, stacklevel=3)
+    ok = samples.dropna()
+    tail = 100 * (1 - ci_level) / 2
+    ci, se = {}, {}
+    for name in samples.columns:
+        if len(ok) < 2:
+            ci[name], se[name] = (math.nan, math.nan), math.nan
+            continue
+        lo, hi = np.percentile(ok[name], [tail, 100 - tail])
+        ci[name], se[name] = (float(lo), float(hi)), float(ok[name].std(ddof=1))
+    return ci, se, n_failed
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks shared by every estimator.
+
+
+def _as_columns(owner: str, **columns) -> dict[str, np.ndarray]:
+    """1-D float arrays of equal length, or a ValueError that names every field and its length."""
+    arrays = {name: np.asarray(values, dtype=float) for name, values in columns.items()}
+    for name, array in arrays.items():
+        if array.ndim != 1:
+            raise ValueError(f"{owner}: {name} must be 1-D, got shape {array.shape}")
+    lengths = {name: array.size for name, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name}={n}" for name, n in lengths.items())
+        raise ValueError(f"{owner}: found input variables with inconsistent numbers of samples: [{described}]")
+    return arrays
+
+
+def _drop_invalid_rows(owner: str, arrays: dict[str, np.ndarray], min_points: int,
+                       parameter_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Drop rows where any field is non-positive or not finite (log space needs > 0), warning with the rows."""
+    bad = np.zeros(next(iter(arrays.values())).size, dtype=bool)
+    reasons = []  # (row, text)
+    for name, array in arrays.items():
+        bad_here = ~np.isfinite(array) | (array <= 0)
+        reasons += [(row, f"{name}={float(array[row])!r} at row {row}") for row in np.flatnonzero(bad_here)]
+        bad |= bad_here
+    if bad.any():
+        rows = np.flatnonzero(bad).tolist()
+        shown = "; ".join(text for _, text in sorted(reasons)[:10]) + ("; …" if len(reasons) > 10 else "")
+        warnings.warn(f"{owner}: dropped {len(rows)} of {bad.size} rows with non-positive or non-finite values: "
+                      f"rows {rows} ({shown})", UserWarning, stacklevel=3)
+    kept = {name: array[~bad] for name, array in arrays.items()}
+    n_kept = int((~bad).sum())
+    if n_kept < min_points:
+        raise ValueError(f"{owner}: need at least {min_points} points, one per parameter {parameter_names}; "
+                         f"got {n_kept} valid of {bad.size}")
+    return kept
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when predict and friends are called before fit (same bases as scikit-learn's)."""
+
+
+def _check_hyperparameters(owner: str, huber_delta: float, n_bootstrap: int, ci_level: float) -> None:
+    """Validated in fit, not __init__, as scikit-learn does."""
+    if not huber_delta > 0:
+        raise ValueError(f"{owner}: huber_delta must be > 0, got {huber_delta!r}")
+    if not (isinstance(n_bootstrap, (int, np.integer)) and n_bootstrap >= 0):
+        raise ValueError(f"{owner}: n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
+    if not 0 < ci_level < 1:
+        raise ValueError(f"{owner}: ci_level must be in (0, 1), got {ci_level!r}")
+
+
+def _check_is_fitted(estimator, attribute: str) -> None:
+    if not hasattr(estimator, attribute):
+        raise NotFittedError(f"This {type(estimator).__name__} instance is not fitted yet. Call 'fit' with "
+                             "appropriate arguments before using this estimator.")
+
+
+class _Estimator:
+    """get_params / to_dict plumbing common to the fits (scikit-learn's BaseEstimator, minus the rest)."""
+
+    def get_params(self) -> dict:
+        """The hyperparameters passed to __init__, by name."""
+        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
+                if name != "self"}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary: law, hyperparameters, parameters, intervals, standard errors."""
+        _check_is_fitted(self, "params_")
+        return _json_ready({
+            "estimator": type(self).__name__,
+            "law": self.formula,
+            "hyperparameters": self.get_params(),
+            "params": self.params_,
+            "ci": {name: list(bounds) for name, bounds in self.ci_.items()},
+            "se": self.se_,
+            "n_points": self.n_points_,
+            **self._extra_summary(),
+        })
+
+    def _extra_summary(self) -> dict:
+        return {}
+
+
+def _json_ready(value):
+    """Plain Python floats and lists; NaN becomes None (JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# L(N, D) = E + A/N^α + B/D^β
+
+
+class ComputeOptimal(NamedTuple):
+    """The compute-optimal allocation along C = flops_per_param_token·N·D."""
+    flops: np.ndarray
+    n_params: np.ndarray
+    n_tokens: np.ndarray
+    loss: np.ndarray
+
+
+class ChinchillaFit(_Estimator):
+    """L(N, D) = E + A/N^α + B/D^β, fitted in log space with a Huber loss, as Hoffmann et al. / Epoch AI.
+
+    n_starts: the grid points with the lowest starting loss that get a full L-BFGS-B run (None: all 4500,
+        as Epoch; ~30 s on 240 points, while the best of the 100 screened ones reproduces their fit).
+    n_bootstrap_starts: each bootstrap refit is polished from the point estimate and, if > 1, also run from
+        the n_bootstrap_starts − 1 best screened grid points so that a resample can switch basin. On the
+        Chinchilla 240 points four extra starts lowered no refit's loss by more than 2e-5 (relative) and
+        one extra start made the bootstrap 5× slower, hence 1.
+    init_grid: {parameter name: values} for a, b, e, alpha, beta; defaults to CHINCHILLA_INIT_GRID.
+    """
+
+    formula = "L(N, D) = E + A / N^alpha + B / D^beta"
+    param_names = ("E", "A", "B", "alpha", "beta")
+
+    def __init__(self, huber_delta=1e-3, n_bootstrap=1000, seed=0, n_jobs=None, n_starts=100,
+                 n_bootstrap_starts=1, ci_level=0.95, init_grid=None):
+        self.huber_delta = huber_delta
+        self.n_bootstrap = n_bootstrap
+        self.seed = seed
+        self.n_jobs = n_jobs
+        self.n_starts = n_starts
+        self.n_bootstrap_starts = n_bootstrap_starts
+        self.ci_level = ci_level
+        self.init_grid = init_grid
+
+    def fit(self, n_params, n_tokens, loss) -> ChinchillaFit:
+        """Fit to one point per (model size, token count); rows with non-positive or NaN values are dropped."""
+        owner = "ChinchillaFit.fit"
+        _check_hyperparameters(owner, self.huber_delta, self.n_bootstrap, self.ci_level)
+        columns = _as_columns(owner, n_params=n_params, n_tokens=n_tokens, loss=loss)
+        columns = _drop_invalid_rows(owner, columns, len(CHINCHILLA_PARAMS), CHINCHILLA_PARAMS)
+        log_n, log_d, log_loss = (np.log(columns[name]) for name in ("n_params", "n_tokens", "loss"))
+
+        grid = CHINCHILLA_INIT_GRID if self.init_grid is None else self.init_grid
+        missing = set(CHINCHILLA_PARAMS) - set(grid)
+        if missing:
+            raise ValueError(f"{owner}: init_grid lacks values for {sorted(missing)}; it has {sorted(grid)}")
+        grid_points = np.array(list(itertools.product(*(np.asarray(grid[name], float) for name in CHINCHILLA_PARAMS))))
+        design = _chinchilla_design(log_n, log_d)
+        with one_blas_thread():
+            starts = _screen_starts(grid_points, design, log_loss, self.huber_delta, self.n_starts)
+            theta, objective, converged = _minimize_from_starts(starts, design, log_loss, self.huber_delta)
+        if not np.all(np.isfinite(theta)):
+            raise RuntimeError(f"{owner}: every L-BFGS-B run from {len(starts)} starting points diverged")
+        if not converged:
+            warnings.warn(f"{owner}: the best L-BFGS-B run stopped before convergence (loss {objective:.4g})",
+                          RuntimeWarning, stacklevel=2)
+
+        self.params_ = self._named(theta)
+        for name, value in self.params_.items():
+            setattr(self, f"{name}_", value)
+        self.huber_loss_ = objective
+        self.n_points_ = int(log_loss.size)
+
+        extra_starts = starts[: max(self.n_bootstrap_starts - 1, 0)]
+        thetas = (_bootstrap(_chinchilla_design, (log_n, log_d), log_loss, self.huber_delta, theta, extra_starts,
+                             self.n_bootstrap, self.seed, self.n_jobs)
+                  if self.n_bootstrap > 0 else np.empty((0, len(CHINCHILLA_PARAMS))))
+        self.bootstrap_ = pd.DataFrame([self._named(row) for row in thetas], columns=list(self.param_names))
+        self.ci_, self.se_, self.n_bootstrap_failed_ = _bootstrap_summary(self.bootstrap_, self.ci_level, owner)
+        return self
+
+    @staticmethod
+    def _named(theta: np.ndarray) -> dict[str, float]:
+        """Log-space optimiser vector → {E, A, B, alpha, beta}."""
+        log_space = dict(zip(CHINCHILLA_PARAMS, theta))
+        return {"E": float(np.exp(log_space["e"])), "A": float(np.exp(log_space["a"])),
+                "B": float(np.exp(log_space["b"])), "alpha": float(log_space["alpha"]),
+                "beta": float(log_space["beta"])}
+
+    def predict(self, n_params, n_tokens) -> np.ndarray:
+        """Predicted loss at each (N, D)."""
+        _check_is_fitted(self, "params_")
+        n_params, n_tokens = np.asarray(n_params, float), np.asarray(n_tokens, float)
+        return self.E_ + self.A_ / n_params**self.alpha_ + self.B_ / n_tokens**self.beta_
+
+    def frontier(self, flops, flops_per_param_token=6.0) -> ComputeOptimal:
+        """Compute-optimal N*(C), D*(C) for C = flops_per_param_token·N·D (Hoffmann et al. eq. 4).
+
+        N* = G·(C/k)^(β/(α+β)), D* = (C/k)^(α/(α+β)) / G with G = (αA/(βB))^(1/(α+β)).
+        """
+        _check_is_fitted(self, "params_")
+        flops = np.asarray(flops, float)
+        if np.any(~np.isfinite(flops) | (flops <= 0)):
+            raise ValueError(f"ChinchillaFit.frontier: flops must be positive and finite, got {flops}")
+        alpha, beta = self.alpha_, self.beta_
+        scale = (alpha * self.A_ / (beta * self.B_)) ** (1 / (alpha + beta))  # G
+        budget = flops / flops_per_param_token  # N·D
+        n_params = scale * budget ** (beta / (alpha + beta))
+        n_tokens = budget ** (alpha / (alpha + beta)) / scale
+        return ComputeOptimal(flops, n_params, n_tokens, self.predict(n_params, n_tokens))
+
+    def _extra_summary(self) -> dict:
+        alpha, beta = self.params_["alpha"], self.params_["beta"]
+        exponents = {"n_params_exponent": beta / (alpha + beta), "n_tokens_exponent": alpha / (alpha + beta)}
+        return {"frontier": exponents, "huber_loss": self.huber_loss_, "n_bootstrap_failed": self.n_bootstrap_failed_}
+
+
+# --------------------------------------------------------------------------------------------
+# y = E + A·x^(−γ): L(C), L(N) or L(D) with an irreducible term
+
+
+class SaturatingPowerLaw(_Estimator):
+    """y = E + A·x^(−γ), fitted in log space with a Huber loss, as ChinchillaFit but in one variable.
+
+    The starting grid is built from the data: γ from gamma_grid, E as fractions of min(y), and for each
+    pair A from the median of (y − E)·x^γ, so it works for x in parameters, tokens or FLOPs alike.
+    """
+
+    formula = "y = E + A * x^(-gamma)"
+    param_names = ("E", "A", "gamma")
+    gamma_grid = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+    floor_fractions = (0.01, 0.25, 0.5, 0.75, 0.9, 0.97)  # E / min(y)
+
+    def __init__(self, huber_delta=1e-3, n_bootstrap=1000, seed=0, n_jobs=None, n_starts=20,
+                 n_bootstrap_starts=1, ci_level=0.95):
+        self.huber_delta = huber_delta
+        self.n_bootstrap = n_bootstrap
+        self.seed = seed
+        self.n_jobs = n_jobs
+        self.n_starts = n_starts
+        self.n_bootstrap_starts = n_bootstrap_starts
+        self.ci_level = ci_level
+
+    def fit(self, x, y) -> SaturatingPowerLaw:
+        """Fit y(x); rows with non-positive or NaN values are dropped with a warning."""
+        owner = f"{type(self).__name__}.fit"
+        _check_hyperparameters(owner, self.huber_delta, self.n_bootstrap, self.ci_level)
+        columns = _drop_invalid_rows(owner, _as_columns(owner, x=x, y=y), len(SATURATING_PARAMS), SATURATING_PARAMS)
+        log_x, log_y = np.log(columns["x"]), np.log(columns["y"])
+
+        design = _saturating_design(log_x)
+        grid_points = self._data_grid(log_x, log_y)
+        with one_blas_thread():
+            starts = _screen_starts(grid_points, design, log_y, self.huber_delta, self.n_starts)
+            theta, objective, converged = _minimize_from_starts(starts, design, log_y, self.huber_delta)
+        if not np.all(np.isfinite(theta)):
+            raise RuntimeError(f"{owner}: every L-BFGS-B run from {len(starts)} starting points diverged")
+        if not converged:
+            warnings.warn(f"{owner}: the best L-BFGS-B run stopped before convergence (loss {objective:.4g})",
+                          RuntimeWarning, stacklevel=2)
+
+        self.params_ = self._named(theta)
+        self.E_, self.A_, self.gamma_ = (self.params_[name] for name in self.param_names)
+        self.huber_loss_ = objective
+        self.n_points_ = int(log_y.size)
+
+        extra_starts = starts[: max(self.n_bootstrap_starts - 1, 0)]
+        thetas = (_bootstrap(_saturating_design, (log_x,), log_y, self.huber_delta, theta, extra_starts,
+                             self.n_bootstrap, self.seed, self.n_jobs)
+                  if self.n_bootstrap > 0 else np.empty((0, len(SATURATING_PARAMS))))
+        self.bootstrap_ = pd.DataFrame([self._named(row) for row in thetas], columns=list(self.param_names))
+        self.ci_, self.se_, self.n_bootstrap_failed_ = _bootstrap_summary(self.bootstrap_, self.ci_level, owner)
+        return self
+
+    def _data_grid(self, log_x: np.ndarray, log_y: np.ndarray) -> np.ndarray:
+        """Starting points (a, e, gamma) scaled to the data; see the class docstring."""
+        y, floor = np.exp(log_y), np.exp(log_y.min())
+        points = []
+        for gamma, fraction in itertools.product(self.gamma_grid, self.floor_fractions):
+            irreducible = fraction * floor
+            log_amplitude = float(np.median(np.log(y - irreducible) + gamma * log_x))
+            start = {"a": log_amplitude, "e": math.log(irreducible), "gamma": gamma}
+            points.append([start[name] for name in SATURATING_PARAMS])
+        return np.array(points)
+
+    @staticmethod
+    def _named(theta: np.ndarray) -> dict[str, float]:
+        log_space = dict(zip(SATURATING_PARAMS, theta))
+        return {"E": float(np.exp(log_space["e"])), "A": float(np.exp(log_space["a"])),
+                "gamma": float(log_space["gamma"])}
+
+    def predict(self, x) -> np.ndarray:
+        _check_is_fitted(self, "params_")
+        return self.E_ + self.A_ * np.asarray(x, float) ** (-self.gamma_)
+
+    def _extra_summary(self) -> dict:
+        return {"huber_loss": self.huber_loss_, "n_bootstrap_failed": self.n_bootstrap_failed_}
+
+
+# --------------------------------------------------------------------------------------------
+# y = A·x^k: a pure power law, ordinary least squares on log-log axes
+
+
+class LogLogOLS(_Estimator):
+    """y = A·x^k by statsmodels OLS of log y on log x; intervals are the OLS t intervals (A's mapped by exp)."""
+
+    formula = "y = A * x^k"
+    param_names = ("A", "k")
+
+    def __init__(self, ci_level=0.95):
+        self.ci_level = ci_level
+
+    def fit(self, x, y) -> LogLogOLS:
+        owner = "LogLogOLS.fit"
+        columns = _drop_invalid_rows(owner, _as_columns(owner, x=x, y=y), 3, ("log A", "k", "residual variance"))
+        log_x, log_y = np.log(columns["x"]), np.log(columns["y"])
+        result = sm.OLS(log_y, sm.add_constant(log_x)).fit()
+        (log_a, k), ((log_a_lo, log_a_hi), (k_lo, k_hi)) = result.params, result.conf_int(alpha=1 - self.ci_level)
+        log_a_se, k_se = result.bse
+        self.A_, self.k_ = float(np.exp(log_a)), float(k)
+        self.params_ = {"A": self.A_, "k": self.k_}
+        self.ci_ = {"A": (float(np.exp(log_a_lo)), float(np.exp(log_a_hi))), "k": (float(k_lo), float(k_hi))}
+        self.se_ = {"log_A": float(log_a_se), "k": float(k_se)}
+        self.r_squared_ = float(result.rsquared)
+        self.n_points_ = int(log_y.size)
+        return self
+
+    def predict(self, x) -> np.ndarray:
+        _check_is_fitted(self, "params_")
+        return self.A_ * np.asarray(x, float) ** self.k_
+
+    def _extra_summary(self) -> dict:
+        return {"r_squared": self.r_squared_}
+
+
+# --------------------------------------------------------------------------------------------
+# Backtest: does a law fitted on small models predict the largest ones?
+
+
+@dataclasses.dataclass(frozen=True)
+class BacktestResult:
+    """Per-point and summary relative errors ((predicted − observed) / observed) on the held-out rungs."""
+    points: pd.DataFrame  # n_params, n_tokens, loss, predicted, relative_error
+    mean_abs_relative_error: float
+    max_abs_relative_error: float
+    n_train: int
+    n_holdout: int
+    holdout_n_params: tuple[float, ...]
+    fit: ChinchillaFit
+
+
+def backtest(n_params, n_tokens, loss, n_holdout_rungs=1, estimator=None) -> BacktestResult:
+    """Fit L(N, D) without the n_holdout_rungs largest model sizes, then predict the points held out.
+
+    estimator: an unfitted ChinchillaFit whose hyperparameters are copied; default ChinchillaFit(n_bootstrap=0).
+    """
+    owner = "backtest"
+    columns = _as_columns(owner, n_params=n_params, n_tokens=n_tokens, loss=loss)
+    columns = _drop_invalid_rows(owner, columns, len(CHINCHILLA_PARAMS), CHINCHILLA_PARAMS)
+    rungs = np.unique(columns["n_params"])
+    if not 1 <= n_holdout_rungs < rungs.size:
+        raise ValueError(f"{owner}: n_holdout_rungs={n_holdout_rungs} must be between 1 and the number of "
+                         f"model sizes minus one ({rungs.size - 1})")
+    held_out_sizes = rungs[-n_holdout_rungs:]
+    held_out = np.isin(columns["n_params"], held_out_sizes)
+    template = ChinchillaFit(n_bootstrap=0) if estimator is None else estimator
+    law = type(template)(**template.get_params())  # a fresh copy, so the caller's estimator is untouched
+    law.fit(*(columns[name][~held_out] for name in ("n_params", "n_tokens", "loss")))
+
+    points = pd.DataFrame({name: columns[name][held_out] for name in ("n_params", "n_tokens", "loss")})
+    points["predicted"] = law.predict(points["n_params"].to_numpy(), points["n_tokens"].to_numpy())
+    points["relative_error"] = (points["predicted"] - points["loss"]) / points["loss"]
+    abs_error = points["relative_error"].abs()
+    return BacktestResult(points=points, mean_abs_relative_error=float(abs_error.mean()),
+                          max_abs_relative_error=float(abs_error.max()), n_train=int((~held_out).sum()),
+                          n_holdout=int(held_out.sum()), holdout_n_params=tuple(float(n) for n in held_out_sizes),
+                          fit=law)

@@ -1,0 +1,289 @@
+"""Fine-tuning and probing tiny RoBERTa / GPT-2 checkpoints on the shipped solubility and FreeSolv data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from rdkit import Chem, RDLogger
+from safetensors.torch import load_file
+from transformers import AutoModel, GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM
+
+from engine.finetune import (
+    FinetuneData,
+    finetune,
+    fingerprint_baseline,
+    masked_loss,
+    mean_roc_auc,
+    pool,
+    rmse,
+    roc_auc,
+)
+from engine.tokenizer import build_tokenizer
+from fits._blas import one_blas_thread
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+VOCAB_SIZE = 64  # room for the ~40 tokens of both files
+# tiny models learn in a few epochs at this lr; cpu even on a GPU box, as CUDA's embedding backward
+# is not bitwise deterministic
+FAST = dict(patience=3, lr=2e-3, batch_size=32, seed=0, device="cpu")
+
+
+def _valid(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop what RDKit cannot parse, as engine.tasks does (the fingerprint baseline refuses such SMILES)."""
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        return df[[Chem.MolFromSmiles(s) is not None for s in df.smiles]].reset_index(drop=True)
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+
+
+def _random_split(n: int, seed: int, fractions=(0.6, 0.2, 0.2)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
+    return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: extra torch and OpenBLAS threads only spin (75 s instead of 2 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with one_blas_thread():  # the same for the L-BFGS fits of the probe and the fingerprint baseline
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def solubility() -> pd.DataFrame:
+    return _valid(pd.read_csv(DATA / "solubility.csv"))
+
+
+@pytest.fixture(scope="module")
+def freesolv() -> pd.DataFrame:
+    return _valid(pd.read_csv(DATA / "freesolv.csv"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, solubility, freesolv) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    tokenizer = build_tokenizer(list(solubility.smiles) + list(freesolv.smiles), out)
+    assert len(tokenizer) <= VOCAB_SIZE
+    return out
+
+
+def _save_checkpoint(model, tokenizer_dir: Path, out: Path) -> Path:
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():  # the tokenizer lives in the checkpoint directory
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlm_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=130, pad_token_id=0, bos_token_id=2, eos_token_id=3, type_vocab_size=1,
+    )
+    return _save_checkpoint(RobertaForMaskedLM(config), tokenizer_dir, tmp_path_factory.mktemp("mlm"))
+
+
+@pytest.fixture(scope="module")
+def clm_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE, n_embd=32, n_layer=1, n_head=2, n_positions=128, bos_token_id=5, eos_token_id=6, pad_token_id=0,
+    )
+    return _save_checkpoint(GPT2LMHeadModel(config), tokenizer_dir, tmp_path_factory.mktemp("clm"))
+
+
+@pytest.fixture(scope="module")
+def heavy_atoms(solubility) -> FinetuneData:
+    """An easy synthetic target even an untrained tiny model can learn: the number of heavy atoms."""
+    sub = solubility.sample(160, random_state=0).reset_index(drop=True)
+    n_heavy = np.array([Chem.MolFromSmiles(s).GetNumHeavyAtoms() for s in sub.smiles], dtype=np.float32)
+    return FinetuneData(list(sub.smiles), n_heavy[:, None], "regression", _random_split(160, 0), name="n_heavy")
+
+
+@pytest.fixture(scope="module")
+def sol_class(solubility) -> FinetuneData:
+    sub = solubility.sample(150, random_state=1).reset_index(drop=True)
+    return FinetuneData(list(sub.smiles), sub.sol_class.to_numpy(np.float32), "classification", _random_split(150, 1),
+                        n_classes=3, name="sol_class")
+
+
+def _mean_predictor_rmse(data: FinetuneData) -> float:
+    train, _, test = data.split
+    return rmse(data.labels[test], np.full_like(data.labels[test], data.labels[train].mean()))
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and the masked loss
+
+
+def test_roc_auc_equals_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 2, size=40)
+        scores = rng.integers(0, 5, size=40).astype(float)  # five values: many ties
+        pos, neg = scores[y == 1], scores[y == 0]
+        brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (pos.size * neg.size)
+        assert roc_auc(y, scores) == pytest.approx(brute, abs=1e-12)
+    assert math.isnan(roc_auc(np.ones(5), np.arange(5.0)))
+
+
+def test_mean_roc_auc_skips_nan_and_single_class_columns():
+    labels = np.array([[0, 1, np.nan], [1, 1, 0], [1, 1, np.nan], [0, 1, 1]], dtype=np.float32)
+    scores = np.array([[0.1, 0.3, 9.0], [0.9, 0.2, 0.0], [0.8, 0.1, 9.0], [0.2, 0.4, 1.0]])
+    # column 0: perfect; column 1: one class, skipped; column 2: the two labelled rows, perfect
+    assert mean_roc_auc(labels, scores) == pytest.approx(1.0)
+    # multi-class macro one-vs-rest: argmax-perfect probabilities give 1
+    y = np.array([0, 1, 2, 1, np.nan], dtype=np.float32)[:, None]
+    probs = np.eye(3)[[0, 1, 2, 1, 0]] * 0.8 + 0.1
+    assert mean_roc_auc(y, probs, n_classes=3) == pytest.approx(1.0)
+
+
+def test_masked_loss_ignores_nan_labels():
+    labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("nan"), 0.0]])
+    missing = torch.isnan(labels)
+    outputs = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    loss = masked_loss(outputs, labels, "classification")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert (outputs.grad[missing] == 0).all()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(outputs[~missing], labels[~missing])
+    assert loss.item() == pytest.approx(expected.item())
+    # whatever the model says where the label is missing, the loss stays the same
+    moved = outputs.detach().clone()
+    moved[missing] += 100.0
+    assert masked_loss(moved, labels, "classification").item() == pytest.approx(loss.item())
+    assert masked_loss(moved, labels, "regression").item() == pytest.approx(masked_loss(outputs, labels, "regression").item())
+    # multi-class: a NaN row is skipped
+    logits = torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([[2.0], [float("nan")], [0.0]])
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([2, 0]))
+    assert masked_loss(logits, y, "classification", n_classes=3).item() == pytest.approx(expected.item())
+
+
+def test_pool_takes_cls_for_mlm_and_last_real_token_for_clm():
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # (B, T, H)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert pool(hidden, mask, "mlm").flatten().tolist() == [0.0, 4.0]
+    assert pool(hidden, mask, "clm").flatten().tolist() == [2.0, 7.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning and probing
+
+
+def test_regression_finetune_and_probe_beat_the_mean(mlm_checkpoint, heavy_atoms, tmp_path):
+    baseline = _mean_predictor_rmse(heavy_atoms)
+    tuned = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=8, **FAST, save_to=tmp_path / "enc.safetensors")
+    probed = finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **FAST)
+    for result in (tuned, probed):
+        assert result["metric"] == "rmse"
+        assert math.isfinite(result["test"]) and result["test"] < 0.7 * baseline, (result["test"], baseline)
+        assert (result["n_train"], result["n_val"], result["n_test"]) == (96, 32, 32)
+    assert probed["l2"] is not None and probed["best_epoch"] is None
+    # the saved encoder has the keys of AutoModel on the checkpoint and moved away from the pretrained weights
+    saved = load_file(tuned["weights_path"])
+    pretrained = AutoModel.from_pretrained(mlm_checkpoint, add_pooling_layer=False).state_dict()
+    assert saved.keys() == pretrained.keys()
+    assert any(not torch.equal(saved[k], pretrained[k]) for k in saved)
+
+
+def test_finetune_is_deterministic_per_seed(mlm_checkpoint, heavy_atoms):
+    kwargs = dict(FAST, epochs=1)
+    first = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **kwargs)
+    again = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **kwargs)
+    other = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **{**kwargs, "seed": 1})
+    assert first["history"] == again["history"] and first["test"] == again["test"]
+    assert other["history"] != first["history"]
+
+
+def test_early_stopping_restores_the_best_epoch(mlm_checkpoint, heavy_atoms):
+    result = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **{**FAST, "epochs": 12, "patience": 1, "lr": 3e-2, "batch_size": 16})
+    history, best = result["history"], result["best_epoch"]
+    vals = [h["val"] for h in history]
+    assert best == int(np.argmin(vals))  # RMSE: lower is better; epoch 0 is the untrained head
+    assert result["n_epochs"] == len(history) - 1 == min(12, best + 1)
+    assert best < result["n_epochs"]  # the last epoch was worse, so restoring matters
+    # the reported val is recomputed after the restore, so it matches the best epoch, not the last
+    assert result["val"] == pytest.approx(vals[best], rel=1e-6)
+    assert result["val"] != pytest.approx(vals[-1], rel=1e-6)
+
+
+def test_three_class_classification_auc(mlm_checkpoint, sol_class):
+    for mode in ("finetune", "probe"):
+        result = finetune(mlm_checkpoint, sol_class, mode=mode, epochs=2, **FAST)
+        assert result["metric"] == "roc_auc"
+        assert 0.0 <= result["test"] <= 1.0 and 0.0 <= result["val"] <= 1.0
+
+
+def test_multitask_with_missing_labels(mlm_checkpoint, solubility):
+    sub = solubility.sample(150, random_state=2).reset_index(drop=True)
+    labels = np.stack([sub.sol_class == 2, sub.sol_class == 0, sub.smiles.str.contains("N")], axis=1).astype(np.float32)
+    labels[np.random.default_rng(0).random(labels.shape) < 0.3] = np.nan  # Tox21-style sparse labels
+    data = FinetuneData(list(sub.smiles), labels, "classification", _random_split(150, 2), name="multitask")
+    tuned = finetune(mlm_checkpoint, data, mode="finetune", epochs=2, **FAST)
+    fp = fingerprint_baseline(data, seed=0, n_bits=128)
+    for result in (tuned, fp):
+        assert 0.0 <= result["test"] <= 1.0
+    assert fp["mode"] == "morgan_fp" and fp.keys() == tuned.keys()
+
+
+def test_random_init_baseline_needs_only_config_and_tokenizer(mlm_checkpoint, heavy_atoms, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (bare / name).write_bytes((mlm_checkpoint / name).read_bytes())
+    result = finetune(bare, heavy_atoms, mode="finetune", epochs=1, **FAST, random_init=True, save_to=tmp_path / "w.safetensors")
+    assert result["random_init"] and math.isfinite(result["test"])
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        finetune(bare, heavy_atoms, mode="probe", epochs=1, **FAST)
+
+
+def test_fingerprint_baseline_beats_the_mean_on_solubility(solubility):
+    sub = solubility.sample(600, random_state=3).reset_index(drop=True)
+    split = _random_split(600, 3, (0.8, 0.1, 0.1))
+    data = FinetuneData(list(sub.smiles), sub.sol.to_numpy(np.float32), "regression", split, name="solubility")
+    result = fingerprint_baseline(data, seed=0, n_bits=1024)
+    assert result["mode"] == "morgan_fp" and result["metric"] == "rmse"
+    assert result["test"] < 0.75 * _mean_predictor_rmse(data), result  # log S tracks structure closely
+
+
+def test_clm_checkpoint_smoke(clm_checkpoint, freesolv):
+    sub = freesolv.sample(90, random_state=4).reset_index(drop=True)
+    data = FinetuneData(list(sub.smiles), sub.expt.to_numpy(np.float32), "regression", _random_split(90, 4), name="freesolv")
+    for mode in ("finetune", "probe"):
+        result = finetune(clm_checkpoint, data, mode=mode, epochs=1, **FAST, max_seq_len=16)  # 16: truncation too
+        assert math.isfinite(result["test"]) and result["unk_fraction"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_checkpoint_errors_name_the_directory_and_the_missing_files(tmp_path, heavy_atoms, mlm_checkpoint):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        finetune(tmp_path / "nowhere", heavy_atoms, mode="probe", epochs=1, **FAST)
+    (tmp_path / "config.json").write_bytes((mlm_checkpoint / "config.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}.*model.safetensors.*tokenizer.json"):
+        finetune(tmp_path, heavy_atoms, mode="probe", epochs=1, **FAST)
+
+
+def test_bad_splits_are_rejected_with_the_task_and_split_named():
+    smiles = ["C", "CC", "CCC", "CCCC", "CCO", "CCN"]
+    with pytest.raises(ValueError, match="tox: the val split .* single class"):
+        FinetuneData(smiles, np.array([0, 1, 1, 1, 0, 1.0]), "classification", ([0, 1], [2, 3], [4, 5]), name="tox")
+    with pytest.raises(ValueError, match="esol: the train split .* no labels"):
+        FinetuneData(smiles, np.array([np.nan, np.nan, 1, 2, 3, 4]), "regression", ([0, 1], [2, 3], [4, 5]), name="esol")
+    with pytest.raises(ValueError, match="esol: the train and test splits share 1"):
+        FinetuneData(smiles, np.arange(6.0), "regression", ([0, 1, 4], [2, 3], [4, 5]), name="esol")
+    with pytest.raises(ValueError, match="integers 0..2"):
+        FinetuneData(smiles, np.array([0, 1, 2, 3, 0, 1.0]), "classification", ([0, 1], [2, 3], [4, 5]), n_classes=3)

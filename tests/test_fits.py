@@ -1,0 +1,331 @@
+"""fits/: laws recovered from synthetic data, intervals that cover, Epoch AI's Chinchilla points, edge cases."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from fits import (ChinchillaFit, DownstreamPowerLaw, LogLogOLS, NotFittedError, SaturatingPowerLaw, backtest,
+                  describe_correlation, mann_kendall, monotone_trend, proxy_correlations,
+                  trend_at_largest_scales)
+from fits.downstream import format_scale, format_with_uncertainty
+
+# numerical warnings (overflow, invalid, divide) are failures here: the fits must not produce them
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+CHINCHILLA_240 = Path(__file__).resolve().parents[2] / "shared/data/scaling/chinchilla_epoch_240.csv"
+NOT_FITTED = ("This {} instance is not fitted yet. Call 'fit' with appropriate arguments before using "
+              "this estimator.")
+
+# Hoffmann et al. 2022's published law, used as the truth for synthetic data
+TRUTH = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+
+
+def chinchilla_law(n_params, n_tokens, E, A, B, alpha, beta):
+    return E + A / n_params**alpha + B / n_tokens**beta
+
+
+def synthetic_grid(noise=0.002, seed=0):
+    """6 model sizes × 6 token counts from TRUTH, with multiplicative log-normal noise."""
+    n_params, n_tokens = (grid.ravel() for grid in np.meshgrid(np.logspace(7, 10, 6), np.logspace(9, 12, 6)))
+    rng = np.random.default_rng(seed)
+    loss = chinchilla_law(n_params, n_tokens, **TRUTH) * np.exp(rng.normal(0, noise, n_params.size))
+    return n_params, n_tokens, loss
+
+
+@pytest.fixture(scope="module")
+def synthetic_fit():
+    # One draw misses a given 95 % interval 1 time in 20 (the draw with seed=0 misses E by 0.001);
+    # that rate is what test_bootstrap_intervals_cover_the_truth checks, here we check one typical draw.
+    return ChinchillaFit(n_bootstrap=200, n_jobs=2, seed=0).fit(*synthetic_grid(seed=1))
+
+
+# --------------------------------------------------------------------------------------------
+# L(N, D)
+
+
+def test_chinchilla_recovers_known_law(synthetic_fit):
+    for name in ("alpha", "beta"):
+        assert synthetic_fit.params_[name] == pytest.approx(TRUTH[name], rel=0.02), name
+    for name in ("E", "A", "B"):
+        lo, hi = synthetic_fit.ci_[name]
+        assert lo <= TRUTH[name] <= hi, f"{name}={TRUTH[name]} outside its bootstrap CI ({lo:.4g}, {hi:.4g})"
+    assert synthetic_fit.n_points_ == 36
+    assert list(synthetic_fit.bootstrap_.columns) == ["E", "A", "B", "alpha", "beta"]
+    assert len(synthetic_fit.bootstrap_) == 200 and synthetic_fit.n_bootstrap_failed_ == 0
+    assert all(synthetic_fit.se_[name] > 0 for name in synthetic_fit.param_names)
+
+
+def test_bootstrap_is_deterministic_and_independent_of_n_jobs():
+    data = synthetic_grid(seed=3)
+    serial = ChinchillaFit(n_bootstrap=12, n_jobs=1, seed=7, n_starts=10).fit(*data)
+    parallel = ChinchillaFit(n_bootstrap=12, n_jobs=2, seed=7, n_starts=10).fit(*data)
+    pd.testing.assert_frame_equal(serial.bootstrap_, parallel.bootstrap_)
+    other_seed = ChinchillaFit(n_bootstrap=12, n_jobs=1, seed=8, n_starts=10).fit(*data)
+    assert not serial.bootstrap_.equals(other_seed.bootstrap_)
+
+
+@pytest.mark.skipif(not CHINCHILLA_240.exists(), reason=f"{CHINCHILLA_240} not staged")
+def test_epoch_chinchilla_points():
+    """Epoch AI's 240 points: inside their 95 % intervals, and equal to the published plain Huber grid fit."""
+    points = pd.read_csv(CHINCHILLA_240)
+    fit = ChinchillaFit(n_bootstrap=0).fit(points["N"], points["D"], points["loss"])
+    assert 0.317 <= fit.alpha_ <= 0.373
+    assert 0.331 <= fit.beta_ <= 0.415
+    assert fit.E_ == pytest.approx(1.82, abs=0.1)
+    published = {"E": 1.817, "A": 477.8, "B": 2143.4, "alpha": 0.3473, "beta": 0.3672}
+    assert fit.E_ == pytest.approx(published["E"], abs=5e-4)
+    assert fit.A_ == pytest.approx(published["A"], abs=0.05)
+    assert fit.B_ == pytest.approx(published["B"], abs=0.05)
+    assert fit.alpha_ == pytest.approx(published["alpha"], abs=5e-5)
+    assert fit.beta_ == pytest.approx(published["beta"], abs=5e-5)
+
+
+def test_frontier_is_on_the_iso_flop_line_and_minimises_loss(synthetic_fit):
+    flops = np.array([1e19, 1e21, 1e23])
+    optimal = synthetic_fit.frontier(flops)
+    np.testing.assert_allclose(6.0 * optimal.n_params * optimal.n_tokens, flops, rtol=1e-12)
+    for budget, n_star, loss_star in zip(flops, optimal.n_params, optimal.loss):
+        n_grid = n_star * np.logspace(-2, 2, 4001)  # brute force along N·D = C/6, steps of 0.1 % in N
+        losses = synthetic_fit.predict(n_grid, budget / (6.0 * n_grid))
+        assert n_grid[np.argmin(losses)] == pytest.approx(n_star, rel=2e-3)
+        assert loss_star <= losses.min() + 1e-12
+    other = synthetic_fit.frontier(1e21, flops_per_param_token=8.0)
+    assert 8.0 * other.n_params * other.n_tokens == pytest.approx(1e21, rel=1e-12)
+
+
+def test_backtest_predicts_the_largest_model(synthetic_fit):
+    result = backtest(*synthetic_grid(seed=1), n_holdout_rungs=1, estimator=ChinchillaFit(n_bootstrap=0, n_starts=20))
+    assert result.n_holdout == 6 and result.n_train == 30
+    assert result.holdout_n_params == (1e10,)
+    assert np.isfinite(result.points["relative_error"]).all()
+    assert result.mean_abs_relative_error < 0.02
+    assert result.max_abs_relative_error >= result.mean_abs_relative_error
+    with pytest.raises(ValueError, match="n_holdout_rungs=6"):
+        backtest(*synthetic_grid(), n_holdout_rungs=6)
+
+
+# --------------------------------------------------------------------------------------------
+# Degenerate inputs
+
+
+def test_too_few_points():
+    n_params, n_tokens, loss = (column[:4] for column in synthetic_grid())
+    with pytest.raises(ValueError, match=r"at least 5 points.*got 4 valid of 4"):
+        ChinchillaFit(n_bootstrap=0).fit(n_params, n_tokens, loss)
+
+
+def test_mismatched_lengths_name_both():
+    n_params, n_tokens, loss = synthetic_grid()
+    with pytest.raises(ValueError, match=r"n_params=36, n_tokens=35, loss=36"):
+        ChinchillaFit(n_bootstrap=0).fit(n_params, n_tokens[:-1], loss)
+
+
+def test_invalid_rows_are_dropped_with_a_warning_naming_them():
+    n_params, n_tokens, loss = synthetic_grid()
+    loss = loss.copy()
+    loss[2], n_tokens = np.nan, n_tokens.copy()
+    n_tokens[5] = -1.0
+    named = r"dropped 2 of 36 rows.*rows \[2, 5\] \(loss=nan at row 2; n_tokens=-1\.0 at row 5\)"
+    with pytest.warns(UserWarning, match=named):
+        fit = ChinchillaFit(n_bootstrap=0, n_starts=20).fit(n_params, n_tokens, loss)
+    assert fit.n_points_ == 34
+
+
+@pytest.mark.parametrize("estimator, arguments", [
+    (ChinchillaFit(), ([1e8], [1e10])),
+    (SaturatingPowerLaw(), ([1e8],)),
+    (LogLogOLS(), ([1e8],)),
+    (DownstreamPowerLaw(), ([1e8],)),
+])
+def test_predict_before_fit(estimator, arguments):
+    with pytest.raises(NotFittedError) as raised:
+        estimator.predict(*arguments)
+    assert str(raised.value) == NOT_FITTED.format(type(estimator).__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Every fit class honours the same estimator contract
+
+
+def one_variable_data():
+    x = np.logspace(5, 9, 10)
+    return x, 0.6 + 40.0 * x**-0.3
+
+
+@pytest.mark.parametrize("make, data", [
+    (lambda: ChinchillaFit(n_bootstrap=5, n_jobs=1, n_starts=10), synthetic_grid),
+    (lambda: SaturatingPowerLaw(n_bootstrap=5, n_jobs=1), one_variable_data),
+    (lambda: LogLogOLS(), one_variable_data),
+    (lambda: DownstreamPowerLaw(higher_is_better=False, n_bootstrap=5, n_jobs=1), one_variable_data),
+])
+def test_estimator_contract(make, data):
+    estimator = make()
+    assert not [name for name in vars(estimator) if name.endswith("_")], "__init__ must only store hyperparameters"
+    assert type(estimator)(**estimator.get_params()).get_params() == estimator.get_params()
+    assert estimator.fit(*data()) is estimator
+    assert set(estimator.params_) == set(estimator.param_names) == set(estimator.ci_)
+    first = dict(estimator.params_)
+    estimator.fit(*data())  # a second fit starts afresh and gives the same answer
+    assert estimator.params_ == pytest.approx(first)
+    json.dumps(estimator.to_dict(), allow_nan=False)
+    assert np.isfinite(estimator.predict(*(column[:3] for column in data()[:-1]))).all()
+
+
+def test_fits_import_no_ray_torch_or_engine():
+    code = "import sys, fits; print(sorted({'ray', 'torch', 'engine'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# One-variable laws
+
+
+def test_bootstrap_intervals_cover_the_truth():
+    """40 noisy draws of y = E + A·x^(−γ): each 95 % interval should hold the truth ~38 times.
+
+    Fewer than 32 has probability 1.3e-4 for intervals with exact 95 % coverage.
+    """
+    truth = {"E": 0.6, "A": 40.0, "gamma": 0.3}
+    x = np.logspace(5, 9, 12)
+    rng = np.random.default_rng(0)
+    covered = {name: 0 for name in truth}
+    n_simulations = 40
+    for simulation in range(n_simulations):
+        y = (truth["E"] + truth["A"] * x ** -truth["gamma"]) * np.exp(rng.normal(0, 0.01, x.size))
+        law = SaturatingPowerLaw(n_bootstrap=50, n_jobs=1, n_starts=5, seed=simulation).fit(x, y)
+        for name, value in truth.items():
+            lo, hi = law.ci_[name]
+            covered[name] += lo <= value <= hi
+    assert all(count >= 32 for count in covered.values()), covered
+
+
+def test_loglog_ols_recovers_exponent_with_interval():
+    x = np.logspace(3, 9, 30)
+    y = 5.0 * x**-0.25 * np.exp(np.random.default_rng(1).normal(0, 0.01, x.size))
+    law = LogLogOLS().fit(x, y)
+    assert law.ci_["k"][0] < -0.25 < law.ci_["k"][1]
+    assert law.k_ == pytest.approx(-0.25, abs=0.005) and law.r_squared_ > 0.99
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream metrics
+
+
+def rungs(n_rungs=8, seeds=3):
+    return np.repeat(np.logspace(4, 8, n_rungs), seeds)
+
+
+def test_trend_verdicts():
+    rng = np.random.default_rng(0)
+    x = rungs()
+    rising = 0.60 + 0.03 * np.log10(x) + rng.normal(0, 0.005, x.size)
+    assert trend_at_largest_scales(x, rising, higher_is_better=True).verdict == "improving"
+    assert trend_at_largest_scales(x, -rising + 2, higher_is_better=True).verdict == "degrading"
+    assert trend_at_largest_scales(x, -rising + 2, higher_is_better=False).verdict == "improving"  # e.g. RMSE
+    loss = 2.0 / np.log10(x)  # falls as scale grows; ROC-AUC rises as loss falls
+    by_loss = trend_at_largest_scales(loss, rising, higher_is_better=True, x_grows_with_scale=False)
+    assert by_loss.verdict == "improving" and by_loss.x_max == np.unique(loss)[3]  # the 4 lowest losses
+    assert "keeps improving below pretraining loss 0.318: " in by_loss.sentence("BBBP", "ROC-AUC", "pretraining loss")
+
+
+def test_flat_series_is_a_plateau():
+    """A 95 % interval calls pure noise a trend ~1 time in 20, so count over 20 noise draws (≥ 5 has p ≈ 0.003)."""
+    x = rungs()
+    flats = [0.80 + np.random.default_rng(seed).normal(0, 0.01, x.size) for seed in range(20)]
+    verdicts = [trend_at_largest_scales(x, flat, higher_is_better=True).verdict for flat in flats]
+    assert verdicts.count("plateau") >= 16, verdicts
+    trend = trend_at_largest_scales(x, flats[1], higher_is_better=True, top_fraction=0.5)
+    assert trend.verdict == "plateau"
+    assert trend.n_scales == 4 and trend.n_points == 12 and trend.x_min == pytest.approx(np.logspace(4, 8, 8)[4])
+    sentence = trend.sentence("BBBP", "ROC-AUC", "parameters")
+    assert sentence.startswith("BBBP ROC-AUC stops improving above 1.9·10⁶ parameters: slope ")
+    assert "per decade" in sentence and "±" in sentence
+
+
+def test_number_formatting():
+    assert format_scale(3e5) == "3·10⁵" and format_scale(3.2e5) == "3.2·10⁵" and format_scale(1e9) == "10⁹"
+    assert format_scale(2.5e-4) == "2.5·10⁻⁴" and format_scale(300.0) == "300"
+    assert format_with_uncertainty(-0.0105, 0.0213) == "−0.01 ± 0.02"
+    assert format_with_uncertainty(0.031, 0.012) == "+0.031 ± 0.012"
+
+
+def test_monotone_trend():
+    rng = np.random.default_rng(2)
+    x = rungs()
+    rising = np.log10(x) + rng.normal(0, 0.2, x.size)
+    result = monotone_trend(x, rising, higher_is_better=True)
+    assert result.direction == "improving" and result.mann_kendall_p < 1e-4 and result.spearman > 0.8
+    assert monotone_trend(x, -rising, higher_is_better=False).direction == "improving"
+    assert monotone_trend(x, rng.normal(0, 1, x.size)).direction == "no trend"
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=25, unique=True))
+def test_mann_kendall_s_is_kendalls_tau_without_ties(values):
+    y = np.array(values)
+    x = np.arange(y.size, dtype=float)
+    s, _, _ = mann_kendall(x, y)
+    assert s / (y.size * (y.size - 1) / 2) == pytest.approx(stats.kendalltau(x, y).statistic)
+
+
+def test_downstream_law_finds_the_asymptote():
+    x = np.logspace(4, 9, 12)
+    roc_auc = 0.90 - 0.3 * x**-0.25  # gap to 1 is 0.10 + 0.3·x^(−0.25)
+    law = DownstreamPowerLaw(higher_is_better=True, n_bootstrap=30, n_jobs=1).fit(x, roc_auc)
+    assert law.asymptote_ == pytest.approx(0.90, abs=1e-3)
+    assert law.gamma_ == pytest.approx(0.25, rel=0.02)
+    assert law.ci_["asymptote"][0] <= law.ci_["asymptote"][1]
+    np.testing.assert_allclose(law.predict(x), roc_auc, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Proxy correlations
+
+
+def checkpoint_table(n=60, seed=0):
+    """Per-checkpoint rows with the column names of docs/CONTRACTS.md."""
+    rng = np.random.default_rng(seed)
+    loss = rng.uniform(0.5, 1.5, n)
+    roc_auc = 0.95 - 0.2 * loss + rng.normal(0, 0.02, n)
+    return pd.DataFrame({
+        "task": "BBBP",
+        "pretrain_val_loss": loss,
+        "roc_auc": roc_auc,
+        "exp_metric": np.exp(5 * roc_auc),  # a monotone function of the metric
+        "lambda_max": loss**2 * np.exp(rng.normal(0, 0.01, n)),  # loss, measured with noise
+        "loss_squared": loss**2,  # exactly a function of loss
+        "constant": 3.0,
+    })
+
+
+def test_proxy_correlations():
+    table = checkpoint_table()
+    table.loc[4, "lambda_max"] = np.nan
+    proxies = ["exp_metric", "lambda_max", "loss_squared", "constant", "pretrain_val_loss"]
+    result = proxy_correlations(table, "roc_auc", proxies, n_bootstrap=300, seed=0).set_index("proxy")
+    assert result.loc["exp_metric", "spearman"] == pytest.approx(1.0)
+    assert result.loc["exp_metric", "ci_lo"] > 0.99
+    assert result.loc["lambda_max", "n"] == 59
+    assert abs(result.loc["lambda_max", "partial_given_loss"]) < 0.3
+    assert result.loc["lambda_max", "partial_ci_lo"] < 0 < result.loc["lambda_max", "partial_ci_hi"]
+    assert np.isnan(result.loc["loss_squared", "partial_given_loss"])
+    assert "monotone function of pretrain_val_loss" in result.loc["loss_squared", "reason"]
+    assert np.isnan(result.loc["constant", "spearman"]) and "constant" in result.loc["constant", "reason"]
+    assert "loss column itself" in result.loc["pretrain_val_loss", "reason"]
+    sentence = describe_correlation(result.reset_index().iloc[1])
+    assert sentence.startswith("Hessian λmax does not predict BBBP ROC-AUC beyond pretraining loss (partial ρ = ")
+
+
+def test_proxy_correlations_names_missing_columns():
+    with pytest.raises(ValueError, match=r"no column\(s\) \['sharpness'\]"):
+        proxy_correlations(checkpoint_table(), "roc_auc", ["sharpness"])
