@@ -1,0 +1,430 @@
+"""SMILES shards -> token ids -> training batches, locally or through Ray Data into Ray Train workers.
+
+The story, top to bottom:
+  encode    SMILES -> token ids, wrapped per family (mlm `[CLS] … [SEP]`, clm `[BOS] … [EOS]`), truncated.
+  collate   token ids -> one batch dict (docs/CONTRACTS.md): padding, MLM masking or CLM labels, packing.
+  local_batches / validation_batches   the plain path: pyarrow + numpy, no Ray (standalone or torch.distributed).
+  train_dataset / worker_batches       the Ray path: Ray Data reads, shuffles, encodes and collates on its
+                                       own CPUs, one micro-batch per row; each Ray Train worker unpacks its
+                                       shard of those rows into tensors.
+
+Determinism: the masking RNG of a batch is seeded from (seed, epoch, the batch's token ids), so the same
+molecules in the same order get the same masks whichever process collates them. Everything above the Ray
+section imports without Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+if TYPE_CHECKING:
+    import ray.data
+    from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["mlm", "clm"]
+Batch = dict[str, torch.Tensor]
+
+IGNORE_INDEX = -100  # label of positions without loss (the HF / PyTorch cross-entropy convention)
+PAD_MULTIPLE = 8  # pad lengths to a multiple of 8: tensor cores want it, and few distinct shapes
+ENCODE_ROWS = 1024  # molecules per tokenizer call: the Rust batch encoder amortizes its overhead
+PACK_FACTOR = 8  # packing: molecules per Ray map call = 8x, so the one short batch per call is rare
+SMILES_COLUMN = "smiles"
+
+
+# ---------------------------------------------------------------------------------------------
+# encode: SMILES -> token ids
+
+
+def _wrap_ids(tokenizer: PreTrainedTokenizerFast, family: Family) -> tuple[int, int]:
+    names = {"mlm": ("cls_token_id", "sep_token_id"), "clm": ("bos_token_id", "eos_token_id")}
+    if family not in names:
+        raise ValueError(f"family must be 'mlm' or 'clm' (got {family!r})")
+    ids = tuple(getattr(tokenizer, name) for name in names[family])
+    if None in ids:
+        raise ValueError(f"tokenizer has no {' / '.join(names[family])}: build it with engine.tokenizer")
+    return ids  # type: ignore[return-value]
+
+
+def encode(
+    smiles: Sequence[str], tokenizer: PreTrainedTokenizerFast, family: Family, max_seq_len: int
+) -> list[list[int]]:
+    """Token ids of each SMILES wrapped per family, cut to `max_seq_len` keeping the closing token."""
+    open_id, close_id = _wrap_ids(tokenizer, family)
+    body = max_seq_len - 2
+    # through __call__, not backend_tokenizer.encode_batch: a caller's earlier tokenizer(..., padding=True)
+    # leaves padding switched on in the shared Rust tokenizer, and only __call__ resets it
+    bodies = tokenizer(list(smiles), add_special_tokens=False, padding=False, truncation=False,
+                       return_attention_mask=False)["input_ids"]  # fmt: skip
+    return [[open_id, *ids[:body], close_id] for ids in bodies]
+
+
+# ---------------------------------------------------------------------------------------------
+# collate: token ids -> one batch
+
+
+def collate_args(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The tokenizer facts `collate` needs, as plain data (picklable, cheap to ship to workers)."""
+    return {
+        "pad_id": tokenizer.pad_token_id,
+        "mask_id": tokenizer.mask_token_id,
+        "vocab_size": len(tokenizer),
+        "special_ids": sorted(set(tokenizer.all_special_ids)),  # [UNK] too: never a masking target
+    }
+
+
+def batch_rng(seed: int, epoch: int, ids: Sequence[Sequence[int]]) -> np.random.Generator:
+    """The masking RNG of one batch: a function of (seed, epoch, its token ids) and nothing else."""
+    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    digest = hashlib.blake2b(lengths.tobytes(), digest_size=8)  # lengths first: [1,2],[3] != [1],[2,3]
+    digest.update(np.concatenate([np.asarray(s, dtype=np.int64) for s in ids]).tobytes() if ids else b"")
+    return np.random.default_rng([seed % 2**63, epoch % 2**63, int.from_bytes(digest.digest(), "little")])
+
+
+def _padded_length(longest: int, max_seq_len: int | None) -> int:
+    rounded = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    return rounded if max_seq_len is None else min(rounded, max(longest, max_seq_len))
+
+
+def _pack(ids: Sequence[Sequence[int]], max_seq_len: int) -> list[list[Sequence[int]]]:
+    """Next-fit in order: molecules fill a row until the next one does not fit; none is split."""
+    rows: list[list[Sequence[int]]] = []
+    used = max_seq_len + 1  # forces a new row for the first molecule
+    for seq in ids:
+        if len(seq) > max_seq_len:
+            raise ValueError(f"a sequence of {len(seq)} tokens does not fit max_seq_len={max_seq_len}")
+        if used + len(seq) > max_seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(seq)
+        used += len(seq)
+    return rows
+
+
+def collate(
+    ids: Sequence[Sequence[int]],
+    family: Family,
+    pad_id: int,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: Sequence[int],
+    mlm_probability: float,
+    rng: np.random.Generator,
+    packing: bool = False,
+    max_seq_len: int | None = None,
+) -> Batch:
+    """One batch dict of int64 tensors (docs/CONTRACTS.md) from encoded sequences.
+
+    Without packing: one molecule per row, right-padded to the longest (rounded up to a multiple of 8,
+    never past max_seq_len). With packing: molecules fill rows of at most max_seq_len tokens in order
+    (next-fit), `position_ids` restart at 0 for every molecule (and for the trailing padding).
+    Packed rows and attention: the 2D `attention_mask` only hides padding, so with it every token attends
+    to the whole row, across molecule boundaries; each molecule keeps its own [CLS]/[SEP] or [BOS]/[EOS],
+    which is standard in LM pretraining. For clm, HF decoders (GPT-2 in transformers 5) block
+    cross-molecule attention cheaply when called with `attention_mask=None` and these `position_ids`:
+    they detect the restarts (masking_utils.find_packed_sequence_indices). Trailing padding is never seen
+    by a causal model and has no labels, so dropping the mask is safe. Bidirectional models have no such
+    path, so packed mlm rows attend across molecules; masking and labels stay per token and are correct.
+    """
+    if family not in ("mlm", "clm"):
+        raise ValueError(f"family must be 'mlm' or 'clm' (got {family!r})")
+    if not ids:
+        raise ValueError("collate needs at least one sequence")
+    if packing and max_seq_len is None:
+        raise ValueError("packing needs max_seq_len (the row length)")
+    rows = _pack(ids, max_seq_len) if packing else [[seq] for seq in ids]
+    lengths = np.array([len(seq) for seq in ids], dtype=np.int64)  # per molecule
+    row_lengths = np.array([sum(len(seq) for seq in row) for row in rows], dtype=np.int64)
+    n_rows, width = len(rows), _padded_length(int(row_lengths.max()), max_seq_len)
+
+    real = np.arange(width) < row_lengths[:, None]  # (B, T); row-major order = the molecules in order
+    input_ids = np.full((n_rows, width), pad_id, dtype=np.int64)
+    input_ids[real] = np.concatenate([np.asarray(seq, dtype=np.int64) for seq in ids])
+    batch = {"input_ids": input_ids, "attention_mask": real.astype(np.int64)}
+
+    if packing:
+        starts = np.cumsum(lengths) - lengths  # flat offset of each molecule among the real tokens
+        offsets = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+        position_ids = np.arange(width) - row_lengths[:, None]  # padding: its own run from 0
+        position_ids[real] = offsets
+        batch["position_ids"] = position_ids
+
+    if family == "mlm":
+        batch["input_ids"], batch["labels"] = _mask_tokens(
+            input_ids, real, special_ids, mask_id, vocab_size, mlm_probability, rng
+        )
+    else:
+        labels = np.where(real, input_ids, IGNORE_INDEX)
+        if packing:  # no loss on predicting a molecule's [BOS] from the previous molecule's [EOS]
+            flat_labels = labels[real]
+            flat_labels[starts] = IGNORE_INDEX
+            labels[real] = flat_labels
+        batch["labels"] = labels
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def _mask_tokens(
+    input_ids: np.ndarray,
+    real: np.ndarray,
+    special_ids: Sequence[int],
+    mask_id: int,
+    vocab_size: int,
+    probability: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking (Devlin et al. 2019): pick `probability` of the non-special tokens; 80 % -> [MASK],
+    10 % -> a random non-special token, 10 % unchanged. At least one token per batch is picked, so the
+    loss is never an empty mean."""
+    candidates = real & ~np.isin(input_ids, special_ids)  # (B, T)
+    picked = candidates & (rng.random(input_ids.shape) < probability)
+    if not picked.any() and candidates.any():
+        picked.flat[rng.choice(np.flatnonzero(candidates))] = True
+    labels = np.where(picked, input_ids, IGNORE_INDEX)
+    action = rng.random(input_ids.shape)
+    to_mask = picked & (action < 0.8)
+    to_random = picked & (action >= 0.8) & (action < 0.9)
+    ordinary = np.setdiff1d(np.arange(vocab_size), special_ids)
+    masked = input_ids.copy()
+    masked[to_mask] = mask_id
+    masked[to_random] = rng.choice(ordinary, size=int(to_random.sum()))
+    return masked, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# from a stream of encoded molecules to batches (shared by the local and the Ray path)
+
+
+def _groups(seqs: Iterable[Sequence[int]], micro_batch_size: int, packing: bool, max_seq_len: int):
+    """Molecules per batch: `micro_batch_size` of them, or with packing as many as next-fit puts in
+    `micro_batch_size` rows (the same next-fit `collate` then repeats). The last group may be short."""
+    group: list[Sequence[int]] = []
+    n_rows, used = 0, max_seq_len + 1
+    for seq in seqs:
+        if packing:
+            if used + len(seq) > max_seq_len:
+                if n_rows == micro_batch_size:
+                    yield group
+                    group, n_rows = [], 0
+                n_rows, used = n_rows + 1, 0
+            used += len(seq)
+        elif len(group) == micro_batch_size:
+            yield group
+            group = []
+        group.append(seq)
+    if group:
+        yield group
+
+
+def _collated(
+    seqs: Iterable[Sequence[int]],
+    tokenizer: PreTrainedTokenizerFast,
+    family: Family,
+    micro_batch_size: int,
+    max_seq_len: int,
+    seed: int,
+    epoch: int,
+    mlm_probability: float,
+    packing: bool,
+) -> Iterator[Batch]:
+    args = collate_args(tokenizer)
+    for group in _groups(seqs, micro_batch_size, packing, max_seq_len):
+        rng = batch_rng(seed, epoch, group)
+        yield collate(group, family, **args, mlm_probability=mlm_probability, rng=rng,
+                      packing=packing, max_seq_len=max_seq_len)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# the plain path: pyarrow + numpy, no Ray
+
+
+def _as_tokenizer(tokenizer: PreTrainedTokenizerFast | str | Path) -> PreTrainedTokenizerFast:
+    """A tokenizer object, or the directory `engine.tokenizer` saved one to (runs/<sweep>/data/tokenizer/)."""
+    if isinstance(tokenizer, (str, Path)):
+        from engine.tokenizer import load_tokenizer
+
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
+def read_smiles(shard_paths: Sequence[str | Path]) -> list[str]:
+    """The `smiles` column of the shards, in the order given."""
+    out: list[str] = []
+    for path in shard_paths:
+        names = pq.read_schema(path).names
+        if SMILES_COLUMN not in names:
+            raise ValueError(f"{path}: no '{SMILES_COLUMN}' column (found {names}); shards come from prepare")
+        out.extend(pq.read_table(path, columns=[SMILES_COLUMN]).column(SMILES_COLUMN).to_pylist())
+    return out
+
+
+def _encoded(smiles: Sequence[str], tokenizer, family: Family, max_seq_len: int) -> Iterator[list[int]]:
+    for start in range(0, len(smiles), ENCODE_ROWS):
+        yield from encode(smiles[start : start + ENCODE_ROWS], tokenizer, family, max_seq_len)
+
+
+def local_batches(
+    shard_paths: Sequence[str | Path],
+    tokenizer: PreTrainedTokenizerFast | str | Path,
+    family: Family,
+    micro_batch_size: int,
+    max_seq_len: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    mlm_probability: float = 0.15,
+    packing: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Batch]:
+    """One epoch of batches without Ray: the standalone loop, or one rank of a torch.distributed run.
+
+    The shuffle is a permutation seeded by (seed, epoch), the same on every rank; rank r takes every
+    world_size-th molecule of it from r on, cut to an equal count per rank (at most world_size - 1 molecules
+    of the epoch dropped), so ranks are disjoint and, without packing, run the same number of steps. With
+    packing the number of rows per rank can differ by one batch: stop the loop on a step count.
+    Call it again with epoch + 1 for the next epoch. The SMILES column is held in memory; tokens are not.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) (got rank: {rank} and world_size: {world_size})")
+    tokenizer = _as_tokenizer(tokenizer)
+    smiles = read_smiles(shard_paths)
+    order = np.random.default_rng([seed, epoch]).permutation(len(smiles)) if shuffle else np.arange(len(smiles))
+    per_rank = len(smiles) // world_size
+    mine = [smiles[i] for i in order[rank : per_rank * world_size : world_size]]
+    seqs = _encoded(mine, tokenizer, family, max_seq_len)
+    yield from _collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
+                         mlm_probability, packing)  # fmt: skip
+
+
+def validation_batches(
+    val_shard_paths: Sequence[str | Path],
+    tokenizer: PreTrainedTokenizerFast | str | Path,
+    family: Family,
+    n_batches: int,
+    micro_batch_size: int,
+    max_seq_len: int,
+    seed: int = 0,
+    mlm_probability: float = 0.15,
+    packing: bool = False,
+) -> list[Batch]:
+    """A fixed list: the first molecules of the validation shards in file order, masks from a fixed seed.
+
+    It depends only on the files and these arguments (not on the trial seed), so every run of a sweep
+    is scored on the same tokens and the same masks, and validation losses are comparable.
+    """
+    tokenizer = _as_tokenizer(tokenizer)
+    seqs = _encoded(read_smiles(val_shard_paths), tokenizer, family, max_seq_len)
+    stream = _collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, 0, mlm_probability, packing)
+    batches = list(itertools.islice(stream, n_batches))
+    if len(batches) < n_batches:
+        logger.warning("validation split holds %d batches, %d asked for", len(batches), n_batches)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# the Ray path: Ray Data reads, shuffles, encodes and collates on its own CPUs; workers only unpack
+#
+# Epochs in Ray Train V2 (ray 2.60): the trainer gets this dataset once (`datasets={"train": ds}`) and
+# splits it with `streaming_split(world_size, equal=True)` (ray.train.DataConfig.configure). A row of the
+# dataset is one whole micro-batch, so the split deals out batches: every worker gets the same number of
+# batches per epoch (at most world_size - 1 dropped), none twice, and so the same number of steps.
+# `ray.train.get_dataset_shard("train")` returns the worker's DataIterator; each call of its
+# `iter_batches` / `iter_torch_batches` executes the whole pipeline again, so one call is one epoch (all
+# workers must start it: there is a barrier at the start of each pass). Ray counts the executions of a
+# dataset (DataContext._execution_idx): the shuffle reseeds from (seed, execution) through
+# RandomSeedConfig(reseed_after_execution=True), and the masks use the same count as their epoch. A fresh
+# trainer therefore repeats epoch 0, 1, ... exactly; executing the dataset on the driver first (take,
+# count, show) shifts that count, and a worker group that Ray Train restarts after a failure gets a fresh
+# copy of the dataset that counts from 0 again (worker_batches warns when the counts disagree).
+
+
+BATCH_COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids")
+
+
+def _make_batches(batch: dict[str, np.ndarray], tokenizer, family: Family, micro_batch_size: int,
+                  max_seq_len: int, seed: int, mlm_probability: float, packing: bool) -> dict[str, np.ndarray]:
+    """map_batches body: SMILES -> whole micro-batches, one per output row (flattened, with its shape)."""
+    from ray.data import DataContext
+
+    # the pass of the pipeline this task belongs to: the same count RandomSeedConfig reseeds the shuffle with
+    epoch = getattr(DataContext.get_current(), "_execution_idx", 0)
+    seqs = encode(batch[SMILES_COLUMN].tolist(), tokenizer, family, max_seq_len)
+    made = list(_collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
+                          mlm_probability, packing))  # fmt: skip
+    out = {"shape": np.array([b["input_ids"].shape for b in made], dtype=np.int64), "epoch": np.full(len(made), epoch)}
+    for name in BATCH_COLUMNS if packing else BATCH_COLUMNS[:3]:
+        column = np.empty(len(made), dtype=object)
+        column[:] = [b[name].numpy().ravel() for b in made]  # 1-D per row: one Arrow type for every width
+        out[name] = column
+    return out
+
+
+def train_dataset(
+    shard_paths: Sequence[str | Path],
+    tokenizer: PreTrainedTokenizerFast | str | Path,
+    family: Family,
+    micro_batch_size: int,
+    max_seq_len: int,
+    seed: int,
+    mlm_probability: float = 0.15,
+    packing: bool = False,
+    shuffle: bool = True,
+) -> ray.data.Dataset:
+    """The training stream for Ray Train: read -> shuffle per epoch -> encode + collate, one batch per row.
+
+    Pass it as `datasets={"train": ds}` to a TorchTrainer; workers read their shard with `worker_batches`.
+    Sets `preserve_order` on the current DataContext: Train V2 copies the driver's DataContext when the
+    trainer is built, and with it the split deals batches in stream order, so a rerun repeats every batch.
+    Ray Data needs CPUs left over by the train workers (notes/ray-deepspeed-on-cpu.md), or it stalls.
+    """
+    import ray.data
+    from ray.data import DataContext, RandomSeedConfig
+
+    tokenizer = _as_tokenizer(tokenizer)
+    _wrap_ids(tokenizer, family)  # fail here, on the driver, not inside a Ray task
+    DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([SMILES_COLUMN])
+    if shuffle:
+        # a full shuffle of short SMILES strings is cheap next to training; block order alone would
+        # keep each shard's row groups together
+        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    # exact-size blocks, so every map call gets whole micro-batches: the only short batch is the epoch's
+    # last (with packing, also the last of each call, which holds PACK_FACTOR times more molecules)
+    per_call = micro_batch_size * max(1, ENCODE_ROWS // micro_batch_size) * (PACK_FACTOR if packing else 1)
+    ds = ds.repartition(target_num_rows_per_block=per_call, strict=True)
+    return ds.map_batches(
+        _make_batches,
+        batch_format="numpy",
+        batch_size=per_call,
+        fn_kwargs={"tokenizer": tokenizer, "family": family, "micro_batch_size": micro_batch_size,
+                   "max_seq_len": max_seq_len, "seed": seed, "mlm_probability": mlm_probability,
+                   "packing": packing},  # fmt: skip
+    )
+
+
+def worker_batches(shard: ray.data.DataIterator | ray.data.Dataset, epoch: int) -> Iterator[Batch]:
+    """One epoch of this worker's batches from its shard (`ray.train.get_dataset_shard("train")`).
+
+    Call it once per epoch: each call is a new pass over the dataset (see the note above). `epoch` is the
+    caller's count; when it differs from the pipeline's own (a restarted worker group starts again at 0,
+    a driver-side `take` adds one) a warning says so: the order is still a fresh shuffle, not the
+    one a run from scratch would give at that epoch.
+    """
+    warned = False
+    for rows in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for i, (n_rows, width) in enumerate(rows["shape"]):
+            if rows["epoch"][i] != epoch and not warned:
+                logger.warning("batches of pipeline pass %d read as epoch %d", rows["epoch"][i], epoch)
+                warned = True
+            yield {name: torch.from_numpy(np.array(rows[name][i], dtype=np.int64).reshape(n_rows, width))
+                   for name in BATCH_COLUMNS if name in rows}  # fmt: skip
