@@ -205,3 +205,12 @@ def rung_table(
         )
     return rows
 
+
+
+def load_pretrained(checkpoint_dir) -> PreTrainedModel:
+    """A checkpoint written by `engine.train` (HF `save_pretrained`), with its LM head, in fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    cls = AutoModelForMaskedLM if family_of(config) == "mlm" else AutoModelForCausalLM
+    return cls.from_pretrained(checkpoint_dir, dtype=torch.float32)

@@ -1,0 +1,393 @@
+"""Per-checkpoint analysis: every measurement a Ray task, every result a row that is kept.
+
+`run_analysis(run_dir)` reads `results/pretrain.parquet`, picks the checkpoints the sweep file asks
+for (`analysis.checkpoints`: the final one of each finished trial, or all), and plans one job per
+- (checkpoint, task, split seed, mode): fine-tuning and linear probes (`engine.finetune`),
+- (rung, task, split seed): the same architecture from random init, and (task, split seed): Morgan
+  fingerprints — the baselines that say whether pretraining helps at all,
+- checkpoint: the Hessian spectrum of the pretraining loss on fixed validation batches
+  (`engine.hessian`), the loss surface and sharpness around the weights (`engine.landscape`),
+- (checkpoint, task): the pretrained -> fine-tuned line and the fine-tuned endpoints for PCA.
+Jobs run as Ray tasks with explicit resources. Each finished job's rows are appended to its table
+under `results/` as soon as it returns, so an interrupted analysis loses nothing and a rerun skips
+every job whose key is already there. A job that fails (an unknown task, a checkpoint without
+weights, a split with no labels) becomes an `error` row with the message; the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import yaml
+
+from engine.config import AnalysisConfig, DownstreamConfig, SweepConfig
+from engine.rundir import RunDir
+
+log = logging.getLogger("clmscale")
+
+IDENTITY = ["checkpoint", "trial_id", "rung", "seed", "n_params", "n_params_non_embedding", "tokens", "flops"]
+JOB_TIMEOUT_S = 6 * 3600  # one job; a hung worker is reported, not waited on forever
+
+
+# ---------------------------------------------------------------------------------------------
+# what to measure
+
+
+@dataclass(frozen=True)
+class Job:
+    table: str  # results/<table>.parquet receives its rows
+    key: tuple  # unique within the table: a rerun skips jobs whose key is present
+    fn: Callable[..., list[dict]]
+    kwargs: dict = field(hash=False)
+    identity: dict = field(hash=False)  # columns every row of this job carries
+    after: tuple = ()  # keys (table, key) that must be done first
+
+
+def select_checkpoints(pretrain: pd.DataFrame, which: str) -> pd.DataFrame:
+    """Finished checkpoints: the last of each trial (`final`) or every one (`all`)."""
+    usable = pretrain[pretrain["checkpoint"].notna() & (pretrain["checkpoint"] != "")]
+    usable = usable[usable["status"] == "finished"] if which == "final" else usable
+    if which == "final":
+        usable = usable.sort_values("tokens").groupby("trial_id", sort=False).tail(1)
+    return usable.sort_values(["n_params", "tokens"]).reset_index(drop=True)
+
+
+def plan_jobs(cfg: SweepConfig, run_dir: RunDir, checkpoints: pd.DataFrame, data_dir: Path | None) -> list[Job]:
+    ds, an = cfg.downstream, cfg.analysis
+    tasks = list(ds.tasks)  # custom tasks run when listed here by name, like registry tasks
+    jobs: list[Job] = []
+    common = {"downstream": ds.model_dump(mode="json"), "data_dir": str(data_dir) if data_dir else None}
+    for ck in checkpoints.to_dict("records"):
+        ident = {k: ck[k] for k in IDENTITY} | {"pretrain_val_loss": ck["val_loss"]}
+        for task in tasks:
+            for split_seed in ds.seeds:
+                for mode in ds.modes:
+                    save = mode == "finetune" and split_seed == ds.seeds[0]
+                    jobs.append(
+                        Job(
+                            "finetune",
+                            (ck["checkpoint"], task, split_seed, mode),
+                            finetune_job,
+                            {**common, "checkpoint": ck["checkpoint"], "task": task, "split_seed": split_seed,
+                             "mode": mode, "save_to": str(_ft_weights(run_dir, ck, task)) if save else None},
+                            ident,
+                        )
+                    )
+        if an.hessian_top_k > 0:
+            jobs.append(Job("hessian", (ck["checkpoint"], "pretrain"), hessian_job, _pt_kwargs(cfg, run_dir, ck), ident))
+        if an.landscape_resolution > 0:
+            jobs.append(Job("landscape", (ck["checkpoint"], "random_directions"), landscape_job, _pt_kwargs(cfg, run_dir, ck), ident))
+            for task in tasks if "finetune" in ds.modes else []:
+                after = (("finetune", (ck["checkpoint"], task, ds.seeds[0], "finetune")),)
+                kw = {**_pt_kwargs(cfg, run_dir, ck), "task": task, "finetuned": str(_ft_weights(run_dir, ck, task))}
+                jobs.append(Job("landscape", (ck["checkpoint"], f"pt_to_ft:{task}"), pt_to_ft_job, kw, ident, after))
+    if ds.baselines:
+        per_rung = checkpoints.sort_values("tokens").groupby("rung", sort=False).tail(1)
+        for ck in per_rung.to_dict("records"):
+            ident = {k: ck[k] for k in IDENTITY} | {"tokens": 0, "flops": 0.0, "pretrain_val_loss": np.nan}
+            for task in tasks:
+                for split_seed in ds.seeds:
+                    kw = {**common, "checkpoint": ck["checkpoint"], "task": task, "split_seed": split_seed,
+                          "mode": "random_init", "save_to": None}
+                    jobs.append(Job("finetune", (ck["checkpoint"], task, split_seed, "random_init"),
+                                    finetune_job, kw, ident))
+        no_scale = {k: np.nan for k in IDENTITY} | {"checkpoint": "", "trial_id": "", "rung": "", "pretrain_val_loss": np.nan}
+        for task in tasks:
+            for split_seed in ds.seeds:
+                kw = {**common, "task": task, "split_seed": split_seed}
+                jobs.append(Job("finetune", ("", task, split_seed, "morgan_fp"), fingerprint_job, kw, no_scale))
+    return jobs
+
+
+def _ft_weights(run_dir: RunDir, ck: dict, task: str) -> Path:
+    return run_dir.root / "analysis" / "finetuned" / ck["trial_id"] / str(int(ck["tokens"])) / f"{task}.safetensors"
+
+
+def _pt_kwargs(cfg: SweepConfig, run_dir: RunDir, ck: dict) -> dict:
+    manifest = json.loads(run_dir.manifest.read_text())
+    val = [str(run_dir.data / s["path"]) for s in manifest["shards"] if s["split"] == "val"]
+    return {
+        "checkpoint": ck["checkpoint"],
+        "val_shards": val,
+        "analysis": cfg.analysis.model_dump(mode="json"),
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "max_seq_len": cfg.model.max_seq_len,
+        "mlm_probability": cfg.train.mlm_probability,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the jobs: plain functions returning rows (they run in Ray tasks, or directly in tests)
+
+
+def finetune_job(checkpoint: str, task: str, split_seed: int, mode: str, downstream: dict,
+                 data_dir: str | None, save_to: str | None) -> list[dict]:
+    from engine import finetune, tasks
+
+    ds = DownstreamConfig.model_validate(downstream)
+    data = _task_split(tasks, ds, task, split_seed, data_dir)
+    result = finetune.finetune(
+        Path(checkpoint), data, mode="finetune" if mode == "random_init" else mode, epochs=ds.epochs,
+        patience=ds.patience, lr=ds.lr, batch_size=ds.batch_size, seed=split_seed,
+        random_init=mode == "random_init", save_to=Path(save_to) if save_to else None,
+    )
+    return [_finetune_row(task, ds, split_seed, mode, result, data)]
+
+
+def fingerprint_job(task: str, split_seed: int, downstream: dict, data_dir: str | None) -> list[dict]:
+    from engine import finetune, tasks
+
+    ds = DownstreamConfig.model_validate(downstream)
+    data = _task_split(tasks, ds, task, split_seed, data_dir)
+    return [_finetune_row(task, ds, split_seed, "morgan_fp", finetune.fingerprint_baseline(data, seed=split_seed), data)]
+
+
+def _task_split(tasks, ds: DownstreamConfig, task: str, split_seed: int, data_dir: str | None):
+    from engine.finetune import FinetuneData
+
+    spec = next((c for c in ds.custom if c.name == task), task)
+    loaded = tasks.load_task(spec, data_dir=data_dir or ds.data_dir, max_molecules=ds.max_molecules)
+    split = tasks.split_task(loaded, ds.split, ds.split_fractions, seed=split_seed)
+    return FinetuneData(
+        smiles=list(loaded.smiles), labels=loaded.labels, task_type=loaded.task_type,
+        n_classes=loaded.n_classes, split=split, name=loaded.name,
+    )
+
+
+def _finetune_row(task: str, ds: DownstreamConfig, split_seed: int, mode: str, result: dict, data) -> dict:
+    return {
+        "task": task,
+        "split": ds.split,
+        "split_seed": split_seed,
+        "mode": mode,
+        "metric": result["metric"],
+        "higher_is_better": result["metric"] == "roc_auc",
+        "value": result["test"],
+        "val_value": result["val"],
+        "best_epoch": result["best_epoch"],
+        "wall_time_s": result["wall_s"],
+        "status": "ok",
+        "error": "",
+    }
+
+
+def _load_for_analysis(checkpoint: str, val_shards: list[str], analysis: dict, micro_batch_size: int,
+                       max_seq_len: int, mlm_probability: float, n_batches: int):
+    """The pretrained model (eager attention, eval mode) and fixed validation batches."""
+    from engine import data, models
+
+    model = models.load_pretrained(checkpoint)
+    models.use_eager_attention(model)
+    model.eval()
+    batches = data.validation_batches(
+        val_shards, tokenizer=Path(checkpoint), family=models.family_of(model.config), n_batches=n_batches,
+        micro_batch_size=micro_batch_size, max_seq_len=max_seq_len, mlm_probability=mlm_probability,
+    )
+    return model, batches
+
+
+def pretraining_loss(model, batch) -> Any:
+    from engine.models import model_inputs
+
+    return model(**model_inputs(batch, model.config)).loss
+
+
+def hessian_job(checkpoint: str, val_shards: list[str], analysis: dict, micro_batch_size: int,
+                max_seq_len: int, mlm_probability: float) -> list[dict]:
+    from engine.hessian import spectrum
+
+    an = AnalysisConfig.model_validate(analysis)
+    model, batches = _load_for_analysis(checkpoint, val_shards, analysis, micro_batch_size, max_seq_len,
+                                        mlm_probability, an.hessian_batches)
+    spec = spectrum(model, pretraining_loss, batches, top_k=an.hessian_top_k, max_iter=an.hessian_max_iter,
+                    trace_matvecs=an.trace_matvecs, density_runs=an.density_runs, seed=0)
+    record = spec.to_record()
+    return [{"loss": "pretrain", "loss_value": record.pop("loss"), **record, "n_workers": 1}]
+
+
+def landscape_job(checkpoint: str, val_shards: list[str], analysis: dict, micro_batch_size: int,
+                  max_seq_len: int, mlm_probability: float) -> list[dict]:
+    from engine import landscape
+
+    an = AnalysisConfig.model_validate(analysis)
+    model, batches = _load_for_analysis(checkpoint, val_shards, analysis, micro_batch_size, max_seq_len,
+                                        mlm_probability, an.hessian_batches)
+    rows = []
+    grid_1d = landscape.surface_1d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
+                                   span=an.landscape_span, seed=0)
+    rows += [{"kind": "1d", "alpha": a, "beta": 0.0, "loss": v} for a, v in zip(grid_1d.alphas, grid_1d.losses)]
+    if an.landscape_2d:
+        grid = landscape.surface_2d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
+                                    span=an.landscape_span, seed=0)
+        rows += [{"kind": "2d", "alpha": a, "beta": b, "loss": v} for a, b, v in grid.points()]
+    sharp = {
+        "eps_sharpness": landscape.eps_sharpness(model, pretraining_loss, batches, eps=an.sharpness_eps, seed=0),
+        "adaptive_sharpness": landscape.adaptive_sharpness(model, pretraining_loss, batches, rho=an.sharpness_eps * 50, seed=0),
+    }
+    return [{**r, **sharp} for r in rows]
+
+
+def pt_to_ft_job(checkpoint: str, val_shards: list[str], analysis: dict, micro_batch_size: int, max_seq_len: int,
+                 mlm_probability: float, task: str, finetuned: str) -> list[dict]:
+    from safetensors.torch import load_file
+
+    from engine import landscape
+
+    an = AnalysisConfig.model_validate(analysis)
+    model, batches = _load_for_analysis(checkpoint, val_shards, analysis, micro_batch_size, max_seq_len,
+                                        mlm_probability, an.hessian_batches)
+    # the fine-tuned file holds the encoder (AutoModel keys); the LM model names it by its base prefix
+    target = {f"{model.base_model_prefix}.{k}": v for k, v in load_file(finetuned).items()}
+    if not any(name in target for name, _ in model.named_parameters()):
+        raise ValueError(f"{finetuned}: no parameter names in common with {checkpoint}")
+    line = landscape.surface_along(model, pretraining_loss, batches, target, resolution=an.landscape_resolution)
+    return [{"kind": f"pt_to_ft:{task}", "alpha": a, "beta": 0.0, "loss": v} for a, v in zip(line.alphas, line.losses)]
+
+
+# ---------------------------------------------------------------------------------------------
+# running them
+
+
+def run_analysis(run_dir: Path, *, data_dir: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Plan, skip what is done, run the rest as Ray tasks, append rows as they come back."""
+    rd = RunDir(Path(run_dir))
+    if not rd.sweep_yaml.exists():
+        raise FileNotFoundError(f"{rd.root}: not a run directory (no sweep.yaml)")
+    cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
+    if not rd.table("pretrain").exists():
+        raise FileNotFoundError(f"{rd.table('pretrain')}: no pretraining results; run `clmscale sweep` first")
+    checkpoints = select_checkpoints(pd.read_parquet(rd.table("pretrain")), cfg.analysis.checkpoints)
+    jobs = plan_jobs(cfg, rd, checkpoints, data_dir)
+    tables = {name: _read(rd.table(name)) for name in KEY_COLUMNS}
+    for name, t in tables.items():  # error rows are retried, so they go
+        tables[name] = t[t["status"] == "ok"] if len(t) else t
+    done = {(name, tuple(r)) for name, t in tables.items() if len(t) for r in t[list(KEY_COLUMNS[name])].itertuples(index=False)}
+    todo = [j for j in jobs if (j.table, j.key) not in done]
+    log.info(f"analyze {cfg.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    if todo:
+        if not ray.is_initialized():
+            ray.init()
+        _run_jobs(todo, done, rd, tables)
+    tables["pca"] = parameter_space(rd, pd.read_parquet(rd.table("pretrain")), checkpoints, list(cfg.downstream.tasks))
+    return tables
+
+
+def parameter_space(rd: RunDir, pretrain: pd.DataFrame, checkpoints: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """PCA of each trial's checkpoint trajectory and of each checkpoint's fine-tuned endpoints.
+
+    Cheap next to the jobs (one Gram matrix of a few weight vectors each), so it runs on the driver,
+    from the files on disk, and is rewritten whole every time.
+    """
+    from safetensors.torch import load_file
+
+    from engine.landscape import parameter_pca
+
+    rows = []
+    for trial_id, group in pretrain[pretrain["checkpoint"].notna()].groupby("trial_id"):
+        paths = [Path(p) / "model.safetensors" for p in group.sort_values("tokens")["checkpoint"]]
+        if len(paths) >= 2 and all(p.exists() for p in paths):
+            pca = parameter_pca([load_file(p) for p in paths], labels=sorted(group["tokens"]))
+            rows += _pca_rows(pca, "trajectory", trial_id)
+    for ck in checkpoints.to_dict("records"):
+        files = {t: _ft_weights(rd, ck, t) for t in tasks}
+        found = {t: load_file(f) for t, f in files.items() if f.exists()}
+        if len(found) >= 2:
+            pca = parameter_pca(list(found.values()), labels=list(found))
+            rows += _pca_rows(pca, "finetuned", ck["checkpoint"])
+    table = pd.DataFrame(rows, columns=["kind", "group", "label", "pc1", "pc2", "explained_1", "explained_2"])
+    rd.results.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(rd.table("pca"), index=False)
+    return table
+
+
+def _pca_rows(pca, kind: str, group: str) -> list[dict]:
+    ratio = list(pca.explained_variance_ratio) + [0.0]
+    return [{"kind": kind, "group": group, "label": str(r["label"]), "pc1": r["pc1"], "pc2": r.get("pc2", 0.0),
+             "explained_1": ratio[0], "explained_2": ratio[1]} for r in pca.records]
+
+
+# a job's key, as columns of its table: a rerun skips the jobs whose key is there with status ok
+KEY_COLUMNS = {
+    "finetune": ("checkpoint", "task", "split_seed", "mode"),
+    "hessian": ("checkpoint", "loss"),
+    "landscape": ("checkpoint", "surface"),
+}
+
+
+def _run_jobs(todo: list[Job], done: set, rd: RunDir, tables: dict[str, pd.DataFrame]) -> None:
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    remote = ray.remote(_run_one).options(num_cpus=1, num_gpus=0.25 if gpus else 0, max_retries=1)
+    pending: dict[Any, Job] = {}
+    waiting = list(todo)
+    start, n_done = time.monotonic(), 0
+    while waiting or pending:
+        for j in [j for j in waiting if all(a in done for a in j.after)]:
+            pending[remote.remote(j.fn, j.kwargs)] = j
+            waiting.remove(j)
+        if not pending:  # what is left waits on jobs that failed
+            for j in waiting:
+                _append(rd, tables, j, [{"status": "error", "error": "skipped: a job it depends on failed"}])
+            break
+        finished, _ = ray.wait(list(pending), num_returns=1, timeout=JOB_TIMEOUT_S)
+        if not finished:
+            raise TimeoutError(f"no analysis job finished in {JOB_TIMEOUT_S} s; {len(pending)} still running")
+        job = pending.pop(finished[0])
+        ok, rows = ray.get(finished[0])
+        if ok:
+            done.add((job.table, job.key))
+        else:
+            log.error(f"[analyze] {job.table} {_show(job.key)}: {rows}")
+            rows = [{"status": "error", "error": rows}]
+        _append(rd, tables, job, rows)
+        n_done += 1
+        log.info(f"[analyze] {n_done}/{len(todo)} {job.table} {_show(job.key)} {_summary(rows)} "
+                 f"({time.monotonic() - start:.0f}s)")
+
+
+def _run_one(fn: Callable[..., list[dict]], kwargs: dict) -> tuple[bool, Any]:
+    """Inside the Ray task: the job's rows, or its error message (never an exception)."""
+    try:
+        return True, fn(**kwargs)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a row, the analysis goes on
+        return False, f"{type(err).__name__}: {err}"
+
+
+def _append(rd: RunDir, tables: dict[str, pd.DataFrame], job: Job, rows: list[dict]) -> None:
+    """Add the job's rows (with its identity and key columns) and rewrite the table atomically."""
+    key = dict(zip(KEY_COLUMNS[job.table], job.key))
+    new = pd.DataFrame([{**job.identity, "status": "ok", "error": "", **r, **key} for r in rows])
+    table = pd.concat([tables[job.table], new], ignore_index=True) if len(tables[job.table]) else new
+    tables[job.table] = table
+    path = rd.table(job.table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+
+def _show(key: tuple) -> str:
+    return " ".join(Path(str(k)).name if isinstance(k, str) and "/" in k else str(k) for k in key)
+
+
+def _summary(rows: list[dict]) -> str:
+    r = rows[0] if rows else {}
+    if r.get("status") == "error":
+        return f"ERROR {r['error']}"
+    if "metric" in r:
+        return f"{r['metric']}={r['value']:.4g}"
+    if "lambda_max" in r:
+        return f"lambda_max={r['lambda_max']:.4g}"
+    return f"{len(rows)} rows"
