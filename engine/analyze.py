@@ -211,6 +211,8 @@ def hessian_job(checkpoint: str, val_shards: list[str], analysis: dict, micro_ba
     spec = spectrum(model, pretraining_loss, batches, top_k=an.hessian_top_k, max_iter=an.hessian_max_iter,
                     trace_matvecs=an.trace_matvecs, density_runs=an.density_runs, seed=0)
     record = spec.to_record()
+    record["hessian_dim"] = record.pop("n_params")  # the row's n_params is the checkpoint's, as in every table
+    record["wall_time_s"] = record.pop("wall_s")
     return [{"loss": "pretrain", "loss_value": record.pop("loss"), **record, "n_workers": 1}]
 
 

@@ -16,7 +16,6 @@ CLMSCALE_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -27,7 +26,7 @@ import typer
 from engine.config import SweepConfig, expand_grid, load_sweep
 from engine.rundir import RunDir
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 log = logging.getLogger("clmscale")
 
 
@@ -84,8 +83,11 @@ def prepare(
     cfg = load_sweep(sweep_file)
     data_dir = RunDir(cfg.run_dir).data
     manifest = run_prepare(cfg.data, data_dir, overwrite=overwrite)
-    counts = manifest["counts"] if isinstance(manifest, dict) else manifest.counts
-    typer.echo(f"wrote {data_dir}: {json.dumps(counts)}")
+    c = manifest.counts
+    typer.echo(
+        f"{data_dir}: read {c.n_in}, invalid {c.n_invalid}, duplicate {c.n_duplicate}, filtered {c.n_filtered}, "
+        f"kept {c.n_kept} (train {c.train.n_molecules}, val {c.val.n_molecules}); vocab {manifest.tokenizer.vocab_size}"
+    )
 
 
 @app.command()
@@ -122,6 +124,69 @@ def status(run_dir: Path) -> None:
     cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
     table = trial_status(rd, expand_grid(cfg))
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+@app.command()
+@user_errors
+def analyze(
+    run_dir: Path,
+    data_dir: Path = typer.Option(None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."),
+    address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
+) -> None:
+    """Fine-tune, probe, Hessian and landscape jobs for every selected checkpoint, as Ray tasks."""
+    from engine.analyze import run_analysis
+
+    _init_ray(address)
+    tables = run_analysis(run_dir, data_dir=data_dir)
+    n_errors = 0
+    for name, table in tables.items():
+        errors = table[table["status"] == "error"] if "status" in table else table.iloc[0:0]
+        n_errors += len(errors)
+        typer.echo(f"{RunDir(run_dir).table(name)}: {len(table)} rows, {len(errors)} errors")
+        for row in errors.to_dict("records"):
+            typer.echo(f"error: {name} {row.get('task', '')} {row['checkpoint']}: {row['error']}", err=True)
+    if n_errors:
+        raise typer.Exit(code=1)  # the rows that worked are written; a rerun retries only the failed jobs
+
+
+@app.command()
+@user_errors
+def fit(
+    run_dir: Path = typer.Argument(None, help="Run directory to fit (not needed with --table)."),
+    table: Path = typer.Option(None, help="Fit one law to this CSV or Parquet table instead of a run directory."),
+    law: str = typer.Option("chinchilla", help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ) or power (A·x^k)."),
+    n_col: str = typer.Option("N", help="With --table: parameter-count column."),
+    d_col: str = typer.Option("D", help="With --table: token-count column."),
+    y_col: str = typer.Option("loss", help="With --table: loss column."),
+    x_col: str = typer.Option("C", help="With --table and --law compute/power: the scale column."),
+    bootstrap: int = typer.Option(None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."),
+    as_json: bool = typer.Option(False, "--json", help="With --table: print the fit as JSON."),
+) -> None:
+    """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""
+    import json
+
+    from fits import run as fits_run
+
+    if table is not None:
+        result = fits_run.fit_table(table, law, n_col=n_col, d_col=d_col, y_col=y_col, x_col=x_col,
+                                    bootstrap=1000 if bootstrap is None else bootstrap)
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else fits_run.format_fit(result))
+        return
+    if run_dir is None:
+        raise ValueError("give a RUN_DIR to fit, or --table FILE")
+    result = fits_run.fit_run(run_dir, n_bootstrap=bootstrap)
+    typer.echo(f"wrote {RunDir(run_dir).results / 'fits.json'} and {RunDir(run_dir).results / 'fits.parquet'}")
+    for sentence in result["findings"]:
+        typer.echo(f"- {sentence}")
+
+
+@app.command()
+@user_errors
+def report(run_dir: Path) -> None:
+    """Write RUN_DIR/report/index.html (self-contained, figures embedded); fits first if needed."""
+    from fits.report import build_report
+
+    typer.echo(build_report(run_dir))
 
 
 def _init_ray(address: str | None) -> None:
