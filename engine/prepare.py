@@ -1,0 +1,662 @@
+"""prepare: corpus files -> canonical, deduplicated train/val shards + manifest.json + tokenizer/.
+
+The story, in order: read SMILES from CSV / SMI / Parquet files (optionally gzipped) on the driver,
+canonicalise them with RDKit in chunks (Ray tasks across the cluster, or in-process with
+`parallel=False`; both run the same `canonicalize_chunk`), drop exact duplicates (first occurrence
+wins), apply the size filters, split train/val (random or Bemis-Murcko scaffold), write Parquet
+shards, `rejects.csv`, the tokenizer built from the train split, and last `manifest.json`.
+The manifest is written last, so its presence means the data directory is complete.
+
+Counts add up: n_in = n_invalid + n_duplicate + n_filtered + n_kept.
+Rerunning with the same input bytes and options returns the existing manifest ("already prepared").
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import itertools
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from rdkit import Chem, rdBase
+from rdkit.Chem.Scaffolds import MurckoScaffold
+
+from engine.config import DataConfig, Strict
+from engine.rundir import write_json_atomic
+from engine.tokenizer import build_tokenizer, count_unk, smiles_tokens
+
+log = logging.getLogger("clmscale.prepare")
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.csv"
+TOKENIZER = "tokenizer"
+SHOW_INVALID = 3  # invalid SMILES logged one by one; the rest are only in rejects.csv
+PROGRESS_EVERY_S = 5.0  # at most one progress line per this many seconds, plus one at the end
+
+
+class DataError(ValueError):
+    """A corpus that cannot be prepared; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest: what was read, what was kept, where it went
+
+
+class InputFile(Strict):
+    path: str  # as given in the config
+    size_bytes: int
+    sha256: str
+
+
+class ShardFile(Strict):
+    path: str  # relative to the data directory
+    split: Literal["train", "val"]
+    n_rows: int
+    sha256: str
+
+
+class SplitCounts(Strict):
+    n_molecules: int
+    n_tokens: int  # regex tokens, no special tokens
+
+
+class Counts(Strict):
+    n_in: int  # records read (after max_molecules)
+    n_invalid: int  # RDKit could not parse or sanitise them (see rejects.csv)
+    n_duplicate: int  # same canonical SMILES as an earlier record
+    n_filtered: int  # removed by max_heavy_atoms or max_tokens (also in rejects.csv)
+    n_filtered_heavy_atoms: int
+    n_filtered_tokens: int
+    n_kept: int
+    train: SplitCounts
+    val: SplitCounts
+
+
+class TokenizerInfo(Strict):
+    path: str  # relative to the data directory; a PreTrainedTokenizerFast directory
+    vocab_size: int  # including the 7 special tokens
+    n_unk: int  # validation-split tokens that map to [UNK]
+
+
+class Manifest(Strict):
+    format_version: int = 1
+    inputs: list[InputFile]
+    options: dict[str, Any]  # the DataConfig without `corpus`
+    rdkit_version: str
+    counts: Counts
+    shards: list[ShardFile]
+    tokenizer: TokenizerInfo
+    rejects: str = REJECTS
+
+    def shard_paths(self, data_dir: Path, split: Literal["train", "val"]) -> list[Path]:
+        return [data_dir / s.path for s in self.shards if s.split == split]
+
+
+def load_manifest(data_dir: Path) -> Manifest:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: no manifest; run `prepare` first")
+    return Manifest.model_validate_json(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# the core: canonicalise one chunk of SMILES (runs on Ray workers and in-process alike)
+
+
+_WHITESPACE = re.compile(r"\s")
+
+
+class Canonical(NamedTuple):
+    smiles: str | None  # RDKit canonical SMILES; None when the input is invalid
+    error: str | None  # why it is invalid
+    n_heavy_atoms: int
+    n_tokens: int  # regex tokens of the canonical SMILES
+    scaffold: str | None  # Bemis-Murcko scaffold SMILES ('' when acyclic); only when asked for
+
+
+def canonicalize_chunk(smiles: Sequence[str], isomeric: bool = True, scaffolds: bool = False) -> list[Canonical]:
+    """Canonicalise each SMILES with RDKit: one `Canonical` per input, in order; never raises.
+
+    RDKit's own log lines are blocked here; the reason for each failure is returned instead.
+    `isomeric=False` removes stereochemistry only (isotopes stay).
+    """
+    with rdBase.BlockLogs():
+        return [_canonicalize_one(s, isomeric, scaffolds) for s in smiles]
+
+
+def _canonicalize_one(smiles: str, isomeric: bool, scaffolds: bool) -> Canonical:
+    text = smiles.strip() if isinstance(smiles, str) else ""
+    if not text:
+        return _invalid("empty SMILES")
+    if _WHITESPACE.search(text):
+        # RDKit would read 'CCO foo' as CCO named foo; a field with spaces is not a clean SMILES
+        return _invalid("whitespace inside SMILES")
+    try:
+        mol = Chem.MolFromSmiles(text)
+        if mol is None:
+            return _invalid(_why_invalid(text))
+        if not isomeric:
+            Chem.RemoveStereochemistry(mol)
+        canonical = Chem.MolToSmiles(mol)
+        scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False) if scaffolds else None
+        n_heavy_atoms = mol.GetNumHeavyAtoms()
+    except Exception as err:  # e.g. a lone surrogate cannot be encoded for RDKit
+        return _invalid(f"RDKit error: {type(err).__name__}: {' '.join(str(err).split())}")
+    if not canonical:
+        return _invalid("no atoms")
+    return Canonical(canonical, None, n_heavy_atoms, len(smiles_tokens(canonical)), scaffold)
+
+
+def _invalid(reason: str) -> Canonical:
+    return Canonical(None, reason, 0, 0, None)
+
+
+def _why_invalid(text: str) -> str:
+    """Parse again with RDKit's error log captured: its first message is the reason."""
+    with rdBase.CaptureErrorLog() as capture:
+        Chem.MolFromSmiles(text)
+    lines = [line.split("] ", 1)[-1].strip() for line in capture.messages.splitlines()]  # drop '[hh:mm:ss]'
+    lines = [line.removeprefix("SMILES Parse Error: ").rstrip(":") for line in lines if line]
+    if not lines:
+        return "RDKit cannot parse"
+    where = [line for line in lines[1:] if line.startswith("check for mistakes")]
+    return "; ".join(lines[:1] + where[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the corpus: (line, smiles) records per file, line numbers as a person counts them
+
+
+class Chunk(NamedTuple):
+    file_index: int
+    lines: list[int]  # 1-based line (CSV / SMI, header is line 1) or row (Parquet) per SMILES
+    smiles: list[str]
+
+
+def corpus_format(path: Path) -> tuple[str, bool]:
+    """('csv' | 'tsv' | 'smi' | 'parquet', gzipped) from the file name."""
+    name = path.name.lower()
+    gzipped = name.endswith(".gz")
+    stem = name.removesuffix(".gz")
+    for kind, suffixes in {
+        "csv": (".csv",),
+        "tsv": (".tsv",),
+        "smi": (".smi", ".smiles", ".txt"),
+        "parquet": (".parquet", ".pq"),
+    }.items():
+        if stem.endswith(suffixes):
+            return kind, gzipped
+    raise DataError(
+        f"{path}: unknown corpus format '{Path(stem).suffix}'; expected .csv, .tsv, .smi or .parquet, optionally .gz"
+    )
+
+
+def read_corpus(path: Path, smiles_column: str | None = None) -> Iterator[tuple[int, str]]:
+    """(line, smiles) for every record of one corpus file; DataError when it cannot be read."""
+    kind, gzipped = corpus_format(path)
+    what = f"{'gzip-compressed ' if gzipped else ''}{kind.upper() if kind != 'parquet' else 'Parquet'}"
+    try:
+        if kind == "parquet":
+            yield from _read_parquet(path, gzipped, smiles_column)
+        else:
+            opener = gzip.open if gzipped else open
+            # utf-8-sig: a byte-order mark (Excel's CSVs) would otherwise stick to the first column name
+            with opener(path, "rt", encoding="utf-8-sig", newline="" if kind != "smi" else None) as f:
+                if kind == "smi":
+                    yield from _read_smi(f)
+                else:
+                    yield from _read_delimited(f, path, "," if kind == "csv" else "\t", smiles_column)
+    except DataError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error, pa.ArrowException) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: cannot read as {what}: {reason}") from err
+
+
+def _pick_column(path: Path, columns: list[str], wanted: str | None) -> int:
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{path}: no SMILES column '{wanted}' (columns: {', '.join(map(repr, columns))})")
+        return columns.index(wanted)
+    lower = [c.strip().lower() for c in columns]
+    if "smiles" in lower:
+        return lower.index("smiles")
+    log.info("%s: no column named smiles; using the first column %r", path, columns[0])
+    return 0
+
+
+def _read_delimited(
+    f: io.TextIOBase, path: Path, delimiter: str, smiles_column: str | None
+) -> Iterator[tuple[int, str]]:
+    reader = csv.reader(f, delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return  # an empty file: counted as no records
+    col = _pick_column(path, header, smiles_column)
+    while True:
+        line = reader.line_num + 1  # where the next record starts (a quoted field may span lines)
+        row = next(reader, None)
+        if row is None:
+            return
+        if not row:
+            continue  # a blank line is not a record
+        yield line, row[col] if col < len(row) else ""
+
+
+def _read_smi(f: io.TextIOBase) -> Iterator[tuple[int, str]]:
+    """One 'SMILES [name ...]' per line; a first line whose first field is 'smiles' is a header."""
+    first = True
+    for line_number, line in enumerate(f, 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if first and fields[0].lower() == "smiles":
+            first = False
+            continue
+        first = False
+        yield line_number, fields[0]
+
+
+def _read_parquet(path: Path, gzipped: bool, smiles_column: str | None) -> Iterator[tuple[int, str]]:
+    source = io.BytesIO(gzip.decompress(path.read_bytes())) if gzipped else path
+    parquet = pq.ParquetFile(source)
+    columns = parquet.schema_arrow.names
+    if not columns:
+        return
+    col = columns[_pick_column(path, columns, smiles_column)]
+    dtype = parquet.schema_arrow.field(col).type
+    if not (pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype)):
+        raise DataError(f"{path}: SMILES column '{col}' holds {dtype}, expected strings")
+    row = 0
+    for batch in parquet.iter_batches(columns=[col], batch_size=65_536):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield row, value or ""
+
+
+def read_chunks(
+    paths: Sequence[Path], smiles_column: str | None, chunk_rows: int, max_molecules: int | None
+) -> Iterator[Chunk]:
+    """The corpus in file order, in chunks of at most `chunk_rows`, stopping after `max_molecules`."""
+    remaining = max_molecules if max_molecules is not None else float("inf")
+    for file_index, path in enumerate(paths):
+        records = read_corpus(path, smiles_column)
+        while remaining > 0:
+            batch = list(itertools.islice(records, int(min(chunk_rows, remaining))))
+            if not batch:
+                break
+            remaining -= len(batch)
+            yield Chunk(file_index, [line for line, _ in batch], [smiles for _, smiles in batch])
+        if remaining <= 0:
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# running the core over the chunks: in-process, or as Ray tasks
+
+
+def _canonicalize_serial(
+    chunks: Iterable[Chunk], isomeric: bool, scaffolds: bool
+) -> Iterator[tuple[Chunk, list[Canonical]]]:
+    for chunk in chunks:
+        yield chunk, canonicalize_chunk(chunk.smiles, isomeric, scaffolds)
+
+
+def _canonicalize_on_ray(
+    chunks: Iterable[Chunk], isomeric: bool, scaffolds: bool, stall_warning_s: float = 60.0
+) -> Iterator[tuple[Chunk, list[Canonical]]]:
+    """Ray tasks over the chunks, results yielded in input order (so dedup is deterministic).
+
+    Reading stays a few chunks ahead of the cluster: 2 per CPU in flight, never the whole corpus.
+    """
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / a running local cluster, else a new local one
+    task = ray.remote(num_cpus=1)(canonicalize_chunk)
+    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1))) + 1
+    chunks = iter(chunks)
+    inputs: dict[int, Chunk] = {}
+    running: dict[ray.ObjectRef, int] = {}
+    finished: dict[int, ray.ObjectRef] = {}
+    n_submitted = n_yielded = 0
+    exhausted = False
+    while True:
+        while not exhausted and len(running) < window:
+            chunk = next(chunks, None)
+            if chunk is None:
+                exhausted = True
+                break
+            inputs[n_submitted] = chunk
+            running[task.remote(chunk.smiles, isomeric, scaffolds)] = n_submitted
+            n_submitted += 1
+        if running:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=stall_warning_s)
+            if not ready:
+                log.warning(
+                    "no chunk finished in %.0f s (%d running); free cluster resources: %s",
+                    stall_warning_s, len(running), ray.available_resources(),
+                )
+            for ref in ready:
+                finished[running.pop(ref)] = ref
+        while n_yielded in finished:
+            yield inputs.pop(n_yielded), ray.get(finished.pop(n_yielded))
+            n_yielded += 1
+        if exhausted and not running and not finished:
+            return
+
+
+@dataclass(frozen=True)
+class Progress:
+    n_chunks: int
+    n_done: int  # SMILES canonicalised so far
+    n_invalid: int
+    n_duplicate: int
+    elapsed_s: float
+
+
+def log_progress(p: Progress) -> None:
+    rate = p.n_done / p.elapsed_s if p.elapsed_s > 0 else 0.0
+    log.info(
+        "canonicalised %s SMILES in %d chunks (%s invalid, %s duplicates), %.0f mol/s",
+        f"{p.n_done:,}", p.n_chunks, f"{p.n_invalid:,}", f"{p.n_duplicate:,}", rate,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def prepare(
+    cfg: DataConfig,
+    data_dir: Path,
+    *,
+    parallel: bool = True,
+    overwrite: bool = False,
+    chunk_rows: int = 2_000,  # SMILES per Ray task: ~0.5 s of RDKit work, small enough to balance
+    progress: Callable[[Progress], None] = log_progress,
+) -> Manifest:
+    """Turn `cfg.corpus` into shards, rejects.csv, tokenizer/ and manifest.json under `data_dir`.
+
+    `parallel=True` canonicalises on Ray (initialising it only if the caller has not).
+    """
+    data_dir = Path(data_dir)
+    inputs = [_describe_input(p) for p in cfg.corpus]
+    options = cfg.model_dump(mode="json", exclude={"corpus"})
+    done = _existing_manifest(data_dir, inputs, options, overwrite)
+    if done is not None:
+        log.info("%s: already prepared from the same inputs and options; nothing to do", data_dir)
+        return done
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = ", ".join(str(p) for p in cfg.corpus)
+
+    # ---- canonicalise (the expensive part), dedup and filter as chunks come back, in order
+    scaffolds = cfg.split == "scaffold"
+    chunks = read_chunks(cfg.corpus, cfg.smiles_column, chunk_rows, cfg.max_molecules)
+    if parallel:
+        results = _canonicalize_on_ray(chunks, cfg.isomeric, scaffolds)
+    else:
+        results = _canonicalize_serial(chunks, cfg.isomeric, scaffolds)
+    t0 = last_report = time.perf_counter()
+    seen: set[str] = set()
+    kept: list[Canonical] = []
+    rejects: list[tuple[str, int, str, str]] = []  # file, line, smiles, reason
+    n_in = n_invalid = n_duplicate = n_heavy = n_long = n_chunks = 0
+    for chunk, canonical in results:
+        source = str(cfg.corpus[chunk.file_index])
+        for line, raw, c in zip(chunk.lines, chunk.smiles, canonical, strict=True):
+            n_in += 1
+            if c.smiles is None:
+                n_invalid += 1
+                rejects.append((source, line, raw, c.error or "invalid"))
+                if n_invalid <= SHOW_INVALID:
+                    log.warning("%s:%d: RDKit cannot use %r: %s", source, line, raw, c.error)
+            elif c.smiles in seen:
+                n_duplicate += 1
+            else:
+                seen.add(c.smiles)
+                if cfg.max_heavy_atoms is not None and c.n_heavy_atoms > cfg.max_heavy_atoms:
+                    n_heavy += 1
+                    reason = f"filtered: {c.n_heavy_atoms} heavy atoms > max_heavy_atoms {cfg.max_heavy_atoms}"
+                    rejects.append((source, line, raw, reason))
+                elif cfg.max_tokens is not None and c.n_tokens > cfg.max_tokens:
+                    n_long += 1
+                    reason = f"filtered: {c.n_tokens} tokens > max_tokens {cfg.max_tokens}"
+                    rejects.append((source, line, raw, reason))
+                else:
+                    kept.append(c)
+        n_chunks += 1
+        if time.perf_counter() - last_report >= PROGRESS_EVERY_S:
+            progress(Progress(n_chunks, n_in, n_invalid, n_duplicate, time.perf_counter() - t0))
+            last_report = time.perf_counter()
+    progress(Progress(n_chunks, n_in, n_invalid, n_duplicate, time.perf_counter() - t0))
+    del seen
+
+    _write_rejects(data_dir / REJECTS, rejects)
+    if n_in == 0:
+        raise DataError(f"{files}: empty corpus, no SMILES records found")
+    if n_invalid == n_in:
+        source, line, raw, reason = rejects[0]
+        raise DataError(
+            f"{files}: all {n_in:,} SMILES are invalid, e.g. {source}:{line}: {raw!r}: {reason} (see {data_dir / REJECTS})"
+        )
+    if n_invalid:
+        share = 100 * n_invalid / n_in
+        log.warning("%s invalid SMILES of %s (%.2f%%), all in %s", f"{n_invalid:,}", f"{n_in:,}", share, data_dir / REJECTS)
+    if not kept:
+        which = [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {n_heavy:,}"] if n_heavy else []
+        which += [f"max_tokens={cfg.max_tokens} removed {n_long:,}"] if n_long else []
+        n_unique = n_in - n_invalid - n_duplicate
+        raise DataError(f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules")
+    if len(kept) < 2:
+        raise DataError(f"{files}: only {len(kept)} molecule left after cleaning; need at least 2 for a train/val split")
+
+    # ---- split, then write shards, tokenizer, manifest (last: it marks the directory complete)
+    if scaffolds:
+        train_idx, val_idx = scaffold_split([c.scaffold or "" for c in kept], cfg.val_fraction, cfg.seed)
+    else:
+        train_idx, val_idx = random_split(len(kept), cfg.val_fraction, cfg.seed)
+    splits = {"train": [kept[i] for i in train_idx], "val": [kept[i] for i in val_idx]}
+    del kept
+    shards = [s for split, rows in splits.items() for s in _write_shards(data_dir, split, rows, cfg.shard_rows)]
+
+    tokenizer = build_tokenizer((c.smiles for c in splits["train"]), out_dir=data_dir / TOKENIZER)
+    n_unk = count_unk(tokenizer, (c.smiles for c in splits["val"]))
+    n_filtered = n_heavy + n_long
+    split_counts = {
+        split: SplitCounts(n_molecules=len(rows), n_tokens=sum(c.n_tokens for c in rows))
+        for split, rows in splits.items()
+    }
+    manifest = Manifest(
+        inputs=inputs,
+        options=options,
+        rdkit_version=rdBase.rdkitVersion,
+        counts=Counts(
+            n_in=n_in, n_invalid=n_invalid, n_duplicate=n_duplicate, n_filtered=n_filtered,
+            n_filtered_heavy_atoms=n_heavy, n_filtered_tokens=n_long,
+            n_kept=n_in - n_invalid - n_duplicate - n_filtered, **split_counts,
+        ),
+        shards=shards,
+        tokenizer=TokenizerInfo(path=TOKENIZER, vocab_size=len(tokenizer), n_unk=n_unk),
+    )
+    assert manifest.counts.n_kept == split_counts["train"].n_molecules + split_counts["val"].n_molecules
+    write_json_atomic(data_dir / MANIFEST, manifest.model_dump(mode="json"))
+    c = manifest.counts
+    log.info(
+        "%s: kept %s of %s SMILES (%s invalid, %s duplicates, %s filtered): %s train / %s val, vocab %d, %d [UNK] in val",
+        data_dir, f"{c.n_kept:,}", f"{c.n_in:,}", f"{c.n_invalid:,}", f"{c.n_duplicate:,}", f"{c.n_filtered:,}",
+        f"{c.train.n_molecules:,}", f"{c.val.n_molecules:,}", manifest.tokenizer.vocab_size, n_unk,
+    )
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+
+
+def _n_val(n: int, val_fraction: float) -> int:
+    """At least one molecule on each side."""
+    return min(n - 1, max(1, round(n * val_fraction)))
+
+
+def random_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled train and val indices; every shard is then a random sample."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = _n_val(n, val_fraction)
+    return order[n_val:], order[:n_val]
+
+
+def scaffold_split(scaffolds: Sequence[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole Bemis-Murcko scaffold groups go to one side; groups are drawn in a seeded order.
+
+    Groups larger than half the validation target always go to train (as in chemprop's balanced
+    scaffold split), so one big group cannot swallow the validation set. Acyclic molecules share
+    the empty scaffold.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, scaffold in enumerate(scaffolds):
+        groups.setdefault(scaffold, []).append(i)
+    n_val_target = _n_val(len(scaffolds), val_fraction)
+    rng = np.random.default_rng(seed)
+    keys = sorted(groups)
+    train: list[int] = []
+    val: list[int] = []
+    for k in rng.permutation(len(keys)):
+        members = groups[keys[k]]
+        if len(members) <= n_val_target / 2 and len(val) + len(members) <= n_val_target:
+            val.extend(members)
+        else:
+            train.extend(members)
+    if not val:
+        raise DataError(
+            f"scaffold split: no scaffold group fits a validation set of {n_val_target} "
+            f"({len(scaffolds)} molecules in {len(groups)} scaffolds); use split: random"
+        )
+    return rng.permutation(train), rng.permutation(val)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_shards(data_dir: Path, split: str, rows: list[Canonical], shard_rows: int) -> list[ShardFile]:
+    shards = []
+    for k, start in enumerate(range(0, len(rows), shard_rows)):
+        part = rows[start : start + shard_rows]
+        table = pa.table(
+            {
+                "smiles": pa.array([c.smiles for c in part], pa.string()),
+                "n_tokens": pa.array([c.n_tokens for c in part], pa.int32()),
+            }
+        )
+        name = f"{split}-{k:05d}.parquet"
+        pq.write_table(table, data_dir / name)
+        shards.append(ShardFile(path=name, split=split, n_rows=len(part), sha256=_sha256(data_dir / name)))
+    return shards
+
+
+def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str]]) -> None:
+    # backslashreplace: a rejected string may hold characters UTF-8 cannot encode (lone surrogates)
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "line", "smiles", "reason"])
+        writer.writerows(rejects)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe_input(path: Path) -> InputFile:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such corpus file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    corpus_format(path)  # an unknown suffix fails here, before anything is written
+    return InputFile(path=str(path), size_bytes=path.stat().st_size, sha256=_sha256(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# idempotence: same inputs -> no-op; anything else in the way -> a clear error
+
+
+def _is_output(p: Path) -> bool:
+    name = p.name
+    return (
+        name in (MANIFEST, REJECTS, TOKENIZER)
+        or name.startswith(f".{MANIFEST}.")  # write_json_atomic's temporary file
+        or (name.endswith(".parquet") and name.startswith(("train-", "val-")))
+    )
+
+
+def _existing_manifest(data_dir: Path, inputs: list[InputFile], options: dict, overwrite: bool) -> Manifest | None:
+    """The manifest when `data_dir` already holds this exact preparation; else clear the way or raise."""
+    entries = sorted(data_dir.iterdir()) if data_dir.is_dir() else []
+    if not entries:
+        return None
+    manifest, problem = None, None
+    try:
+        manifest = load_manifest(data_dir)
+    except DataError:
+        problem = "no manifest.json (an earlier prepare did not finish)"
+    except ValueError as err:
+        problem = f"unreadable manifest.json ({str(err).splitlines()[0]})"
+    if manifest is not None:
+        problem = _difference(manifest, inputs, options) or _damage(manifest, data_dir)
+        if problem is None:
+            return manifest
+    foreign = [p.name for p in entries if not _is_output(p)]
+    if overwrite or (manifest is None and not foreign):
+        log.info("%s: clearing earlier prepare outputs: %s", data_dir, problem if not overwrite else "overwrite=True")
+        for p in entries:
+            if _is_output(p) and p.is_dir():
+                shutil.rmtree(p)
+            elif _is_output(p):
+                p.unlink()
+        return None
+    extra = f"; it also holds {', '.join(foreign[:5])}" if foreign else ""
+    raise DataError(
+        f"{data_dir}: not empty and not prepared from these inputs: {problem}{extra}; use overwrite=True to replace it"
+    )
+
+
+def _difference(manifest: Manifest, inputs: list[InputFile], options: dict) -> str | None:
+    old = [(i.sha256, i.size_bytes) for i in manifest.inputs]
+    new = [(i.sha256, i.size_bytes) for i in inputs]
+    if old != new:
+        return (
+            f"prepared from {', '.join(i.path for i in manifest.inputs)}, whose sha256 differ from "
+            f"{', '.join(i.path for i in inputs)}"
+        )
+    changed = sorted(k for k in manifest.options.keys() | options.keys() if manifest.options.get(k) != options.get(k))
+    if changed:
+        return "options differ: " + ", ".join(f"{k} {manifest.options.get(k)!r} -> {options.get(k)!r}" for k in changed)
+    if manifest.rdkit_version != rdBase.rdkitVersion:
+        return f"prepared with RDKit {manifest.rdkit_version}, this is RDKit {rdBase.rdkitVersion}"
+    return None
+
+
+def _damage(manifest: Manifest, data_dir: Path) -> str | None:
+    for shard in manifest.shards:
+        path = data_dir / shard.path
+        if not path.is_file() or _sha256(path) != shard.sha256:
+            return f"{shard.path} is missing or changed since manifest.json was written"
+    if not (data_dir / manifest.tokenizer.path / "tokenizer.json").is_file():
+        return f"{manifest.tokenizer.path}/ is missing"
+    return None
