@@ -189,6 +189,34 @@ def report(run_dir: Path) -> None:
     typer.echo(build_report(run_dir))
 
 
+@app.command()
+@user_errors
+def demo(
+    sweep_file: Path = typer.Argument(Path("sweeps/demo.yaml")),
+    address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
+) -> None:
+    """prepare -> sweep -> analyze -> fit -> report on SWEEP_FILE, then print the report's path.
+
+    Run it again and it continues where it stopped: finished trials and analysis rows are kept.
+    """
+    import time
+
+    from engine.analyze import run_analysis
+    from engine.sweep import run_sweep
+    from fits.report import build_report
+    from fits.run import fit_run
+
+    start = time.monotonic()
+    cfg = load_sweep(sweep_file)
+    rd = RunDir(cfg.run_dir)
+    _init_ray(address)
+    run_sweep(cfg, resume=rd.tune.exists())
+    run_analysis(rd.root)
+    fit_run(rd.root)
+    path = build_report(rd.root)
+    typer.echo(f"demo finished in {time.monotonic() - start:.0f} s; open the report: {path.resolve()}")
+
+
 def _init_ray(address: str | None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, or a running `ray start`), else start a local one."""
     import ray

@@ -148,7 +148,33 @@ def run_trial(config: dict) -> None:
             worker_runtime_env={"env_vars": config["worker_env"]},
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        _remove_leftover_placement_group(run_dir.trial(trial.trial_id))
+
+
+PG_FILE = ".placement_group"  # the trial's Ray Train placement group id, written by its rank 0
+
+
+def _remove_leftover_placement_group(trial_dir: Path) -> None:
+    """Remove the trial's worker placement group if Ray Train left it behind.
+
+    Seen with ray 2.60 on a 2-CPU cluster: now and then a finished trial's worker placement group
+    stays CREATED (its cleaner actor polls the State API and never acts), and the next trial's Ray
+    Data tasks, which need one whole free CPU, wait forever. The id comes from the trial's own
+    workers, so a concurrent trial's group is never touched.
+    """
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    path = trial_dir / PG_FILE
+    if not path.exists():
+        return
+    pg_id = path.read_text().strip()
+    if ray.util.placement_group_table().get(pg_id, {}).get("state") == "CREATED":
+        log.warning(f"[{trial_dir.name}] removing the placement group {pg_id[:8]} Ray Train left behind")
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    path.unlink()
 
 
 def _fault_injection(trial_id: str) -> dict[str, str]:
@@ -173,6 +199,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     trial = Trial.model_validate(config["trial"])
     run_dir = RunDir(Path(config["run_dir"]))
+    if ray.train.get_context().get_world_rank() == 0:
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            (run_dir.trial(trial.trial_id) / PG_FILE).write_text(pg.id.hex())
     tokenizer = load_tokenizer(run_dir.tokenizer)
     shard = ray.train.get_dataset_shard("train")
     val = data.validation_batches(
@@ -213,7 +243,10 @@ class DashboardReporter:
         self._gauges: dict[str, Any] | None = None
 
     def __call__(self, metrics: dict) -> None:
-        metrics = {**metrics, "trial_id": self.trial_id, "budget_tokens": self.budget_tokens}
+        # "done" is Tune's own key: a result carrying done=True makes Tune stop the trial's actor at
+        # once, before the trainer has shut down and freed its placement group
+        metrics = {("finished_run" if k == "done" else k): v for k, v in metrics.items()}
+        metrics |= {"trial_id": self.trial_id, "budget_tokens": self.budget_tokens}
         if ray.train.get_context().get_world_rank() == 0:
             self._set_gauges(metrics)
         ray.train.report(metrics)
@@ -247,7 +280,9 @@ class ProgressLine(tune.Callback):
         self._last: dict[str, float] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        trial_id = result.get("trial_id", trial.trial_id)
+        if "tokens_per_s" not in result:  # the closing report carries the outcome, not progress
+            return
+        trial_id = _trial_name(trial)  # Tune overwrites result["trial_id"] with its own id
         now = time.monotonic()
         if now - self._last.get(trial_id, 0.0) < self.every_s:
             return
@@ -255,10 +290,10 @@ class ProgressLine(tune.Callback):
         log.info(progress_text(trial_id, result))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        log.info(f"[{trial.config['cfg']['trial']['trial_id']}] done")
+        log.info(f"[{_trial_name(trial)}] done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        log.error(f"[{trial.config['cfg']['trial']['trial_id']}] failed: see {trial.local_path}")
+        log.error(f"[{_trial_name(trial)}] failed: see {trial.local_path}")
 
 
 def _trial_name(trial) -> str:
@@ -352,10 +387,13 @@ def collect_pretrain_table(run_dir: RunDir, trials: list[Trial]) -> pd.DataFrame
         if not (folder / "result.json").exists():
             continue
         result = json.loads((folder / "result.json").read_text())
-        for ck in result["checkpoints"]:
+        # a trial that diverged before its first milestone still gets a row, without a checkpoint
+        no_checkpoint = {"path": None, "n_tokens": result["n_tokens"], "flops": result["flops"], "step": result["n_steps"],
+                         "train_loss": None, "val_loss": None, "wall_s": result["wall_s"], "tokens_per_s": None, "mfu": None}
+        for ck in result["checkpoints"] or [no_checkpoint]:
             rows.append(
                 {
-                    "checkpoint": str(folder / ck["path"]),
+                    "checkpoint": str(folder / ck["path"]) if ck["path"] else None,
                     "trial_id": t.trial_id,
                     "family": t.family,
                     "rung": t.size.name,

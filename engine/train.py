@@ -272,6 +272,9 @@ def train(
         inject_at = int(os.environ.get(INJECT_NAN_ENV, "0") or 0)
         if rank == 0:
             _truncate_metrics(trial_dir / "metrics.jsonl", step)
+            if step:  # the record of a restart (worker failure, --resume): `status` and the tests read it
+                _append_jsonl(trial_dir / "metrics.jsonl",
+                              {"trial_id": trial.trial_id, "event": "resumed", "step": step, "n_tokens": n_tokens})
 
         # ---- the loop -----------------------------------------------------------------------
         stream = _micro_batches(make_batches, epoch, n_consumed)
@@ -653,7 +656,7 @@ def _resume(engine, trial_dir: Path, budget: int, world: int, rank: int) -> dict
     load_path, _ = engine.load_checkpoint(str(path / "state"), tag=DS_TAG, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"{path / 'state'}: DeepSpeed could not load the checkpoint")
-    rng = torch.load(path / "state" / f"rank_{rank:05d}.pt")
+    rng = torch.load(path / "state" / f"rank_{rank:05d}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and engine.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], engine.device)
