@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import itertools
 import logging
@@ -35,7 +34,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import DataConfig, Strict
-from engine.rundir import write_json_atomic
+from engine.rundir import sha256_file, write_json_atomic
 from engine.tokenizer import build_tokenizer, count_unk, smiles_tokens
 
 log = logging.getLogger("clmscale.prepare")
@@ -562,7 +561,7 @@ def _write_shards(data_dir: Path, split: str, rows: list[Canonical], shard_rows:
         )
         name = f"{split}-{k:05d}.parquet"
         pq.write_table(table, data_dir / name)
-        shards.append(ShardFile(path=name, split=split, n_rows=len(part), sha256=_sha256(data_dir / name)))
+        shards.append(ShardFile(path=name, split=split, n_rows=len(part), sha256=sha256_file(data_dir / name)))
     return shards
 
 
@@ -574,12 +573,6 @@ def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str]]) -> None
         writer.writerows(rejects)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _describe_input(path: Path) -> InputFile:
@@ -589,7 +582,7 @@ def _describe_input(path: Path) -> InputFile:
     if not path.is_file():
         raise DataError(f"{path}: not a file")
     corpus_format(path)  # an unknown suffix fails here, before anything is written
-    return InputFile(path=str(path), size_bytes=path.stat().st_size, sha256=_sha256(path))
+    return InputFile(path=str(path), size_bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,7 +648,7 @@ def _difference(manifest: Manifest, inputs: list[InputFile], options: dict) -> s
 def _damage(manifest: Manifest, data_dir: Path) -> str | None:
     for shard in manifest.shards:
         path = data_dir / shard.path
-        if not path.is_file() or _sha256(path) != shard.sha256:
+        if not path.is_file() or sha256_file(path) != shard.sha256:
             return f"{shard.path} is missing or changed since manifest.json was written"
     if not (data_dir / manifest.tokenizer.path / "tokenizer.json").is_file():
         return f"{manifest.tokenizer.path}/ is missing"

@@ -15,6 +15,7 @@ rerun alone. `RunDir` names these paths in one place; it creates nothing by itse
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -65,6 +66,19 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+
+def sha256_stream(f) -> str:
+    """sha256 of everything a binary file object yields, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -120,6 +120,10 @@ def run_trial(config: dict) -> None:
     config = config["cfg"]  # the grid point: see `run_sweep`
     trial = Trial.model_validate(config["trial"])
     run_dir = RunDir(Path(config["run_dir"]))
+    done = _finished_result(run_dir.trial(trial.trial_id))
+    if done:  # finished before a driver died, but after Tune last saved its state: not rerun
+        log.info(f"[{trial.trial_id}] already {done['status']} ({done['n_tokens']} tokens); not rerun")
+        return
     write_json_atomic(run_dir.trial(trial.trial_id) / "trial.json", config)  # all it takes to rerun this trial
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
@@ -152,6 +156,15 @@ def run_trial(config: dict) -> None:
         trainer.fit()
     finally:
         _remove_leftover_placement_group(run_dir.trial(trial.trial_id))
+
+
+def _finished_result(trial_dir: Path) -> dict | None:
+    """The trial's result.json when it records a finished or diverged run: the folder is the truth."""
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result["status"] in ("finished", "diverged") else None
 
 
 PG_FILE = ".placement_group"  # the trial's Ray Train placement group id, written by its rank 0

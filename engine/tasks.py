@@ -16,7 +16,6 @@ import csv
 import dataclasses
 import difflib
 import gzip
-import hashlib
 import http.client
 import io
 import logging
@@ -36,6 +35,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import CustomTask, DownstreamConfig
+from engine.rundir import sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -335,14 +335,11 @@ def _verify(task: Task, path: Path, shown_as: str | Path | None = None) -> None:
 
 def sha256_decompressed(path: Path) -> str:
     """sha256 of a file's bytes after gunzip (if it is gzip, by its magic bytes, whatever its name)."""
-    digest = hashlib.sha256()
     try:
         with _open_bytes(path) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+            return sha256_stream(f)
     except (gzip.BadGzipFile, EOFError) as err:
         raise TaskError(f"{path}: not a readable gzip file ({err})") from None
-    return digest.hexdigest()
 
 
 def _open_bytes(path: Path) -> IO[bytes]:

@@ -39,7 +39,6 @@ No ray and no rdkit here; deepspeed is imported inside `train`, after DS_ACCELER
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import itertools
 import json
@@ -62,6 +61,7 @@ import torch.distributed as dist
 from transformers import PreTrainedConfig
 
 from engine.config import LADDER, ResourcesConfig, TrainConfig, Trial
+from engine.rundir import sha256_file
 from engine.models import (
     SPECIAL_IDS,
     build_config,
@@ -520,7 +520,7 @@ def verify_checkpoint(path: Path) -> list[str]:
     """Files of the HF copy whose sha256 differs from sha256.json (or that are missing)."""
     path = Path(path)
     expected = json.loads((path / "sha256.json").read_text())
-    return sorted(n for n, digest in expected.items() if not (path / n).is_file() or _sha256(path / n) != digest)
+    return sorted(n for n, digest in expected.items() if not (path / n).is_file() or sha256_file(path / n) != digest)
 
 
 def _save_checkpoint(
@@ -576,7 +576,7 @@ def _save_checkpoint(
                 "checkpoint": asdict(info),
             },
         )
-        digests = {f.name: _sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
+        digests = {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
         _write_json(path / "sha256.json", digests)
         (path / "COMPLETE").write_text(f"{record['n_tokens']}\n")
     _barrier()
@@ -677,12 +677,6 @@ def _resume(engine, trial_dir: Path, budget: int, world: int, rank: int) -> dict
 # files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _finite(obj: Any) -> Any:

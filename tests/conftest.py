@@ -27,3 +27,14 @@ def ray_cluster():
              dashboard_port=port, object_store_memory=256 * 1024**2)  # fmt: skip
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: extra intra-op threads only spin (seen ~50x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ skip their test when not installed. The CPU image's install steps can be replaye
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os

@@ -49,13 +49,10 @@ def _random_split(n: int, seed: int, fractions=(0.6, 0.2, 0.2)) -> tuple[np.ndar
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(one_torch_thread):
     """Tiny models on a shared 2-core box: extra torch and OpenBLAS threads only spin (75 s instead of 2 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     with one_blas_thread():  # the same for the L-BFGS fits of the probe and the fingerprint baseline
         yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

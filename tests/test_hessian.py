@@ -30,13 +30,7 @@ from engine.hessian import (
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matvecs on shared cores: intra-op threads oversubscribe and run ~50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------
