@@ -1,0 +1,50 @@
+"""`ray job submit -- clmscale sweep` against a `ray start --head` cluster, as the README shows it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from test_sweep import write_sweep  # pytest puts tests/ on sys.path (rootdir-relative, no package)
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(600)
+def test_ray_job_submit_runs_a_sweep(tmp_path):
+    if not (BIN / "ray").exists() or not (BIN / "clmscale").exists():
+        pytest.skip("ray or clmscale is not installed next to this Python")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    gcs, dashboard = _free_port(), _free_port()
+    temp = Path(tempfile.mkdtemp(prefix="clm-ray-"))  # its own, short (socket paths): no other cluster's
+    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, env=env, check=True, timeout=120, capture_output=True)
+    try:
+        work = tmp_path / "job"
+        work.mkdir()
+        sweep = write_sweep(work, "job", ["xxs"], [1e4])
+        submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                  "--working-dir", str(work), "--", "clmscale", "sweep", sweep.name]  # fmt: skip
+        out = subprocess.run(submit, env=env, timeout=480, capture_output=True, text=True, cwd=work)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "succeeded" in out.stdout + out.stderr
+        table = pd.read_parquet(work / "runs" / "job" / "results" / "pretrain.parquet")
+        assert (table["status"] == "finished").all() and len(table) == 2
+    finally:
+        # not `ray stop`, which would stop every Ray cluster on the machine (the test session's too):
+        # only the processes of this cluster, which all name its temp dir on their command lines
+        subprocess.run(["pkill", "-9", "-f", str(temp)], timeout=60)
