@@ -53,6 +53,7 @@ PROXIES = ("n_params", "tokens", "flops", "pretrain_val_loss", "lambda_max", "tr
            "adaptive_sharpness")
 MIN_LAW_POINTS = 5  # distinct (N, D) for L(N, D): one per parameter
 MIN_CURVE_POINTS = 4  # distinct x for a three-parameter one-variable law, one more than its parameters
+MIN_PROXY_POINTS = 8  # checkpoints below which a bootstrap interval of a partial rank correlation is degenerate
 FRONTIER_DECADES_BEYOND = 2  # the frontier curve runs from the smallest measured C to 100x the largest
 # what a fit may raise on data it cannot support; anything else is a bug and is not caught
 FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
@@ -580,14 +581,16 @@ def _proxy_sentences(proxies: dict) -> list[str]:
             continue
         mine = rows[rows["proxy"] == proxy].to_dict("records")
         words = proxies["labels"][proxy]
-        testable = [row for row in mine if row["partial_ci_lo"] is not None and row["partial_ci_hi"] is not None]
+        testable = [row for row in mine if row["partial_ci_lo"] is not None and row["partial_ci_hi"] is not None
+                    and row["n_partial"] >= MIN_PROXY_POINTS]
         predicts = [row for row in testable if row["partial_ci_lo"] > 0 or row["partial_ci_hi"] < 0]
         untested = {}  # reason: number of pairs
         for row in mine:
             if row in testable:
                 continue
-            reason = row["reason"] or (f"too few usable bootstrap resamples for an interval at n = {row['n_partial']}"
-                                       if row["n_partial"] else "too few checkpoints")
+            reason = row["reason"] or (
+                f"only {row['n_partial']} checkpoints; a verdict needs at least {MIN_PROXY_POINTS}"
+                if row["n_partial"] else "too few checkpoints")
             untested[reason] = untested.get(reason, 0) + 1
         why = "; ".join(f"{count} pair{'s' if count > 1 else ''}: {reason}" for reason, count in untested.items())
         if not testable:

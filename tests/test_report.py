@@ -194,3 +194,17 @@ def test_fit_and_report_import_no_ray_or_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_no_proxy_verdict_from_too_few_checkpoints():
+    from fits.run import MIN_PROXY_POINTS, _proxy_sentences
+
+    def proxies(n):
+        row = {"proxy": "lambda_max", "task": "bbbp", "mode": "finetune", "partial_ci_lo": 0.2,
+               "partial_ci_hi": 0.9, "n_partial": n, "reason": ""}  # fmt: skip
+        return {"status": "ok", "proxies": ["lambda_max"], "labels": {"lambda_max": "Hessian λmax"}, "rows": [row]}
+
+    few = _proxy_sentences(proxies(MIN_PROXY_POINTS - 1))[0]
+    assert "could not be tested" in few and f"only {MIN_PROXY_POINTS - 1} checkpoints" in few
+    enough = _proxy_sentences(proxies(MIN_PROXY_POINTS))[0]
+    assert enough.startswith("Hessian λmax predicts downstream performance beyond pretraining loss in 1 of 1")
