@@ -86,6 +86,22 @@ def huber_logsumexp_loss(theta: np.ndarray, design: np.ndarray, log_y: np.ndarra
     return loss, gradient
 
 
+def _fit_from_grid(owner: str, grid_points: np.ndarray, design, log_y: np.ndarray, huber_delta: float,
+                   n_starts: int | None) -> tuple[np.ndarray, float, np.ndarray]:
+    """Screen the grid, run L-BFGS-B from the best starts, keep the best; warn if it did not converge.
+
+    Returns the best parameters, its objective, and the screened starts (best first)."""
+    with one_blas_thread():
+        starts = _screen_starts(grid_points, design, log_y, huber_delta, n_starts)
+        theta, objective, converged = _minimize_from_starts(starts, design, log_y, huber_delta)
+    if not np.all(np.isfinite(theta)):
+        raise RuntimeError(f"{owner}: every L-BFGS-B run from {len(starts)} starting points diverged")
+    if not converged:
+        warnings.warn(f"{owner}: the best L-BFGS-B run stopped before convergence (loss {objective:.4g})",
+                      RuntimeWarning, stacklevel=3)
+    return theta, objective, starts
+
+
 def _screen_starts(starts: np.ndarray, design: np.ndarray, log_y: np.ndarray, delta: float, n_keep):
     """The n_keep starting points with the lowest initial loss, best first (all of them if n_keep is None)."""
     initial = np.array([huber_logsumexp_loss(theta, design, log_y, delta)[0] for theta in starts])
@@ -320,14 +336,7 @@ class ChinchillaFit(_Estimator):
             raise ValueError(f"{owner}: init_grid lacks values for {sorted(missing)}; it has {sorted(grid)}")
         grid_points = np.array(list(itertools.product(*(np.asarray(grid[name], float) for name in CHINCHILLA_PARAMS))))
         design = _chinchilla_design(log_n, log_d)
-        with one_blas_thread():
-            starts = _screen_starts(grid_points, design, log_loss, self.huber_delta, self.n_starts)
-            theta, objective, converged = _minimize_from_starts(starts, design, log_loss, self.huber_delta)
-        if not np.all(np.isfinite(theta)):
-            raise RuntimeError(f"{owner}: every L-BFGS-B run from {len(starts)} starting points diverged")
-        if not converged:
-            warnings.warn(f"{owner}: the best L-BFGS-B run stopped before convergence (loss {objective:.4g})",
-                          RuntimeWarning, stacklevel=2)
+        theta, objective, starts = _fit_from_grid(owner, grid_points, design, log_loss, self.huber_delta, self.n_starts)
 
         self.params_ = self._named(theta)
         for name, value in self.params_.items():
@@ -414,14 +423,7 @@ class SaturatingPowerLaw(_Estimator):
 
         design = _saturating_design(log_x)
         grid_points = self._data_grid(log_x, log_y)
-        with one_blas_thread():
-            starts = _screen_starts(grid_points, design, log_y, self.huber_delta, self.n_starts)
-            theta, objective, converged = _minimize_from_starts(starts, design, log_y, self.huber_delta)
-        if not np.all(np.isfinite(theta)):
-            raise RuntimeError(f"{owner}: every L-BFGS-B run from {len(starts)} starting points diverged")
-        if not converged:
-            warnings.warn(f"{owner}: the best L-BFGS-B run stopped before convergence (loss {objective:.4g})",
-                          RuntimeWarning, stacklevel=2)
+        theta, objective, starts = _fit_from_grid(owner, grid_points, design, log_y, self.huber_delta, self.n_starts)
 
         self.params_ = self._named(theta)
         self.E_, self.A_, self.gamma_ = (self.params_[name] for name in self.param_names)
