@@ -27,6 +27,10 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_a_sweep(tmp_path):
     if not (BIN / "ray").exists() or not (BIN / "clmscale").exists():
         pytest.skip("ray or clmscale is not installed next to this Python")
+    if not (Path.home() / ".ray" / "auth_token").exists():  # what `ray.init()` makes on a fresh machine
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     gcs, dashboard = _free_port(), _free_port()
     temp = Path(tempfile.mkdtemp(prefix="clm-ray-"))  # its own, short (socket paths): no other cluster's
