@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,8 +35,11 @@ def test_ray_job_submit_runs_a_sweep(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     gcs, dashboard = _free_port(), _free_port()
     temp = Path(tempfile.mkdtemp(prefix="clm-ray-"))  # its own, short (socket paths): no other cluster's
+    # every port its own: the test session's cluster holds the defaults (the job agent's 52365 among them)
     start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]  # fmt: skip
     subprocess.run(start, env=env, check=True, timeout=120, capture_output=True)
     try:
         work = tmp_path / "job"
@@ -43,7 +47,11 @@ def test_ray_job_submit_runs_a_sweep(tmp_path):
         sweep = write_sweep(work, "job", ["xxs"], [1e4])
         submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
                   "--working-dir", str(work), "--", "clmscale", "sweep", sweep.name]  # fmt: skip
-        out = subprocess.run(submit, env=env, timeout=480, capture_output=True, text=True, cwd=work)
+        for _ in range(30):  # the job agent comes up a little after `ray start` returns
+            out = subprocess.run(submit, env=env, timeout=480, capture_output=True, text=True, cwd=work)
+            if "No available agent" not in out.stdout + out.stderr:
+                break
+            time.sleep(2)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "succeeded" in out.stdout + out.stderr
         table = pd.read_parquet(work / "runs" / "job" / "results" / "pretrain.parquet")
