@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MOSES = REPO / "data" / "moses_100k.csv.gz"  # the shipped pretraining subset, column SMILES
+SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data: present in CI and here, skipped where absent
+
+
+def first_moses(n: int) -> list[str]:
+    """The first n SMILES of the shipped MOSES subset, in file order."""
+    with gzip.open(MOSES, "rt", newline="") as f:
+        rows = csv.reader(f)
+        next(rows)
+        return [row[0] for _, row in zip(range(n), rows)]
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 from pathlib import Path
 
@@ -12,21 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import first_moses
 
 from engine import data
 from engine.tokenizer import build_tokenizer, smiles_tokens
 
-MOSES = Path(__file__).resolve().parents[1] / "data" / "moses_100k.csv.gz"
 MAX_SEQ_LEN = 64
 N_TRAIN = 640  # 20 batches of 32: divisible by 2 workers, so the equal split drops nothing
 
 
 @pytest.fixture(scope="module")
 def moses() -> list[str]:
-    with gzip.open(MOSES, "rt", newline="") as f:
-        rows = csv.reader(f)
-        next(rows)
-        return [row[0] for _, row in zip(range(3_000), rows)]
+    return first_moses(3_000)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import MOSES, SHARED_DATA, first_moses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rdkit import Chem
@@ -21,8 +22,7 @@ from engine.config import DataConfig
 from engine.prepare import DataError, canonicalize_chunk, load_manifest, prepare
 from engine.tokenizer import smiles_tokens
 
-MOSES = Path(__file__).resolve().parents[1] / "data" / "moses_100k.csv.gz"
-SHARED_MOSES = Path("/work/shared/data/pretrain/moses/test.csv.gz")
+SHARED_MOSES = SHARED_DATA / "pretrain" / "moses" / "test.csv.gz"
 
 N_MOSES, N_DUP = 2_000, 50
 INVALID = ["C1CC(", "N(C)(C)(C)(C)C", "c1cccc1", "not_a_smiles", ""]
@@ -30,10 +30,7 @@ INVALID = ["C1CC(", "N(C)(C)(C)(C)C", "c1cccc1", "not_a_smiles", ""]
 
 @pytest.fixture(scope="module")
 def moses() -> list[str]:
-    with gzip.open(MOSES, "rt", newline="") as f:
-        rows = csv.reader(f)
-        next(rows)
-        return [row[0] for _, row in zip(range(N_MOSES), rows)]
+    return first_moses(N_MOSES)
 
 
 def respelled(smiles: str) -> str:

@@ -7,7 +7,6 @@ sweeps. Every wait has a timeout.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -21,20 +20,18 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import first_moses
 
 from engine.config import expand_grid, load_sweep
 from engine.rundir import RunDir
 
-REPO = Path(__file__).resolve().parents[1]
 N_SMILES = 3000
 
 
 def write_sweep(tmp: Path, name: str, sizes: list[str], budgets: list[float], seeds=(0,), checkpoints=2) -> Path:
     corpus = tmp / "corpus.csv"
     if not corpus.exists():
-        with gzip.open(REPO / "data" / "moses_100k.csv.gz", "rt") as f:
-            lines = [next(f) for _ in range(N_SMILES + 1)]
-        corpus.write_text("".join(lines))
+        corpus.write_text("SMILES\n" + "\n".join(first_moses(N_SMILES)) + "\n")
     doc = {
         "name": name,
         "data": {"corpus": [str(corpus)], "val_fraction": 0.1, "shard_rows": 1000},

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import gzip
-from pathlib import Path
-
 import pytest
+from conftest import first_moses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, pre_tokenizers
 
 from engine.tokenizer import SMILES_REGEX, SPECIAL_TOKENS, build_tokenizer, count_unk, load_tokenizer, smiles_tokens
 
-MOSES = Path(__file__).resolve().parents[1] / "data" / "moses_100k.csv.gz"
-
 
 @pytest.fixture(scope="module")
 def moses() -> list[str]:
-    with gzip.open(MOSES, "rt", newline="") as f:
-        rows = csv.reader(f)
-        next(rows)
-        return [row[0] for _, row in zip(range(6_000), rows)]
+    return first_moses(6_000)
 
 
 @pytest.fixture(scope="module")
