@@ -50,6 +50,7 @@ class Job:
     kwargs: dict = field(hash=False)
     identity: dict = field(hash=False)  # columns every row of this job carries
     after: tuple = ()  # keys (table, key) that must be done first
+    workers: int = 1  # >1: the job only waits on a Ray Train worker group of that size (see distributed_spectrum)
 
 
 def select_checkpoints(pretrain: pd.DataFrame, which: str) -> pd.DataFrame:
@@ -83,7 +84,17 @@ def plan_jobs(cfg: SweepConfig, run_dir: RunDir, checkpoints: pd.DataFrame, data
                         )
                     )
         if an.hessian_top_k > 0:
-            jobs.append(Job("hessian", (ck["checkpoint"], "pretrain"), hessian_job, _pt_kwargs(cfg, run_dir, ck), ident))
+            hessian = {"analysis": an.model_dump(mode="json"), "run_dir": str(run_dir.root)}
+            jobs.append(Job("hessian", (ck["checkpoint"], "pretrain"), hessian_job,
+                            {**hessian, "loss": "pretrain", "problem": _pt_kwargs(cfg, run_dir, ck)},
+                            ident, workers=an.hessian_workers))
+            for task in tasks if an.hessian_finetune and "finetune" in ds.modes else []:
+                problem = {**common, "checkpoint": ck["checkpoint"], "task": task, "split_seed": ds.seeds[0],
+                           "finetuned": str(_ft_weights(run_dir, ck, task)), "n_batches": an.hessian_batches}
+                after = (("finetune", (ck["checkpoint"], task, ds.seeds[0], "finetune")),)
+                jobs.append(Job("hessian", (ck["checkpoint"], f"finetune:{task}"), hessian_job,
+                                {**hessian, "loss": f"finetune:{task}", "problem": problem},
+                                ident, after, workers=an.hessian_workers))
         if an.landscape_resolution > 0:
             jobs.append(Job("landscape", (ck["checkpoint"], "random_directions"), landscape_job, _pt_kwargs(cfg, run_dir, ck), ident))
             for task in tasks if "finetune" in ds.modes else []:
@@ -181,18 +192,18 @@ def _finetune_row(task: str, ds: DownstreamConfig, split_seed: int, mode: str, r
 
 
 def _load_for_analysis(checkpoint: str, val_shards: list[str], analysis: dict, micro_batch_size: int,
-                       max_seq_len: int, mlm_probability: float, n_batches: int):
-    """The pretrained model (eager attention, eval mode) and fixed validation batches."""
+                       max_seq_len: int, mlm_probability: float, n_batches: int, device: str = "cpu"):
+    """The pretrained model (eager attention, eval mode) and fixed validation batches, on `device`."""
     from engine import data, models
 
     model = models.load_pretrained(checkpoint)
     models.use_eager_attention(model)
-    model.eval()
+    model.eval().to(device)
     batches = data.validation_batches(
         val_shards, tokenizer=Path(checkpoint), family=models.family_of(model.config), n_batches=n_batches,
         micro_batch_size=micro_batch_size, max_seq_len=max_seq_len, mlm_probability=mlm_probability,
     )
-    return model, batches
+    return model, [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def pretraining_loss(model, batch) -> Any:
@@ -201,19 +212,112 @@ def pretraining_loss(model, batch) -> Any:
     return model(**model_inputs(batch, model.config)).loss
 
 
-def hessian_job(checkpoint: str, val_shards: list[str], analysis: dict, micro_batch_size: int,
-                max_seq_len: int, mlm_probability: float) -> list[dict]:
-    from engine.hessian import spectrum
+def hessian_problem(loss: str, problem: dict, analysis: dict, device: str = "cpu") -> tuple[Any, Callable, list]:
+    """(model, loss_fn, batches) for the Hessian of `loss`: "pretrain" or "finetune:<task>".
 
+    pretrain: the pretraining loss on fixed validation batches. finetune:<task>: the fine-tuning loss
+    at the weights fine-tuned on the task's first split seed, on the first training batches.
+    """
     an = AnalysisConfig.model_validate(analysis)
-    model, batches = _load_for_analysis(checkpoint, val_shards, analysis, micro_batch_size, max_seq_len,
-                                        mlm_probability, an.hessian_batches)
-    spec = spectrum(model, pretraining_loss, batches, top_k=an.hessian_top_k, max_iter=an.hessian_max_iter,
-                    trace_matvecs=an.trace_matvecs, density_runs=an.density_runs, seed=0)
-    record = spec.to_record()
+    if loss == "pretrain":
+        model, batches = _load_for_analysis(**{**problem, "analysis": analysis}, n_batches=an.hessian_batches,
+                                            device=device)
+        return model, pretraining_loss, batches
+    from engine import finetune, tasks
+
+    ds = DownstreamConfig.model_validate(problem["downstream"])
+    data = _task_split(tasks, ds, problem["task"], problem["split_seed"], problem["data_dir"])
+    return finetune.finetuning_loss(Path(problem["checkpoint"]), data, Path(problem["finetuned"]),
+                                    n_batches=problem["n_batches"], batch_size=ds.batch_size, device=device)
+
+
+def hessian_job(loss: str, problem: dict, analysis: dict, run_dir: str) -> list[dict]:
+    """One Hessian row: in this task (hessian_workers: 1) or over a Ray Train worker group."""
+    an = AnalysisConfig.model_validate(analysis)
+    settings = {"top_k": an.hessian_top_k, "max_iter": an.hessian_max_iter, "trace_matvecs": an.trace_matvecs,
+                "density_runs": an.density_runs, "seed": 0}
+    if an.hessian_workers > 1:
+        record = distributed_spectrum(loss, problem, analysis, settings, an.hessian_workers,
+                                      storage=Path(run_dir) / "analysis" / "ray_train")
+    else:
+        record = _spectrum_record(loss, problem, analysis, settings, _device())
     record["hessian_dim"] = record.pop("n_params")  # the row's n_params is the checkpoint's, as in every table
     record["wall_time_s"] = record.pop("wall_s")
-    return [{"loss": "pretrain", "loss_value": record.pop("loss"), **record, "n_workers": 1}]
+    return [{"loss_value": record.pop("loss"), **record}]
+
+
+def _spectrum_record(loss: str, problem: dict, analysis: dict, settings: dict, device: str,
+                     share: tuple[int, int] = (0, 1), all_reduce: Callable | None = None) -> dict:
+    """spectrum(...).to_record() on this worker's share (rank, world) of the batches."""
+    from engine.hessian import spectrum
+
+    model, loss_fn, batches = hessian_problem(loss, problem, analysis, device)
+    rank, world = share
+    if len(batches) < world:
+        raise ValueError(f"Hessian of {loss}: {len(batches)} batches cannot be shared by {world} workers "
+                         "(analysis.hessian_workers must not exceed the batches there are)")
+    spec = spectrum(model, loss_fn, batches[rank::world], all_reduce=all_reduce, **settings)
+    return {**spec.to_record(), "n_batches": len(batches), "n_workers": world}
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def distributed_spectrum(loss: str, problem: dict, analysis: dict, settings: dict, n_workers: int,
+                         storage: Path) -> dict:
+    """The spectrum over `n_workers` Ray Train workers, each holding every n-th batch.
+
+    Every worker runs the same estimators with the same seed; `HVPOperator` sums the partial H v
+    (and gradients, losses) over the group with a torch.distributed all-reduce each matvec, so every
+    worker holds the single-worker answer. Rank 0 hands its record back in a Ray Train checkpoint
+    (Train V2 keeps only metrics attached to checkpoints); the run's folder is removed afterwards.
+    """
+    import shutil
+    import uuid
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    name = f"hessian-{uuid.uuid4().hex[:12]}"
+    trainer = TorchTrainer(
+        _spectrum_worker,
+        train_loop_config={"loss": loss, "problem": problem, "analysis": analysis, "settings": settings},
+        scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(storage)),
+    )
+    try:
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as folder:
+            return json.loads((Path(folder) / "spectrum.json").read_text())
+    finally:
+        shutil.rmtree(storage / name, ignore_errors=True)
+
+
+def _spectrum_worker(config: dict) -> None:
+    """Ray Train worker of `distributed_spectrum`: its share of the batches, summed over the group."""
+    import tempfile
+
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device
+
+    from engine.hessian import torch_distributed_sum
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    record = _spectrum_record(config["loss"], config["problem"], config["analysis"], config["settings"],
+                              str(get_device()), share=(rank, world), all_reduce=torch_distributed_sum)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            (Path(folder) / "spectrum.json").write_text(json.dumps(record))
+            checkpoint = Checkpoint.from_directory(folder)
+        ray.train.report({"lambda_max": record["lambda_max"]}, checkpoint=checkpoint)
 
 
 def landscape_job(checkpoint: str, val_shards: list[str], analysis: dict, micro_batch_size: int,
@@ -327,13 +431,18 @@ KEY_COLUMNS = {
 
 def _run_jobs(todo: list[Job], done: set, rd: RunDir, tables: dict[str, pd.DataFrame]) -> None:
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    remote = ray.remote(_run_one).options(num_cpus=1, num_gpus=0.25 if gpus else 0, max_retries=1)
+    one_task = ray.remote(_run_one).options(num_cpus=1, num_gpus=0.25 if gpus else 0, max_retries=1)
+    # a job with a worker group only waits on it; the group's placement group holds the CPUs/GPUs
+    group_waiter = ray.remote(_run_one).options(num_cpus=0.01, max_retries=0)
+    max_groups = max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1.0) // max(j.workers for j in todo)))
     pending: dict[Any, Job] = {}
     waiting = list(todo)
     start, n_done = time.monotonic(), 0
     while waiting or pending:
         for j in [j for j in waiting if all(a in done for a in j.after)]:
-            pending[remote.remote(j.fn, j.kwargs)] = j
+            if j.workers > 1 and sum(p.workers > 1 for p in pending.values()) >= max_groups:
+                continue  # worker groups wait here, not as idle trainers holding processes on the cluster
+            pending[(group_waiter if j.workers > 1 else one_task).remote(j.fn, j.kwargs)] = j
             waiting.remove(j)
         if not pending:  # what is left waits on jobs that failed
             for j in waiting:

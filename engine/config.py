@@ -261,13 +261,21 @@ class AnalysisConfig(Strict):
     hessian_top_k: int = Field(5, ge=0)  # 0 skips Hessian spectra
     hessian_batches: int = Field(2, gt=0)  # validation batches the Hessian is taken over
     hessian_max_iter: int = Field(60, gt=0)  # Lanczos steps
-    hessian_workers: int = Field(1, gt=0)  # Ray workers sharing the batches of one HVP
+    hessian_workers: int = Field(1, gt=0)  # Ray Train workers sharing the batches of one HVP (<= hessian_batches)
+    hessian_finetune: bool = True  # also the Hessian of each task's fine-tuning loss (needs mode finetune)
     trace_matvecs: int = Field(30, ge=0)
     density_runs: int = Field(2, ge=0)
     landscape_resolution: int = Field(11, ge=0)  # points per axis; 0 skips landscapes
     landscape_span: float = Field(1.0, gt=0)
     landscape_2d: bool = True
     sharpness_eps: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _workers_have_batches(self) -> AnalysisConfig:
+        if self.hessian_workers > self.hessian_batches:
+            raise ValueError(f"hessian_workers ({self.hessian_workers}) must not exceed hessian_batches "
+                             f"({self.hessian_batches}): each worker needs a batch of its own")
+        return self
 
 
 class FitsConfig(Strict):
@@ -385,6 +393,9 @@ def load_sweep(path: str | Path) -> SweepConfig:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
+        opened = getattr(err, "context_mark", None)  # e.g. where an unclosed [ or { began
+        if opened and mark and opened.line != mark.line and getattr(err, "context", None):
+            problem += f" ({err.context.removeprefix('while parsing ')} opened at line {opened.line + 1})"
         raise SweepFileError(f"{path}{where}: malformed YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise SweepFileError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
@@ -437,6 +448,8 @@ def _describe(path: Path, error: dict, lines: dict[tuple, int]) -> str:
         msg = _unknown("key", str(loc[-1]), _fields_at(loc[:-1]))
     elif error["type"] == "missing":
         msg = "required field is missing"
+    elif isinstance(error.get("input"), str | int | float | bool):
+        msg = f"{msg} (got {error['input']!r})"
     return f"{where}: {field}: {msg}"
 
 

@@ -390,7 +390,8 @@ def finetune(
     (epoch 0 is the untrained head). mode "probe": frozen encoder, embeddings computed once, an
     L2 linear model fitted by L-BFGS with the penalty chosen on val; epochs, patience and lr unused.
     save_to (finetune only): the fine-tuned encoder's state_dict as safetensors, keyed as in
-    `AutoModel.from_pretrained(checkpoint_dir)`, for the pretrained -> fine-tuned landscape direction.
+    `AutoModel.from_pretrained(checkpoint_dir)`, for the pretrained -> fine-tuned landscape direction,
+    and the head beside it (`head_file(save_to)`), for the Hessian of the fine-tuning loss.
     Deterministic for a seed; the global torch RNG is restored afterwards.
     """
     if mode not in ("finetune", "probe"):
@@ -411,7 +412,7 @@ def finetune(
         else:
             result = _train(model, data, ids, epochs, patience, lr, batch_size, seed, tokenizer.pad_token_id, device)
             if save_to is not None:
-                result["weights_path"] = str(_save_encoder(model.encoder, Path(save_to), checkpoint_dir, data, seed))
+                result["weights_path"] = str(_save_finetuned(model, Path(save_to), checkpoint_dir, data, seed))
     return _result_row(
         data, mode, result, seed, t0,
         checkpoint_dir=str(checkpoint_dir), random_init=random_init, unk_fraction=unk_fraction,
@@ -518,13 +519,54 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _save_encoder(encoder: nn.Module, path: Path, checkpoint_dir: Path, data: FinetuneData, seed: int) -> Path:
+def head_file(weights: Path) -> Path:
+    """Where `finetune(save_to=weights)` puts the linear head: `<stem>.head.safetensors` beside the encoder."""
+    return weights.with_name(f"{weights.stem}.head.safetensors")
+
+
+def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, data: FinetuneData, seed: int) -> Path:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}  # clone: no shared storage
-    save_file(state, str(path), metadata={"checkpoint_dir": str(checkpoint_dir), "task": data.name, "seed": str(seed)})
+    metadata = {"checkpoint_dir": str(checkpoint_dir), "task": data.name, "seed": str(seed)}
+    for module, target in ((model.encoder, path), (model.head, head_file(path))):
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}  # clone: no shared storage
+        save_file(state, str(target), metadata=metadata)
     return path
+
+
+def finetuning_loss(
+    checkpoint_dir: Path, data: FinetuneData, weights: Path, *, n_batches: int, batch_size: int,
+    device: str | torch.device = "cpu",
+) -> tuple[EncoderWithHead, Any, list[dict[str, torch.Tensor]]]:
+    """The fine-tuning loss at the fine-tuned weights, in the form `engine.hessian.spectrum` takes.
+
+    Returns (model, loss_fn, batches): the encoder and head that `finetune(save_to=weights)` saved,
+    `loss_fn(model, batch)` the training objective (`masked_loss` on standardised labels, as in
+    training), and the first `n_batches` training batches in split order that hold a label.
+    """
+    from safetensors.torch import load_file
+
+    encoder, tokenizer, family = load_encoder(checkpoint_dir)
+    encoder.load_state_dict(load_file(str(weights)))
+    model = EncoderWithHead(encoder, family, data.n_outputs)
+    model.head.load_state_dict(load_file(str(head_file(Path(weights)))))
+    model.to(device)
+    ids, _ = encode_smiles(tokenizer, data.smiles, family, max_positions(encoder.config))
+    mean, std = _label_scale(data)
+    targets = torch.from_numpy((data.labels - mean) / std)  # (n, k); NaN stays NaN
+    batches = []
+    for rows, input_ids, attention_mask in _batches(ids, data.split[0], batch_size, tokenizer.pad_token_id):
+        if len(batches) == n_batches:
+            break
+        if not torch.isnan(targets[rows]).all():
+            batches.append({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                            "labels": targets[rows].to(device)})
+
+    def loss_fn(m: EncoderWithHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return masked_loss(m(batch["input_ids"], batch["attention_mask"]), batch["labels"], data.task_type, data.n_classes)
+
+    return model, loss_fn, batches
 
 
 def _probe(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], batch_size: int, pad_id: int,

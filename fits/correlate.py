@@ -26,6 +26,8 @@ LABELS = types.MappingProxyType({
     "val_loss": "pretraining loss",
     "lambda_max": "Hessian λmax",
     "trace": "Hessian trace",
+    "ft_lambda_max": "fine-tuning-loss Hessian λmax",
+    "ft_trace": "fine-tuning-loss Hessian trace",
     "eps_sharpness": "ε-sharpness",
     "adaptive_sharpness": "adaptive sharpness",
     "roc_auc": "ROC-AUC",

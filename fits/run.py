@@ -49,8 +49,8 @@ SCALES = {
     "flops": ("FLOPs", True),
     "pretrain_val_loss": ("pretraining loss", False),
 }
-PROXIES = ("n_params", "tokens", "flops", "pretrain_val_loss", "lambda_max", "trace", "eps_sharpness",
-           "adaptive_sharpness")
+PROXIES = ("n_params", "tokens", "flops", "pretrain_val_loss", "lambda_max", "trace", "ft_lambda_max", "ft_trace",
+           "eps_sharpness", "adaptive_sharpness")
 MIN_LAW_POINTS = 5  # distinct (N, D) for L(N, D): one per parameter
 MIN_CURVE_POINTS = 4  # distinct x for a three-parameter one-variable law, one more than its parameters
 MIN_PROXY_POINTS = 8  # checkpoints below which a bootstrap interval of a partial rank correlation is degenerate
@@ -449,20 +449,25 @@ def _mean_sd(spread: dict) -> str:
 
 
 def checkpoint_proxies(points: pd.DataFrame, hessian: pd.DataFrame, landscape: pd.DataFrame) -> pd.DataFrame:
-    """The downstream points with Hessian λmax and trace (pretraining loss) and sharpness joined per checkpoint."""
+    """The downstream points with the proxies of their checkpoint joined: Hessian λmax and trace of the
+    pretraining loss and of the point's own task's fine-tuning loss (ft_*), and sharpness."""
     keys = ["trial_id", "tokens"]
     out = points.copy()
     measured = []
     if not hessian.empty and {"loss", "lambda_max", "trace"} <= set(hessian.columns):
         rows = hessian[hessian["loss"] == "pretrain"]
         measured.append(rows.groupby(keys, sort=False)[["lambda_max", "trace"]].first().reset_index())
+        rows = hessian[hessian["loss"].str.startswith("finetune:")].assign(task=lambda t: t["loss"].str[9:])
+        rows = rows.rename(columns={"lambda_max": "ft_lambda_max", "trace": "ft_trace"})
+        measured.append(rows.groupby([*keys, "task"], sort=False)[["ft_lambda_max", "ft_trace"]].first().reset_index())
     if not landscape.empty:
         rows = landscape[landscape["surface"] == "random_directions"] if "surface" in landscape.columns else landscape
         columns = [name for name in ("eps_sharpness", "adaptive_sharpness") if name in rows.columns]
         if columns:
             measured.append(rows.groupby(keys, sort=False)[columns].first().reset_index())
     for table in measured:
-        out = out.merge(table.astype({"tokens": float}), on=keys, how="left")
+        on = [*keys, "task"] if "task" in table.columns else keys
+        out = out.merge(table.astype({"tokens": float}), on=on, how="left")
     for name in PROXIES:
         if name not in out.columns:
             out[name] = np.nan

@@ -68,7 +68,8 @@ def test_fits_json_has_every_section(fitted):
     for entry in on_disk["baselines"]:
         assert entry["morgan_fp"]["n"] == 2 and entry["random_init"]["n"] == 6
         assert re.search(r"pretraining (beats|does not beat) fingerprints on " + entry["task"], entry["sentence"])
-    assert {"lambda_max", "trace", "eps_sharpness", "adaptive_sharpness"} <= set(on_disk["proxies"]["proxies"])
+    proxies = {"lambda_max", "trace", "ft_lambda_max", "ft_trace", "eps_sharpness", "adaptive_sharpness"}
+    assert proxies <= set(on_disk["proxies"]["proxies"])
     assert any(s.startswith("Pretraining loss follows L(N, D)") for s in on_disk["findings"])
     assert any("Hessian λmax" in s and "beyond pretraining loss" in s for s in on_disk["findings"])
 
@@ -208,3 +209,17 @@ def test_no_proxy_verdict_from_too_few_checkpoints():
     assert "could not be tested" in few and f"only {MIN_PROXY_POINTS - 1} checkpoints" in few
     enough = _proxy_sentences(proxies(MIN_PROXY_POINTS))[0]
     assert enough.startswith("Hessian λmax predicts downstream performance beyond pretraining loss in 1 of 1")
+
+
+def test_fine_tuning_hessian_joins_the_points_of_its_own_task():
+    from fits.run import checkpoint_proxies
+
+    points = pd.DataFrame({"trial_id": ["a", "a", "b"], "tokens": [10.0, 10.0, 10.0],
+                           "task": ["bbbp", "esol", "bbbp"], "mode": "finetune"})
+    hessian = pd.DataFrame({"trial_id": ["a", "a", "a", "b"], "tokens": [10, 10, 10, 10],
+                            "loss": ["pretrain", "finetune:bbbp", "finetune:esol", "pretrain"],
+                            "lambda_max": [1.0, 2.0, 3.0, 4.0], "trace": [10.0, 20.0, 30.0, 40.0]})
+    out = checkpoint_proxies(points, hessian, pd.DataFrame()).set_index(["trial_id", "task"])
+    assert out.loc[("a", "bbbp"), ["lambda_max", "ft_lambda_max", "ft_trace"]].tolist() == [1.0, 2.0, 20.0]
+    assert out.loc[("a", "esol"), ["lambda_max", "ft_lambda_max", "ft_trace"]].tolist() == [1.0, 3.0, 30.0]
+    assert out.loc[("b", "bbbp"), "lambda_max"] == 4.0 and np.isnan(out.loc[("b", "bbbp"), "ft_lambda_max"])

@@ -28,7 +28,9 @@ from engine.rundir import RunDir
 N_SMILES = 3000
 
 
-def write_sweep(tmp: Path, name: str, sizes: list[str], budgets: list[float], seeds=(0,), checkpoints=2) -> Path:
+def write_sweep(tmp: Path, name: str, sizes: list[str], budgets: list[float], seeds=(0,), checkpoints=2,
+                **sections) -> Path:
+    """A tiny MLM sweep file on the first N_SMILES MOSES molecules; `sections` (downstream=..., ...) are added."""
     corpus = tmp / "corpus.csv"
     if not corpus.exists():
         corpus.write_text("SMILES\n" + "\n".join(first_moses(N_SMILES)) + "\n")
@@ -42,6 +44,7 @@ def write_sweep(tmp: Path, name: str, sizes: list[str], budgets: list[float], se
                   "checkpoints": checkpoints, "log_every_steps": 5, "val_batches": 2},
         "resources": {"workers": 1, "cpus_per_worker": 0.5, "max_failures": 2},
         "storage": {"root": str(tmp / "runs")},
+        **sections,
     }  # fmt: skip
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))

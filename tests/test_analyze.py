@@ -1,0 +1,179 @@
+"""`clmscale analyze` on a real run: one tiny sweep (Ray Tune x Train x DeepSpeed on CPU), then the
+analysis as Ray tasks on the session's local cluster: the rows it writes, the rerun that runs
+nothing, the Hessian over a Ray Train worker group equal to one worker's, bad input that becomes
+error rows while the other rows are written, and a driver killed mid-analysis. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from test_sweep import write_sweep  # pytest puts tests/ on sys.path (rootdir-relative, no package)
+
+from engine.analyze import KEY_COLUMNS, hessian_job, plan_jobs, run_analysis, select_checkpoints
+from engine.config import SweepConfig, load_sweep
+from engine.rundir import RunDir
+
+TASK = "freesolv_demo"  # shipped with the package: no download, no ../shared
+DOWNSTREAM = {"tasks": [TASK], "seeds": [0], "modes": ["finetune"], "baselines": False, "epochs": 1,
+              "patience": 1, "batch_size": 16, "max_molecules": 120}
+ANALYSIS = {"hessian_top_k": 3, "hessian_batches": 2, "hessian_max_iter": 20, "trace_matvecs": 6,
+            "density_runs": 1, "landscape_resolution": 3, "landscape_2d": False}
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def swept(ray_cluster, tmp_path_factory) -> RunDir:
+    from engine.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("analyze")
+    cfg = load_sweep(write_sweep(tmp, "an", ["xxs"], [1.5e4], downstream=DOWNSTREAM, analysis=ANALYSIS))
+    run_sweep(cfg)
+    return RunDir(cfg.run_dir)
+
+
+@pytest.fixture(scope="module")
+def analyzed(swept) -> RunDir:
+    """The sweep's run directory, analysed once."""
+    run_analysis(swept.root)
+    return swept
+
+
+def copy_run(rd: RunDir, dest: Path, **changes) -> RunDir:
+    """A copy of the run directory whose pretrain table points at its own checkpoints, with
+    `changes` (section -> fields) applied to its sweep.yaml; analysis results are not copied."""
+    shutil.copytree(rd.root, dest, ignore=shutil.ignore_patterns("results", "analysis"))
+    (dest / "results").mkdir()
+    table = pd.read_parquet(rd.table("pretrain"))
+    table["checkpoint"] = table["checkpoint"].str.replace(str(rd.root), str(dest), regex=False)
+    new = RunDir(dest)
+    table.to_parquet(new.table("pretrain"), index=False)
+    doc = yaml.safe_load(new.sweep_yaml.read_text())
+    for section, fields in changes.items():
+        doc[section] = {**doc[section], **fields}
+    new.sweep_yaml.write_text(yaml.safe_dump(doc))
+    return new
+
+
+def read(rd: RunDir, table: str) -> pd.DataFrame:
+    return pd.read_parquet(rd.table(table))
+
+
+def test_every_job_writes_its_rows(analyzed):
+    final = select_checkpoints(read(analyzed, "pretrain"), "final")["checkpoint"].item()
+    finetune = read(analyzed, "finetune")
+    assert finetune[list(KEY_COLUMNS["finetune"])].values.tolist() == [[final, TASK, 0, "finetune"]]
+    assert (finetune["status"] == "ok").all() and finetune["metric"].item() == "rmse" and finetune["value"].item() > 0
+
+    hessian = read(analyzed, "hessian").set_index("loss")
+    assert sorted(hessian.index) == [f"finetune:{TASK}", "pretrain"] and (hessian["status"] == "ok").all()
+    for loss, row in hessian.iterrows():
+        eigenvalues = np.asarray(row["eigenvalues"])
+        assert eigenvalues.shape == (3,) and np.all(np.diff(eigenvalues) <= 0), loss
+        assert row["lambda_max"] == eigenvalues[0] > 0 and np.isfinite(row["trace"]) and row["n_workers"] == 1
+    # two different losses at two different points: their curvature is not the same number
+    assert hessian.loc["pretrain", "lambda_max"] != hessian.loc[f"finetune:{TASK}", "lambda_max"]
+    assert hessian.loc["pretrain", "hessian_dim"] > hessian.loc[f"finetune:{TASK}", "hessian_dim"]  # no LM head
+
+    landscape = read(analyzed, "landscape")
+    assert set(landscape["surface"]) == {"random_directions", f"pt_to_ft:{TASK}"} and (landscape["status"] == "ok").all()
+
+
+def test_a_rerun_runs_nothing(analyzed):
+    before = {name: (analyzed.table(name).stat().st_mtime_ns, read(analyzed, name)) for name in KEY_COLUMNS}
+    tables = run_analysis(analyzed.root)
+    for name, (mtime, table) in before.items():
+        assert analyzed.table(name).stat().st_mtime_ns == mtime, name  # not even rewritten
+        pd.testing.assert_frame_equal(tables[name].reset_index(drop=True), table)
+
+
+@pytest.mark.parametrize("loss", ["pretrain", f"finetune:{TASK}"])
+def test_hessian_over_two_ray_train_workers_equals_one_worker(analyzed, loss):
+    cfg = SweepConfig.model_validate(yaml.safe_load(analyzed.sweep_yaml.read_text()))
+    checkpoints = select_checkpoints(read(analyzed, "pretrain"), "final")
+    job = next(j for j in plan_jobs(cfg, analyzed, checkpoints, None) if j.table == "hessian" and j.key[1] == loss)
+    one = hessian_job(**job.kwargs)[0]
+    two = hessian_job(**{**job.kwargs, "analysis": {**job.kwargs["analysis"], "hessian_workers": 2}})[0]
+    assert (one["n_workers"], two["n_workers"]) == (1, 2) and one["n_batches"] == two["n_batches"] == 2
+    np.testing.assert_allclose(two["eigenvalues"], one["eigenvalues"], rtol=1e-6)
+    np.testing.assert_allclose([two["trace"], two["loss_value"], two["grad_norm"]],
+                               [one["trace"], one["loss_value"], one["grad_norm"]], rtol=1e-6)
+    np.testing.assert_allclose(two["density"], one["density"], rtol=1e-5, atol=1e-12)
+    assert two["n_matvecs"] == one["n_matvecs"]
+    assert not any((analyzed.root / "analysis" / "ray_train").iterdir())  # the worker group's run folder is gone
+
+
+def test_bad_input_becomes_error_rows_and_the_rest_is_written(swept, tmp_path):
+    """An unknown task, a task whose split has no valid SMILES, a checkpoint without weights."""
+    empty = tmp_path / "empty.csv"
+    empty.write_text("smiles,y\nnot_a_smiles,1.0\nC1CC,2.0\n")
+    custom = [{"name": "empty", "path": str(empty), "smiles_column": "smiles", "label_columns": ["y"],
+               "task_type": "regression"}]
+    rd = copy_run(swept, tmp_path / "run", downstream={"tasks": [TASK, "freesolve", "empty"], "custom": custom},
+                  analysis={"checkpoints": "all"})
+    first, final = select_checkpoints(read(rd, "pretrain"), "all")["checkpoint"]
+    (Path(first) / "model.safetensors").unlink()
+    run_analysis(rd.root)
+
+    finetune = read(rd, "finetune").set_index(["checkpoint", "task"])
+    assert finetune.loc[(final, TASK), "status"] == "ok"
+    for where, message in [((final, "freesolve"), "freesolv"),  # names the task and suggests the close one
+                           ((final, "empty"), "no valid SMILES"),
+                           ((first, TASK), "missing weights")]:
+        row = finetune.loc[where]
+        assert row["status"] == "error" and message in row["error"], (where, row["error"])
+    hessian = read(rd, "hessian").set_index(["checkpoint", "loss"])["status"]
+    assert hessian[(final, "pretrain")] == hessian[(final, f"finetune:{TASK}")] == "ok"
+    assert hessian[(first, "pretrain")] == "error" and hessian[(final, "finetune:empty")] == "error"
+
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    result = CliRunner().invoke(app, ["analyze", str(rd.root)])  # ray is initialised: joins the session cluster
+    assert result.exit_code == 1 and "freesolve" in result.output  # the failed jobs were retried and failed again
+    after = read(rd, "finetune").set_index(["checkpoint", "task"])
+    assert after.loc[(final, TASK), "status"] == "ok" and len(after) == len(finetune)  # kept, not redone
+
+
+def test_driver_killed_mid_analysis_then_rerun_loses_and_redoes_nothing(swept, tmp_path, ray_cluster):
+    rd = copy_run(swept, tmp_path / "run", analysis={"checkpoints": "all"})
+    address = ray_cluster.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "analyze", str(rd.root), "--address", address],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while sum(len(read(rd, name)) for name in KEY_COLUMNS if rd.table(name).exists()) < 2:  # 2 of 10 jobs
+            assert driver.poll() is None, "the analysis ended before it could be killed"
+            assert time.monotonic() < deadline, "fewer than 2 jobs done after 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    written = {name: read(rd, name) for name in KEY_COLUMNS if rd.table(name).exists()}
+    run_analysis(rd.root)
+
+    cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
+    planned = plan_jobs(cfg, rd, select_checkpoints(read(rd, "pretrain"), "all"), None)
+    for name, columns in KEY_COLUMNS.items():
+        final = read(rd, name)
+        keys = set(map(tuple, final[list(columns)].drop_duplicates().values.tolist()))
+        assert keys == {j.key for j in planned if j.table == name}, name  # nothing lost
+        assert (final["status"] == "ok").all(), final["error"].tolist()
+        n_rows = final.groupby(list(columns)).size()
+        if name in written:  # every row written before the kill is still there, unchanged, and not redone
+            before = written[name]
+            pd.testing.assert_frame_equal(final.iloc[: len(before)].reset_index(drop=True), before)
+            once = before.groupby(list(columns)).size()
+            assert (n_rows.loc[once.index] == once).all(), name
