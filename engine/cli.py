@@ -56,8 +56,8 @@ def user_errors(fn):
 @app.command()
 @user_errors
 def validate(sweep_file: Path) -> None:
-    """Check SWEEP_FILE and print the resolved config and the expanded trial grid."""
-    cfg = load_sweep(sweep_file)
+    """Check SWEEP_FILE (and its downstream tasks) and print the resolved config and the expanded trial grid."""
+    cfg = _load_checked(sweep_file)
     trials = expand_grid(cfg)
     typer.echo(f"# {sweep_file}: valid; run dir {cfg.run_dir}")
     typer.echo(_yaml_dump(cfg))
@@ -100,7 +100,7 @@ def sweep(
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
     from engine import sweep as sweep_mod
 
-    cfg = load_sweep(sweep_file)
+    cfg = _load_checked(sweep_file)
     _init_ray(address)
     table = sweep_mod.run_sweep(cfg, resume=resume)
     typer.echo(f"{len(table)} checkpoints in {RunDir(cfg.run_dir).table('pretrain')}")
@@ -207,7 +207,7 @@ def demo(
     from fits.run import fit_run
 
     start = time.monotonic()
-    cfg = load_sweep(sweep_file)
+    cfg = _load_checked(sweep_file)
     rd = RunDir(cfg.run_dir)
     _init_ray(address)
     run_sweep(cfg, resume=rd.tune.exists())
@@ -229,7 +229,16 @@ def _init_ray(address: str | None) -> None:
     try:
         ray.init(address="auto")
     except ConnectionError:
-        ray.init()
+        ray.init(dashboard_host="127.0.0.1")  # Ray's default too; said here, as the dashboard can submit jobs
+
+
+def _load_checked(sweep_file: Path) -> SweepConfig:
+    """The sweep file, with its downstream tasks checked too: a typo there fails now, not after pretraining."""
+    from engine.tasks import check_tasks
+
+    cfg = load_sweep(sweep_file)
+    check_tasks(cfg.downstream)
+    return cfg
 
 
 def _yaml_dump(cfg: SweepConfig) -> str:

@@ -625,7 +625,8 @@ def _existing_manifest(data_dir: Path, inputs: list[InputFile], options: dict, o
         return None
     extra = f"; it also holds {', '.join(foreign[:5])}" if foreign else ""
     raise DataError(
-        f"{data_dir}: not empty and not prepared from these inputs: {problem}{extra}; use overwrite=True to replace it"
+        f"{data_dir}: not empty and not (or no longer) prepared from these inputs: {problem}{extra}; "
+        f"use overwrite=True (clmscale prepare --overwrite) to replace it"
     )
 
 
@@ -648,8 +649,11 @@ def _difference(manifest: Manifest, inputs: list[InputFile], options: dict) -> s
 def _damage(manifest: Manifest, data_dir: Path) -> str | None:
     for shard in manifest.shards:
         path = data_dir / shard.path
-        if not path.is_file() or sha256_file(path) != shard.sha256:
-            return f"{shard.path} is missing or changed since manifest.json was written"
+        if not path.is_file():
+            return f"{shard.path} is missing ({MANIFEST} lists it)"
+        digest = sha256_file(path)
+        if digest != shard.sha256:
+            return f"{shard.path} has sha256 {digest[:16]}..., {MANIFEST} records {shard.sha256[:16]}... (changed since prepare)"
     if not (data_dir / manifest.tokenizer.path / "tokenizer.json").is_file():
         return f"{manifest.tokenizer.path}/ is missing"
     return None

@@ -333,15 +333,14 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
 
     run_dir = RunDir(cfg.run_dir.resolve())
     check_run_dir(cfg, run_dir, resume)
+    trials = expand_grid(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    concurrency = plan_concurrency(trials, ray.cluster_resources(), cfg.resources.max_concurrent_trials)  # before any write
     write_sweep_yaml(cfg, run_dir)
     prepare(cfg.data, run_dir.data)
     manifest = json.loads(run_dir.manifest.read_text())
     shards = {split: [str(run_dir.data / s["path"]) for s in manifest["shards"] if s["split"] == split] for split in ("train", "val")}
-
-    trials = expand_grid(cfg)
-    if not ray.is_initialized():
-        ray.init()
-    concurrency = plan_concurrency(trials, ray.cluster_resources(), cfg.resources.max_concurrent_trials)
     log.info(f"sweep {cfg.name}: {len(trials)} trials, up to {concurrency} at once, in {run_dir.root}")
 
     common = {

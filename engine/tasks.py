@@ -235,6 +235,19 @@ def tasks_from_config(cfg: DownstreamConfig) -> list[Task | CustomTask]:
     return [custom[name] if name in custom else TASKS[name] for name in cfg.tasks]
 
 
+def check_tasks(cfg: DownstreamConfig) -> list[Task | CustomTask]:
+    """`tasks_from_config`, plus one read of each custom table: a typo or a text label fails before pretraining.
+
+    Registry files are not fetched here (that may be a download). A custom table's labels are all
+    parsed, but only one of its SMILES, so this stays quick on a large file.
+    """
+    found = tasks_from_config(cfg)
+    for task in found:
+        if isinstance(task, CustomTask):
+            load_task(task, max_molecules=1)
+    return found
+
+
 def _unknown_task(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
