@@ -62,6 +62,34 @@ def select_checkpoints(pretrain: pd.DataFrame, which: str) -> pd.DataFrame:
     return usable.sort_values(["n_params", "tokens"]).reset_index(drop=True)
 
 
+def sound_checkpoints(rd: RunDir, pretrain: pd.DataFrame, selected: pd.DataFrame) -> pd.DataFrame:
+    """`selected`, with each checkpoint whose weights fail their sha256 check replaced by the latest
+    sound checkpoint of the same trial before it, and the event recorded. With none before it, the
+    checkpoint stays, so its jobs fail with the loader's message as error rows."""
+    from engine.train import verify_checkpoint
+
+    keep, chosen = [], set(selected["checkpoint"])
+    for ck in selected.to_dict("records"):
+        bad = verify_checkpoint(Path(ck["checkpoint"]), weights_only=True)
+        if not bad:
+            keep.append(ck)
+            continue
+        earlier = pretrain[(pretrain["trial_id"] == ck["trial_id"]) & (pretrain["tokens"] < ck["tokens"])
+                           & pretrain["checkpoint"].notna()].sort_values("tokens", ascending=False)
+        used = next((r for r in earlier.to_dict("records")
+                     if not verify_checkpoint(Path(r["checkpoint"]), weights_only=True)), None)
+        log.warning(f"[analyze] {ck['checkpoint']}: {', '.join(bad)} fail the sha256 check; "
+                    + (f"using {used['checkpoint']} instead" if used else "and no sound checkpoint comes before it"))
+        rd.record_event({"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": ck["checkpoint"],
+                         "files": bad, "used_instead": used["checkpoint"] if used else None})
+        if used is None:
+            keep.append(ck)
+        elif used["checkpoint"] not in chosen:
+            keep.append(used)
+            chosen.add(used["checkpoint"])
+    return pd.DataFrame(keep, columns=selected.columns).sort_values(["n_params", "tokens"]).reset_index(drop=True)
+
+
 def plan_jobs(cfg: SweepConfig, run_dir: RunDir, checkpoints: pd.DataFrame, data_dir: Path | None) -> list[Job]:
     ds, an = cfg.downstream, cfg.analysis
     tasks = list(ds.tasks)  # custom tasks run when listed here by name, like registry tasks
@@ -371,7 +399,8 @@ def run_analysis(run_dir: Path, *, data_dir: Path | None = None) -> dict[str, pd
     cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
     if not rd.table("pretrain").exists():
         raise FileNotFoundError(f"{rd.table('pretrain')}: no pretraining results; run `clmscale sweep` first")
-    checkpoints = select_checkpoints(pd.read_parquet(rd.table("pretrain")), cfg.analysis.checkpoints)
+    pretrain = pd.read_parquet(rd.table("pretrain"))
+    checkpoints = sound_checkpoints(rd, pretrain, select_checkpoints(pretrain, cfg.analysis.checkpoints))
     jobs = plan_jobs(cfg, rd, checkpoints, data_dir)
     tables = {name: _read(rd.table(name)) for name in KEY_COLUMNS}
     for name, t in tables.items():  # error rows are retried, so they go
@@ -383,7 +412,7 @@ def run_analysis(run_dir: Path, *, data_dir: Path | None = None) -> dict[str, pd
         if not ray.is_initialized():
             ray.init()
         _run_jobs(todo, done, rd, tables)
-    tables["pca"] = parameter_space(rd, pd.read_parquet(rd.table("pretrain")), checkpoints, list(cfg.downstream.tasks))
+    tables["pca"] = parameter_space(rd, pretrain, checkpoints, list(cfg.downstream.tasks))
     return tables
 
 
@@ -396,12 +425,15 @@ def parameter_space(rd: RunDir, pretrain: pd.DataFrame, checkpoints: pd.DataFram
     from safetensors.torch import load_file
 
     from engine.landscape import parameter_pca
+    from engine.train import verify_checkpoint
 
     rows = []
     for trial_id, group in pretrain[pretrain["checkpoint"].notna()].groupby("trial_id"):
-        paths = [Path(p) / "model.safetensors" for p in group.sort_values("tokens")["checkpoint"]]
-        if len(paths) >= 2 and all(p.exists() for p in paths):
-            pca = parameter_pca([load_file(p) for p in paths], labels=sorted(group["tokens"]))
+        group = group.sort_values("tokens")
+        sound = [(Path(p), t) for p, t in zip(group["checkpoint"], group["tokens"])
+                 if not verify_checkpoint(Path(p), weights_only=True)]  # a corrupt one is left out of the path
+        if len(sound) >= 2:
+            pca = parameter_pca([load_file(p / "model.safetensors") for p, _ in sound], labels=[t for _, t in sound])
             rows += _pca_rows(pca, "trajectory", trial_id)
     for ck in checkpoints.to_dict("records"):
         files = {t: _ft_weights(rd, ck, t) for t in tasks}

@@ -124,6 +124,8 @@ def status(run_dir: Path) -> None:
     cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
     table = trial_status(rd, expand_grid(cfg))
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for event in rd.fault_events():  # restarts and corrupt checkpoints: what the run survived
+        typer.echo(" ".join(f"{k}={v}" for k, v in event.items()))
 
 
 @app.command()

@@ -8,6 +8,7 @@
     runs/<sweep>/tune/               Ray Tune's experiment state (for --resume)
     runs/<sweep>/results/            pretrain / finetune / hessian / landscape .parquet, fits.json
     runs/<sweep>/report/             index.html and figures, built only from results/
+    runs/<sweep>/events.jsonl        what a stage did about a fault (e.g. a corrupt checkpoint replaced)
 
 A stage reads only what earlier stages wrote and writes only its own folder, so any stage can be
 rerun alone. `RunDir` names these paths in one place; it creates nothing by itself.
@@ -66,6 +67,30 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    def record_event(self, event: dict) -> None:
+        """Append one JSON line to events.jsonl (with the time); see `fault_events`."""
+        import time
+
+        with open(self.events, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event}, default=str) + "\n")
+
+    def fault_events(self) -> list[dict]:
+        """Every fault the run survived: events.jsonl, then each trial's restarts and corrupt checkpoints
+        from its metrics.jsonl (with the trial id), as one list of dicts."""
+        events = _jsonl(self.events)
+        for metrics in sorted(self.trials.glob("*/metrics.jsonl")):
+            events += [{"stage": "sweep", "trial_id": metrics.parent.name, **r} for r in _jsonl(metrics)
+                       if r.get("event") in ("resumed", "corrupt_checkpoint")]
+        return events
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def sha256_stream(f) -> str:

@@ -16,8 +16,10 @@ trial_dir/
                                        AutoModelFor{MaskedLM,CausalLM}.from_pretrained(dir) works
         state/                         DeepSpeed save_checkpoint (tag "ds"), trainer_state.json,
                                        rank_<r>.pt (that worker's RNG states)
-        sha256.json                    sha256 of every file of the HF copy (corruption checks)
+        sha256.json                    sha256 of every file above, by relative path (corruption checks)
         COMPLETE                       written last: a checkpoint without it is ignored and replaced
+    checkpoints/<n_tokens>.corrupt/    a checkpoint that failed its sha256 check on resume, set aside
+                                       (kept, never deleted); the run resumes from the one before it
 
 Milestones: `checkpoints` = k gives budget / 2^(k-1), ..., budget / 2, budget, so each checkpoint has
 twice the tokens of the one before; a checkpoint is taken at the first step whose cumulative token
@@ -272,6 +274,8 @@ def train(
         inject_at = int(os.environ.get(INJECT_NAN_ENV, "0") or 0)
         if rank == 0:
             _truncate_metrics(trial_dir / "metrics.jsonl", step)
+            for event in state["set_aside"]:  # after the truncation, which would drop them
+                _append_jsonl(trial_dir / "metrics.jsonl", {"trial_id": trial.trial_id, **event})
             if step:  # the record of a restart (worker failure, --resume): `status` and the tests read it
                 _append_jsonl(trial_dir / "metrics.jsonl",
                               {"trial_id": trial.trial_id, "event": "resumed", "step": step, "n_tokens": n_tokens})
@@ -516,11 +520,36 @@ def checkpoint_dirs(trial_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("[0-9]" * 12) if (p / "COMPLETE").is_file())
 
 
-def verify_checkpoint(path: Path) -> list[str]:
-    """Files of the HF copy whose sha256 differs from sha256.json (or that are missing)."""
+def verify_checkpoint(path: Path, *, weights_only: bool = False) -> list[str]:
+    """Files of the checkpoint whose sha256 differs from sha256.json, or that are missing
+    (["sha256.json"] when that file is missing or unreadable). weights_only: just the HF copy
+    (what from_pretrained reads), not the DeepSpeed state under state/."""
     path = Path(path)
-    expected = json.loads((path / "sha256.json").read_text())
-    return sorted(n for n, digest in expected.items() if not (path / n).is_file() or sha256_file(path / n) != digest)
+    try:
+        expected = json.loads((path / "sha256.json").read_text())
+    except (OSError, ValueError):
+        return ["sha256.json"]
+    names = [n for n in expected if not (weights_only and n.startswith("state/"))]
+    return sorted(n for n in names if not (path / n).is_file() or sha256_file(path / n) != expected[n])
+
+
+def set_aside_corrupt(found: list[Path]) -> tuple[list[Path], list[dict]]:
+    """Drop corrupt checkpoints from the newest end of `found` (complete checkpoints, oldest first).
+
+    Each one whose files fail `verify_checkpoint` is renamed to `<name>.corrupt` (kept for a look,
+    never deleted) until the newest is sound. Returns the sound list and one event per checkpoint set aside.
+    """
+    found, events = list(found), []
+    while found and (bad := verify_checkpoint(found[-1])):
+        path = found.pop()
+        kept = path.with_name(f"{path.name}.corrupt")
+        shutil.rmtree(kept, ignore_errors=True)  # an older copy set aside from the same milestone
+        path.rename(kept)
+        logger.warning("%s: %d file(s) fail the sha256 check (%s); set aside as %s", path, len(bad),
+                       ", ".join(bad[:3]), kept.name)
+        events.append({"event": "corrupt_checkpoint", "checkpoint": path.name, "files": bad, "kept_as": kept.name,
+                       "resumed_from": found[-1].name if found else None})
+    return found, events
 
 
 def _save_checkpoint(
@@ -576,7 +605,8 @@ def _save_checkpoint(
                 "checkpoint": asdict(info),
             },
         )
-        digests = {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
+        # every rank's files are on disk: each saved its part before the all_gather above
+        digests = {str(f.relative_to(path)): sha256_file(f) for f in sorted(path.rglob("*")) if f.is_file()}
         _write_json(path / "sha256.json", digests)
         (path / "COMPLETE").write_text(f"{record['n_tokens']}\n")
     _barrier()
@@ -631,14 +661,18 @@ def _full_fp32_params(engine) -> list[torch.Tensor]:
 
 def _resume(engine, trial_dir: Path, budget: int, world: int, rank: int) -> dict:
     """Load the latest complete checkpoint into the engine; return where the run stands."""
-    fresh = {"step": 0, "n_tokens": 0, "epoch": 0, "n_consumed": 0, "wall_s": 0.0, "checkpoints": []}
     found = checkpoint_dirs(trial_dir)
     _barrier()  # everyone has listed the folder before rank 0 cleans it
+    decision: list = [None]
     if rank == 0:
         complete = set(found)
         for stale in (Path(trial_dir) / "checkpoints").glob("[0-9]" * 12):
             if stale not in complete:
                 shutil.rmtree(stale)
+        decision = [set_aside_corrupt(found)]  # rank 0 reads the files once and tells the others
+    dist.broadcast_object_list(decision, src=0)
+    found, events = decision[0]
+    fresh = {"step": 0, "n_tokens": 0, "epoch": 0, "n_consumed": 0, "wall_s": 0.0, "checkpoints": [], "set_aside": events}
     if not found:
         return fresh
     path = found[-1]
@@ -670,6 +704,7 @@ def _resume(engine, trial_dir: Path, budget: int, world: int, rank: int) -> dict
         "n_consumed": position["n_consumed"],
         "wall_s": saved["wall_s"],
         "checkpoints": history,
+        "set_aside": events,
     }
 
 

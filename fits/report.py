@@ -272,7 +272,7 @@ def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], 
         "</section>",
         '<section id="pca"><h2>Parameter space</h2>', *(_figure_html(f) for f in sections["pca"]), "</section>",
         '<section id="excluded"><h2>Left out: diverged trials and failed measurements</h2>',
-        _excluded_html(fits), "</section>",
+        _excluded_html(fits), _events_html(rd), "</section>",
         '<section id="config"><h2>Sweep configuration</h2><p>The resolved <code>sweep.yaml</code> of this run:</p>',
         f"<pre>{_e(rd.sweep_yaml.read_text())}</pre></section>",
         "</body></html>",
@@ -379,6 +379,17 @@ def _proxy_html(fits: dict) -> str:
     return ("<p>Spearman rank correlation ρ of each proxy with the downstream metric across checkpoints, and the "
             "partial correlation given pretraining loss: a proxy only adds information if the partial correlation's "
             "interval excludes 0. Intervals are bootstrap percentiles over checkpoints.</p>" + note + "".join(tables))
+
+
+def _events_html(rd: RunDir) -> str:
+    """The faults the run survived (restarts, corrupt checkpoints set aside), from RunDir.fault_events."""
+    events = rd.fault_events()
+    if not events:
+        return "<p>No faults were recorded: no restarts and no corrupt checkpoints.</p>"
+    rows = [[e.get("stage", ""), e.get("trial_id", "–"), e.get("event", ""),
+             ", ".join(f"{k}: {v}" for k, v in e.items() if k not in ("stage", "trial_id", "event", "time"))]
+            for e in events]
+    return "<h3>Faults handled</h3>" + _table(["stage", "trial", "event", "details"], rows)
 
 
 def _excluded_html(fits: dict) -> str:

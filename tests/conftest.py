@@ -21,6 +21,15 @@ def first_moses(n: int) -> list[str]:
         return [row[0] for _, row in zip(range(n), rows)]
 
 
+def flip_byte(path: Path) -> None:
+    """Corrupt a file on disk the way a bad sector would: one byte in the middle inverted, size unchanged."""
+    with open(path, "r+b") as f:
+        f.seek(f.seek(0, 2) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local 2-CPU Ray cluster for the whole session (starting one takes 6-8 s).

@@ -6,6 +6,7 @@ error rows while the other rows are written, and a driver killed mid-analysis. E
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import flip_byte
 from test_sweep import write_sweep  # pytest puts tests/ on sys.path (rootdir-relative, no package)
 
 from engine.analyze import KEY_COLUMNS, hessian_job, plan_jobs, run_analysis, select_checkpoints
@@ -177,3 +179,27 @@ def test_driver_killed_mid_analysis_then_rerun_loses_and_redoes_nothing(swept, t
             pd.testing.assert_frame_equal(final.iloc[: len(before)].reset_index(drop=True), before)
             once = before.groupby(list(columns)).size()
             assert (n_rows.loc[once.index] == once).all(), name
+
+
+def test_a_corrupt_checkpoint_is_replaced_by_the_one_before_and_recorded(swept, tmp_path):
+    rd = copy_run(swept, tmp_path / "run", analysis={"hessian_top_k": 0, "landscape_resolution": 0})
+    first, final = select_checkpoints(read(rd, "pretrain"), "all")["checkpoint"]
+    flip_byte(Path(final) / "model.safetensors")
+    damaged = (Path(final) / "model.safetensors").read_bytes()
+
+    run_analysis(rd.root)
+
+    finetune = read(rd, "finetune")
+    assert finetune["checkpoint"].tolist() == [first] and (finetune["status"] == "ok").all()
+    events = [json.loads(line) for line in rd.events.read_text().splitlines()]
+    assert [{k: e[k] for k in ("stage", "event", "checkpoint", "files", "used_instead")} for e in events] == [
+        {"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": final, "files": ["model.safetensors"],
+         "used_instead": first}]
+    assert (Path(final) / "model.safetensors").read_bytes() == damaged  # left as found, for a look
+
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    status = CliRunner().invoke(app, ["status", str(rd.root)])
+    assert status.exit_code == 0 and f"event=corrupt_checkpoint checkpoint={final}" in status.output

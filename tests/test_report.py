@@ -223,3 +223,16 @@ def test_fine_tuning_hessian_joins_the_points_of_its_own_task():
     assert out.loc[("a", "bbbp"), ["lambda_max", "ft_lambda_max", "ft_trace"]].tolist() == [1.0, 2.0, 20.0]
     assert out.loc[("a", "esol"), ["lambda_max", "ft_lambda_max", "ft_trace"]].tolist() == [1.0, 3.0, 30.0]
     assert out.loc[("b", "bbbp"), "lambda_max"] == 4.0 and np.isnan(out.loc[("b", "bbbp"), "ft_lambda_max"])
+
+
+def test_faults_the_run_survived_are_listed(tmp_path):
+    from engine.rundir import RunDir
+
+    rd = RunDir(make_run(tmp_path / "run", only_pretrain=True))
+    rd.record_event({"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": "ck/2", "used_instead": "ck/1"})
+    (rd.trial("xs_1") / "metrics.jsonl").parent.mkdir(parents=True)
+    (rd.trial("xs_1") / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"event": "resumed", "step": 5}\n')
+    assert [(e["stage"], e.get("trial_id"), e["event"]) for e in rd.fault_events()] == [
+        ("analyze", None, "corrupt_checkpoint"), ("sweep", "xs_1", "resumed")]
+    excluded = section(build_report(rd.root, n_bootstrap=0).read_text(), "excluded")
+    assert "Faults handled" in excluded and "used_instead: ck/1" in excluded and "xs_1" in excluded

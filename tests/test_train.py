@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import flip_byte
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from engine.config import TrainConfig
@@ -200,6 +201,27 @@ def test_resume_equals_uninterrupted(stage0, tmp_path, tokenizer_dir):
 
     again, reports = run(tmp_path)  # a finished trial: nothing left to do
     assert again.n_steps == result.n_steps and [r["done"] for r in reports] == [True]
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state/rank_00000.pt"])
+def test_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(stage0, tmp_path, tokenizer_dir, damaged):
+    reference_dir, reference, _ = stage0
+    shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+    first, last = checkpoint_dirs(tmp_path)
+    good = (last / "model.safetensors").read_bytes()
+    flip_byte(last / damaged)
+    assert verify_checkpoint(last) == [damaged] and verify_checkpoint(first) == []
+
+    result, _ = run(tmp_path, tokenizer_dir=tokenizer_dir)
+
+    events = [r for r in records(tmp_path) if r.get("event") == "corrupt_checkpoint"]
+    assert events == [{"trial_id": events[0]["trial_id"], "event": "corrupt_checkpoint", "checkpoint": last.name,
+                       "files": [damaged], "kept_as": f"{last.name}.corrupt", "resumed_from": first.name}]
+    assert verify_checkpoint(tmp_path / "checkpoints" / f"{last.name}.corrupt") == [damaged]  # kept, not deleted
+    assert checkpoint_dirs(tmp_path) == [first, last] and verify_checkpoint(last) == []  # the milestone redone
+    assert (last / "model.safetensors").read_bytes() == good  # exactly as the run without the fault
+    assert [c.n_tokens for c in result.checkpoints] == [c.n_tokens for c in reference.checkpoints]
+    assert result.val_loss == pytest.approx(reference.val_loss, rel=1e-6)
 
 
 def test_nan_loss_marks_the_run_diverged(tmp_path, monkeypatch):
