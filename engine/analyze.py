@@ -497,9 +497,14 @@ def _run_jobs(todo: list[Job], done: set, rd: RunDir, tables: dict[str, pd.DataF
 
 
 def _run_one(fn: Callable[..., list[dict]], kwargs: dict) -> tuple[bool, Any]:
-    """Inside the Ray task: the job's rows, or its error message (never an exception)."""
+    """Inside the Ray task: the job's rows, or its error message (never an exception).
+
+    Each row also gets `node_id`, the Ray node the task ran on (for a worker-group job, the node of
+    the task that waited on the group), so a table shows where on the cluster its rows were made.
+    """
     try:
-        return True, fn(**kwargs)
+        node_id = ray.get_runtime_context().get_node_id()
+        return True, [{**row, "node_id": node_id} for row in fn(**kwargs)]
     except Exception as err:  # noqa: BLE001 - every failure becomes a row, the analysis goes on
         return False, f"{type(err).__name__}: {err}"
 

@@ -263,12 +263,19 @@ class AnalysisConfig(Strict):
     hessian_max_iter: int = Field(60, gt=0)  # Lanczos steps
     hessian_workers: int = Field(1, gt=0)  # Ray Train workers sharing the batches of one HVP (<= hessian_batches)
     hessian_finetune: bool = True  # also the Hessian of each task's fine-tuning loss (needs mode finetune)
-    trace_matvecs: int = Field(30, ge=0)
+    trace_matvecs: int = Field(30, ge=0)  # 0 skips the trace; Hutch++ needs at least 3
     density_runs: int = Field(2, ge=0)
     landscape_resolution: int = Field(11, ge=0)  # points per axis; 0 skips landscapes
     landscape_span: float = Field(1.0, gt=0)
     landscape_2d: bool = True
     sharpness_eps: float = Field(1e-3, gt=0)
+
+    @field_validator("trace_matvecs")
+    @classmethod
+    def _hutchpp_needs_three(cls, value: int) -> int:
+        if value in (1, 2):
+            raise ValueError(f"Hutch++ needs at least 3 matvecs (got {value}); 0 skips the trace")
+        return value
 
     @model_validator(mode="after")
     def _workers_have_batches(self) -> AnalysisConfig:

@@ -392,7 +392,12 @@ def train_dataset(
 
     tokenizer = _as_tokenizer(tokenizer)
     _wrap_ids(tokenizer, family)  # fail here, on the driver, not inside a Ray task
-    DataContext.get_current().execution_options.preserve_order = True
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True
+    # ray 2.60's default Parquet path ("datasource v2") starts 32 footer-reader actors, each a process
+    # wanting a whole CPU, at every pass: minutes of start-up per epoch on a small node. Our shards are
+    # few and their sizes known (manifest.json), so the plain path is used.
+    context.use_datasource_v2 = False
     ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([SMILES_COLUMN])
     if shuffle:
         # a full shuffle of short SMILES strings is cheap next to training; block order alone would

@@ -168,6 +168,7 @@ def _finished_result(trial_dir: Path) -> dict | None:
 
 
 PG_FILE = ".placement_group"  # the trial's Ray Train placement group id, written by its rank 0
+NODES_FILE = "nodes.txt"  # the Ray node id of the trial's rank 0, one line per (re)start: where it ran
 
 
 def _remove_leftover_placement_group(trial_dir: Path) -> None:
@@ -202,7 +203,11 @@ def _fault_injection(trial_id: str) -> dict[str, str]:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point, on every worker: unpack the config, stream the shard, train."""
+    """Ray Train entry point, on every worker: unpack the config, stream the shard, train.
+
+    Rank 0 also records its placement group (see `_remove_leftover_placement_group`) and appends its
+    Ray node id to the trial's `nodes.txt`, so a restart after a node failure shows where it went.
+    """
     from ray.train.torch import get_device
 
     from engine import data
@@ -216,6 +221,8 @@ def train_loop_per_worker(config: dict) -> None:
         pg = ray.util.get_current_placement_group()
         if pg is not None:
             (run_dir.trial(trial.trial_id) / PG_FILE).write_text(pg.id.hex())
+        with open(run_dir.trial(trial.trial_id) / NODES_FILE, "a") as f:
+            f.write(ray.get_runtime_context().get_node_id() + "\n")
     tokenizer = load_tokenizer(run_dir.tokenizer)
     shard = ray.train.get_dataset_shard("train")
     val = data.validation_batches(
@@ -373,6 +380,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
                 storage_path=str(run_dir.tune),
                 callbacks=[ProgressLine()],
                 verbose=0,
+                # a trial whose Tune actor dies with its node is started again: it resumes from its folder
+                failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
             ),
         )
     tuner.fit()

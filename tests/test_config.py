@@ -81,6 +81,9 @@ def test_explicit_dims_and_epoch_budgets(tmp_path):
         (("name: t\n", ""), ["name: required field is missing"]),
         (("budget:\n", "budgets:\n"), ["budgets", "did you mean 'budget'"]),
         (("model:\n", "model:\n  max_seq_len: ten\n"), ["s.yaml:5", "model.max_seq_len"]),
+        (("name: t\n", "name: t\nanalysis: {trace_matvecs: 2}\n"), ["analysis.trace_matvecs", "at least 3"]),
+        (("name: t\n", "name: t\nanalysis: {hessian_workers: 4, hessian_batches: 2}\n"),
+         ["analysis", "hessian_workers (4) must not exceed hessian_batches (2)"]),
     ],
 )
 def test_errors_name_line_and_field(tmp_path, edit, expected):
