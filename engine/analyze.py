@@ -16,6 +16,7 @@ weights, a split with no labels) becomes an `error` row with the message; the ot
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -62,22 +63,21 @@ def select_checkpoints(pretrain: pd.DataFrame, which: str) -> pd.DataFrame:
     return usable.sort_values(["n_params", "tokens"]).reset_index(drop=True)
 
 
-def sound_checkpoints(rd: RunDir, pretrain: pd.DataFrame, selected: pd.DataFrame) -> pd.DataFrame:
-    """`selected`, with each checkpoint whose weights fail their sha256 check replaced by the latest
-    sound checkpoint of the same trial before it, and the event recorded. With none before it, the
-    checkpoint stays, so its jobs fail with the loader's message as error rows."""
-    from engine.train import verify_checkpoint
-
+def sound_checkpoints(rd: RunDir, pretrain: pd.DataFrame, selected: pd.DataFrame,
+                      corrupt: Callable[[str], list[str]]) -> pd.DataFrame:
+    """`selected`, with each checkpoint whose weights fail their sha256 check (`corrupt(path)`, the
+    files that fail) replaced by the latest sound checkpoint of the same trial before it, and the
+    event recorded. With none before it, the checkpoint stays, so its jobs fail with the loader's
+    message as error rows."""
     keep, chosen = [], set(selected["checkpoint"])
     for ck in selected.to_dict("records"):
-        bad = verify_checkpoint(Path(ck["checkpoint"]), weights_only=True)
+        bad = corrupt(ck["checkpoint"])
         if not bad:
             keep.append(ck)
             continue
         earlier = pretrain[(pretrain["trial_id"] == ck["trial_id"]) & (pretrain["tokens"] < ck["tokens"])
                            & pretrain["checkpoint"].notna()].sort_values("tokens", ascending=False)
-        used = next((r for r in earlier.to_dict("records")
-                     if not verify_checkpoint(Path(r["checkpoint"]), weights_only=True)), None)
+        used = next((r for r in earlier.to_dict("records") if not corrupt(r["checkpoint"])), None)
         log.warning(f"[analyze] {ck['checkpoint']}: {', '.join(bad)} fail the sha256 check; "
                     + (f"using {used['checkpoint']} instead" if used else "and no sound checkpoint comes before it"))
         rd.record_event({"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": ck["checkpoint"],
@@ -95,8 +95,12 @@ def plan_jobs(cfg: SweepConfig, run_dir: RunDir, checkpoints: pd.DataFrame, data
     tasks = list(ds.tasks)  # custom tasks run when listed here by name, like registry tasks
     jobs: list[Job] = []
     common = {"downstream": ds.model_dump(mode="json"), "data_dir": str(data_dir) if data_dir else None}
+    analysis = an.model_dump(mode="json")
+    manifest = json.loads(run_dir.manifest.read_text())
+    val_shards = [str(run_dir.data / s["path"]) for s in manifest["shards"] if s["split"] == "val"]
     for ck in checkpoints.to_dict("records"):
         ident = {k: ck[k] for k in IDENTITY} | {"pretrain_val_loss": ck["val_loss"]}
+        pretrain = _pretrain_problem(cfg, val_shards, ck)
         for task in tasks:
             for split_seed in ds.seeds:
                 for mode in ds.modes:
@@ -112,9 +116,9 @@ def plan_jobs(cfg: SweepConfig, run_dir: RunDir, checkpoints: pd.DataFrame, data
                         )
                     )
         if an.hessian_top_k > 0:
-            hessian = {"analysis": an.model_dump(mode="json"), "run_dir": str(run_dir.root)}
+            hessian = {"analysis": analysis, "run_dir": str(run_dir.root)}
             jobs.append(Job("hessian", (ck["checkpoint"], "pretrain"), hessian_job,
-                            {**hessian, "loss": "pretrain", "problem": _pt_kwargs(cfg, run_dir, ck)},
+                            {**hessian, "loss": "pretrain", "problem": pretrain},
                             ident, workers=an.hessian_workers))
             for task in tasks if an.hessian_finetune and "finetune" in ds.modes else []:
                 problem = {**common, "checkpoint": ck["checkpoint"], "task": task, "split_seed": ds.seeds[0],
@@ -124,10 +128,11 @@ def plan_jobs(cfg: SweepConfig, run_dir: RunDir, checkpoints: pd.DataFrame, data
                                 {**hessian, "loss": f"finetune:{task}", "problem": problem},
                                 ident, after, workers=an.hessian_workers))
         if an.landscape_resolution > 0:
-            jobs.append(Job("landscape", (ck["checkpoint"], "random_directions"), landscape_job, _pt_kwargs(cfg, run_dir, ck), ident))
+            jobs.append(Job("landscape", (ck["checkpoint"], "random_directions"), landscape_job,
+                            {**pretrain, "analysis": analysis}, ident))
             for task in tasks if "finetune" in ds.modes else []:
                 after = (("finetune", (ck["checkpoint"], task, ds.seeds[0], "finetune")),)
-                kw = {**_pt_kwargs(cfg, run_dir, ck), "task": task, "finetuned": str(_ft_weights(run_dir, ck, task))}
+                kw = {**pretrain, "analysis": analysis, "task": task, "finetuned": str(_ft_weights(run_dir, ck, task))}
                 jobs.append(Job("landscape", (ck["checkpoint"], f"pt_to_ft:{task}"), pt_to_ft_job, kw, ident, after))
     if ds.baselines:
         per_rung = checkpoints.sort_values("tokens").groupby("rung", sort=False).tail(1)
@@ -151,13 +156,11 @@ def _ft_weights(run_dir: RunDir, ck: dict, task: str) -> Path:
     return run_dir.root / "analysis" / "finetuned" / ck["trial_id"] / str(int(ck["tokens"])) / f"{task}.safetensors"
 
 
-def _pt_kwargs(cfg: SweepConfig, run_dir: RunDir, ck: dict) -> dict:
-    manifest = json.loads(run_dir.manifest.read_text())
-    val = [str(run_dir.data / s["path"]) for s in manifest["shards"] if s["split"] == "val"]
+def _pretrain_problem(cfg: SweepConfig, val_shards: list[str], ck: dict) -> dict:
+    """The arguments of `_load_for_analysis` but the batch count: the checkpoint and its validation batches."""
     return {
         "checkpoint": ck["checkpoint"],
-        "val_shards": val,
-        "analysis": cfg.analysis.model_dump(mode="json"),
+        "val_shards": val_shards,
         "micro_batch_size": cfg.train.micro_batch_size,
         "max_seq_len": cfg.model.max_seq_len,
         "mlm_probability": cfg.train.mlm_probability,
@@ -219,8 +222,8 @@ def _finetune_row(task: str, ds: DownstreamConfig, split_seed: int, mode: str, r
     }
 
 
-def _load_for_analysis(checkpoint: str, val_shards: list[str], analysis: dict, micro_batch_size: int,
-                       max_seq_len: int, mlm_probability: float, n_batches: int, device: str = "cpu"):
+def _load_for_analysis(checkpoint: str, val_shards: list[str], micro_batch_size: int, max_seq_len: int,
+                       mlm_probability: float, n_batches: int, device: str = "cpu"):
     """The pretrained model (eager attention, eval mode) and fixed validation batches, on `device`."""
     from engine import data, models
 
@@ -248,8 +251,7 @@ def hessian_problem(loss: str, problem: dict, analysis: dict, device: str = "cpu
     """
     an = AnalysisConfig.model_validate(analysis)
     if loss == "pretrain":
-        model, batches = _load_for_analysis(**{**problem, "analysis": analysis}, n_batches=an.hessian_batches,
-                                            device=device)
+        model, batches = _load_for_analysis(**problem, n_batches=an.hessian_batches, device=device)
         return model, pretraining_loss, batches
     from engine import finetune, tasks
 
@@ -353,8 +355,8 @@ def landscape_job(checkpoint: str, val_shards: list[str], analysis: dict, micro_
     from engine import landscape
 
     an = AnalysisConfig.model_validate(analysis)
-    model, batches = _load_for_analysis(checkpoint, val_shards, analysis, micro_batch_size, max_seq_len,
-                                        mlm_probability, an.hessian_batches)
+    model, batches = _load_for_analysis(checkpoint, val_shards, micro_batch_size, max_seq_len, mlm_probability,
+                                        an.hessian_batches)
     rows = []
     grid_1d = landscape.surface_1d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
                                    span=an.landscape_span, seed=0)
@@ -377,8 +379,8 @@ def pt_to_ft_job(checkpoint: str, val_shards: list[str], analysis: dict, micro_b
     from engine import landscape
 
     an = AnalysisConfig.model_validate(analysis)
-    model, batches = _load_for_analysis(checkpoint, val_shards, analysis, micro_batch_size, max_seq_len,
-                                        mlm_probability, an.hessian_batches)
+    model, batches = _load_for_analysis(checkpoint, val_shards, micro_batch_size, max_seq_len, mlm_probability,
+                                        an.hessian_batches)
     # the fine-tuned file holds the encoder (AutoModel keys); the LM model names it by its base prefix
     target = {f"{model.base_model_prefix}.{k}": v for k, v in load_file(finetuned).items()}
     if not any(name in target for name, _ in model.named_parameters()):
@@ -399,8 +401,12 @@ def run_analysis(run_dir: Path, *, data_dir: Path | None = None) -> dict[str, pd
     cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
     if not rd.table("pretrain").exists():
         raise FileNotFoundError(f"{rd.table('pretrain')}: no pretraining results; run `clmscale sweep` first")
+    from engine.train import verify_checkpoint
+
     pretrain = pd.read_parquet(rd.table("pretrain"))
-    checkpoints = sound_checkpoints(rd, pretrain, select_checkpoints(pretrain, cfg.analysis.checkpoints))
+    # each checkpoint's weights hashed once per run, for the choice of checkpoints and for the PCA
+    corrupt = functools.cache(lambda path: verify_checkpoint(Path(path), weights_only=True))
+    checkpoints = sound_checkpoints(rd, pretrain, select_checkpoints(pretrain, cfg.analysis.checkpoints), corrupt)
     jobs = plan_jobs(cfg, rd, checkpoints, data_dir)
     tables = {name: _read(rd.table(name)) for name in KEY_COLUMNS}
     for name, t in tables.items():  # error rows are retried, so they go
@@ -412,26 +418,27 @@ def run_analysis(run_dir: Path, *, data_dir: Path | None = None) -> dict[str, pd
         if not ray.is_initialized():
             ray.init()
         _run_jobs(todo, done, rd, tables)
-    tables["pca"] = parameter_space(rd, pretrain, checkpoints, list(cfg.downstream.tasks))
+    tables["pca"] = parameter_space(rd, pretrain, checkpoints, list(cfg.downstream.tasks), corrupt)
     return tables
 
 
-def parameter_space(rd: RunDir, pretrain: pd.DataFrame, checkpoints: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+def parameter_space(rd: RunDir, pretrain: pd.DataFrame, checkpoints: pd.DataFrame, tasks: list[str],
+                    corrupt: Callable[[str], list[str]]) -> pd.DataFrame:
     """PCA of each trial's checkpoint trajectory and of each checkpoint's fine-tuned endpoints.
 
     Cheap next to the jobs (one Gram matrix of a few weight vectors each), so it runs on the driver,
-    from the files on disk, and is rewritten whole every time.
+    from the files on disk, and is rewritten whole every time. A checkpoint for which `corrupt(path)`
+    lists files is left out of its trajectory.
     """
     from safetensors.torch import load_file
 
     from engine.landscape import parameter_pca
-    from engine.train import verify_checkpoint
 
     rows = []
     for trial_id, group in pretrain[pretrain["checkpoint"].notna()].groupby("trial_id"):
         group = group.sort_values("tokens")
         sound = [(Path(p), t) for p, t in zip(group["checkpoint"], group["tokens"])
-                 if not verify_checkpoint(Path(p), weights_only=True)]  # a corrupt one is left out of the path
+                 if not corrupt(p)]  # a corrupt one is left out of the path
         if len(sound) >= 2:
             pca = parameter_pca([load_file(p / "model.safetensors") for p, _ in sound], labels=[t for _, t in sound])
             rows += _pca_rows(pca, "trajectory", trial_id)
