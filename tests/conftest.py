@@ -21,6 +21,17 @@ def first_moses(n: int) -> list[str]:
         return [row[0] for _, row in zip(range(n), rows)]
 
 
+def pulled_in(modules: str, unwanted: set[str]) -> list[str]:
+    """Which of `unwanted` a fresh interpreter has imported after `import <modules>` (run from the repository)."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"import json, sys, {modules}; print(json.dumps(sorted(set({sorted(unwanted)!r}) & set(sys.modules))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(out.stdout)
+
+
 def flip_byte(path: Path) -> None:
     """Corrupt a file on disk the way a bad sector would: one byte in the middle inverted, size unchanged."""
     with open(path, "r+b") as f:

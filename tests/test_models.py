@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import pulled_in
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import LADDER
@@ -114,9 +115,4 @@ def test_seeded_init_leaves_global_rng_alone():
 
 def test_models_and_train_import_without_ray_or_rdkit():
     """A GPU box may have neither: the training core must not pull them in."""
-    import subprocess
-    import sys
-
-    code = "import sys, engine.models, engine.train; print(sorted({'ray', 'rdkit'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert pulled_in("engine.models, engine.train", {"ray", "rdkit"}) == []
