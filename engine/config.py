@@ -20,6 +20,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+Family = Literal["mlm", "clm"]  # mlm: RoBERTa-style encoder; clm: GPT-2-style decoder
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -126,7 +129,7 @@ class RungOverrides(Strict):
 
 
 class ModelConfig(Strict):
-    family: Literal["mlm", "clm"] = "mlm"  # mlm: RoBERTa-style encoder; clm: GPT-2-style decoder
+    family: Family = "mlm"
     sizes: list[str | ModelSize] = Field(min_length=1)
     max_seq_len: int = Field(128, gt=4)  # tokens incl. special tokens; longer SMILES are cut
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # 0: scaling-law runs are single-epoch-ish
@@ -322,7 +325,7 @@ class Trial(Strict):
     """One pretraining run: a rung, a budget and a seed, with that rung's overrides applied."""
 
     trial_id: str
-    family: Literal["mlm", "clm"]
+    family: Family
     size: ModelSize
     budget_tokens: BigInt | None  # set when the budget is in tokens
     budget_epochs: float | None  # set when it is in epochs (tokens known after prepare)

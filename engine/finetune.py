@@ -40,11 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import Family
+from engine.rundir import head_file
+
 log = logging.getLogger(__name__)
 
 TaskType = Literal["classification", "regression"]
 Mode = Literal["finetune", "probe"]
-Family = Literal["mlm", "clm"]
 
 SPLIT_NAMES = ("train", "val", "test")
 WEIGHT_FILES = (
@@ -243,10 +245,12 @@ def load_encoder(checkpoint_dir: Path, *, random_init: bool = False) -> tuple[nn
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer  # slow import, kept off module load
 
+    from engine.models import family_of
+
     checkpoint_dir = Path(checkpoint_dir)
     _check_checkpoint(checkpoint_dir, need_weights=not random_init)
     config = AutoConfig.from_pretrained(checkpoint_dir)
-    family = _family(config)
+    family = family_of(config)
     kwargs = {"add_pooling_layer": False} if family == "mlm" else {}  # [CLS] is pooled by us, not by RoBERTa's tanh pooler
     kwargs["dtype"] = torch.float32  # a bf16 pretraining checkpoint is fine-tuned in fp32, like its linear head
     if random_init:
@@ -277,15 +281,6 @@ def _check_checkpoint(checkpoint_dir: Path, need_weights: bool) -> None:
         raise FileNotFoundError(
             f"{checkpoint_dir}: not a save_pretrained checkpoint, missing {', '.join(missing)}"
         )
-
-
-def _family(config: Any) -> Family:
-    architectures = " ".join(getattr(config, "architectures", None) or [])
-    if "MaskedLM" in architectures:
-        return "mlm"
-    if "LMHeadModel" in architectures or "CausalLM" in architectures or getattr(config, "is_decoder", False):
-        return "clm"
-    return "clm" if config.model_type == "gpt2" else "mlm"
 
 
 def max_positions(config: Any) -> int:
@@ -517,11 +512,6 @@ def _predict(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], i
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def head_file(weights: Path) -> Path:
-    """Where `finetune(save_to=weights)` puts the linear head: `<stem>.head.safetensors` beside the encoder."""
-    return weights.with_name(f"{weights.stem}.head.safetensors")
 
 
 def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, data: FinetuneData, seed: int) -> Path:

@@ -17,7 +17,6 @@ This module never imports ray or rdkit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from transformers import (
@@ -29,9 +28,7 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from engine.config import LADDER, ModelSize
-
-Family = Literal["mlm", "clm"]
+from engine.config import LADDER, Family, ModelSize
 
 # Special-token ids of the tokenizer (docs/CONTRACTS.md): [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
 # [BOS]=5 [EOS]=6. An mlm sequence is [CLS] ... [SEP], a clm sequence [BOS] ... [EOS].

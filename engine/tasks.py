@@ -35,7 +35,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import CustomTask, DownstreamConfig
-from engine.rundir import sha256_stream
+from engine.files import sha256_stream
 
 log = logging.getLogger(__name__)
 
