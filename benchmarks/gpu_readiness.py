@@ -110,8 +110,9 @@ class RungPlan:
 @dataclass(frozen=True)
 class Plan:
     rungs: list[RungPlan]
-    engine_rungs: list[str]  # RungPlan keys that also run the engine's step
-    compiled: list[tuple[str, str]]  # (RungPlan key, "padded" | "packed"), in priority order
+    # (loop, RungPlan key, "padded" | "packed") in priority order; loop is "plain" or "engine"
+    engine: list[tuple[str, str]]  # the engine's step, eager
+    compiled: list[tuple[str, str, str]]  # with torch.compile, after the packing and HVP parts
     compile_backend: str
     n_warmup: int  # steps, after one of each distinct batch shape
     min_steps: int
@@ -153,10 +154,13 @@ def gpu_plan() -> Plan:
     rungs = paper_rungs(PAPER, [("mlm", "m"), ("mlm", "xl"), ("mlm", "3xl"), ("mlm", "6xl"), ("clm", "3xl")])
     return Plan(
         rungs=rungs,
-        engine_rungs=[r.key for r in rungs],
+        # the 6xl's engine run costs ~45 s (its model is built on the CPU): padded only, after the others
+        engine=[(k, b) for b in ("padded", "packed") for k in ("mlm-m", "mlm-xl", "mlm-3xl", "clm-3xl")]
+        + [("mlm-6xl", "padded")],
         # fixed-shape packed batches compile once; padded ones twice (static, then dynamic length)
-        compiled=[("mlm-3xl", "packed"), ("mlm-m", "packed"), ("mlm-6xl", "packed"), ("clm-3xl", "packed"),
-                  ("mlm-3xl", "padded"), ("mlm-xl", "packed")],  # fmt: skip
+        compiled=[("plain", "mlm-3xl", "packed"), ("engine", "mlm-3xl", "packed"), ("plain", "mlm-m", "packed"),
+                  ("plain", "mlm-6xl", "packed"), ("plain", "clm-3xl", "packed"), ("plain", "mlm-3xl", "padded"),
+                  ("plain", "mlm-xl", "packed")],  # fmt: skip
         compile_backend="inductor",
         n_warmup=5, min_steps=10, max_steps=60, timed_s=2.5, engine_window=5, n_batches=40, n_smiles=30_000,
         gemm_n=8192, gemm_reps=20, copy_bytes=1 << 30, copy_reps=5,
@@ -172,8 +176,8 @@ def smoke_plan() -> Plan:
              for f, r in [("mlm", "xxs"), ("mlm", "xs"), ("clm", "xxs")]]  # fmt: skip
     return Plan(
         rungs=rungs,
-        engine_rungs=["mlm-xxs"],
-        compiled=[("mlm-xxs", "packed")],
+        engine=[("mlm-xxs", "padded"), ("mlm-xxs", "packed")],
+        compiled=[("plain", "mlm-xxs", "packed"), ("engine", "mlm-xxs", "packed")],
         compile_backend="aot_eager",  # dynamo + AOTAutograd without inductor's C++ build: seconds, not minutes
         n_warmup=1, min_steps=3, max_steps=3, timed_s=0.1, engine_window=2, n_batches=4, n_smiles=400,
         gemm_n=256, gemm_reps=3, copy_bytes=1 << 20, copy_reps=2,
@@ -661,17 +665,17 @@ def engine_variant(
 
 
 def _predict_train_s(rp: RungPlan, n_params: int, step_s: float, plan: Plan, device: torch.device,
-                     kind: str) -> float:  # fmt: skip
+                     loop: str, compile: bool) -> float:  # fmt: skip
     """Seconds a variant should take: setup (model build; the engine's CPU build and DeepSpeed), warm-up
     and timed steps, and a compile. Rough on purpose: the hard limit catches what it misses."""
     steps = plan.n_warmup + 6 + min(plan.max_steps, max(plan.min_steps, plan.timed_s / step_s))
     gpu = device.type == "cuda"
     setup = (2.0 + n_params * 4e-9) if gpu else 0.5
-    if kind == "engine":
+    if loop == "engine":
         setup = (4.0 + n_params * 3e-8) if gpu else 2.0
-    if kind == "compile":
+    if compile:
         setup += (25.0 + 3.0 * LADDER[rp.rung].n_layer) if gpu else (5.0 + 1.0 * LADDER[rp.rung].n_layer)
-    return setup + steps * step_s * (1.5 if kind == "engine" else 1.0)
+    return setup + steps * step_s * (1.5 if loop == "engine" else 1.0)
 
 
 @dataclass
@@ -706,26 +710,26 @@ def train_prepare(rec: Record, plan: Plan, data: Batches, state: TrainState, pea
 
 
 def train_variant(
-    rec: Record, plan: Plan, data: Batches, state: TrainState, rp: RungPlan, kind: str, batching: str,
-    peaks: dict, device: torch.device, reserve_s: float = 0.0,
+    rec: Record, plan: Plan, data: Batches, state: TrainState, loop: str, key: str, batching: str,
+    compile: bool, peaks: dict, device: torch.device, reserve_s: float = 0.0,
 ) -> dict:  # fmt: skip
-    """One (loop, batching, compile) of one rung: kind is "plain", "engine" or "compile"."""
+    """One (loop, batching, compile) of one rung; loop is "plain" or "engine"."""
+    rp = next(r for r in plan.rungs if r.key == key)
     bf16 = device.type == "cuda"
     config = state.configs[rp.key]
     peak_pair = (peak_flops(device, bf16), peaks["bf16" if bf16 else "fp32"])
     batches = data.get(rp, batching == "packed", plan.n_batches)
     n_params = count_params(config).total
-    predicted = _predict_train_s(rp, n_params, state.step_s[rp.key], plan, device, kind)
+    predicted = _predict_train_s(rp, n_params, state.step_s[rp.key], plan, device, loop, compile)
     n_timed = state.n_timed.get(rp.key, plan.min_steps)
-    if kind == "engine":
-        fn = lambda: engine_variant(rp, config, batches, plan, device, bf16, peak_pair, False, n_timed)  # noqa: E731
-        name = f"engine/{batching}/eager"
+    if loop == "engine":
+        fn = lambda: engine_variant(rp, config, batches, plan, device, bf16, peak_pair, compile, n_timed)  # noqa: E731
     else:
-        backend = plan.compile_backend if kind == "compile" else None
+        backend = plan.compile_backend if compile else None
         fn = lambda: plain_variant(rp, config, batches, plan, device, bf16, peak_pair, backend)  # noqa: E731
-        name = f"plain/{batching}/{'compile' if backend else 'eager'}"
+    name = f"{loop}/{batching}/{'compile' if compile else 'eager'}"
     leaf = rec.measure(("train", rp.key, "variants", name), predicted, fn, reserve_s=reserve_s)
-    if leaf["status"] == "ok" and kind == "plain" and batching == "padded":
+    if leaf["status"] == "ok" and name == "plain/padded/eager":
         state.step_s[rp.key] = leaf["ms_per_step"] / 1e3
         state.n_timed[rp.key] = leaf["n_steps"]
     return leaf
@@ -1025,19 +1029,16 @@ def run(args: argparse.Namespace) -> dict:
         if "train" in parts:
             for batching in ("padded", "packed"):
                 for rp in plan.rungs:
-                    train_variant(rec, plan, data, state, rp, "plain", batching, ceilings, device, reserve)
-            for batching in ("padded", "packed"):
-                for rp in plan.rungs:
-                    if rp.key in plan.engine_rungs:
-                        train_variant(rec, plan, data, state, rp, "engine", batching, ceilings, device, reserve)
+                    train_variant(rec, plan, data, state, "plain", rp.key, batching, False, ceilings, device, reserve)
+            for key, batching in plan.engine:
+                train_variant(rec, plan, data, state, "engine", key, batching, False, ceilings, device, reserve)
         if "packing" in parts:
             packing_part(rec, plan, data, work, device, import_s, (45.0 if gpu else 5.0) * ("hvp" in parts))
         if "hvp" in parts:
             hvp_part(rec, plan, data, state, device, 0.0)
         if "compile" in parts:
-            for key, batching in plan.compiled:
-                rp = next(r for r in plan.rungs if r.key == key)
-                train_variant(rec, plan, data, state, rp, "compile", batching, ceilings, device)
+            for loop, key, batching in plan.compiled:
+                train_variant(rec, plan, data, state, loop, key, batching, True, ceilings, device)
     n_not = len(rec.data["skipped"])
     rec.data["meta"]["status"] = "complete" + (f", {n_not} measurements not made (see skipped)" if n_not else "")
     rec.data["meta"]["unwanted_modules_at_end"] = _unwanted_imported()

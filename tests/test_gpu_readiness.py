@@ -89,6 +89,8 @@ def test_every_path_that_runs_on_a_cpu_ran(smoke):
     xxs = data["train"]["mlm-xxs"]["variants"]
     for name in ("engine/padded/eager", "engine/packed/eager", "plain/packed/compile"):
         assert xxs[name]["status"] == "ok" and xxs[name]["ms_per_step"] > 0, (name, xxs[name])
+    engine_compiled = xxs["engine/packed/compile"]  # runs once engine.config.TrainConfig has `compile`
+    assert engine_compiled["status"] == "ok" or "`compile` setting" in engine_compiled["reason"], engine_compiled
     packing = data["packing"]
     for k in ("k1", "k2"):
         assert packing[k]["status"] == "ok", packing[k]
