@@ -80,6 +80,7 @@ from engine.models import (  # noqa: E402
     model_inputs,
     peak_flops,
 )
+from engine.rundir import write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("gpu_readiness")
 
@@ -215,15 +216,10 @@ def time_limit(seconds: float, what: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _finite(obj: Any) -> Any:
-    """NaN and inf become null: JSON has no such numbers."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+def _known(value: float) -> float | None:
+    """None for an unknown (NaN: no datasheet peak for this device): JSON has no NaN, and the record in
+    memory is then the record on disk."""
+    return value if math.isfinite(value) else None
 
 
 class Record:
@@ -256,10 +252,7 @@ class Record:
 
     def write(self) -> None:
         self.data["meta"]["elapsed_s"] = round(self.elapsed_s(), 2)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(self.data), f, indent=1, default=str)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data)
 
     def measure(
         self, where: tuple[str, ...], predicted_s: float, fn: Callable[[], dict], *, reserve_s: float = 0.0
@@ -379,10 +372,10 @@ def _throughput(times_ms: list[float], cost: BatchCost, peak_datasheet: float, p
         "real_token_fraction": cost.n_tokens_real / cost.n_tokens_padded,
         "tflops_per_s_padded": cost.flops_padded / seconds / 1e12,
         "tflops_per_s_real": cost.flops_real / seconds / 1e12,
-        "mfu_padded_datasheet": mfu(cost.flops_padded, seconds, peak_datasheet),
-        "mfu_real_datasheet": mfu(cost.flops_real, seconds, peak_datasheet),
-        "mfu_padded_ceiling": mfu(cost.flops_padded, seconds, peak_measured),
-        "mfu_real_ceiling": mfu(cost.flops_real, seconds, peak_measured),
+        "mfu_padded_datasheet": _known(mfu(cost.flops_padded, seconds, peak_datasheet)),
+        "mfu_real_datasheet": _known(mfu(cost.flops_real, seconds, peak_datasheet)),
+        "mfu_padded_ceiling": _known(mfu(cost.flops_padded, seconds, peak_measured)),
+        "mfu_real_ceiling": _known(mfu(cost.flops_real, seconds, peak_measured)),
     }
 
 
@@ -425,8 +418,8 @@ def device_facts(device: torch.device) -> dict:
         "capability": f"{props.major}.{props.minor}",
         "n_sms": props.multi_processor_count,
         "memory_gib": props.total_memory / 2**30,
-        "peak_bf16_tflops_datasheet": peak_flops(device, bf16=True) / 1e12,
-        "peak_fp32_tflops_datasheet": peak_flops(device, bf16=False) / 1e12,
+        "peak_bf16_tflops_datasheet": _known(peak_flops(device, bf16=True) / 1e12),
+        "peak_fp32_tflops_datasheet": _known(peak_flops(device, bf16=False) / 1e12),
     }
     if shutil.which("nvidia-smi"):  # read-only queries; nothing about the card is changed
         query = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu"
