@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from engine.config import Family
+from engine.ladder import Family
 
 if TYPE_CHECKING:
     import ray.data

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import Family
+from engine.ladder import Family
 from engine.rundir import head_file
 
 log = logging.getLogger(__name__)

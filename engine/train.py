@@ -24,7 +24,7 @@ one checkpoint). Tokens are the non-padding tokens of `input_ids`, over all work
 Losses are token-weighted means over the positions that carry a label (masked tokens for mlm, next
 tokens for clm); the gradient is DeepSpeed's mean of the micro-batches' means. Precision "auto" is
 bf16 on CUDA (DeepSpeed keeps fp32 masters; checkpoints get those) and fp32 on CPU. MFU is
-flops_per_token * tokens/s / (peak * workers) with peaks from `PEAK_FLOPS`: NaN on CPU and on GPUs
+flops_per_token * tokens/s / (peak * workers) with peaks from `engine.models.PEAK_FLOPS`: NaN on CPU and on GPUs
 not in the table (null in the JSON files, which never hold NaN).
 
 Fault injection (tests only): CLMSCALE_INJECT_NAN_AT_STEP=k makes the loss of optimizer step k
@@ -65,6 +65,7 @@ from engine.models import (
     family_of,
     flops_per_token,
     model_inputs,
+    peak_flops,
 )
 from engine.files import json_safe
 from engine.rundir import DS_TAG, CheckpointInfo, TrainResult, TrialDir
@@ -73,24 +74,8 @@ logger = logging.getLogger(__name__)
 
 INJECT_NAN_ENV = "CLMSCALE_INJECT_NAN_AT_STEP"
 
-# Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets, as (bf16, fp32). fp32 is the
-# plain rate, not TF32: torch's default float32 matmul precision is "highest". Matched by substring of
-# torch.cuda.get_device_name in this order (GH200 before H200, L40S before L4, A100 before A10).
-PEAK_FLOPS: list[tuple[str, tuple[float, float]]] = [
-    ("H100 PCIe", (756e12, 51e12)),
-    ("H100 NVL", (835e12, 60e12)),
-    ("GH200", (989e12, 67e12)),
-    ("H100", (989e12, 67e12)),  # SXM
-    ("H200", (989e12, 67e12)),
-    ("A100", (312e12, 19.5e12)),
-    ("L40S", (362e12, 91.6e12)),
-    ("L4", (121e12, 30.3e12)),
-    ("A10", (125e12, 31.2e12)),
-]
-
-
 # ---------------------------------------------------------------------------------------------
-# schedule, milestones, MFU: plain functions of the config
+# schedule and milestones: plain functions of the config
 
 
 def lr_at(fraction: float, cfg: TrainConfig) -> float:
@@ -112,19 +97,6 @@ def lr_at(fraction: float, cfg: TrainConfig) -> float:
 def milestones(budget_tokens: int, n_checkpoints: int) -> list[int]:
     """budget / 2^(k-1), ..., budget / 2, budget: log-spaced, doubling, the last at the budget."""
     return sorted({max(1, budget_tokens >> (n_checkpoints - 1 - i)) for i in range(n_checkpoints)})
-
-
-def peak_flops(device: torch.device, bf16: bool) -> float:
-    """Peak FLOP/s of one device from `PEAK_FLOPS`; NaN on CPU and on GPUs not in the table, so MFU
-    is NaN there rather than a made-up number."""
-    if device.type != "cuda":
-        return math.nan
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16_peak, fp32_peak) in PEAK_FLOPS:
-        if key in name:
-            return bf16_peak if bf16 else fp32_peak
-    logger.warning("no peak FLOP/s known for %r; MFU will be NaN (add it to PEAK_FLOPS)", name)
-    return math.nan
 
 
 def log_metrics(metrics: dict) -> None:
