@@ -23,9 +23,11 @@ one checkpoint). Tokens are the non-padding tokens of `input_ids`, over all work
 
 Losses are token-weighted means over the positions that carry a label (masked tokens for mlm, next
 tokens for clm); the gradient is DeepSpeed's mean of the micro-batches' means. Precision "auto" is
-bf16 on CUDA (DeepSpeed keeps fp32 masters; checkpoints get those) and fp32 on CPU. MFU is
-flops_per_token * tokens/s / (peak * workers) with peaks from `engine.models.PEAK_FLOPS`: NaN on CPU and on GPUs
-not in the table (null in the JSON files, which never hold NaN).
+bf16 on CUDA (DeepSpeed keeps fp32 masters; checkpoints get those) and fp32 on CPU. MFU is the
+model FLOPs of the molecules per second over (peak * workers), and `mfu_padded` the same for the
+FLOPs of the padded batches (`engine.models.batch_cost`), with peaks from `engine.models.PEAK_FLOPS`:
+NaN on CPU and on GPUs not in the table (null in the JSON files, which never hold NaN). C (`flops`)
+stays flops_per_token(max_seq_len) * tokens, the scaling laws' compute axis.
 
 Fault injection (tests only): CLMSCALE_INJECT_NAN_AT_STEP=k makes the loss of optimizer step k
 (1-based) NaN.
@@ -64,6 +66,8 @@ from engine.models import (
     count_params,
     family_of,
     flops_per_token,
+    batch_cost,
+    mfu,
     model_inputs,
     peak_flops,
 )
@@ -73,6 +77,7 @@ from engine.rundir import DS_TAG, CheckpointInfo, TrainResult, TrialDir
 logger = logging.getLogger(__name__)
 
 INJECT_NAN_ENV = "CLMSCALE_INJECT_NAN_AT_STEP"
+N_STATS = 5  # per-step sums all-reduced over workers: tokens, loss sum, loss tokens, FLOPs padded, FLOPs real
 
 # ---------------------------------------------------------------------------------------------
 # schedule and milestones: plain functions of the config
@@ -242,14 +247,14 @@ def _loop(engine, run: _Run, state: RunState, folder: TrialDir, make_batches, va
     todo = [m for m in milestones(run.budget, run.cfg.checkpoints) if m > state.n_tokens]
     stream = _micro_batches(make_batches, state.epoch, state.n_consumed)
     wall_before, t_start = state.wall_s, time.perf_counter()
-    window = _Window(torch.zeros(3, dtype=torch.float64, device=engine.device), time.perf_counter())
+    window = _Window(torch.zeros(N_STATS, dtype=torch.float64, device=engine.device), time.perf_counter())
     engine.train()
     status, diverged_at = "finished", None
     while state.n_tokens < run.budget:
         stats = _accumulation_step(engine, run, state, stream)
         if run.world > 1:
             dist.all_reduce(stats)  # sums over workers
-        step_tokens, loss_sum, _ = stats.tolist()  # note: a CPU-GPU sync point per step
+        step_tokens, loss_sum, *_ = stats.tolist()  # note: a CPU-GPU sync point per step
         if not math.isfinite(loss_sum):
             status, diverged_at = "diverged", state.step + 1
             break
@@ -286,17 +291,21 @@ def _loop(engine, run: _Run, state: RunState, folder: TrialDir, make_batches, va
 
 def _accumulation_step(engine, run: _Run, state: RunState, stream: Iterator[tuple[int, int, dict]]) -> torch.Tensor:
     """Forward and backward of grad_accum micro-batches (DeepSpeed counts them; the caller steps at the
-    boundary). Returns this worker's (tokens, loss sum, loss tokens) on the device, as float64."""
-    stats = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    boundary). Returns this worker's `N_STATS` sums on the device, as float64: tokens, loss sum, loss
+    tokens, FLOPs of the padded batches and FLOPs of the molecules alone (`engine.models.batch_cost`)."""
+    stats = torch.zeros(N_STATS, dtype=torch.float64, device=engine.device)
     for micro in range(run.grad_accum):
         state.epoch, state.n_consumed, batch = next(stream)
+        cost = batch_cost(batch, run.model_config)  # on the CPU, before the batch moves
+        stats[3] += cost.flops_padded  # python scalars: no host-to-device copy
+        stats[4] += cost.flops_real
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
         loss = engine(**model_inputs(batch, run.model_config)).loss
         if state.step + 1 == run.inject_nan_at and micro == 0:
             loss = loss * math.nan
         n_loss = _n_loss_tokens(batch["labels"], run.family)
         n_in = (batch["input_ids"] != run.pad_id).sum()
-        stats += torch.stack([n_in.double(), loss.detach().double() * n_loss, n_loss.double()])
+        stats[:3] += torch.stack([n_in.double(), loss.detach().double() * n_loss, n_loss.double()])
         engine.backward(loss)
         if micro < run.grad_accum - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
@@ -305,7 +314,7 @@ def _accumulation_step(engine, run: _Run, state: RunState, stream: Iterator[tupl
 
 @dataclass
 class _Window:
-    """Sums since the last log record: tokens, loss sum and loss tokens (on the device), steps, start time."""
+    """Sums since the last log record (the `N_STATS` step sums, on the device), steps, start time."""
 
     sums: torch.Tensor
     started: float
@@ -322,9 +331,12 @@ class _Window:
 
 
 def _log_record(run: _Run, state: RunState, window: _Window, lr: float, grad_norm: Any) -> dict:
-    """One metrics.jsonl record: the window's mean loss and throughput, the schedule, C so far."""
+    """One metrics.jsonl record: the window's mean loss and throughput, the schedule, C so far.
+
+    `mfu` counts the model FLOPs of the molecules (real tokens, each attending to its own); `mfu_padded`
+    what the kernels ran (padding and attention across packed molecules included)."""
     elapsed = time.perf_counter() - window.started
-    w_tokens, w_loss, w_loss_tokens = window.sums.tolist()
+    w_tokens, w_loss, w_loss_tokens, w_flops_padded, w_flops_real = window.sums.tolist()
     tokens_per_s = w_tokens / elapsed
     return {
         "trial_id": run.trial_id,
@@ -338,7 +350,8 @@ def _log_record(run: _Run, state: RunState, window: _Window, lr: float, grad_nor
         "wall_s": state.wall_s,
         "step_s": elapsed / window.n_steps,
         "tokens_per_s": tokens_per_s,
-        "mfu": run.flops_per_token * tokens_per_s / run.peak,
+        "mfu": mfu(w_flops_real, elapsed, run.peak),
+        "mfu_padded": mfu(w_flops_padded, elapsed, run.peak),
         "flops": run.flops_per_token * state.n_tokens,
     }
 
