@@ -351,17 +351,22 @@ class _Basis:
                  storage_device: torch.device | str | None = None, shard: Shard = Shard()):
         self.dim, self.shard, self.device = dim, shard, torch.device(device)
         self.lo, self.hi = shard.bounds(dim)
-        storage = self.device if storage_device is None else torch.device(storage_device)
+        self.separate = storage_device is not None  # rows kept apart from the working vectors (e.g. on the host)
+        storage = torch.device(storage_device) if self.separate else self.device
         self.rows = torch.empty(capacity, self.hi - self.lo, dtype=dtype, device=storage)
         self.n = 0
-        self.holds_full_vectors = shard.world == 1 and storage == self.device
+        self.holds_full_vectors = shard.world == 1 and not self.separate
 
     def _local(self, w: torch.Tensor) -> torch.Tensor:
-        return w[self.lo:self.hi].to(self.rows.device)  # a view when the rows live on w's device
+        """w's slice where the rows are: a view of w, or a copy on the storage device."""
+        if self.separate:
+            return w[self.lo:self.hi].to(self.rows.device, copy=True)
+        return w[self.lo:self.hi]
 
     def _reassemble(self, w: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """w with its slice replaced by `local` and the other workers' slices filled in."""
-        if local.device != w.device:
+        """w with its slice replaced by `local` (a view of it, or a copy on the storage device) and
+        the other workers' slices filled in."""
+        if local.data_ptr() != w[self.lo:self.hi].data_ptr():
             w[self.lo:self.hi].copy_(local)
         if self.shard.world == 1:
             return w
@@ -390,7 +395,8 @@ class _Basis:
         if self.holds_full_vectors:
             return self.rows[i]
         w = torch.zeros(self.dim, dtype=self.rows.dtype, device=self.device)
-        return self._reassemble(w, self.rows[i].to(self.device))
+        w[self.lo:self.hi].copy_(self.rows[i])
+        return self._reassemble(w, w[self.lo:self.hi])
 
     def rotate(self, S: np.ndarray) -> None:
         """rows[:l] = Sᵀ rows[:n] for S (n, l) with orthonormal columns: the basis becomes the Ritz
@@ -955,6 +961,7 @@ def spectrum(
     half_batches: bool = True,
     n_basis: int | None = None,
     storage_device: torch.device | str | None = None,
+    vector_dtype: torch.dtype | None = None,
     tf32: bool = False,
     return_eigenvectors: bool = False,
 ) -> HessianSpectrum:
@@ -972,7 +979,10 @@ def spectrum(
     sketch; `batch_index` is each local batch's index among all workers' batches (default: the
     round-robin share batches[rank::world] of the global list), which defines "the first half".
     n_basis caps the stored vectors (default `default_n_basis`), storage_device puts them on the
-    host instead; tf32 runs the HVP's float32 matmuls in TF32 on CUDA (a no-op on CPU).
+    host instead, vector_dtype overrides promote(parameter dtype, float32) for them;
+    n_basis=max_iter with vector_dtype=torch.float64 is the earlier unrestarted full-basis Lanczos
+    (benchmarks/hessian_memory.py's baseline). tf32 runs the HVP's float32 matmuls in TF32 on CUDA
+    (a no-op on CPU).
     Cost in matvecs (each ~2 backward passes per batch): the Lanczos iterations (<= max_iter),
     plus trace_matvecs, plus density_runs * density_steps, plus the half-batch λmax. Set
     trace_matvecs or density_runs to 0 to skip those. One seed drives every estimator through
@@ -992,7 +1002,8 @@ def spectrum(
                 model, loss_fn, batches, weights=weights, count_fn=count_fn, param_names=param_names,
                 all_reduce=all_reduce, tf32=tf32,
             )
-            vector_dtype = torch.promote_types(op.params[0].dtype, torch.float32)
+            if vector_dtype is None:
+                vector_dtype = torch.promote_types(op.params[0].dtype, torch.float32)
             common = {"device": op.device, "dtype": vector_dtype, "shard": vectors}
             loss, grad = op.loss_and_grad()
             grad_norm = float(grad.norm())
