@@ -20,6 +20,7 @@ parameter-sized vectors, whatever the number of iterations (`memory_estimate` co
   matrix becomes an arrowhead plus a tridiagonal. Full reorthogonalisation inside the basis keeps
   Ritz values free of ghost copies, the residual bounds stay those of plain Lanczos, a breakdown
   restarts from a random vector orthogonal to the basis, and the Ritz vectors come for free.
+  Measured on the test MLP (top-5, tol 1e-4): 35 matvecs unrestarted, 36 with 20 stored, 39 with 11.
   Why not the alternatives: plain Lanczos without reorthogonalisation needs only 3 vectors, but its
   ghost eigenvalues must be told from real close pairs by heuristics (Cullum & Willoughby) and a
   top-k list by value is exactly where ghosts of λmax land; selective/partial reorthogonalisation
@@ -28,8 +29,8 @@ parameter-sized vectors, whatever the number of iterations (`memory_estimate` co
   still go to the host (`storage_device="cpu"`) with only the current vectors on the device.
 - SLQ density: the quadrature needs only the tridiagonal, so it runs plain three-term Lanczos
   (3 vectors). Lost orthogonality there splits a node's weight among near-copies but keeps the
-  quadrature accurate (Greenbaum 1989; Knizhnerman 1996; Chen, Trogdon & Ubaru 2021); the first
-  moments are exact in any case (the test checks Σ τ θᵖ = vᵀHᵖv).
+  quadrature accurate (Greenbaum 1989; Knizhnerman 1996; Chen, Trogdon & Ubaru 2021); the tests
+  check Σ τ θᵖ = vᵀHᵖv for p <= 11 to rounding after 40 steps, well past the loss of orthogonality.
 - Hutch++: the sketch Q = orth(H S) is built one column at a time by Gram-Schmidt (no second
   copy for a QR) and has at most `n_sketch` columns (spectrum passes its `n_basis`); the matvecs a
   smaller sketch saves go to the Hutchinson part.
