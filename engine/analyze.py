@@ -275,22 +275,29 @@ def pretraining_loss(model, batch) -> Any:
     return model(**model_inputs(batch, model.config)).loss
 
 
-def hessian_problem(ctx: Context, ck: CheckpointRef, loss: str, device: str = "cpu") -> tuple[Any, Callable, list]:
-    """(model, loss_fn, batches) for the Hessian of `loss`: "pretrain" or "finetune:<task>".
+def hessian_problem(ctx: Context, ck: CheckpointRef, loss: str,
+                    device: str = "cpu") -> tuple[Any, Callable, list, Callable[[Any], float]]:
+    """(model, loss_fn, batches, count_fn) for the Hessian of `loss`: "pretrain" or "finetune:<task>".
 
     pretrain: the pretraining loss on fixed validation batches. finetune:<task>: the fine-tuning loss
     at the weights fine-tuned on the task's first split seed, on the first training batches.
+    `count_fn(batch)` is what the batch's mean loss divides by (labelled tokens; labelled entries), so
+    the loss over several batches is the same per-token mean pretraining and fine-tuning minimise.
     """
     if loss == "pretrain":
+        from engine.models import family_of, n_loss_tokens
+
         model, batches = _pretrained(ctx, ck, device)
-        return model, pretraining_loss, batches
+        family = family_of(model.config)
+        return model, pretraining_loss, batches, lambda b: float(n_loss_tokens(b["labels"], family))
     from engine import finetune
 
     task = loss.removeprefix("finetune:")
     data = _task_split(ctx, task, ctx.cfg.downstream.seeds[0])
-    return finetune.finetuning_loss(ctx.rd.path(ck.path), data, ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task),
-                                    n_batches=ctx.cfg.analysis.hessian_batches,
-                                    batch_size=ctx.cfg.downstream.batch_size, device=device)
+    model, loss_fn, batches = finetune.finetuning_loss(
+        ctx.rd.path(ck.path), data, ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task),
+        n_batches=ctx.cfg.analysis.hessian_batches, batch_size=ctx.cfg.downstream.batch_size, device=device)
+    return model, loss_fn, batches, lambda b: float(finetune.n_labelled(b["labels"], data.n_classes))
 
 
 def hessian_job(ctx: Context, ck: CheckpointRef, loss: str) -> list[dict]:
@@ -311,13 +318,15 @@ def _spectrum_record(ctx: Context, ck: CheckpointRef, loss: str, device: str, sh
     from engine.hessian import spectrum
 
     an = ctx.cfg.analysis
-    model, loss_fn, batches = hessian_problem(ctx, ck, loss, device)
+    model, loss_fn, batches, count_fn = hessian_problem(ctx, ck, loss, device)
     rank, world = share
     if len(batches) < world:
         raise ValueError(f"Hessian of {loss}: {len(batches)} batches cannot be shared by {world} workers "
                          "(analysis.hessian_workers must not exceed the batches there are)")
-    spec = spectrum(model, loss_fn, batches[rank::world], all_reduce=all_reduce, top_k=an.hessian_top_k,
-                    max_iter=an.hessian_max_iter, trace_matvecs=an.trace_matvecs, density_runs=an.density_runs, seed=0)
+    # each worker holds every world-th batch and its slice of every stored Lanczos vector (no replication)
+    spec = spectrum(model, loss_fn, batches[rank::world], all_reduce=all_reduce, count_fn=count_fn,
+                    shard=share if world > 1 else None, top_k=an.hessian_top_k, max_iter=an.hessian_max_iter,
+                    trace_matvecs=an.trace_matvecs, density_runs=an.density_runs, tf32=an.hessian_tf32, seed=0)
     return {**spec.to_record(), "n_batches": len(batches), "n_workers": world}
 
 

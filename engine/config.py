@@ -249,6 +249,7 @@ class AnalysisConfig(Strict):
     hessian_max_iter: int = Field(60, gt=0)  # Lanczos steps
     hessian_workers: int = Field(1, gt=0)  # Ray Train workers sharing the batches of one HVP (<= hessian_batches)
     hessian_finetune: bool = True  # also the Hessian of each task's fine-tuning loss (needs mode finetune)
+    hessian_tf32: bool = False  # TF32 matmuls in the HVPs on GPUs that have them; off until its error is measured
     trace_matvecs: int = Field(30, ge=0)  # 0 skips the trace; Hutch++ needs at least 3
     density_runs: int = Field(2, ge=0)
     landscape_resolution: int = Field(11, ge=0)  # points per axis; 0 skips landscapes

@@ -213,6 +213,12 @@ def _better(new: float, best: float, task_type: TaskType) -> bool:
 # the masked loss
 
 
+def n_labelled(labels: torch.Tensor, n_classes: int | None = None) -> int:
+    """The entries `masked_loss` averages over: non-NaN labels (the first column for multi-class)."""
+    observed = ~torch.isnan(labels)
+    return int((observed[:, 0] if n_classes is not None else observed).sum())
+
+
 def masked_loss(outputs: torch.Tensor, labels: torch.Tensor, task_type: TaskType, n_classes: int | None = None) -> torch.Tensor:
     """Mean loss over the labelled entries; NaN labels give neither loss nor gradient.
 

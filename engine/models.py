@@ -128,6 +128,14 @@ def use_eager_attention(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def n_loss_tokens(labels: torch.Tensor, family: Family) -> torch.Tensor:
+    """Positions that carry loss (the denominator of the model's mean loss): clm models shift labels
+    left by one inside the model, so the first position never counts."""
+    if family == "clm":
+        labels = labels[:, 1:]
+    return (labels != -100).sum()
+
+
 def model_inputs(batch: dict[str, torch.Tensor], config: PreTrainedConfig) -> dict[str, torch.Tensor]:
     """The keyword arguments of `model(**...)` for a batch in the docs/CONTRACTS.md format.
 

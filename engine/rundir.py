@@ -428,8 +428,10 @@ TABLES: dict[str, Table] = {
     ),
     "hessian": Table(
         columns=IDENTITY + ("pretrain_val_loss", "loss", "lambda_max", "eigenvalues", "eigenvalue_residuals",
-                            "converged", "trace", "trace_stderr", "density_grid", "density", "n_matvecs", "n_workers",
-                            "n_batches", "hessian_dim", "loss_value", "grad_norm", "wall_time_s") + MEASURED,
+                            "converged", "lambda_max_half", "lambda_max_half_rel_diff", "lambda_max_half_converged",
+                            "n_batches_half", "trace", "trace_stderr", "density_grid", "density", "n_matvecs",
+                            "n_matvecs_half", "n_workers", "n_batches", "weight_total", "n_basis", "tf32",
+                            "hessian_dim", "loss_value", "grad_norm", "wall_time_s") + MEASURED,
         required=("checkpoint", "trial_id", "loss", "status"),
         key=("checkpoint", "loss"),
     ),

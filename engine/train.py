@@ -69,6 +69,7 @@ from engine.models import (
     batch_cost,
     mfu,
     model_inputs,
+    n_loss_tokens,
     peak_flops,
 )
 from engine.files import json_safe
@@ -303,7 +304,7 @@ def _accumulation_step(engine, run: _Run, state: RunState, stream: Iterator[tupl
         loss = engine(**model_inputs(batch, run.model_config)).loss
         if state.step + 1 == run.inject_nan_at and micro == 0:
             loss = loss * math.nan
-        n_loss = _n_loss_tokens(batch["labels"], run.family)
+        n_loss = n_loss_tokens(batch["labels"], run.family)
         n_in = (batch["input_ids"] != run.pad_id).sum()
         stats[:3] += torch.stack([n_in.double(), loss.detach().double() * n_loss, n_loss.double()])
         engine.backward(loss)
@@ -495,13 +496,6 @@ def _micro_batches(
         epoch, n_skip = epoch + 1, 0
 
 
-def _n_loss_tokens(labels: torch.Tensor, family: str) -> torch.Tensor:
-    """Positions that carry loss: clm models shift labels left by one inside the model."""
-    if family == "clm":
-        labels = labels[:, 1:]
-    return (labels != -100).sum()
-
-
 # ---------------------------------------------------------------------------------------------
 # validation
 
@@ -515,7 +509,7 @@ def _evaluate(engine, val_batches: Sequence[dict], config: PreTrainedConfig) -> 
     loss_sum, n = 0.0, 0
     for batch in val_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        n_loss = int(_n_loss_tokens(batch["labels"], family))
+        n_loss = int(n_loss_tokens(batch["labels"], family))
         if n_loss:
             loss_sum += float(engine(**model_inputs(batch, config)).loss) * n_loss
             n += n_loss

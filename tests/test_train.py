@@ -235,7 +235,8 @@ def _zero3_worker(rank: int, world: int, port: int, trial_dir: str) -> None:
 
     from engine.config import ResourcesConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))  # what torchrun sets; DeepSpeed asserts LOCAL_RANK
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     trial = smoke_trial("mlm", "xxs", BUDGET // 2, zero_stage=3, precision="fp32", checkpoints=1)
