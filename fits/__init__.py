@@ -4,6 +4,7 @@ proxy correlations and proxy predictions, two-step task prediction.
 Plain numpy/scipy/statsmodels; nothing here imports ray, torch or engine.
 """
 
+from fits.comparison import PairedDifference, best_on_validation, paired_difference
 from fits.correlate import describe_correlation, proxy_correlations
 from fits.downstream import (DownstreamPowerLaw, MonotoneTrend, ScaleTrend, mann_kendall, monotone_trend,
                              trend_at_largest_scales)
@@ -26,6 +27,7 @@ __all__ = [
     "LogLogOLS",
     "MonotoneTrend",
     "NotFittedError",
+    "PairedDifference",
     "PlateauMargin",
     "ProxyTiming",
     "SaturatingPowerLaw",
@@ -37,6 +39,7 @@ __all__ = [
     "adjust_pvalues",
     "axis_trend",
     "backtest",
+    "best_on_validation",
     "compute_frontier_mask",
     "correct",
     "describe_correlation",
@@ -46,6 +49,7 @@ __all__ = [
     "leave_one_size_out",
     "mann_kendall",
     "monotone_trend",
+    "paired_difference",
     "plateau_margin",
     "pool_inverse_variance",
     "proxy_correlations",
