@@ -191,8 +191,8 @@ def _standard_error(method, design, y, runs, xtx, xty, slope, n_bootstrap, seed)
     if method == "iid":
         result = sm.OLS(y, design).fit()
         if result.df_resid < 1:
-            return math.nan, math.nan, f"{len(y)} rows for {int(round(len(y) - result.df_resid))} coefficients: no " \
-                                       "residual degrees of freedom"
+            n_coefficients = round(len(y) - result.df_resid)
+            return math.nan, math.nan, f"{len(y)} rows for {n_coefficients} coefficients: no residual degrees of freedom"
         return float(result.bse[1]), float(result.df_resid), ""
     if method == "cluster":
         result = sm.OLS(y, design).fit(cov_type="cluster", cov_kwds={"groups": runs}, use_t=True)
