@@ -1,30 +1,65 @@
-"""Scaling-law fits and their read-outs: L(N, D), one-variable laws, downstream trends, proxy correlations.
+"""Scaling-law fits and their read-outs: L(N, D), one-variable laws, downstream trends and their verdicts,
+proxy correlations and proxy predictions, two-step task prediction.
 
 Plain numpy/scipy/statsmodels; nothing here imports ray or torch, and the estimators use only
 engine.files (JSON without NaN) of the engine. The fit stage and the report read the run directory
 through engine.rundir.
 """
 
+from fits.comparison import PairedDifference, best_on_validation, paired_difference
 from fits.correlate import describe_correlation, proxy_correlations
 from fits.downstream import (DownstreamPowerLaw, MonotoneTrend, ScaleTrend, mann_kendall, monotone_trend,
                              trend_at_largest_scales)
-from fits.powerlaw import (BacktestResult, ChinchillaFit, ComputeOptimal, LogLogOLS, NotFittedError,
-                           SaturatingPowerLaw, backtest)
+from fits.powerlaw import (BacktestResult, ChinchillaFit, ComputeOptimal, Identification, LogLogOLS, NotFittedError,
+                           SaturatingPowerLaw, backtest, identification)
+from fits.proxies import LeaveOneSizeOut, ProxyTiming, leave_one_size_out, proxy_timing, selection_regret
+from fits.slopes import SlopeEstimate, compute_frontier_mask, fit_slope, pool_inverse_variance
+from fits.taskladder import TaskBacktest, TaskLadder, task_ladder_backtest
+from fits.verdicts import (AxisTrend, PlateauMargin, TrendVerdict, adjust_pvalues, axis_trend, correct, judge,
+                           plateau_margin, scaling_verdicts, trend_on_table, verdict_counts)
 
 __all__ = [
+    "AxisTrend",
     "BacktestResult",
     "ChinchillaFit",
     "ComputeOptimal",
     "DownstreamPowerLaw",
+    "Identification",
+    "LeaveOneSizeOut",
     "LogLogOLS",
     "MonotoneTrend",
     "NotFittedError",
+    "PairedDifference",
+    "PlateauMargin",
+    "ProxyTiming",
     "SaturatingPowerLaw",
     "ScaleTrend",
+    "SlopeEstimate",
+    "TaskBacktest",
+    "TaskLadder",
+    "TrendVerdict",
+    "adjust_pvalues",
+    "axis_trend",
     "backtest",
+    "best_on_validation",
+    "compute_frontier_mask",
+    "correct",
     "describe_correlation",
+    "fit_slope",
+    "identification",
+    "judge",
+    "leave_one_size_out",
     "mann_kendall",
     "monotone_trend",
+    "paired_difference",
+    "plateau_margin",
+    "pool_inverse_variance",
     "proxy_correlations",
+    "proxy_timing",
+    "scaling_verdicts",
+    "selection_regret",
+    "task_ladder_backtest",
     "trend_at_largest_scales",
+    "trend_on_table",
+    "verdict_counts",
 ]

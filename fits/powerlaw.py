@@ -272,6 +272,12 @@ class _Estimator:
         return {}
 
 
+def _grid_summary(**columns: np.ndarray) -> dict[str, dict]:
+    """Range and number of distinct values of each fitted column: what identification judges the law against."""
+    return {name: {"min": float(values.min()), "max": float(values.max()), "n_distinct": int(np.unique(values).size)}
+            for name, values in columns.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # L(N, D) = E + A/N^α + B/D^β
 
@@ -331,6 +337,7 @@ class ChinchillaFit(_Estimator):
             setattr(self, f"{name}_", value)
         self.huber_loss_ = objective
         self.n_points_ = int(log_loss.size)
+        self.grid_ = _grid_summary(n_params=columns["n_params"], n_tokens=columns["n_tokens"], loss=columns["loss"])
 
         extra_starts = starts[: max(self.n_bootstrap_starts - 1, 0)]
         thetas = (_bootstrap(_chinchilla_design, (log_n, log_d), log_loss, self.huber_delta, theta, extra_starts,
@@ -373,7 +380,8 @@ class ChinchillaFit(_Estimator):
     def _extra_summary(self) -> dict:
         alpha, beta = self.params_["alpha"], self.params_["beta"]
         exponents = {"n_params_exponent": beta / (alpha + beta), "n_tokens_exponent": alpha / (alpha + beta)}
-        return {"frontier": exponents, "huber_loss": self.huber_loss_, "n_bootstrap_failed": self.n_bootstrap_failed_}
+        return {"frontier": exponents, "huber_loss": self.huber_loss_, "n_bootstrap_failed": self.n_bootstrap_failed_,
+                "grid": self.grid_, "identification": identification(self).to_dict()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +425,7 @@ class SaturatingPowerLaw(_Estimator):
         self.E_, self.A_, self.gamma_ = (self.params_[name] for name in self.param_names)
         self.huber_loss_ = objective
         self.n_points_ = int(log_y.size)
+        self.grid_ = _grid_summary(x=columns["x"], y=columns["y"])
 
         extra_starts = starts[: max(self.n_bootstrap_starts - 1, 0)]
         thetas = (_bootstrap(_saturating_design, (log_x,), log_y, self.huber_delta, theta, extra_starts,
@@ -448,7 +457,8 @@ class SaturatingPowerLaw(_Estimator):
         return self.E_ + self.A_ * np.asarray(x, float) ** (-self.gamma_)
 
     def _extra_summary(self) -> dict:
-        return {"huber_loss": self.huber_loss_, "n_bootstrap_failed": self.n_bootstrap_failed_}
+        return {"huber_loss": self.huber_loss_, "n_bootstrap_failed": self.n_bootstrap_failed_, "grid": self.grid_,
+                "identification": identification(self).to_dict()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,6 +487,7 @@ class LogLogOLS(_Estimator):
         self.se_ = {"log_A": float(log_a_se), "k": float(k_se)}
         self.r_squared_ = float(result.rsquared)
         self.n_points_ = int(log_y.size)
+        self.grid_ = _grid_summary(x=columns["x"], y=columns["y"])
         return self
 
     def predict(self, x) -> np.ndarray:
@@ -484,7 +495,7 @@ class LogLogOLS(_Estimator):
         return self.A_ * np.asarray(x, float) ** self.k_
 
     def _extra_summary(self) -> dict:
-        return {"r_squared": self.r_squared_}
+        return {"r_squared": self.r_squared_, "grid": self.grid_, "identification": identification(self).to_dict()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,3 +540,161 @@ def backtest(n_params, n_tokens, loss, n_holdout_rungs=1, estimator=None) -> Bac
                           max_abs_relative_error=float(abs_error.max()), n_train=int((~held_out).sum()),
                           n_holdout=int(held_out.sum()), holdout_n_params=tuple(float(n) for n in held_out_sizes),
                           fit=law)
+
+
+# --------------------------------------------------------------------------------------------
+# Is the law identified from this grid?
+#
+# The optimiser has no box bounds (log E, log A, log B, α, β are free), so the bounds that matter are the
+# law's own: E, A, B > 0 (reached as their logs run off to −∞), exponents ≥ 0, and E below the lowest observed
+# value. A parameter there, an interval wider than an order of magnitude, or a grid with too few distinct
+# values of a variable, means the grid cannot pin the law, and nothing derived from it (N*(C), exponents) is
+# a finding.
+
+AT_BOUND = 1e-3  # a floor or a term below 0.1 % of the lowest observed value has run to its bound 0
+SPAN_RATIO = 10.0  # hi / lo above this: the interval spans more than an order of magnitude
+FLAT_WIDTH = 1e-3  # relative interval width below this, while another parameter's is FLAT_CONTRAST× wider:
+FLAT_CONTRAST = 100.0  # the bootstrap refits did not move the parameter (a flat direction, as the demo's E)
+ADVICE = types.MappingProxyType({
+    "floor": "a wider range of scales (larger rungs and budgets), so that the curve bends toward its floor",
+    "n_params": "more model sizes (at least 3, better 5 or more) over a wider range of N",
+    "n_tokens": "more token budgets (at least 3) over a wider range of D",
+    "x": "more points over a wider range of x",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Identification:
+    """Whether a fitted law is pinned by its grid; problems name the parameter, what is wrong, value and interval."""
+    identified: bool
+    problems: tuple[dict, ...]
+    what_would_identify: str
+
+    def to_dict(self) -> dict:
+        return json_safe(dataclasses.asdict(self))
+
+    def sentence(self, law: str = "the law") -> str:
+        if self.identified:
+            return (f"{law[0].upper() + law[1:]} is identified: no parameter at a bound, every interval within an "
+                    "order of magnitude.")
+        listed = "; ".join(f"{p['parameter']}: {p['problem']}" for p in self.problems)
+        return (f"{law[0].upper() + law[1:]} is not identified from this grid ({listed}). What would identify it: "
+                f"{self.what_would_identify}.")
+
+
+def identification(law) -> Identification:
+    """Identification of a fitted ChinchillaFit, SaturatingPowerLaw, DownstreamPowerLaw or LogLogOLS."""
+    _check_is_fitted(law, "params_")
+    if hasattr(law, "law_") and hasattr(law, "asymptote_"):  # DownstreamPowerLaw: judge its gap law
+        inner = identification(law.law_)
+        renamed = tuple({**p, "parameter": "asymptote" if p["parameter"] == "E" else p["parameter"]}
+                        for p in inner.problems)
+        return dataclasses.replace(inner, problems=renamed)
+    if isinstance(law, ChinchillaFit):
+        terms = {"n_params": ("A", "alpha", "N", 3), "n_tokens": ("B", "beta", "D", 3)}
+        floor_of = law.grid_["loss"]["min"]
+    elif isinstance(law, SaturatingPowerLaw):
+        terms = {"x": ("A", "gamma", "x", 4)}  # three parameters and one residual
+        floor_of = law.grid_["y"]["min"]
+    elif isinstance(law, LogLogOLS):
+        return _identify_loglog(law)
+    else:
+        raise TypeError(f"identification: no rule for {type(law).__name__}")
+    problems: list[tuple[str, str, str]] = []  # (parameter, problem, advice key)
+    E = law.params_["E"]
+    if E < AT_BOUND * floor_of:
+        problems.append(("E", f"at its lower bound 0 (E = {E:.2g}, below 0.1 % of the lowest value "
+                              f"{floor_of:.3g})", "floor"))
+    elif E > (1 - AT_BOUND) * floor_of:
+        problems.append(("E", f"at its upper bound, the lowest observed value {floor_of:.3g}", "floor"))
+    for column, (amplitude, exponent, symbol, n_needed) in terms.items():
+        grid = law.grid_[column]
+        if grid["n_distinct"] < n_needed:
+            problems.append((f"{amplitude}, {exponent}", f"only {grid['n_distinct']} distinct {symbol}; the "
+                                                         f"{symbol} term needs at least {n_needed}", column))
+        value = law.params_[exponent]
+        if value < AT_BOUND:
+            problems.append((exponent, f"at its lower bound 0 ({exponent} = {value:.2g}): the {symbol} term is a "
+                                       "constant, inseparable from E", column))
+        term_at_grid = law.params_[amplitude] * grid["min"] ** -value
+        if term_at_grid < AT_BOUND * floor_of:
+            problems.append((amplitude, f"the {symbol} term is below 0.1 % of the lowest value across the grid "
+                                        f"({term_at_grid:.2g})", column))
+        problems += _interval_problems(law, exponent, column, exponent_like=True)
+        problems += _term_interval_problems(law, amplitude, exponent, grid, symbol, column)
+    problems += _interval_problems(law, "E", "floor", exponent_like=False)
+    problems += _flat_directions(law, {"E": "floor", **{a: c for c, (a, _, _, _) in terms.items()},
+                                       **{e: c for c, (_, e, _, _) in terms.items()}})
+    return _identification(problems)
+
+
+def _interval(law, name: str) -> tuple[float, float] | None:
+    lo, hi = law.ci_.get(name, (math.nan, math.nan))
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def _interval_problems(law, name: str, advice: str, exponent_like: bool) -> list[tuple[str, str, str]]:
+    """An exponent's interval crossing 0, or any interval whose ends differ by more than SPAN_RATIO."""
+    interval = _interval(law, name)
+    if interval is None:
+        return []
+    lo, hi = interval
+    if exponent_like and lo <= 0 <= hi:
+        return [(name, f"its interval {lo:.3g}…{hi:.3g} crosses 0", advice)]
+    if lo > 0 and hi / lo > SPAN_RATIO:
+        return [(name, f"its interval {lo:.3g}…{hi:.3g} spans more than an order of magnitude", advice)]
+    return []
+
+
+def _term_interval_problems(law, amplitude: str, exponent: str, grid: dict, symbol: str,
+                            advice: str) -> list[tuple[str, str, str]]:
+    """An amplitude is judged by its term at the grid's geometric middle (A itself is the term at x = 1, far off
+    any grid, and its interval is wide even for a well-pinned law)."""
+    samples = getattr(law, "bootstrap_", pd.DataFrame()).dropna()
+    if len(samples) < 2:
+        return []
+    middle = math.sqrt(grid["min"] * grid["max"])
+    term = samples[amplitude] * middle ** -samples[exponent]
+    tail = 100 * (1 - law.ci_level) / 2
+    lo, hi = np.percentile(term, [tail, 100 - tail])
+    if lo > 0 and hi / lo > SPAN_RATIO:
+        return [(amplitude, f"the {symbol} term at the grid's middle has interval {lo:.3g}…{hi:.3g}, more than an "
+                            "order of magnitude", advice)]
+    return []
+
+
+def _flat_directions(law, advice: dict[str, str]) -> list[tuple[str, str, str]]:
+    """Parameters whose bootstrap interval barely moved while another's is FLAT_CONTRAST× wider."""
+    widths = {}
+    for name in advice:
+        interval = _interval(law, name)
+        value = abs(law.params_[name])
+        if interval is not None and value > 0:
+            widths[name] = (interval[1] - interval[0]) / value
+    out = []
+    for name, width in widths.items():
+        others = [w for other, w in widths.items() if other != name]
+        if width < FLAT_WIDTH and others and max(others) > FLAT_CONTRAST * max(width, 1e-300):
+            out.append((name, f"its bootstrap interval barely moved (relative width {width:.1g}, another "
+                              f"parameter's is {max(others):.2g}): a direction the data do not pin", advice[name]))
+    return out
+
+
+def _identify_loglog(law: LogLogOLS) -> Identification:
+    problems = []
+    if law.grid_["x"]["n_distinct"] < 3:
+        problems.append(("k", f"only {law.grid_['x']['n_distinct']} distinct x; a line with an interval needs 3",
+                         "x"))
+    lo, hi = law.ci_["k"]
+    if lo <= 0 <= hi:
+        problems.append(("k", f"its interval {lo:.3g}…{hi:.3g} crosses 0", "x"))
+    elif min(abs(lo), abs(hi)) > 0 and max(abs(lo), abs(hi)) / min(abs(lo), abs(hi)) > SPAN_RATIO:
+        problems.append(("k", f"its interval {lo:.3g}…{hi:.3g} spans more than an order of magnitude", "x"))
+    return _identification(problems)
+
+
+def _identification(problems: list[tuple[str, str, str]]) -> Identification:
+    advice = list(dict.fromkeys(ADVICE[key] for _, _, key in problems))
+    return Identification(identified=not problems,
+                          problems=tuple({"parameter": name, "problem": text} for name, text, _ in problems),
+                          what_would_identify="; ".join(advice))
