@@ -35,6 +35,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import CustomTask, DownstreamConfig
+from engine.metrics import METRICS
 from engine.rundir import sha256_stream
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ class ChecksumError(TaskError):
 # ---------------------------------------------------------------------------------------------
 # the registry
 
-# every metric a task of each type is scored by; engine.finetune computes them
-METRICS: dict[str, tuple[str, ...]] = {"classification": ("roc_auc", "prc_auc"), "regression": ("rmse", "mae")}
 
 @dataclass(frozen=True)
 class Task:

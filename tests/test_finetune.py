@@ -18,11 +18,11 @@ from engine.finetune import (
     finetune,
     fingerprint_baseline,
     masked_loss,
-    mean_roc_auc,
+    metric_rows,
     pool,
-    rmse,
-    roc_auc,
+    select_lr,
 )
+from engine.metrics import mae, mean_prc_auc, mean_roc_auc, prc_auc, rmse, roc_auc
 from engine.tokenizer import build_tokenizer
 from fits._blas import one_blas_thread
 
@@ -30,7 +30,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 VOCAB_SIZE = 64  # room for the ~40 tokens of both files
 # tiny models learn in a few epochs at this lr; cpu even on a GPU box, as CUDA's embedding backward
 # is not bitwise deterministic
-FAST = dict(patience=3, lr=2e-3, batch_size=32, seed=0, device="cpu")
+FAST = dict(patience=3, lr=2e-3, batch_size=32, split_seed=0, finetune_seed=0, device="cpu")
 
 
 def _valid(df: pd.DataFrame) -> pd.DataFrame:
@@ -167,11 +167,15 @@ def test_masked_loss_ignores_nan_labels():
     assert masked_loss(logits, y, "classification", n_classes=3).item() == pytest.approx(expected.item())
 
 
-def test_pool_takes_cls_for_mlm_and_last_real_token_for_clm():
+def test_pool_mean_over_real_tokens_cls_and_last_real_token():
     hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # (B, T, H)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    assert pool(hidden, mask, "mlm").flatten().tolist() == [0.0, 4.0]
-    assert pool(hidden, mask, "clm").flatten().tolist() == [2.0, 7.0]
+    assert pool(hidden, mask, "mean").flatten().tolist() == [1.0, 5.5]  # (0+1+2)/3: the pad (3.0) is left out
+    assert pool(hidden, mask).flatten().tolist() == [1.0, 5.5]  # mean is the default
+    assert pool(hidden, mask, "cls").flatten().tolist() == [0.0, 4.0]
+    assert pool(hidden, mask, "last").flatten().tolist() == [2.0, 7.0]
+    with pytest.raises(ValueError, match="pooling must be one of 'mean', 'cls', 'last'"):
+        pool(hidden, mask, "max")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +202,7 @@ def test_finetune_is_deterministic_per_seed(mlm_checkpoint, heavy_atoms):
     kwargs = dict(FAST, epochs=1)
     first = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **kwargs)
     again = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **kwargs)
-    other = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **{**kwargs, "seed": 1})
+    other = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **{**kwargs, "finetune_seed": 1})
     assert first["history"] == again["history"] and first["test"] == again["test"]
     assert other["history"] != first["history"]
 
@@ -228,7 +232,7 @@ def test_multitask_with_missing_labels(mlm_checkpoint, solubility):
     labels[np.random.default_rng(0).random(labels.shape) < 0.3] = np.nan  # Tox21-style sparse labels
     data = FinetuneData(list(sub.smiles), labels, "classification", _random_split(150, 2), name="multitask")
     tuned = finetune(mlm_checkpoint, data, mode="finetune", epochs=2, **FAST)
-    fp = fingerprint_baseline(data, seed=0, n_bits=128)
+    fp = fingerprint_baseline(data, split_seed=0, n_bits=128)
     for result in (tuned, fp):
         assert 0.0 <= result["test"] <= 1.0
     assert fp["mode"] == "morgan_fp" and fp.keys() == tuned.keys()
@@ -249,7 +253,7 @@ def test_fingerprint_baseline_beats_the_mean_on_solubility(solubility):
     sub = solubility.sample(600, random_state=3).reset_index(drop=True)
     split = _random_split(600, 3, (0.8, 0.1, 0.1))
     data = FinetuneData(list(sub.smiles), sub.sol.to_numpy(np.float32), "regression", split, name="solubility")
-    result = fingerprint_baseline(data, seed=0, n_bits=1024)
+    result = fingerprint_baseline(data, split_seed=0, n_bits=1024)
     assert result["mode"] == "morgan_fp" and result["metric"] == "rmse"
     assert result["test"] < 0.75 * _mean_predictor_rmse(data), result  # log S tracks structure closely
 
