@@ -472,6 +472,7 @@ def result_row(data: FinetuneData, mode: str, fit: dict[str, Any], split_seed: i
         "l2": fit.get("l2"),  # probe and morgan_fp: the penalty chosen on val
         "pooling": None,  # finetune and probe: mean | cls | last
         "probe_layer": fit.get("probe_layer"),  # probe: the hidden layer read (0 = embeddings), chosen or given
+        "n_layers_probed": fit.get("n_layers_probed"),  # probe: 1, or every layer with probe_layer "best"
         "n_train": int(train_idx.size),
         "n_val": int(val_idx.size),
         "n_test": int(test_idx.size),
