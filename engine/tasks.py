@@ -1,4 +1,4 @@
-"""Downstream tasks: the MoleculeNet registry, loading with checks, and scaffold / random splits.
+"""Downstream tasks: the MoleculeNet registry, loading with checks, and scaffold / DeepChem / random splits.
 
 `TASKS` names every benchmark a sweep can fine-tune on. A MoleculeNet file is found in a local
 folder (`data_dir`, else `CLMSCALE_DATA_DIR`), else in the user cache, else downloaded from the
@@ -7,7 +7,10 @@ hard-coded here, because many circulating copies have been edited (see shared/da
 The demo tasks read the files shipped under data/ and need nothing else.
 
 `load_task` turns a task into `TaskData` (SMILES RDKit can parse, float32 labels with NaN for
-missing), and `split_task` cuts it into train / val / test and checks each part can be scored.
+missing), and `split_task` cuts it into train / val / test and checks each part can be scored:
+"scaffold" (chemprop's balanced split, seeded: for split variance), "deepchem" (DeepChem's
+deterministic ScaffoldSplitter: the split of the published MoleculeNet tables) or "random".
+`split_records` lists which molecule went where, to be written beside the results.
 """
 
 from __future__ import annotations

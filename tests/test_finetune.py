@@ -290,7 +290,7 @@ def test_probe_layers_and_pooling_options(mlm_checkpoint, clm_checkpoint, heavy_
     saved = tmp_path / "last.safetensors"
     finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=1, **FAST, pooling="last", save_to=saved)
     model, loss_fn, batches = finetuning_loss(mlm_checkpoint, heavy_atoms, saved, n_batches=2, batch_size=16)
-    assert model.pooling == "last" and len(batches) == 2 and math.isfinite(float(loss_fn(model, batches[0])))
+    assert model.pooling == "last" and len(batches) == 2 and math.isfinite(loss_fn(model, batches[0]).detach().item())
     _, _, sampled = finetuning_loss(mlm_checkpoint, heavy_atoms, saved, n_batches=2, batch_size=16, sample_seed=0)
     assert not torch.equal(sampled[0]["labels"], batches[0]["labels"])  # a random sample of train, not its head
 

@@ -430,9 +430,9 @@ def test_deepchem_scaffold_split_is_deterministic_and_wired_into_split_task(solu
 
 @needs_moleculenet
 def test_deepchem_scaffold_split_gives_bbbps_published_sizes():
-    """BBBP: 2039 molecules RDKit parses (of 2050 rows); MoleculeNet's scaffold split of it has 1631 / 204 / 204
-    molecules (the sizes reported for it, e.g. as OGB's ogbg-molbbbp, which ports this splitter): the cut-offs
-    0.8 * 2039 = 1631.2 and 0.9 * 2039 = 1835.1, filled to the molecule by the many singleton scaffolds."""
+    """BBBP: 2039 molecules RDKit parses (of 2050 rows). Its scaffold split has 1631 / 204 / 204 molecules, the
+    sizes commonly reported for it: DeepChem's cut-offs 0.8 * 2039 = 1631.2 and 0.9 * 2039 = 1835.1, filled to
+    the molecule because 763 of BBBP's 1025 scaffolds are singletons, which come last."""
     bbbp = moleculenet("bbbp", None)
     split = split_task(bbbp, "deepchem")
     assert [len(p) for p in split] == [1631, 204, 204]
