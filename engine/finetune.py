@@ -519,8 +519,12 @@ def _train(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], epo
     shuffle = torch.Generator().manual_seed(seed)
     metric = data.primary_metric
 
-    def predict_all() -> np.ndarray:
-        return _predict(model, data, ids, np.arange(len(ids)), batch_size, pad_id, device, mean, std)
+    def predict_scored() -> np.ndarray:
+        """Predictions for the val and test rows (NaN elsewhere): what `split_metrics` reads, without a train pass."""
+        rows = np.concatenate(data.split[1:])
+        out = np.full((len(ids), data.n_outputs), np.nan)
+        out[rows] = _predict(model, data, ids, rows, batch_size, pad_id, device, mean, std)
+        return out
 
     def evaluate() -> float:
         return task_metric(data, val_idx, _predict(model, data, ids, val_idx, batch_size, pad_id, device, mean, std))
@@ -564,7 +568,7 @@ def _train(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], epo
     model.load_state_dict(best_state)
     flag = "non_finite_loss" if non_finite else "best_epoch_0" if best_epoch == 0 else ""
     # every metric recomputed from the restored weights, so a failed restore cannot go unnoticed
-    return {**split_metrics(data, predict_all()), "best_epoch": best_epoch, "n_epochs": epoch, "history": history,
+    return {**split_metrics(data, predict_scored()), "best_epoch": best_epoch, "n_epochs": epoch, "history": history,
             "flag": flag}  # fmt: skip
 
 
