@@ -94,4 +94,4 @@ def test_mean_pooled_probe_of_a_pretrained_checkpoint_beats_random_init(pretrain
             scores[name].append((row["val"], row["test"]))
     pre, rnd = np.array(scores["pretrained"]), np.array(scores["random_init"])  # (seed, [val, test]) RMSE
     assert (pre[:, 0] < rnd[:, 0]).all(), scores  # on every split's validation part
-    assert pre[:, 1].mean() < 0.97 * rnd[:, 1].mean(), scores  # and on test, on average (measured 0.924 vs 0.997)
+    assert pre[:, 1].mean() < 0.97 * rnd[:, 1].mean(), scores  # and on test, on average (measured 0.924 vs 0.996)
