@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.finetune import FinetuneData, split_metrics, morgan_fingerprints, result_row
+from engine.finetune import FinetuneData, morgan_fingerprints, result_row, split_metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def rdkit_descriptors(smiles: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     from rdkit import Chem, rdBase
     from rdkit.Chem import Descriptors
 
-    rows, names, unparsable = [], None, []
+    rows: list[list[float]] = []
+    names: list[str] | None = None
+    unparsable: list[str] = []
     with rdBase.BlockLogs():
         for i, s in enumerate(smiles):
             mol = Chem.MolFromSmiles(s)
@@ -80,7 +82,8 @@ def fit_forest(features: np.ndarray, data: FinetuneData, *, seed: int, n_trees: 
     if data.n_classes is not None:
         y = data.labels[train_idx, 0]
         keep = ~np.isnan(y)
-        forest = RandomForestClassifier(class_weight="balanced", **kwargs).fit(features[train_idx][keep], y[keep].astype(int))
+        forest = RandomForestClassifier(class_weight="balanced", **kwargs)
+        forest.fit(features[train_idx][keep], y[keep].astype(int))
         predictions = np.zeros((len(features), data.n_classes))
         predictions[:, forest.classes_] = forest.predict_proba(features)  # a class absent from train stays 0
         return split_metrics(data, predictions)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 from pathlib import Path
 
 import typer
@@ -81,11 +80,11 @@ def prepare(
     """Turn the sweep's corpus into canonical, deduplicated shards, a manifest and a tokenizer."""
     from engine.prepare import prepare as run_prepare
     cfg = load_sweep(sweep_file)
-    data_dir = RunDir(cfg.run_dir).data
-    manifest = run_prepare(cfg.data, data_dir, overwrite=overwrite)
+    data = RunDir(cfg.run_dir).data
+    manifest = run_prepare(cfg.data, data, overwrite=overwrite)
     c = manifest.counts
     typer.echo(
-        f"{data_dir}: read {c.n_in}, invalid {c.n_invalid}, duplicate {c.n_duplicate}, filtered {c.n_filtered}, "
+        f"{data.path}: read {c.n_in}, invalid {c.n_invalid}, duplicate {c.n_duplicate}, filtered {c.n_filtered}, "
         f"kept {c.n_kept} (train {c.train.n_molecules}, val {c.val.n_molecules}); vocab {manifest.tokenizer.vocab_size}"
     )
 
@@ -103,7 +102,7 @@ def sweep(
     cfg = _load_checked(sweep_file)
     _init_ray(address)
     table = sweep_mod.run_sweep(cfg, resume=resume)
-    typer.echo(f"{len(table)} checkpoints in {RunDir(cfg.run_dir).table('pretrain')}")
+    typer.echo(f"{len(table)} checkpoints in {RunDir(cfg.run_dir).table_path('pretrain')}")
     if cfg.analysis.run_after_sweep:
         from engine.analyze import run_analysis
 
@@ -117,12 +116,7 @@ def status(run_dir: Path) -> None:
     from engine.sweep import trial_status
 
     rd = RunDir(run_dir)
-    if not rd.sweep_yaml.exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no sweep.yaml)")
-    import yaml
-
-    cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
-    table = trial_status(rd, expand_grid(cfg))
+    table = trial_status(rd, expand_grid(rd.config()))
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for event in rd.fault_events():  # restarts and corrupt checkpoints: what the run survived
         typer.echo(" ".join(f"{k}={v}" for k, v in event.items()))
@@ -144,7 +138,7 @@ def analyze(
     for name, table in tables.items():
         errors = table[table["status"] == "error"] if "status" in table else table.iloc[0:0]
         n_errors += len(errors)
-        typer.echo(f"{RunDir(run_dir).table(name)}: {len(table)} rows, {len(errors)} errors")
+        typer.echo(f"{RunDir(run_dir).table_path(name)}: {len(table)} rows, {len(errors)} errors")
         for row in errors.to_dict("records"):
             typer.echo(f"error: {name} {row.get('task', '')} {row['checkpoint']}: {row['error']}", err=True)
     if n_errors:
@@ -167,17 +161,18 @@ def fit(
     """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""
     import json
 
-    from fits import run as fits_run
+    from fits import fit as fits_fit
 
     if table is not None:
-        result = fits_run.fit_table(table, law, n_col=n_col, d_col=d_col, y_col=y_col, x_col=x_col,
+        result = fits_fit.fit_table(table, law, n_col=n_col, d_col=d_col, y_col=y_col, x_col=x_col,
                                     bootstrap=1000 if bootstrap is None else bootstrap)
-        typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else fits_run.format_fit(result))
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else fits_fit.format_fit(result))
         return
     if run_dir is None:
         raise ValueError("give a RUN_DIR to fit, or --table FILE")
-    result = fits_run.fit_run(run_dir, n_bootstrap=bootstrap)
-    typer.echo(f"wrote {RunDir(run_dir).results / 'fits.json'} and {RunDir(run_dir).results / 'fits.parquet'}")
+    result = fits_fit.fit_run(run_dir, n_bootstrap=bootstrap)
+    rd = RunDir(run_dir)
+    typer.echo(f"wrote {rd.fits_path()} and {rd.table_path('fits')}")
     for sentence in result["findings"]:
         typer.echo(f"- {sentence}")
 
@@ -206,7 +201,7 @@ def demo(
     from engine.analyze import run_analysis
     from engine.sweep import run_sweep
     from fits.report import build_report
-    from fits.run import fit_run
+    from fits.fit import fit_run
 
     start = time.monotonic()
     cfg = _load_checked(sweep_file)
@@ -254,4 +249,4 @@ def main() -> None:  # pragma: no cover - `python -m engine.cli`
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -19,6 +19,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine import ladder
+from engine.ladder import Family
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -82,28 +85,11 @@ class ModelSize(Strict):
         return self.d_ff or 4 * self.d_model
 
 
-def _rung(name: str, n_layer: int, d_model: int, n_head: int) -> ModelSize:
-    return ModelSize(name=name, n_layer=n_layer, d_model=d_model, n_head=n_head)
-
-
-# Named rungs, smallest first. Widths grow ~1.5-2x per rung and depth slowly, roughly the
-# aspect ratios of the Pythia / OLMo ladders; head width stays 16-128. Parameter counts depend on
-# the vocabulary and family: `clmscale validate` prints them, `engine.models.count_params` computes them.
+# Named rungs, smallest first: the table is engine/ladder.py's (plain data, so that the FLOP formulas
+# import without pydantic on a GPU box); here each rung becomes a validated ModelSize.
 LADDER: dict[str, ModelSize] = {
-    r.name: r
-    for r in [
-        _rung("xxs", 1, 16, 2),  # ~5e3 non-embedding: CPU tests
-        _rung("xs", 2, 32, 2),  # ~2.5e4
-        _rung("s", 2, 64, 4),  # ~1e5
-        _rung("m", 4, 128, 4),  # ~8e5
-        _rung("l", 6, 256, 8),  # ~5e6
-        _rung("xl", 8, 384, 6),  # ~1.4e7
-        _rung("2xl", 12, 512, 8),  # ~3.8e7
-        _rung("3xl", 12, 768, 12),  # ~8.5e7: BERT-base shape
-        _rung("4xl", 16, 1024, 16),  # ~2e8
-        _rung("5xl", 24, 1536, 16),  # ~6.8e8
-        _rung("6xl", 24, 2048, 16),  # ~1.2e9
-    ]
+    name: ModelSize(name=r.name, n_layer=r.n_layer, d_model=r.d_model, n_head=r.n_head, d_ff=r.d_ff)
+    for name, r in ladder.LADDER.items()
 }
 
 
@@ -126,7 +112,7 @@ class RungOverrides(Strict):
 
 
 class ModelConfig(Strict):
-    family: Literal["mlm", "clm"] = "mlm"  # mlm: RoBERTa-style encoder; clm: GPT-2-style decoder
+    family: Family = "mlm"
     sizes: list[str | ModelSize] = Field(min_length=1)
     max_seq_len: int = Field(128, gt=4)  # tokens incl. special tokens; longer SMILES are cut
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # 0: scaling-law runs are single-epoch-ish
@@ -322,7 +308,7 @@ class Trial(Strict):
     """One pretraining run: a rung, a budget and a seed, with that rung's overrides applied."""
 
     trial_id: str
-    family: Literal["mlm", "clm"]
+    family: Family
     size: ModelSize
     budget_tokens: BigInt | None  # set when the budget is in tokens
     budget_epochs: float | None  # set when it is in epochs (tokens known after prepare)

@@ -20,19 +20,23 @@ import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from engine.ladder import Family
+
 if TYPE_CHECKING:
     import ray.data
     from transformers import PreTrainedTokenizerFast
 
+    from engine.config import Trial
+    from engine.rundir import RunDir
+
 logger = logging.getLogger(__name__)
 
-Family = Literal["mlm", "clm"]
 Batch = dict[str, torch.Tensor]
 
 IGNORE_INDEX = -100  # label of positions without loss (the HF / PyTorch cross-entropy convention)
@@ -53,7 +57,7 @@ def _wrap_ids(tokenizer: PreTrainedTokenizerFast, family: Family) -> tuple[int, 
     ids = tuple(getattr(tokenizer, name) for name in names[family])
     if None in ids:
         raise ValueError(f"tokenizer has no {' / '.join(names[family])}: build it with engine.tokenizer")
-    return ids  # type: ignore[return-value]
+    return ids
 
 
 def encode(
@@ -142,7 +146,7 @@ def collate(
         raise ValueError("collate needs at least one sequence")
     if packing and max_seq_len is None:
         raise ValueError("packing needs max_seq_len (the row length)")
-    rows = _pack(ids, max_seq_len) if packing else [[seq] for seq in ids]
+    rows = _pack(ids, max_seq_len) if packing and max_seq_len is not None else [[seq] for seq in ids]
     lengths = np.array([len(seq) for seq in ids], dtype=np.int64)  # per molecule
     row_lengths = np.array([sum(len(seq) for seq in row) for row in rows], dtype=np.int64)
     n_rows, width = len(rows), _padded_length(int(row_lengths.max()), max_seq_len)
@@ -331,6 +335,19 @@ def validation_batches(
     return batches
 
 
+def trial_validation_batches(rd: RunDir, trial: Trial, max_seq_len: int, *, n_batches: int | None = None,
+                             tokenizer: PreTrainedTokenizerFast | str | Path | None = None) -> list[Batch]:
+    """The fixed validation batches a trial is scored on: its own micro-batch size, masking and packing
+    (rung overrides applied), the first `n_batches` (default `train.val_batches`) of them. The sweep's
+    val_loss and the analysis' Hessians and landscapes of a checkpoint read the same tokens."""
+    return validation_batches(
+        rd.shard_paths("val"), tokenizer if tokenizer is not None else rd.tokenizer, family=trial.family,
+        n_batches=trial.train.val_batches if n_batches is None else n_batches,
+        micro_batch_size=trial.train.micro_batch_size, max_seq_len=max_seq_len,
+        mlm_probability=trial.train.mlm_probability, packing=trial.train.packing,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # the Ray path: Ray Data reads, shuffles, encodes and collates on its own CPUs; workers only unpack
 #
@@ -408,7 +425,7 @@ def train_dataset(
     per_call = micro_batch_size * max(1, ENCODE_ROWS // micro_batch_size) * (PACK_FACTOR if packing else 1)
     ds = ds.repartition(target_num_rows_per_block=per_call, strict=True)
     return ds.map_batches(
-        _make_batches,
+        _make_batches,  # type: ignore[arg-type]  # its extra arguments arrive through fn_kwargs
         batch_format="numpy",
         batch_size=per_call,
         fn_kwargs={"tokenizer": tokenizer, "family": family, "micro_batch_size": micro_batch_size,
@@ -426,7 +443,8 @@ def worker_batches(shard: ray.data.DataIterator | ray.data.Dataset, epoch: int) 
     one a run from scratch would give at that epoch.
     """
     warned = False
-    for rows in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+    # batch_size=None: the blocks as they come, one micro-batch per row (ray's stubs want an int)
+    for rows in shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):  # type: ignore[arg-type]
         for i, (n_rows, width) in enumerate(rows["shape"]):
             if rows["epoch"][i] != epoch and not warned:
                 logger.warning("batches of pipeline pass %d read as epoch %d", rows["epoch"][i], epoch)

@@ -47,14 +47,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.ladder import Family
 from engine.metrics import HIGHER_IS_BETTER, METRICS, better
 from engine.metrics import scores as metric_scores
+from engine.rundir import head_file
 
 log = logging.getLogger(__name__)
 
 TaskType = Literal["classification", "regression"]
 Mode = Literal["finetune", "probe"]
-Family = Literal["mlm", "clm"]
 Pooling = Literal["mean", "cls", "last"]
 LrSchedule = Literal["linear", "constant"]
 POOLINGS = ("mean", "cls", "last")
@@ -87,7 +88,7 @@ class FinetuneData:
     split: tuple[np.ndarray, np.ndarray, np.ndarray]
     n_classes: int | None = None
     name: str = "task"  # only for messages and the result dict
-    primary_metric: str | None = None
+    primary_metric: str = ""  # "": the task type's default
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels, dtype=np.float32)
@@ -95,7 +96,7 @@ class FinetuneData:
             labels = labels[:, None]
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "split", tuple(np.asarray(i, dtype=np.int64).reshape(-1) for i in self.split))
-        if self.primary_metric is None and self.task_type in METRICS:
+        if not self.primary_metric and self.task_type in METRICS:
             object.__setattr__(self, "primary_metric", metric_name(self.task_type))
         _validate(self)
 
@@ -226,10 +227,12 @@ def load_encoder(checkpoint_dir: Path, *, random_init: bool = False) -> tuple[nn
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer  # slow import, kept off module load
 
+    from engine.models import family_of
+
     checkpoint_dir = Path(checkpoint_dir)
     _check_checkpoint(checkpoint_dir, need_weights=not random_init)
     config = AutoConfig.from_pretrained(checkpoint_dir)
-    family = _family(config)
+    family = family_of(config)
     kwargs = {"add_pooling_layer": False} if family == "mlm" else {}  # [CLS] is pooled by us, not by RoBERTa's tanh pooler
     kwargs["dtype"] = torch.float32  # a bf16 pretraining checkpoint is fine-tuned in fp32, like its linear head
     if random_init:
@@ -260,15 +263,6 @@ def _check_checkpoint(checkpoint_dir: Path, need_weights: bool) -> None:
         raise FileNotFoundError(
             f"{checkpoint_dir}: not a save_pretrained checkpoint, missing {', '.join(missing)}"
         )
-
-
-def _family(config: Any) -> Family:
-    architectures = " ".join(getattr(config, "architectures", None) or [])
-    if "MaskedLM" in architectures:
-        return "mlm"
-    if "LMHeadModel" in architectures or "CausalLM" in architectures or getattr(config, "is_decoder", False):
-        return "clm"
-    return "clm" if config.model_type == "gpt2" else "mlm"
 
 
 def max_positions(config: Any) -> int:
@@ -323,7 +317,7 @@ def _batches(
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling = "mean") -> torch.Tensor:
-    """(B, T, H) -> (B, H): the mean over real tokens, the first token, or the last real one; padding is on the right."""
+    """(B, T, H) -> (B, H): the mean over real tokens, the first token or the last real one (padding on the right)."""
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
@@ -380,8 +374,9 @@ def finetune(
     patience: int,
     lr: float,
     batch_size: int,
-    split_seed: int,
-    finetune_seed: int,
+    split_seed: int | None = None,
+    finetune_seed: int | None = None,
+    seed: int | None = None,
     max_seq_len: int | None = None,
     device: str | torch.device | None = None,
     random_init: bool = False,
@@ -408,8 +403,10 @@ def finetune(
     `AutoModel.from_pretrained(checkpoint_dir)`, for the pretrained -> fine-tuned landscape direction,
     and the head beside it (`head_file(save_to)`), for the Hessian of the fine-tuning loss.
     `split_seed` is recorded only (it made data.split); `finetune_seed` seeds everything here, and a
-    run is deterministic for it; the global torch RNG is restored afterwards.
+    run is deterministic for it; the global torch RNG is restored afterwards. `seed` is the old single
+    seed (engine/analyze.py passes it until it passes the two): it sets both.
     """
+    split_seed, finetune_seed = _seeds(split_seed, finetune_seed, seed)
     if mode not in ("finetune", "probe"):
         raise ValueError(f"mode must be 'finetune' or 'probe' (got {mode!r})")
     if max_seq_len is not None and max_seq_len < 3:
@@ -429,16 +426,25 @@ def finetune(
         if mode == "probe":
             result = _probe(model, data, ids, batch_size, tokenizer.pad_token_id, device, probe_layer)
         else:
-            schedule = {"warmup_fraction": warmup_fraction, "lr_schedule": lr_schedule, "weight_decay": weight_decay}
             result = _train(model, data, ids, epochs, patience, lr, batch_size, finetune_seed, tokenizer.pad_token_id,
-                            device, **schedule)  # fmt: skip
-            result.update(schedule, lr=lr)
+                            device, warmup_fraction=warmup_fraction, lr_schedule=lr_schedule,
+                            weight_decay=weight_decay)  # fmt: skip
+            result.update(lr=lr, warmup_fraction=warmup_fraction, lr_schedule=lr_schedule, weight_decay=weight_decay)
             if save_to is not None:
                 result["weights_path"] = str(_save_finetuned(model, Path(save_to), checkpoint_dir, data, finetune_seed))
     return result_row(
         data, mode, result, split_seed, t0, finetune_seed=finetune_seed,
         checkpoint_dir=str(checkpoint_dir), random_init=random_init, unk_fraction=unk_fraction, pooling=pooling,
     )  # fmt: skip
+
+
+def _seeds(split_seed: int | None, finetune_seed: int | None, seed: int | None) -> tuple[int, int]:
+    if seed is not None and split_seed is None and finetune_seed is None:
+        return seed, seed
+    if seed is not None or split_seed is None or finetune_seed is None:
+        raise TypeError(f"pass split_seed and finetune_seed (got split_seed={split_seed}, "
+                        f"finetune_seed={finetune_seed}, seed={seed}); seed alone is the old single seed")  # fmt: skip
+    return split_seed, finetune_seed
 
 
 def result_row(data: FinetuneData, mode: str, fit: dict[str, Any], split_seed: int, t0: float,
@@ -643,11 +649,6 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def head_file(weights: Path) -> Path:
-    """Where `finetune(save_to=weights)` puts the linear head: `<stem>.head.safetensors` beside the encoder."""
-    return weights.with_name(f"{weights.stem}.head.safetensors")
-
-
 def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, data: FinetuneData, seed: int) -> Path:
     from safetensors.torch import save_file
 
@@ -684,7 +685,9 @@ def finetuning_loss(
     ids, _ = encode_smiles(tokenizer, data.smiles, family, max_positions(encoder.config))
     mean, std = _label_scale(data)
     targets = torch.from_numpy((data.labels - mean) / std)  # (n, k); NaN stays NaN
-    rows_in_order = data.split[0] if sample_seed is None else np.random.default_rng(sample_seed).permutation(data.split[0])
+    rows_in_order = data.split[0]
+    if sample_seed is not None:
+        rows_in_order = np.random.default_rng(sample_seed).permutation(rows_in_order)
     batches = []
     for rows, input_ids, attention_mask in _batches(ids, rows_in_order, batch_size, tokenizer.pad_token_id):
         if len(batches) == n_batches:
@@ -701,7 +704,7 @@ def finetuning_loss(
 
 def _probe(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], batch_size: int, pad_id: int,
            device: torch.device, probe_layer: Literal["last", "best"] | int) -> dict[str, Any]:
-    """A linear probe on pooled hidden states: the last layer, a given one, or each in turn with the best on val kept."""
+    """A linear probe on pooled hidden states: the last layer, a given one, or each in turn and the best on val."""
     model.requires_grad_(False)
     model.eval()
     rows = np.arange(len(ids))
@@ -722,7 +725,8 @@ def _probe(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], bat
     for layer in candidates:
         train = layers[layer][data.split[0]]
         scale = train.std(axis=0)
-        features = (layers[layer] - train.mean(axis=0)) / np.where(scale > 0, scale, 1.0)  # L2 sees every dimension alike
+        # standardised, so the L2 penalty sees every dimension alike
+        features = (layers[layer] - train.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
         fit = fit_linear(features.astype(np.float64), data)
         if better(data.primary_metric, fit["val"], best["val"]):
             best = {**fit, "probe_layer": layer}  # ties keep the lower layer
@@ -849,15 +853,19 @@ def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int =
     return out
 
 
-def fingerprint_baseline(data: FinetuneData, *, split_seed: int, radius: int = 2, n_bits: int = 2048) -> dict[str, Any]:
+def fingerprint_baseline(data: FinetuneData, *, split_seed: int | None = None, radius: int = 2, n_bits: int = 2048,
+                         seed: int | None = None) -> dict[str, Any]:
     """The no-pretraining baseline: the probe's linear model on Morgan fingerprints instead of embeddings.
 
     The fit is deterministic (L-BFGS from zeros, closed-form ridge), so there is no fitting seed;
-    `split_seed` is only recorded.
+    `split_seed` is only recorded (`seed`: its old name, still passed by engine/analyze.py).
     """
+    recorded = split_seed if seed is None else seed
+    if recorded is None or (split_seed is not None and seed is not None):
+        raise TypeError(f"pass split_seed (got split_seed={split_seed}, seed={seed})")
     t0 = time.perf_counter()
     try:
         features = morgan_fingerprints(data.smiles, radius=radius, n_bits=n_bits).astype(np.float64)
     except ValueError as err:
         raise ValueError(f"{data.name}: {err}") from None
-    return result_row(data, "morgan_fp", fit_linear(features, data), split_seed, t0)
+    return result_row(data, "morgan_fp", fit_linear(features, data), recorded, t0)

@@ -63,7 +63,7 @@ def _mean_over_columns(metric: Callable[[np.ndarray, np.ndarray], float], labels
         keep = ~np.isnan(y)
         columns = [((y[keep] == c).astype(np.int64), predictions[keep, c]) for c in range(n_classes)]
     else:
-        columns = [(y[~np.isnan(y)], s[~np.isnan(y)]) for y, s in zip(labels.T, predictions.T)]
+        columns = [(y[~np.isnan(y)], s[~np.isnan(y)]) for y, s in zip(labels.T, predictions.T, strict=True)]
     values = [metric(y, s) for y, s in columns]
     values = [v for v in values if not math.isnan(v)]
     return float(np.mean(values)) if values else math.nan
@@ -85,7 +85,7 @@ def mean_prc_auc(labels: np.ndarray, predictions: np.ndarray, n_classes: int | N
 
 def _per_column_error(labels: np.ndarray, predictions: np.ndarray, reduce: Callable[[np.ndarray], float]) -> float:
     errors = []
-    for y, p in zip(labels.T, predictions.T):
+    for y, p in zip(labels.T, predictions.T, strict=True):
         keep = ~np.isnan(y)
         if keep.any():
             errors.append(reduce(p[keep].astype(np.float64) - y[keep]))
@@ -115,7 +115,8 @@ def score(metric: str, labels: np.ndarray, predictions: np.ndarray, n_classes: i
     raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(HIGHER_IS_BETTER)}")
 
 
-def scores(task_type: str, labels: np.ndarray, predictions: np.ndarray, n_classes: int | None = None) -> dict[str, float]:
+def scores(task_type: str, labels: np.ndarray, predictions: np.ndarray,
+           n_classes: int | None = None) -> dict[str, float]:
     """Every metric of the task type, by name."""
     return {m: score(m, labels, predictions, n_classes) for m in METRICS[task_type]}
 

@@ -1,4 +1,4 @@
-"""The model ladder: a `ModelSize` becomes a transformers config, a parameter count and a FLOP rate.
+"""The model ladder: a rung becomes a transformers config, a parameter count and a FLOP rate.
 
 mlm rungs are RoBERTa encoders (`RobertaForMaskedLM`), clm rungs GPT-2 decoders (`GPT2LMHeadModel`);
 both tie the output projection to the token embedding, so every checkpoint loads with
@@ -11,14 +11,20 @@ Parameter counts follow `PreTrainedModel.num_parameters` exactly:
     N_non   N minus every `nn.Embedding` table: token, position and RoBERTa's one-row token-type
             table. That is Kaplan et al. (2020)'s N; the tied output projection is the token table,
             so it is excluded too, while the MLM head's dense + LayerNorm + vocabulary bias are kept.
-This module never imports ray or rdkit.
+FLOPs and MFU (`flops_per_token`, `sequence_flops`, `batch_cost`, `peak_flops`, `mfu`) are here too.
+This module never imports ray, rdkit, pydantic or deepspeed: the rung table comes from engine/ladder.py,
+and a size is anything with `n_layer`, `d_model`, `n_head` and `ffn_dim`, so a GPU box with torch and
+transformers alone can import it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from transformers import (
     GPT2Config,
@@ -29,9 +35,9 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from engine.config import LADDER, ModelSize
+from engine.ladder import LADDER, Family, RungShape
 
-Family = Literal["mlm", "clm"]
+logger = logging.getLogger(__name__)
 
 # Special-token ids of the tokenizer (docs/CONTRACTS.md): [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
 # [BOS]=5 [EOS]=6. An mlm sequence is [CLS] ... [SEP], a clm sequence [BOS] ... [EOS].
@@ -44,7 +50,7 @@ SPECIAL_IDS: dict[str, dict[str, int]] = {
 
 def build_config(
     family: Family,
-    size: ModelSize,
+    size: RungShape,
     vocab_size: int,
     max_seq_len: int,
     *,
@@ -172,19 +178,138 @@ def count_params(config: PreTrainedConfig) -> ParamCount:
 
 
 def flops_per_token(config: PreTrainedConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N_non + 6 n_layer seq_len d_model.
+    """Training FLOPs per token in a sequence of `seq_len` tokens: 6 N_non + 12 n_layer seq_len d_model.
 
-    Kaplan et al. (2020) Table 1: a forward pass costs 2 N_non + 2 n_layer n_ctx d_attn per token (the
-    second term is QK^T and attention-times-V), and the backward twice that. Embedding lookups and the
-    output logits (2 d vocab per token forward) are left out, as in Kaplan; with ~50-token SMILES
-    vocabularies they are a few percent of C only on the smallest rungs. C = flops_per_token * tokens.
+    A forward pass costs 2 N_non per token for the weight matmuls, plus 2 seq_len d_model per layer
+    for QK^T and as much again for attention-times-V; the backward twice the forward. Kaplan et al.
+    (2020) Table 1 counts only the first of the two attention products (2 n_layer n_ctx d_attn
+    forward); the 12 n_layer T d of PaLM (Chowdhery et al. 2022, appendix B) counts both, for full
+    (non-causal) attention, which is what eager and SDPA math kernels compute. Embedding lookups and
+    the output logits (6 d vocab per token, forward and backward) are left out, as in Kaplan; with
+    ~50-token SMILES vocabularies they are a few percent of C only on the smallest rungs.
+    C = flops_per_token * tokens.
     """
     n_non = count_params(config).non_embedding
-    return 6.0 * n_non + 6.0 * config.num_hidden_layers * seq_len * config.hidden_size
+    return 6.0 * n_non + 12.0 * config.num_hidden_layers * seq_len * config.hidden_size
+
+
+def sequence_flops(config: PreTrainedConfig, lengths: Sequence[int] | np.ndarray) -> float:
+    """Training FLOPs of sequences of these lengths, each attending to itself only:
+    sum over sequences of l * flops_per_token(config, l)."""
+    n = np.asarray(lengths, dtype=np.float64)
+    n_non = count_params(config).non_embedding
+    return float(6.0 * n_non * n.sum() + 12.0 * config.num_hidden_layers * config.hidden_size * (n * n).sum())
+
+
+def molecule_lengths(batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """Tokens of each molecule in a batch (docs/CONTRACTS.md), specials included, padding not.
+
+    Unpacked rows hold one molecule each; packed rows (with `position_ids`) hold several, each
+    starting where its position id is 0. Read on the CPU, before the batch moves to a device.
+    """
+    real = batch["attention_mask"].bool().cpu().numpy()
+    if "position_ids" not in batch:
+        return real.sum(axis=1)
+    starts = batch["position_ids"].cpu().numpy()[real] == 0  # row-major: the molecules in order
+    return np.bincount(np.cumsum(starts) - 1, minlength=int(starts.sum()))
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """What one micro-batch asks of the model, counted on the CPU before it runs."""
+
+    n_tokens_padded: int  # B * T positions the model computes on
+    n_tokens_real: int  # non-padding tokens
+    flops_padded: float  # flops_per_token at the row length T, for every position
+    flops_real: float  # sequence_flops of the molecules alone: what the real tokens need
+
+    def __add__(self, other: BatchCost) -> BatchCost:
+        return BatchCost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+def batch_cost(batch: dict[str, torch.Tensor], config: PreTrainedConfig) -> BatchCost:
+    """Padded and real FLOPs of one micro-batch, so MFU can be quoted against both.
+
+    The padded count is what the kernels execute (padding and cross-molecule attention in packed mlm
+    rows included); the real count is the model FLOPs proper: padding is waste, and so is attention
+    between packed molecules. sum(batch_cost(b) for b in batches, start=ZERO_COST).
+    """
+    n_rows, width = batch["input_ids"].shape
+    lengths = molecule_lengths(batch)
+    return BatchCost(
+        n_tokens_padded=n_rows * width,
+        n_tokens_real=int(lengths.sum()),
+        flops_padded=n_rows * width * flops_per_token(config, width),
+        flops_real=sequence_flops(config, lengths),
+    )
+
+
+ZERO_COST = BatchCost(0, 0, 0.0, 0.0)
+
+
+# Dense (no sparsity) peak FLOP/s per GPU as (bf16, fp32), from NVIDIA's datasheets; the sparse
+# figures printed beside them are twice these. fp32 is the plain CUDA-core rate, not TF32 (torch's
+# default float32 matmul precision is "highest"). Keys are model names as torch.cuda.get_device_name
+# spells them after "NVIDIA " (e.g. "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA A100-SXM4-80GB");
+# `peak_flops_of` matches whole words, longest key first, so "H200 NVL" is not an "H200" and "L40" not an "L4".
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "H100": (989e12, 67e12),  # H100 SXM datasheet: BF16 1,979 TF sparse, FP32 67 TF
+    "H100 PCIe": (756e12, 51e12),  # H100 PCIe: BF16 1,513 TF sparse, FP32 51 TF
+    "H100 NVL": (835e12, 60e12),  # H100 NVL (94 GB, one card): BF16 1,671 TF sparse, FP32 60 TF
+    "GH200": (989e12, 67e12),  # GH200 Grace Hopper superchip: its H100/H200 GPU, as the SXM part
+    "H200": (989e12, 67e12),  # H200 SXM: BF16 1,979 TF sparse, FP32 67 TF
+    "H200 NVL": (835e12, 60e12),  # H200 NVL: BF16 1,671 TF sparse, FP32 60 TF
+    "A100": (312e12, 19.5e12),  # A100 SXM and PCIe, 40 and 80 GB: BF16 312 TF dense, FP32 19.5 TF
+    "L40S": (362e12, 91.6e12),  # L40S: BF16 362.05 TF dense (733 sparse), FP32 91.6 TF
+    "L40": (181e12, 90.5e12),  # L40: BF16 181.05 TF dense (362.1 sparse), FP32 90.5 TF
+    "L4": (121e12, 30.3e12),  # L4: BF16 121 TF dense (242 sparse), FP32 30.3 TF
+    "A10": (125e12, 31.2e12),  # A10 (not the A10G): BF16 125 TF dense (250 sparse), FP32 31.2 TF
+}
+
+
+def _words(name: str) -> list[str]:
+    return name.upper().replace("-", " ").split()
+
+
+def peak_flops_of(device_name: str, bf16: bool) -> float:
+    """Datasheet peak FLOP/s of a GPU by its `torch.cuda.get_device_name`; NaN when not in `PEAK_FLOPS`.
+
+    A key matches when its words appear consecutively among the name's words (split on spaces and
+    hyphens); of several matches the one with the most words wins ("H200 NVL" over "H200").
+    """
+    words = _words(device_name)
+    matches = [
+        key for key in PEAK_FLOPS
+        if any(words[i : i + len(k)] == k for k in [_words(key)] for i in range(len(words) - len(k) + 1))
+    ]
+    if not matches:
+        return math.nan
+    bf16_peak, fp32_peak = PEAK_FLOPS[max(matches, key=lambda key: len(_words(key)))]
+    return bf16_peak if bf16 else fp32_peak
+
+
+def peak_flops(device: torch.device, bf16: bool) -> float:
+    """Peak FLOP/s of one device from `PEAK_FLOPS`; NaN on CPU and on GPUs not in the table, so MFU
+    is NaN there rather than a made-up number."""
+    if device.type != "cuda":
+        return math.nan
+    name = torch.cuda.get_device_name(device)
+    peak = peak_flops_of(name, bf16)
+    if math.isnan(peak):
+        logger.warning("no peak FLOP/s known for %r; MFU will be NaN (add it to PEAK_FLOPS)", name)
+    return peak
+
+
+def mfu(flops: float, seconds: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilisation: FLOPs done per second over the peak (per device times devices);
+    NaN when the peak is unknown or no time passed."""
+    if not seconds > 0 or not peak_flops_per_s > 0:
+        return math.nan
+    return flops / seconds / peak_flops_per_s
 
 
 def rung_table(
-    family: Family, vocab_size: int, max_seq_len: int, sizes: list[ModelSize] | None = None
+    family: Family, vocab_size: int, max_seq_len: int, sizes: Sequence[RungShape] | None = None
 ) -> list[dict]:
     """One row per rung (default: all of `LADDER`), for `clmscale validate` and the report."""
     rows = []

@@ -4,8 +4,10 @@ The story, in order: read SMILES from CSV / SMI / Parquet files (optionally gzip
 canonicalise them with RDKit in chunks (Ray tasks across the cluster, or in-process with
 `parallel=False`; both run the same `canonicalize_chunk`), drop exact duplicates (first occurrence
 wins), apply the size filters, split train/val (random or Bemis-Murcko scaffold), write Parquet
-shards, `rejects.csv`, the tokenizer built from the train split, and last `manifest.json`.
-The manifest is written last, so its presence means the data directory is complete.
+shards, `rejects.csv`, the tokenizer built from the train split, and last `manifest.json`, all
+through `engine.rundir.DataDir`. The manifest is written last: its presence means the data
+directory is complete. The steps after canonicalisation are `_tally` (dedup and filters),
+`_check_tally` (a corpus that leaves nothing to train on) and the split.
 
 Counts add up: n_in = n_invalid + n_duplicate + n_filtered + n_kept.
 Rerunning with the same input bytes and options returns the existing manifest ("already prepared").
@@ -19,12 +21,11 @@ import io
 import itertools
 import logging
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,82 +34,20 @@ import ray
 from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from engine.config import DataConfig, Strict
-from engine.rundir import sha256_file, write_json_atomic
+from engine.config import DataConfig
+from engine.files import sha256_file
+from engine.rundir import (Counts, DataDir, InputFile, Manifest, ManifestError, ShardFile, Split, SplitCounts,
+                           TokenizerInfo)
 from engine.tokenizer import build_tokenizer, count_unk, smiles_tokens
 
 log = logging.getLogger("clmscale.prepare")
 
-MANIFEST = "manifest.json"
-REJECTS = "rejects.csv"
-TOKENIZER = "tokenizer"
 SHOW_INVALID = 3  # invalid SMILES logged one by one; the rest are only in rejects.csv
 PROGRESS_EVERY_S = 5.0  # at most one progress line per this many seconds, plus one at the end
 
 
 class DataError(ValueError):
     """A corpus that cannot be prepared; the message names the file and the problem."""
-
-
-# ---------------------------------------------------------------------------------------------
-# the manifest: what was read, what was kept, where it went
-
-
-class InputFile(Strict):
-    path: str  # as given in the config
-    size_bytes: int
-    sha256: str
-
-
-class ShardFile(Strict):
-    path: str  # relative to the data directory
-    split: Literal["train", "val"]
-    n_rows: int
-    sha256: str
-
-
-class SplitCounts(Strict):
-    n_molecules: int
-    n_tokens: int  # regex tokens, no special tokens
-
-
-class Counts(Strict):
-    n_in: int  # records read (after max_molecules)
-    n_invalid: int  # RDKit could not parse or sanitise them (see rejects.csv)
-    n_duplicate: int  # same canonical SMILES as an earlier record
-    n_filtered: int  # removed by max_heavy_atoms or max_tokens (also in rejects.csv)
-    n_filtered_heavy_atoms: int
-    n_filtered_tokens: int
-    n_kept: int
-    train: SplitCounts
-    val: SplitCounts
-
-
-class TokenizerInfo(Strict):
-    path: str  # relative to the data directory; a PreTrainedTokenizerFast directory
-    vocab_size: int  # including the 7 special tokens
-    n_unk: int  # validation-split tokens that map to [UNK]
-
-
-class Manifest(Strict):
-    format_version: int = 1
-    inputs: list[InputFile]
-    options: dict[str, Any]  # the DataConfig without `corpus`
-    rdkit_version: str
-    counts: Counts
-    shards: list[ShardFile]
-    tokenizer: TokenizerInfo
-    rejects: str = REJECTS
-
-    def shard_paths(self, data_dir: Path, split: Literal["train", "val"]) -> list[Path]:
-        return [data_dir / s.path for s in self.shards if s.split == split]
-
-
-def load_manifest(data_dir: Path) -> Manifest:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: no manifest; run `prepare` first")
-    return Manifest.model_validate_json(path.read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +277,7 @@ def _canonicalize_on_ray(
                 exhausted = True
                 break
             inputs[n_submitted] = chunk
-            running[task.remote(chunk.smiles, isomeric, scaffolds)] = n_submitted
+            running[task.remote(chunk.smiles, isomeric, scaffolds)] = n_submitted  # type: ignore[call-arg]  # ray's stubs see no arguments of a wrapped function
             n_submitted += 1
         if running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=stall_warning_s)
@@ -379,125 +318,145 @@ def log_progress(p: Progress) -> None:
 
 def prepare(
     cfg: DataConfig,
-    data_dir: Path,
+    data: DataDir | Path,
     *,
     parallel: bool = True,
     overwrite: bool = False,
     chunk_rows: int = 2_000,  # SMILES per Ray task: ~0.5 s of RDKit work, small enough to balance
     progress: Callable[[Progress], None] = log_progress,
 ) -> Manifest:
-    """Turn `cfg.corpus` into shards, rejects.csv, tokenizer/ and manifest.json under `data_dir`.
+    """Turn `cfg.corpus` into shards, rejects.csv, tokenizer/ and manifest.json in `data` (a run's data/).
 
     `parallel=True` canonicalises on Ray (initialising it only if the caller has not).
     """
-    data_dir = Path(data_dir)
+    data = data if isinstance(data, DataDir) else DataDir(data)
     inputs = [_describe_input(p) for p in cfg.corpus]
     options = cfg.model_dump(mode="json", exclude={"corpus"})
-    done = _existing_manifest(data_dir, inputs, options, overwrite)
+    done = _existing_manifest(data, inputs, options, overwrite)
     if done is not None:
-        log.info("%s: already prepared from the same inputs and options; nothing to do", data_dir)
+        log.info("%s: already prepared from the same inputs and options; nothing to do", data.path)
         return done
-    data_dir.mkdir(parents=True, exist_ok=True)
-    files = ", ".join(str(p) for p in cfg.corpus)
+    data.path.mkdir(parents=True, exist_ok=True)
 
     # ---- canonicalise (the expensive part), dedup and filter as chunks come back, in order
     scaffolds = cfg.split == "scaffold"
     chunks = read_chunks(cfg.corpus, cfg.smiles_column, chunk_rows, cfg.max_molecules)
-    if parallel:
-        results = _canonicalize_on_ray(chunks, cfg.isomeric, scaffolds)
-    else:
-        results = _canonicalize_serial(chunks, cfg.isomeric, scaffolds)
-    t0 = last_report = time.perf_counter()
-    seen: set[str] = set()
-    kept: list[Canonical] = []
-    rejects: list[tuple[str, int, str, str]] = []  # file, line, smiles, reason
-    n_in = n_invalid = n_duplicate = n_heavy = n_long = n_chunks = 0
-    for chunk, canonical in results:
-        source = str(cfg.corpus[chunk.file_index])
-        for line, raw, c in zip(chunk.lines, chunk.smiles, canonical, strict=True):
-            n_in += 1
-            if c.smiles is None:
-                n_invalid += 1
-                rejects.append((source, line, raw, c.error or "invalid"))
-                if n_invalid <= SHOW_INVALID:
-                    log.warning("%s:%d: RDKit cannot use %r: %s", source, line, raw, c.error)
-            elif c.smiles in seen:
-                n_duplicate += 1
-            else:
-                seen.add(c.smiles)
-                if cfg.max_heavy_atoms is not None and c.n_heavy_atoms > cfg.max_heavy_atoms:
-                    n_heavy += 1
-                    reason = f"filtered: {c.n_heavy_atoms} heavy atoms > max_heavy_atoms {cfg.max_heavy_atoms}"
-                    rejects.append((source, line, raw, reason))
-                elif cfg.max_tokens is not None and c.n_tokens > cfg.max_tokens:
-                    n_long += 1
-                    reason = f"filtered: {c.n_tokens} tokens > max_tokens {cfg.max_tokens}"
-                    rejects.append((source, line, raw, reason))
-                else:
-                    kept.append(c)
-        n_chunks += 1
-        if time.perf_counter() - last_report >= PROGRESS_EVERY_S:
-            progress(Progress(n_chunks, n_in, n_invalid, n_duplicate, time.perf_counter() - t0))
-            last_report = time.perf_counter()
-    progress(Progress(n_chunks, n_in, n_invalid, n_duplicate, time.perf_counter() - t0))
-    del seen
-
-    _write_rejects(data_dir / REJECTS, rejects)
-    if n_in == 0:
-        raise DataError(f"{files}: empty corpus, no SMILES records found")
-    if n_invalid == n_in:
-        source, line, raw, reason = rejects[0]
-        raise DataError(
-            f"{files}: all {n_in:,} SMILES are invalid, e.g. {source}:{line}: {raw!r}: {reason} (see {data_dir / REJECTS})"
-        )
-    if n_invalid:
-        share = 100 * n_invalid / n_in
-        log.warning("%s invalid SMILES of %s (%.2f%%), all in %s", f"{n_invalid:,}", f"{n_in:,}", share, data_dir / REJECTS)
-    if not kept:
-        which = [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {n_heavy:,}"] if n_heavy else []
-        which += [f"max_tokens={cfg.max_tokens} removed {n_long:,}"] if n_long else []
-        n_unique = n_in - n_invalid - n_duplicate
-        raise DataError(f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules")
-    if len(kept) < 2:
-        raise DataError(f"{files}: only {len(kept)} molecule left after cleaning; need at least 2 for a train/val split")
+    results = (_canonicalize_on_ray if parallel else _canonicalize_serial)(chunks, cfg.isomeric, scaffolds)
+    tally = _tally(results, cfg, progress)
+    data.write_rejects(tally.rejects)
+    _check_tally(tally, cfg, data)
 
     # ---- split, then write shards, tokenizer, manifest (last: it marks the directory complete)
+    kept = tally.kept
     if scaffolds:
-        train_idx, val_idx = scaffold_split([c.scaffold or "" for c in kept], cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = scaffold_val_split([c.scaffold or "" for c in kept], cfg.val_fraction, cfg.seed)
     else:
-        train_idx, val_idx = random_split(len(kept), cfg.val_fraction, cfg.seed)
-    splits = {"train": [kept[i] for i in train_idx], "val": [kept[i] for i in val_idx]}
-    del kept
-    shards = [s for split, rows in splits.items() for s in _write_shards(data_dir, split, rows, cfg.shard_rows)]
-
-    tokenizer = build_tokenizer((c.smiles for c in splits["train"]), out_dir=data_dir / TOKENIZER)
-    n_unk = count_unk(tokenizer, (c.smiles for c in splits["val"]))
-    n_filtered = n_heavy + n_long
-    split_counts = {
-        split: SplitCounts(n_molecules=len(rows), n_tokens=sum(c.n_tokens for c in rows))
-        for split, rows in splits.items()
-    }
+        train_idx, val_idx = random_val_split(len(kept), cfg.val_fraction, cfg.seed)
+    splits: dict[Split, list[Canonical]] = {"train": [kept[i] for i in train_idx], "val": [kept[i] for i in val_idx]}
+    tally.kept = kept = []  # the split lists hold the molecules now
+    shards = [s for split, rows in splits.items() for s in _write_shards(data, split, rows, cfg.shard_rows)]
+    tokenizer = build_tokenizer((c.smiles for c in splits["train"] if c.smiles is not None), out_dir=data.tokenizer)
     manifest = Manifest(
         inputs=inputs,
         options=options,
         rdkit_version=rdBase.rdkitVersion,
-        counts=Counts(
-            n_in=n_in, n_invalid=n_invalid, n_duplicate=n_duplicate, n_filtered=n_filtered,
-            n_filtered_heavy_atoms=n_heavy, n_filtered_tokens=n_long,
-            n_kept=n_in - n_invalid - n_duplicate - n_filtered, **split_counts,
-        ),
+        counts=tally.counts(splits),
         shards=shards,
-        tokenizer=TokenizerInfo(path=TOKENIZER, vocab_size=len(tokenizer), n_unk=n_unk),
+        tokenizer=TokenizerInfo(path=data.tokenizer.name, vocab_size=len(tokenizer),
+                                n_unk=count_unk(tokenizer, (c.smiles for c in splits["val"] if c.smiles is not None))),
     )
-    assert manifest.counts.n_kept == split_counts["train"].n_molecules + split_counts["val"].n_molecules
-    write_json_atomic(data_dir / MANIFEST, manifest.model_dump(mode="json"))
+    data.write_manifest(manifest)
     c = manifest.counts
     log.info(
         "%s: kept %s of %s SMILES (%s invalid, %s duplicates, %s filtered): %s train / %s val, vocab %d, %d [UNK] in val",
-        data_dir, f"{c.n_kept:,}", f"{c.n_in:,}", f"{c.n_invalid:,}", f"{c.n_duplicate:,}", f"{c.n_filtered:,}",
-        f"{c.train.n_molecules:,}", f"{c.val.n_molecules:,}", manifest.tokenizer.vocab_size, n_unk,
+        data.path, f"{c.n_kept:,}", f"{c.n_in:,}", f"{c.n_invalid:,}", f"{c.n_duplicate:,}", f"{c.n_filtered:,}",
+        f"{c.train.n_molecules:,}", f"{c.val.n_molecules:,}", manifest.tokenizer.vocab_size, manifest.tokenizer.n_unk,
     )
     return manifest
+
+
+@dataclass
+class Tally:
+    """What the dedup-and-filter pass saw: counts, the kept molecules in corpus order, the rejects."""
+
+    files: str  # the corpus files, for messages
+    n_in: int = 0
+    n_invalid: int = 0
+    n_duplicate: int = 0
+    n_heavy: int = 0  # removed by max_heavy_atoms
+    n_long: int = 0  # removed by max_tokens
+    kept: list[Canonical] = field(default_factory=list)
+    rejects: list[tuple[str, int, str, str]] = field(default_factory=list)  # file, line, smiles, reason
+
+    def counts(self, splits: dict[Split, list[Canonical]]) -> Counts:
+        """Counts add up: n_in = n_invalid + n_duplicate + n_filtered + n_kept = ... + train + val."""
+        n_filtered = self.n_heavy + self.n_long
+        per_split = {split: SplitCounts(n_molecules=len(rows), n_tokens=sum(c.n_tokens for c in rows))
+                     for split, rows in splits.items()}
+        counts = Counts(n_in=self.n_in, n_invalid=self.n_invalid, n_duplicate=self.n_duplicate, n_filtered=n_filtered,
+                        n_filtered_heavy_atoms=self.n_heavy, n_filtered_tokens=self.n_long,
+                        n_kept=self.n_in - self.n_invalid - self.n_duplicate - n_filtered, **per_split)
+        assert counts.n_kept == counts.train.n_molecules + counts.val.n_molecules
+        return counts
+
+
+def _tally(results: Iterable[tuple[Chunk, list[Canonical]]], cfg: DataConfig,
+           progress: Callable[[Progress], None]) -> Tally:
+    """Exact duplicates dropped (first occurrence wins), then the size filters, chunk by chunk in order."""
+    tally = Tally(files=", ".join(str(p) for p in cfg.corpus))
+    seen: set[str] = set()
+    t0 = last_report = time.perf_counter()
+    n_chunks = 0
+    for chunk, canonical in results:
+        source = str(cfg.corpus[chunk.file_index])
+        for line, raw, c in zip(chunk.lines, chunk.smiles, canonical, strict=True):
+            tally.n_in += 1
+            if c.smiles is None:
+                tally.n_invalid += 1
+                tally.rejects.append((source, line, raw, c.error or "invalid"))
+                if tally.n_invalid <= SHOW_INVALID:
+                    log.warning("%s:%d: RDKit cannot use %r: %s", source, line, raw, c.error)
+            elif c.smiles in seen:
+                tally.n_duplicate += 1
+            else:
+                seen.add(c.smiles)
+                if cfg.max_heavy_atoms is not None and c.n_heavy_atoms > cfg.max_heavy_atoms:
+                    tally.n_heavy += 1
+                    reason = f"filtered: {c.n_heavy_atoms} heavy atoms > max_heavy_atoms {cfg.max_heavy_atoms}"
+                    tally.rejects.append((source, line, raw, reason))
+                elif cfg.max_tokens is not None and c.n_tokens > cfg.max_tokens:
+                    tally.n_long += 1
+                    tally.rejects.append((source, line, raw, f"filtered: {c.n_tokens} tokens > max_tokens {cfg.max_tokens}"))
+                else:
+                    tally.kept.append(c)
+        n_chunks += 1
+        if time.perf_counter() - last_report >= PROGRESS_EVERY_S:
+            progress(Progress(n_chunks, tally.n_in, tally.n_invalid, tally.n_duplicate, time.perf_counter() - t0))
+            last_report = time.perf_counter()
+    progress(Progress(n_chunks, tally.n_in, tally.n_invalid, tally.n_duplicate, time.perf_counter() - t0))
+    return tally
+
+
+def _check_tally(tally: Tally, cfg: DataConfig, data: DataDir) -> None:
+    """A corpus that leaves nothing to train on is an error that says why (rejects.csv is written first)."""
+    files, n_in, n_invalid = tally.files, tally.n_in, tally.n_invalid
+    if n_in == 0:
+        raise DataError(f"{files}: empty corpus, no SMILES records found")
+    if n_invalid == n_in:
+        source, line, raw, reason = tally.rejects[0]
+        raise DataError(
+            f"{files}: all {n_in:,} SMILES are invalid, e.g. {source}:{line}: {raw!r}: {reason} (see {data.rejects_path})"
+        )
+    if n_invalid:
+        log.warning("%s invalid SMILES of %s (%.2f%%), all in %s", f"{n_invalid:,}", f"{n_in:,}",
+                    100 * n_invalid / n_in, data.rejects_path)
+    if not tally.kept:
+        which = [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {tally.n_heavy:,}"] if tally.n_heavy else []
+        which += [f"max_tokens={cfg.max_tokens} removed {tally.n_long:,}"] if tally.n_long else []
+        n_unique = n_in - n_invalid - tally.n_duplicate
+        raise DataError(f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules")
+    if len(tally.kept) < 2:
+        raise DataError(f"{files}: only {len(tally.kept)} molecule left after cleaning; need at least 2 for a train/val split")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,14 +468,14 @@ def _n_val(n: int, val_fraction: float) -> int:
     return min(n - 1, max(1, round(n * val_fraction)))
 
 
-def random_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def random_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled train and val indices; every shard is then a random sample."""
     order = np.random.default_rng(seed).permutation(n)
     n_val = _n_val(n, val_fraction)
     return order[n_val:], order[:n_val]
 
 
-def scaffold_split(scaffolds: Sequence[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def scaffold_val_split(scaffolds: Sequence[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Whole Bemis-Murcko scaffold groups go to one side; groups are drawn in a seeded order.
 
     Groups larger than half the validation target always go to train (as in chemprop's balanced
@@ -549,7 +508,7 @@ def scaffold_split(scaffolds: Sequence[str], val_fraction: float, seed: int) -> 
 # writing
 
 
-def _write_shards(data_dir: Path, split: str, rows: list[Canonical], shard_rows: int) -> list[ShardFile]:
+def _write_shards(data: DataDir, split: Split, rows: list[Canonical], shard_rows: int) -> list[ShardFile]:
     shards = []
     for k, start in enumerate(range(0, len(rows), shard_rows)):
         part = rows[start : start + shard_rows]
@@ -559,20 +518,10 @@ def _write_shards(data_dir: Path, split: str, rows: list[Canonical], shard_rows:
                 "n_tokens": pa.array([c.n_tokens for c in part], pa.int32()),
             }
         )
-        name = f"{split}-{k:05d}.parquet"
-        pq.write_table(table, data_dir / name)
-        shards.append(ShardFile(path=name, split=split, n_rows=len(part), sha256=sha256_file(data_dir / name)))
+        path = data.shard(split, k)
+        pq.write_table(table, path)
+        shards.append(ShardFile(path=path.name, split=split, n_rows=len(part), sha256=sha256_file(path)))
     return shards
-
-
-def _write_rejects(path: Path, rejects: list[tuple[str, int, str, str]]) -> None:
-    # backslashreplace: a rejected string may hold characters UTF-8 cannot encode (lone surrogates)
-    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "line", "smiles", "reason"])
-        writer.writerows(rejects)
-
-
 
 
 def _describe_input(path: Path) -> InputFile:
@@ -589,43 +538,31 @@ def _describe_input(path: Path) -> InputFile:
 # idempotence: same inputs -> no-op; anything else in the way -> a clear error
 
 
-def _is_output(p: Path) -> bool:
-    name = p.name
-    return (
-        name in (MANIFEST, REJECTS, TOKENIZER)
-        or name.startswith(f".{MANIFEST}.")  # write_json_atomic's temporary file
-        or (name.endswith(".parquet") and name.startswith(("train-", "val-")))
-    )
-
-
-def _existing_manifest(data_dir: Path, inputs: list[InputFile], options: dict, overwrite: bool) -> Manifest | None:
-    """The manifest when `data_dir` already holds this exact preparation; else clear the way or raise."""
-    entries = sorted(data_dir.iterdir()) if data_dir.is_dir() else []
+def _existing_manifest(data: DataDir, inputs: list[InputFile], options: dict, overwrite: bool) -> Manifest | None:
+    """The manifest when `data` already holds this exact preparation; else clear the way or raise."""
+    entries = data.entries()
     if not entries:
         return None
     manifest, problem = None, None
-    try:
-        manifest = load_manifest(data_dir)
-    except DataError:
-        problem = "no manifest.json (an earlier prepare did not finish)"
-    except ValueError as err:
-        problem = f"unreadable manifest.json ({str(err).splitlines()[0]})"
+    if not data.has_manifest():
+        problem = f"no {data.manifest_path.name} (an earlier prepare did not finish)"
+    else:
+        try:
+            manifest = data.manifest()
+        except ManifestError as err:
+            problem = str(err).removeprefix(f"{data.manifest_path}: ")
     if manifest is not None:
-        problem = _difference(manifest, inputs, options) or _damage(manifest, data_dir)
+        problem = _difference(manifest, inputs, options) or _damage(manifest, data)
         if problem is None:
             return manifest
-    foreign = [p.name for p in entries if not _is_output(p)]
+    foreign = [p.name for p in entries if not data.is_output(p)]
     if overwrite or (manifest is None and not foreign):
-        log.info("%s: clearing earlier prepare outputs: %s", data_dir, problem if not overwrite else "overwrite=True")
-        for p in entries:
-            if _is_output(p) and p.is_dir():
-                shutil.rmtree(p)
-            elif _is_output(p):
-                p.unlink()
+        log.info("%s: clearing earlier prepare outputs: %s", data.path, problem if not overwrite else "overwrite=True")
+        data.clear_outputs()
         return None
     extra = f"; it also holds {', '.join(foreign[:5])}" if foreign else ""
     raise DataError(
-        f"{data_dir}: not empty and not (or no longer) prepared from these inputs: {problem}{extra}; "
+        f"{data.path}: not empty and not (or no longer) prepared from these inputs: {problem}{extra}; "
         f"use overwrite=True (clmscale prepare --overwrite) to replace it"
     )
 
@@ -646,14 +583,15 @@ def _difference(manifest: Manifest, inputs: list[InputFile], options: dict) -> s
     return None
 
 
-def _damage(manifest: Manifest, data_dir: Path) -> str | None:
+def _damage(manifest: Manifest, data: DataDir) -> str | None:
+    name = data.manifest_path.name
     for shard in manifest.shards:
-        path = data_dir / shard.path
+        path = data.path / shard.path
         if not path.is_file():
-            return f"{shard.path} is missing ({MANIFEST} lists it)"
+            return f"{shard.path} is missing ({name} lists it)"
         digest = sha256_file(path)
         if digest != shard.sha256:
-            return f"{shard.path} has sha256 {digest[:16]}..., {MANIFEST} records {shard.sha256[:16]}... (changed since prepare)"
-    if not (data_dir / manifest.tokenizer.path / "tokenizer.json").is_file():
+            return f"{shard.path} has sha256 {digest[:16]}..., {name} records {shard.sha256[:16]}... (changed since prepare)"
+    if not data.has_tokenizer():
         return f"{manifest.tokenizer.path}/ is missing"
     return None

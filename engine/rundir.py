@@ -1,116 +1,792 @@
-"""The run directory: the only channel between stages.
+"""The run directory: the only channel between stages, and the only module that opens its files.
 
-    runs/<sweep>/sweep.yaml          the resolved config, written before anything runs
-    runs/<sweep>/data/               prepare: train-*.parquet, val-*.parquet, manifest.json,
-                                     rejects.csv, tokenizer/
-    runs/<sweep>/trials/<trial>/     one pretraining run: trial.json, metrics.jsonl,
-                                     checkpoints/<tokens>/ (HF save_pretrained + tokenizer)
-    runs/<sweep>/tune/               Ray Tune's experiment state (for --resume)
-    runs/<sweep>/results/            pretrain / finetune / hessian / landscape .parquet, fits.json
-    runs/<sweep>/report/             index.html and figures, built only from results/
-    runs/<sweep>/events.jsonl        what a stage did about a fault (e.g. a corrupt checkpoint replaced)
+    runs/<sweep>/sweep.yaml                         config() / write_config()
+    runs/<sweep>/data/manifest.json                 manifest() / write_manifest()
+    runs/<sweep>/data/{train,val}-*.parquet         shard_paths(split); written by prepare, named by shard_name()
+    runs/<sweep>/data/rejects.csv                   write_rejects()
+    runs/<sweep>/data/tokenizer/                    tokenizer (a save_pretrained directory)
+    runs/<sweep>/trials/<trial>/                    trial(id) -> TrialDir: trial.json, metrics.jsonl, nodes.txt,
+                                                    result.json, checkpoints/<tokens:012d>/
+    runs/<sweep>/tune/                              Ray Tune's and Ray Train's own state (for --resume)
+    runs/<sweep>/results/<table>.parquet            read_table() / write_table(), columns in TABLES
+    runs/<sweep>/results/fits.json                  fits() / write_fits()
+    runs/<sweep>/analysis/finetuned/<trial>/<tokens>/<task>.safetensors (+ .head)   finetuned_weights()
+    runs/<sweep>/report/index.html                  write_report()
+    runs/<sweep>/events.jsonl                       record_event() / fault_events()
 
-A stage reads only what earlier stages wrote and writes only its own folder, so any stage can be
-rerun alone. `RunDir` names these paths in one place; it creates nothing by itself.
+A stage reads only what earlier stages wrote and writes only its own files, so any stage can be
+rerun alone. Every file has one typed reader and one writer here; tables are checked against
+`TABLES` (the column lists of docs/CONTRACTS.md) on both ends. Paths inside tables and JSON files
+are relative to the run directory, so a run directory copied from cluster storage to a laptop
+still analyses, fits and reports. Writers are atomic (temporary file + rename): a crash never
+leaves half a file. Nothing here imports ray, torch or rdkit.
 """
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import json
+import math
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from engine.config import Strict, SweepConfig, Trial, expand_grid
+from engine.files import append_jsonl, read_jsonl, sha256_file, write_json_atomic, write_parquet_atomic, write_text_atomic
+
+Split = Literal["train", "val"]
+
+
+# ---------------------------------------------------------------------------------------------
+# data/manifest.json (written by prepare)
+
+
+class InputFile(Strict):
+    path: str  # as given in the config
+    size_bytes: int
+    sha256: str
+
+
+class ShardFile(Strict):
+    path: str  # relative to the data directory
+    split: Split
+    n_rows: int
+    sha256: str
+
+
+class SplitCounts(Strict):
+    n_molecules: int
+    n_tokens: int  # regex tokens, no special tokens
+
+
+class Counts(Strict):
+    n_in: int  # records read (after max_molecules)
+    n_invalid: int  # RDKit could not parse or sanitise them (see rejects.csv)
+    n_duplicate: int  # same canonical SMILES as an earlier record
+    n_filtered: int  # removed by max_heavy_atoms or max_tokens (also in rejects.csv)
+    n_filtered_heavy_atoms: int
+    n_filtered_tokens: int
+    n_kept: int
+    train: SplitCounts
+    val: SplitCounts
+
+
+class TokenizerInfo(Strict):
+    path: str  # relative to the data directory; a PreTrainedTokenizerFast directory
+    vocab_size: int  # including the 7 special tokens
+    n_unk: int  # validation-split tokens that map to [UNK]
+
+
+class Manifest(Strict):
+    format_version: int = 1
+    inputs: list[InputFile]
+    options: dict[str, Any]  # the DataConfig without `corpus`
+    rdkit_version: str
+    counts: Counts
+    shards: list[ShardFile]
+    tokenizer: TokenizerInfo
+    rejects: str = "rejects.csv"
+
+    def shard_paths(self, data_dir: Path, split: Split) -> list[Path]:
+        return [Path(data_dir) / s.path for s in self.shards if s.split == split]
+
+
+class ManifestError(ValueError):
+    """A data directory without a (readable) manifest: prepare has not finished there."""
+
+
+class DataDir:
+    """data/: what prepare writes (shards, manifest.json, rejects.csv, tokenizer/) and the sweep reads."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"DataDir({str(self.path)!r})"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.path / "rejects.csv"
+
+    def has_manifest(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def has_tokenizer(self) -> bool:
+        return (self.tokenizer / "tokenizer.json").is_file()
+
+    def manifest(self) -> Manifest:
+        if not self.manifest_path.is_file():
+            raise ManifestError(f"{self.manifest_path}: no manifest; run `prepare` first")
+        try:
+            return Manifest.model_validate_json(self.manifest_path.read_text())
+        except ValueError as err:
+            raise ManifestError(f"{self.manifest_path}: unreadable manifest ({str(err).splitlines()[0]})") from None
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Written last by prepare: its presence means the data directory is complete."""
+        write_json_atomic(self.manifest_path, manifest.model_dump(mode="json"))
+
+    def shard_paths(self, split: Split) -> list[Path]:
+        return self.manifest().shard_paths(self.path, split)
+
+    def shard(self, split: Split, index: int) -> Path:
+        return self.path / f"{split}-{index:05d}.parquet"
+
+    def write_rejects(self, rows: Iterable[tuple[str, int, str, str]]) -> None:
+        """rejects.csv: file, line (1-based), smiles, reason."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".rejects.csv.")
+        # backslashreplace: a rejected string may hold characters UTF-8 cannot encode (lone surrogates)
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "line", "smiles", "reason"])
+            writer.writerows(rows)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.rejects_path)
+
+    def entries(self) -> list[Path]:
+        return sorted(self.path.iterdir()) if self.path.is_dir() else []
+
+    @staticmethod
+    def is_output(path: Path) -> bool:
+        """A file or folder that prepare writes here (an earlier prepare's output, safe to clear)."""
+        name = Path(path).name
+        return (name in ("manifest.json", "rejects.csv", "tokenizer")
+                or name.startswith((".manifest.json.", ".rejects.csv."))  # an atomic writer's temporary file
+                or (name.endswith(".parquet") and name.startswith(("train-", "val-"))))
+
+    def clear_outputs(self) -> None:
+        for p in self.entries():
+            if self.is_output(p):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# trials/<trial>/result.json (written by engine.train at the end of a run)
+
+
+@dataclass
+class CheckpointInfo:
+    n_tokens: int  # D at this checkpoint
+    path: str  # relative to the trial folder: checkpoints/<n_tokens:012d>
+    step: int
+    val_loss: float
+    train_loss: float  # mean over the log window that ends here
+    flops: float  # C = flops_per_token * n_tokens
+    wall_s: float
+    tokens_per_s: float
+    mfu: float
+
+
+@dataclass
+class TrainResult:
+    trial_id: str
+    status: Literal["finished", "diverged"]
+    n_steps: int
+    n_tokens: int  # D: tokens seen, >= budget_tokens when finished
+    budget_tokens: int
+    n_params: int
+    n_params_non_embedding: int  # N of the scaling laws
+    flops: float
+    train_loss: float
+    val_loss: float  # at the last checkpoint
+    wall_s: float
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    diverged_at_step: int | None = None
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> TrainResult:
+        """The dataclass from its JSON form (nulls back to NaN where the field is a float)."""
+        floats = {"flops", "train_loss", "val_loss", "wall_s"}
+        values: dict[str, Any] = {k: (math.nan if v is None and k in floats else v) for k, v in record.items()
+                                  if k != "checkpoints"}
+        checkpoints = [CheckpointInfo(**{k: (math.nan if v is None else v) for k, v in c.items()})  # type: ignore[arg-type]  # JSON: Any per field
+                       for c in record.get("checkpoints") or []]
+        return cls(**values, checkpoints=checkpoints)
+
+
+# ---------------------------------------------------------------------------------------------
+# one trial's folder
+
+
+CHECKPOINT_NAME = "[0-9]" * 12  # checkpoints/<n_tokens:012d>
+DS_TAG = "ds"  # DeepSpeed's sub-folder of state/: one checkpoint per milestone folder, so one tag
+WEIGHTS_FILE = "model.safetensors"  # what save_pretrained writes and from_pretrained reads
+
+
+class TrialDir:
+    """trials/<trial>/: everything one pretraining run reads and writes, on shared storage.
+
+        trial.json                       the trial's spec as the sweep launched it (enough to rerun it)
+        metrics.jsonl                    one record per log point, plus `resumed` / `corrupt_checkpoint` events
+        nodes.txt                        the Ray node id of rank 0 at each (re)start
+        .placement_group                 the run's Ray Train placement group id (for cleaning up after Train)
+        result.json                      the TrainResult
+        checkpoints/<n_tokens:012d>/     HF save_pretrained + tokenizer; state/ (DeepSpeed, trainer_state.json,
+                                         rank_<r>.pt); sha256.json (every file); COMPLETE (written last)
+        checkpoints/<n_tokens>.corrupt/  a checkpoint that failed its sha256 check, set aside (kept)
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"TrialDir({str(self.path)!r})"
+
+    @property
+    def trial_id(self) -> str:
+        return self.path.name
+
+    # ---- the spec, the log, the result -------------------------------------------------------
+    def write_spec(self, spec: Mapping[str, Any]) -> None:
+        write_json_atomic(self.path / "trial.json", spec)
+
+    def spec(self) -> dict[str, Any]:
+        return json.loads((self.path / "trial.json").read_text())
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        append_jsonl(self.metrics_path, record)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    def last_metrics(self) -> dict[str, Any]:
+        records = self.metrics()
+        return records[-1] if records else {}
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records written after `step` (a crashed run's tail, before it resumes from there)."""
+        records = self.metrics()
+        keep = [r for r in records if r["step"] <= step]
+        if len(keep) != len(records):
+            write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def write_result(self, result: TrainResult) -> None:
+        write_json_atomic(self.path / "result.json", result)
+
+    def result(self) -> TrainResult | None:
+        """The TrainResult of a run that ended (finished or diverged), or None."""
+        path = self.path / "result.json"
+        return TrainResult.from_json(json.loads(path.read_text())) if path.exists() else None
+
+    def append_node(self, node_id: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / "nodes.txt", "a") as f:
+            f.write(node_id + "\n")
+
+    def nodes(self) -> list[str]:
+        path = self.path / "nodes.txt"
+        return path.read_text().split() if path.exists() else []
+
+    def write_placement_group(self, pg_id: str) -> None:
+        write_text_atomic(self.path / ".placement_group", pg_id)
+
+    def pop_placement_group(self) -> str | None:
+        """The recorded placement group id, removing the record."""
+        path = self.path / ".placement_group"
+        if not path.exists():
+            return None
+        pg_id = path.read_text().strip()
+        path.unlink()
+        return pg_id
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, n_tokens: int) -> Path:
+        return self.checkpoint_root / f"{n_tokens:012d}"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints (with their COMPLETE marker), fewest tokens first."""
+        return sorted(p for p in self.checkpoint_root.glob(CHECKPOINT_NAME) if (p / "COMPLETE").is_file())
+
+    def remove_incomplete_checkpoints(self) -> None:
+        """Checkpoint folders a crash left without their COMPLETE marker."""
+        complete = set(self.checkpoints())
+        for stale in self.checkpoint_root.glob(CHECKPOINT_NAME):
+            if stale not in complete:
+                shutil.rmtree(stale)
+
+    def new_checkpoint(self, n_tokens: int) -> Path:
+        """An empty checkpoint folder (one left half-written by a crash is removed first)."""
+        path = self.checkpoint(n_tokens)
+        if path.exists():
+            shutil.rmtree(path)
+        (path / "state").mkdir(parents=True)
+        return path
+
+    @staticmethod
+    def state_dir(checkpoint: Path) -> Path:
+        """The DeepSpeed / trainer state of a checkpoint (exact resume)."""
+        return Path(checkpoint) / "state"
+
+    @staticmethod
+    def rng_file(checkpoint: Path, rank: int) -> Path:
+        return Path(checkpoint) / "state" / f"rank_{rank:05d}.pt"
+
+    @staticmethod
+    def write_trainer_state(checkpoint: Path, state: Mapping[str, Any]) -> None:
+        write_json_atomic(Path(checkpoint) / "state" / "trainer_state.json", state)
+
+    @staticmethod
+    def trainer_state(checkpoint: Path) -> dict[str, Any]:
+        return json.loads((Path(checkpoint) / "state" / "trainer_state.json").read_text())
+
+    @staticmethod
+    def seal(checkpoint: Path) -> None:
+        """sha256.json over every file of the checkpoint, then COMPLETE: only now does it count."""
+        checkpoint = Path(checkpoint)
+        digests = {str(f.relative_to(checkpoint)): sha256_file(f) for f in sorted(checkpoint.rglob("*")) if f.is_file()}
+        write_json_atomic(checkpoint / "sha256.json", digests)
+        write_text_atomic(checkpoint / "COMPLETE", f"{int(checkpoint.name)}\n")
+
+    @staticmethod
+    def weights(checkpoint: Path) -> Path:
+        return Path(checkpoint) / WEIGHTS_FILE
+
+    @staticmethod
+    def verify(checkpoint: Path, *, weights_only: bool = False) -> list[str]:
+        """Files of the checkpoint whose sha256 differs from sha256.json, or that are missing
+        (["sha256.json"] when that file is missing or unreadable). weights_only: just the HF copy
+        (what from_pretrained reads), not the DeepSpeed state under state/."""
+        checkpoint = Path(checkpoint)
+        try:
+            expected = json.loads((checkpoint / "sha256.json").read_text())
+        except (OSError, ValueError):
+            return ["sha256.json"]
+        names = [n for n in expected if not (weights_only and n.startswith("state/"))]
+        return sorted(n for n in names if not (checkpoint / n).is_file() or sha256_file(checkpoint / n) != expected[n])
+
+    def set_aside_corrupt(self, found: list[Path]) -> tuple[list[Path], list[dict[str, Any]]]:
+        """Drop corrupt checkpoints from the newest end of `found` (complete checkpoints, oldest first).
+
+        Each one whose files fail `verify` is renamed to `<name>.corrupt` (kept for a look, never
+        deleted) until the newest is sound. Returns the sound list and one event per checkpoint set aside.
+        """
+        found, events = list(found), []
+        while found and (bad := self.verify(found[-1])):
+            path = found.pop()
+            kept = path.with_name(f"{path.name}.corrupt")
+            shutil.rmtree(kept, ignore_errors=True)  # an older copy set aside from the same milestone
+            path.rename(kept)
+            events.append({"event": "corrupt_checkpoint", "checkpoint": path.name, "files": bad, "kept_as": kept.name,
+                           "resumed_from": found[-1].name if found else None})
+        return found, events
+
+
+# ---------------------------------------------------------------------------------------------
+# results/*.parquet: the schema of every table (docs/CONTRACTS.md says the same, and a test checks)
 
 
 @dataclass(frozen=True)
-class RunDir:
-    root: Path
+class Table:
+    columns: tuple[str, ...]  # every column the table may have, in this order
+    required: tuple[str, ...]  # columns a file must have to be read at all
+    key: tuple[str, ...] = ()  # analysis tables: a job's key; a rerun skips keys present with status ok
 
+
+# every table carries the checkpoint's identity and scale, so the fits never join on paths;
+# `checkpoint` is relative to the run directory ("" for rows of no checkpoint, e.g. fingerprints)
+IDENTITY = ("checkpoint", "trial_id", "rung", "seed", "n_params", "n_params_non_embedding", "tokens", "flops")
+MEASURED = ("status", "error", "node_id")  # analysis rows: ok / error, the message, the Ray node
+
+TABLES: dict[str, Table] = {
+    "pretrain": Table(
+        columns=("checkpoint", "trial_id", "family", "rung", "seed", "n_params", "n_params_non_embedding",
+                 "budget_tokens", "tokens", "flops", "step", "train_loss", "val_loss", "wall_time_s", "tokens_per_s",
+                 "mfu", "status"),
+        required=IDENTITY + ("val_loss", "status"),
+    ),
+    "finetune": Table(
+        columns=IDENTITY + ("pretrain_val_loss", "task", "split", "split_seed", "mode", "metric", "higher_is_better",
+                            "value", "val_value", "best_epoch", "wall_time_s") + MEASURED,
+        required=("checkpoint", "trial_id", "task", "split_seed", "mode", "status"),
+        key=("checkpoint", "task", "split_seed", "mode"),
+    ),
+    "hessian": Table(
+        columns=IDENTITY + ("pretrain_val_loss", "loss", "lambda_max", "eigenvalues", "eigenvalue_residuals",
+                            "converged", "trace", "trace_stderr", "density_grid", "density", "n_matvecs", "n_workers",
+                            "n_batches", "hessian_dim", "loss_value", "grad_norm", "wall_time_s") + MEASURED,
+        required=("checkpoint", "trial_id", "loss", "status"),
+        key=("checkpoint", "loss"),
+    ),
+    "landscape": Table(
+        columns=IDENTITY + ("pretrain_val_loss", "surface", "kind", "alpha", "beta", "loss", "eps_sharpness",
+                            "adaptive_sharpness") + MEASURED,
+        required=("checkpoint", "trial_id", "surface", "status"),
+        key=("checkpoint", "surface"),
+    ),
+    "pca": Table(
+        columns=("kind", "group", "label", "pc1", "pc2", "explained_1", "explained_2"),
+        required=("kind", "group", "label", "pc1", "pc2"),
+    ),
+    "fits": Table(
+        columns=("what", "task", "mode", "x", "parameter", "estimate", "ci_lo", "ci_hi", "n_points", "note"),
+        required=("what", "parameter", "estimate"),
+    ),
+}
+ANALYSIS_TABLES = ("finetune", "hessian", "landscape")
+
+
+class TableError(ValueError):
+    """A result table whose columns are not the ones docs/CONTRACTS.md lists."""
+
+
+def check_columns(name: str, table: pd.DataFrame, where: Path | str) -> pd.DataFrame:
+    """`table` with exactly TABLES[name]'s columns, in order (absent ones as missing values).
+
+    An unknown column is an error (a writer that adds one must add it to TABLES and CONTRACTS.md);
+    so is a missing required column.
+    """
+    schema = TABLES[name]
+    unknown = [c for c in table.columns if c not in schema.columns]
+    if unknown:
+        raise TableError(f"{where}: column(s) {unknown} are not in the {name} table's schema "
+                         f"(engine/rundir.py TABLES, docs/CONTRACTS.md)")
+    if len(table.columns):
+        missing = [c for c in schema.required if c not in table.columns]
+        if missing:
+            raise TableError(f"{where}: no column(s) {missing}; it has {list(table.columns)}")
+    return table.reindex(columns=list(schema.columns))
+
+
+# ---------------------------------------------------------------------------------------------
+# which checkpoints count: one decision, used by analyze, fit and report
+
+
+@dataclass(frozen=True)
+class Counted:
+    """The pretraining checkpoints that enter analyses and fits, and a note for every row left out."""
+
+    checkpoints: pd.DataFrame  # rows of results/pretrain.parquet
+    excluded: list[dict[str, Any]]  # {table, trial_id, status, n_rows, reason}
+
+    @property
+    def left_out_trials(self) -> set[str]:
+        return {e["trial_id"] for e in self.excluded if e["table"] == "pretrain" and e["status"] != "finished"}
+
+
+def counted_checkpoints(pretrain: pd.DataFrame) -> Counted:
+    """Checkpoints of finished trials with weights on disk, a finite validation loss and positive N, D.
+
+    A diverged trial keeps its earlier checkpoints' rows in pretrain.parquet (docs/CONTRACTS.md);
+    none of them count, since the run that produced them did not follow its schedule to the end.
+    """
+    excluded = []
+    not_finished = (pretrain["status"] != "finished").to_numpy()
+    for trial_id, rows in pretrain[not_finished].groupby("trial_id", sort=True, dropna=False):
+        status = rows["status"].iloc[0]
+        finite = rows[np.isfinite(rows["val_loss"].to_numpy(float))].sort_values("tokens")
+        last = (f" after {float(finite['tokens'].iloc[-1]):,.0f} tokens; last finite validation loss "
+                f"{finite['val_loss'].iloc[-1]:.3f} nats/token" if len(finite) else "")
+        excluded.append({"table": "pretrain", "trial_id": str(trial_id), "status": str(status), "n_rows": len(rows),
+                         "reason": f"{status}{last}"})
+    kept = pretrain[~not_finished]
+    scale = kept[["n_params_non_embedding", "tokens", "val_loss"]].to_numpy(float)
+    has_weights = kept["checkpoint"].fillna("").astype(str).str.len().to_numpy() > 0
+    usable = np.isfinite(scale).all(axis=1) & (scale[:, :2] > 0).all(axis=1) & has_weights
+    for row in kept[~usable].to_dict("records"):
+        excluded.append({"table": "pretrain", "trial_id": str(row["trial_id"]), "status": "finished", "n_rows": 1,
+                         "reason": f"checkpoint at tokens={row['tokens']} has val_loss={row['val_loss']}, "
+                                   f"n_params_non_embedding={row['n_params_non_embedding']}; left out"})
+    checkpoints = kept[usable].sort_values(["n_params", "tokens"], kind="stable").reset_index(drop=True)
+    return Counted(checkpoints, excluded)
+
+
+def usable_measurements(table: pd.DataFrame, kind: str, left_out_trials: set[str]) -> tuple[pd.DataFrame, list[dict]]:
+    """Rows with status ok from trials that count; a note per failure (grouped) and per left-out trial."""
+    if table.empty:
+        return table, []
+    excluded = []
+    failed = (table["status"] != "ok").to_numpy()
+    if failed.any():
+        described = table[failed].assign(_what=[_measurement(kind, row) for row in table[failed].to_dict("records")],
+                                         _error=table.loc[failed, "error"].fillna(""))
+        for (trial_id, what, error), rows in described.groupby(["trial_id", "_what", "_error"], sort=True,
+                                                                dropna=False):
+            excluded.append({"table": kind, "trial_id": "" if pd.isna(trial_id) else str(trial_id), "status": "error",
+                             "n_rows": len(rows), "reason": f"{what}: {error or 'no error message'}"})
+    from_left_out = table["trial_id"].isin(left_out_trials).to_numpy()
+    for trial_id, rows in table[from_left_out & ~failed].groupby("trial_id", sort=True):
+        excluded.append({"table": kind, "trial_id": str(trial_id), "status": "left out", "n_rows": len(rows),
+                         "reason": f"{len(rows)} {kind} row(s) measured on checkpoints of a trial that did not "
+                                   "finish; left out"})
+    return table[~failed & ~from_left_out].reset_index(drop=True), excluded
+
+
+def _measurement(kind: str, row: dict) -> str:
+    """Words for one measurement, e.g. 'solubility probe with split seed 1' or 'Hessian of the pretrain loss'."""
+    if kind == "finetune":
+        return f"{row.get('task')} {row.get('mode')} with split seed {row.get('split_seed')}"
+    if kind == "hessian":
+        return f"Hessian of the {row.get('loss')} loss"
+    return f"loss surface {row.get('surface')}"
+
+
+PRETRAINED_MODES = ("finetune", "probe")  # downstream modes of a pretrained checkpoint (the rest are baselines)
+
+
+def downstream_points(finetune: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, mode, checkpoint) of the pretrained modes: mean, sd and count over split seeds,
+    with the checkpoint's validation loss where the fine-tuning rows did not carry it."""
+    if finetune.empty:
+        return pd.DataFrame()
+    rows = finetune[finetune["mode"].isin(PRETRAINED_MODES) & np.isfinite(finetune["value"].to_numpy(float))]
+    if rows.empty:
+        return pd.DataFrame()
+    first = {name: (name, "first") for name in ("metric", "higher_is_better", "rung", "n_params",
+                                                "n_params_non_embedding", "flops", "pretrain_val_loss")}
+    points = (rows.groupby(["task", "mode", "trial_id", "tokens"], sort=True)
+              .agg(mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "size"), **first)
+              .reset_index())
+    losses = checkpoints[["trial_id", "tokens", "val_loss"]].astype({"tokens": float})
+    points = points.astype({"tokens": float}).merge(losses, on=["trial_id", "tokens"], how="left")
+    points["pretrain_val_loss"] = points["pretrain_val_loss"].astype(float).fillna(points.pop("val_loss"))
+    return points
+
+
+@dataclass(frozen=True)
+class FitInputs:
+    """What the fit and the report read: the config, every table, and the rows that count."""
+
+    config: SweepConfig
+    tables: dict[str, pd.DataFrame]  # every result table, raw (a missing one is empty)
+    present: dict[str, bool]  # which tables have a file
+    checkpoints: pd.DataFrame  # counted_checkpoints(...).checkpoints
+    left_out: pd.DataFrame  # pretrain rows of trials that did not finish, with finite C and loss
+    measured: dict[str, pd.DataFrame]  # finetune / hessian / landscape: usable_measurements
+    points: pd.DataFrame  # downstream_points(measured["finetune"], checkpoints)
+    excluded: list[dict[str, Any]]  # every row left out, with the reason
+
+    @property
+    def left_out_trials(self) -> set[str]:
+        return {e["trial_id"] for e in self.excluded if e["table"] == "pretrain" and e["status"] != "finished"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run directory
+
+
+class RunDir:
+    """runs/<sweep>/: one typed reader and writer per file (see the module docstring)."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and self.root == other.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    # ---- paths inside tables: relative to the run directory -------------------------------------
+    def path(self, relative: str | Path) -> Path:
+        """A path that a table or JSON file stores (relative to the run directory) as a real path."""
+        return self.root / relative
+
+    def relative(self, path: Path | str) -> str:
+        return str(Path(path).relative_to(self.root))
+
+    # ---- sweep.yaml --------------------------------------------------------------------------
     @property
     def sweep_yaml(self) -> Path:
         return self.root / "sweep.yaml"
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
+    def exists(self) -> bool:
+        return self.sweep_yaml.is_file()
 
+    def config(self) -> SweepConfig:
+        """The resolved sweep this run directory was made for."""
+        if not self.sweep_yaml.is_file():
+            raise FileNotFoundError(f"{self.root}: not a run directory (no sweep.yaml)")
+        return SweepConfig.model_validate(yaml.safe_load(self.sweep_yaml.read_text()))
+
+    def config_text(self) -> str:
+        return self.sweep_yaml.read_text()
+
+    def write_config(self, cfg: SweepConfig) -> None:
+        write_text_atomic(self.sweep_yaml, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    def trials_by_id(self) -> dict[str, Trial]:
+        """The grid of the sweep.yaml, by trial id (each with its rung's overrides applied)."""
+        return {t.trial_id: t for t in expand_grid(self.config())}
+
+    # ---- data/ ---------------------------------------------------------------------------------
     @property
-    def manifest(self) -> Path:
-        return self.data / "manifest.json"
+    def data(self) -> DataDir:
+        return DataDir(self.root / "data")
 
     @property
     def tokenizer(self) -> Path:
-        return self.data / "tokenizer"
+        return self.data.tokenizer
 
+    def manifest(self) -> Manifest:
+        return self.data.manifest()
+
+    def shard_paths(self, split: Split) -> list[Path]:
+        return self.data.shard_paths(split)
+
+    # ---- trials/ --------------------------------------------------------------------------------
     @property
     def trials(self) -> Path:
         return self.root / "trials"
 
-    def trial(self, trial_id: str) -> Path:
-        return self.trials / trial_id
+    def trial(self, trial_id: str) -> TrialDir:
+        return TrialDir(self.trials / trial_id)
+
+    def trial_of(self, checkpoint: str) -> TrialDir:
+        """The trial folder a checkpoint path (relative, as tables store it) lies in."""
+        return TrialDir(self.path(checkpoint).parent.parent)
 
     @property
     def tune(self) -> Path:
         return self.root / "tune"
 
+    # ---- results/ -----------------------------------------------------------------------------
     @property
     def results(self) -> Path:
         return self.root / "results"
 
-    def table(self, kind: str) -> Path:
-        """results/<kind>.parquet, for kind in pretrain, finetune, hessian, landscape, ..."""
-        return self.results / f"{kind}.parquet"
+    def table_path(self, name: str) -> Path:
+        if name not in TABLES:
+            raise KeyError(f"no result table {name!r}; the tables are {', '.join(TABLES)}")
+        return self.results / f"{name}.parquet"
 
+    def has_table(self, name: str) -> bool:
+        return self.table_path(name).is_file()
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        """results/<name>.parquet with TABLES[name]'s columns; an empty frame when there is no file."""
+        path = self.table_path(name)
+        if not path.is_file():
+            return pd.DataFrame(columns=list(TABLES[name].columns))
+        return check_columns(name, pd.read_parquet(path), path)
+
+    def write_table(self, name: str, table: pd.DataFrame) -> Path:
+        path = self.table_path(name)
+        write_parquet_atomic(path, check_columns(name, table, path))
+        return path
+
+    def fits_path(self) -> Path:
+        return self.results / "fits.json"
+
+    def has_fits(self) -> bool:
+        return self.fits_path().is_file()
+
+    def fits(self) -> dict[str, Any]:
+        if not self.has_fits():
+            raise FileNotFoundError(f"{self.fits_path()}: no fits; run `clmscale fit {self.root}` first")
+        return json.loads(self.fits_path().read_text())
+
+    def write_fits(self, fits: Mapping[str, Any], table: pd.DataFrame) -> tuple[Path, Path]:
+        """fits.json and its long-format twin fits.parquet."""
+        write_json_atomic(self.fits_path(), fits)
+        return self.fits_path(), self.write_table("fits", table)
+
+    def pretrain(self) -> pd.DataFrame:
+        """results/pretrain.parquet, which every later stage starts from."""
+        if not self.has_table("pretrain"):
+            raise FileNotFoundError(f"{self.table_path('pretrain')}: no pretraining results; "
+                                    "run `clmscale sweep` first")
+        return self.read_table("pretrain")
+
+    def counted_checkpoints(self) -> Counted:
+        return counted_checkpoints(self.pretrain())
+
+    def fit_inputs(self) -> FitInputs:
+        """The config and tables, with the rows that count: one derivation for the fit and the report."""
+        cfg = self.config()
+        tables = {name: self.read_table(name) for name in ("pretrain", *ANALYSIS_TABLES, "pca")}
+        present = {name: self.has_table(name) for name in tables}
+        if not present["pretrain"]:
+            self.pretrain()  # raises with the message that says to run the sweep
+        counted = counted_checkpoints(tables["pretrain"])
+        excluded = list(counted.excluded)
+        measured = {}
+        for kind in ANALYSIS_TABLES:
+            measured[kind], notes = usable_measurements(tables[kind], kind, counted.left_out_trials)
+            excluded += notes
+        pretrain = tables["pretrain"]
+        left_out = pretrain[pretrain["trial_id"].isin(counted.left_out_trials)]
+        left_out = left_out[np.isfinite(left_out[["flops", "val_loss"]].to_numpy(float)).all(axis=1)]
+        return FitInputs(config=cfg, tables=tables, present=present, checkpoints=counted.checkpoints,
+                         left_out=left_out, measured=measured,
+                         points=downstream_points(measured["finetune"], counted.checkpoints), excluded=excluded)
+
+    # ---- analysis/ ------------------------------------------------------------------------------
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    def finetuned_weights(self, trial_id: str, tokens: float, task: str) -> Path:
+        """The fine-tuned encoder of one checkpoint on one task (first split seed); its head is `head_file` of it."""
+        return self.analysis / "finetuned" / trial_id / str(int(tokens)) / f"{task}.safetensors"
+
+    @property
+    def ray_train_storage(self) -> Path:
+        """Ray Train's storage for the analysis' worker groups (each run's folder removed when it returns)."""
+        return self.analysis / "ray_train"
+
+    # ---- report/ ----------------------------------------------------------------------------------
     @property
     def report(self) -> Path:
         return self.root / "report"
 
+    def figure(self, name: str) -> Path:
+        """report/<name>.png: one figure of the report (embedded in index.html, kept beside it)."""
+        return self.report / f"{name}.png"
+
+    def write_report(self, html: str) -> Path:
+        path = self.report / "index.html"
+        write_text_atomic(path, html)
+        return path
+
+    # ---- events.jsonl -------------------------------------------------------------------------
     @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
 
-    def record_event(self, event: dict) -> None:
+    def record_event(self, event: Mapping[str, Any]) -> None:
         """Append one JSON line to events.jsonl (with the time); see `fault_events`."""
-        import time
+        append_jsonl(self.events, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event})
 
-        with open(self.events, "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event}, default=str) + "\n")
-
-    def fault_events(self) -> list[dict]:
+    def fault_events(self) -> list[dict[str, Any]]:
         """Every fault the run survived: events.jsonl, then each trial's restarts and corrupt checkpoints
         from its metrics.jsonl (with the trial id), as one list of dicts."""
-        events = _jsonl(self.events)
-        for metrics in sorted(self.trials.glob("*/metrics.jsonl")):
-            events += [{"stage": "sweep", "trial_id": metrics.parent.name, **r} for r in _jsonl(metrics)
+        events = read_jsonl(self.events)
+        for folder in sorted(self.trials.glob("*/")):
+            events += [{"stage": "sweep", "trial_id": folder.name, **r} for r in TrialDir(folder).metrics()
                        if r.get("event") in ("resumed", "corrupt_checkpoint")]
         return events
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def sha256_stream(f) -> str:
-    """sha256 of everything a binary file object yields, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return sha256_stream(f)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+def head_file(weights: Path) -> Path:
+    """Where a fine-tuned encoder's linear head lies: `<stem>.head.safetensors` beside it."""
+    weights = Path(weights)
+    return weights.with_name(f"{weights.stem}.head.safetensors")

@@ -4,21 +4,21 @@ The story, in the order it runs:
 1. `run_sweep` checks the run directory (a `--resume` must find the same sweep there), writes the
    resolved `sweep.yaml`, runs `prepare` if the shards are missing, and turns epoch budgets into
    token budgets with the manifest's token counts.
-2. Ray Tune gets one grid point per trial. `run_trial`, a Tune function trainable, builds a
-   `TorchTrainer` (Train V2: the trainer is launched inside the trial and reports to Tune through
-   `TuneReportCallback`) with the trial's `ScalingConfig` and a Ray Data stream of the shards.
-3. `train_loop_per_worker` unpacks its config and calls `engine.train.train`, the same function
+2. Ray Tune gets one grid point per trial, a `TrialSpec`. `run_trial`, a Tune function trainable,
+   builds a `TorchTrainer` (Train V2: the trainer is launched inside the trial and reports to Tune
+   through `TuneReportCallback`) with the trial's `ScalingConfig` and a Ray Data stream of the shards.
+3. `train_loop_per_worker` validates its `TrialSpec` and calls `engine.train.train`, the same function
    that runs standalone without Ray. Checkpoints land in `trials/<trial>/checkpoints/`.
-4. When Tune is done, `collect_pretrain_table` reads every trial's `result.json` and writes
+4. When Tune is done, `collect_pretrain_table` reads every trial's result and writes
    `results/pretrain.parquet`, one row per checkpoint.
 
-Resources are computed from the cluster before anything starts: a trial that cannot fit the
-cluster is an error, not a hang, and Ray Data always keeps a CPU for itself.
+Every file is read and written through `engine.rundir`. Resources are computed from the cluster
+before anything starts: a trial that cannot fit the cluster is an error, not a hang, and Ray Data
+always keeps a CPU for itself.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,11 +28,10 @@ from typing import Any
 
 import pandas as pd
 import ray
-import yaml
 from ray import tune
 
-from engine.config import SweepConfig, Trial, expand_grid
-from engine.rundir import RunDir, write_json_atomic
+from engine.config import Strict, SweepConfig, Trial, expand_grid
+from engine.rundir import TABLES, Manifest, RunDir, TrainResult, TrialDir
 
 log = logging.getLogger("clmscale")
 
@@ -45,39 +44,44 @@ class SweepError(ValueError):
     """A sweep that cannot start: wrong run directory, a trial that does not fit the cluster, ..."""
 
 
+class TrialSpec(Strict):
+    """Everything one trial needs: Tune hands it to `run_trial`, Train to every worker, as its JSON dump
+    (validated once at each boundary). The run directory's own files supply the rest (shards, tokenizer)."""
+
+    trial: Trial
+    run_dir: Path
+    budget_tokens: int  # in tokens, after epochs were converted with the manifest
+    max_seq_len: int
+    dropout: float
+    worker_env: dict[str, str] = {}  # extra environment of the Train workers (fault injection in tests)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. the run directory and the budgets
 
 
-def check_run_dir(cfg: SweepConfig, run_dir: RunDir, resume: bool) -> None:
+def check_run_dir(cfg: SweepConfig, rd: RunDir, resume: bool) -> None:
     """A fresh sweep needs a fresh (or prepare-only) directory; --resume needs the same sweep."""
-    if run_dir.sweep_yaml.exists():
-        previous = yaml.safe_load(run_dir.sweep_yaml.read_text())
-        ours = cfg.model_dump(mode="json")
-        if previous.get("name") != ours["name"] or previous.get("model") != ours["model"] or previous.get(
-            "budget"
-        ) != ours["budget"] or previous.get("seeds") != ours["seeds"]:
+    if rd.exists():
+        previous, ours = rd.config(), cfg
+        if any(getattr(previous, k) != getattr(ours, k) for k in ("name", "model", "budget", "seeds")):
             raise SweepError(
-                f"{run_dir.root} holds another sweep ({run_dir.sweep_yaml} differs in name, model, budget or "
+                f"{rd.root} holds another sweep ({rd.sweep_yaml} differs in name, model, budget or "
                 f"seeds); use a new name or storage.root, or the sweep file that made it"
             )
-        if not resume and run_dir.tune.exists():
-            raise SweepError(f"{run_dir.root} already has a sweep; pass --resume to continue it")
+        if not resume and rd.tune.exists():
+            raise SweepError(f"{rd.root} already has a sweep; pass --resume to continue it")
     elif resume:
-        raise SweepError(f"nothing to resume in {run_dir.root}: no sweep.yaml there")
+        raise SweepError(f"nothing to resume in {rd.root}: no sweep.yaml there")
 
 
-def write_sweep_yaml(cfg: SweepConfig, run_dir: RunDir) -> None:
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    run_dir.sweep_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
-def token_budget(trial: Trial, manifest: dict) -> int:
+def token_budget(trial: Trial, manifest: Manifest) -> int:
     """Tokens the trial trains on: given, or epochs x the train split's tokens incl. 2 specials each."""
     if trial.budget_tokens is not None:
         return trial.budget_tokens
-    split = manifest["counts"]["train"]
-    return int(trial.budget_epochs * (split["n_tokens"] + 2 * split["n_molecules"]))
+    assert trial.budget_epochs is not None  # Trial has one of the two
+    split = manifest.counts.train
+    return int(trial.budget_epochs * (split.n_tokens + 2 * split.n_molecules))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,61 +121,48 @@ def run_trial(config: dict) -> None:
 
     from engine import data
 
-    config = config["cfg"]  # the grid point: see `run_sweep`
-    trial = Trial.model_validate(config["trial"])
-    run_dir = RunDir(Path(config["run_dir"]))
-    done = _finished_result(run_dir.trial(trial.trial_id))
-    if done:  # finished before a driver died, but after Tune last saved its state: not rerun
-        log.info(f"[{trial.trial_id}] already {done['status']} ({done['n_tokens']} tokens); not rerun")
+    spec = TrialSpec.model_validate(config["cfg"])  # the grid point: see `run_sweep`
+    trial, rd = spec.trial, RunDir(spec.run_dir)
+    folder = rd.trial(trial.trial_id)
+    done = folder.result()
+    if done is not None:  # finished before a driver died, but after Tune last saved its state: not rerun
+        log.info(f"[{trial.trial_id}] already {done.status} ({done.n_tokens} tokens); not rerun")
         return
-    write_json_atomic(run_dir.trial(trial.trial_id) / "trial.json", config)  # all it takes to rerun this trial
+    folder.write_spec(config["cfg"])  # all it takes to rerun this trial
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     train_ds = data.train_dataset(
-        shard_paths=config["train_shards"],
-        tokenizer=run_dir.tokenizer,
+        shard_paths=rd.shard_paths("train"),
+        tokenizer=rd.tokenizer,
         family=trial.family,
         micro_batch_size=trial.train.micro_batch_size,
-        max_seq_len=config["max_seq_len"],
+        max_seq_len=spec.max_seq_len,
         mlm_probability=trial.train.mlm_probability,
         packing=trial.train.packing,
         seed=trial.seed if trial.train.seed_data else 0,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=spec.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": train_ds},
         run_config=TrainRunConfig(
             name=trial.trial_id,
-            storage_path=str(run_dir.tune / "train"),
+            storage_path=str(rd.tune / "train"),
             failure_config=FailureConfig(max_failures=r.max_failures),
-            callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": config["worker_env"]},
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train V2 callback; the stubs know V1's
+            worker_runtime_env={"env_vars": spec.worker_env},  # type: ignore[call-arg]  # Train V2's RunConfig has it
         ),
     )
     try:
         trainer.fit()
     finally:
-        _remove_leftover_placement_group(run_dir.trial(trial.trial_id))
+        _remove_leftover_placement_group(folder)
 
 
-def _finished_result(trial_dir: Path) -> dict | None:
-    """The trial's result.json when it records a finished or diverged run: the folder is the truth."""
-    path = trial_dir / "result.json"
-    if not path.exists():
-        return None
-    result = json.loads(path.read_text())
-    return result if result["status"] in ("finished", "diverged") else None
-
-
-PG_FILE = ".placement_group"  # the trial's Ray Train placement group id, written by its rank 0
-NODES_FILE = "nodes.txt"  # the Ray node id of the trial's rank 0, one line per (re)start: where it ran
-
-
-def _remove_leftover_placement_group(trial_dir: Path) -> None:
+def _remove_leftover_placement_group(folder: TrialDir) -> None:
     """Remove the trial's worker placement group if Ray Train left it behind.
 
     Seen with ray 2.60 on a 2-CPU cluster: now and then a finished trial's worker placement group
@@ -181,14 +172,10 @@ def _remove_leftover_placement_group(trial_dir: Path) -> None:
     """
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    path = trial_dir / PG_FILE
-    if not path.exists():
-        return
-    pg_id = path.read_text().strip()
-    if ray.util.placement_group_table().get(pg_id, {}).get("state") == "CREATED":
-        log.warning(f"[{trial_dir.name}] removing the placement group {pg_id[:8]} Ray Train left behind")
+    pg_id = folder.pop_placement_group()
+    if pg_id is not None and ray.util.placement_group_table().get(pg_id, {}).get("state") == "CREATED":
+        log.warning(f"[{folder.trial_id}] removing the placement group {pg_id[:8]} Ray Train left behind")
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
-    path.unlink()
 
 
 def _fault_injection(trial_id: str) -> dict[str, str]:
@@ -203,7 +190,7 @@ def _fault_injection(trial_id: str) -> dict[str, str]:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point, on every worker: unpack the config, stream the shard, train.
+    """Ray Train entry point, on every worker: validate the spec, stream the shard, train.
 
     Rank 0 also records its placement group (see `_remove_leftover_placement_group`) and appends its
     Ray node id to the trial's `nodes.txt`, so a restart after a node failure shows where it went.
@@ -215,38 +202,26 @@ def train_loop_per_worker(config: dict) -> None:
     from engine.tokenizer import load_tokenizer
     from engine.train import train
 
-    trial = Trial.model_validate(config["trial"])
-    run_dir = RunDir(Path(config["run_dir"]))
+    spec = TrialSpec.model_validate(config)
+    trial, rd = spec.trial, RunDir(spec.run_dir)
+    folder = rd.trial(trial.trial_id)
     if ray.train.get_context().get_world_rank() == 0:
         pg = ray.util.get_current_placement_group()
         if pg is not None:
-            (run_dir.trial(trial.trial_id) / PG_FILE).write_text(pg.id.hex())
-        with open(run_dir.trial(trial.trial_id) / NODES_FILE, "a") as f:
-            f.write(ray.get_runtime_context().get_node_id() + "\n")
-    tokenizer = load_tokenizer(run_dir.tokenizer)
+            folder.write_placement_group(pg.id.hex())
+        folder.append_node(ray.get_runtime_context().get_node_id())
+    tokenizer = load_tokenizer(rd.tokenizer)
     shard = ray.train.get_dataset_shard("train")
-    val = data.validation_batches(
-        config["val_shards"],
-        tokenizer,
-        family=trial.family,
-        n_batches=trial.train.val_batches,
-        micro_batch_size=trial.train.micro_batch_size,
-        max_seq_len=config["max_seq_len"],
-        mlm_probability=trial.train.mlm_probability,
-        packing=trial.train.packing,
-    )
-    model_config = build_config(
-        trial.family, trial.size, len(tokenizer), config["max_seq_len"], dropout=config["dropout"]
-    )
+    model_config = build_config(trial.family, trial.size, len(tokenizer), spec.max_seq_len, dropout=spec.dropout)
     train(
         trial,
-        run_dir.trial(trial.trial_id),
+        folder,
         make_batches=lambda epoch: data.worker_batches(shard, epoch),
-        val_batches=val,
+        val_batches=data.trial_validation_batches(rd, trial, spec.max_seq_len, tokenizer=tokenizer),
         model_config=model_config,
-        budget_tokens=config["budget_tokens"],
-        tokenizer_dir=run_dir.tokenizer,
-        report=DashboardReporter(trial.trial_id, config["budget_tokens"]),
+        budget_tokens=spec.budget_tokens,
+        tokenizer_dir=rd.tokenizer,
+        report=DashboardReporter(trial.trial_id, spec.budget_tokens),
         device=get_device(),
     )
 
@@ -338,46 +313,37 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     """Prepare if needed, run every trial on the Ray cluster found (or a local one), collect results."""
     from engine.prepare import prepare
 
-    run_dir = RunDir(cfg.run_dir.resolve())
-    check_run_dir(cfg, run_dir, resume)
+    rd = RunDir(cfg.run_dir.resolve())
+    check_run_dir(cfg, rd, resume)
     trials = expand_grid(cfg)
     if not ray.is_initialized():
         ray.init()
     concurrency = plan_concurrency(trials, ray.cluster_resources(), cfg.resources.max_concurrent_trials)  # before any write
-    write_sweep_yaml(cfg, run_dir)
-    prepare(cfg.data, run_dir.data)
-    manifest = json.loads(run_dir.manifest.read_text())
-    shards = {split: [str(run_dir.data / s["path"]) for s in manifest["shards"] if s["split"] == split] for split in ("train", "val")}
-    log.info(f"sweep {cfg.name}: {len(trials)} trials, up to {concurrency} at once, in {run_dir.root}")
+    rd.write_config(cfg)
+    manifest = prepare(cfg.data, rd.data)
+    log.info(f"sweep {cfg.name}: {len(trials)} trials, up to {concurrency} at once, in {rd.root}")
 
-    common = {
-        "run_dir": str(run_dir.root),
-        "train_shards": shards["train"],
-        "val_shards": shards["val"],
-        "max_seq_len": cfg.model.max_seq_len,
-        "dropout": cfg.model.dropout,
-    }
-    configs = [
-        {**common, "trial": t.model_dump(mode="json"), "budget_tokens": token_budget(t, manifest),
-         "worker_env": _fault_injection(t.trial_id)}
+    specs = [
+        TrialSpec(trial=t, run_dir=rd.root, budget_tokens=token_budget(t, manifest), max_seq_len=cfg.model.max_seq_len,
+                  dropout=cfg.model.dropout, worker_env=_fault_injection(t.trial_id)).model_dump(mode="json")
         for t in trials
     ]
     trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})
-    tuner_path = run_dir.tune / "pretrain"
+    tuner_path = rd.tune / "pretrain"
     if resume and tune.Tuner.can_restore(str(tuner_path)):
         tuner = tune.Tuner.restore(
-            str(tuner_path), trainable=trainable, param_space={"cfg": tune.grid_search(configs)}, restart_errored=True
+            str(tuner_path), trainable=trainable, param_space={"cfg": tune.grid_search(specs)}, restart_errored=True
         )
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"cfg": tune.grid_search(configs)},
+            param_space={"cfg": tune.grid_search(specs)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrency, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name
             ),
             run_config=tune.RunConfig(
                 name="pretrain",
-                storage_path=str(run_dir.tune),
+                storage_path=str(rd.tune),
                 callbacks=[ProgressLine()],
                 verbose=0,
                 # a trial whose Tune actor dies with its node is started again: it resumes from its folder
@@ -385,8 +351,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
             ),
         )
     tuner.fit()
-    table = collect_pretrain_table(run_dir, trials)
-    log.info(f"wrote {run_dir.table('pretrain')} ({len(table)} checkpoints)")
+    table = collect_pretrain_table(rd, trials)
+    log.info(f"wrote {rd.table_path('pretrain')} ({len(table)} checkpoints)")
     return table
 
 
@@ -394,66 +360,45 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
 # 4. results
 
 
-PRETRAIN_COLUMNS = [
-    "checkpoint", "trial_id", "family", "rung", "seed", "n_params", "n_params_non_embedding", "budget_tokens",
-    "tokens", "flops", "step", "train_loss", "val_loss", "wall_time_s", "tokens_per_s", "mfu", "status",
-]  # fmt: skip
+def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[str, Any]]:
+    """The pretrain.parquet rows of one ended trial: one per checkpoint (paths relative to the run
+    directory), or one without a checkpoint for a trial that diverged before its first milestone."""
+    base = {"trial_id": trial.trial_id, "family": trial.family, "rung": trial.size.name, "seed": trial.seed,
+            "n_params": result.n_params, "n_params_non_embedding": result.n_params_non_embedding,
+            "budget_tokens": result.budget_tokens, "status": result.status}
+    if not result.checkpoints:
+        return [{**base, "checkpoint": None, "tokens": result.n_tokens, "flops": result.flops,
+                 "step": result.n_steps, "train_loss": math.nan, "val_loss": math.nan, "wall_time_s": result.wall_s,
+                 "tokens_per_s": math.nan, "mfu": math.nan}]
+    folder = rd.trial(trial.trial_id)
+    return [{**base, "checkpoint": rd.relative(folder.path / ck.path), "tokens": ck.n_tokens, "flops": ck.flops,
+             "step": ck.step, "train_loss": ck.train_loss, "val_loss": ck.val_loss, "wall_time_s": ck.wall_s,
+             "tokens_per_s": ck.tokens_per_s, "mfu": ck.mfu}
+            for ck in result.checkpoints]
 
 
-def collect_pretrain_table(run_dir: RunDir, trials: list[Trial]) -> pd.DataFrame:
-    """One row per checkpoint of every trial that wrote a result.json; the others are not rows."""
+def collect_pretrain_table(rd: RunDir, trials: list[Trial]) -> pd.DataFrame:
+    """One row per checkpoint of every trial that wrote its result; the others are not rows."""
     rows = []
     for t in trials:
-        folder = run_dir.trial(t.trial_id)
-        if not (folder / "result.json").exists():
-            continue
-        result = json.loads((folder / "result.json").read_text())
-        # a trial that diverged before its first milestone still gets a row, without a checkpoint
-        no_checkpoint = {"path": None, "n_tokens": result["n_tokens"], "flops": result["flops"], "step": result["n_steps"],
-                         "train_loss": None, "val_loss": None, "wall_s": result["wall_s"], "tokens_per_s": None, "mfu": None}
-        for ck in result["checkpoints"] or [no_checkpoint]:
-            rows.append(
-                {
-                    "checkpoint": str(folder / ck["path"]) if ck["path"] else None,
-                    "trial_id": t.trial_id,
-                    "family": t.family,
-                    "rung": t.size.name,
-                    "seed": t.seed,
-                    "n_params": result["n_params"],
-                    "n_params_non_embedding": result["n_params_non_embedding"],
-                    "budget_tokens": result["budget_tokens"],
-                    "tokens": ck["n_tokens"],
-                    "flops": ck["flops"],
-                    "step": ck["step"],
-                    "train_loss": _nan(ck["train_loss"]),
-                    "val_loss": _nan(ck["val_loss"]),
-                    "wall_time_s": ck["wall_s"],
-                    "tokens_per_s": _nan(ck["tokens_per_s"]),
-                    "mfu": _nan(ck["mfu"]),
-                    "status": result["status"],
-                }
-            )
-    table = pd.DataFrame(rows, columns=PRETRAIN_COLUMNS)
-    run_dir.results.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(run_dir.table("pretrain"), index=False)
+        result = rd.trial(t.trial_id).result()
+        if result is not None:
+            rows += pretrain_rows(rd, t, result)
+    table = pd.DataFrame(rows, columns=list(TABLES["pretrain"].columns))
+    rd.write_table("pretrain", table)
     return table
 
 
-def _nan(value: float | None) -> float:
-    """The JSON files hold null where the number is NaN (e.g. MFU on a CPU)."""
-    return float("nan") if value is None else value
-
-
-def trial_status(run_dir: RunDir, trials: list[Trial]) -> pd.DataFrame:
+def trial_status(rd: RunDir, trials: list[Trial]) -> pd.DataFrame:
     """State of every trial from its folder: pending, running (or interrupted), finished, diverged."""
     rows = []
     for t in trials:
-        folder = run_dir.trial(t.trial_id)
-        result = folder / "result.json"
-        metrics = _last_metrics(folder / "metrics.jsonl")
-        if result.exists():
-            r = json.loads(result.read_text())
-            state, tokens, loss, eta = r["status"], r["n_tokens"], r["train_loss"], 0.0
+        folder = rd.trial(t.trial_id)
+        result, metrics = folder.result(), folder.last_metrics()
+        state: str
+        loss: float | None
+        if result is not None:
+            state, tokens, loss, eta = result.status, result.n_tokens, result.train_loss, 0.0
         elif metrics:
             speed = metrics.get("tokens_per_s") or 0.0
             budget = metrics.get("budget_tokens") or t.budget_tokens or 0
@@ -463,10 +408,3 @@ def trial_status(run_dir: RunDir, trials: list[Trial]) -> pd.DataFrame:
             state, tokens, loss, eta = "pending", 0, None, float("nan")
         rows.append({"trial_id": t.trial_id, "state": state, "tokens": tokens, "last_loss": loss, "eta_s": eta})
     return pd.DataFrame(rows)
-
-
-def _last_metrics(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    lines = path.read_text().strip().splitlines()
-    return json.loads(lines[-1]) if lines else {}

@@ -38,8 +38,8 @@ from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import CustomTask, DownstreamConfig
+from engine.files import sha256_stream
 from engine.metrics import METRICS
-from engine.rundir import sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class Task:
         if self.primary_metric is None:
             object.__setattr__(self, "primary_metric", self.metric)
         if self.primary_metric not in METRICS.get(self.task_type, ()):
-            raise ValueError(f"{where}: primary_metric must be one of {METRICS.get(self.task_type)} for {self.task_type} "
-                             f"(got {self.primary_metric!r})")  # fmt: skip
+            raise ValueError(f"{where}: primary_metric must be one of {METRICS.get(self.task_type)} for "
+                             f"{self.task_type} (got {self.primary_metric!r})")  # fmt: skip
         if not self.label_columns or len(set(self.label_columns)) != len(self.label_columns):
             raise ValueError(f"{where}: label_columns must be non-empty and distinct (got {self.label_columns})")
         if self.task_type == "classification":
@@ -417,7 +417,7 @@ class TaskData:
 
     @property
     def primary_metric(self) -> str:
-        return self.task.primary_metric
+        return self.task.primary_metric or self.task.metric  # set in Task.__post_init__; `or` for the type checker
 
     @property
     def n_invalid(self) -> int:

@@ -102,14 +102,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json here; run `prepare` first")
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))  # type: ignore[return-value]  # a tokenizer.json dir: the fast one
 
 
 def count_unk(tokenizer: PreTrainedTokenizerFast, smiles: Iterable[str], batch_size: int = 4096) -> int:
     """How many tokens of `smiles` map to [UNK] (specials not added): atoms the vocabulary never saw."""
     unk_id = tokenizer.unk_token_id
     backend = tokenizer.backend_tokenizer
-    n_unk, batch = 0, []
+    n_unk, batch = 0, list[str]()
 
     def flush() -> int:
         encodings = backend.encode_batch(batch, add_special_tokens=False)

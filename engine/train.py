@@ -3,23 +3,18 @@
     train(trial, trial_dir, make_batches, val_batches, model_config) -> TrainResult
 
 runs in every worker (Ray Train or standalone), in this order: process group, model + AdamW +
-DeepSpeed engine, resume from the latest complete checkpoint, then the loop: micro-batches from
-`make_batches(epoch)` with gradient accumulation, one all-reduce per optimizer step for the token
-count and the loss, the learning rate as a function of the token fraction, a log record every
-`log_every_steps`, and a checkpoint at each token milestone. The run stops when the budget is spent,
+DeepSpeed engine (`_build_engine`), resume from the latest complete checkpoint (`_resume`, a
+`RunState`), then the loop: one optimizer step of micro-batches from `make_batches(epoch)` with
+gradient accumulation (`_accumulation_step`), one all-reduce per step for the token count and the
+loss, the learning rate as a function of the token fraction, a log record every `log_every_steps`
+(`_log_record`), and a checkpoint at each token milestone. The run stops when the budget is spent,
 or when the loss stops being finite ("diverged"; no exception).
 
-trial_dir/
-    metrics.jsonl                      one record per log point / checkpoint (rank 0)
-    result.json                        the TrainResult
-    checkpoints/<n_tokens:012d>/       save_pretrained (safetensors, fp32) + tokenizer, so that
-                                       AutoModelFor{MaskedLM,CausalLM}.from_pretrained(dir) works
-        state/                         DeepSpeed save_checkpoint (tag "ds"), trainer_state.json,
-                                       rank_<r>.pt (that worker's RNG states)
-        sha256.json                    sha256 of every file above, by relative path (corruption checks)
-        COMPLETE                       written last: a checkpoint without it is ignored and replaced
-    checkpoints/<n_tokens>.corrupt/    a checkpoint that failed its sha256 check on resume, set aside
-                                       (kept, never deleted); the run resumes from the one before it
+The trial folder's files (metrics.jsonl, result.json, checkpoints/<n_tokens:012d>/ with their
+sha256.json and COMPLETE marker, corrupt ones set aside as <n_tokens>.corrupt) are read and written
+through `engine.rundir.TrialDir`; a checkpoint is HF `save_pretrained` (safetensors, fp32) + tokenizer,
+so `AutoModelFor{MaskedLM,CausalLM}.from_pretrained(dir)` works, plus `state/` (DeepSpeed
+save_checkpoint, trainer_state.json, each rank's RNG) for an exact resume.
 
 Milestones: `checkpoints` = k gives budget / 2^(k-1), ..., budget / 2, budget, so each checkpoint has
 twice the tokens of the one before; a checkpoint is taken at the first step whose cumulative token
@@ -28,9 +23,11 @@ one checkpoint). Tokens are the non-padding tokens of `input_ids`, over all work
 
 Losses are token-weighted means over the positions that carry a label (masked tokens for mlm, next
 tokens for clm); the gradient is DeepSpeed's mean of the micro-batches' means. Precision "auto" is
-bf16 on CUDA (DeepSpeed keeps fp32 masters; checkpoints get those) and fp32 on CPU. MFU is
-flops_per_token * tokens/s / (peak * workers) with peaks from `PEAK_FLOPS`: NaN on CPU and on GPUs
-not in the table (null in the JSON files, which never hold NaN).
+bf16 on CUDA (DeepSpeed keeps fp32 masters; checkpoints get those) and fp32 on CPU. MFU is the
+model FLOPs of the molecules per second over (peak * workers), and `mfu_padded` the same for the
+FLOPs of the padded batches (`engine.models.batch_cost`), with peaks from `engine.models.PEAK_FLOPS`:
+NaN on CPU and on GPUs not in the table (null in the JSON files, which never hold NaN). C (`flops`)
+stays flops_per_token(max_seq_len) * tokens, the scaling laws' compute axis.
 
 Fault injection (tests only): CLMSCALE_INJECT_NAN_AT_STEP=k makes the loss of optimizer step k
 (1-based) NaN.
@@ -47,7 +44,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -56,14 +52,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedConfig
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from engine.config import LADDER, ResourcesConfig, TrainConfig, Trial
-from engine.rundir import sha256_file
 from engine.models import (
     SPECIAL_IDS,
     build_config,
@@ -71,66 +66,21 @@ from engine.models import (
     count_params,
     family_of,
     flops_per_token,
+    batch_cost,
+    mfu,
     model_inputs,
+    peak_flops,
 )
+from engine.files import json_safe
+from engine.rundir import DS_TAG, CheckpointInfo, TrainResult, TrialDir
 
 logger = logging.getLogger(__name__)
 
 INJECT_NAN_ENV = "CLMSCALE_INJECT_NAN_AT_STEP"
-DS_TAG = "ds"  # DeepSpeed's sub-folder of state/: one checkpoint per milestone folder, so one tag
-
-# Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets, as (bf16, fp32). fp32 is the
-# plain rate, not TF32: torch's default float32 matmul precision is "highest". Matched by substring of
-# torch.cuda.get_device_name in this order (GH200 before H200, L40S before L4, A100 before A10).
-PEAK_FLOPS: list[tuple[str, tuple[float, float]]] = [
-    ("H100 PCIe", (756e12, 51e12)),
-    ("H100 NVL", (835e12, 60e12)),
-    ("GH200", (989e12, 67e12)),
-    ("H100", (989e12, 67e12)),  # SXM
-    ("H200", (989e12, 67e12)),
-    ("A100", (312e12, 19.5e12)),
-    ("L40S", (362e12, 91.6e12)),
-    ("L4", (121e12, 30.3e12)),
-    ("A10", (125e12, 31.2e12)),
-]
-
+N_STATS = 5  # per-step sums all-reduced over workers: tokens, loss sum, loss tokens, FLOPs padded, FLOPs real
 
 # ---------------------------------------------------------------------------------------------
-# what a run returns
-
-
-@dataclass
-class CheckpointInfo:
-    n_tokens: int  # D at this checkpoint
-    path: str  # relative to the trial folder: checkpoints/<n_tokens:012d>
-    step: int
-    val_loss: float
-    train_loss: float  # mean over the log window that ends here
-    flops: float  # C = flops_per_token * n_tokens
-    wall_s: float
-    tokens_per_s: float
-    mfu: float
-
-
-@dataclass
-class TrainResult:
-    trial_id: str
-    status: Literal["finished", "diverged"]
-    n_steps: int
-    n_tokens: int  # D: tokens seen, >= budget_tokens when finished
-    budget_tokens: int
-    n_params: int
-    n_params_non_embedding: int  # N of the scaling laws
-    flops: float
-    train_loss: float
-    val_loss: float  # at the last checkpoint
-    wall_s: float
-    checkpoints: list[CheckpointInfo] = field(default_factory=list)
-    diverged_at_step: int | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-# schedule, milestones, MFU: plain functions of the config
+# schedule and milestones: plain functions of the config
 
 
 def lr_at(fraction: float, cfg: TrainConfig) -> float:
@@ -154,22 +104,45 @@ def milestones(budget_tokens: int, n_checkpoints: int) -> list[int]:
     return sorted({max(1, budget_tokens >> (n_checkpoints - 1 - i)) for i in range(n_checkpoints)})
 
 
-def peak_flops(device: torch.device, bf16: bool) -> float:
-    """Peak FLOP/s of one device from `PEAK_FLOPS`; NaN on CPU and on GPUs not in the table, so MFU
-    is NaN there rather than a made-up number."""
-    if device.type != "cuda":
-        return math.nan
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16_peak, fp32_peak) in PEAK_FLOPS:
-        if key in name:
-            return bf16_peak if bf16 else fp32_peak
-    logger.warning("no peak FLOP/s known for %r; MFU will be NaN (add it to PEAK_FLOPS)", name)
-    return math.nan
-
-
 def log_metrics(metrics: dict) -> None:
     """The default `report`: one log line per record."""
     logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# where a run stands
+
+
+@dataclass
+class RunState:
+    """A run's position: fresh, or where its latest sound checkpoint left it; the loop moves it on."""
+
+    step: int = 0
+    n_tokens: int = 0
+    epoch: int = 0  # the data epoch of the last micro-batch consumed (by this rank)
+    n_consumed: int = 0  # micro-batches of that epoch consumed (by this rank)
+    wall_s: float = 0.0  # training time before this (re)start
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    set_aside: list[dict] = field(default_factory=list)  # corrupt checkpoints renamed on the way back
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one run needs at every step and does not change: computed once, after the engine."""
+
+    trial_id: str
+    cfg: TrainConfig
+    model_config: PreTrainedConfig
+    family: str
+    budget: int
+    grad_accum: int
+    world: int
+    rank: int
+    manual_clip: bool  # stage 0 in fp32: DeepSpeed hands back the bare optimizer and we clip ourselves
+    flops_per_token: float
+    peak: float  # FLOP/s of all workers together (NaN: MFU unknown)
+    pad_id: int
+    inject_nan_at: int  # fault injection (tests): the optimizer step whose loss becomes NaN, 0 = never
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +151,7 @@ def log_metrics(metrics: dict) -> None:
 
 def train(
     trial: Trial,
-    trial_dir: Path,
+    trial_dir: Path | TrialDir,
     make_batches: Callable[[int], Iterable[dict]],
     val_batches: Sequence[dict],
     model_config: PreTrainedConfig,
@@ -197,12 +170,11 @@ def train(
     `ray.train.report` requires. Resumes from the latest complete checkpoint in `trial_dir`.
     """
     cfg = trial.train
-    trial_dir = Path(trial_dir)
+    folder = trial_dir if isinstance(trial_dir, TrialDir) else TrialDir(Path(trial_dir))
     budget = budget_tokens if budget_tokens is not None else trial.budget_tokens
     if budget is None or budget <= 0:
         raise ValueError(f"trial {trial.trial_id}: a positive budget_tokens is needed (got {budget})")
     _check_config_matches(trial, model_config)
-    family = family_of(model_config)
 
     # ---- process group and device --------------------------------------------------------------
     device = _resolve_device(device)
@@ -215,175 +187,215 @@ def train(
             f"trial {trial.trial_id}: train.batch_size must be a multiple of micro_batch_size * workers "
             f"(got batch_size: {cfg.batch_size}, micro_batch_size: {cfg.micro_batch_size}, workers: {world})"
         )
-    grad_accum = cfg.batch_size // (cfg.micro_batch_size * world)
     if world != trial.resources.workers:
         logger.warning("trial %s planned %d workers, runs on %d", trial.trial_id, trial.resources.workers, world)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     deepspeed = _import_deepspeed(device)
+    run = _Run(
+        trial_id=trial.trial_id, cfg=cfg, model_config=model_config, family=family_of(model_config), budget=budget,
+        grad_accum=cfg.batch_size // (cfg.micro_batch_size * world), world=world, rank=rank,
+        manual_clip=cfg.zero_stage == 0 and not bf16,
+        flops_per_token=flops_per_token(model_config, max_seq_len_of(model_config)),
+        peak=peak_flops(device, bf16) * world, pad_id=model_config.pad_token_id,
+        inject_nan_at=int(os.environ.get(INJECT_NAN_ENV, "0") or 0),
+    )
 
     # the dropout RNG is seeded per rank, inside a fork so the caller's RNG is left alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), ExitStack() as cleanup:
         torch.manual_seed(trial.seed * 1_000_003 + rank)
-
-        # ---- model, optimizer, engine ----------------------------------------------------------
-        model = build_model(model_config, seed=trial.seed)
-        decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings, as nanoGPT
-        no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=cfg.betas,
-            fused=device.type == "cuda",
-        )
-        # stage 0 in fp32 hands back the bare AdamW and clips without keeping the norm: clip here instead
-        manual_clip = cfg.zero_stage == 0 and not bf16
-        ds_config = {
-            "train_batch_size": cfg.batch_size,
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": grad_accum,
-            "gradient_clipping": 0.0 if manual_clip else cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "zero_allow_untested_optimizer": True,  # torch AdamW is not on DeepSpeed's list
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 2**62,  # we log ourselves
-        }
-        engine, *_ = deepspeed.initialize(
-            model=model.to(device), optimizer=optimizer, config=ds_config, dist_init_required=False
-        )
+        engine = _build_engine(deepspeed, run, trial.seed, device, bf16)
         cleanup.callback(engine.destroy)  # ZeRO's hooks and buffers go with it, even after an error
-        del model, optimizer  # the engine owns them now (ZeRO-3 has partitioned the parameters)
-        if world == 1 and cfg.zero_stage == 0:
-            # alone, the gradient all-reduce is an identity that still flattens and copies every
-            # gradient (~20% of a small model's step on CPU); DeepSpeed has this switch for such cases
-            engine.enable_backward_allreduce = False
-
-        n_params = count_params(model_config)
-        seq_len = max_seq_len_of(model_config)
-        flops_tok = flops_per_token(model_config, seq_len)
-        peak = peak_flops(device, bf16) * world
-        pad_id = model_config.pad_token_id
         hf_copy = _HFCopy(model_config, tokenizer_dir) if rank == 0 else None
-
-        # ---- resume --------------------------------------------------------------------------
-        state = _resume(engine, trial_dir, budget, world, rank)
-        step, n_tokens, epoch, n_consumed, wall_before = (
-            state["step"], state["n_tokens"], state["epoch"], state["n_consumed"], state["wall_s"]
-        )
-        checkpoints = [CheckpointInfo(**c) for c in state["checkpoints"]]
-        todo = [m for m in milestones(budget, cfg.checkpoints) if m > n_tokens]
-        inject_at = int(os.environ.get(INJECT_NAN_ENV, "0") or 0)
+        state = _resume(engine, folder, run)
         if rank == 0:
-            _truncate_metrics(trial_dir / "metrics.jsonl", step)
-            for event in state["set_aside"]:  # after the truncation, which would drop them
-                _append_jsonl(trial_dir / "metrics.jsonl", {"trial_id": trial.trial_id, **event})
-            if step:  # the record of a restart (worker failure, --resume): `status` and the tests read it
-                _append_jsonl(trial_dir / "metrics.jsonl",
-                              {"trial_id": trial.trial_id, "event": "resumed", "step": step, "n_tokens": n_tokens})
+            _record_restart(folder, trial.trial_id, state)
+        status, diverged_at = _loop(engine, run, state, folder, make_batches, val_batches, hf_copy, report)
 
-        # ---- the loop -----------------------------------------------------------------------
-        stream = _micro_batches(make_batches, epoch, n_consumed)
-        t_start = time.perf_counter()
-        t_window = t_start
-        window = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, loss sum, loss tokens
-        window_steps = 0
-        grad_norm: Any = math.nan
-        status, diverged_at = "finished", None
-        engine.train()
-        while n_tokens < budget:
-            stats = torch.zeros(3, dtype=torch.float64, device=device)
-            for micro in range(grad_accum):
-                epoch, n_consumed, batch = next(stream)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = engine(**model_inputs(batch, model_config)).loss
-                if step + 1 == inject_at and micro == 0:
-                    loss = loss * math.nan
-                n_loss = _n_loss_tokens(batch["labels"], family)
-                n_in = (batch["input_ids"] != pad_id).sum()
-                stats += torch.stack([n_in.double(), loss.detach().double() * n_loss, n_loss.double()])
-                engine.backward(loss)
-                if micro < grad_accum - 1:
-                    engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-            if world > 1:
-                dist.all_reduce(stats)  # sums over workers
-            step_tokens, loss_sum, loss_tokens = stats.tolist()  # note: a CPU-GPU sync point per step
-            if not math.isfinite(loss_sum):
-                status, diverged_at = "diverged", step + 1
-                break
-            lr = lr_at((n_tokens + step_tokens) / budget, cfg)  # the fraction reached after this step
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            if manual_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), cfg.grad_clip or math.inf)
-            engine.step()
-            if not manual_clip:
-                grad_norm = engine.get_global_grad_norm()
-            step += 1
-            n_tokens += int(step_tokens)
-            window += stats
-            window_steps += 1
-
-            crossed = bool(todo) and n_tokens >= todo[0]
-            if crossed or step % cfg.log_every_steps == 0:
-                now = time.perf_counter()
-                w_tokens, w_loss, w_loss_tokens = window.tolist()
-                tokens_per_s = w_tokens / (now - t_window)
-                record = {
-                    "trial_id": trial.trial_id,
-                    "step": step,
-                    "n_tokens": n_tokens,
-                    "budget_tokens": budget,
-                    "epoch": epoch,
-                    "train_loss": w_loss / w_loss_tokens if w_loss_tokens else math.nan,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                    "wall_s": wall_before + now - t_start,
-                    "step_s": (now - t_window) / window_steps,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": flops_tok * tokens_per_s / peak,
-                    "flops": flops_tok * n_tokens,
-                }
-                if crossed:
-                    while todo and n_tokens >= todo[0]:
-                        todo.pop(0)
-                    info = _save_checkpoint(
-                        engine, trial_dir, record, budget, (epoch, n_consumed), val_batches, model_config, hf_copy
-                    )
-                    record["val_loss"] = info.val_loss
-                    record["checkpoint"] = info.path
-                    checkpoints.append(info)
-                if rank == 0:
-                    _append_jsonl(trial_dir / "metrics.jsonl", record)
-                report(record)
-                window.zero_()
-                window_steps = 0
-                t_window = time.perf_counter()  # checkpoint time is not training time
-
-    last = checkpoints[-1] if checkpoints else None
-    train_loss = math.nan if status == "diverged" else (last.train_loss if last else math.nan)
+    last = state.checkpoints[-1] if state.checkpoints else None
+    n_params = count_params(model_config)
     result = TrainResult(
         trial_id=trial.trial_id,
         status=status,
-        n_steps=step,
-        n_tokens=n_tokens,
+        n_steps=state.step,
+        n_tokens=state.n_tokens,
         budget_tokens=budget,
         n_params=n_params.total,
         n_params_non_embedding=n_params.non_embedding,
-        flops=flops_tok * n_tokens,
-        train_loss=train_loss,
+        flops=run.flops_per_token * state.n_tokens,
+        train_loss=math.nan if status == "diverged" else (last.train_loss if last else math.nan),
         val_loss=last.val_loss if last else math.nan,
-        wall_s=wall_before + time.perf_counter() - t_start,
-        checkpoints=checkpoints,
+        wall_s=state.wall_s,
+        checkpoints=state.checkpoints,
         diverged_at_step=diverged_at,
     )
     if rank == 0:
-        _write_json(trial_dir / "result.json", asdict(result))
+        folder.write_result(result)
     if status == "diverged":
         logger.warning("trial %s diverged at step %d (non-finite loss)", trial.trial_id, diverged_at)
     _barrier()
     # the last report carries the outcome: under Ray Train only reports reach the driver
     summary = {k: v for k, v in asdict(result).items() if k != "checkpoints"}
-    report({**summary, "step": step, "done": True})
+    report({**summary, "step": state.step, "done": True})
     return result
+
+
+def _loop(engine, run: _Run, state: RunState, folder: TrialDir, make_batches, val_batches, hf_copy, report):
+    """Optimizer steps until the budget is spent or the loss is not finite; moves `state` on.
+
+    Returns (status, the step that diverged or None). `state.wall_s` ends as the total training time.
+    """
+    todo = [m for m in milestones(run.budget, run.cfg.checkpoints) if m > state.n_tokens]
+    stream = _micro_batches(make_batches, state.epoch, state.n_consumed)
+    wall_before, t_start = state.wall_s, time.perf_counter()
+    window = _Window(torch.zeros(N_STATS, dtype=torch.float64, device=engine.device), time.perf_counter())
+    engine.train()
+    status, diverged_at = "finished", None
+    while state.n_tokens < run.budget:
+        stats = _accumulation_step(engine, run, state, stream)
+        if run.world > 1:
+            dist.all_reduce(stats)  # sums over workers
+        step_tokens, loss_sum, *_ = stats.tolist()  # note: a CPU-GPU sync point per step
+        if not math.isfinite(loss_sum):
+            status, diverged_at = "diverged", state.step + 1
+            break
+        lr = lr_at((state.n_tokens + step_tokens) / run.budget, run.cfg)  # the fraction reached after this step
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        if run.manual_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), run.cfg.grad_clip or math.inf)
+        engine.step()
+        if not run.manual_clip:
+            grad_norm = engine.get_global_grad_norm()
+        state.step += 1
+        state.n_tokens += int(step_tokens)
+        window.add(stats)
+
+        crossed = bool(todo) and state.n_tokens >= todo[0]
+        if crossed or state.step % run.cfg.log_every_steps == 0:
+            state.wall_s = wall_before + time.perf_counter() - t_start
+            record = _log_record(run, state, window, lr, grad_norm)
+            if crossed:
+                while todo and state.n_tokens >= todo[0]:
+                    todo.pop(0)
+                info = _save_checkpoint(engine, folder, record, run, (state.epoch, state.n_consumed), val_batches,
+                                        hf_copy)
+                record |= {"val_loss": info.val_loss, "checkpoint": info.path}
+                state.checkpoints.append(info)
+            if run.rank == 0:
+                folder.append_metrics(record)
+            report(record)
+            window.reset()  # after the checkpoint: its time is not training time
+    state.wall_s = wall_before + time.perf_counter() - t_start
+    return status, diverged_at
+
+
+def _accumulation_step(engine, run: _Run, state: RunState, stream: Iterator[tuple[int, int, dict]]) -> torch.Tensor:
+    """Forward and backward of grad_accum micro-batches (DeepSpeed counts them; the caller steps at the
+    boundary). Returns this worker's `N_STATS` sums on the device, as float64: tokens, loss sum, loss
+    tokens, FLOPs of the padded batches and FLOPs of the molecules alone (`engine.models.batch_cost`)."""
+    stats = torch.zeros(N_STATS, dtype=torch.float64, device=engine.device)
+    for micro in range(run.grad_accum):
+        state.epoch, state.n_consumed, batch = next(stream)
+        cost = batch_cost(batch, run.model_config)  # on the CPU, before the batch moves
+        stats[3] += cost.flops_padded  # python scalars: no host-to-device copy
+        stats[4] += cost.flops_real
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+        loss = engine(**model_inputs(batch, run.model_config)).loss
+        if state.step + 1 == run.inject_nan_at and micro == 0:
+            loss = loss * math.nan
+        n_loss = _n_loss_tokens(batch["labels"], run.family)
+        n_in = (batch["input_ids"] != run.pad_id).sum()
+        stats[:3] += torch.stack([n_in.double(), loss.detach().double() * n_loss, n_loss.double()])
+        engine.backward(loss)
+        if micro < run.grad_accum - 1:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+    return stats
+
+
+@dataclass
+class _Window:
+    """Sums since the last log record (the `N_STATS` step sums, on the device), steps, start time."""
+
+    sums: torch.Tensor
+    started: float
+    n_steps: int = 0
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.sums += stats
+        self.n_steps += 1
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.n_steps = 0
+        self.started = time.perf_counter()
+
+
+def _log_record(run: _Run, state: RunState, window: _Window, lr: float, grad_norm: Any) -> dict:
+    """One metrics.jsonl record: the window's mean loss and throughput, the schedule, C so far.
+
+    `mfu` counts the model FLOPs of the molecules (real tokens, each attending to its own); `mfu_padded`
+    what the kernels ran (padding and attention across packed molecules included)."""
+    elapsed = time.perf_counter() - window.started
+    w_tokens, w_loss, w_loss_tokens, w_flops_padded, w_flops_real = window.sums.tolist()
+    tokens_per_s = w_tokens / elapsed
+    return {
+        "trial_id": run.trial_id,
+        "step": state.step,
+        "n_tokens": state.n_tokens,
+        "budget_tokens": run.budget,
+        "epoch": state.epoch,
+        "train_loss": w_loss / w_loss_tokens if w_loss_tokens else math.nan,
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        "wall_s": state.wall_s,
+        "step_s": elapsed / window.n_steps,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(w_flops_real, elapsed, run.peak),
+        "mfu_padded": mfu(w_flops_padded, elapsed, run.peak),
+        "flops": run.flops_per_token * state.n_tokens,
+    }
+
+
+def _build_engine(deepspeed, run: _Run, seed: int, device: torch.device, bf16: bool):
+    """The model (seeded init), AdamW with decay on matrices only, and the DeepSpeed engine around them."""
+    cfg = run.cfg
+    model = build_model(run.model_config, seed=seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings, as nanoGPT
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        fused=device.type == "cuda",
+    )
+    ds_config = {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": run.grad_accum,
+        # stage 0 in fp32 hands back the bare AdamW and clips without keeping the norm: we clip instead
+        "gradient_clipping": 0.0 if run.manual_clip else cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW is not on DeepSpeed's list
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**62,  # we log ourselves
+    }
+    model = model.to(device)  # type: ignore[arg-type]  # transformers' stubs type `.to` for dtypes only
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    if run.world == 1 and cfg.zero_stage == 0:
+        # alone, the gradient all-reduce is an identity that still flattens and copies every
+        # gradient (~20% of a small model's step on CPU); DeepSpeed has this switch for such cases
+        engine.enable_backward_allreduce = False
+    return engine
+
+
+def _record_restart(folder: TrialDir, trial_id: str, state: RunState) -> None:
+    """Rank 0, on (re)start: drop the crashed run's tail of metrics.jsonl, then record the events."""
+    folder.truncate_metrics(state.step)
+    for event in state.set_aside:  # after the truncation, which would drop them
+        folder.append_metrics({"trial_id": trial_id, **event})
+    if state.step:  # the record of a restart (worker failure, --resume): `status` and the tests read it
+        folder.append_metrics({"trial_id": trial_id, "event": "resumed", "step": state.step,
+                               "n_tokens": state.n_tokens})
 
 
 def max_seq_len_of(config: PreTrainedConfig) -> int:
@@ -452,7 +464,8 @@ def _import_deepspeed(device: torch.device):
             f"on '{device}'; set DS_ACCELERATOR={device.type} before importing deepspeed"
         )
     if device.type == "cpu":
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        comm: Any = importlib.import_module("deepspeed.comm.torch")
+        comm.build_shm_op = lambda: None
     return deepspeed
 
 
@@ -514,74 +527,34 @@ def _evaluate(engine, val_batches: Sequence[dict], config: PreTrainedConfig) -> 
 # checkpoints
 
 
-def checkpoint_dirs(trial_dir: Path) -> list[Path]:
-    """Complete checkpoints of a trial (with a COMPLETE marker), fewest tokens first."""
-    root = Path(trial_dir) / "checkpoints"
-    return sorted(p for p in root.glob("[0-9]" * 12) if (p / "COMPLETE").is_file())
-
-
-def verify_checkpoint(path: Path, *, weights_only: bool = False) -> list[str]:
-    """Files of the checkpoint whose sha256 differs from sha256.json, or that are missing
-    (["sha256.json"] when that file is missing or unreadable). weights_only: just the HF copy
-    (what from_pretrained reads), not the DeepSpeed state under state/."""
-    path = Path(path)
-    try:
-        expected = json.loads((path / "sha256.json").read_text())
-    except (OSError, ValueError):
-        return ["sha256.json"]
-    names = [n for n in expected if not (weights_only and n.startswith("state/"))]
-    return sorted(n for n in names if not (path / n).is_file() or sha256_file(path / n) != expected[n])
-
-
-def set_aside_corrupt(found: list[Path]) -> tuple[list[Path], list[dict]]:
-    """Drop corrupt checkpoints from the newest end of `found` (complete checkpoints, oldest first).
-
-    Each one whose files fail `verify_checkpoint` is renamed to `<name>.corrupt` (kept for a look,
-    never deleted) until the newest is sound. Returns the sound list and one event per checkpoint set aside.
-    """
-    found, events = list(found), []
-    while found and (bad := verify_checkpoint(found[-1])):
-        path = found.pop()
-        kept = path.with_name(f"{path.name}.corrupt")
-        shutil.rmtree(kept, ignore_errors=True)  # an older copy set aside from the same milestone
-        path.rename(kept)
-        logger.warning("%s: %d file(s) fail the sha256 check (%s); set aside as %s", path, len(bad),
-                       ", ".join(bad[:3]), kept.name)
-        events.append({"event": "corrupt_checkpoint", "checkpoint": path.name, "files": bad, "kept_as": kept.name,
-                       "resumed_from": found[-1].name if found else None})
-    return found, events
-
-
 def _save_checkpoint(
     engine,
-    trial_dir: Path,
+    folder: TrialDir,
     record: dict,
-    budget: int,
+    run: _Run,
     position: tuple[int, int],
     val_batches: Sequence[dict],
-    config: PreTrainedConfig,
     hf_copy: _HFCopy | None,
 ) -> CheckpointInfo:
     """Collective: every rank calls it. Returns the checkpoint's summary (the same on every rank)."""
-    rank = dist.get_rank()
-    path = Path(trial_dir) / "checkpoints" / f"{record['n_tokens']:012d}"
-    if rank == 0 and path.exists():  # left half-written by a crash before its COMPLETE
-        shutil.rmtree(path)
+    path = folder.checkpoint(record["n_tokens"])
+    if run.rank == 0:
+        folder.new_checkpoint(record["n_tokens"])  # a half-written one from a crash is cleared first
     _barrier()
 
-    val_loss = _evaluate(engine, val_batches, config)
-    engine.save_checkpoint(str(path / "state"), tag=DS_TAG, save_latest=False)
+    val_loss = _evaluate(engine, val_batches, run.model_config)
+    engine.save_checkpoint(str(folder.state_dir(path)), tag=DS_TAG, save_latest=False)
     params = _full_fp32_params(engine)  # collective; the values only on rank 0
     rng = {"torch": torch.get_rng_state()}
     if engine.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(engine.device)
-    torch.save(rng, path / "state" / f"rank_{rank:05d}.pt")
-    positions: list = [None] * dist.get_world_size()
+    torch.save(rng, folder.rng_file(path, run.rank))
+    positions: list = [None] * run.world
     dist.all_gather_object(positions, position)
 
     info = CheckpointInfo(
         n_tokens=record["n_tokens"],
-        path=str(path.relative_to(trial_dir)),
+        path=str(path.relative_to(folder.path)),
         step=record["step"],
         val_loss=val_loss,
         train_loss=record["train_loss"],
@@ -590,25 +563,19 @@ def _save_checkpoint(
         tokens_per_s=record["tokens_per_s"],
         mfu=record["mfu"],
     )
-    if rank == 0:
+    if hf_copy is not None:  # rank 0's
         hf_copy.save(path, params)
-        _write_json(
-            path / "state" / "trainer_state.json",
-            {
-                "step": record["step"],
-                "n_tokens": record["n_tokens"],
-                "wall_s": record["wall_s"],
-                "world_size": dist.get_world_size(),
-                "data_position": [{"epoch": e, "n_consumed": c} for e, c in positions],  # per rank
-                "budget_tokens": budget,
-                "record": record,
-                "checkpoint": asdict(info),
-            },
-        )
-        # every rank's files are on disk: each saved its part before the all_gather above
-        digests = {str(f.relative_to(path)): sha256_file(f) for f in sorted(path.rglob("*")) if f.is_file()}
-        _write_json(path / "sha256.json", digests)
-        (path / "COMPLETE").write_text(f"{record['n_tokens']}\n")
+        folder.write_trainer_state(path, {
+            "step": record["step"],
+            "n_tokens": record["n_tokens"],
+            "wall_s": record["wall_s"],
+            "world_size": run.world,
+            "data_position": [{"epoch": e, "n_consumed": c} for e, c in positions],  # per rank
+            "budget_tokens": run.budget,
+            "record": record,
+            "checkpoint": asdict(info),
+        })
+        folder.seal(path)  # every rank's files are on disk: each saved its part before the all_gather above
     _barrier()
     logger.info("checkpoint %s (val_loss %.4f)", path, val_loss)
     return info
@@ -623,7 +590,7 @@ class _HFCopy:
 
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir is not None else None
-        self.model = None
+        self.model: PreTrainedModel | None = None
 
     def save(self, path: Path, params: list[torch.Tensor]) -> None:
         if self.model is None:
@@ -659,95 +626,56 @@ def _full_fp32_params(engine) -> list[torch.Tensor]:
     return values
 
 
-def _resume(engine, trial_dir: Path, budget: int, world: int, rank: int) -> dict:
-    """Load the latest complete checkpoint into the engine; return where the run stands."""
-    found = checkpoint_dirs(trial_dir)
-    _barrier()  # everyone has listed the folder before rank 0 cleans it
+def _resume(engine, folder: TrialDir, run: _Run) -> RunState:
+    """Load the latest sound checkpoint into the engine; return where the run stands.
+
+    Rank 0 clears half-written checkpoints, sets corrupt ones aside (renamed `<name>.corrupt`) and tells
+    the others which one to load, so every rank resumes from the same checkpoint.
+    """
+    _barrier()  # everyone is here before rank 0 changes the folder
     decision: list = [None]
-    if rank == 0:
-        complete = set(found)
-        for stale in (Path(trial_dir) / "checkpoints").glob("[0-9]" * 12):
-            if stale not in complete:
-                shutil.rmtree(stale)
-        decision = [set_aside_corrupt(found)]  # rank 0 reads the files once and tells the others
+    if run.rank == 0:
+        folder.remove_incomplete_checkpoints()
+        found, events = folder.set_aside_corrupt(folder.checkpoints())
+        for event in events:
+            logger.warning("%s: %d file(s) fail the sha256 check (%s); set aside as %s", event["checkpoint"],
+                           len(event["files"]), ", ".join(event["files"][:3]), event["kept_as"])
+        decision = [(found, events)]
     dist.broadcast_object_list(decision, src=0)
     found, events = decision[0]
-    fresh = {"step": 0, "n_tokens": 0, "epoch": 0, "n_consumed": 0, "wall_s": 0.0, "checkpoints": [], "set_aside": events}
     if not found:
-        return fresh
+        return RunState(set_aside=events)
     path = found[-1]
-    saved = json.loads((path / "state" / "trainer_state.json").read_text())
-    if saved["world_size"] != world:
+    saved = folder.trainer_state(path)
+    if saved["world_size"] != run.world:
         raise ValueError(
-            f"{path}: checkpoint was written by {saved['world_size']} workers, this run has {world}; "
+            f"{path}: checkpoint was written by {saved['world_size']} workers, this run has {run.world}; "
             f"each worker's data stream would differ, so it cannot resume exactly"
         )
-    if saved.get("budget_tokens") not in (None, budget):
+    if saved.get("budget_tokens") not in (None, run.budget):
         raise ValueError(
             f"{path}: checkpoint belongs to a run with budget_tokens {saved['budget_tokens']}, "
-            f"this run has {budget}; the learning-rate schedule would differ"
+            f"this run has {run.budget}; the learning-rate schedule would differ"
         )
-    load_path, _ = engine.load_checkpoint(str(path / "state"), tag=DS_TAG, load_lr_scheduler_states=False)
+    load_path, _ = engine.load_checkpoint(str(folder.state_dir(path)), tag=DS_TAG, load_lr_scheduler_states=False)
     if load_path is None:
-        raise RuntimeError(f"{path / 'state'}: DeepSpeed could not load the checkpoint")
-    rng = torch.load(path / "state" / f"rank_{rank:05d}.pt", weights_only=True)
+        raise RuntimeError(f"{folder.state_dir(path)}: DeepSpeed could not load the checkpoint")
+    rng = torch.load(folder.rng_file(path, run.rank), weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and engine.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], engine.device)
-    position = saved["data_position"][rank]
-    history = [json.loads((p / "state" / "trainer_state.json").read_text())["checkpoint"] for p in found]
+    position = saved["data_position"][run.rank]
     logger.info("resuming from %s (step %d, %d tokens)", path, saved["step"], saved["n_tokens"])
-    return {
-        "step": saved["step"],
-        "n_tokens": saved["n_tokens"],
-        "epoch": position["epoch"],
-        "n_consumed": position["n_consumed"],
-        "wall_s": saved["wall_s"],
-        "checkpoints": history,
-        "set_aside": events,
-    }
+    return RunState(
+        step=saved["step"],
+        n_tokens=saved["n_tokens"],
+        epoch=position["epoch"],
+        n_consumed=position["n_consumed"],
+        wall_s=saved["wall_s"],
+        checkpoints=[CheckpointInfo(**folder.trainer_state(p)["checkpoint"]) for p in found],
+        set_aside=events,
+    )
 
-
-# ---------------------------------------------------------------------------------------------
-# files
-
-
-
-
-def _finite(obj: Any) -> Any:
-    """NaN and inf become null: JSON has no such numbers, and other readers reject Python's NaN."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_finite(obj), f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(_finite(record)) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (the crashed run's tail)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(keep) != len(lines):
-        path.write_text("".join(line + "\n" for line in keep))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,7 +781,7 @@ def main(argv: list[str] | None = None) -> None:
         return synthetic_batches(args.family, epoch, n_batches=args.batches_per_epoch, **data)
 
     result = train(trial, out, make_batches, val, config, device=args.device)
-    json.dump(_finite(asdict(result)), sys.stdout, indent=2)
+    json.dump(json_safe(result), sys.stdout, indent=2)
     print(f"\nwrote {out}")
 
 

@@ -1,6 +1,8 @@
 """Scaling-law fits and their read-outs: L(N, D), one-variable laws, downstream trends, proxy correlations.
 
-Plain numpy/scipy/statsmodels; nothing here imports ray, torch or engine.
+Plain numpy/scipy/statsmodels; nothing here imports ray or torch, and the estimators use only
+engine.files (JSON without NaN) of the engine. The fit stage and the report read the run directory
+through engine.rundir.
 """
 
 from fits.correlate import describe_correlation, proxy_correlations

@@ -1,6 +1,6 @@
 """The report's figures: one function per PNG, tables and fits.json in, a file out.
 
-Every function takes plain frames (already cleaned by fits.run: finished checkpoints, rows with status ok)
+Every function takes plain frames (already cleaned by RunDir.fit_inputs: counted checkpoints, rows with status ok)
 and the fits.json dict, writes one PNG and returns its path; when there is nothing to draw it raises
 `NoData` with a one-line reason, which the report prints instead of the figure.
 Figures are built with matplotlib's object API (Figure + Agg canvas), never pyplot, so nothing global
@@ -78,7 +78,7 @@ def _log_if_positive(ax, values, axis: str = "y") -> None:
 
 
 def _ok(result: dict | None) -> bool:
-    return bool(result) and result.get("status") == "ok"
+    return result is not None and result.get("status") == "ok"
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def loss_vs_compute(points: pd.DataFrame, left_out: pd.DataFrame, fits: dict, ou
         handles.append(Line2D([], [], color="black", lw=2, label="compute-optimal frontier of the fit"))
     compute = fits.get("compute_law", {})
     saturating = compute.get("saturating_frontier") if _ok(compute) else None
-    if _ok(saturating):
+    if saturating is not None and _ok(saturating):
         flops = np.logspace(math.log10(points["flops"].min()), math.log10(points["flops"].max() * 10), 60)
         p = saturating["params"]
         ax.plot(flops, p["E"] + p["A"] * flops ** -p["gamma"], ":", color="tab:red", lw=2)
@@ -147,7 +147,7 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
     """The fitted L(N, D) as contours with the measured points, and N*(C), D*(C) against C."""
     law = fits.get("loss_law", {})
     if not _ok(law):
-        raise NoData(f"no L(N, D) fit ({law.get('reason', 'fits.json has none')})")
+        raise NoData(f"no L(N, D) fit ({law.get('reason', 'none was made')})")
     figure = _figure(11.5, 4.6)
     surface_ax, frontier_ax = figure.subplots(1, 2, width_ratios=[1.15, 1])
     n_lo, n_hi = points["n_params_non_embedding"].min() / 4, points["n_params_non_embedding"].max() * 10

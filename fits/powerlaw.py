@@ -20,7 +20,7 @@ import os
 import types
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +28,7 @@ import pandas as pd
 import statsmodels.api as sm
 from scipy.optimize import minimize
 
+from engine.files import json_safe
 from fits._blas import one_blas_thread
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ class _Estimator:
     def to_dict(self) -> dict:
         """JSON-ready summary: law, hyperparameters, parameters, intervals, standard errors."""
         _check_is_fitted(self, "params_")
-        return _json_ready({
+        return json_safe({
             "estimator": type(self).__name__,
             "law": self.formula,
             "hyperparameters": self.get_params(),
@@ -269,19 +270,6 @@ class _Estimator:
 
     def _extra_summary(self) -> dict:
         return {}
-
-
-def _json_ready(value):
-    """Plain Python floats and lists; NaN becomes None (JSON has no NaN)."""
-    if isinstance(value, Mapping):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,12 +11,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import functools
 import html
-import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,8 +24,7 @@ import pandas as pd
 from engine.rundir import RunDir
 from fits import figures
 from fits.downstream import format_scale
-from fits.run import (MODES, SCALES, downstream_points, finished_checkpoints, fit_run, read_results, read_sweep,
-                      usable_measurements)
+from fits.fit import MODES, SCALES, fit_run
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +43,37 @@ class Figure:
 
 def build_report(run_dir: Path, **fit_options) -> Path:
     """Write RUN_DIR/report/index.html and its figures; returns the HTML path. fit_options go to fit_run."""
-    rd = RunDir(Path(run_dir))
-    cfg = read_sweep(rd)
-    if not (rd.results / "fits.json").exists():
-        log.info("report: %s missing, fitting first", rd.results / "fits.json")
-        fit_run(rd.root, **fit_options)
-    fits = json.loads((rd.results / "fits.json").read_text())
-    tables = read_results(rd)
-    checkpoints, excluded = finished_checkpoints(tables["pretrain"], rd.table("pretrain"))
-    left_out_trials = {e["trial_id"] for e in excluded if e["status"] != "finished"}
-    left_out = tables["pretrain"][tables["pretrain"]["trial_id"].isin(left_out_trials)]
-    left_out = left_out[np.isfinite(left_out[["flops", "val_loss"]].to_numpy(float)).all(axis=1)]
-    measured = {kind: usable_measurements(tables[kind], kind, left_out_trials)[0]
-                for kind in ("finetune", "hessian", "landscape")}
-    points = downstream_points(measured["finetune"], checkpoints)
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    if not rd.has_fits():
+        log.info("report: %s missing, fitting first", rd.fits_path())
+        fit_run(rd, **fit_options)
+    fits = rd.fits()
+    inputs = rd.fit_inputs()
+    cfg, tables, checkpoints, measured, points = (inputs.config, inputs.tables, inputs.checkpoints, inputs.measured,
+                                                  inputs.points)
     tasks = sorted(measured["finetune"]["task"].unique()) if not measured["finetune"].empty else list(
         cfg.downstream.tasks)
 
-    ladder = tables["pretrain"].sort_values(["n_params_non_embedding", "budget_tokens", "tokens"]
-                                            if "budget_tokens" in tables["pretrain"].columns
-                                            else ["n_params_non_embedding", "tokens"])
-    order = {}  # trial ids and checkpoint paths, smallest model first: the order of the PCA panels
+    pretrain = tables["pretrain"]
+    ladder = pretrain.sort_values(["n_params_non_embedding", "budget_tokens", "tokens"])
+    order: dict[str, int] = {}  # trial ids and checkpoint paths, smallest model first: the order of the PCA panels
     for key in ("trial_id", "checkpoint"):
-        for value in ladder[key].dropna() if key in ladder.columns else []:
+        for value in ladder[key].dropna():
             order.setdefault(str(value), len(order))
-    left_out_groups = frozenset(left_out_trials) | frozenset(
-        str(c) for c in tables["pretrain"].loc[tables["pretrain"]["trial_id"].isin(left_out_trials), "checkpoint"]
-        .dropna()) if "checkpoint" in tables["pretrain"].columns else frozenset(left_out_trials)
+    left_out = pretrain["trial_id"].isin(inputs.left_out_trials)
+    left_out_groups = frozenset(inputs.left_out_trials) | frozenset(str(c) for c in pretrain.loc[left_out, "checkpoint"]
+                                                                    .dropna())
     pca_view = {"order": order, "left_out": left_out_groups}
-    sections = _figures(checkpoints, left_out, fits, points, measured, tables["pca"], tasks, pca_view)
+    sections = _figures(checkpoints, inputs.left_out, fits, points, measured, tables["pca"], tasks, pca_view)
     rd.report.mkdir(parents=True, exist_ok=True)
     for figure_list in sections.values():
         for figure in figure_list:
-            _draw(figure, rd.report)
-    page = _page(cfg.name, rd, fits, sections, tasks, checkpoints)
-    out = rd.report / "index.html"
-    _write_atomic(out, page)
-    return out
+            _draw(figure, rd.figure(figure.name))
+    return rd.write_report(_page(cfg.name, rd, fits, sections, tasks, checkpoints))
 
 
-def _draw(figure: Figure, folder: Path) -> None:
+def _draw(figure: Figure, target: Path) -> None:
     """Draw one figure; no data, or a failure, becomes its note (a failure is also logged with its traceback)."""
-    target = folder / f"{figure.name}.png"
     try:
         figure.path = figure.draw(target)
         return
@@ -97,14 +83,6 @@ def _draw(figure: Figure, folder: Path) -> None:
         log.exception("report: figure %s failed", figure.name)
         figure.note = f"could not draw this figure: {type(err).__name__}: {err}"
     target.unlink(missing_ok=True)  # a PNG from an earlier report would no longer match the data
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the report is meant to be read
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +102,7 @@ def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view
             "Morgan fingerprints; red dotted: the same architecture fine-tuned from random initialisation (shaded: "
             "± 1 sd). Look for: whether points keep moving toward 'better' as models grow (left, middle) and as "
             "pretraining loss falls (right, read left to right), and whether they clear the baseline lines.",
-            lambda out, task=task: figures.downstream(task, points, measured["finetune"], out), sentences)
+            functools.partial(figures.downstream, task, points, measured["finetune"]), sentences)
     return {
         "pretraining": [
             Figure("loss_vs_compute", "Pretraining loss against compute",
@@ -225,7 +203,7 @@ def _interval(lo, hi) -> str:
     return "–" if any(missing) else f"[{_number(lo)}, {_number(hi)}]"
 
 
-def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+def _table(header: list[str], rows: list[list], numeric: frozenset[int] | set[int] = frozenset()) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
@@ -274,7 +252,7 @@ def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], 
         '<section id="excluded"><h2>Left out: diverged trials and failed measurements</h2>',
         _excluded_html(fits), _events_html(rd), "</section>",
         '<section id="config"><h2>Sweep configuration</h2><p>The resolved <code>sweep.yaml</code> of this run:</p>',
-        f"<pre>{_e(rd.sweep_yaml.read_text())}</pre></section>",
+        f"<pre>{_e(rd.config_text())}</pre></section>",
         "</body></html>",
     ]
     return "\n".join(parts)

@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from conftest import flip_byte
 from test_sweep import write_sweep  # pytest puts tests/ on sys.path (rootdir-relative, no package)
 
-from engine.analyze import KEY_COLUMNS, hessian_job, plan_jobs, run_analysis, select_checkpoints
+from engine.analyze import Context, hessian_job, plan_jobs, run_analysis, select_checkpoints
 from engine.config import SweepConfig, load_sweep
-from engine.rundir import RunDir
+from engine.rundir import ANALYSIS_TABLES, TABLES, RunDir
 
 TASK = "freesolv_demo"  # shipped with the package: no download, no ../shared
 DOWNSTREAM = {"tasks": [TASK], "seeds": [0], "modes": ["finetune"], "baselines": False, "epochs": 1,
@@ -52,29 +51,29 @@ def analyzed(swept) -> RunDir:
 
 
 def copy_run(rd: RunDir, dest: Path, **changes) -> RunDir:
-    """A copy of the run directory whose pretrain table points at its own checkpoints, with
-    `changes` (section -> fields) applied to its sweep.yaml; analysis results are not copied."""
+    """A copy of the run directory (tables name checkpoints relative to it, so nothing needs
+    rewriting) with `changes` (section -> fields) applied to its sweep.yaml; analysis results
+    are not copied, the pretraining table is."""
     shutil.copytree(rd.root, dest, ignore=shutil.ignore_patterns("results", "analysis"))
-    (dest / "results").mkdir()
-    table = pd.read_parquet(rd.table("pretrain"))
-    table["checkpoint"] = table["checkpoint"].str.replace(str(rd.root), str(dest), regex=False)
     new = RunDir(dest)
-    table.to_parquet(new.table("pretrain"), index=False)
-    doc = yaml.safe_load(new.sweep_yaml.read_text())
-    for section, fields in changes.items():
-        doc[section] = {**doc[section], **fields}
-    new.sweep_yaml.write_text(yaml.safe_dump(doc))
+    new.write_table("pretrain", rd.read_table("pretrain"))
+    doc = new.config().model_dump(mode="json")
+    new.write_config(SweepConfig.model_validate({**doc, **{s: {**doc[s], **fields} for s, fields in changes.items()}}))
     return new
 
 
 def read(rd: RunDir, table: str) -> pd.DataFrame:
-    return pd.read_parquet(rd.table(table))
+    return rd.read_table(table)
+
+
+def counted(rd: RunDir, which: str) -> pd.DataFrame:
+    return select_checkpoints(rd.counted_checkpoints().checkpoints, which)
 
 
 def test_every_job_writes_its_rows(analyzed):
-    final = select_checkpoints(read(analyzed, "pretrain"), "final")["checkpoint"].item()
+    final = counted(analyzed, "final")["checkpoint"].item()
     finetune = read(analyzed, "finetune")
-    assert finetune[list(KEY_COLUMNS["finetune"])].values.tolist() == [[final, TASK, 0, "finetune"]]
+    assert finetune[list(TABLES["finetune"].key)].values.tolist() == [[final, TASK, 0, "finetune"]]
     assert (finetune["status"] == "ok").all() and finetune["metric"].item() == "rmse" and finetune["value"].item() > 0
 
     hessian = read(analyzed, "hessian").set_index("loss")
@@ -92,27 +91,26 @@ def test_every_job_writes_its_rows(analyzed):
 
 
 def test_a_rerun_runs_nothing(analyzed):
-    before = {name: (analyzed.table(name).stat().st_mtime_ns, read(analyzed, name)) for name in KEY_COLUMNS}
+    before = {name: (analyzed.table_path(name).stat().st_mtime_ns, read(analyzed, name)) for name in ANALYSIS_TABLES}
     tables = run_analysis(analyzed.root)
     for name, (mtime, table) in before.items():
-        assert analyzed.table(name).stat().st_mtime_ns == mtime, name  # not even rewritten
+        assert analyzed.table_path(name).stat().st_mtime_ns == mtime, name  # not even rewritten
         pd.testing.assert_frame_equal(tables[name].reset_index(drop=True), table)
 
 
 @pytest.mark.parametrize("loss", ["pretrain", f"finetune:{TASK}"])
 def test_hessian_over_two_ray_train_workers_equals_one_worker(analyzed, loss):
-    cfg = SweepConfig.model_validate(yaml.safe_load(analyzed.sweep_yaml.read_text()))
-    checkpoints = select_checkpoints(read(analyzed, "pretrain"), "final")
-    job = next(j for j in plan_jobs(cfg, analyzed, checkpoints, None) if j.table == "hessian" and j.key[1] == loss)
-    one = hessian_job(**job.kwargs)[0]
-    two = hessian_job(**{**job.kwargs, "analysis": {**job.kwargs["analysis"], "hessian_workers": 2}})[0]
+    ctx = Context.of(analyzed)
+    job = next(j for j in plan_jobs(ctx, counted(analyzed, "final")) if j.table == "hessian" and j.key[1] == loss)
+    one = hessian_job(ctx, **job.args)[0]
+    two = hessian_job(ctx.with_analysis(hessian_workers=2), **job.args)[0]
     assert (one["n_workers"], two["n_workers"]) == (1, 2) and one["n_batches"] == two["n_batches"] == 2
     np.testing.assert_allclose(two["eigenvalues"], one["eigenvalues"], rtol=1e-6)
     np.testing.assert_allclose([two["trace"], two["loss_value"], two["grad_norm"]],
                                [one["trace"], one["loss_value"], one["grad_norm"]], rtol=1e-6)
     np.testing.assert_allclose(two["density"], one["density"], rtol=1e-5, atol=1e-12)
     assert two["n_matvecs"] == one["n_matvecs"]
-    assert not any((analyzed.root / "analysis" / "ray_train").iterdir())  # the worker group's run folder is gone
+    assert not any(analyzed.ray_train_storage.iterdir())  # the worker group's run folder is gone
 
 
 def test_bad_input_becomes_error_rows_and_the_rest_is_written(swept, tmp_path):
@@ -123,8 +121,8 @@ def test_bad_input_becomes_error_rows_and_the_rest_is_written(swept, tmp_path):
                "task_type": "regression"}]
     rd = copy_run(swept, tmp_path / "run", downstream={"tasks": [TASK, "freesolve", "empty"], "custom": custom},
                   analysis={"checkpoints": "all"})
-    first, final = select_checkpoints(read(rd, "pretrain"), "all")["checkpoint"]
-    (Path(first) / "model.safetensors").unlink()
+    first, final = counted(rd, "all")["checkpoint"]
+    (rd.path(first) / "model.safetensors").unlink()
     run_analysis(rd.root)
 
     finetune = read(rd, "finetune").set_index(["checkpoint", "task"])
@@ -156,19 +154,19 @@ def test_driver_killed_mid_analysis_then_rerun_loses_and_redoes_nothing(swept, t
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while sum(len(read(rd, name)) for name in KEY_COLUMNS if rd.table(name).exists()) < 2:  # 2 of 10 jobs
+        while sum(len(read(rd, name)) for name in ANALYSIS_TABLES) < 2:  # 2 of 10 jobs
             assert driver.poll() is None, "the analysis ended before it could be killed"
             assert time.monotonic() < deadline, "fewer than 2 jobs done after 300 s"
             time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
-    written = {name: read(rd, name) for name in KEY_COLUMNS if rd.table(name).exists()}
+    written = {name: read(rd, name) for name in ANALYSIS_TABLES if rd.has_table(name)}
     run_analysis(rd.root)
 
-    cfg = SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
-    planned = plan_jobs(cfg, rd, select_checkpoints(read(rd, "pretrain"), "all"), None)
-    for name, columns in KEY_COLUMNS.items():
+    planned = plan_jobs(Context.of(rd), counted(rd, "all"))
+    for name in ANALYSIS_TABLES:
+        columns = TABLES[name].key
         final = read(rd, name)
         keys = set(map(tuple, final[list(columns)].drop_duplicates().values.tolist()))
         assert keys == {j.key for j in planned if j.table == name}, name  # nothing lost
@@ -183,9 +181,9 @@ def test_driver_killed_mid_analysis_then_rerun_loses_and_redoes_nothing(swept, t
 
 def test_a_corrupt_checkpoint_is_replaced_by_the_one_before_and_recorded(swept, tmp_path):
     rd = copy_run(swept, tmp_path / "run", analysis={"hessian_top_k": 0, "landscape_resolution": 0})
-    first, final = select_checkpoints(read(rd, "pretrain"), "all")["checkpoint"]
-    flip_byte(Path(final) / "model.safetensors")
-    damaged = (Path(final) / "model.safetensors").read_bytes()
+    first, final = counted(rd, "all")["checkpoint"]
+    flip_byte(rd.path(final) / "model.safetensors")
+    damaged = (rd.path(final) / "model.safetensors").read_bytes()
 
     run_analysis(rd.root)
 
@@ -195,7 +193,7 @@ def test_a_corrupt_checkpoint_is_replaced_by_the_one_before_and_recorded(swept, 
     assert [{k: e[k] for k in ("stage", "event", "checkpoint", "files", "used_instead")} for e in events] == [
         {"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": final, "files": ["model.safetensors"],
          "used_instead": first}]
-    assert (Path(final) / "model.safetensors").read_bytes() == damaged  # left as found, for a look
+    assert (rd.path(final) / "model.safetensors").read_bytes() == damaged  # left as found, for a look
 
     from typer.testing import CliRunner
 
@@ -203,3 +201,27 @@ def test_a_corrupt_checkpoint_is_replaced_by_the_one_before_and_recorded(swept, 
 
     status = CliRunner().invoke(app, ["status", str(rd.root)])
     assert status.exit_code == 0 and f"event=corrupt_checkpoint checkpoint={final}" in status.output
+
+
+def test_a_moved_run_directory_still_analyses_fits_and_reports(analyzed, tmp_path):
+    """Tables name checkpoints relative to the run directory: copy it elsewhere, remove the original's
+    checkpoints, drop one analysis table, and the copy redoes those jobs from its own files, then fits
+    and reports."""
+    from fits.fit import fit_run
+    from fits.report import build_report
+
+    moved = RunDir(tmp_path / "elsewhere" / "an")
+    shutil.copytree(analyzed.root, moved.root)
+    hidden = analyzed.trials.with_name("trials.hidden")
+    analyzed.trials.rename(hidden)  # nothing may still point into the original
+    try:
+        moved.table_path("hessian").unlink()
+        tables = run_analysis(moved)
+        assert (tables["hessian"]["status"] == "ok").all() and len(tables["hessian"]) == 2
+        pd.testing.assert_frame_equal(tables["finetune"], read(analyzed, "finetune"))  # kept, not redone
+        fits = fit_run(moved, n_bootstrap=0)
+        assert fits["n_checkpoints"] == len(read(moved, "pretrain"))
+        page = build_report(moved).read_text()
+        assert str(analyzed.root) not in page.replace(str(moved.root), "")
+    finally:
+        hidden.rename(analyzed.trials)

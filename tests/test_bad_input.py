@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.config import load_sweep
-from engine.rundir import RunDir, sha256_file
+from engine.files import sha256_file
+from engine.rundir import RunDir
 
 RAY_COMMANDS = {"prepare", "sweep"}  # the others never touch Ray
 
@@ -93,7 +94,7 @@ def custom_task_with_text_label(root: Path) -> list[str]:
 
 def damaged_shard(command: str, shard: str, damage: Callable[[Path], None]) -> Callable[[Path], list[str]]:
     def setup(root: Path) -> list[str]:
-        damage(run_dir(root).data / shard)
+        damage(run_dir(root).data.path / shard)
         return [command, str(write_sweep(root))]
 
     return setup
@@ -103,7 +104,7 @@ def corpus_then(setup: Callable[[Path], list[str]], text: str) -> Callable[[Path
     """A new corpus.csv, so the run directory is not prepared yet (its data/ goes)."""
 
     def new_corpus(root: Path) -> list[str]:
-        shutil.rmtree(run_dir(root).data)
+        shutil.rmtree(run_dir(root).data.path)
         (root / "corpus.csv").write_text(text)
         return setup(root)
 
@@ -111,9 +112,7 @@ def corpus_then(setup: Callable[[Path], list[str]], text: str) -> Callable[[Path
 
 
 def resume_another_sweep(root: Path) -> list[str]:
-    from engine.sweep import write_sweep_yaml
-
-    write_sweep_yaml(load_sweep(write_sweep(root)), run_dir(root))  # the sweep that made runs/t
+    run_dir(root).write_config(load_sweep(write_sweep(root)))  # the sweep that made runs/t
     for path in ("tune/pretrain/experiment_state.json", "trials/xxs_10ktok_s0/result.json"):
         (run_dir(root).root / path).parent.mkdir(parents=True, exist_ok=True)
         (run_dir(root).root / path).write_text("{}\n")

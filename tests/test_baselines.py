@@ -54,7 +54,8 @@ def test_forests_beat_the_linear_baseline_on_an_xor_of_two_counts(xor_task):
     assert ecfp["mode"] == "ecfp4_rf" and descriptors["mode"] == "rdkit2d_rf"
     assert ecfp.keys() == linear.keys() | {"n_trees"}
     for forest in (ecfp, descriptors):
-        assert forest["test"] > linear["test"] + 0.1, (forest["mode"], forest["test"], linear["test"])  # measured 0.93, 1.0 vs 0.74
+        # measured ROC-AUC 0.93 (ECFP4) and 1.0 (RDKit 2D) against 0.74
+        assert forest["test"] > linear["test"] + 0.1, (forest["mode"], forest["test"], linear["test"])
         assert set(forest["metrics"]) == {"roc_auc", "prc_auc"} and forest["metric"] == "roc_auc"
         assert forest["finetune_seed"] == 0 and forest["split_seed"] == 0
     assert descriptors["test"] > 0.95  # fr_halogen and fr_amide are descriptors: two splits give the XOR

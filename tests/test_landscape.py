@@ -125,12 +125,13 @@ def test_filter_normalisation_takes_columns_of_gpt2_conv1d_weights():
     d_gpt2 = filter_normalized_direction(gpt2, seed=3)
     d_linear = filter_normalized_direction(linear, seed=3)
     for name in ("c_fc.weight", "c_proj.weight"):
-        torch.testing.assert_close(d_gpt2[name], d_linear[name].T, rtol=1e-12, atol=0)  # the same direction (to round-off)
+        torch.testing.assert_close(d_gpt2[name], d_linear[name].T, rtol=1e-12, atol=0)  # the same, to round-off
         w = dict(gpt2.named_parameters())[name].detach()
         np.testing.assert_allclose(d_gpt2[name].norm(dim=0), w.norm(dim=0), rtol=1e-9)  # per output unit: columns
         assert not np.allclose(d_gpt2[name].norm(dim=1), w.norm(dim=1), rtol=1e-3)  # not rows
     for scale in (0.3, 1.0):  # so every slice is too
-        moved = [{n: p + scale * d[n] for n, p in m.named_parameters()} for m, d in ((gpt2, d_gpt2), (linear, d_linear))]
+        pairs = ((gpt2, d_gpt2), (linear, d_linear))
+        moved = [{n: p + scale * d[n] for n, p in m.named_parameters()} for m, d in pairs]
         outputs = [torch.func.functional_call(m, w, (x,)) for m, w in zip((gpt2, linear), moved)]
         torch.testing.assert_close(outputs[0], outputs[1])
 
@@ -286,7 +287,8 @@ class TwoTensors(torch.nn.Module):
         self.a_star, self.b_star, self.c_a, self.c_b = a_star, b_star, c_a, c_b
 
     def forward(self, _batch):
-        return 0.5 * self.c_a * ((self.a - self.a_star) ** 2).sum() + 0.5 * self.c_b * ((self.b - self.b_star) ** 2).sum()
+        a_part = 0.5 * self.c_a * ((self.a - self.a_star) ** 2).sum()
+        return a_part + 0.5 * self.c_b * ((self.b - self.b_star) ** 2).sum()
 
 
 def test_relative_sharpness_moves_each_tensor_by_rho_times_its_norm():

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from conftest import pulled_in
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import LADDER
+from engine.data import collate
 from engine.models import (
+    ZERO_COST,
+    batch_cost,
     build_config,
     build_model,
     count_params,
     flops_per_token,
+    mfu,
     model_inputs,
+    molecule_lengths,
+    peak_flops,
+    peak_flops_of,
     rung_table,
     use_eager_attention,
 )
@@ -36,23 +46,105 @@ def test_count_params_matches_transformers(family, rung):
     assert n.total - n.non_embedding == tables
 
 
-def test_flops_per_token_is_kaplan():
+def test_flops_per_token_counts_both_attention_products():
     config = build_config("clm", LADDER["xs"], VOCAB, 32)
     n_non = count_params(config).non_embedding
-    assert flops_per_token(config, 32) == 6 * n_non + 6 * 2 * 32 * 32
+    # 6 N_non + 12 n_layer T d: QK^T and AV, forward and backward
+    assert flops_per_token(config, 32) == 6 * n_non + 12 * 2 * 32 * 32
 
 
-def test_flops_per_token_agrees_with_a_flop_counter():
-    """torch's counter sees the matmuls of one forward + backward; besides 6 N it counts the logits
-    (6 d V) and full (non-causal) attention 12 n_layer T d, both left out or halved by Kaplan: a few %."""
-    seq = 32
-    config = build_config("clm", LADDER["m"], VOCAB, seq)
+def _counted_flops_per_token(config, seq: int) -> float:
     model = use_eager_attention(build_model(config))  # eager: attention shows up as plain matmuls
-    ids = torch.randint(7, VOCAB, (2, seq))
+    ids = torch.randint(7, VOCAB, (2, seq), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids, labels=ids).loss.backward()
-    measured = counter.get_total_flops() / ids.numel()
-    assert measured == pytest.approx(flops_per_token(config, seq), rel=0.05)
+    return counter.get_total_flops() / ids.numel()
+
+
+@pytest.mark.parametrize("family", ["mlm", "clm"])
+def test_flops_per_token_agrees_with_a_flop_counter(family):
+    """torch's counter sees the matmuls of one forward + backward. Its count is our formula with the
+    terms the formula leaves out put back: the tied output logits (6 d V) in, the parameters that are
+    no matmul's weight (biases, LayerNorms, the MLM head's vocabulary bias) out."""
+    size = LADDER["m"]
+    d, n_layer, d_ff = size.d_model, size.n_layer, size.ffn_dim
+    for seq in (16, 32):
+        config = build_config(family, size, VOCAB, seq)
+        matmul_weights = n_layer * (4 * d * d + 2 * d * d_ff) + (d * d if family == "mlm" else 0)  # + MLM head dense
+        not_matmul = count_params(config).non_embedding - matmul_weights
+        measured = _counted_flops_per_token(config, seq)
+        assert measured == flops_per_token(config, seq) + 6 * d * VOCAB - 6 * not_matmul
+        assert measured == pytest.approx(flops_per_token(config, seq), rel=0.01)
+
+
+def test_attention_term_grows_with_sequence_length_as_counted():
+    """The part of the count that depends on T is attention alone: 12 n_layer d per extra token of context
+    (Kaplan's 6 would be half of it)."""
+    config16, config32 = (build_config("mlm", LADDER["m"], VOCAB, t) for t in (16, 32))
+    counted = _counted_flops_per_token(config32, 32) - _counted_flops_per_token(config16, 16)
+    formula = flops_per_token(config32, 32) - flops_per_token(config16, 16)
+    assert counted == formula == 12 * LADDER["m"].n_layer * LADDER["m"].d_model * 16
+
+
+def _collated(lengths: list[int], family: str, packing: bool, max_seq_len: int = 16) -> dict:
+    rng = np.random.default_rng(0)
+    ids = [[2, *rng.integers(7, VOCAB, n - 2).tolist(), 3] for n in lengths]
+    return collate(ids, family, pad_id=0, mask_id=4, vocab_size=VOCAB, special_ids=list(range(7)),
+                   mlm_probability=0.15, rng=rng, packing=packing, max_seq_len=max_seq_len)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["mlm", "clm"])
+def test_batch_cost_padded_and_real(family):
+    lengths = [5, 9, 3, 12, 7]
+    config = build_config(family, LADDER["xs"], VOCAB, 16)
+    for packing in (False, True):
+        batch = _collated(lengths, family, packing)
+        assert molecule_lengths(batch).tolist() == lengths
+        cost = batch_cost(batch, config)
+        n_rows, width = batch["input_ids"].shape
+        assert (cost.n_tokens_padded, cost.n_tokens_real) == (n_rows * width, sum(lengths))
+        assert cost.flops_padded == n_rows * width * flops_per_token(config, width)
+        assert cost.flops_real == pytest.approx(sum(n * flops_per_token(config, n) for n in lengths), rel=1e-12)
+        assert cost.flops_real < cost.flops_padded
+    unpacked, packed = (batch_cost(_collated(lengths, family, p), config) for p in (False, True))
+    assert packed.flops_real == unpacked.flops_real  # the same molecules need the same work
+    assert packed.n_tokens_padded < unpacked.n_tokens_padded  # 3 rows of 16 instead of 5 rows of 16
+    total = sum([unpacked, packed], start=ZERO_COST)
+    assert total.n_tokens_real == 2 * sum(lengths) and total.flops_padded == unpacked.flops_padded + packed.flops_padded
+
+
+@pytest.mark.parametrize(
+    "name, bf16_tflops, fp32_tflops",
+    [
+        ("NVIDIA H200", 989, 67),
+        ("NVIDIA H200 NVL", 835, 60),  # a substring match would give the SXM part's 989
+        ("NVIDIA H100 80GB HBM3", 989, 67),  # the SXM part's name
+        ("NVIDIA H100 PCIe", 756, 51),
+        ("NVIDIA H100 NVL", 835, 60),
+        ("NVIDIA GH200 480GB", 989, 67),
+        ("NVIDIA A100-SXM4-80GB", 312, 19.5),
+        ("NVIDIA A100 80GB PCIe", 312, 19.5),
+        ("NVIDIA L40S", 362, 91.6),
+        ("NVIDIA L40", 181, 90.5),  # a substring match would give the L4's 121
+        ("NVIDIA L4", 121, 30.3),
+        ("NVIDIA A10", 125, 31.2),
+    ],
+)
+def test_peak_flops_by_device_name(name, bf16_tflops, fp32_tflops):
+    assert peak_flops_of(name, bf16=True) == bf16_tflops * 1e12
+    assert peak_flops_of(name, bf16=False) == fp32_tflops * 1e12
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A10G", "Tesla V100-SXM2-16GB", "NVIDIA GeForce RTX 4090", ""])
+def test_unknown_gpus_have_no_peak(name):
+    assert math.isnan(peak_flops_of(name, bf16=True))
+
+
+def test_mfu_and_its_unknowns():
+    assert mfu(5e14, 2.0, 1e15) == 0.25
+    assert math.isnan(mfu(5e14, 2.0, math.nan))  # CPU, or a GPU not in PEAK_FLOPS
+    assert math.isnan(mfu(5e14, 0.0, 1e15))
+    assert math.isnan(peak_flops(torch.device("cpu"), bf16=True))
 
 
 def test_rung_table_covers_the_ladder():
@@ -116,3 +208,21 @@ def test_seeded_init_leaves_global_rng_alone():
 def test_models_and_train_import_without_ray_or_rdkit():
     """A GPU box may have neither: the training core must not pull them in."""
     assert pulled_in("engine.models, engine.train", {"ray", "rdkit"}) == []
+
+
+def test_ladder_and_flop_formulas_import_without_pydantic_ray_deepspeed_or_rdkit():
+    """The GPU image has torch and transformers only (benchmarks/gpu_readiness.py runs there)."""
+    assert pulled_in("engine.ladder, engine.models", {"pydantic", "ray", "deepspeed", "rdkit"}) == []
+
+
+def test_config_ladder_is_the_plain_table_validated():
+    from engine import ladder
+
+    assert list(LADDER) == list(ladder.LADDER)
+    for name, rung in ladder.LADDER.items():
+        size = LADDER[name]
+        assert (size.name, size.n_layer, size.d_model, size.n_head, size.ffn_dim) == (
+            rung.name, rung.n_layer, rung.d_model, rung.n_head, rung.ffn_dim)  # fmt: skip
+        assert build_config("mlm", rung, VOCAB, SEQ).to_dict() == build_config("mlm", size, VOCAB, SEQ).to_dict()
+    with pytest.raises(ValueError, match="d_model must be divisible by n_head"):
+        ladder.Rung("bad", 2, 30, 4)

@@ -61,7 +61,7 @@ def scenario(work: Path) -> None:
     from engine.config import load_sweep
     from engine.prepare import prepare
     from engine.rundir import RunDir
-    from engine.sweep import NODES_FILE, run_sweep
+    from engine.sweep import run_sweep
 
     observed: dict = {"phase": "start"}
     out = work / "observed.json"
@@ -111,7 +111,7 @@ def scenario(work: Path) -> None:
                                  alive=runner.is_alive, what="every trial's Tune actor")
         remove_placement_group(hold)
         save(trial_actor_nodes=trial_actors, held_s=time.monotonic() - t_sweep)
-        hit = _wait_for(lambda: _a_trial_to_hit(rd, NODES_FILE, head_id), timeout=240,
+        hit = _wait_for(lambda: _a_trial_to_hit(rd, head_id), timeout=240,
                         alive=runner.is_alive, what="a running trial with a checkpoint on a worker node")
         trial_id, node_id, checkpoints = hit
         victim = next(n for n in workers if n.node_id == node_id)
@@ -127,7 +127,7 @@ def scenario(work: Path) -> None:
             raise TimeoutError("the sweep did not finish within 300 s of the node's removal")
         if "error" in outcome:
             raise RuntimeError(f"run_sweep failed: {outcome['error']}")
-        nodes = {t: (rd.trial(t) / NODES_FILE).read_text().split() for t in TRIALS}
+        nodes = {t: rd.trial(t).nodes() for t in TRIALS}
         save(phase="swept", sweep_s=time.monotonic() - t_sweep, trial_nodes=nodes, run_dir=str(rd.root))
 
         t_analysis = time.monotonic()
@@ -148,18 +148,18 @@ def scenario(work: Path) -> None:
             _kill(pid)
 
 
-def _a_trial_to_hit(rd, nodes_file: str, head_id: str) -> tuple[str, str, list[str]] | None:
+def _a_trial_to_hit(rd, head_id: str) -> tuple[str, str, list[str]] | None:
     """(trial, node, checkpoints) of a trial with its first checkpoint complete and its last one not yet
     begun, whose Train worker (rank 0: last line of nodes.txt) is on a worker node; None while there is none."""
     for trial_id in TRIALS:
         folder = rd.trial(trial_id)
-        checkpoints = sorted(folder.glob("checkpoints/[0-9]*/COMPLETE"))
-        started = list(folder.glob("checkpoints/[0-9]*"))
-        if len(checkpoints) != 1 or len(started) != 1 or (folder / "result.json").exists():
+        checkpoints = folder.checkpoints()
+        started = list(folder.checkpoint_root.glob("[0-9]*"))
+        if len(checkpoints) != 1 or len(started) != 1 or folder.result() is not None:
             continue
-        nodes = (folder / nodes_file).read_text().split() if (folder / nodes_file).exists() else []
+        nodes = folder.nodes()
         if nodes and nodes[-1] != head_id:
-            return trial_id, nodes[-1], [c.parent.name for c in checkpoints]
+            return trial_id, nodes[-1], [c.name for c in checkpoints]
     return None
 
 
@@ -305,12 +305,10 @@ def test_sweep_survives_a_lost_node_and_analysis_spreads_over_nodes(tmp_path):
     assert rc == 0, f"scenario exited {rc} in phase {observed.get('phase')}: {observed.get('error')}\n{tail}"
     assert not left, f"processes left behind: {left}"
 
-    import pandas as pd
-
     from engine.rundir import RunDir
 
     rd = RunDir(Path(observed["run_dir"]))
-    table = pd.read_parquet(rd.table("pretrain"))
+    table = rd.read_table("pretrain")
     assert set(table["trial_id"]) == set(TRIALS) and (table["status"] == "finished").all()
     assert (table.groupby("trial_id").size() == 2).all()  # two checkpoints each
 
@@ -325,8 +323,7 @@ def test_sweep_survives_a_lost_node_and_analysis_spreads_over_nodes(tmp_path):
     hit, removed = observed["hit"], observed["removed_node"]
     nodes = observed["trial_nodes"][hit]
     assert removed in nodes[:-1] and nodes[-1] != removed, nodes  # restarted after the hit, elsewhere
-    records = [json.loads(line) for line in (rd.trial(hit) / "metrics.jsonl").read_text().splitlines()]
-    resumed = [r for r in records if r.get("event") == "resumed"]
+    resumed = [r for r in rd.trial(hit).metrics() if r.get("event") == "resumed"]
     assert resumed and resumed[0]["step"] > 0, resumed  # from the checkpoint, not from step 0
     assert resumed[0]["n_tokens"] == int(observed["checkpoints"][0])  # the checkpoint it had when hit
 

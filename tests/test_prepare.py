@@ -19,7 +19,8 @@ from rdkit import Chem
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import DataConfig
-from engine.prepare import DataError, canonicalize_chunk, load_manifest, prepare
+from engine.prepare import DataError, canonicalize_chunk, prepare
+from engine.rundir import DataDir
 from engine.tokenizer import smiles_tokens
 
 SHARED_MOSES = SHARED_DATA / "pretrain" / "moses" / "test.csv.gz"
@@ -69,8 +70,7 @@ def write_csv(path: Path, records, header=("name", "SMILES")) -> Path:
 
 
 def read_shards(data_dir: Path, split: str) -> pa.Table:
-    manifest = load_manifest(data_dir)
-    return pa.concat_tables([pq.read_table(p) for p in manifest.shard_paths(data_dir, split)])
+    return pa.concat_tables([pq.read_table(p) for p in DataDir(data_dir).shard_paths(split)])
 
 
 def rejects(data_dir: Path) -> list[dict]:
@@ -177,7 +177,7 @@ def test_overwrite_and_incomplete_runs(tmp_path):
     cfg, data_dir = DataConfig(corpus=[corpus], val_fraction=0.2), tmp_path / "data"
     prepare(cfg, data_dir, parallel=False)
     other = prepare(cfg.model_copy(update={"seed": 7}), data_dir, parallel=False, overwrite=True)
-    assert load_manifest(data_dir) == other and other.options["seed"] == 7
+    assert DataDir(data_dir).manifest() == other and other.options["seed"] == 7
     (data_dir / "manifest.json").unlink()  # as if the last run died before its manifest
     assert prepare(cfg, data_dir, parallel=False).counts.n_kept == 5
     (data_dir / "notes.txt").write_text("mine")

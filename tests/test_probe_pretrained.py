@@ -89,7 +89,8 @@ def test_mean_pooled_probe_of_a_pretrained_checkpoint_beats_random_init(pretrain
                             name="solubility")  # fmt: skip
         for name in scores:
             row = finetune(pretrained, data, mode="probe", epochs=1, patience=1, lr=1.0, batch_size=64,
-                           split_seed=split_seed, finetune_seed=0, device="cpu", random_init=name == "random_init")  # fmt: skip
+                           split_seed=split_seed, finetune_seed=0, device="cpu",
+                           random_init=name == "random_init")  # fmt: skip
             assert row["pooling"] == "mean" and row["probe_layer"] == 2
             scores[name].append((row["val"], row["test"]))
     pre, rnd = np.array(scores["pretrained"]), np.array(scores["random_init"])  # (seed, [val, test]) RMSE

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from fits.report import build_report
-from fits.run import fit_run
+from fits.fit import fit_run
 from fixtures.make_run import DIVERGED, FAILED, TRUTH, loss_law, make_run
 
 CHINCHILLA_240 = Path(__file__).resolve().parents[2] / "shared/data/scaling/chinchilla_epoch_240.csv"
@@ -190,11 +190,11 @@ def test_fit_table_chinchilla_points():
 
 
 def test_fit_and_report_import_no_ray_or_torch():
-    assert pulled_in("fits.run, fits.report, fits.figures", {"ray", "torch"}) == []
+    assert pulled_in("fits.fit, fits.report, fits.figures", {"ray", "torch"}) == []
 
 
 def test_no_proxy_verdict_from_too_few_checkpoints():
-    from fits.run import MIN_PROXY_POINTS, _proxy_sentences
+    from fits.fit import MIN_PROXY_POINTS, _proxy_sentences
 
     def proxies(n):
         row = {"proxy": "lambda_max", "task": "bbbp", "mode": "finetune", "partial_ci_lo": 0.2,
@@ -208,7 +208,7 @@ def test_no_proxy_verdict_from_too_few_checkpoints():
 
 
 def test_fine_tuning_hessian_joins_the_points_of_its_own_task():
-    from fits.run import checkpoint_proxies
+    from fits.fit import checkpoint_proxies
 
     points = pd.DataFrame({"trial_id": ["a", "a", "b"], "tokens": [10.0, 10.0, 10.0],
                            "task": ["bbbp", "esol", "bbbp"], "mode": "finetune"})
@@ -226,8 +226,8 @@ def test_faults_the_run_survived_are_listed(tmp_path):
 
     rd = RunDir(make_run(tmp_path / "run", only_pretrain=True))
     rd.record_event({"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": "ck/2", "used_instead": "ck/1"})
-    (rd.trial("xs_1") / "metrics.jsonl").parent.mkdir(parents=True)
-    (rd.trial("xs_1") / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"event": "resumed", "step": 5}\n')
+    rd.trial("xs_1").append_metrics({"step": 5, "loss": 1.0})
+    rd.trial("xs_1").append_metrics({"event": "resumed", "step": 5})
     assert [(e["stage"], e.get("trial_id"), e["event"]) for e in rd.fault_events()] == [
         ("analyze", None, "corrupt_checkpoint"), ("sweep", "xs_1", "resumed")]
     excluded = section(build_report(rd.root, n_bootstrap=0).read_text(), "excluded")

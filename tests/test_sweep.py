@@ -7,7 +7,6 @@ sweeps. Every wait has a timeout.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -73,10 +71,11 @@ def test_every_trial_lands_in_the_table(grid):
     finished = table[table["status"] == "finished"]
     assert set(finished["trial_id"]) == {"xxs_15ktok_s0", "xxs_30ktok_s0", "xs_15ktok_s0"}
     assert (finished.groupby("trial_id").size() == 2).all()  # two milestones each
-    assert pd.read_parquet(rd.table("pretrain")).equals(table)
+    assert rd.read_table("pretrain").equals(table)
     for row in finished.to_dict("records"):
         assert row["tokens"] <= row["budget_tokens"] * 1.2 and row["flops"] > 0
-        assert Path(row["checkpoint"], "COMPLETE").exists()
+        assert not Path(row["checkpoint"]).is_absolute()  # relative to the run directory, which may move
+        assert (rd.path(row["checkpoint"]) / "COMPLETE").exists()
 
 
 @pytest.mark.timeout(900)
@@ -93,14 +92,14 @@ def test_parameter_counts_are_exact(grid):
         counted = count_params(build_config("mlm", t.size, vocab, cfg.model.max_seq_len))
         assert set(rows["n_params"]) == {counted.total}
         assert set(rows["n_params_non_embedding"]) == {counted.non_embedding}
-    model = AutoModelForMaskedLM.from_pretrained(table["checkpoint"].iloc[0])
+    model = AutoModelForMaskedLM.from_pretrained(rd.path(table["checkpoint"].iloc[0]))
     assert model.num_parameters() == table["n_params"].iloc[0]
 
 
 @pytest.mark.timeout(900)
 def test_training_loss_falls(grid):
     _, rd, _ = grid
-    records = [json.loads(line) for line in (rd.trial("xxs_30ktok_s0") / "metrics.jsonl").read_text().splitlines()]
+    records = rd.trial("xxs_30ktok_s0").metrics()
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert len(losses) >= 3 and losses[-1] < losses[0] - 0.2
 
@@ -114,10 +113,8 @@ def test_checkpoint_reloads_with_the_same_validation_loss(grid):
 
     cfg, rd, table = grid
     row = table[table["status"] == "finished"].iloc[-1]
-    model = AutoModelForMaskedLM.from_pretrained(row["checkpoint"]).eval()
-    manifest = json.loads(rd.manifest.read_text())
-    val = [rd.data / s["path"] for s in manifest["shards"] if s["split"] == "val"]
-    batches = data.validation_batches(val, Path(row["checkpoint"]), "mlm", cfg.train.val_batches,
+    model = AutoModelForMaskedLM.from_pretrained(rd.path(row["checkpoint"])).eval()
+    batches = data.validation_batches(rd.shard_paths("val"), rd.path(row["checkpoint"]), "mlm", cfg.train.val_batches,
                                       cfg.train.micro_batch_size, cfg.model.max_seq_len)  # fmt: skip
     total = n = 0.0
     with torch.no_grad():
@@ -131,8 +128,8 @@ def test_checkpoint_reloads_with_the_same_validation_loss(grid):
 @pytest.mark.timeout(900)
 def test_nan_marks_one_trial_diverged_and_the_others_finish(grid):
     _, rd, table = grid
-    result = json.loads((rd.trial("xs_30ktok_s0") / "result.json").read_text())
-    assert result["status"] == "diverged" and result["diverged_at_step"] == 5
+    result = rd.trial("xs_30ktok_s0").result()
+    assert result.status == "diverged" and result.diverged_at_step == 5
     assert (table[table["trial_id"] == "xs_30ktok_s0"]["status"] == "diverged").all()
     assert (table[table["trial_id"] != "xs_30ktok_s0"]["status"] == "finished").all()
 
@@ -198,7 +195,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(table=run_sweep(cfg)), daemon=True)
     runner.start()
-    first = _wait_for(lambda: sorted(trial.glob("checkpoints/*/COMPLETE")), timeout=400)[0]
+    first = _wait_for(lambda: sorted(trial.path.glob("checkpoints/*/COMPLETE")), timeout=400)[0]
     marker_time = first.stat().st_mtime_ns
     workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
     assert workers, "no Ray Train worker alive to kill"
@@ -207,8 +204,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     assert not runner.is_alive(), "the sweep did not finish after the worker was killed"
     table = outcome["table"]
     assert (table["status"] == "finished").all() and len(table) == 4
-    records = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
-    resumed = [r for r in records if r.get("event") == "resumed"]
+    resumed = [r for r in trial.metrics() if r.get("event") == "resumed"]
     assert resumed and resumed[0]["step"] > 0  # restarted from a checkpoint, not from step 0
     assert first.stat().st_mtime_ns == marker_time  # the checkpoint it resumed from was kept as it was
 

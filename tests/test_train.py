@@ -15,16 +15,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 
 from engine.config import TrainConfig
 from engine.models import build_config, model_inputs
-from engine.train import (
-    INJECT_NAN_ENV,
-    checkpoint_dirs,
-    lr_at,
-    milestones,
-    smoke_trial,
-    synthetic_batches,
-    train,
-    verify_checkpoint,
-)
+from engine.rundir import TrialDir
+from engine.train import INJECT_NAN_ENV, lr_at, milestones, smoke_trial, synthetic_batches, train
 
 VOCAB, SEQ, MICRO = 40, 32, 4
 BUDGET = 4_000  # tokens: ~20 optimizer steps of 8 sequences
@@ -129,11 +121,11 @@ def test_mlm_trains_and_checkpoints_load(stage0, tmp_path):
     assert all(r["mfu"] is None for r in recs)  # NaN on CPU, null in JSON
     assert json.loads((trial_dir / "result.json").read_text())["n_tokens"] == result.n_tokens
 
-    dirs = checkpoint_dirs(trial_dir)
+    dirs = TrialDir(trial_dir).checkpoints()
     assert [int(d.name) for d in dirs] == [c.n_tokens for c in result.checkpoints]
     assert dirs[0].name >= f"{BUDGET // 2:012d}" and len(dirs) == 2
     for info, path in zip(result.checkpoints, dirs):
-        assert verify_checkpoint(path) == []
+        assert TrialDir.verify(path) == []
         model = AutoModelForMaskedLM.from_pretrained(path)
         assert hf_val_loss(model, "mlm") == pytest.approx(info.val_loss, rel=1e-5)
         assert AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("[MASK]") == 4
@@ -143,7 +135,7 @@ def test_mlm_trains_and_checkpoints_load(stage0, tmp_path):
 
     copy = shutil.copytree(dirs[0], tmp_path / dirs[0].name)
     (copy / "config.json").write_text("{}")  # corruption is caught
-    assert verify_checkpoint(copy) == ["config.json"]
+    assert TrialDir.verify(copy) == ["config.json"]
 
 
 def test_zero2_matches_zero0(stage0, tmp_path):
@@ -152,7 +144,7 @@ def test_zero2_matches_zero0(stage0, tmp_path):
     expected = [r["train_loss"] for r in records(stage0[0])]
     assert [r["train_loss"] for r in records(tmp_path)] == pytest.approx(expected, rel=1e-4)
     assert result.val_loss == pytest.approx(reference.val_loss, rel=1e-4)
-    model = AutoModelForMaskedLM.from_pretrained(checkpoint_dirs(tmp_path)[-1])
+    model = AutoModelForMaskedLM.from_pretrained(TrialDir(tmp_path).checkpoints()[-1])
     assert hf_val_loss(model, "mlm") == pytest.approx(result.val_loss, rel=1e-5)
 
 
@@ -161,7 +153,7 @@ def test_clm_trains(tmp_path):
     assert result.status == "finished"
     recs = records(tmp_path)
     assert recs[-1]["train_loss"] < recs[0]["train_loss"] - 0.2
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_dirs(tmp_path)[-1])
+    model = AutoModelForCausalLM.from_pretrained(TrialDir(tmp_path).checkpoints()[-1])
     assert hf_val_loss(model, "clm") == pytest.approx(result.val_loss, rel=1e-5)
 
 
@@ -181,7 +173,7 @@ def test_resume_equals_uninterrupted(stage0, tmp_path, tokenizer_dir):
 
     with pytest.raises(RuntimeError, match="simulated"):
         run(tmp_path, make=crashing, tokenizer_dir=tokenizer_dir)
-    assert len(checkpoint_dirs(tmp_path)) == 1
+    assert len(TrialDir(tmp_path).checkpoints()) == 1
     result, reports = run(tmp_path, tokenizer_dir=tokenizer_dir)  # resumes from the first checkpoint
     assert reports[0]["step"] > first_checkpoint_step
 
@@ -207,18 +199,18 @@ def test_resume_equals_uninterrupted(stage0, tmp_path, tokenizer_dir):
 def test_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(stage0, tmp_path, tokenizer_dir, damaged):
     reference_dir, reference, _ = stage0
     shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
-    first, last = checkpoint_dirs(tmp_path)
+    first, last = TrialDir(tmp_path).checkpoints()
     good = (last / "model.safetensors").read_bytes()
     flip_byte(last / damaged)
-    assert verify_checkpoint(last) == [damaged] and verify_checkpoint(first) == []
+    assert TrialDir.verify(last) == [damaged] and TrialDir.verify(first) == []
 
     result, _ = run(tmp_path, tokenizer_dir=tokenizer_dir)
 
     events = [r for r in records(tmp_path) if r.get("event") == "corrupt_checkpoint"]
     assert events == [{"trial_id": events[0]["trial_id"], "event": "corrupt_checkpoint", "checkpoint": last.name,
                        "files": [damaged], "kept_as": f"{last.name}.corrupt", "resumed_from": first.name}]
-    assert verify_checkpoint(tmp_path / "checkpoints" / f"{last.name}.corrupt") == [damaged]  # kept, not deleted
-    assert checkpoint_dirs(tmp_path) == [first, last] and verify_checkpoint(last) == []  # the milestone redone
+    assert TrialDir.verify(tmp_path / "checkpoints" / f"{last.name}.corrupt") == [damaged]  # kept, not deleted
+    assert TrialDir(tmp_path).checkpoints() == [first, last] and TrialDir.verify(last) == []  # the milestone redone
     assert (last / "model.safetensors").read_bytes() == good  # exactly as the run without the fault
     assert [c.n_tokens for c in result.checkpoints] == [c.n_tokens for c in reference.checkpoints]
     assert result.val_loss == pytest.approx(reference.val_loss, rel=1e-6)
@@ -232,7 +224,7 @@ def test_nan_loss_marks_the_run_diverged(tmp_path, monkeypatch):
     assert math.isnan(result.train_loss)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "diverged" and saved["diverged_at_step"] == 7
-    assert checkpoint_dirs(tmp_path) == []
+    assert TrialDir(tmp_path).checkpoints() == []
 
 
 def _zero3_worker(rank: int, world: int, port: int, trial_dir: str) -> None:
@@ -278,5 +270,5 @@ def test_zero3_two_processes(tmp_path):
     assert result["status"] == "finished" and result["n_tokens"] >= BUDGET // 2
     recs = records(tmp_path)
     assert recs[-1]["n_tokens"] / recs[-1]["step"] > 2 * MICRO * SEQ // 2  # both workers' tokens count
-    model = AutoModelForMaskedLM.from_pretrained(checkpoint_dirs(tmp_path)[-1])
+    model = AutoModelForMaskedLM.from_pretrained(TrialDir(tmp_path).checkpoints()[-1])
     assert hf_val_loss(model, "mlm") == pytest.approx(result["val_loss"], rel=1e-5)

@@ -11,8 +11,9 @@
 5. `findings`: plain sentences built from the numbers above and nothing else.
 Whatever a small run cannot support becomes {"status": "skipped", "reason": ...}, never an error.
 
-`fit_table(path, law)` fits one law to any table (e.g. published points) for `clmscale fit --table`.
-The run directory is read through engine.config and engine.rundir (pydantic and paths, no Ray).
+Its inputs (the config, the tables, the checkpoints and measurements that count) come from
+`RunDir.fit_inputs()`, the same call the report makes. `fit_table(path, law)` fits one law to any
+table (e.g. published points) for `clmscale fit --table`. No Ray and no torch here.
 """
 
 from __future__ import annotations
@@ -27,19 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from engine.config import FitsConfig, SweepConfig
-from engine.rundir import RunDir, write_json_atomic
+from engine.config import FitsConfig
+from engine.files import json_safe
+from engine.rundir import TABLES, RunDir
 from fits.correlate import LABELS, describe_correlation, proxy_correlations
 from fits.downstream import (DownstreamPowerLaw, format_scale, monotone_trend, trend_at_largest_scales)
-from fits.powerlaw import ChinchillaFit, LogLogOLS, SaturatingPowerLaw, _json_ready, backtest
+from fits.powerlaw import ChinchillaFit, LogLogOLS, SaturatingPowerLaw, backtest
 
 log = logging.getLogger(__name__)
 
-TABLES = ("pretrain", "finetune", "hessian", "landscape", "pca")
-PRETRAIN_COLUMNS = ("trial_id", "rung", "n_params", "n_params_non_embedding", "tokens", "flops", "val_loss", "status")
-FINETUNE_COLUMNS = ("trial_id", "tokens", "task", "mode", "metric", "higher_is_better", "value")
 MODES = {"finetune": "fine-tuned", "probe": "linear probe"}
 BASELINES = {"morgan_fp": "Morgan fingerprints", "random_init": "random-init model"}
 METRIC_LABELS = {"roc_auc": "ROC-AUC", "rmse": "RMSE"}
@@ -57,7 +55,6 @@ MIN_PROXY_POINTS = 8  # checkpoints below which a bootstrap interval of a partia
 FRONTIER_DECADES_BEYOND = 2  # the frontier curve runs from the smallest measured C to 100x the largest
 # what a fit may raise on data it cannot support; anything else is a bug and is not caught
 FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
-LONG_COLUMNS = ["what", "task", "mode", "x", "parameter", "estimate", "ci_lo", "ci_hi", "n_points", "note"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,89 +71,6 @@ class FitSettings:
     def from_config(cls, fits: FitsConfig, **overrides) -> FitSettings:
         values = {**fits.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**values)
-
-
-# --------------------------------------------------------------------------------------------
-# 1. Reading the run directory
-
-
-def read_sweep(rd: RunDir) -> SweepConfig:
-    if not rd.sweep_yaml.exists():
-        raise FileNotFoundError(f"{rd.root}: not a run directory (no sweep.yaml)")
-    return SweepConfig.model_validate(yaml.safe_load(rd.sweep_yaml.read_text()))
-
-
-def read_results(rd: RunDir) -> dict[str, pd.DataFrame]:
-    """Every result table there is; a missing one is an empty frame. pretrain.parquet is required."""
-    if not rd.table("pretrain").exists():
-        raise FileNotFoundError(f"{rd.table('pretrain')}: no pretraining results; run `clmscale sweep` first")
-    return {name: pd.read_parquet(rd.table(name)) if rd.table(name).exists() else pd.DataFrame() for name in TABLES}
-
-
-def _require(table: pd.DataFrame, path: Path | str, columns) -> None:
-    missing = [name for name in columns if name not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: no column(s) {missing}; it has {list(table.columns)}")
-
-
-def finished_checkpoints(pretrain: pd.DataFrame, path: Path | str) -> tuple[pd.DataFrame, list[dict]]:
-    """The rows of finished trials with a finite loss and positive N, D; and a note for every row left out.
-
-    A diverged trial keeps its earlier checkpoints' rows (docs/CONTRACTS.md); all of them are left out, since
-    the run that produced them did not follow its schedule to the end.
-    """
-    _require(pretrain, path, PRETRAIN_COLUMNS)
-    excluded = []
-    not_finished = (pretrain["status"] != "finished").to_numpy()
-    for trial_id, rows in pretrain[not_finished].groupby("trial_id", sort=True, dropna=False):
-        status = rows["status"].iloc[0]
-        finite = rows[np.isfinite(rows["val_loss"].to_numpy(float))].sort_values("tokens")
-        last = (f" after {format_scale(float(finite['tokens'].iloc[-1]))} tokens; last finite validation loss "
-                f"{finite['val_loss'].iloc[-1]:.3f} nats/token" if len(finite) else "")
-        excluded.append({"table": "pretrain", "trial_id": str(trial_id), "status": str(status), "n_rows": len(rows),
-                         "reason": f"{status}{last}"})
-    kept = pretrain[~not_finished]
-    scale = kept[["n_params_non_embedding", "tokens", "val_loss"]].to_numpy(float)
-    usable = np.isfinite(scale).all(axis=1) & (scale[:, :2] > 0).all(axis=1)
-    for row in kept[~usable].to_dict("records"):
-        excluded.append({"table": "pretrain", "trial_id": str(row["trial_id"]), "status": "finished", "n_rows": 1,
-                         "reason": f"checkpoint at tokens={row['tokens']} has val_loss={row['val_loss']}, "
-                                   f"n_params_non_embedding={row['n_params_non_embedding']}; left out"})
-    return kept[usable].reset_index(drop=True), excluded
-
-
-def usable_measurements(table: pd.DataFrame, kind: str, left_out_trials: set[str]) -> tuple[pd.DataFrame, list[dict]]:
-    """Rows with status ok from trials that count; a note per failure (grouped) and per left-out trial."""
-    if table.empty:
-        return table, []
-    excluded = []
-    failed = (table["status"] != "ok").to_numpy() if "status" in table.columns else np.zeros(len(table), bool)
-    if failed.any():
-        described = table[failed].assign(_what=[_measurement(kind, row) for row in table[failed].to_dict("records")],
-                                         _error=table.loc[failed, "error"] if "error" in table.columns else "")
-        for (trial_id, what, error), rows in described.groupby(["trial_id", "_what", "_error"], sort=True,
-                                                                dropna=False):
-            excluded.append({"table": kind, "trial_id": "" if pd.isna(trial_id) else str(trial_id), "status": "error",
-                             "n_rows": len(rows),
-                             "reason": f"{what}: {error if isinstance(error, str) and error else 'no error message'}"})
-    from_left_out = (table["trial_id"].isin(left_out_trials).to_numpy() if "trial_id" in table.columns
-                     else np.zeros(len(table), bool))
-    for trial_id, rows in table[from_left_out & ~failed].groupby("trial_id", sort=True):
-        excluded.append({"table": kind, "trial_id": str(trial_id), "status": "left out", "n_rows": len(rows),
-                         "reason": f"{len(rows)} {kind} row(s) measured on checkpoints of a trial that did not "
-                                   "finish; left out"})
-    return table[~failed & ~from_left_out].reset_index(drop=True), excluded
-
-
-def _measurement(kind: str, row: dict) -> str:
-    """Words for one measurement, e.g. 'solubility probe with split seed 1' or 'Hessian of the pretrain loss'."""
-    if kind == "finetune":
-        return f"{row.get('task')} {row.get('mode')} with split seed {row.get('split_seed')}"
-    if kind == "hessian":
-        return f"Hessian of the {row.get('loss')} loss"
-    if kind == "landscape":
-        return f"loss surface {row.get('surface', row.get('kind'))}"
-    return kind
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,32 +214,9 @@ def fit_compute_law(points: pd.DataFrame, s: FitSettings) -> dict:
 # 3. Downstream: trends against scale, and the baselines
 
 
-def downstream_points(finetune: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, mode, checkpoint) of the pretrained modes: mean, sd and count over split seeds."""
-    if finetune.empty:
-        return pd.DataFrame()
-    _require(finetune, "results/finetune.parquet", FINETUNE_COLUMNS)
-    rows = finetune[finetune["mode"].isin(list(MODES)) & np.isfinite(finetune["value"].to_numpy(float))]
-    if rows.empty:
-        return pd.DataFrame()
-    first = {name: (name, "first") for name in ("metric", "higher_is_better", "rung", "n_params",
-                                                "n_params_non_embedding", "flops", "pretrain_val_loss")
-             if name in rows.columns}
-    points = (rows.groupby(["task", "mode", "trial_id", "tokens"], sort=True)
-              .agg(mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "size"), **first)
-              .reset_index())
-    # checkpoints' own validation loss where the fine-tuning rows did not carry it
-    losses = checkpoints[["trial_id", "tokens", "val_loss"]].astype({"tokens": float})
-    points = points.astype({"tokens": float}).merge(losses, on=["trial_id", "tokens"], how="left")
-    if "pretrain_val_loss" not in points.columns:
-        points["pretrain_val_loss"] = np.nan
-    points["pretrain_val_loss"] = points["pretrain_val_loss"].fillna(points.pop("val_loss"))
-    return points
-
-
 def downstream_trends(points: pd.DataFrame, s: FitSettings) -> list[dict]:
     """Per (task, mode): trend at the largest scales, monotone trend and a saturating law, against N, C and loss."""
-    entries = []
+    entries: list[dict] = []
     if points.empty:
         return entries
     for (task, mode), group in points.groupby(["task", "mode"], sort=True):
@@ -589,7 +480,7 @@ def _proxy_sentences(proxies: dict) -> list[str]:
         testable = [row for row in mine if row["partial_ci_lo"] is not None and row["partial_ci_hi"] is not None
                     and row["n_partial"] >= MIN_PROXY_POINTS]
         predicts = [row for row in testable if row["partial_ci_lo"] > 0 or row["partial_ci_hi"] < 0]
-        untested = {}  # reason: number of pairs
+        untested: dict[str, int] = {}  # reason: number of pairs
         for row in mine:
             if row in testable:
                 continue
@@ -638,114 +529,130 @@ def _excluded_sentences(excluded: list[dict]) -> list[str]:
 # the stage
 
 
-def fit_run(run_dir: Path, *, n_bootstrap: int | None = None, n_jobs: int | None = None, n_starts: int = 100) -> dict:
+def fit_run(run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: int | None = None,
+            n_starts: int = 100) -> dict:
     """Fit everything in run_dir/results; write results/fits.json and results/fits.parquet; return the JSON dict.
 
     n_bootstrap: overrides sweep.yaml's fits.n_bootstrap (0 skips intervals). n_jobs: bootstrap processes.
     """
-    rd = RunDir(Path(run_dir))
-    cfg = read_sweep(rd)
-    s = FitSettings.from_config(cfg.fits, n_bootstrap=n_bootstrap, n_jobs=n_jobs, n_starts=n_starts)
-    tables = read_results(rd)
-    checkpoints, excluded = finished_checkpoints(tables["pretrain"], rd.table("pretrain"))
-    left_out_trials = {e["trial_id"] for e in excluded if e["status"] != "finished"}
-    measured = {}
-    for kind in ("finetune", "hessian", "landscape"):
-        measured[kind], notes = usable_measurements(tables[kind], kind, left_out_trials)
-        excluded += notes
-    points = downstream_points(measured["finetune"], checkpoints)
-
-    log.info("fit %s: %d checkpoints, %d downstream points, %d bootstrap resamples", cfg.name, len(checkpoints),
-             len(points), s.n_bootstrap)
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    inputs = rd.fit_inputs()
+    s = FitSettings.from_config(inputs.config.fits, n_bootstrap=n_bootstrap, n_jobs=n_jobs, n_starts=n_starts)
+    checkpoints, points = inputs.checkpoints, inputs.points
+    log.info("fit %s: %d checkpoints, %d downstream points, %d bootstrap resamples", inputs.config.name,
+             len(checkpoints), len(points), s.n_bootstrap)
     fits = {
-        "run": cfg.name,
+        "run": inputs.config.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": dataclasses.asdict(s),
-        "tables": {name: (len(table) if rd.table(name).exists() else None) for name, table in tables.items()},
+        "tables": {name: (len(table) if inputs.present[name] else None) for name, table in inputs.tables.items()},
         "n_checkpoints": len(checkpoints),
-        "excluded": excluded,
+        "excluded": inputs.excluded,
         "loss_law": fit_loss_law(checkpoints, s),
         "loss_law_backtest": backtest_loss_law(checkpoints, s),
         "compute_law": fit_compute_law(checkpoints, s),
         "downstream": downstream_trends(points, s),
-        "baselines": baselines(measured["finetune"], points),
-        "proxies": fit_proxies(checkpoint_proxies(points, measured["hessian"], measured["landscape"]), s)
+        "baselines": baselines(inputs.measured["finetune"], points),
+        "proxies": fit_proxies(checkpoint_proxies(points, inputs.measured["hessian"], inputs.measured["landscape"]), s)
         if not points.empty else skipped("no downstream results"),
     }
-    fits = _json_ready(fits)
+    fits = json_safe(fits)
     fits["findings"] = findings(fits)
-    write_json_atomic(rd.results / "fits.json", fits)
-    fits_table(fits).to_parquet(rd.results / "fits.parquet", index=False)
+    rd.write_fits(fits, fits_table(fits))
     return fits
 
 
-def fits_table(fits: dict) -> pd.DataFrame:
-    """fits.json in long format: one row per estimated quantity (what, task, mode, x, parameter, estimate, CI)."""
-    rows = []
+# --------------------------------------------------------------------------------------------
+# fits.parquet: fits.json in long format, one row per estimated quantity; each section gives its own rows
 
-    def add(what, parameter="", estimate=None, ci=(None, None), n_points=None, task="", mode="", x="", note=""):
-        lo, hi = ci if ci is not None else (None, None)
-        rows.append({"what": what, "task": task, "mode": mode, "x": x, "parameter": parameter, "estimate": estimate,
-                     "ci_lo": lo, "ci_hi": hi, "n_points": n_points, "note": note})
 
-    def add_fit(what, result, **where):
-        if result["status"] != "ok":
-            add(what, note=f"skipped: {result['reason']}", **where)
-            return
-        for name, value in result["params"].items():
-            add(what, name, value, result.get("ci", {}).get(name), result.get("n_points"), **where)
+def _row(what, parameter="", estimate=None, ci=(None, None), n_points=None, task="", mode="", x="", note="") -> dict:
+    lo, hi = ci if ci is not None else (None, None)
+    return {"what": what, "task": task, "mode": mode, "x": x, "parameter": parameter, "estimate": estimate,
+            "ci_lo": lo, "ci_hi": hi, "n_points": n_points, "note": note}
 
-    law = fits["loss_law"]
-    add_fit("loss_law", law)
+
+def _fit_rows(what: str, result: dict, **where) -> list[dict]:
+    """One row per parameter of a fitted law (with its interval), or one row saying why it was skipped."""
+    if result["status"] != "ok":
+        return [_row(what, note=f"skipped: {result['reason']}", **where)]
+    return [_row(what, name, value, result.get("ci", {}).get(name), result.get("n_points"), **where)
+            for name, value in result["params"].items()]
+
+
+def loss_law_rows(law: dict) -> list[dict]:
+    rows = _fit_rows("loss_law", law)
     if law["status"] == "ok":
         frontier = law["frontier"]
-        for name in ("n_params_exponent", "n_tokens_exponent"):
-            add("loss_law_frontier", name, frontier[name], frontier.get(f"{name}_ci"), law["n_points"],
-                note="N* ∝ C^a, D* ∝ C^b")
-    test = fits["loss_law_backtest"]
-    if test["status"] == "ok":
-        for name in ("mean_abs_relative_error", "max_abs_relative_error"):
-            add("loss_law_backtest", name, test[name], n_points=test["n_holdout"])
-    else:
-        add("loss_law_backtest", note=f"skipped: {test['reason']}")
-    compute = fits["compute_law"]
-    if compute["status"] == "ok":
-        for key in ("saturating_frontier", "saturating_all", "loglog_frontier", "loglog_all"):
-            add_fit(f"compute_law_{key}", compute[key], x="flops")
-    else:
-        add("compute_law", note=f"skipped: {compute['reason']}")
-    for entry in fits["downstream"]:
+        rows += [_row("loss_law_frontier", name, frontier[name], frontier.get(f"{name}_ci"), law["n_points"],
+                      note="N* ∝ C^a, D* ∝ C^b") for name in ("n_params_exponent", "n_tokens_exponent")]
+    return rows
+
+
+def backtest_rows(test: dict) -> list[dict]:
+    if test["status"] != "ok":
+        return [_row("loss_law_backtest", note=f"skipped: {test['reason']}")]
+    return [_row("loss_law_backtest", name, test[name], n_points=test["n_holdout"])
+            for name in ("mean_abs_relative_error", "max_abs_relative_error")]
+
+
+def compute_law_rows(compute: dict) -> list[dict]:
+    if compute["status"] != "ok":
+        return [_row("compute_law", note=f"skipped: {compute['reason']}")]
+    return [row for key in ("saturating_frontier", "saturating_all", "loglog_frontier", "loglog_all")
+            for row in _fit_rows(f"compute_law_{key}", compute[key], x="flops")]
+
+
+def downstream_rows(entries: list[dict]) -> list[dict]:
+    rows = []
+    for entry in entries:
         where = {"task": entry["task"], "mode": entry["mode"]}
         for x, trend in entry["trends"].items():
             if trend["status"] == "ok":
-                add("downstream_trend", "slope_per_decade", trend["slope"], trend["ci"], trend["n_points"], x=x,
-                    note=trend["verdict"], **where)
+                rows.append(_row("downstream_trend", "slope_per_decade", trend["slope"], trend["ci"],
+                                 trend["n_points"], x=x, note=trend["verdict"], **where))
             else:
-                add("downstream_trend", note=f"skipped: {trend['reason']}", x=x, **where)
+                rows.append(_row("downstream_trend", note=f"skipped: {trend['reason']}", x=x, **where))
         for x, test in entry["monotone"].items():
             if test["status"] == "ok":
-                add("downstream_monotone", "spearman", test["spearman"], n_points=test["n_points"], x=x,
-                    note=test["direction"], **where)
-                add("downstream_monotone", "mann_kendall_p", test["mann_kendall_p"], n_points=test["n_points"],
-                    x=x, note=test["direction"], **where)
+                rows += [_row("downstream_monotone", name, test[name], n_points=test["n_points"], x=x,
+                              note=test["direction"], **where) for name in ("spearman", "mann_kendall_p")]
         for x, result in entry["power_law"].items():
-            add_fit("downstream_law", result, x=x, **where)
-    for entry in fits["baselines"]:
+            rows += _fit_rows("downstream_law", result, x=x, **where)
+    return rows
+
+
+def baseline_rows(entries: list[dict]) -> list[dict]:
+    rows = []
+    for entry in entries:
         for mode in BASELINES:
             spread = entry[mode]
             if spread is not None:
                 sd = spread["sd"] if spread["sd"] is not None else math.nan
-                add("baseline", entry["metric"], spread["mean"], (spread["mean"] - sd, spread["mean"] + sd),
-                    spread["n"], task=entry["task"], mode=mode, note="interval: mean ± 1 sd over split seeds")
-    proxies = fits["proxies"]
-    if proxies["status"] == "ok":
-        for row in proxies["rows"]:
-            where = {"task": row["task"], "mode": row["mode"], "x": row["proxy"]}
-            add("proxy", "spearman", row["spearman"], (row["ci_lo"], row["ci_hi"]), row["n"], note=row["reason"] or "",
-                **where)
-            add("proxy", "partial_given_loss", row["partial_given_loss"], (row["partial_ci_lo"], row["partial_ci_hi"]),
-                row["n_partial"], note=row["reason"] or "", **where)
-    table = pd.DataFrame(rows, columns=LONG_COLUMNS)
+                rows.append(_row("baseline", entry["metric"], spread["mean"], (spread["mean"] - sd, spread["mean"] + sd),
+                                 spread["n"], task=entry["task"], mode=mode,
+                                 note="interval: mean ± 1 sd over split seeds"))
+    return rows
+
+
+def proxy_rows(proxies: dict) -> list[dict]:
+    if proxies["status"] != "ok":
+        return []
+    rows = []
+    for row in proxies["rows"]:
+        where = {"task": row["task"], "mode": row["mode"], "x": row["proxy"], "note": row["reason"] or ""}
+        rows.append(_row("proxy", "spearman", row["spearman"], (row["ci_lo"], row["ci_hi"]), row["n"], **where))
+        rows.append(_row("proxy", "partial_given_loss", row["partial_given_loss"],
+                         (row["partial_ci_lo"], row["partial_ci_hi"]), row["n_partial"], **where))
+    return rows
+
+
+def fits_table(fits: dict) -> pd.DataFrame:
+    """fits.json in long format: one row per estimated quantity (what, task, mode, x, parameter, estimate, CI)."""
+    rows = (loss_law_rows(fits["loss_law"]) + backtest_rows(fits["loss_law_backtest"])
+            + compute_law_rows(fits["compute_law"]) + downstream_rows(fits["downstream"])
+            + baseline_rows(fits["baselines"]) + proxy_rows(fits["proxies"]))
+    table = pd.DataFrame(rows, columns=list(TABLES["fits"].columns))
     for name in ("estimate", "ci_lo", "ci_hi", "n_points"):
         table[name] = pd.to_numeric(table[name], errors="coerce").astype(float)
     return table
@@ -788,6 +695,8 @@ def fit_table(path: Path, law: str = "chinchilla", *, n_col: str = "N", d_col: s
             available = ", ".join(map(str, table.columns))
             raise ValueError(f"{path}: no column '{column}' ({option}); the columns are {available}")
     values = {column: pd.to_numeric(table[column], errors="coerce").to_numpy(float) for column in wanted.values()}
+    estimator: ChinchillaFit | SaturatingPowerLaw | LogLogOLS
+    data: tuple[np.ndarray, ...]
     if law == "chinchilla":
         estimator = ChinchillaFit(huber_delta=huber_delta, n_bootstrap=bootstrap, seed=seed, n_jobs=n_jobs,
                                   n_starts=n_starts)
@@ -801,7 +710,7 @@ def fit_table(path: Path, law: str = "chinchilla", *, n_col: str = "N", d_col: s
     notes: list[str] = []
     with _kept_warnings(notes, type(estimator).__name__):
         estimator.fit(*data)
-    return _json_ready({"table": str(path), "law_name": law, "columns": {k.strip("-"): v for k, v in wanted.items()},
+    return json_safe({"table": str(path), "law_name": law, "columns": {k.strip("-"): v for k, v in wanted.items()},
                         "n_rows": len(table), **estimator.to_dict(), "warnings": notes})
 
 
