@@ -238,6 +238,15 @@ def test_results_carry_every_metric_and_the_primary_one_selects(mlm_checkpoint, 
         FinetuneData(heavy_atoms.smiles, heavy_atoms.labels, "regression", heavy_atoms.split, primary_metric="roc_auc")
 
 
+def test_the_old_single_seed_sets_both_and_one_of_them_is_not_enough(mlm_checkpoint, heavy_atoms):
+    kwargs = {k: v for k, v in FAST.items() if k not in ("split_seed", "finetune_seed")}
+    old = finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **kwargs, seed=3)  # as analyze.py calls it
+    assert (old["split_seed"], old["finetune_seed"], old["seed"]) == (3, 3, 3)
+    with pytest.raises(TypeError, match="pass split_seed and finetune_seed"):
+        finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **kwargs, split_seed=3)
+    assert fingerprint_baseline(heavy_atoms, seed=2, n_bits=64)["split_seed"] == 2
+
+
 def test_warmup_then_linear_decay(mlm_checkpoint, heavy_atoms):
     # 96 train molecules in batches of 32: 3 steps an epoch, 12 in all, the first 6 warming up
     result = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=4, **{**FAST, "patience": 10},
