@@ -1,22 +1,30 @@
 """Downstream transfer of a pretrained checkpoint: fine-tune or probe it on a MoleculeNet-style task.
 
 The story, in order: a task arrives as plain arrays (`FinetuneData`: SMILES, float32 labels with
-NaN for missing, a split); the metrics (`roc_auc` by the Mann-Whitney rank formula, `rmse`) and the
-masked loss follow; then the checkpoint is loaded as an encoder (`load_encoder`), each SMILES is
-encoded the way pretraining saw it (mlm `[CLS] ... [SEP]`, clm `[BOS] ... [EOS]`), and one vector
-per molecule is pooled from the last hidden states:
+NaN for missing, a split, the metric that selects on validation); the metrics themselves live in
+engine/metrics.py (ROC-AUC and PRC-AUC, or RMSE and MAE, all computed for every run); the masked
+loss follows; then the checkpoint is loaded as an encoder (`load_encoder`), each SMILES is encoded
+the way pretraining saw it (mlm `[CLS] ... [SEP]`, clm `[BOS] ... [EOS]`), and one vector per
+molecule is pooled from a layer's hidden states (`pool`):
 
-    mlm  the first token, [CLS] (RoBERTa's own choice for sequence heads)
-    clm  the last real token, [EOS]: under causal attention it is the only one that has seen the
-         whole molecule (mean pooling would average in prefixes that have not)
+    mean  the mask-aware mean over the molecule's tokens, specials included (the default, both families:
+          masked-LM pretraining never trains the [CLS] vector, so a [CLS] probe under-reads an MLM)
+    cls   the first token, [CLS] (mlm only; RoBERTa's own choice for sequence heads)
+    last  the last real token ([SEP] / [EOS]): under causal attention the only one that has seen the molecule
 
-`finetune(..., mode="finetune")` trains encoder + linear head with AdamW, early-stopped on the
-validation metric with the best weights restored. `mode="probe"` freezes the encoder, embeds every
-molecule once and fits an L2-regularised linear model on the embeddings by L-BFGS, with the
-penalty chosen on the validation split (the linear evaluation of Chen et al. 2020, SimCLR, sec. B.5).
+`finetune(..., mode="finetune")` trains encoder + linear head with AdamW under a warmup + linear
+decay schedule, early-stopped on the validation primary metric with the best weights restored; a
+run whose best epoch is 0 or whose loss became non-finite carries a `flag`. `select_lr` runs that
+at each learning rate of a grid on one split and picks on validation. `mode="probe"` freezes the
+encoder, embeds every molecule once (from the last layer, or from the layer best on validation)
+and fits an L2-regularised linear model on the embeddings by L-BFGS, with the penalty chosen on the
+validation split (the linear evaluation of Chen et al. 2020, SimCLR, sec. B.5).
 `fingerprint_baseline` fits the same linear model on Morgan fingerprints, so the probe and the
 no-pretraining baseline differ only in their features; `random_init=True` gives the other baseline,
-the same architecture with fresh weights.
+the same architecture with fresh weights (engine/baselines.py has the random-forest ones).
+
+Seeds: `split_seed` says which molecules are in which part (it made `data.split`; here it is only
+recorded), `finetune_seed` drives the head's initialisation, random-init weights and batch order.
 
 Nothing here imports ray: the Ray task that runs these functions lives with the sweep.
 """
@@ -35,18 +43,23 @@ from typing import Any, Literal
 import numpy as np
 import scipy.optimize
 import scipy.special
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.ladder import Family
+from engine.metrics import HIGHER_IS_BETTER, METRICS, better
+from engine.metrics import scores as metric_scores
 from engine.rundir import head_file
 
 log = logging.getLogger(__name__)
 
 TaskType = Literal["classification", "regression"]
 Mode = Literal["finetune", "probe"]
+Pooling = Literal["mean", "cls", "last"]
+LrSchedule = Literal["linear", "constant"]
+POOLINGS = ("mean", "cls", "last")
+FLAGS = ("best_epoch_0", "non_finite_loss")  # "" for a run with neither
 
 SPLIT_NAMES = ("train", "val", "test")
 WEIGHT_FILES = (
@@ -65,6 +78,8 @@ class FinetuneData:
 
     n_classes=None: k independent binary (or regression) columns; n_classes=C: one column of
     class indices 0..C-1 (multi-class). `split` holds the train, val and test row indices.
+    `primary_metric` selects epochs, penalties, layers and learning rates on val (default roc_auc or
+    rmse; pass the registry's `TaskData.primary_metric`, e.g. prc_auc for MUV).
     """
 
     smiles: Sequence[str]
@@ -73,6 +88,7 @@ class FinetuneData:
     split: tuple[np.ndarray, np.ndarray, np.ndarray]
     n_classes: int | None = None
     name: str = "task"  # only for messages and the result dict
+    primary_metric: str = ""  # "": the task type's default
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels, dtype=np.float32)
@@ -80,6 +96,8 @@ class FinetuneData:
             labels = labels[:, None]
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "split", tuple(np.asarray(i, dtype=np.int64).reshape(-1) for i in self.split))
+        if not self.primary_metric and self.task_type in METRICS:
+            object.__setattr__(self, "primary_metric", metric_name(self.task_type))
         _validate(self)
 
     @property
@@ -95,6 +113,9 @@ def _validate(data: FinetuneData) -> None:
     name, labels = data.name, data.labels
     if data.task_type not in ("classification", "regression"):
         raise ValueError(f"{name}: task_type must be 'classification' or 'regression' (got {data.task_type!r})")
+    if data.primary_metric not in METRICS[data.task_type]:
+        raise ValueError(f"{name}: primary_metric must be one of {METRICS[data.task_type]} for {data.task_type} "
+                         f"(got {data.primary_metric!r})")  # fmt: skip
     if labels.ndim != 2 or labels.shape[0] != len(data.smiles):
         raise ValueError(
             f"{name}: labels must be [n_molecules, n_labels] with one row per SMILES "
@@ -147,66 +168,27 @@ def _has_both_classes(labels: np.ndarray, n_classes: int | None) -> bool:
 # metrics
 
 
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """ROC-AUC of one binary column by the Mann-Whitney U statistic; ties count one half.
-
-    AUC = (sum of positive ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), with average ranks for
-    tied scores. NaN when only one class is present.
-    """
-    y_true = np.asarray(y_true).reshape(-1)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    positive = y_true == 1
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = scipy.stats.rankdata(scores)  # average ranks for ties
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def mean_roc_auc(labels: np.ndarray, predictions: np.ndarray, n_classes: int | None = None) -> float:
-    """Mean ROC-AUC over label columns with both classes, NaN labels skipped; multi-class: macro one-vs-rest.
-
-    labels [n, k] (multi-class: [n, 1] of class indices), predictions [n, k] scores
-    (multi-class: [n, C] probabilities).
-    """
-    if n_classes is not None:
-        y = labels[:, 0]
-        keep = ~np.isnan(y)
-        columns = [((y[keep] == c).astype(np.int64), predictions[keep, c]) for c in range(n_classes)]
-    else:
-        columns = [(y[~np.isnan(y)], s[~np.isnan(y)]) for y, s in zip(labels.T, predictions.T)]
-    aucs = [roc_auc(y, s) for y, s in columns]
-    aucs = [a for a in aucs if not math.isnan(a)]
-    return float(np.mean(aucs)) if aucs else math.nan
-
-
-def rmse(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """Root-mean-square error per label column over its non-NaN labels, averaged over columns."""
-    errors = []
-    for y, p in zip(labels.T, predictions.T):
-        keep = ~np.isnan(y)
-        if keep.any():
-            errors.append(float(np.sqrt(np.mean((p[keep].astype(np.float64) - y[keep]) ** 2))))
-    return float(np.mean(errors)) if errors else math.nan
-
-
 def metric_name(task_type: TaskType) -> str:
+    """The default primary metric of a task type (the one the registry's `Task.metric` names)."""
     return "roc_auc" if task_type == "classification" else "rmse"
 
 
 def task_metric(data: FinetuneData, idx: np.ndarray, predictions: np.ndarray) -> float:
-    """The task's metric on rows `idx`; predictions are in label units (scores, probabilities or values)."""
-    if data.task_type == "classification":
-        return mean_roc_auc(data.labels[idx], predictions, data.n_classes)
-    return rmse(data.labels[idx], predictions)
+    """The task's primary metric on rows `idx`; predictions are in label units (scores, probabilities or values)."""
+    return task_metrics(data, idx, predictions)[data.primary_metric]
 
 
-def _better(new: float, best: float, task_type: TaskType) -> bool:
-    if math.isnan(new):
-        return False
-    if math.isnan(best):
-        return True
-    return new > best if task_type == "classification" else new < best
+def task_metrics(data: FinetuneData, idx: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """Every metric of the task's type on rows `idx`, by name."""
+    return metric_scores(data.task_type, data.labels[idx], predictions, data.n_classes)
+
+
+def split_metrics(data: FinetuneData, predictions: np.ndarray) -> dict[str, Any]:
+    """val and test of every metric from predictions for all rows: {"val", "test", "metrics": {m: {"val", "test"}}}."""
+    _, val_idx, test_idx = data.split
+    val, test = task_metrics(data, val_idx, predictions[val_idx]), task_metrics(data, test_idx, predictions[test_idx])
+    return {"val": val[data.primary_metric], "test": test[data.primary_metric],
+            "metrics": {m: {"val": val[m], "test": test[m]} for m in val}}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,26 +322,46 @@ def _batches(
         yield chunk, input_ids, attention_mask
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, family: Family) -> torch.Tensor:
-    """(B, T, H) -> (B, H): [CLS] for mlm, the last real token ([EOS]) for clm; padding is on the right."""
-    if family == "mlm":
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling = "mean") -> torch.Tensor:
+    """(B, T, H) -> (B, H): the mean over real tokens, the first token or the last real one (padding on the right)."""
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    if pooling == "cls":
         return hidden[:, 0]
-    last = attention_mask.sum(dim=1) - 1  # (B,)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "last":
+        last = attention_mask.sum(dim=1) - 1  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))} (got {pooling!r})")
+
+
+def _check_pooling(pooling: str, family: Family) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))} (got {pooling!r})")
+    if pooling == "cls" and family == "clm":
+        raise ValueError("pooling 'cls' reads the first token, which under causal attention has seen only [BOS]; "
+                         "use 'mean' or 'last' for a clm checkpoint")  # fmt: skip
 
 
 class EncoderWithHead(nn.Module):
-    """The pretrained encoder, the pooling of its family and one linear layer to the task's outputs."""
+    """The pretrained encoder, a pooling of its hidden states and one linear layer to the task's outputs."""
 
-    def __init__(self, encoder: nn.Module, family: Family, n_outputs: int):
+    def __init__(self, encoder: nn.Module, family: Family, n_outputs: int, pooling: Pooling = "mean"):
         super().__init__()
+        _check_pooling(pooling, family)
         self.encoder = encoder
         self.family = family
+        self.pooling = pooling
         self.head = nn.Linear(encoder.config.hidden_size, n_outputs)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        return pool(hidden, attention_mask, self.family)  # (B, H)
+        return pool(hidden, attention_mask, self.pooling)  # (B, H)
+
+    def embed_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(n_layer + 1, B, H): the pooled embedding output and every layer's; the last equals `embed`."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return torch.stack([pool(h, attention_mask, self.pooling) for h in out.hidden_states])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(input_ids, attention_mask))  # (B, n_outputs)
@@ -378,63 +380,111 @@ def finetune(
     patience: int,
     lr: float,
     batch_size: int,
-    seed: int,
+    split_seed: int | None = None,
+    finetune_seed: int | None = None,
+    seed: int | None = None,
     max_seq_len: int | None = None,
     device: str | torch.device | None = None,
     random_init: bool = False,
     save_to: Path | None = None,
+    pooling: Pooling = "mean",
+    probe_layer: Literal["last", "best"] | int = "last",
+    warmup_fraction: float = 0.1,
+    lr_schedule: LrSchedule = "linear",
+    weight_decay: float = 0.01,
 ) -> dict[str, Any]:
     """Downstream score of one checkpoint on one task split: a dict ready to be a results row.
 
-    mode "finetune": encoder + linear head trained with AdamW at a constant `lr`, one validation
-    pass per epoch, stopped after `patience` epochs without improvement, best weights restored
-    (epoch 0 is the untrained head). mode "probe": frozen encoder, embeddings computed once, an
-    L2 linear model fitted by L-BFGS with the penalty chosen on val; epochs, patience and lr unused.
+    mode "finetune": encoder + linear head trained with AdamW, the learning rate warmed up linearly
+    from 0 to `lr` over `warmup_fraction` of epochs x batches, then decayed linearly to 0 at the last
+    epoch ("linear"; "constant" holds it after the warmup), one validation pass per epoch, stopped
+    after `patience` epochs without improvement of the primary metric, best weights restored (epoch
+    0 is the untrained head). A loss that turns non-finite ends training at once. `flag` is
+    "non_finite_loss", else "best_epoch_0" (the fine-tuned model is the pretrained one with a fresh
+    head: the lr was wrong, not the checkpoint), else "".
+    mode "probe": frozen encoder, embeddings computed once, an L2 linear model fitted by L-BFGS with
+    the penalty chosen on val; epochs, patience, lr and the schedule are unused. probe_layer "last",
+    an index (0 is the embedding output), or "best": every layer probed and the one best on val kept.
     save_to (finetune only): the fine-tuned encoder's state_dict as safetensors, keyed as in
     `AutoModel.from_pretrained(checkpoint_dir)`, for the pretrained -> fine-tuned landscape direction,
     and the head beside it (`head_file(save_to)`), for the Hessian of the fine-tuning loss.
-    Deterministic for a seed; the global torch RNG is restored afterwards.
+    `split_seed` is recorded only (it made data.split); `finetune_seed` seeds everything here, and a
+    run is deterministic for it; the global torch RNG is restored afterwards. `seed` is the old single
+    seed (engine/analyze.py passes it until it passes the two): it sets both.
     """
+    split_seed, finetune_seed = _seeds(split_seed, finetune_seed, seed)
     if mode not in ("finetune", "probe"):
         raise ValueError(f"mode must be 'finetune' or 'probe' (got {mode!r})")
     if max_seq_len is not None and max_seq_len < 3:
         raise ValueError(f"max_seq_len must leave room for two special tokens and one atom (got {max_seq_len})")
+    if not 0 <= warmup_fraction < 1 or lr_schedule not in ("linear", "constant"):
+        raise ValueError(f"need 0 <= warmup_fraction < 1 and lr_schedule 'linear' or 'constant' "
+                         f"(got {warmup_fraction}, {lr_schedule!r})")  # fmt: skip
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)  # the head, random_init weights and dropout; restored on exit
+        torch.manual_seed(finetune_seed)  # the head, random_init weights and dropout; restored on exit
         encoder, tokenizer, family = load_encoder(checkpoint_dir, random_init=random_init)
         max_len = min(max_seq_len or math.inf, max_positions(encoder.config))
         ids, unk_fraction = encode_smiles(tokenizer, data.smiles, family, max_len)
-        model = EncoderWithHead(encoder, family, data.n_outputs).to(device)
+        model = EncoderWithHead(encoder, family, data.n_outputs, pooling).to(device)
         if mode == "probe":
-            result = _probe(model, data, ids, batch_size, tokenizer.pad_token_id, device)
+            result = _probe(model, data, ids, batch_size, tokenizer.pad_token_id, device, probe_layer)
         else:
-            result = _train(model, data, ids, epochs, patience, lr, batch_size, seed, tokenizer.pad_token_id, device)
+            result = _train(model, data, ids, epochs, patience, lr, batch_size, finetune_seed, tokenizer.pad_token_id,
+                            device, warmup_fraction=warmup_fraction, lr_schedule=lr_schedule,
+                            weight_decay=weight_decay)  # fmt: skip
+            result.update(lr=lr, warmup_fraction=warmup_fraction, lr_schedule=lr_schedule, weight_decay=weight_decay)
             if save_to is not None:
-                result["weights_path"] = str(_save_finetuned(model, Path(save_to), checkpoint_dir, data, seed))
-    return _result_row(
-        data, mode, result, seed, t0,
-        checkpoint_dir=str(checkpoint_dir), random_init=random_init, unk_fraction=unk_fraction,
-    )
+                result["weights_path"] = str(_save_finetuned(model, Path(save_to), checkpoint_dir, data, finetune_seed))
+    return result_row(
+        data, mode, result, split_seed, t0, finetune_seed=finetune_seed,
+        checkpoint_dir=str(checkpoint_dir), random_init=random_init, unk_fraction=unk_fraction, pooling=pooling,
+    )  # fmt: skip
 
 
-def _result_row(data: FinetuneData, mode: str, fit: dict[str, Any], seed: int, t0: float, **extra: Any) -> dict[str, Any]:
-    """One row of results/finetune: the same keys for every mode and baseline."""
+def _seeds(split_seed: int | None, finetune_seed: int | None, seed: int | None) -> tuple[int, int]:
+    if seed is not None and split_seed is None and finetune_seed is None:
+        return seed, seed
+    if seed is not None or split_seed is None or finetune_seed is None:
+        raise TypeError(f"pass split_seed and finetune_seed (got split_seed={split_seed}, "
+                        f"finetune_seed={finetune_seed}, seed={seed}); seed alone is the old single seed")  # fmt: skip
+    return split_seed, finetune_seed
+
+
+def result_row(data: FinetuneData, mode: str, fit: dict[str, Any], split_seed: int, t0: float,
+               **extra: Any) -> dict[str, Any]:
+    """One row of results/finetune: the same keys for every mode and baseline.
+
+    `metric`, `val` and `test` are the primary metric's; `metrics` holds every metric of the task
+    type as {name: {"val", "test"}} (`metric_rows` makes one row per metric from it).
+    """
     train_idx, val_idx, test_idx = data.split
     row = {
         "task": data.name,
-        "mode": mode,  # finetune | probe | morgan_fp
+        "mode": mode,  # finetune | probe | morgan_fp | ecfp4_rf | rdkit2d_rf
         "checkpoint_dir": None,
         "random_init": False,
-        "seed": seed,
-        "metric": metric_name(data.task_type),
+        "seed": split_seed,  # the old name of split_seed, kept for readers of earlier rows
+        "split_seed": split_seed,  # which molecules are in which part
+        "finetune_seed": None,  # init and batch order (finetune, probe), the forest's seed (random forests)
+        "metric": data.primary_metric,
+        "higher_is_better": HIGHER_IS_BETTER[data.primary_metric],
         "test": fit["test"],
         "val": fit["val"],
+        "metrics": fit["metrics"],
+        "flag": fit.get("flag", ""),  # finetune: best_epoch_0 / non_finite_loss; such rows stay out of means
         "best_epoch": fit.get("best_epoch"),  # finetune only; 0 is the untrained head
         "n_epochs": fit.get("n_epochs", 0),
+        "lr": fit.get("lr"),  # finetune only
+        "lr_schedule": fit.get("lr_schedule"),
+        "warmup_fraction": fit.get("warmup_fraction"),
+        "weight_decay": fit.get("weight_decay"),
         "l2": fit.get("l2"),  # probe and morgan_fp: the penalty chosen on val
+        "pooling": None,  # finetune and probe: mean | cls | last
+        "probe_layer": fit.get("probe_layer"),  # probe: the hidden layer read (0 = embeddings), chosen or given
+        "n_layers_probed": fit.get("n_layers_probed"),  # probe: 1, or every layer with probe_layer "best"
         "n_train": int(train_idx.size),
         "n_val": int(val_idx.size),
         "n_test": int(test_idx.size),
@@ -447,21 +497,54 @@ def _result_row(data: FinetuneData, mode: str, fit: dict[str, Any], seed: int, t
     return row
 
 
+def metric_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict per metric of a result (metric, higher_is_better, primary, value = test, val_value), for long tables."""
+    return [
+        {"metric": m, "higher_is_better": HIGHER_IS_BETTER[m], "primary": m == result["metric"],
+         "value": v["test"], "val_value": v["val"]}
+        for m, v in result["metrics"].items()
+    ]  # fmt: skip
+
+
+def _schedule(optimizer: torch.optim.Optimizer, n_steps: int, warmup_fraction: float, lr_schedule: LrSchedule):
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    n_warmup = round(warmup_fraction * n_steps)
+    if lr_schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, n_warmup)
+    return get_linear_schedule_with_warmup(optimizer, n_warmup, n_steps)
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def _train(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], epochs: int, patience: int, lr: float,
-           batch_size: int, seed: int, pad_id: int, device: torch.device) -> dict[str, Any]:
-    train_idx, val_idx, test_idx = data.split
+           batch_size: int, seed: int, pad_id: int, device: torch.device, *, warmup_fraction: float,
+           lr_schedule: LrSchedule, weight_decay: float) -> dict[str, Any]:
+    train_idx, val_idx, _ = data.split
     mean, std = _label_scale(data)
     targets = torch.from_numpy((data.labels - mean) / std)  # (n, k); NaN stays NaN
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # planned over every epoch: early stopping cuts the decay short rather than compressing it
+    scheduler = _schedule(optimizer, epochs * math.ceil(train_idx.size / batch_size), warmup_fraction, lr_schedule)
     shuffle = torch.Generator().manual_seed(seed)
+    metric = data.primary_metric
 
-    def evaluate(idx: np.ndarray) -> float:
-        return task_metric(data, idx, _predict(model, data, ids, idx, batch_size, pad_id, device, mean, std))
+    def predict_scored() -> np.ndarray:
+        """Predictions for the val and test rows (NaN elsewhere): what `split_metrics` reads, without a train pass."""
+        rows = np.concatenate(data.split[1:])
+        out = np.full((len(ids), data.n_outputs), np.nan)
+        out[rows] = _predict(model, data, ids, rows, batch_size, pad_id, device, mean, std)
+        return out
 
-    best_val, best_epoch = evaluate(val_idx), 0
+    def evaluate() -> float:
+        return task_metric(data, val_idx, _predict(model, data, ids, val_idx, batch_size, pad_id, device, mean, std))
+
+    best_val, best_epoch = evaluate(), 0
     best_state = _copy_state(model)
     history = [{"epoch": 0, "train_loss": None, "val": best_val}]
-    epoch = 0
+    epoch, non_finite = 0, False
     for epoch in range(1, epochs + 1):
         model.train()
         order = train_idx[torch.randperm(train_idx.size, generator=shuffle).numpy()]
@@ -471,24 +554,76 @@ def _train(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], epo
             if torch.isnan(y).all():
                 continue  # nothing labelled in this batch (sparse multi-task labels)
             loss = masked_loss(model(input_ids.to(device), attention_mask.to(device)), y, data.task_type, data.n_classes)
+            losses.append(loss.item())  # note: a device sync per step; negligible next to the backward pass
+            if not math.isfinite(losses[-1]):
+                non_finite = True
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            losses.append(loss.item())  # note: a device sync per step; negligible next to the backward pass
-        val = evaluate(val_idx)
+            scheduler.step()
+        non_finite = non_finite or not _finite(model)  # the last step can overflow the weights with a finite loss
         train_loss = float(np.mean(losses)) if losses else None
-        history.append({"epoch": epoch, "train_loss": train_loss, "val": val})
-        log.info("%s epoch %d: train loss %s, val %s %.4f", data.name, epoch, train_loss, metric_name(data.task_type), val)
-        if _better(val, best_val, data.task_type):
+        if non_finite:
+            history.append({"epoch": epoch, "train_loss": train_loss, "val": math.nan})
+            log.warning("%s epoch %d: the loss became non-finite at lr %g; stopping, best epoch %d kept",
+                        data.name, epoch, lr, best_epoch)  # fmt: skip
+            break
+        val = evaluate()
+        history.append({"epoch": epoch, "train_loss": train_loss, "val": val, "lr": scheduler.get_last_lr()[0]})
+        log.info("%s epoch %d: train loss %s, val %s %.4f", data.name, epoch, train_loss, metric, val)
+        if better(metric, val, best_val):
             best_val, best_epoch, best_state = val, epoch, _copy_state(model)
         elif epoch - best_epoch >= patience:
             break
     model.load_state_dict(best_state)
-    # both metrics recomputed from the restored weights, so a failed restore cannot go unnoticed
+    flag = "non_finite_loss" if non_finite else "best_epoch_0" if best_epoch == 0 else ""
+    # every metric recomputed from the restored weights, so a failed restore cannot go unnoticed
+    return {**split_metrics(data, predict_scored()), "best_epoch": best_epoch, "n_epochs": epoch, "history": history,
+            "flag": flag}  # fmt: skip
+
+
+def select_lr(
+    checkpoint_dir: Path,
+    data: FinetuneData,
+    lrs: Sequence[float],
+    *,
+    split_seed: int,
+    finetune_seed: int,
+    **finetune_kwargs: Any,
+) -> dict[str, Any]:
+    """Fine-tune at every learning rate of a grid on one split and choose the best on validation.
+
+    Meant for the first split seed; every split seed is then run at the chosen lr. Flagged runs
+    (best epoch 0, non-finite loss) cannot be chosen. Returns {"lr" (None if every run is flagged),
+    "metric", "higher_is_better", "val", "n_flagged", "records"}: one record per lr with its val
+    metrics, best_epoch, n_epochs, flag and wall_s. Test numbers are left out of the records on purpose:
+    the test split is read once, at the chosen lr (making-a-claim.md, "choose on validation").
+    """
+    lrs = sorted(float(lr) for lr in lrs)
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"lrs must be a non-empty list of positive learning rates (got {lrs})")
+    kwargs = {"mode": "finetune", **finetune_kwargs}
+    if kwargs["mode"] != "finetune" or "save_to" in kwargs:
+        raise ValueError("select_lr fine-tunes (mode 'finetune') and saves nothing; save at the chosen lr instead")
+    metric = data.primary_metric
+    records, best = [], None
+    for lr in lrs:
+        row = finetune(checkpoint_dir, data, lr=lr, split_seed=split_seed, finetune_seed=finetune_seed, **kwargs)
+        records.append({"lr": lr, "val": row["val"], "val_metrics": {m: v["val"] for m, v in row["metrics"].items()},
+                        "best_epoch": row["best_epoch"], "n_epochs": row["n_epochs"], "flag": row["flag"],
+                        "wall_s": row["wall_s"]})  # fmt: skip
+        if not row["flag"] and better(metric, row["val"], math.nan if best is None else best["val"]):
+            best = records[-1]  # ties keep the smaller lr
+    n_flagged = sum(bool(r["flag"]) for r in records)
+    if best is None:
+        log.warning("%s: every lr in %s was flagged (%s)", data.name, lrs, [r["flag"] for r in records])
     return {
-        "val": evaluate(val_idx), "test": evaluate(test_idx), "best_epoch": best_epoch, "n_epochs": epoch, "history": history,
-    }
+        "lr": None if best is None else best["lr"], "metric": metric, "higher_is_better": HIGHER_IS_BETTER[metric],
+        "val": math.nan if best is None else best["val"], "n_flagged": n_flagged, "records": records,
+        "split_seed": split_seed, "finetune_seed": finetune_seed,
+    }  # fmt: skip
 
 
 def _label_scale(data: FinetuneData) -> tuple[np.ndarray, np.ndarray]:
@@ -524,7 +659,7 @@ def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, da
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"checkpoint_dir": str(checkpoint_dir), "task": data.name, "seed": str(seed)}
+    metadata = {"checkpoint_dir": str(checkpoint_dir), "task": data.name, "seed": str(seed), "pooling": model.pooling}
     for module, target in ((model.encoder, path), (model.head, head_file(path))):
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}  # clone: no shared storage
         save_file(state, str(target), metadata=metadata)
@@ -533,26 +668,34 @@ def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, da
 
 def finetuning_loss(
     checkpoint_dir: Path, data: FinetuneData, weights: Path, *, n_batches: int, batch_size: int,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", sample_seed: int | None = None,
 ) -> tuple[EncoderWithHead, Any, list[dict[str, torch.Tensor]]]:
     """The fine-tuning loss at the fine-tuned weights, in the form `engine.hessian.spectrum` takes.
 
-    Returns (model, loss_fn, batches): the encoder and head that `finetune(save_to=weights)` saved,
-    `loss_fn(model, batch)` the training objective (`masked_loss` on standardised labels, as in
-    training), and the first `n_batches` training batches in split order that hold a label.
+    Returns (model, loss_fn, batches): the encoder and head that `finetune(save_to=weights)` saved
+    (with the pooling it was trained with), `loss_fn(model, batch)` the training objective
+    (`masked_loss` on standardised labels, as in training), and `n_batches` training batches that
+    hold a label: the first in split order, or with `sample_seed` a random sample of the train rows,
+    so the Hessian does not depend on how the file happens to be sorted.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    with safe_open(str(head_file(Path(weights))), framework="pt") as f:
+        pooling = (f.metadata() or {}).get("pooling", "mean")
     encoder, tokenizer, family = load_encoder(checkpoint_dir)
     encoder.load_state_dict(load_file(str(weights)))
-    model = EncoderWithHead(encoder, family, data.n_outputs)
+    model = EncoderWithHead(encoder, family, data.n_outputs, pooling)
     model.head.load_state_dict(load_file(str(head_file(Path(weights)))))
     model.to(device)
     ids, _ = encode_smiles(tokenizer, data.smiles, family, max_positions(encoder.config))
     mean, std = _label_scale(data)
     targets = torch.from_numpy((data.labels - mean) / std)  # (n, k); NaN stays NaN
+    rows_in_order = data.split[0]
+    if sample_seed is not None:
+        rows_in_order = np.random.default_rng(sample_seed).permutation(rows_in_order)
     batches = []
-    for rows, input_ids, attention_mask in _batches(ids, data.split[0], batch_size, tokenizer.pad_token_id):
+    for rows, input_ids, attention_mask in _batches(ids, rows_in_order, batch_size, tokenizer.pad_token_id):
         if len(batches) == n_batches:
             break
         if not torch.isnan(targets[rows]).all():
@@ -566,17 +709,37 @@ def finetuning_loss(
 
 
 def _probe(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], batch_size: int, pad_id: int,
-           device: torch.device) -> dict[str, Any]:
+           device: torch.device, probe_layer: Literal["last", "best"] | int) -> dict[str, Any]:
+    """A linear probe on pooled hidden states: the last layer, a given one, or each in turn and the best on val."""
     model.requires_grad_(False)
     model.eval()
     rows = np.arange(len(ids))
     with torch.no_grad():
-        features = torch.cat([model.embed(input_ids.to(device), attention_mask.to(device)).float().cpu()
-                              for _, input_ids, attention_mask in _batches(ids, rows, batch_size, pad_id)]).numpy()
-    train = features[data.split[0]]
-    scale = train.std(axis=0)
-    features = (features - train.mean(axis=0)) / np.where(scale > 0, scale, 1.0)  # L2 penalty sees every dimension alike
-    return fit_linear(features.astype(np.float64), data)
+        layers = torch.cat([model.embed_layers(input_ids.to(device), attention_mask.to(device)).float().cpu()
+                            for _, input_ids, attention_mask in _batches(ids, rows, batch_size, pad_id)],
+                           dim=1).numpy()  # (n_layer + 1, n, H)  # fmt: skip
+    n_layers = layers.shape[0]
+    if probe_layer == "last":
+        candidates = [n_layers - 1]
+    elif probe_layer == "best":
+        candidates = list(range(n_layers))
+    elif isinstance(probe_layer, int) and not isinstance(probe_layer, bool) and 0 <= probe_layer < n_layers:
+        candidates = [probe_layer]
+    else:
+        raise ValueError(f"probe_layer must be 'last', 'best' or a layer index 0..{n_layers - 1} (got {probe_layer!r})")
+    best: dict[str, Any] = {"val": math.nan}
+    for layer in candidates:
+        train = layers[layer][data.split[0]]
+        scale = train.std(axis=0)
+        # standardised, so the L2 penalty sees every dimension alike
+        features = (layers[layer] - train.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+        fit = fit_linear(features.astype(np.float64), data)
+        if better(data.primary_metric, fit["val"], best["val"]):
+            best = {**fit, "probe_layer": layer}  # ties keep the lower layer
+    if "probe_layer" not in best:
+        raise ValueError(f"{data.name}: no layer of {candidates} gave a finite validation metric")
+    best["n_layers_probed"] = len(candidates)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,14 +750,15 @@ def fit_linear(features: np.ndarray, data: FinetuneData, l2_grid: Sequence[float
     """L2 logistic regression (classification) or ridge (regression) on features [n, d], penalty chosen on val.
 
     Each label column is fitted on its own labelled train rows; multi-class is one softmax model.
+    Returns {"val", "test" (primary metric), "metrics" (all, val and test), "l2"}.
     """
-    _, val_idx, test_idx = data.split
+    val_idx = data.split[1]
     l2_grid = sorted(l2_grid, reverse=True)  # strongest penalty first: ties keep the simpler model
     best: dict[str, Any] = {"val": math.nan}
     for l2, predictions in zip(l2_grid, _linear_path(features, data, l2_grid)):
         val = task_metric(data, val_idx, predictions[val_idx])
-        if _better(val, best["val"], data.task_type):
-            best = {"val": val, "l2": l2, "test": task_metric(data, test_idx, predictions[test_idx])}
+        if better(data.primary_metric, val, best["val"]):
+            best = {**split_metrics(data, predictions), "l2": l2}
     if "l2" not in best:
         raise ValueError(f"{data.name}: no penalty in {l2_grid} gave a finite validation metric")
     return best
@@ -695,14 +859,19 @@ def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int =
     return out
 
 
-def fingerprint_baseline(data: FinetuneData, *, seed: int, radius: int = 2, n_bits: int = 2048) -> dict[str, Any]:
+def fingerprint_baseline(data: FinetuneData, *, split_seed: int | None = None, radius: int = 2, n_bits: int = 2048,
+                         seed: int | None = None) -> dict[str, Any]:
     """The no-pretraining baseline: the probe's linear model on Morgan fingerprints instead of embeddings.
 
-    The fit is deterministic (L-BFGS from zeros, closed-form ridge); `seed` is only recorded.
+    The fit is deterministic (L-BFGS from zeros, closed-form ridge), so there is no fitting seed;
+    `split_seed` is only recorded (`seed`: its old name, still passed by engine/analyze.py).
     """
+    recorded = split_seed if seed is None else seed
+    if recorded is None or (split_seed is not None and seed is not None):
+        raise TypeError(f"pass split_seed (got split_seed={split_seed}, seed={seed})")
     t0 = time.perf_counter()
     try:
         features = morgan_fingerprints(data.smiles, radius=radius, n_bits=n_bits).astype(np.float64)
     except ValueError as err:
         raise ValueError(f"{data.name}: {err}") from None
-    return _result_row(data, "morgan_fp", fit_linear(features, data), seed, t0)
+    return result_row(data, "morgan_fp", fit_linear(features, data), recorded, t0)

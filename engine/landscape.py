@@ -7,8 +7,11 @@ In reading order:
     surface_1d / surface_2d      loss(θ + α d1 + β d2) on a grid; the weights come back bit-for-bit
     surface_along                the 1-D slice from a checkpoint towards another one
     eps_sharpness                Keskar et al. 2017: worst loss rise in a box scaled by |θ|+1
-    adaptive_sharpness           Kwon et al. 2021 (ASAM): worst-case rise in a ball scaled by |θ|+η
+    relative_sharpness           worst loss rise when each tensor moves by at most ρ times its own norm
+    adaptive_sharpness           Kwon et al. 2021 (ASAM) / Andriushchenko et al. 2023: worst-case rise in
+                                 a ball scaled elementwise by |θ|+η, by one or several projected ascent steps
     parameter_pca                a trajectory or a set of fine-tuned endpoints on its first PCs
+    endpoint_pca                 fine-tuned endpoints of every task and split seed, with the pretrained origin
 
 Every loss is the weighted mean of `loss_fn(model, batch)` over a fixed list of batches
 (default: plain mean), in eval mode so dropout does not blur the surface. Pure torch + numpy:
@@ -18,6 +21,7 @@ no ray, no rdkit, so it runs standalone next to engine/hessian.py.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,6 +50,17 @@ def _named_trainable(
     return {name: named[name] for name in wanted}
 
 
+def _filters_in_columns(model: torch.nn.Module) -> set[str]:
+    """Names of weights stored (in, out), whose filters are columns: GPT-2's `transformers.pytorch_utils.Conv1D`.
+
+    Found without importing transformers: if its pytorch_utils was never imported, no Conv1D exists.
+    """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if conv1d is None:
+        return set()
+    return {f"{prefix}.weight" if prefix else "weight" for prefix, m in model.named_modules() if isinstance(m, conv1d)}
+
+
 def filter_normalized_direction(
     model: torch.nn.Module,
     *,
@@ -57,24 +72,33 @@ def filter_normalized_direction(
 
     Li et al. 2018 ("Visualizing the Loss Landscape of Neural Nets", §4) rescale per filter so
     that slices are comparable across networks whose weights differ in scale; without it, a
-    net with bigger weights looks flatter. A filter is a slice along dim 0: an output row of a
-    Linear, an output channel of a Conv, a token row of an Embedding. 1-D parameters (biases,
-    norm gains) get a zero direction, as in their `ignore="biasbn"` setting; `include_1d=True`
-    instead treats each as a single filter.
+    net with bigger weights looks flatter. A filter is one output unit's weights: a row (dim 0)
+    of a Linear, an output channel of a Conv, a token row of an Embedding, and a COLUMN of a
+    GPT-2 `Conv1D`, which stores its weight as (in, out). Conv1D noise is drawn in (out, in)
+    layout and transposed, so a GPT-2 block and the same block written with nn.Linear get the
+    same direction (transposed) from the same seed. 1-D parameters (biases, norm gains) get a
+    zero direction, as in their `ignore="biasbn"` setting; `include_1d=True` instead treats each
+    as a single filter.
     Drawn on the CPU in float64 from `seed`, so the same seed gives the same direction anywhere.
     """
     generator = torch.Generator().manual_seed(seed)
+    columns = _filters_in_columns(model)
     direction: Direction = {}
     for name, p in _named_trainable(model, param_names).items():
+        w = p.detach().to(device="cpu", dtype=torch.float64)
+        if name in columns:
+            w = w.T  # (out, in): one filter per row, as for nn.Linear
         # drawn even when zeroed, so a tensor's direction does not depend on include_1d
-        d = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        d = torch.randn(w.shape, generator=generator, dtype=torch.float64)
         if p.dim() <= 1 and not include_1d:
             d.zero_()
         else:
-            n_filters = p.shape[0] if p.dim() > 1 else 1
+            n_filters = w.shape[0] if w.dim() > 1 else 1
             d_rows = d.view(n_filters, -1)  # (n_filters, filter size), a view: scaled in place
-            w_rows = p.detach().to(device="cpu", dtype=torch.float64).reshape(n_filters, -1)
+            w_rows = w.reshape(n_filters, -1)
             d_rows.mul_(w_rows.norm(dim=1, keepdim=True) / (d_rows.norm(dim=1, keepdim=True) + 1e-10))
+        if name in columns:
+            d = d.T.contiguous()  # back to the stored (in, out)
         direction[name] = d.to(device=p.device, dtype=p.dtype)
     return direction
 
@@ -335,14 +359,15 @@ def _ascent(
     params: Mapping[str, torch.nn.Parameter],
     scale: Mapping[str, torch.Tensor],
     radius: float,
-    norm: Literal["box", "ball"],
+    norm: Literal["box", "ball", "tensor_ball"],
     n_steps: int,
     step_size: float,
     start: Mapping[str, torch.Tensor] | None,
     generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
     """Projected gradient ascent on u, with the offset z = scale ⊙ u and u in the radius-ball
-    of `norm` (box: ℓ∞, ball: ℓ2). Returns (loss at θ, the largest loss seen, θ included).
+    of `norm` (box: ℓ∞, ball: ℓ2, tensor_ball: an ℓ2 ball of that radius for each tensor, the
+    step normalised per tensor). Returns (loss at θ, the largest loss seen, θ included).
     Where the ℓ2 gradient vanishes (θ exactly stationary) the step takes a random direction
     from `generator` instead, since the first-order worst case is then undefined.
 
@@ -361,6 +386,14 @@ def _ascent(
             g_u = {n: scale[n] * grad[n] for n in u}  # gradient with respect to u
             if norm == "box":
                 u = {n: (u[n] + step_size * radius * g_u[n].sign()).clamp(-radius, radius) for n in u}
+            elif norm == "tensor_ball":
+                for n in u:
+                    g_norm = float(g_u[n].norm())
+                    if g_norm > 0:
+                        u[n] = u[n] + step_size * radius * g_u[n] / g_norm
+                    u_norm = float(u[n].norm())
+                    if u_norm > radius:
+                        u[n] = u[n] * (radius / u_norm)
             else:
                 g_norm = float(torch.sqrt(sum((g**2).sum() for g in g_u.values())))
                 if g_norm == 0:
@@ -426,6 +459,46 @@ def eps_sharpness(
     return (worst - loss0) / (1 + loss0)
 
 
+def relative_sharpness(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    *,
+    rho: float = 0.05,
+    n_steps: int = 10,
+    step_size: float | None = None,
+    seed: int = 0,
+    param_names: Iterable[str] | None = None,
+    weights: Sequence[float] | None = None,
+) -> float:
+    """max L(θ + z) - L(θ) over offsets with ||z_T||₂ <= ρ ||θ_T||₂ for every parameter tensor T.
+
+    The radius of each tensor is relative to that tensor's own norm, so the neighbourhood does not
+    grow with the parameter count the way an absolute (|θ|+1)-box or one global ℓ2 ball does: a
+    bigger model is perturbed by the same fraction of every weight matrix, not by more in total.
+    Solved by `n_steps` of projected ascent, each tensor stepping step_size·ρ along its own
+    normalised gradient (default step_size 0.5, as `adaptive_sharpness`), from a seeded start at
+    half the radius.
+    A lower bound on the true max and >= 0 (θ itself is a candidate); the absolute loss rise.
+    """
+    if rho <= 0 or n_steps < 1:
+        raise ValueError(f"need rho > 0 and n_steps >= 1, got rho={rho}, n_steps={n_steps}")
+    batches = list(batches)
+    w = _normalised_weights(weights, len(batches))
+    params = _named_trainable(model, param_names)
+    scale = {n: torch.full_like(p, float(p.detach().double().norm()), dtype=torch.float64) for n, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    start = {}
+    for n, p in params.items():
+        r = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device)
+        start[n] = r * (0.5 * rho / max(float(r.norm()), 1e-300))
+    loss0, worst = _ascent(
+        model, loss_fn, batches, w, params, scale, rho, "tensor_ball", n_steps,
+        0.5 if step_size is None else step_size, start,
+    )
+    return worst - loss0
+
+
 def adaptive_sharpness(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -434,27 +507,39 @@ def adaptive_sharpness(
     rho: float = 0.5,
     eta: float = 0.01,
     n_steps: int = 1,
+    step_size: float | None = None,
+    norm: Literal["ball", "box"] = "ball",
     seed: int = 0,
     param_names: Iterable[str] | None = None,
     weights: Sequence[float] | None = None,
 ) -> float:
-    """Adaptive sharpness (Kwon et al. 2021, ASAM): max over ||T⁻¹ z||₂ <= ρ of L(θ+z) - L(θ).
+    """Adaptive sharpness: max over ||T⁻¹ z||_p <= ρ of L(θ+z) - L(θ), T = diag(|θ| + η).
 
-    T = diag(|θ| + η) makes the measure invariant to the rescalings that leave a ReLU net's
-    function unchanged (Dinh et al. 2017 showed plain sharpness is not). The default is ASAM's
-    first-order worst case z* = ρ T² ∇L / ||T ∇L||, evaluated (n_steps=1; more steps continue
-    with projected ascent). ρ=0.5 and η=0.01 are ASAM's CIFAR settings. `seed` only matters at
-    an exactly stationary θ (∇L = 0), where the step takes a seeded random direction instead.
+    T makes the measure invariant to the rescalings that leave a ReLU net's function unchanged
+    (Dinh et al. 2017 showed plain sharpness is not). n_steps=1 (the default) is ASAM's
+    first-order worst case z* = ρ T² ∇L / ||T ∇L|| (Kwon et al. 2021; ρ=0.5 and η=0.01 are their
+    CIFAR settings), evaluated. n_steps > 1 is the adaptive worst-case sharpness of Andriushchenko
+    et al. 2023 ("A modern look at the relationship between sharpness and generalization"): a few
+    projected gradient-ascent steps in the same elementwise-|θ|-scaled ball (eta=0 is exactly
+    their scaling; norm "box" their ℓ∞ variant), each of step_size·ρ in u = T⁻¹z (default 1 for
+    one step, 0.5 for more: on a curved loss 20 steps of 0.5ρ came within 1e-6 of the exact
+    maximum in tests/test_landscape.py, 20 of 0.1ρ only within 1.5%; they use Auto-PGD's
+    adaptive steps instead), the largest loss met along the way kept. `seed` only matters
+    at an exactly stationary θ (∇L = 0), where a step takes a seeded random direction instead.
     Returns the absolute loss rise, >= 0 since θ itself is a candidate.
     """
     if rho <= 0 or eta < 0 or n_steps < 1:
         raise ValueError(f"need rho > 0, eta >= 0, n_steps >= 1, got rho={rho}, eta={eta}, n_steps={n_steps}")
+    if norm not in ("ball", "box"):
+        raise ValueError(f"norm={norm!r}, expected 'ball' or 'box'")
     batches = list(batches)
     w = _normalised_weights(weights, len(batches))
     params = _named_trainable(model, param_names)
     scale = {n: p.detach().double().abs() + eta for n, p in params.items()}
+    if step_size is None:
+        step_size = 1.0 if n_steps == 1 else 0.5
     loss0, worst = _ascent(
-        model, loss_fn, batches, w, params, scale, rho, "ball", n_steps, 1.0, start=None,
+        model, loss_fn, batches, w, params, scale, rho, norm, n_steps, step_size, start=None,
         generator=torch.Generator().manual_seed(seed),
     )
     return worst - loss0
@@ -536,3 +621,39 @@ def parameter_pca(
         n_params=n_params,
         param_names=[] if names == [""] else names,
     )
+
+
+def endpoint_pca(
+    origin: Mapping[str, torch.Tensor],
+    endpoints: Sequence[Mapping[str, torch.Tensor]],
+    labels: Sequence[Mapping[str, Any]],
+    *,
+    n_components: int = 2,
+    param_names: Iterable[str] | None = None,
+) -> ParameterPCA:
+    """PCA of fine-tuned endpoints (every task x split seed) together with the pretrained weights they start from.
+
+    With the origin in the same map and several seeds per task, a task's direction (where its
+    seeds go, together, away from the origin) can be told from seed scatter (how far they land
+    from each other). `labels` are one mapping per endpoint (e.g. {"task": "bbbp", "split_seed": 0}),
+    copied into its record; the origin's record comes first with origin=True. Each record also
+    has `distance_from_origin`, ||θ_i - θ_0||₂ over the parameters used (the origin's is 0).
+    Entries only some points have (task heads, an LM head) are left out, as in `parameter_pca`.
+    """
+    if len(labels) != len(endpoints) or not endpoints:
+        raise ValueError(f"need one label per endpoint and at least one endpoint (got {len(labels)} labels for "
+                         f"{len(endpoints)} endpoints)")  # fmt: skip
+    pca = parameter_pca([origin, *endpoints], labels=list(range(len(endpoints) + 1)), n_components=n_components,
+                        param_names=param_names)  # fmt: skip
+    names = pca.param_names or [""]
+    start = _as_float_arrays(origin)
+    records = []
+    for i, record in enumerate(pca.records):
+        point = start if i == 0 else _as_float_arrays(endpoints[i - 1])
+        distance = 0.0 if i == 0 else float(np.sqrt(sum(
+            float(((point[k].detach().double().cpu() - start[k].detach().double().cpu()) ** 2).sum()) for k in names)))
+        extra = {"origin": True} if i == 0 else {"origin": False, **labels[i - 1]}
+        records.append({**extra, **{k: v for k, v in record.items() if k != "label"},
+                        "distance_from_origin": distance})  # fmt: skip
+    return ParameterPCA(records=records, explained_variance_ratio=pca.explained_variance_ratio,
+                        n_params=pca.n_params, param_names=pca.param_names)  # fmt: skip

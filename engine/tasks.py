@@ -1,4 +1,4 @@
-"""Downstream tasks: the MoleculeNet registry, loading with checks, and scaffold / random splits.
+"""Downstream tasks: the MoleculeNet registry, loading with checks, and scaffold / DeepChem / random splits.
 
 `TASKS` names every benchmark a sweep can fine-tune on. A MoleculeNet file is found in a local
 folder (`data_dir`, else `CLMSCALE_DATA_DIR`), else in the user cache, else downloaded from the
@@ -7,7 +7,10 @@ hard-coded here, because many circulating copies have been edited (see shared/da
 The demo tasks read the files shipped under data/ and need nothing else.
 
 `load_task` turns a task into `TaskData` (SMILES RDKit can parse, float32 labels with NaN for
-missing), and `split_task` cuts it into train / val / test and checks each part can be scored.
+missing), and `split_task` cuts it into train / val / test and checks each part can be scored:
+"scaffold" (chemprop's balanced split, seeded: for split variance), "deepchem" (DeepChem's
+deterministic ScaffoldSplitter: the split of the published MoleculeNet tables) or "random".
+`split_records` lists which molecule went where, to be written beside the results.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import CustomTask, DownstreamConfig
 from engine.files import sha256_stream
+from engine.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,10 @@ class Task:
     """One downstream benchmark: where its table is, which columns matter and how it is scored.
 
     metric "roc_auc" is the mean ROC-AUC over label columns (one-vs-rest macro for multi-class);
-    "rmse" is the root-mean-square error in the label's own units.
+    "rmse" is the root-mean-square error in the label's own units. Every task is scored by all the
+    metrics of its type (`metrics`: ROC-AUC and PRC-AUC, or RMSE and MAE); `primary_metric` is the
+    one that selects epochs, penalties and learning rates on validation and heads the report
+    (default: `metric`).
     """
 
     name: str
@@ -78,10 +85,16 @@ class Task:
     path: Path | None = None  # shipped demo data and custom tasks
     sha256_variants: tuple[str, ...] = ()  # the same table with other line endings or header case
     notes: str = ""
+    primary_metric: Literal["roc_auc", "prc_auc", "rmse", "mae"] | None = None  # None: `metric`
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_columns", tuple(self.label_columns))
         where = f"task {self.name!r}"
+        if self.primary_metric is None:
+            object.__setattr__(self, "primary_metric", self.metric)
+        if self.primary_metric not in METRICS.get(self.task_type, ()):
+            raise ValueError(f"{where}: primary_metric must be one of {METRICS.get(self.task_type)} for "
+                             f"{self.task_type} (got {self.primary_metric!r})")  # fmt: skip
         if not self.label_columns or len(set(self.label_columns)) != len(self.label_columns):
             raise ValueError(f"{where}: label_columns must be non-empty and distinct (got {self.label_columns})")
         if self.task_type == "classification":
@@ -103,6 +116,10 @@ class Task:
     @property
     def n_labels(self) -> int:
         return len(self.label_columns)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return METRICS[self.task_type]
 
 
 def _moleculenet(name: str, file: str, sha256: str, smiles: str, labels: Sequence[str], **kw) -> Task:
@@ -169,7 +186,10 @@ _REGISTRY = (
     ),
     _moleculenet(
         "hiv", "HIV.csv", "b72f0cf00cd1f45ae5c415f21aef10e69187e30dd24029ddb345fbca35b0d798", "smiles",
-        ["HIV_active"], notes="41127 rows, about 3.5% active; `activity` (CI/CM/CA) is the source of the label.",
+        ["HIV_active"], primary_metric="prc_auc",
+        notes="41127 rows, about 3.5% active; `activity` (CI/CM/CA) is the source of the label. Primary metric "
+        "PRC-AUC for its sparse actives (issue 15); MoleculeNet's own table recommends ROC-AUC for HIV, so "
+        "compare published numbers on the roc_auc rows.",
     ),
     _moleculenet(
         "esol", "delaney-processed.csv", "8c06a76f0c6487d29ab0f903e6a7a7139f189ab3c1178f159c8be8964602f189",
@@ -188,9 +208,9 @@ _REGISTRY = (
     ),
     _moleculenet(
         "muv", "muv.csv.gz", "feac9a780cb5f2e5e1c51e6ba61491a524da544ca1d6e4b542f9ad358fe0527b", "smiles",
-        MUV_LABELS,
-        notes="optional and large: 93127 rows, 17 very sparse assays (about 30 actives each). MoleculeNet "
-        "reports PRC-AUC for MUV; we keep ROC-AUC like the other classification tasks.",
+        MUV_LABELS, primary_metric="prc_auc",
+        notes="optional and large: 93127 rows, 17 very sparse assays (about 30 actives each); primary metric "
+        "PRC-AUC, as in MoleculeNet.",
     ),
     Task(
         name="freesolv_demo", file="freesolv.csv", path=SHIPPED_DIR / "freesolv.csv",
@@ -396,6 +416,10 @@ class TaskData:
         return self.task.metric
 
     @property
+    def primary_metric(self) -> str:
+        return self.task.primary_metric or self.task.metric  # set in Task.__post_init__; `or` for the type checker
+
+    @property
     def n_invalid(self) -> int:
         return len(self.invalid)
 
@@ -576,7 +600,7 @@ def scaffold(smiles: str) -> str:
     return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False)
 
 
-def scaffold_split(
+def balanced_scaffold_split(
     smiles: Sequence[str], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
 ) -> Split:
     """Scaffold split, chemprop's "balanced" variant: no Bemis-Murcko scaffold spans two parts.
@@ -594,7 +618,7 @@ def scaffold_split(
         try:
             groups.setdefault(scaffold(s), []).append(i)
         except ValueError as err:
-            raise ValueError(f"scaffold_split: molecule {i}: {err}") from None
+            raise ValueError(f"balanced_scaffold_split: molecule {i}: {err}") from None
     n = len(smiles)
     n_train, n_val, n_test = (f * n for f in fractions)
     big = [g for g in groups.values() if len(g) > n_val / 2 or len(g) > n_test / 2]
@@ -614,7 +638,49 @@ def scaffold_split(
     return Split(*(np.sort(np.asarray(part, dtype=np.int64)) for part in (train, val, test)))
 
 
-def random_split(n: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> Split:
+def deepchem_scaffold_split(smiles: Sequence[str], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Split:
+    """DeepChem's ScaffoldSplitter, exactly: the deterministic split of the published MoleculeNet tables.
+
+    As `deepchem/splits/splitters.py` (ScaffoldSplitter.split and generate_scaffolds, DeepChem 2.x):
+    rows RDKit cannot parse belong to no part and are not counted in n; molecules are grouped by
+    `MurckoScaffoldSmiles(mol=mol, includeChirality=False)` ('' for acyclic ones); the groups are
+    sorted by `(len(group), group[0])` with reverse=True, i.e. largest first and, between groups of
+    equal size, the one whose first molecule comes LATER in the input first; then each group goes to
+    train if len(train) + len(group) <= frac_train * n, else to valid if len(train) + len(valid) +
+    len(group) <= (frac_train + frac_valid) * n, else to test. There is no stop: a later, smaller
+    group can still go to train after a bigger one went to test. A fraction may be 0 (DeepChem's
+    train_test_split passes frac_valid=0). The input order matters, so pass SMILES in file order.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1 (got {tuple(fractions)})")
+    groups: dict[str, list[int]] = {}
+    n = 0
+    with rdBase.BlockLogs():
+        for i, s in enumerate(smiles):
+            mol = Chem.MolFromSmiles(s)
+            if mol is None:
+                continue  # DeepChem: "the splitter skips processing the datapoint"; MoleculeNet drops it at load
+            n += 1
+            groups.setdefault(MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False), []).append(i)
+    ordered = sorted(groups.values(), key=lambda group: (len(group), group[0]), reverse=True)
+    train_cutoff = fractions[0] * n  # the same float expressions as DeepChem, so cut-offs agree to the last bit
+    valid_cutoff = (fractions[0] + fractions[1]) * n
+    train: list[int] = []
+    valid: list[int] = []
+    test: list[int] = []
+    for group in ordered:
+        if len(train) + len(group) > train_cutoff:
+            if len(train) + len(valid) + len(group) > valid_cutoff:
+                test += group
+            else:
+                valid += group
+        else:
+            train += group
+    return Split(*(np.sort(np.asarray(part, dtype=np.int64)) for part in (train, valid, test)))
+
+
+def random_task_split(n: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> Split:
+    """n molecules in a seeded random order, cut at round(frac * n)."""
     _check_fractions(fractions)
     order = np.random.default_rng(seed).permutation(n)
     n_train, n_val = round(fractions[0] * n), round(fractions[1] * n)
@@ -627,21 +693,44 @@ def _check_fractions(fractions: Sequence[float]) -> None:
         raise ValueError(f"split fractions must be three positive numbers summing to 1 (got {tuple(fractions)})")
 
 
+SPLIT_METHODS = ("scaffold", "deepchem", "random")
+
+
 def split_task(
     data: TaskData,
-    method: Literal["scaffold", "random"] = "scaffold",
+    method: Literal["scaffold", "deepchem", "random"] = "scaffold",
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
 ) -> Split:
-    """Split a loaded task and check that every part can be trained on or scored."""
+    """Split a loaded task and check that every part can be trained on or scored.
+
+    "scaffold": `balanced_scaffold_split` (seeded); "deepchem": `deepchem_scaffold_split`
+    (deterministic: `seed` changes nothing, so only fine-tuning seeds vary); "random": `random_task_split`.
+    """
     if method == "scaffold":
-        split = scaffold_split(data.smiles, fractions, seed)
+        split = balanced_scaffold_split(data.smiles, fractions, seed)
+    elif method == "deepchem":
+        _check_fractions(fractions)  # every part must be scored here, so no zero fraction
+        split = deepchem_scaffold_split(data.smiles, fractions)
     elif method == "random":
-        split = random_split(len(data), fractions, seed)
+        split = random_task_split(len(data), fractions, seed)
     else:
-        raise ValueError(f"unknown split method {method!r}; expected 'scaffold' or 'random'")
+        raise ValueError(f"unknown split method {method!r}; expected one of {', '.join(map(repr, SPLIT_METHODS))}")
     check_split(data, split, method, seed)
     return split
+
+
+def split_records(data: TaskData, split: Split, method: str, seed: int) -> pd.DataFrame:
+    """One row per molecule of a split (task, split, split_seed, row in the file, smiles, part), to be written
+    beside the results so a reader can see, reuse or reproduce exactly which molecules were tested on."""
+    parts = np.full(len(data), "", dtype=object)
+    for part, index in split._asdict().items():
+        parts[index] = part
+    kept = parts != ""
+    return pd.DataFrame({
+        "task": data.name, "split": method, "split_seed": seed, "row": data.rows[kept],
+        "smiles": np.asarray(data.smiles, dtype=object)[kept], "part": parts[kept],
+    })  # fmt: skip
 
 
 def check_split(data: TaskData, split: Split, method: str, seed: int) -> None:

@@ -17,12 +17,13 @@ from engine.finetune import (
     FinetuneData,
     finetune,
     fingerprint_baseline,
+    finetuning_loss,
     masked_loss,
-    mean_roc_auc,
+    metric_rows,
     pool,
-    rmse,
-    roc_auc,
+    select_lr,
 )
+from engine.metrics import mae, mean_prc_auc, mean_roc_auc, prc_auc, rmse, roc_auc
 from engine.tokenizer import build_tokenizer
 from fits._blas import one_blas_thread
 
@@ -30,7 +31,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 VOCAB_SIZE = 64  # room for the ~40 tokens of both files
 # tiny models learn in a few epochs at this lr; cpu even on a GPU box, as CUDA's embedding backward
 # is not bitwise deterministic
-FAST = dict(patience=3, lr=2e-3, batch_size=32, seed=0, device="cpu")
+FAST = dict(patience=3, lr=2e-3, batch_size=32, split_seed=0, finetune_seed=0, device="cpu")
 
 
 def _valid(df: pd.DataFrame) -> pd.DataFrame:
@@ -145,6 +146,25 @@ def test_mean_roc_auc_skips_nan_and_single_class_columns():
     assert mean_roc_auc(y, probs, n_classes=3) == pytest.approx(1.0)
 
 
+def test_prc_auc_is_average_precision_and_masks_like_roc_auc():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        y = rng.integers(0, 2, size=30)
+        scores = rng.permutation(30).astype(float)  # distinct scores: AP = mean precision at each positive
+        order = np.argsort(-scores)
+        hits = np.cumsum(y[order])
+        brute = np.mean([hits[k] / (k + 1) for k in range(30) if y[order][k] == 1])
+        assert prc_auc(y, scores) == pytest.approx(brute, abs=1e-12)
+    assert math.isnan(prc_auc(np.zeros(5), np.arange(5.0))) and math.isnan(prc_auc(np.ones(5), np.arange(5.0)))
+    labels = np.array([[0, 1, np.nan], [1, 1, 0], [1, 1, np.nan], [0, 1, 1]], dtype=np.float32)
+    scores = np.array([[0.1, 0.3, 9.0], [0.9, 0.2, 0.0], [0.8, 0.1, 9.0], [0.2, 0.4, 1.0]])
+    assert mean_prc_auc(labels, scores) == pytest.approx(1.0)  # as mean_roc_auc: column 1 skipped, NaN rows dropped
+    y = np.array([0, 1, 2, 1, np.nan], dtype=np.float32)[:, None]
+    assert mean_prc_auc(y, np.eye(3)[[0, 1, 2, 1, 0]] * 0.8 + 0.1, n_classes=3) == pytest.approx(1.0)
+    mean_absolute = mae(np.array([[1.0, np.nan], [3.0, 2.0]]), np.array([[2.0, 9.0], [1.0, 2.5]]))
+    assert mean_absolute == pytest.approx((1.5 + 0.5) / 2)
+
+
 def test_masked_loss_ignores_nan_labels():
     labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("nan"), 0.0]])
     missing = torch.isnan(labels)
@@ -167,11 +187,15 @@ def test_masked_loss_ignores_nan_labels():
     assert masked_loss(logits, y, "classification", n_classes=3).item() == pytest.approx(expected.item())
 
 
-def test_pool_takes_cls_for_mlm_and_last_real_token_for_clm():
+def test_pool_mean_over_real_tokens_cls_and_last_real_token():
     hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # (B, T, H)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    assert pool(hidden, mask, "mlm").flatten().tolist() == [0.0, 4.0]
-    assert pool(hidden, mask, "clm").flatten().tolist() == [2.0, 7.0]
+    assert pool(hidden, mask, "mean").flatten().tolist() == [1.0, 5.5]  # (0+1+2)/3: the pad (3.0) is left out
+    assert pool(hidden, mask).flatten().tolist() == [1.0, 5.5]  # mean is the default
+    assert pool(hidden, mask, "cls").flatten().tolist() == [0.0, 4.0]
+    assert pool(hidden, mask, "last").flatten().tolist() == [2.0, 7.0]
+    with pytest.raises(ValueError, match="pooling must be one of 'mean', 'cls', 'last'"):
+        pool(hidden, mask, "max")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,11 +218,100 @@ def test_regression_finetune_and_probe_beat_the_mean(mlm_checkpoint, heavy_atoms
     assert any(not torch.equal(saved[k], pretrained[k]) for k in saved)
 
 
+def test_results_carry_every_metric_and_the_primary_one_selects(mlm_checkpoint, heavy_atoms, sol_class):
+    tuned = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=2, **FAST)
+    assert set(tuned["metrics"]) == {"rmse", "mae"} and tuned["metric"] == "rmse" and not tuned["higher_is_better"]
+    assert tuned["test"] == tuned["metrics"]["rmse"]["test"] and tuned["val"] == tuned["metrics"]["rmse"]["val"]
+    rows = metric_rows(tuned)
+    assert [(r["metric"], r["primary"], r["higher_is_better"]) for r in rows] == [("rmse", True, False),
+                                                                                  ("mae", False, False)]
+    assert rows[1]["value"] == tuned["metrics"]["mae"]["test"]
+    assert (tuned["split_seed"], tuned["finetune_seed"], tuned["seed"], tuned["pooling"]) == (0, 0, 0, "mean")
+    assert tuned["lr"] == FAST["lr"] and tuned["lr_schedule"] == "linear" and tuned["warmup_fraction"] == 0.1
+    by_prc = FinetuneData(sol_class.smiles, sol_class.labels, "classification", sol_class.split, n_classes=3,
+                          name="sol_class", primary_metric="prc_auc")  # fmt: skip
+    probed = finetune(mlm_checkpoint, by_prc, mode="probe", epochs=1, **FAST)
+    assert probed["metric"] == "prc_auc" and probed["higher_is_better"]
+    assert set(probed["metrics"]) == {"roc_auc", "prc_auc"}
+    assert probed["test"] == probed["metrics"]["prc_auc"]["test"]
+    with pytest.raises(ValueError, match=r"one of \('rmse', 'mae'\) for regression \(got 'roc_auc'\)"):
+        FinetuneData(heavy_atoms.smiles, heavy_atoms.labels, "regression", heavy_atoms.split, primary_metric="roc_auc")
+
+
+def test_the_old_single_seed_sets_both_and_one_of_them_is_not_enough(mlm_checkpoint, heavy_atoms):
+    kwargs = {k: v for k, v in FAST.items() if k not in ("split_seed", "finetune_seed")}
+    old = finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **kwargs, seed=3)  # as analyze.py calls it
+    assert (old["split_seed"], old["finetune_seed"], old["seed"]) == (3, 3, 3)
+    with pytest.raises(TypeError, match="pass split_seed and finetune_seed"):
+        finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **kwargs, split_seed=3)
+    assert fingerprint_baseline(heavy_atoms, seed=2, n_bits=64)["split_seed"] == 2
+
+
+def test_warmup_then_linear_decay(mlm_checkpoint, heavy_atoms):
+    # 96 train molecules in batches of 32: 3 steps an epoch, 12 in all, the first 6 warming up
+    result = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=4, **{**FAST, "patience": 10},
+                      warmup_fraction=0.5)  # fmt: skip
+    lrs = [h["lr"] / FAST["lr"] for h in result["history"][1:]]
+    assert lrs == pytest.approx([0.5, 1.0, 0.5, 0.0])  # after steps 3, 6, 9 and 12
+    constant = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=4, **{**FAST, "patience": 10},
+                        warmup_fraction=0.5, lr_schedule="constant")  # fmt: skip
+    assert [h["lr"] / FAST["lr"] for h in constant["history"][1:]] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+
+
+def test_flags_for_a_diverging_run_and_an_untrained_one(mlm_checkpoint, heavy_atoms):
+    diverged = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=3, **{**FAST, "lr": 1e30})
+    assert diverged["flag"] == "non_finite_loss" and diverged["best_epoch"] == 0
+    assert not math.isfinite(diverged["history"][-1]["train_loss"])
+    assert diverged["val"] == pytest.approx(diverged["history"][0]["val"], rel=1e-6)  # the epoch-0 weights came back
+    assert math.isfinite(diverged["test"])
+    frozen = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=2, **{**FAST, "lr": 1e-30})  # moves nothing
+    assert frozen["flag"] == "best_epoch_0" and frozen["best_epoch"] == 0
+    assert finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=2, **FAST)["flag"] == ""
+
+
+def test_lr_grid_picks_the_rate_that_converges(mlm_checkpoint, heavy_atoms):
+    """Planted: in 4 epochs 1e-6 barely moves, 1e30 blows up, and only 3e-3 learns the heavy-atom count."""
+    kwargs = {k: v for k, v in FAST.items() if k not in ("lr", "split_seed", "finetune_seed")}
+    chosen = select_lr(mlm_checkpoint, heavy_atoms, [1e30, 3e-3, 1e-6], split_seed=0, finetune_seed=0, epochs=4,
+                       **{**kwargs, "patience": 4})  # fmt: skip
+    assert chosen["lr"] == 3e-3 and chosen["metric"] == "rmse" and chosen["n_flagged"] >= 1
+    records = {r["lr"]: r for r in chosen["records"]}
+    assert list(records) == [1e-6, 3e-3, 1e30]  # ascending
+    assert records[1e30]["flag"] == "non_finite_loss" and records[3e-3]["flag"] == ""
+    assert records[3e-3]["val"] < 0.8 * records[1e-6]["val"], records  # converged vs not
+    assert chosen["val"] == records[3e-3]["val"] and set(records[3e-3]["val_metrics"]) == {"rmse", "mae"}
+    assert all("test" not in r for r in records.values())  # chosen on val; test is read once, at the chosen lr
+    nothing = select_lr(mlm_checkpoint, heavy_atoms, [1e30], split_seed=0, finetune_seed=0, epochs=2, **kwargs)
+    assert nothing["lr"] is None and nothing["n_flagged"] == 1 and math.isnan(nothing["val"])
+
+
+def test_probe_layers_and_pooling_options(mlm_checkpoint, clm_checkpoint, heavy_atoms, tmp_path):
+    last = finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **FAST)
+    best = finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **FAST, probe_layer="best")
+    assert last["probe_layer"] == 2 and last["n_layers_probed"] == 1  # 2 layers: 0 is the embedding output
+    assert best["n_layers_probed"] == 3 and 0 <= best["probe_layer"] <= 2 and best["val"] <= last["val"]
+    fixed = finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **FAST, probe_layer=best["probe_layer"])
+    assert fixed["val"] == pytest.approx(best["val"]) and fixed["test"] == pytest.approx(best["test"])
+    cls = finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **FAST, pooling="cls")
+    assert cls["pooling"] == "cls" and cls["val"] != last["val"]
+    with pytest.raises(ValueError, match="probe_layer must be 'last', 'best' or a layer index 0..2"):
+        finetune(mlm_checkpoint, heavy_atoms, mode="probe", epochs=1, **FAST, probe_layer=3)
+    with pytest.raises(ValueError, match="pooling 'cls' reads the first token"):
+        finetune(clm_checkpoint, heavy_atoms, mode="probe", epochs=1, **FAST, pooling="cls")
+    # the Hessian's model is rebuilt with the pooling it was fine-tuned with
+    saved = tmp_path / "last.safetensors"
+    finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=1, **FAST, pooling="last", save_to=saved)
+    model, loss_fn, batches = finetuning_loss(mlm_checkpoint, heavy_atoms, saved, n_batches=2, batch_size=16)
+    assert model.pooling == "last" and len(batches) == 2 and math.isfinite(loss_fn(model, batches[0]).detach().item())
+    _, _, sampled = finetuning_loss(mlm_checkpoint, heavy_atoms, saved, n_batches=2, batch_size=16, sample_seed=0)
+    assert not torch.equal(sampled[0]["labels"], batches[0]["labels"])  # a random sample of train, not its head
+
+
 def test_finetune_is_deterministic_per_seed(mlm_checkpoint, heavy_atoms):
     kwargs = dict(FAST, epochs=1)
     first = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **kwargs)
     again = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **kwargs)
-    other = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **{**kwargs, "seed": 1})
+    other = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **{**kwargs, "finetune_seed": 1})
     assert first["history"] == again["history"] and first["test"] == again["test"]
     assert other["history"] != first["history"]
 
@@ -228,7 +341,7 @@ def test_multitask_with_missing_labels(mlm_checkpoint, solubility):
     labels[np.random.default_rng(0).random(labels.shape) < 0.3] = np.nan  # Tox21-style sparse labels
     data = FinetuneData(list(sub.smiles), labels, "classification", _random_split(150, 2), name="multitask")
     tuned = finetune(mlm_checkpoint, data, mode="finetune", epochs=2, **FAST)
-    fp = fingerprint_baseline(data, seed=0, n_bits=128)
+    fp = fingerprint_baseline(data, split_seed=0, n_bits=128)
     for result in (tuned, fp):
         assert 0.0 <= result["test"] <= 1.0
     assert fp["mode"] == "morgan_fp" and fp.keys() == tuned.keys()
@@ -249,7 +362,7 @@ def test_fingerprint_baseline_beats_the_mean_on_solubility(solubility):
     sub = solubility.sample(600, random_state=3).reset_index(drop=True)
     split = _random_split(600, 3, (0.8, 0.1, 0.1))
     data = FinetuneData(list(sub.smiles), sub.sol.to_numpy(np.float32), "regression", split, name="solubility")
-    result = fingerprint_baseline(data, seed=0, n_bits=1024)
+    result = fingerprint_baseline(data, split_seed=0, n_bits=1024)
     assert result["mode"] == "morgan_fp" and result["metric"] == "rmse"
     assert result["test"] < 0.75 * _mean_predictor_rmse(data), result  # log S tracks structure closely
 

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from engine.landscape import (
     adaptive_sharpness,
     direction_between,
+    endpoint_pca,
     eps_sharpness,
     filter_normalized_direction,
-        parameter_pca,
+    parameter_pca,
+    relative_sharpness,
     surface_1d,
     surface_2d,
     surface_along,
@@ -94,6 +96,44 @@ def test_filter_normalisation_matches_each_filter_norm_of_the_weights():
     again, other = filter_normalized_direction(model, seed=0), filter_normalized_direction(model, seed=1)
     assert all(torch.equal(d[n], again[n]) for n in d)
     assert not torch.equal(d["conv.weight"], other["conv.weight"])
+
+
+class LinearMLP(torch.nn.Module):
+    """GPT-2's MLP written with nn.Linear: the same function as GPT2MLP when each weight is transposed."""
+
+    def __init__(self, d_model: int, d_inner: int):
+        super().__init__()
+        self.c_fc, self.c_proj = torch.nn.Linear(d_model, d_inner), torch.nn.Linear(d_inner, d_model)
+
+    def forward(self, x):
+        return self.c_proj(torch.nn.functional.gelu(self.c_fc(x), approximate="tanh"))
+
+
+def test_filter_normalisation_takes_columns_of_gpt2_conv1d_weights():
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    torch.manual_seed(0)
+    gpt2 = GPT2MLP(24, GPT2Config(n_embd=6, activation_function="gelu_new", resid_pdrop=0.0)).double()
+    linear = LinearMLP(6, 24).double()
+    with torch.no_grad():
+        for name in ("c_fc", "c_proj"):
+            getattr(linear, name).weight.copy_(getattr(gpt2, name).weight.T)  # Conv1D stores (in, out)
+            getattr(linear, name).bias.copy_(getattr(gpt2, name).bias)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(gpt2(x), linear(x))  # the same function
+    d_gpt2 = filter_normalized_direction(gpt2, seed=3)
+    d_linear = filter_normalized_direction(linear, seed=3)
+    for name in ("c_fc.weight", "c_proj.weight"):
+        torch.testing.assert_close(d_gpt2[name], d_linear[name].T, rtol=1e-12, atol=0)  # the same, to round-off
+        w = dict(gpt2.named_parameters())[name].detach()
+        np.testing.assert_allclose(d_gpt2[name].norm(dim=0), w.norm(dim=0), rtol=1e-9)  # per output unit: columns
+        assert not np.allclose(d_gpt2[name].norm(dim=1), w.norm(dim=1), rtol=1e-3)  # not rows
+    for scale in (0.3, 1.0):  # so every slice is too
+        pairs = ((gpt2, d_gpt2), (linear, d_linear))
+        moved = [{n: p + scale * d[n] for n, p in m.named_parameters()} for m, d in pairs]
+        outputs = [torch.func.functional_call(m, w, (x,)) for m, w in zip((gpt2, linear), moved)]
+        torch.testing.assert_close(outputs[0], outputs[1])
 
 
 def test_direction_between_uses_shared_names_and_checks_shapes():
@@ -238,6 +278,60 @@ def test_adaptive_sharpness_matches_asam_first_order_worst_case():
     assert value == adaptive_sharpness(at_minimum, quadratic_loss, [None], rho=rho, eta=eta, seed=3)
 
 
+class TwoTensors(torch.nn.Module):
+    """L = c_a/2 ||a - a*||² + c_b/2 ||b - b*||²: two tensors of different norm and curvature."""
+
+    def __init__(self, a, b, a_star, b_star, c_a, c_b):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+        self.a_star, self.b_star, self.c_a, self.c_b = a_star, b_star, c_a, c_b
+
+    def forward(self, _batch):
+        a_part = 0.5 * self.c_a * ((self.a - self.a_star) ** 2).sum()
+        return a_part + 0.5 * self.c_b * ((self.b - self.b_star) ** 2).sum()
+
+
+def test_relative_sharpness_moves_each_tensor_by_rho_times_its_norm():
+    rho = 0.05
+    a, b = torch.full((4,), 2.0, dtype=torch.float64), torch.full((9,), 0.5, dtype=torch.float64)
+    model = TwoTensors(a, b, a, b, c_a=1.0, c_b=10.0)  # at the minimum
+    value = relative_sharpness(model, quadratic_loss, [None], rho=rho, n_steps=10, seed=0)
+    # each tensor ends on its own sphere ||z_T|| = ρ ||θ_T||: the rise is Σ c_T/2 ρ² ||θ_T||²
+    expected = 0.5 * 1.0 * (rho * float(a.norm())) ** 2 + 0.5 * 10.0 * (rho * float(b.norm())) ** 2
+    assert value == pytest.approx(expected, rel=1e-9)
+    assert torch.equal(model.a.detach(), a) and torch.equal(model.b.detach(), b)
+    # one global ball of radius ρ ||θ|| would put all of it into the stiffer tensor instead
+    global_ball = 0.5 * 10.0 * rho**2 * (float(a.norm()) ** 2 + float(b.norm()) ** 2)
+    assert value < global_ball
+    # the radius scales with the weights: doubling them (and the optimum) quadruples a quadratic's rise
+    doubled = TwoTensors(2 * a, 2 * b, 2 * a, 2 * b, c_a=1.0, c_b=10.0)
+    assert relative_sharpness(doubled, quadratic_loss, [None], rho=rho) == pytest.approx(4 * expected, rel=1e-9)
+    net = relative_sharpness(make_convnet(), ce_loss, make_batches(), rho=0.01, n_steps=3, seed=0)
+    assert net >= 0 and net == relative_sharpness(make_convnet(), ce_loss, make_batches(), rho=0.01, n_steps=3, seed=0)
+
+
+def test_multi_step_adaptive_sharpness_finds_the_worst_case_one_step_misses():
+    rho, c = 0.1, 4.0
+    theta = torch.tensor([1.0, 3.0], dtype=torch.float64)  # |θ| differs, so the ball is an ellipse
+    optimum = theta - torch.tensor([0.2, 0.05], dtype=torch.float64)  # δ = θ - θ*
+    delta = theta - optimum
+    scale = theta.abs()  # eta = 0: Andriushchenko et al.'s elementwise |w|
+    # the exact max over the ellipse boundary z = ρ T (cos φ, sin φ), by a fine grid
+    phi = np.linspace(0, 2 * np.pi, 200_001)
+    z = rho * scale.numpy()[:, None] * np.stack([np.cos(phi), np.sin(phi)])
+    exact = float((0.5 * c * ((delta.numpy()[:, None] + z) ** 2).sum(0)).max() - 0.5 * c * float((delta**2).sum()))
+
+    loss = lambda m, b: 0.5 * c * ((m.theta - optimum) ** 2).sum()  # noqa: E731
+    one_step = adaptive_sharpness(Quadratic(c, theta), loss, [None], rho=rho, eta=0.0)
+    many = adaptive_sharpness(Quadratic(c, theta), loss, [None], rho=rho, eta=0.0, n_steps=20)
+    assert one_step < exact * (1 - 1e-3)  # ASAM's first-order step is not the maximiser of a curved loss
+    assert many == pytest.approx(exact, rel=1e-5) and many > one_step
+    box = adaptive_sharpness(Quadratic(c, theta), loss, [None], rho=rho, eta=0.0, n_steps=5, norm="box")
+    # ℓ∞: the corner z_i = ρ |θ_i| sign(δ_i)
+    corner = 0.5 * c * float(((delta.abs() + rho * scale) ** 2).sum()) - 0.5 * c * float((delta**2).sum())
+    assert box == pytest.approx(corner, rel=1e-9)
+
+
 class TwoLayerLinear(torch.nn.Module):
     """f(x) = Σ_i a_i b_i x_i: rescaling a_i -> s_i a_i, b_i -> b_i / s_i leaves f unchanged."""
 
@@ -307,3 +401,29 @@ def test_pca_errors_name_the_values():
         parameter_pca([np.zeros(3), np.ones(3)], labels=["x"])
     with pytest.raises(ValueError, match="all 2 points are identical over 3 parameters"):
         parameter_pca([np.ones(3), np.ones(3)])
+
+
+def test_endpoint_pca_puts_the_origin_in_and_tells_tasks_from_seed_scatter():
+    g = torch.Generator().manual_seed(4)
+    origin = {"body.weight": torch.randn(6, 5, generator=g, dtype=torch.float64), "lm_head.weight": torch.zeros(3)}
+    task_dirs = {t: torch.randn(6, 5, generator=g, dtype=torch.float64) for t in ("bbbp", "esol")}
+    endpoints, labels = [], []
+    for task, d in task_dirs.items():
+        for seed in (0, 1, 2):
+            noise = 0.05 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+            endpoints.append({"body.weight": origin["body.weight"] + d + noise, f"{task}_head.weight": torch.ones(2)})
+            labels.append({"task": task, "split_seed": seed})
+    pca = endpoint_pca(origin, endpoints, labels)
+    assert pca.param_names == ["body.weight"] and pca.n_params == 30  # heads and the LM head left out
+    first, rest = pca.records[0], pca.records[1:]
+    assert first["origin"] and first["distance_from_origin"] == 0.0 and "task" not in first
+    assert [(r["task"], r["split_seed"]) for r in rest] == [(lab["task"], lab["split_seed"]) for lab in labels]
+    for r, e in zip(rest, endpoints):
+        assert r["distance_from_origin"] == pytest.approx(float((e["body.weight"] - origin["body.weight"]).norm()))
+    xy = {i: np.array([r["pc1"], r["pc2"]]) for i, r in enumerate(pca.records)}
+    within = max(np.linalg.norm(xy[i] - xy[j]) for i in (1, 2, 3) for j in (1, 2, 3))
+    between = min(np.linalg.norm(xy[i] - xy[j]) for i in (1, 2, 3) for j in (4, 5, 6))
+    assert between > 10 * within  # two task directions, not six scattered seeds
+    assert min(np.linalg.norm(xy[0] - xy[i]) for i in range(1, 7)) > 10 * within  # and both away from the origin
+    with pytest.raises(ValueError, match="one label per endpoint"):
+        endpoint_pca(origin, endpoints, labels[:-1])

@@ -19,13 +19,15 @@ from engine.tasks import (
     ChecksumError,
     Split,
     TaskError,
+    balanced_scaffold_split,
     check_split,
+    deepchem_scaffold_split,
     load_task,
-    random_split,
+    random_task_split,
     resolve_task_file,
     scaffold,
-    scaffold_split,
     sha256_decompressed,
+    split_records,
     split_task,
     tasks_from_config,
 )
@@ -65,6 +67,12 @@ def test_registry_names_and_shapes():
             assert task.url == f"https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/{task.file}"
         assert len(task.sha256) == 64
         assert task.metric == ("roc_auc" if task.task_type == "classification" else "rmse")
+        assert task.primary_metric in task.metrics
+    primary = {name: task.primary_metric for name, task in TASKS.items()}
+    assert {name for name, m in primary.items() if m == "prc_auc"} == {"muv", "hiv"}  # sparse actives
+    assert {name for name, m in primary.items() if m == "rmse"} == {
+        name for name, task in TASKS.items() if task.task_type == "regression"}  # MoleculeNet: RMSE for these
+    assert TASKS["bbbp"].metrics == ("roc_auc", "prc_auc") and TASKS["esol"].metrics == ("rmse", "mae")
     assert TASKS["esol"].label_columns == ("measured log solubility in mols per litre",)
     assert TASKS["solubility_class"].n_classes == 3  # binary tasks: None, as engine.finetune expects
     assert {t.n_classes for name, t in TASKS.items() if name != "solubility_class"} == {None}
@@ -351,7 +359,7 @@ def test_scaffold_split_keeps_scaffolds_apart_and_meets_fractions(solubility):
     n = len(smiles)
     scaffolds = np.array([scaffold(s) for s in smiles])
     sizes = {s: int((scaffolds == s).sum()) for s in set(scaffolds)}
-    splits = {seed: scaffold_split(smiles, (0.8, 0.1, 0.1), seed=seed) for seed in (0, 1)}
+    splits = {seed: balanced_scaffold_split(smiles, (0.8, 0.1, 0.1), seed=seed) for seed in (0, 1)}
     for split in splits.values():
         assert np.array_equal(np.sort(np.concatenate(split)), np.arange(n))
         parts = [set(scaffolds[idx]) for idx in split]
@@ -361,18 +369,90 @@ def test_scaffold_split_keeps_scaffolds_apart_and_meets_fractions(solubility):
         assert 0 <= 0.1 * n - len(split.val) < min(sizes[s] for s in parts[2])
         assert len(split.test) - 0.1 * n < 2 * max(sizes[s] for s in parts[1] | parts[2])
         assert "" in parts[0]  # the biggest group (acyclic molecules) goes to train
-    assert all(np.array_equal(a, b) for a, b in zip(scaffold_split(smiles, seed=0), splits[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(balanced_scaffold_split(smiles, seed=0), splits[0]))
     assert not np.array_equal(splits[0].test, splits[1].test)
 
 
 def test_random_split():
-    split = random_split(101, (0.8, 0.1, 0.1), seed=0)
+    split = random_task_split(101, (0.8, 0.1, 0.1), seed=0)
     assert [len(p) for p in split] == [81, 10, 10]
     assert np.array_equal(np.sort(np.concatenate(split)), np.arange(101))
-    assert np.array_equal(random_split(101, seed=5).val, random_split(101, seed=5).val)
-    assert not np.array_equal(random_split(101, seed=5).val, random_split(101, seed=6).val)
+    assert np.array_equal(random_task_split(101, seed=5).val, random_task_split(101, seed=5).val)
+    assert not np.array_equal(random_task_split(101, seed=5).val, random_task_split(101, seed=6).val)
     with pytest.raises(ValueError, match=r"summing to 1 \(got \(0\.8, 0\.1, 0\.2\)\)"):
-        random_split(10, (0.8, 0.1, 0.2))
+        random_task_split(10, (0.8, 0.1, 0.2))
+
+
+# (index: scaffold) checked by hand; groups '' {0,2,6}, benzene {1,4}, cyclohexane {3,7}, piperidine {5},
+# pyridine {8,9}; index 10 does not parse
+HAND_CHECKED = ["CCO", "c1ccccc1O", "CCN", "C1CCCCC1", "c1ccccc1N", "C1CCNCC1", "CC(C)C", "OC1CCCCC1", "c1ccncc1",
+                "Cc1ccncc1", "C1CC("]  # fmt: skip
+
+
+def test_deepchem_scaffold_split_on_a_hand_checked_example():
+    # n = 10 (the unparsable row is not counted); cut-offs 0.6 * 10 = 6 and (0.6 + 0.2) * 10 = 8.
+    # Order: '' (3), then the three pairs by first index DESCENDING (DeepChem sorts (size, first) with
+    # reverse=True): pyridine (8), cyclohexane (3), benzene (1); then piperidine (5).
+    # '' -> train (3); pyridine -> train (5); cyclohexane: 7 > 6, 5 + 0 + 2 <= 8 -> valid;
+    # benzene: 7 > 6, 5 + 2 + 2 > 8 -> test; piperidine: 5 + 1 <= 6 -> train, after a group went to test.
+    split = deepchem_scaffold_split(HAND_CHECKED, (0.6, 0.2, 0.2))
+    assert split.train.tolist() == [0, 2, 5, 6, 8, 9]
+    assert split.val.tolist() == [3, 7]
+    assert split.test.tolist() == [1, 4]  # ascending ties would have put pyridine {8, 9} here instead
+    # the example in DeepChem's ScaffoldSplitter docstring: train_test_split (frac_valid=0) keeps these 5 in train
+    docstring = ["CC(C)Cl", "CCC(C)CO", "CCCCCCCO", "CCCCCCCC(=O)OC", "c3ccc2nc1ccccc1cc2c3", "Nc2cccc3nc1ccccc1cc23",
+                 "C1CCCCCC1"]  # fmt: skip
+    train, val, test = deepchem_scaffold_split(docstring, (0.8, 0.0, 0.2))
+    assert [docstring[i] for i in train] == ["CC(C)Cl", "CCC(C)CO", "CCCCCCCO", "CCCCCCCC(=O)OC", "C1CCCCCC1"]
+    assert val.size == 0 and test.tolist() == [4, 5]
+    with pytest.raises(ValueError, match=r"non-negative numbers summing to 1 \(got \(0\.8, 0\.3, -0\.1\)\)"):
+        deepchem_scaffold_split(docstring, (0.8, 0.3, -0.1))
+
+
+def test_deepchem_scaffold_split_is_deterministic_and_wired_into_split_task(solubility):
+    by_method = {seed: split_task(solubility, "deepchem", (0.8, 0.1, 0.1), seed=seed) for seed in (0, 1)}
+    assert all(np.array_equal(a, b) for a, b in zip(by_method[0], by_method[1]))  # the seed changes nothing
+    direct = deepchem_scaffold_split(solubility.smiles)
+    assert all(np.array_equal(a, b) for a, b in zip(by_method[0], direct))
+    scaffolds = np.array([scaffold(s) for s in solubility.smiles])
+    parts = [set(scaffolds[idx]) for idx in direct]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    n = len(solubility)
+    assert len(direct.train) <= 0.8 * n and len(direct.train) + len(direct.val) <= 0.9 * n
+    sizes = {s: int((scaffolds == s).sum()) for s in set(scaffolds)}
+    biggest = sorted(sizes, key=lambda s: sizes[s], reverse=True)[:3]
+    assert all(s in parts[0] for s in biggest)  # largest groups first, so they fill train
+    with pytest.raises(ValueError, match="positive numbers summing to 1"):
+        split_task(solubility, "deepchem", (0.9, 0.0, 0.1))  # a part with nothing cannot be scored
+    with pytest.raises(ValueError, match=r"unknown split method 'butina'; expected one of 'scaffold', 'deepchem'"):
+        split_task(solubility, "butina")
+
+
+@needs_moleculenet
+def test_deepchem_scaffold_split_gives_bbbps_published_sizes():
+    """BBBP: 2039 molecules RDKit parses (of 2050 rows). Its scaffold split has 1631 / 204 / 204 molecules, the
+    sizes commonly reported for it: DeepChem's cut-offs 0.8 * 2039 = 1631.2 and 0.9 * 2039 = 1835.1, filled to
+    the molecule because 763 of BBBP's 1025 scaffolds are singletons, which come last."""
+    bbbp = moleculenet("bbbp", None)
+    split = split_task(bbbp, "deepchem")
+    assert [len(p) for p in split] == [1631, 204, 204]
+    scaffolds = [scaffold(s) for s in bbbp.smiles]
+    train = {scaffolds[i] for i in split.train}
+    assert "c1ccccc1" in train and "" in train  # the two biggest groups (137 and 99 molecules)
+    test_sizes = [scaffolds.count(scaffolds[i]) for i in split.test]
+    assert max(test_sizes) <= min(scaffolds.count(scaffolds[i]) for i in split.train)  # test gets the smallest
+
+
+def test_split_records_name_every_molecule_once(solubility):
+    split = split_task(solubility, "scaffold", seed=3)
+    table = split_records(solubility, split, "scaffold", 3)
+    assert len(table) == len(solubility) and table["row"].is_unique
+    assert table.groupby("part").size().to_dict() == {"train": len(split.train), "val": len(split.val),
+                                                      "test": len(split.test)}  # fmt: skip
+    first_test = split.test[0]
+    row = table[table["row"] == solubility.rows[first_test]].iloc[0]
+    assert (row["smiles"], row["part"], row["split_seed"], row["task"]) == (solubility.smiles[first_test], "test", 3,
+                                                                            "solubility")  # fmt: skip
 
 
 def test_split_task_on_the_demo_tasks(solubility):
