@@ -131,32 +131,57 @@ def sound_checkpoints(rd: RunDir, counted: pd.DataFrame, selected: pd.DataFrame,
 
 
 def plan_jobs(ctx: Context, checkpoints: pd.DataFrame) -> list[Job]:
-    """Every job of the analysis, in order: per checkpoint its fine-tuning, Hessian and landscape jobs,
-    then the baselines."""
-    jobs: list[Job] = []
+    """Every job of the analysis, in order: each task's splits and characteristics, per checkpoint its
+    learning-rate search, fine-tuning, Hessian and landscape jobs, then the baselines."""
+    jobs: list[Job] = list(_task_jobs(ctx))
     for row in checkpoints.to_dict("records"):
         ck = CheckpointRef.of(row)
         identity = {k: row[k] for k in IDENTITY} | {"pretrain_val_loss": row["val_loss"]}
         for kind in (_finetune_jobs, _hessian_jobs, _landscape_jobs):
             jobs += kind(ctx, ck, identity)
-    if ctx.cfg.downstream.baselines:
-        jobs += _baseline_jobs(ctx, checkpoints)
+    jobs += _baseline_jobs(ctx, checkpoints)
     return jobs
+
+
+def _task_jobs(ctx: Context) -> Iterator[Job]:
+    """Per task: every split used, written out (which molecules were tested on), and its characteristics."""
+    ds = ctx.cfg.downstream
+    for task in ds.tasks:
+        for split_seed in ds.seeds:
+            yield _job("splits", splits_job, {}, task=task, split_seed=split_seed)
+        yield _job("tasks", task_characteristics_job, {}, task=task)
+
+
+def _lr_search(ctx: Context, ck: CheckpointRef, identity: dict, task: str, mode: str) -> list[Job]:
+    """One fine-tuning run per learning rate on the first split and fine-tuning seed (no test numbers):
+    the grid spreads over the cluster, and `_chosen_lr` picks from its rows on validation."""
+    return [_job("lr_search", lr_search_job, identity, ck=ck, task=task, mode=mode, lr=lr)
+            for lr in ctx.cfg.downstream.lrs]
+
+
+def _searched(jobs: list[Job]) -> tuple:
+    return tuple((j.table, j.key) for j in jobs)
 
 
 def _finetune_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator[Job]:
     ds = ctx.cfg.downstream
     for task in ds.tasks:  # custom tasks run when listed here by name, like registry tasks
+        search = _lr_search(ctx, ck, identity, task, "finetune") if "finetune" in ds.modes else []
+        yield from search
         for split_seed in ds.seeds:
-            for mode in ds.modes:
-                save = mode == "finetune" and split_seed == ds.seeds[0]  # the weights later jobs read
-                yield _job("finetune", finetune_job, identity, ck=ck, task=task, split_seed=split_seed, mode=mode,
-                           save=save)
+            for finetune_seed in ds.finetune_seeds:
+                for mode in ds.modes:
+                    # the weights later jobs read: every split seed's, at the first fine-tuning seed
+                    save = mode == "finetune" and finetune_seed == ds.finetune_seeds[0]
+                    yield _job("finetune", finetune_job, identity, _searched(search) if mode == "finetune" else (),
+                               ck=ck, task=task, split_seed=split_seed, finetune_seed=finetune_seed, mode=mode,
+                               save=save)
 
 
-def _after_finetune(ctx: Context, ck: CheckpointRef, task: str) -> tuple:
-    """The fine-tuning job whose saved weights a job reads."""
-    return (("finetune", (ck.path, task, ctx.cfg.downstream.seeds[0], "finetune")),)
+def _first_finetune(ctx: Context, ck: CheckpointRef, task: str) -> tuple:
+    """The fine-tuning job whose saved weights (first split and fine-tuning seed) a job reads."""
+    ds = ctx.cfg.downstream
+    return (("finetune", (ck.path, task, ds.seeds[0], ds.finetune_seeds[0], "finetune")),)
 
 
 def _tuned_tasks(ctx: Context) -> list[str]:
@@ -169,8 +194,12 @@ def _hessian_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator[J
     if an.hessian_top_k == 0:
         return
     yield _job("hessian", hessian_job, identity, workers=an.hessian_workers, ck=ck, loss="pretrain")
+    for task in ctx.cfg.downstream.tasks if an.hessian_pretrained_task else []:
+        # the task loss at the pretrained weights: measurable before any fine-tuning, so a candidate proxy
+        yield _job("hessian", hessian_job, identity, workers=an.hessian_workers, ck=ck,
+                   loss=f"pretrained_task:{task}")
     for task in _tuned_tasks(ctx) if an.hessian_finetune else []:
-        yield _job("hessian", hessian_job, identity, _after_finetune(ctx, ck, task), an.hessian_workers, ck=ck,
+        yield _job("hessian", hessian_job, identity, _first_finetune(ctx, ck, task), an.hessian_workers, ck=ck,
                    loss=f"finetune:{task}")
 
 
@@ -179,80 +208,165 @@ def _landscape_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator
         return
     yield _job("landscape", landscape_job, identity, ck=ck, surface="random_directions")
     for task in _tuned_tasks(ctx):
-        yield _job("landscape", pt_to_ft_job, identity, _after_finetune(ctx, ck, task), ck=ck,
+        yield _job("landscape", pt_to_ft_job, identity, _first_finetune(ctx, ck, task), ck=ck,
                    surface=f"pt_to_ft:{task}", task=task)
 
 
 def _baseline_jobs(ctx: Context, checkpoints: pd.DataFrame) -> Iterator[Job]:
-    """Random-init fine-tuning once per rung (the architecture of its largest checkpoint, tokens = 0),
-    and Morgan fingerprints once per task and seed (no checkpoint, no scale)."""
+    """Random-init fine-tuning once per rung (the architecture of its largest checkpoint, tokens = 0,
+    with its own learning-rate search), and the feature baselines once per task and seed (no
+    checkpoint, no scale): Morgan + linear (deterministic: one fitting seed), and the random forests."""
     ds = ctx.cfg.downstream
-    per_rung = checkpoints.sort_values("tokens").groupby("rung", sort=False).tail(1)
-    for row in per_rung.to_dict("records"):
-        ck = CheckpointRef.of(row)
-        identity = {k: row[k] for k in IDENTITY} | {"tokens": 0, "flops": 0.0, "pretrain_val_loss": np.nan}
+    if "random_init" in ds.baselines:
+        per_rung = checkpoints.sort_values("tokens").groupby("rung", sort=False).tail(1)
+        for row in per_rung.to_dict("records"):
+            ck = CheckpointRef.of(row)
+            identity = {k: row[k] for k in IDENTITY} | {"tokens": 0, "flops": 0.0, "pretrain_val_loss": np.nan}
+            for task in ds.tasks:
+                search = _lr_search(ctx, ck, identity, task, "random_init")
+                yield from search
+                for split_seed in ds.seeds:
+                    for finetune_seed in ds.finetune_seeds:
+                        yield _job("finetune", finetune_job, identity, _searched(search), ck=ck, task=task,
+                                   split_seed=split_seed, finetune_seed=finetune_seed, mode="random_init", save=False)
+    no_scale = {k: np.nan for k in IDENTITY} | {"checkpoint": "", "trial_id": "", "rung": "", "pretrain_val_loss": np.nan}
+    for mode in [b for b in ds.baselines if b != "random_init"]:
         for task in ds.tasks:
             for split_seed in ds.seeds:
-                yield _job("finetune", finetune_job, identity, ck=ck, task=task, split_seed=split_seed,
-                           mode="random_init", save=False)
-    no_scale = {k: np.nan for k in IDENTITY} | {"checkpoint": "", "trial_id": "", "rung": "", "pretrain_val_loss": np.nan}
-    for task in ds.tasks:
-        for split_seed in ds.seeds:
-            yield _job("finetune", fingerprint_job, no_scale, task=task, split_seed=split_seed, mode="morgan_fp")
+                for finetune_seed in ds.finetune_seeds if mode != "morgan_fp" else ds.finetune_seeds[:1]:
+                    yield _job("finetune", feature_baseline_job, no_scale, task=task, split_seed=split_seed,
+                               finetune_seed=finetune_seed, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------
 # the jobs: plain functions of the context, returning rows (they run in Ray tasks, or directly in tests)
 
 
-def finetune_job(ctx: Context, ck: CheckpointRef, task: str, split_seed: int, mode: str, save: bool) -> list[dict]:
+def _finetune_settings(ctx: Context) -> dict[str, Any]:
+    """The fine-tuning protocol of the sweep file, as finetune() keywords."""
+    ds = ctx.cfg.downstream
+    return {"epochs": ds.epochs, "patience": ds.patience, "batch_size": ds.batch_size, "pooling": ds.pooling,
+            "warmup_fraction": ds.warmup_fraction, "lr_schedule": ds.lr_schedule, "weight_decay": ds.weight_decay}
+
+
+def lr_search_job(ctx: Context, ck: CheckpointRef, task: str, mode: str, lr: float) -> list[dict]:
+    from engine import finetune
+
+    ds = ctx.cfg.downstream
+    data = _task_split(ctx, task, ds.seeds[0])
+    result = finetune.finetune(ctx.rd.path(ck.path), data, mode="finetune", lr=lr, split_seed=ds.seeds[0],
+                               finetune_seed=ds.finetune_seeds[0], random_init=mode == "random_init",
+                               **_finetune_settings(ctx))
+    # the validation metric only: the test split is read once, at the chosen learning rate
+    return [{"split_seed": ds.seeds[0], "finetune_seed": ds.finetune_seeds[0], "metric": result["metric"],
+             "higher_is_better": result["higher_is_better"], "val_value": result["val"], "flag": result["flag"],
+             "best_epoch": result["best_epoch"], "n_epochs": result["n_epochs"], "wall_time_s": result["wall_s"]}]
+
+
+def chosen_lr(search: pd.DataFrame, grid: list[float]) -> float:
+    """The learning rate whose unflagged run scored best on validation (ties: the smaller one).
+
+    `search`: the lr_search rows of one (checkpoint, task, mode). Raises when every run failed or was
+    flagged (best epoch 0: the lr never improved on the untrained head; or a non-finite loss)."""
+    ok = search[(search["status"] == "ok") & (search["flag"].fillna("") == "") & search["lr"].isin(grid)]
+    ok = ok[np.isfinite(ok["val_value"].to_numpy(float))]
+    if ok.empty:
+        flags = dict(zip(search["lr"], search["flag"].fillna("").where(search["status"] == "ok", search["error"])))
+        raise ValueError(f"no learning rate of {grid} gave a usable run on the first split ({flags})")
+    higher = bool(ok["higher_is_better"].iloc[0])
+    return float(ok.sort_values(["val_value", "lr"], ascending=[not higher, True])["lr"].iloc[0])
+
+
+def finetune_job(ctx: Context, ck: CheckpointRef, task: str, split_seed: int, finetune_seed: int, mode: str,
+                 save: bool) -> list[dict]:
     from engine import finetune
 
     ds = ctx.cfg.downstream
     data = _task_split(ctx, task, split_seed)
+    settings = _finetune_settings(ctx)
+    if mode == "probe":
+        settings["probe_layer"] = ds.probe_layer
+        lr = ds.lrs[0]  # unused by the probe, which fits a linear model with its own penalty search
+    else:
+        search = ctx.rd.read_table("lr_search")
+        lr = chosen_lr(search[(search["checkpoint"] == ck.path) & (search["task"] == task) & (search["mode"] == mode)],
+                       ds.lrs)
     result = finetune.finetune(
-        ctx.rd.path(ck.path), data, mode="probe" if mode == "probe" else "finetune", epochs=ds.epochs,
-        patience=ds.patience, lr=ds.lr, batch_size=ds.batch_size, seed=split_seed, random_init=mode == "random_init",
-        save_to=ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task) if save else None,
+        ctx.rd.path(ck.path), data, mode="probe" if mode == "probe" else "finetune", lr=lr, split_seed=split_seed,
+        finetune_seed=finetune_seed, random_init=mode == "random_init",
+        save_to=ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, split_seed) if save else None, **settings,
     )
-    return [_finetune_row(ctx, task, split_seed, mode, result)]
+    return _finetune_rows(ctx, data, mode, result)
 
 
-def fingerprint_job(ctx: Context, task: str, split_seed: int, mode: str) -> list[dict]:
-    from engine import finetune
+def feature_baseline_job(ctx: Context, task: str, split_seed: int, finetune_seed: int, mode: str) -> list[dict]:
+    from engine import baselines, finetune
 
     data = _task_split(ctx, task, split_seed)
-    return [_finetune_row(ctx, task, split_seed, mode, finetune.fingerprint_baseline(data, seed=split_seed))]
+    if mode == "morgan_fp":
+        result = finetune.fingerprint_baseline(data, split_seed=split_seed)
+    else:
+        result = baselines.random_forest_baseline(data, features=mode.removesuffix("_rf"), split_seed=split_seed,
+                                                  seed=finetune_seed, n_trees=ctx.cfg.downstream.n_trees)
+    return _finetune_rows(ctx, data, mode, {**result, "finetune_seed": finetune_seed})
 
 
 def _task_split(ctx: Context, task: str, split_seed: int):
-    from engine import tasks
     from engine.finetune import FinetuneData
+
+    loaded, split = _loaded_split(ctx, task, split_seed)
+    return FinetuneData(
+        smiles=list(loaded.smiles), labels=loaded.labels,
+        task_type=loaded.task_type,  # type: ignore[arg-type]  # the registry and CustomTask allow only the two
+        n_classes=loaded.n_classes, split=split, name=loaded.name, primary_metric=loaded.primary_metric,
+    )
+
+
+def _loaded_split(ctx: Context, task: str, split_seed: int):
+    from engine import tasks
 
     ds = ctx.cfg.downstream
     spec = next((c for c in ds.custom if c.name == task), task)
     loaded = tasks.load_task(spec, data_dir=ctx.data_dir or ds.data_dir, max_molecules=ds.max_molecules)
-    split = tasks.split_task(loaded, ds.split, ds.split_fractions, seed=split_seed)
-    return FinetuneData(
-        smiles=list(loaded.smiles), labels=loaded.labels,
-        task_type=loaded.task_type,  # type: ignore[arg-type]  # the registry and CustomTask allow only the two
-        n_classes=loaded.n_classes, split=split, name=loaded.name,
-    )
+    return loaded, tasks.split_task(loaded, ds.split, ds.split_fractions, seed=split_seed)
 
 
-def _finetune_row(ctx: Context, task: str, split_seed: int, mode: str, result: dict) -> dict:
-    return {
-        "task": task,
-        "split": ctx.cfg.downstream.split,
-        "split_seed": split_seed,
-        "mode": mode,
-        "metric": result["metric"],
-        "higher_is_better": result["metric"] == "roc_auc",
-        "value": result["test"],
-        "val_value": result["val"],
-        "best_epoch": result["best_epoch"],
-        "wall_time_s": result["wall_s"],
-    }
+def _finetune_rows(ctx: Context, data, mode: str, result: dict) -> list[dict]:
+    """One row per metric (the task's primary one marked), with the protocol that produced it."""
+    from engine.finetune import metric_rows
+
+    train = data.labels[data.split[0]]
+    label_sd = float(np.nanmean(np.nanstd(train, axis=0, ddof=1))) if data.task_type == "regression" else np.nan
+    common = {"task": data.name, "split": ctx.cfg.downstream.split, "split_seed": result["split_seed"],
+              "finetune_seed": result.get("finetune_seed"), "mode": mode, "label_sd": label_sd,
+              "task_val_loss": result.get("val_loss", np.nan), "lr": result.get("lr"), "flag": result.get("flag", ""),
+              "best_epoch": result.get("best_epoch"), "n_epochs": result.get("n_epochs"),
+              "pooling": result.get("pooling"), "probe_layer": result.get("probe_layer"),
+              "unk_fraction": result.get("unk_fraction"), "wall_time_s": result["wall_s"]}
+    return [{**common, **row} for row in metric_rows(result)]
+
+
+def splits_job(ctx: Context, task: str, split_seed: int) -> list[dict]:
+    from engine import tasks
+
+    loaded, split = _loaded_split(ctx, task, split_seed)
+    return tasks.split_records(loaded, split, ctx.cfg.downstream.split, split_seed).to_dict("records")
+
+
+def task_characteristics_job(ctx: Context, task: str) -> list[dict]:
+    """Size, type, label balance or spread, scaffold diversity, and the nearest-neighbour ECFP4 Tanimoto of
+    each task molecule to a seeded sample of the pretraining corpus (in chunks, as the reducer expects)."""
+    from engine import data, taskstats
+
+    loaded, _ = _loaded_split(ctx, task, ctx.cfg.downstream.seeds[0])
+    record = taskstats.task_characteristics(loaded)
+    corpus = taskstats.sample_corpus(data.read_smiles(ctx.rd.shard_paths("train")), ctx.cfg.analysis.corpus_sample,
+                                     seed=0)
+    chunks = [corpus[i : i + 2_000] for i in range(0, len(corpus), 2_000)]
+    nearest = taskstats.combine_nearest_neighbours([taskstats.nearest_neighbour_chunk(loaded.smiles, c) for c in chunks])
+    distance = taskstats.corpus_distance(nearest, similar_at=0.4)
+    distance["fraction_nn_unrelated"] = distance.pop("fraction_nn_tanimoto_below_0.4")
+    return [{**record, **distance, "n_corpus_sample": len(corpus)}]
 
 
 def _pretrained(ctx: Context, ck: CheckpointRef, device: str = "cpu"):
@@ -275,34 +389,70 @@ def pretraining_loss(model, batch) -> Any:
     return model(**model_inputs(batch, model.config)).loss
 
 
-def hessian_problem(ctx: Context, ck: CheckpointRef, loss: str,
-                    device: str = "cpu") -> tuple[Any, Callable, list, Callable[[Any], float]]:
-    """(model, loss_fn, batches, count_fn) for the Hessian of `loss`: "pretrain" or "finetune:<task>".
+@dataclass(frozen=True)
+class HessianProblem:
+    """What `engine.hessian.spectrum` takes for one loss at one point."""
 
-    pretrain: the pretraining loss on fixed validation batches. finetune:<task>: the fine-tuning loss
-    at the weights fine-tuned on the task's first split seed, on the first training batches.
-    `count_fn(batch)` is what the batch's mean loss divides by (labelled tokens; labelled entries), so
-    the loss over several batches is the same per-token mean pretraining and fine-tuning minimise.
+    model: Any
+    loss_fn: Callable
+    batches: list
+    count_fn: Callable[[Any], float]  # what the batch's mean loss divides by: the objective's weighting
+    param_names: list[str] | None = None  # None: every trainable parameter
+
+
+def hessian_problem(ctx: Context, ck: CheckpointRef, loss: str, device: str = "cpu") -> HessianProblem:
+    """The Hessian of `loss`: "pretrain", "finetune:<task>" or "pretrained_task:<task>".
+
+    pretrain: the pretraining loss on the trial's fixed validation batches, weighted by labelled tokens.
+    finetune:<task>: the fine-tuning loss at the weights fine-tuned on the task's first split seed, over
+    encoder and head. pretrained_task:<task>: the task loss at the pretrained encoder with a head fitted
+    on train while the encoder stayed frozen (`probe_head`), over the encoder's parameters: measurable
+    before any fine-tuning, so a candidate predictor of downstream performance. Both task losses read a
+    random sample of train (`analysis.hessian_sample_seed`), weighted by labelled entries.
     """
+    an, ds = ctx.cfg.analysis, ctx.cfg.downstream
     if loss == "pretrain":
         from engine.models import family_of, n_loss_tokens
 
         model, batches = _pretrained(ctx, ck, device)
         family = family_of(model.config)
-        return model, pretraining_loss, batches, lambda b: float(n_loss_tokens(b["labels"], family))
+        return HessianProblem(model, pretraining_loss, batches, lambda b: float(n_loss_tokens(b["labels"], family)))
     from engine import finetune
 
-    task = loss.removeprefix("finetune:")
-    data = _task_split(ctx, task, ctx.cfg.downstream.seeds[0])
+    kind, task = loss.split(":", 1)
+    data = _task_split(ctx, task, ds.seeds[0])
+    pretrained = kind == "pretrained_task"
+    weights = (ctx.rd.probe_head(ck.trial_id, ck.tokens, task) if pretrained
+               else ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, ds.seeds[0]))
     model, loss_fn, batches = finetune.finetuning_loss(
-        ctx.rd.path(ck.path), data, ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task),
-        n_batches=ctx.cfg.analysis.hessian_batches, batch_size=ctx.cfg.downstream.batch_size, device=device)
-    return model, loss_fn, batches, lambda b: float(finetune.n_labelled(b["labels"], data.n_classes))
+        ctx.rd.path(ck.path), data, weights, n_batches=an.hessian_batches, batch_size=ds.batch_size, device=device,
+        sample_seed=an.hessian_sample_seed, pretrained_encoder=pretrained)
+    names = [n for n, p in model.named_parameters() if n.startswith("encoder.")] if pretrained else None
+    return HessianProblem(model, loss_fn, batches, lambda b: float(finetune.n_labelled(b["labels"], data.n_classes)),
+                          names)
+
+
+def probe_head(ctx: Context, ck: CheckpointRef, task: str) -> None:
+    """Fit (once) the linear head on the frozen pretrained encoder that `pretrained_task:<task>` is taken at:
+    trained like fine-tuning on the first split and fine-tuning seed, at the grid's largest rate (a
+    linear head on fixed features tolerates it), early-stopped on validation."""
+    from engine import finetune
+    from engine.rundir import head_file
+
+    ds = ctx.cfg.downstream
+    path = ctx.rd.probe_head(ck.trial_id, ck.tokens, task)
+    if head_file(path).exists():
+        return
+    data = _task_split(ctx, task, ds.seeds[0])
+    finetune.finetune(ctx.rd.path(ck.path), data, mode="finetune", lr=max(ds.lrs), split_seed=ds.seeds[0],
+                      finetune_seed=ds.finetune_seeds[0], freeze_encoder=True, save_to=path, **_finetune_settings(ctx))
 
 
 def hessian_job(ctx: Context, ck: CheckpointRef, loss: str) -> list[dict]:
     """One Hessian row: in this task (hessian_workers: 1) or over a Ray Train worker group."""
     an = ctx.cfg.analysis
+    if loss.startswith("pretrained_task:"):
+        probe_head(ctx, ck, loss.split(":", 1)[1])  # here, before any worker group reads it
     if an.hessian_workers > 1:
         record = distributed_spectrum(ctx, ck, loss, an.hessian_workers)
     else:
@@ -318,16 +468,17 @@ def _spectrum_record(ctx: Context, ck: CheckpointRef, loss: str, device: str, sh
     from engine.hessian import spectrum
 
     an = ctx.cfg.analysis
-    model, loss_fn, batches, count_fn = hessian_problem(ctx, ck, loss, device)
+    problem = hessian_problem(ctx, ck, loss, device)
     rank, world = share
-    if len(batches) < world:
-        raise ValueError(f"Hessian of {loss}: {len(batches)} batches cannot be shared by {world} workers "
+    if len(problem.batches) < world:
+        raise ValueError(f"Hessian of {loss}: {len(problem.batches)} batches cannot be shared by {world} workers "
                          "(analysis.hessian_workers must not exceed the batches there are)")
     # each worker holds every world-th batch and its slice of every stored Lanczos vector (no replication)
-    spec = spectrum(model, loss_fn, batches[rank::world], all_reduce=all_reduce, count_fn=count_fn,
-                    shard=share if world > 1 else None, top_k=an.hessian_top_k, max_iter=an.hessian_max_iter,
-                    trace_matvecs=an.trace_matvecs, density_runs=an.density_runs, tf32=an.hessian_tf32, seed=0)
-    return {**spec.to_record(), "n_batches": len(batches), "n_workers": world}
+    spec = spectrum(problem.model, problem.loss_fn, problem.batches[rank::world], all_reduce=all_reduce,
+                    count_fn=problem.count_fn, param_names=problem.param_names, shard=share if world > 1 else None,
+                    top_k=an.hessian_top_k, max_iter=an.hessian_max_iter, trace_matvecs=an.trace_matvecs,
+                    density_runs=an.density_runs, tf32=an.hessian_tf32, seed=0)
+    return {**spec.to_record(), "n_batches": len(problem.batches), "n_workers": world}
 
 
 def _device() -> str:
@@ -399,20 +550,30 @@ def landscape_job(ctx: Context, ck: CheckpointRef, surface: str) -> list[dict]:
 
     an = ctx.cfg.analysis
     model, batches = _pretrained(ctx, ck)
+    weights = _token_weights(model, batches)  # the pretraining loss' own per-token mean over the batches
     rows = []
     grid_1d = landscape.surface_1d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
-                                   span=an.landscape_span, seed=0)
+                                   span=an.landscape_span, seed=0, weights=weights)
     rows += [{"kind": "1d", "alpha": a, "beta": 0.0, "loss": v} for a, v in zip(grid_1d.alphas, grid_1d.losses)]
     if an.landscape_2d:
         grid = landscape.surface_2d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
-                                    span=an.landscape_span, seed=0)
+                                    span=an.landscape_span, seed=0, weights=weights)
         rows += [{"kind": "2d", "alpha": a, "beta": b, "loss": v} for a, b, v in grid.points()]
+    # radii relative to each tensor's norm, so sharpness does not grow with N by construction
     sharp = {
-        "eps_sharpness": landscape.eps_sharpness(model, pretraining_loss, batches, eps=an.sharpness_eps, seed=0),
-        "adaptive_sharpness": landscape.adaptive_sharpness(model, pretraining_loss, batches, rho=an.sharpness_eps * 50,
-                                                           seed=0),
+        "eps_sharpness": landscape.relative_sharpness(model, pretraining_loss, batches, rho=an.sharpness_rho,
+                                                      n_steps=an.sharpness_steps, seed=0, weights=weights),
+        "adaptive_sharpness": landscape.adaptive_sharpness(model, pretraining_loss, batches, rho=an.adaptive_rho,
+                                                           n_steps=an.sharpness_steps, seed=0, weights=weights),
     }
     return [{**r, **sharp} for r in rows]
+
+
+def _token_weights(model, batches: list) -> list[float]:
+    from engine.models import family_of, n_loss_tokens
+
+    family = family_of(model.config)
+    return [float(n_loss_tokens(b["labels"], family)) for b in batches]
 
 
 def pt_to_ft_job(ctx: Context, ck: CheckpointRef, surface: str, task: str) -> list[dict]:
@@ -421,13 +582,14 @@ def pt_to_ft_job(ctx: Context, ck: CheckpointRef, surface: str, task: str) -> li
     from engine import landscape
 
     model, batches = _pretrained(ctx, ck)
-    finetuned = ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task)
+    finetuned = ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, ctx.cfg.downstream.seeds[0])
     # the fine-tuned file holds the encoder (AutoModel keys); the LM model names it by its base prefix
     target = {f"{model.base_model_prefix}.{k}": v for k, v in load_file(finetuned).items()}
     if not any(name in target for name, _ in model.named_parameters()):
         raise ValueError(f"{finetuned}: no parameter names in common with {ck.path}")
     line = landscape.surface_along(model, pretraining_loss, batches, target,
-                                   resolution=ctx.cfg.analysis.landscape_resolution)
+                                   resolution=ctx.cfg.analysis.landscape_resolution,
+                                   weights=_token_weights(model, batches))
     return [{"kind": f"pt_to_ft:{task}", "alpha": a, "beta": 0.0, "loss": v} for a, v in zip(line.alphas, line.losses)]
 
 
@@ -453,13 +615,16 @@ def run_analysis(run_dir: Path | RunDir, *, data_dir: Path | None = None) -> dic
         if not ray.is_initialized():
             ray.init()
         _run_jobs(ctx, todo, done, tables)
-    tables["pca"] = parameter_space(rd, counted, checkpoints, list(ctx.cfg.downstream.tasks), corrupt)
+    ds = ctx.cfg.downstream
+    tables["pca"] = parameter_space(rd, counted, checkpoints, list(ds.tasks), list(ds.seeds), corrupt)
     return tables
 
 
 def parameter_space(rd: RunDir, counted: pd.DataFrame, checkpoints: pd.DataFrame, tasks: list[str],
-                    corrupt: Callable[[str], list[str]]) -> pd.DataFrame:
-    """PCA of each trial's checkpoint trajectory and of each checkpoint's fine-tuned endpoints.
+                    seeds: list[int], corrupt: Callable[[str], list[str]]) -> pd.DataFrame:
+    """PCA of each trial's checkpoint trajectory, and of each checkpoint's fine-tuned endpoints (every task
+    and split seed) together with the pretrained weights they started from, so a task's direction can be
+    told from seed scatter.
 
     Cheap next to the jobs (one Gram matrix of a few weight vectors each), so it runs on the driver,
     from the files on disk, and is rewritten whole every time. A checkpoint for which `corrupt(path)`
@@ -467,7 +632,8 @@ def parameter_space(rd: RunDir, counted: pd.DataFrame, checkpoints: pd.DataFrame
     """
     from safetensors.torch import load_file
 
-    from engine.landscape import parameter_pca
+    from engine.landscape import endpoint_pca, parameter_pca
+
 
     rows = []
     for trial_id, group in counted.groupby("trial_id"):
@@ -478,14 +644,26 @@ def parameter_space(rd: RunDir, counted: pd.DataFrame, checkpoints: pd.DataFrame
             rows += _pca_rows(pca, "trajectory", str(trial_id))
     for row in checkpoints.to_dict("records"):
         ck = CheckpointRef.of(row)
-        files = {t: rd.finetuned_weights(ck.trial_id, ck.tokens, t) for t in tasks}
-        found = {t: load_file(f) for t, f in files.items() if f.exists()}
+        found = [({"task": t, "split_seed": s}, f) for t in tasks for s in seeds
+                 if (f := rd.finetuned_weights(ck.trial_id, ck.tokens, t, s)).exists()]
         if len(found) >= 2:
-            pca = parameter_pca(list(found.values()), labels=list(found))
-            rows += _pca_rows(pca, "finetuned", ck.path)
+            origin = _encoder_keys(load_file(TrialDir.weights(rd.path(ck.path))))
+            pca = endpoint_pca(origin, [load_file(f) for _, f in found], [label for label, _ in found])
+            ratio = list(pca.explained_variance_ratio) + [0.0]
+            rows += [{"kind": "finetuned", "group": ck.path, "label": "pretrained" if r["origin"] else r["task"],
+                      "split_seed": None if r["origin"] else r["split_seed"], "pc1": r["pc1"], "pc2": r.get("pc2", 0.0),
+                      "distance_from_origin": r["distance_from_origin"], "explained_1": ratio[0],
+                      "explained_2": ratio[1]} for r in pca.records]
     table = pd.DataFrame(rows, columns=list(TABLES["pca"].columns))
     rd.write_table("pca", table)
     return table
+
+
+def _encoder_keys(weights: dict) -> dict:
+    """A pretraining checkpoint's tensors under the names its encoder has in AutoModel (the fine-tuned
+    files' names): the LM model's base prefix dropped; its LM head is then unshared and left out."""
+    prefixes = ("roberta.", "transformer.")
+    return {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in weights.items()}
 
 
 def _pca_rows(pca, kind: str, group: str) -> list[dict]:
@@ -503,22 +681,22 @@ def _run_jobs(ctx: Context, todo: list[Job], done: set, tables: dict[str, pd.Dat
     ctx_ref = ray.put(ctx)  # once, not once per task
     pending: dict[Any, Job] = {}
     waiting = list(todo)
+    planned = {(j.table, j.key) for j in todo}
+    ended = set(done)  # ok or failed: a job starts once the jobs it reads from have ended, and reads their
+    # outcome itself (a failed dependency then fails it with a message that says which and why)
     start, n_done = time.monotonic(), 0
     while waiting or pending:
-        for j in [j for j in waiting if all(a in done for a in j.after)]:
+        for j in [j for j in waiting if all(a in ended or a not in planned for a in j.after)]:
             if j.workers > 1 and sum(p.workers > 1 for p in pending.values()) >= max_groups:
                 continue  # worker groups wait here, not as idle trainers holding processes on the cluster
             pending[(group_waiter if j.workers > 1 else one_task).remote(j.fn, ctx_ref, j.args)] = j
             waiting.remove(j)
-        if not pending:  # what is left waits on jobs that failed
-            for j in waiting:
-                _append(ctx.rd, tables, j, [{"status": "error", "error": "skipped: a job it depends on failed"}])
-            break
         finished, _ = ray.wait(list(pending), num_returns=1, timeout=JOB_TIMEOUT_S)
         if not finished:
             raise TimeoutError(f"no analysis job finished in {JOB_TIMEOUT_S} s; {len(pending)} still running")
         job = pending.pop(finished[0])
         ok, rows = ray.get(finished[0])
+        ended.add((job.table, job.key))
         if ok:
             done.add((job.table, job.key))
         else:

@@ -219,20 +219,51 @@ class CustomTask(Strict):
     task_type: Literal["classification", "regression"]
 
 
+Baseline = Literal["random_init", "morgan_fp", "ecfp4_rf", "rdkit2d_rf"]
+BASELINES: tuple[Baseline, ...] = ("random_init", "morgan_fp", "ecfp4_rf", "rdkit2d_rf")
+
+
 class DownstreamConfig(Strict):
     tasks: list[str] = []  # registry names (engine.tasks.TASKS) or names of `custom` entries
     custom: list[CustomTask] = []
-    split: Literal["scaffold", "random"] = "scaffold"
+    # scaffold: balanced and seeded (chemprop), for split variance; deepchem: DeepChem's deterministic
+    # ScaffoldSplitter, comparable with published MoleculeNet tables (its seeds vary only the fine-tuning)
+    split: Literal["scaffold", "deepchem", "random"] = "scaffold"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seeds: list[int] = [0, 1, 2]
+    seeds: list[int] = Field([0, 1, 2], min_length=1)  # split seeds: which molecules are in which part
+    finetune_seeds: list[int] = Field([0], min_length=1)  # head init and batch order, crossed with the split seeds
     modes: list[Literal["finetune", "probe"]] = ["finetune", "probe"]
-    baselines: bool = True  # random-init model and Morgan fingerprints on the same splits
+    # the same splits and seeds for each: random_init (the architecture untrained), Morgan + linear,
+    # ECFP4 + random forest, RDKit 2D descriptors + random forest; true = all of them, false = none
+    baselines: list[Baseline] = list(BASELINES)
     epochs: int = Field(20, gt=0)
-    patience: int = Field(5, gt=0)  # early stopping on the validation metric
-    lr: float = Field(5e-4, gt=0)
+    patience: int = Field(5, gt=0)  # early stopping on the validation primary metric
+    # learning rates tried per (checkpoint, task) on the first split and fine-tuning seed, chosen on
+    # validation: one lr for every size would confound scale with tuning (ChemBERTa searches 1e-6..1e-4)
+    lrs: list[float] = Field([1e-5, 3e-5, 1e-4, 3e-4, 1e-3], min_length=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)  # of all fine-tuning steps, then a linear decay to 0
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    weight_decay: float = Field(0.01, ge=0)
+    pooling: Literal["mean", "cls", "last"] = "mean"  # mean: masked-LM pretraining never trains [CLS]
+    probe_layer: Literal["last", "best"] = "last"  # best: the layer best on validation
+    n_trees: int = Field(500, gt=0)  # random-forest baselines
     batch_size: int = Field(32, gt=0)
     max_molecules: BigInt | None = Field(None, gt=0)  # cap per task (demo speed)
     data_dir: Path | None = None  # local MoleculeNet CSVs; else CLMSCALE_DATA_DIR, else download
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _all_or_none(cls, value: Any) -> Any:
+        if value is True:
+            return list(BASELINES)
+        return [] if value is False else value
+
+    @field_validator("lrs")
+    @classmethod
+    def _positive_lrs(cls, lrs: list[float]) -> list[float]:
+        if min(lrs) <= 0:
+            raise ValueError(f"learning rates must be positive (got {lrs})")
+        return sorted(set(lrs))
 
     @model_validator(mode="after")
     def _fractions(self) -> DownstreamConfig:
@@ -255,7 +286,14 @@ class AnalysisConfig(Strict):
     landscape_resolution: int = Field(11, ge=0)  # points per axis; 0 skips landscapes
     landscape_span: float = Field(1.0, gt=0)
     landscape_2d: bool = True
-    sharpness_eps: float = Field(1e-3, gt=0)
+    # sharpness radius relative to each tensor's norm (so it does not grow with N by construction), and
+    # the ascent steps of adaptive sharpness (Andriushchenko et al. 2023)
+    sharpness_rho: float = Field(0.05, gt=0)
+    adaptive_rho: float = Field(0.5, gt=0)  # ASAM's radius in the |w|-scaled space (Kwon et al. 2021)
+    sharpness_steps: int = Field(10, gt=0)
+    hessian_pretrained_task: bool = True  # also each task's loss at the pretrained encoder with a probe head
+    hessian_sample_seed: int = 0  # the fine-tuning Hessians read a random sample of train drawn with it
+    corpus_sample: int = Field(10_000, gt=0)  # pretraining molecules the tasks' nearest-neighbour similarity uses
 
     @field_validator("trace_matvecs")
     @classmethod

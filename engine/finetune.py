@@ -191,6 +191,26 @@ def split_metrics(data: FinetuneData, predictions: np.ndarray) -> dict[str, Any]
             "metrics": {m: {"val": val[m], "test": test[m]} for m in val}}  # fmt: skip
 
 
+def task_loss(data: FinetuneData, idx: np.ndarray, predictions: np.ndarray) -> float:
+    """The training objective on rows idx, from predictions in label units (binary: logits, multi-class:
+    probabilities, regression: values): mean BCE / NLL over labelled entries, or the MSE of labels
+    standardised by the train split (what `masked_loss` minimises). The task ladder's task loss."""
+    labels = data.labels[idx]
+    if data.n_classes is not None:
+        y = labels[:, 0]
+        keep = ~np.isnan(y)
+        p = np.clip(predictions[keep, y[keep].astype(np.int64)], 1e-12, 1.0)
+        return float(-np.log(p).mean()) if keep.any() else math.nan
+    observed = ~np.isnan(labels)
+    if not observed.any():
+        return math.nan
+    if data.task_type == "classification":
+        z, y = predictions[observed], labels[observed]
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))  # BCE with logits, stable
+    mean, std = _label_scale(data)
+    return float(np.mean((((predictions - labels) / std)[observed]) ** 2))
+
+
 # ---------------------------------------------------------------------------------------------
 # the masked loss
 
@@ -392,6 +412,7 @@ def finetune(
     warmup_fraction: float = 0.1,
     lr_schedule: LrSchedule = "linear",
     weight_decay: float = 0.01,
+    freeze_encoder: bool = False,
 ) -> dict[str, Any]:
     """Downstream score of one checkpoint on one task split: a dict ready to be a results row.
 
@@ -411,6 +432,9 @@ def finetune(
     `split_seed` is recorded only (it made data.split); `finetune_seed` seeds everything here, and a
     run is deterministic for it; the global torch RNG is restored afterwards. `seed` is the old single
     seed (engine/analyze.py passes it until it passes the two): it sets both.
+    freeze_encoder (finetune only): train the head alone on the frozen pretrained encoder, the probe head
+    of the task loss at the pretrained weights; save_to then writes only the head (the encoder is the
+    checkpoint's).
     """
     split_seed, finetune_seed = _seeds(split_seed, finetune_seed, seed)
     if mode not in ("finetune", "probe"):
@@ -429,6 +453,8 @@ def finetune(
         max_len = min(max_seq_len or math.inf, max_positions(encoder.config))
         ids, unk_fraction = encode_smiles(tokenizer, data.smiles, family, max_len)
         model = EncoderWithHead(encoder, family, data.n_outputs, pooling).to(device)
+        if freeze_encoder:
+            model.encoder.requires_grad_(False)  # AdamW skips parameters without a gradient
         if mode == "probe":
             result = _probe(model, data, ids, batch_size, tokenizer.pad_token_id, device, probe_layer)
         else:
@@ -437,7 +463,8 @@ def finetune(
                             weight_decay=weight_decay)  # fmt: skip
             result.update(lr=lr, warmup_fraction=warmup_fraction, lr_schedule=lr_schedule, weight_decay=weight_decay)
             if save_to is not None:
-                result["weights_path"] = str(_save_finetuned(model, Path(save_to), checkpoint_dir, data, finetune_seed))
+                result["weights_path"] = str(_save_finetuned(model, Path(save_to), checkpoint_dir, data, finetune_seed,
+                                                             head_only=freeze_encoder))
     return result_row(
         data, mode, result, split_seed, t0, finetune_seed=finetune_seed,
         checkpoint_dir=str(checkpoint_dir), random_init=random_init, unk_fraction=unk_fraction, pooling=pooling,
@@ -473,6 +500,7 @@ def result_row(data: FinetuneData, mode: str, fit: dict[str, Any], split_seed: i
         "higher_is_better": HIGHER_IS_BETTER[data.primary_metric],
         "test": fit["test"],
         "val": fit["val"],
+        "val_loss": fit.get("val_loss", math.nan),  # the objective on val (finetune, probe, morgan_fp): the task loss
         "metrics": fit["metrics"],
         "flag": fit.get("flag", ""),  # finetune: best_epoch_0 / non_finite_loss; such rows stay out of means
         "best_epoch": fit.get("best_epoch"),  # finetune only; 0 is the untrained head
@@ -580,8 +608,9 @@ def _train(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], epo
     model.load_state_dict(best_state)
     flag = "non_finite_loss" if non_finite else "best_epoch_0" if best_epoch == 0 else ""
     # every metric recomputed from the restored weights, so a failed restore cannot go unnoticed
-    return {**split_metrics(data, predict_scored()), "best_epoch": best_epoch, "n_epochs": epoch, "history": history,
-            "flag": flag}  # fmt: skip
+    predictions = predict_scored()
+    return {**split_metrics(data, predictions), "val_loss": task_loss(data, val_idx, predictions[val_idx]),
+            "best_epoch": best_epoch, "n_epochs": epoch, "history": history, "flag": flag}  # fmt: skip
 
 
 def select_lr(
@@ -655,12 +684,14 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, data: FinetuneData, seed: int) -> Path:
+def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, data: FinetuneData, seed: int,
+                    head_only: bool = False) -> Path:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"checkpoint_dir": str(checkpoint_dir), "task": data.name, "seed": str(seed), "pooling": model.pooling}
-    for module, target in ((model.encoder, path), (model.head, head_file(path))):
+    modules = [(model.head, head_file(path))] if head_only else [(model.encoder, path), (model.head, head_file(path))]
+    for module, target in modules:
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}  # clone: no shared storage
         save_file(state, str(target), metadata=metadata)
     return path
@@ -668,7 +699,7 @@ def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, da
 
 def finetuning_loss(
     checkpoint_dir: Path, data: FinetuneData, weights: Path, *, n_batches: int, batch_size: int,
-    device: str | torch.device = "cpu", sample_seed: int | None = None,
+    device: str | torch.device = "cpu", sample_seed: int | None = None, pretrained_encoder: bool = False,
 ) -> tuple[EncoderWithHead, Any, list[dict[str, torch.Tensor]]]:
     """The fine-tuning loss at the fine-tuned weights, in the form `engine.hessian.spectrum` takes.
 
@@ -676,7 +707,9 @@ def finetuning_loss(
     (with the pooling it was trained with), `loss_fn(model, batch)` the training objective
     (`masked_loss` on standardised labels, as in training), and `n_batches` training batches that
     hold a label: the first in split order, or with `sample_seed` a random sample of the train rows,
-    so the Hessian does not depend on how the file happens to be sorted.
+    so the Hessian does not depend on how the file happens to be sorted. pretrained_encoder: the
+    checkpoint's own encoder with the head saved by `finetune(freeze_encoder=True, save_to=weights)`:
+    the task loss at the pretrained weights.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -684,7 +717,8 @@ def finetuning_loss(
     with safe_open(str(head_file(Path(weights))), framework="pt") as f:
         pooling = (f.metadata() or {}).get("pooling", "mean")
     encoder, tokenizer, family = load_encoder(checkpoint_dir)
-    encoder.load_state_dict(load_file(str(weights)))
+    if not pretrained_encoder:
+        encoder.load_state_dict(load_file(str(weights)))
     model = EncoderWithHead(encoder, family, data.n_outputs, pooling)
     model.head.load_state_dict(load_file(str(head_file(Path(weights)))))
     model.to(device)
@@ -758,7 +792,8 @@ def fit_linear(features: np.ndarray, data: FinetuneData, l2_grid: Sequence[float
     for l2, predictions in zip(l2_grid, _linear_path(features, data, l2_grid)):
         val = task_metric(data, val_idx, predictions[val_idx])
         if better(data.primary_metric, val, best["val"]):
-            best = {**split_metrics(data, predictions), "l2": l2}
+            best = {**split_metrics(data, predictions), "l2": l2,
+                    "val_loss": task_loss(data, val_idx, predictions[val_idx])}
     if "l2" not in best:
         raise ValueError(f"{data.name}: no penalty in {l2_grid} gave a finite validation metric")
     return best

@@ -421,10 +421,32 @@ TABLES: dict[str, Table] = {
         required=IDENTITY + ("val_loss", "status"),
     ),
     "finetune": Table(
-        columns=IDENTITY + ("pretrain_val_loss", "task", "split", "split_seed", "mode", "metric", "higher_is_better",
-                            "value", "val_value", "best_epoch", "wall_time_s") + MEASURED,
+        columns=IDENTITY + ("pretrain_val_loss", "task", "split", "split_seed", "finetune_seed", "mode", "metric",
+                            "primary", "higher_is_better", "value", "val_value", "label_sd", "task_val_loss", "lr",
+                            "flag", "best_epoch", "n_epochs", "pooling", "probe_layer", "unk_fraction",
+                            "wall_time_s") + MEASURED,
         required=("checkpoint", "trial_id", "task", "split_seed", "mode", "status"),
-        key=("checkpoint", "task", "split_seed", "mode"),
+        key=("checkpoint", "task", "split_seed", "finetune_seed", "mode"),
+    ),
+    "lr_search": Table(
+        columns=IDENTITY + ("task", "mode", "lr", "split_seed", "finetune_seed", "metric", "higher_is_better",
+                            "val_value", "flag", "best_epoch", "n_epochs", "wall_time_s") + MEASURED,
+        required=("checkpoint", "task", "mode", "lr", "status"),
+        key=("checkpoint", "task", "mode", "lr"),
+    ),
+    "splits": Table(
+        columns=("task", "split", "split_seed", "row", "smiles", "part") + MEASURED,
+        required=("task", "split", "split_seed", "status"),
+        key=("task", "split_seed"),
+    ),
+    "tasks": Table(
+        columns=("task", "task_type", "n_molecules", "n_labels", "n_classes", "missing_fraction", "n_scaffolds",
+                 "scaffold_diversity", "largest_scaffold_fraction", "acyclic_fraction", "positive_fraction",
+                 "class_fractions", "min_positive_fraction", "label_sd", "label_iqr", "max_label_sd",
+                 "nn_tanimoto_mean", "nn_tanimoto_median", "nn_tanimoto_q10", "nn_tanimoto_q90",
+                 "fraction_nn_tanimoto_1", "fraction_nn_unrelated", "n_corpus_sample") + MEASURED,
+        required=("task", "status"),
+        key=("task",),
     ),
     "hessian": Table(
         columns=IDENTITY + ("pretrain_val_loss", "loss", "lambda_max", "eigenvalues", "eigenvalue_residuals",
@@ -442,7 +464,8 @@ TABLES: dict[str, Table] = {
         key=("checkpoint", "surface"),
     ),
     "pca": Table(
-        columns=("kind", "group", "label", "pc1", "pc2", "explained_1", "explained_2"),
+        columns=("kind", "group", "label", "split_seed", "pc1", "pc2", "distance_from_origin", "explained_1",
+                 "explained_2"),
         required=("kind", "group", "label", "pc1", "pc2"),
     ),
     "fits": Table(
@@ -450,7 +473,8 @@ TABLES: dict[str, Table] = {
         required=("what", "parameter", "estimate"),
     ),
 }
-ANALYSIS_TABLES = ("finetune", "hessian", "landscape")
+ANALYSIS_TABLES = ("finetune", "hessian", "landscape", "lr_search", "splits", "tasks")  # rows appended by jobs
+MEASUREMENT_TABLES = ("finetune", "hessian", "landscape")  # what the fits read
 
 
 class TableError(ValueError):
@@ -519,10 +543,23 @@ def counted_checkpoints(pretrain: pd.DataFrame) -> Counted:
 
 
 def usable_measurements(table: pd.DataFrame, kind: str, left_out_trials: set[str]) -> tuple[pd.DataFrame, list[dict]]:
-    """Rows with status ok from trials that count; a note per failure (grouped) and per left-out trial."""
+    """Rows with status ok from trials that count; a note per failure (grouped) and per left-out trial.
+
+    finetune: only each run's primary metric (the others stay in the table, for the reader), and a run
+    flagged `best_epoch_0` or `non_finite_loss` is left out of every mean with a note, never averaged in.
+    """
     if table.empty:
         return table, []
     excluded = []
+    if kind == "finetune":
+        table = table[table["primary"].fillna(True).astype(bool)]
+        flagged = (table["flag"].fillna("").astype(str) != "").to_numpy() & (table["status"] == "ok").to_numpy()
+        for (trial_id, task, mode, flag), rows in table[flagged].groupby(["trial_id", "task", "mode", "flag"],
+                                                                          sort=True, dropna=False):
+            excluded.append({"table": kind, "trial_id": "" if pd.isna(trial_id) else str(trial_id), "status": "flagged",
+                             "n_rows": len(rows), "reason": f"{task} {mode}: {len(rows)} run(s) flagged {flag} "
+                             "(the selected weights are the untrained head, or the loss diverged); left out of means"})
+        table = table[~flagged]
     failed = (table["status"] != "ok").to_numpy()
     if failed.any():
         described = table[failed].assign(_what=[_measurement(kind, row) for row in table[failed].to_dict("records")],
@@ -579,7 +616,7 @@ class FitInputs:
     present: dict[str, bool]  # which tables have a file
     checkpoints: pd.DataFrame  # counted_checkpoints(...).checkpoints
     left_out: pd.DataFrame  # pretrain rows of trials that did not finish, with finite C and loss
-    measured: dict[str, pd.DataFrame]  # finetune / hessian / landscape: usable_measurements
+    measured: dict[str, pd.DataFrame]  # finetune (primary metric, unflagged) / hessian / landscape: usable rows
     points: pd.DataFrame  # downstream_points(measured["finetune"], checkpoints)
     excluded: list[dict[str, Any]]  # every row left out, with the reason
 
@@ -731,7 +768,7 @@ class RunDir:
         counted = counted_checkpoints(tables["pretrain"])
         excluded = list(counted.excluded)
         measured = {}
-        for kind in ANALYSIS_TABLES:
+        for kind in MEASUREMENT_TABLES:
             measured[kind], notes = usable_measurements(tables[kind], kind, counted.left_out_trials)
             excluded += notes
         pretrain = tables["pretrain"]
@@ -746,9 +783,15 @@ class RunDir:
     def analysis(self) -> Path:
         return self.root / "analysis"
 
-    def finetuned_weights(self, trial_id: str, tokens: float, task: str) -> Path:
-        """The fine-tuned encoder of one checkpoint on one task (first split seed); its head is `head_file` of it."""
-        return self.analysis / "finetuned" / trial_id / str(int(tokens)) / f"{task}.safetensors"
+    def finetuned_weights(self, trial_id: str, tokens: float, task: str, split_seed: int) -> Path:
+        """The encoder fine-tuned from one checkpoint on one task and split seed (first fine-tuning seed);
+        its head is `head_file` of it."""
+        return self.analysis / "finetuned" / trial_id / str(int(tokens)) / f"{task}.split{split_seed}.safetensors"
+
+    def probe_head(self, trial_id: str, tokens: float, task: str) -> Path:
+        """The linear head fitted on the frozen pretrained encoder (first split seed), for the task loss at
+        the pretrained weights; the encoder is the checkpoint itself."""
+        return self.analysis / "pretrained_task" / trial_id / str(int(tokens)) / f"{task}.safetensors"
 
     @property
     def ray_train_storage(self) -> Path:

@@ -26,8 +26,8 @@ from engine.config import SweepConfig, load_sweep
 from engine.rundir import ANALYSIS_TABLES, TABLES, RunDir
 
 TASK = "freesolv_demo"  # shipped with the package: no download, no ../shared
-DOWNSTREAM = {"tasks": [TASK], "seeds": [0], "modes": ["finetune"], "baselines": False, "epochs": 1,
-              "patience": 1, "batch_size": 16, "max_molecules": 120}
+DOWNSTREAM = {"tasks": [TASK], "seeds": [0], "modes": ["finetune"], "baselines": False, "epochs": 2,
+              "patience": 1, "batch_size": 16, "max_molecules": 120, "lrs": [1e-4, 1e-3]}
 ANALYSIS = {"hessian_top_k": 3, "hessian_batches": 2, "hessian_max_iter": 20, "trace_matvecs": 6,
             "density_runs": 1, "landscape_resolution": 3, "landscape_2d": False}
 pytestmark = pytest.mark.timeout(900)
@@ -72,12 +72,25 @@ def counted(rd: RunDir, which: str) -> pd.DataFrame:
 
 def test_every_job_writes_its_rows(analyzed):
     final = counted(analyzed, "final")["checkpoint"].item()
+    search = read(analyzed, "lr_search")
+    assert sorted(search["lr"]) == [1e-4, 1e-3] and (search["status"] == "ok").all()
+    assert (search["checkpoint"] == final).all() and search["val_value"].notna().all()
     finetune = read(analyzed, "finetune")
-    assert finetune[list(TABLES["finetune"].key)].values.tolist() == [[final, TASK, 0, "finetune"]]
-    assert (finetune["status"] == "ok").all() and finetune["metric"].item() == "rmse" and finetune["value"].item() > 0
+    assert finetune[list(TABLES["finetune"].key)].drop_duplicates().values.tolist() == [[final, TASK, 0, 0, "finetune"]]
+    assert (finetune["status"] == "ok").all() and sorted(finetune["metric"]) == ["mae", "rmse"]  # one row per metric
+    primary = finetune[finetune["primary"].astype(bool)].squeeze()
+    assert primary["metric"] == "rmse" and primary["value"] > 0 and primary["label_sd"] > 0
+    assert primary["lr"] in (1e-4, 1e-3) and np.isfinite(primary["task_val_loss"]) and primary["pooling"] == "mean"
+    splits = read(analyzed, "splits")
+    assert set(splits["part"]) == {"train", "val", "test"} and len(splits) == 120  # every molecule, where it went
+    tasks = read(analyzed, "tasks").squeeze()
+    assert tasks["n_molecules"] == 120 and 0 < tasks["nn_tanimoto_mean"] <= 1 and tasks["n_corpus_sample"] > 0
 
     hessian = read(analyzed, "hessian").set_index("loss")
-    assert sorted(hessian.index) == [f"finetune:{TASK}", "pretrain"] and (hessian["status"] == "ok").all()
+    assert sorted(hessian.index) == [f"finetune:{TASK}", "pretrain", f"pretrained_task:{TASK}"]
+    assert (hessian["status"] == "ok").all()
+    # the task loss at the pretrained weights: over the encoder only, which fine-tuning's adds the head to
+    assert hessian.loc[f"pretrained_task:{TASK}", "hessian_dim"] < hessian.loc[f"finetune:{TASK}", "hessian_dim"]
     for loss, row in hessian.iterrows():
         eigenvalues = np.asarray(row["eigenvalues"])
         assert eigenvalues.shape == (3,) and np.all(np.diff(eigenvalues) <= 0), loss
@@ -108,7 +121,9 @@ def test_hessian_over_two_ray_train_workers_equals_one_worker(analyzed, loss):
     np.testing.assert_allclose(two["eigenvalues"], one["eigenvalues"], rtol=1e-6)
     np.testing.assert_allclose([two["trace"], two["loss_value"], two["grad_norm"]],
                                [one["trace"], one["loss_value"], one["grad_norm"]], rtol=1e-6)
-    np.testing.assert_allclose(two["density"], one["density"], rtol=1e-5, atol=1e-12)
+    # SLQ keeps no basis (bounded memory), so the all-reduce's other summation order grows through its
+    # 50 unreorthogonalised steps: the density agrees to ~1e-3, its moments exactly (tests/test_hessian.py)
+    np.testing.assert_allclose(two["density"], one["density"], rtol=1e-2, atol=1e-12)
     assert two["n_matvecs"] == one["n_matvecs"]
     assert not any(analyzed.ray_train_storage.iterdir())  # the worker group's run folder is gone
 
@@ -125,7 +140,8 @@ def test_bad_input_becomes_error_rows_and_the_rest_is_written(swept, tmp_path):
     (rd.path(first) / "model.safetensors").unlink()
     run_analysis(rd.root)
 
-    finetune = read(rd, "finetune").set_index(["checkpoint", "task"])
+    finetune = read(rd, "finetune")
+    finetune = finetune[finetune["primary"].fillna(True).astype(bool)].set_index(["checkpoint", "task"])
     assert finetune.loc[(final, TASK), "status"] == "ok"
     for where, message in [((final, "freesolve"), "freesolv"),  # names the task and suggests the close one
                            ((final, "empty"), "no valid SMILES"),
@@ -142,7 +158,8 @@ def test_bad_input_becomes_error_rows_and_the_rest_is_written(swept, tmp_path):
 
     result = CliRunner().invoke(app, ["analyze", str(rd.root)])  # ray is initialised: joins the session cluster
     assert result.exit_code == 1 and "freesolve" in result.output  # the failed jobs were retried and failed again
-    after = read(rd, "finetune").set_index(["checkpoint", "task"])
+    after = read(rd, "finetune")
+    after = after[after["primary"].fillna(True).astype(bool)].set_index(["checkpoint", "task"])
     assert after.loc[(final, TASK), "status"] == "ok" and len(after) == len(finetune)  # kept, not redone
 
 
@@ -188,7 +205,7 @@ def test_a_corrupt_checkpoint_is_replaced_by_the_one_before_and_recorded(swept, 
     run_analysis(rd.root)
 
     finetune = read(rd, "finetune")
-    assert finetune["checkpoint"].tolist() == [first] and (finetune["status"] == "ok").all()
+    assert set(finetune["checkpoint"]) == {first} and (finetune["status"] == "ok").all()
     events = [json.loads(line) for line in rd.events.read_text().splitlines()]
     assert [{k: e[k] for k in ("stage", "event", "checkpoint", "files", "used_instead")} for e in events] == [
         {"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": final, "files": ["model.safetensors"],
