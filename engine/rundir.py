@@ -429,7 +429,8 @@ TABLES: dict[str, Table] = {
         key=("checkpoint", "task", "split_seed", "finetune_seed", "mode"),
     ),
     "lr_search": Table(
-        columns=IDENTITY + ("task", "mode", "lr", "split_seed", "finetune_seed", "metric", "higher_is_better",
+        columns=IDENTITY + ("pretrain_val_loss", "task", "mode", "lr", "split_seed", "finetune_seed", "metric",
+                            "higher_is_better",
                             "val_value", "flag", "best_epoch", "n_epochs", "wall_time_s") + MEASURED,
         required=("checkpoint", "task", "mode", "lr", "status"),
         key=("checkpoint", "task", "mode", "lr"),
