@@ -258,7 +258,7 @@ def lr_search_job(ctx: Context, ck: CheckpointRef, task: str, mode: str, lr: flo
                                finetune_seed=ds.finetune_seeds[0], random_init=mode == "random_init",
                                **_finetune_settings(ctx))
     # the validation metric only: the test split is read once, at the chosen learning rate
-    return [{"split_seed": ds.seeds[0], "finetune_seed": ds.finetune_seeds[0], "metric": result["metric"],
+    return [{"lr": lr, "split_seed": ds.seeds[0], "finetune_seed": ds.finetune_seeds[0], "metric": result["metric"],
              "higher_is_better": result["higher_is_better"], "val_value": result["val"], "flag": result["flag"],
              "best_epoch": result["best_epoch"], "n_epochs": result["n_epochs"], "wall_time_s": result["wall_s"]}]
 
@@ -740,8 +740,8 @@ def _summary(rows: list[dict]) -> str:
     r = rows[0] if rows else {}
     if r.get("status") == "error":
         return f"ERROR {r['error']}"
-    if "metric" in r:
-        return f"{r['metric']}={r['value']:.4g}"
+    if "metric" in r:  # a fine-tuning row (test value) or a learning-rate search row (validation only)
+        return f"{r['metric']}={r['value']:.4g}" if "value" in r else f"lr={r['lr']:g}: val {r['metric']}={r['val_value']:.4g}"
     if "lambda_max" in r:
         return f"lambda_max={r['lambda_max']:.4g}"
     return f"{len(rows)} rows"
