@@ -242,3 +242,20 @@ def test_a_moved_run_directory_still_analyses_fits_and_reports(analyzed, tmp_pat
         assert str(analyzed.root) not in page.replace(str(moved.root), "")
     finally:
         hidden.rename(analyzed.trials)
+
+
+def test_the_learning_rate_is_chosen_on_validation_and_flagged_runs_never_win():
+    from engine.analyze import chosen_lr
+
+    search = pd.DataFrame({"lr": [1e-5, 1e-4, 1e-3, 1e-2], "val_value": [0.9, 0.7, 0.6, 0.1],
+                           "flag": ["", "", "", "non_finite_loss"], "higher_is_better": False,
+                           "status": "ok", "error": ""})
+    assert chosen_lr(search, [1e-5, 1e-4, 1e-3, 1e-2]) == 1e-3  # the best unflagged RMSE, not the diverged one
+    higher = search.assign(higher_is_better=True, flag="")
+    assert chosen_lr(higher, [1e-5, 1e-4, 1e-3, 1e-2]) == 1e-5
+    tie = search.assign(val_value=0.5, flag="")
+    assert chosen_lr(tie, [1e-5, 1e-4, 1e-3, 1e-2]) == 1e-5  # ties keep the smaller rate
+    broken = search.assign(flag="best_epoch_0")
+    broken.loc[0, ["status", "error"]] = ["error", "RuntimeError: out of memory"]
+    with pytest.raises(ValueError, match="no learning rate of .* usable run .*out of memory"):
+        chosen_lr(broken, [1e-5, 1e-4, 1e-3, 1e-2])
