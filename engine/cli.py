@@ -140,7 +140,8 @@ def analyze(
         n_errors += len(errors)
         typer.echo(f"{RunDir(run_dir).table_path(name)}: {len(table)} rows, {len(errors)} errors")
         for row in errors.to_dict("records"):
-            typer.echo(f"error: {name} {row.get('task', '')} {row['checkpoint']}: {row['error']}", err=True)
+            where = " ".join(str(row[c]) for c in ("task", "mode", "checkpoint") if c in row and row[c] == row[c])
+            typer.echo(f"error: {name} {where}: {row['error']}", err=True)
     if n_errors:
         raise typer.Exit(code=1)  # the rows that worked are written; a rerun retries only the failed jobs
 
