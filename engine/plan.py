@@ -27,7 +27,8 @@ Model states (Rajbhandari et al. 2020, "ZeRO", §3 and Fig. 1, with what DeepSpe
     stage 3         weights pΨ/W + the gathered layers (two layers + the prefetch bucket), grads
                     pΨ/W, masters + Adam 12Ψ/W; step(): 4Ψ/W
     stages 1-3      + the contiguous-gradients bucket, reduce_bucket_size (5e8) x p bytes,
-                    allocated whatever the model size (stage_1_and_2.py `setup_buckets`, stage3.py)
+                    allocated whatever the model size (stage_1_and_2.py `setup_buckets`, stage3.py):
+                    1 GB in bf16 on a GPU; on a CPU only the pages gradients are written into
 
 The masters exist in fp32 runs too from stage 1 up (DeepSpeed clones the partition). The peak is
 the persistent states plus the larger of one micro-batch's activations (gradients are whole from
@@ -48,7 +49,9 @@ keep q, k, v, the output and a float32 log-sum-exp, no s² matrix), e bytes per 
     head            4h (mlm: dense, GELU, LayerNorm, decoder inputs) or 2h (clm: ln_f, lm_head)
                     + the float32 log-softmax 4·s·b·V; transients: logits and their gradient
 
-checked against measured peaks on CPU in tests/test_plan_memory.py (fp32, ZeRO 0).
+checked against measured peaks on CPU in tests/test_plan_memory.py (fp32, ZeRO 0: within 10 %
+for three rungs; bf16 ZeRO 0 and fp32 ZeRO 1 within 6 % in one-off runs of the same probe). The
+GPU-side constants (GPU_OVERHEAD_BYTES, GPU_FRAGMENTATION) are assumptions until measured on a GPU.
 
 No ray import here: this runs in `clmscale plan` and in the driver before Ray starts anything.
 """
@@ -185,7 +188,7 @@ def memory_per_device(
     zero_stage: int,
     world_size: int,
     bf16: bool,
-    fused_adam: bool,
+    device: Literal["cuda", "cpu"],
     overhead_bytes: float,
     fragmentation: float = 1.0,
     attention: Attention = "sdpa",
@@ -193,15 +196,18 @@ def memory_per_device(
 ) -> MemoryEstimate:
     """Peak bytes on one of `world_size` workers training `shape` (the table in the module docstring).
 
-    `fused_adam`: torch's fused AdamW (engine.train uses it on CUDA) makes no temporaries; the
-    single-tensor loop (CPU) makes two of the tensor it steps, which under ZeRO is the flat partition.
+    `device` "cuda": engine.train's fused AdamW makes no temporaries, and DeepSpeed's gradient bucket
+    is allocated whole. "cpu": torch's single-tensor AdamW makes two temporaries of the tensor it
+    steps (under ZeRO the flat partition), and only the bucket pages gradients are written into
+    become resident (`torch.empty` leaves the rest untouched).
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3 (got {zero_stage})")
     n, w, p = shape.n_params, world_size, 2 if bf16 else 4
+    bucket = p * (reduce_bucket_elements if device == "cuda" else min(reduce_bucket_elements, n))
 
     def adam_temporaries(elements: float) -> float:
-        return 0.0 if fused_adam else 2 * 4 * elements
+        return 0.0 if device == "cuda" else 2 * 4 * elements
 
     if zero_stage == 0:
         weights, gradients = p * n, p * n
@@ -212,14 +218,14 @@ def memory_per_device(
         weights = p * n
         gradients = p * n if zero_stage == 1 else p * n / w
         optimizer = 12 * n / w
-        buffers = p * reduce_bucket_elements
+        buffers = bucket
         step = 4 * n / w + (p * n / w if zero_stage == 1 else 0) + adam_temporaries(n / w)
     else:
         gathered = min(p * n, p * (2 * shape.layer_params + PREFETCH_BUCKET_ELEMENTS))
         weights = p * n / w + p * shape.persistent_params + gathered
         gradients = p * n / w
         optimizer = 12 * n / w
-        buffers = p * reduce_bucket_elements
+        buffers = bucket
         step = 4 * n / w + adam_temporaries(n / w)
     act = activation_bytes(shape, micro_batch_size, bytes_per_value=p, attention=attention)
     return MemoryEstimate(
@@ -295,7 +301,8 @@ def choose(
 
     def estimate(stage: int, workers: int, mb: int) -> MemoryEstimate:
         return memory_per_device(shape, micro_batch_size=mb, zero_stage=stage, world_size=workers, bf16=bf16,
-                                 fused_adam=on_gpu, overhead_bytes=overhead_bytes, fragmentation=fragmentation)
+                                 device="cuda" if on_gpu else "cpu", overhead_bytes=overhead_bytes,
+                                 fragmentation=fragmentation)
 
     smallest: tuple[int, int, int, MemoryEstimate] | None = None  # the least memory tried, for the error
     worker_counts = [r.workers] + (list(range(r.workers + 1, max_workers + 1)) if stage_auto else [])
@@ -426,7 +433,7 @@ def simulate(
         ledger.add(i, need, largest_first(need, h) if packed else (float(i),))
     limit = None
     if not packed:
-        limit = concurrency or min((copies_that_fit(n, nodes, reserved_cpus) for n in needs), default=1)
+        limit = concurrency or min((copies_that_fit(n, nodes, reserved_cpus, limit=len(needs)) for n in needs), default=1)
     start, end = [math.nan] * len(needs), [math.nan] * len(needs)
     running: list[tuple[float, int]] = []
     now = 0.0
@@ -446,7 +453,7 @@ def simulate(
 def occupancy(needs: Sequence[TrialNeed], schedule: Schedule, n_gpus: float) -> float:
     """GPU-hours held / (cluster GPUs x makespan)."""
     held = sum(n.gpus * (e - s) for n, s, e in zip(needs, schedule.start_h, schedule.end_h, strict=True))
-    return held / (n_gpus * schedule.makespan_h) if schedule.makespan_h > 0 else math.nan
+    return held / (n_gpus * schedule.makespan_h) if n_gpus and schedule.makespan_h > 0 else math.nan
 
 
 def cluster_nodes(gpus: int, *, gpus_per_node: int | None = None, cpus_per_node: float | None = None) -> list[Node]:
@@ -570,7 +577,7 @@ def plan_sweep(
                               max_seq_len).n_params, tokens, flops, choice, need.gpus, hours, hours / held))  # fmt: skip
     wall = [t.wall_hours for t in rows]
     packed = simulate(needs, wall, nodes, reserved_cpus=reserved_cpus, packed=True)
-    today = min((copies_that_fit(n, nodes, reserved_cpus) for n in needs), default=1)
+    today = min((copies_that_fit(n, nodes, reserved_cpus, limit=len(needs)) for n in needs), default=1)
     serial = simulate(needs, wall, nodes, reserved_cpus=reserved_cpus, packed=False, concurrency=today)
     hessian = {}
     if cfg.analysis.hessian_top_k > 0:

@@ -101,7 +101,7 @@ def _predicted(case: tuple) -> float:
     family, rung, micro, seq_len, precision = case
     shape = model_shape(family, LADDER[rung], VOCAB, seq_len)
     return memory_per_device(shape, micro_batch_size=micro, zero_stage=0, world_size=1, bf16=precision == "bf16",
-                             fused_adam=False, overhead_bytes=0.0).total  # fmt: skip
+                             device="cpu", overhead_bytes=0.0).total  # fmt: skip
 
 
 @pytest.mark.timeout(300)
