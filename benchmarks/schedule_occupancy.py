@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.admission import DATA_CPUS, TRIAL_CPU, trial_need
 from engine.config import ResourcesConfig, Trial
-from engine.packing import PackingSearcher, ray_nodes
+from engine.packing import PackingSearcher, gpu_memory_gb, ray_nodes
 from engine.plan import device_hours, trial_flops
 from engine.train import smoke_trial
 
@@ -186,7 +186,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.cpus, num_gpus=N_GPUS, include_dashboard=False,
              object_store_memory=128 * 1024**2)  # fmt: skip
     warm_up_workers(args.cpus)
-    out = {"n_gpus": N_GPUS, "n_cpus": args.cpus, "reuse_actors": args.reuse_actors, "runs": {}}
+    out = {"n_gpus": N_GPUS, "n_cpus": args.cpus, "reuse_actors": args.reuse_actors, "runs": {},
+           "gpu_memory_gb": gpu_memory_gb(timeout_s=120)}  # None: logical GPUs, torch sees no CUDA
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
             result = run(mode, trials, seconds, Path(tmp), args.wait_timeout_s, args.time_budget_s, args.reuse_actors)

@@ -118,6 +118,7 @@ class AdmissionController:
     reserved_cpus: float = 0.0  # kept free on at least one node (Ray Data's tasks need a whole CPU there)
     _state: list[_NodeState] = field(init=False)
     _entries: dict[Hashable, _Entry] = field(init=False, default_factory=dict)
+    _n_added: int = field(init=False, default=0)  # tie-breaker: among equal priorities, first added first
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -171,7 +172,8 @@ class AdmissionController:
                 f"trial {key!r} needs {need.cpus:g} CPUs and {need.gpus:g} GPUs ({_bundles_text(need)}), which "
                 f"the cluster cannot hold even when idle: {self.capacity_text()}"
             )
-        self._entries[key] = _Entry(need, priority if priority is not None else largest_first(need), len(self._entries))
+        self._entries[key] = _Entry(need, priority if priority is not None else largest_first(need), self._n_added)
+        self._n_added += 1
 
     def admit(self, limit: int | None = None) -> list[Hashable]:
         """Start every queued trial that fits now, largest first (at most `limit` of them, counting

@@ -60,7 +60,11 @@ def test_largest_first_with_backfilling():
     ledger.release("mid")  # one GPU free: big2 (2) cannot start, the smalls can
     assert ledger.admit() == ["small0", "small1"]
     ledger.release("big")
+    ledger.add("never runs", need(0.25))
+    ledger.withdraw("never runs")  # e.g. found finished on resume
     assert ledger.admit() == ["big2"]
+    with pytest.raises(ValueError, match="not queued"):
+        ledger.withdraw("big2")
 
 
 def test_the_reserved_cpu_stays_free_and_an_impossible_trial_is_refused_by_name():

@@ -97,7 +97,9 @@ def test_mixed_grid_packs_on_a_real_local_cluster(tmp_path):
            "--seeds", "1", "--longest-s", "10", "--reuse-actors", "--wait-timeout-s", "60", "--time-budget-s", "300", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    run = json.loads(out.read_text())["runs"]["packed"]
+    result = json.loads(out.read_text())
+    assert result["gpu_memory_gb"] is None  # logical GPUs: torch sees no CUDA, so no memory to plan with
+    run = result["runs"]["packed"]
     records, n_gpus = run["records"], 4
     assert run["errors"] == [] and len(records) == run["n_trials"] == 10  # every trial ran, once
     assert sorted(r["name"] for r in records) == sorted({r["name"] for r in records})
@@ -110,12 +112,16 @@ def test_mixed_grid_packs_on_a_real_local_cluster(tmp_path):
     placement = {r["name"]: r["ready"] - r["entered"] for r in records}
     assert max(placement.values()) < 5.0, placement
 
-    # trials of different sizes overlap, and the cluster is never over-committed
-    events = sorted({r["ready"] for r in records})
-    concurrent = [[r for r in records if r["ready"] <= t < r["released"]] for t in events]
-    assert max(len(c) for c in concurrent) >= 4
-    assert max(len({r["gpus"] for r in c}) for c in concurrent) >= 2
-    assert all(sum(r["gpus"] for r in c) <= n_gpus + 1e-9 for c in concurrent)
+    # trials of different sizes overlap, and the cluster is never over-committed. Admitted (the
+    # scheduler's decision) at once: 1 + 1 + 0.5 + 0.5 + 0.25 + 0.25 GPUs. Holding their bundles at
+    # once: fewer, as Tune starts one new trial actor every few seconds on this 2-core machine.
+    def overlaps(start: str) -> list[list[dict]]:
+        return [[r for r in records if r[start] <= t < r["released"]] for t in sorted({r[start] for r in records})]
+
+    admitted, held = overlaps("admitted"), overlaps("ready")
+    assert max(len(c) for c in admitted) >= 4 and max(len({r["gpus"] for r in c}) for c in admitted) >= 3
+    assert max(len({r["gpus"] for r in c}) for c in held) >= 2
+    assert all(sum(r["gpus"] for r in c) <= n_gpus + 1e-9 for c in admitted + held)
 
     # no trial waits for admission while enough GPUs are free for it (slack: Tune's control loop)
     waits = admission_waits(records, n_cpus=4, n_gpus=n_gpus)
