@@ -1,6 +1,7 @@
 """GPU occupancy of a mixed grid on Ray Tune: `engine.packing.PackingSearcher` (heterogeneous
 packing, largest first) against today's scheduling (Tune's grid order with one
-`max_concurrent_trials` for all trials, `engine.sweep.plan_concurrency`), in the same run.
+`max_concurrent_trials` for all trials: the minimum over trials of how many copies fit, which is
+what the sweep did before packing), in the same run.
 
 The grid is 20 trials of five shapes (rung s on 0.25 GPU, m on 0.5, l on 1, xl on 2 workers x 1
 GPU, 2xl on 4 workers x 1 GPU: the whole cluster, as paper.yaml's 6xl on 8 GPUs; two budgets, two
@@ -31,7 +32,7 @@ from ray import tune
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.admission import DATA_CPUS, TRIAL_CPU, trial_need
+from engine.admission import DATA_CPUS, TRIAL_CPU, copies_that_fit, trial_need
 from engine.config import ResourcesConfig, Trial
 from engine.packing import PackingSearcher, gpu_memory_gb, ray_nodes
 from engine.plan import device_hours, trial_flops
@@ -112,8 +113,6 @@ def sleep_trial(config: dict) -> None:
 def run(mode: str, trials: list[Trial], seconds: list[float], storage: Path, wait_timeout_s: float,
         time_budget_s: float, reuse_actors: bool) -> dict:  # fmt: skip
     """One scheduler over the whole grid; returns its per-trial records and the concurrency it used."""
-    from engine.sweep import plan_concurrency
-
     configs = [{"cfg": {"name": t.trial_id, "seconds": s, "wait_timeout_s": wait_timeout_s,
                         "bundles": [[t.resources.cpus_per_worker, t.resources.gpus_per_worker]] * t.resources.workers,
                         "gpus": t.resources.workers * t.resources.gpus_per_worker}}
@@ -130,7 +129,8 @@ def run(mode: str, trials: list[Trial], seconds: list[float], storage: Path, wai
         tuner = tune.Tuner(trainable, param_space={}, tune_config=tune_config, run_config=run_config)
         concurrency = None
     else:
-        concurrency = plan_concurrency(trials, ray.cluster_resources(), None)
+        nodes = ray_nodes()
+        concurrency = max(1, min(copies_that_fit(trial_need(t.resources, TRIAL_CPU), nodes, DATA_CPUS) for t in trials))
         tune_config = tune.TuneConfig(max_concurrent_trials=concurrency, time_budget_s=time_budget_s,
                                       reuse_actors=reuse_actors)
         tuner = tune.Tuner(trainable, param_space={"cfg": tune.grid_search([c["cfg"] for c in configs])},

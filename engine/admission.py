@@ -271,8 +271,8 @@ class AdmissionController:
 def copies_that_fit(need: TrialNeed, nodes: Sequence[Node], reserved_cpus: float, limit: int = 10_000) -> int:
     """How many copies of one trial fit the idle cluster at once (0 when none does; at most `limit`).
 
-    The minimum of this over a grid is what `engine.sweep.plan_concurrency` caps Tune's
-    `max_concurrent_trials` at today, so one large trial sets the concurrency of every small one.
+    The minimum of this over a grid is the one-at-a-time baseline: the concurrency the sweep capped
+    a whole grid at before packing, so one large trial set the concurrency of every small one.
     """
     ledger = AdmissionController(nodes, reserved_cpus)
     n = 0

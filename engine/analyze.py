@@ -371,7 +371,12 @@ def task_characteristics_job(ctx: Context, task: str) -> list[dict]:
 
 def _pretrained(ctx: Context, ck: CheckpointRef, device: str = "cpu"):
     """The pretrained model (eager attention, eval mode) and the first `hessian_batches` of its trial's
-    own fixed validation batches, on `device`."""
+    own fixed validation batches, each cut into pieces of `analysis.hessian_micro_batch` rows, on `device`.
+
+    The pieces change no number: every loss over them is token-weighted (the objective's own mean), so
+    it equals the loss over the whole batches; they bound the double backward's activations, which the
+    trial's micro-batch (sized by `auto` to fill a device for plain training) would not.
+    """
     from engine import data, models
 
     model = models.load_pretrained(ctx.rd.path(ck.path))
@@ -380,7 +385,9 @@ def _pretrained(ctx: Context, ck: CheckpointRef, device: str = "cpu"):
     batches = data.trial_validation_batches(ctx.rd, ctx.trials[ck.trial_id], ctx.cfg.model.max_seq_len,
                                             n_batches=ctx.cfg.analysis.hessian_batches,
                                             tokenizer=ctx.rd.path(ck.path))
-    return model, [{k: v.to(device) for k, v in b.items()} for b in batches]
+    rows = ctx.cfg.analysis.hessian_micro_batch
+    pieces = [{k: v[i : i + rows] for k, v in b.items()} for b in batches for i in range(0, len(b["input_ids"]), rows)]
+    return model, [{k: v.to(device) for k, v in p.items()} for p in pieces]
 
 
 def pretraining_loss(model, batch) -> Any:

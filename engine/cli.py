@@ -1,6 +1,7 @@
 """`clmscale`: one command per pipeline stage, each a thin wrapper over a plain function.
 
     clmscale validate sweeps/demo.yaml      # the resolved config and the trial grid
+    clmscale plan     sweeps/paper.yaml     # memory, ZeRO stage, micro-batch, device-hours, makespan
     clmscale prepare  sweeps/demo.yaml      # corpus -> shards + manifest + tokenizer
     clmscale sweep    sweeps/demo.yaml      # the pretraining grid on Ray Tune
     clmscale status   runs/demo             # a table of trials
@@ -69,6 +70,36 @@ def validate(sweep_file: Path) -> None:
             f"{budget:>16s} seed={t.seed} lr={t.train.lr:g} batch={t.train.batch_size} "
             f"zero={t.train.zero_stage} workers={t.resources.workers} gpus/worker={t.resources.gpus_per_worker:g}"
         )
+
+
+@app.command()
+@user_errors
+def plan(
+    sweep_file: Path,
+    gpus: int = typer.Option(8, help="GPUs of the cluster to plan for (0: CPU workers)."),
+    gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="Memory of one GPU, GB."),
+    mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed for the device-hours and makespan."),
+    gpu: str = typer.Option("H100", help="GPU model (a key of engine.models.PEAK_FLOPS) or its peak in TF/s."),
+    gpus_per_node: int = typer.Option(None, help="GPUs per node (default: all on one node)."),
+    cpus_per_node: float = typer.Option(None, help="CPUs per node (default: 16 per GPU)."),
+    vocab_size: int = typer.Option(None, help="Vocabulary size (default: the run's tokenizer, else 512)."),
+) -> None:
+    """Per trial: parameters, FLOPs, memory per device, the ZeRO stage and micro-batch `auto` picks, device-hours;
+    per grid: the makespan packed and one trial at a time. Nothing runs."""
+    from engine import plan as planner
+
+    cfg = load_sweep(sweep_file)
+    rd = RunDir(cfg.run_dir)
+    tokens_per_epoch = None
+    if rd.data.has_manifest():
+        manifest = rd.manifest()
+        vocab_size = vocab_size or manifest.tokenizer.vocab_size
+        tokens_per_epoch = manifest.counts.train.n_tokens + 2 * manifest.counts.train.n_molecules
+    result = planner.plan_sweep(cfg, gpus=gpus, gpu_memory_gb=gpu_memory, mfu=mfu,
+                                peak_flops=planner.peak_flops_per_s(gpu), vocab_size=vocab_size or 512,
+                                tokens_per_epoch=tokens_per_epoch, gpus_per_node=gpus_per_node,
+                                cpus_per_node=cpus_per_node)
+    typer.echo(planner.format_plan(result))
 
 
 @app.command()

@@ -98,8 +98,8 @@ class RungOverrides(Strict):
 
     lr: float | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0)
-    micro_batch_size: int | None = Field(None, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] | None = None
+    micro_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] | None = None
+    zero_stage: Literal["auto", 0, 1, 2, 3] | None = None
     workers: int | None = Field(None, gt=0)
     gpus_per_worker: float | None = Field(None, ge=0)  # e.g. 0.25: four tiny trials share a GPU
     cpus_per_worker: float | None = Field(None, gt=0)
@@ -162,7 +162,8 @@ class BudgetConfig(Strict):
 
 class TrainConfig(Strict):
     batch_size: int = Field(64, gt=0)  # global batch in sequences (all workers, all micro-steps)
-    micro_batch_size: int = Field(32, gt=0)  # per worker per forward pass
+    # per worker per forward pass; auto: the largest power of two that fits the device (engine.plan)
+    micro_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     lr: float = Field(1e-3, gt=0)  # peak
     lr_min_ratio: float = Field(0.1, ge=0, le=1)  # floor of the decay, as a fraction of peak
     warmup_fraction: float = Field(0.05, ge=0, lt=1)  # of the token budget
@@ -172,7 +173,9 @@ class TrainConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.98)  # RoBERTa's beta2
     grad_clip: float = Field(1.0, ge=0)  # 0 disables
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    zero_stage: Literal[0, 1, 2, 3] = 1
+    # auto: 0 when the trial fits one device (on one worker any stage is pure overhead), else the
+    # smallest stage that fits (engine.plan.choose, at the sweep's start)
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     packing: bool = False  # pack several SMILES per sequence instead of padding each
     checkpoints: int = Field(4, ge=1)  # log-spaced token milestones per run, the last at the budget
@@ -182,7 +185,7 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainConfig:
-        if self.batch_size % self.micro_batch_size:
+        if self.micro_batch_size != "auto" and self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size must be a multiple of micro_batch_size "
                 f"(got batch_size: {self.batch_size} and micro_batch_size: {self.micro_batch_size})"
@@ -195,6 +198,7 @@ class ResourcesConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # fractions let tiny rungs share a GPU
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster fits
+    gpu_memory_gb: float | None = Field(None, gt=0)  # per GPU, for the planner; None: asked of the cluster
     max_failures: int = Field(2, ge=0)  # retries of a trial whose worker dies
 
     @model_validator(mode="after")
@@ -277,6 +281,7 @@ class AnalysisConfig(Strict):
     checkpoints: Literal["final", "all"] = "final"
     hessian_top_k: int = Field(5, ge=0)  # 0 skips Hessian spectra
     hessian_batches: int = Field(2, gt=0)  # validation batches the Hessian is taken over
+    hessian_micro_batch: int = Field(32, gt=0)  # rows per HVP piece: bounds the double backward's activations
     hessian_max_iter: int = Field(60, gt=0)  # Lanczos steps
     hessian_workers: int = Field(1, gt=0)  # Ray Train workers sharing the batches of one HVP (<= hessian_batches)
     hessian_finetune: bool = True  # also the Hessian of each task's fine-tuning loss (needs mode finetune)
@@ -357,6 +362,8 @@ class Trial(Strict):
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> Trial:
+        if self.train.micro_batch_size == "auto":
+            return self  # made concrete (and checked again) by engine.plan at the sweep's start
         per_step = self.train.micro_batch_size * self.resources.workers
         if self.train.batch_size % per_step:
             raise ValueError(
@@ -368,6 +375,8 @@ class Trial(Strict):
 
     @property
     def grad_accumulation_steps(self) -> int:
+        if self.train.micro_batch_size == "auto":
+            raise ValueError(f"{self.trial_id}: micro_batch_size is still auto; the sweep resolves it (engine.plan)")
         return self.train.batch_size // (self.train.micro_batch_size * self.resources.workers)
 
 

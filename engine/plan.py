@@ -12,7 +12,7 @@ The story, in order:
    a given MFU and peak FLOP/s (`peak_flops_per_s` takes a GPU name or a TF/s number).
 4. `simulate` — the grid on the cluster, replaying `engine.admission.AdmissionController`
    (largest first, fractional GPUs sharing a device) against today's one-concurrency-for-all.
-5. `hessian_bytes_local_estimate` — the Hessian job of `engine.analyze` per rung.
+5. `hessian_bytes` — the Hessian job of `engine.analyze` per rung (with `engine.hessian.memory_estimate`).
 6. `plan_sweep` puts it together; `format_plan` prints it.
 
 Model states (Rajbhandari et al. 2020, "ZeRO", §3 and Fig. 1, with what DeepSpeed 0.19 adds):
@@ -252,6 +252,11 @@ def _is_auto(value: object) -> bool:
     return value is None or value == "auto"
 
 
+def needs_choice(trial: Trial) -> bool:
+    """Whether the trial's ZeRO stage or micro-batch is still `auto`."""
+    return _is_auto(trial.train.zero_stage) or _is_auto(trial.train.micro_batch_size)
+
+
 def bf16_of(trial: Trial) -> bool:
     """Precision as engine.train resolves it: auto is bf16 on a GPU, fp32 on a CPU."""
     precision = trial.train.precision
@@ -368,18 +373,16 @@ def budget_tokens_of(trial: Trial, tokens_per_epoch: int | None) -> int:
 def peak_flops_per_s(gpu: str | float, *, bf16: bool = True) -> float:
     """Peak FLOP/s of one device: a number is TF/s; a name must equal an entry of the peak table.
 
-    Exact names only: a substring match reads "H200 NVL" as "H200" (issue 16). The table moves
-    from engine.train to engine.models (issue 16, item 5); either place is read.
+    Exact names only: a substring match reads "H200 NVL" as "H200" (issue 16); the table is
+    engine.models.PEAK_FLOPS.
     """
     if isinstance(gpu, int | float) or _is_number(gpu):
         tflops = float(gpu)
         if not tflops > 0:
             raise ValueError(f"peak TF/s must be positive (got {gpu})")
         return tflops * 1e12
-    try:
-        from engine.models import PEAK_FLOPS  # type: ignore[attr-defined]
-    except ImportError:
-        from engine.train import PEAK_FLOPS
+    from engine.models import PEAK_FLOPS
+
     table = dict(PEAK_FLOPS)
     for name, (bf16_peak, fp32_peak) in table.items():
         if name.lower() == str(gpu).strip().lower():
@@ -469,32 +472,29 @@ def cluster_nodes(gpus: int, *, gpus_per_node: int | None = None, cpus_per_node:
 # 5. the Hessian job
 
 
-def hessian_bytes_local_estimate(
+def hessian_bytes(
     shape: ModelShape,
     *,
     micro_batch_size: int,
-    n_batches: int,
     max_iter: int,
+    top_k: int,
     trace_matvecs: int,
     density_runs: int,
-    density_steps: int = 50,
+    n_workers: int = 1,
 ) -> float:
-    """Peak bytes of one worker of today's `engine.hessian.spectrum` (fp32 model, float64 Krylov).
+    """Peak bytes of one worker of `engine.hessian.spectrum` on this shape: the fp32 weights, what
+    `engine.hessian.memory_estimate` counts (one HVP's parameter-sized tensors and the largest
+    estimator's stored vectors: a fixed Lanczos basis, this worker's slice of it when distributed),
+    and about three times the eager-attention activations of one batch for the double backward (an
+    assumption: the forward's saved tensors plus the first backward's graph). Batches are taken one
+    at a time, so their number does not add."""
+    from engine.hessian import memory_estimate
 
-    A local estimate of the implementation at the time of writing, to be replaced by
-    `engine.hessian.memory_estimate` (issue 16, item 4): weights 4Ψ; the gradient 8Ψ (kept for
-    its norm); the largest Krylov store of the three estimators — Lanczos' basis 8Ψ·max_iter,
-    Hutch++'s H·S and Q 2·8Ψ·(trace_matvecs/3), SLQ's basis 8Ψ·density_steps — plus four float64
-    work vectors; an HVP's create_graph gradients, H v and the cast v (3·4Ψ); and about three
-    times the eager-attention activations of one batch for the double backward (an assumption:
-    the forward's saved tensors plus the first backward's graph). Every worker of a distributed
-    Hessian holds all of it. `n_batches` does not add: batches are taken one at a time.
-    """
-    del n_batches  # the HVP loops over batches; only one batch's graph is alive at a time
     n = shape.n_params
-    krylov = max(8 * n * max_iter, 2 * 8 * n * (trace_matvecs // 3), 8 * n * density_steps if density_runs else 0)
+    extra = memory_estimate(n, "float32", max_iter, max(top_k, 1), trace_matvecs, n_workers,
+                            density_runs=density_runs)["peak_bytes"]
     act = activation_bytes(shape, micro_batch_size, bytes_per_value=4, attention="eager")
-    return 4 * n + 8 * n + krylov + 4 * 8 * n + 3 * 4 * n + 3 * act.saved + act.transient
+    return 4 * n + extra + 3 * act.saved + act.transient
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +527,7 @@ class SweepPlan:
     occupancy_packed: float
     occupancy_today: float
     hessian_bytes: dict[str, float] = field(default_factory=dict)  # per rung, one worker
+    hessian_workers: int = 1
 
     @property
     def device_hours(self) -> float:
@@ -585,17 +586,18 @@ def plan_sweep(
             if row.rung in hessian:
                 continue
             shape = model_shape(trial.family, trial.size, vocab_size, max_seq_len)
-            # engine.analyze takes the sweep-wide train.micro_batch_size; under auto, the trial's own
-            micro = row.choice.micro_batch_size if _is_auto(cfg.train.micro_batch_size) else cfg.train.micro_batch_size
-            hessian[row.rung] = hessian_bytes_local_estimate(
-                shape, micro_batch_size=micro, n_batches=cfg.analysis.hessian_batches,
-                max_iter=cfg.analysis.hessian_max_iter, trace_matvecs=cfg.analysis.trace_matvecs,
-                density_runs=cfg.analysis.density_runs,
+            # engine.analyze cuts the trial's validation batches into pieces of analysis.hessian_micro_batch rows
+            micro = min(cfg.analysis.hessian_micro_batch, row.choice.micro_batch_size)
+            hessian[row.rung] = hessian_bytes(
+                shape, micro_batch_size=micro, max_iter=cfg.analysis.hessian_max_iter,
+                top_k=cfg.analysis.hessian_top_k, trace_matvecs=cfg.analysis.trace_matvecs,
+                density_runs=cfg.analysis.density_runs, n_workers=cfg.analysis.hessian_workers,
             )  # fmt: skip
     return SweepPlan(
         trials=rows, n_gpus=gpus, gpu_memory_gb=gpu_memory_gb, mfu=mfu, peak_flops=peak_flops, packed=packed,
         one_at_a_time=serial, concurrency_today=today, occupancy_packed=occupancy(needs, packed, gpus),
         occupancy_today=occupancy(needs, serial, gpus), hessian_bytes=hessian,
+        hessian_workers=cfg.analysis.hessian_workers,
     )  # fmt: skip
 
 
@@ -626,7 +628,8 @@ def format_plan(plan: SweepPlan) -> str:
         + (f"; packed is {serial / packed:.2f}x faster" if packed > 0 else ""),
     ]
     if plan.hessian_bytes:
-        lines.append("# Hessian job per rung, one worker (local estimate of today's float64 Lanczos): "
+        lines.append(f"# Hessian job per rung, per worker of {plan.hessian_workers} (fixed Lanczos basis, sliced over "
+                     "the workers; pieces of analysis.hessian_micro_batch rows): "
                      + ", ".join(f"{rung} {b / GB:.3g} GB" for rung, b in plan.hessian_bytes.items()))
     return "\n".join(lines)
 

@@ -258,8 +258,10 @@ class TrialDir:
     def write_spec(self, spec: Mapping[str, Any]) -> None:
         write_json_atomic(self.path / "trial.json", spec)
 
-    def spec(self) -> dict[str, Any]:
-        return json.loads((self.path / "trial.json").read_text())
+    def spec(self) -> dict[str, Any] | None:
+        """The spec the sweep launched the trial with, or None for a trial not started yet."""
+        path = self.path / "trial.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     @property
     def metrics_path(self) -> Path:
@@ -674,8 +676,14 @@ class RunDir:
         write_text_atomic(self.sweep_yaml, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     def trials_by_id(self) -> dict[str, Trial]:
-        """The grid of the sweep.yaml, by trial id (each with its rung's overrides applied)."""
-        return {t.trial_id: t for t in expand_grid(self.config())}
+        """The grid of the sweep.yaml, by trial id (each with its rung's overrides applied); a trial that
+        started is as its trial.json records it (`auto` settings made concrete by the sweep)."""
+        trials = {t.trial_id: t for t in expand_grid(self.config())}
+        for trial_id in trials:
+            spec = self.trial(trial_id).spec()
+            if spec is not None:
+                trials[trial_id] = Trial.model_validate(spec["trial"])
+        return trials
 
     # ---- data/ ---------------------------------------------------------------------------------
     @property

@@ -30,14 +30,13 @@ import pandas as pd
 import ray
 from ray import tune
 
+from engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Node, trial_need
 from engine.config import Strict, SweepConfig, Trial, expand_grid
 from engine.rundir import TABLES, Manifest, RunDir, TrainResult, TrialDir
 
 log = logging.getLogger("clmscale")
 
 INJECT_NAN_TRIAL_ENV = "CLMSCALE_INJECT_NAN_TRIAL"  # tests only: "<trial_id>:<step>" makes that trial's loss NaN
-TRIAL_CPU = 0.01  # the Tune function only waits on its trainer; Train V2's controller takes 0 CPUs
-DATA_CPUS = 1.0  # one whole CPU kept free: Ray Data's read and map tasks each ask for 1 (they hang without it)
 
 
 class SweepError(ValueError):
@@ -85,27 +84,48 @@ def token_budget(trial: Trial, manifest: Manifest) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. resources: what fits, how many at once
+# 2. resources: what fits, and the ZeRO stage and micro-batch of `auto`
 
 
-def plan_concurrency(trials: list[Trial], cluster: dict[str, float], requested: int | None) -> int:
-    """How many trials may run at once; raises if one trial alone cannot fit the cluster."""
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    fits = []
+def check_fits(trials: list[Trial], nodes: list[Node]) -> None:
+    """Raise, naming the trial, its need and the cluster, if a trial cannot fit even the idle cluster
+    (its Tune actor, every worker bundle, and one CPU left for Ray Data): it would wait forever."""
+    ledger = AdmissionController(nodes, DATA_CPUS)
     for t in trials:
-        r = t.resources
-        need_cpu, need_gpu = r.workers * r.cpus_per_worker + TRIAL_CPU, r.workers * r.gpus_per_worker
-        if need_cpu + DATA_CPUS > cpus + 1e-9 or need_gpu > gpus + 1e-9:
+        need = trial_need(t.resources, TRIAL_CPU)
+        if not ledger.fits_empty(need):
             raise SweepError(
-                f"trial {t.trial_id} needs {need_cpu:g} CPUs (+{DATA_CPUS:g} for Ray Data) and {need_gpu:g} GPUs, "
-                f"but the cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower resources.workers, "
-                f"cpus_per_worker or gpus_per_worker"
+                f"trial {t.trial_id} needs {need.cpus:g} CPUs (+{DATA_CPUS:g} for Ray Data) and {need.gpus:g} GPUs, "
+                f"but the cluster has {ledger.capacity_text()} ({t.resources.workers} worker(s) of "
+                f"{t.resources.cpus_per_worker:g} CPUs and {t.resources.gpus_per_worker:g} GPUs); lower "
+                "resources.workers, cpus_per_worker or gpus_per_worker"
             )
-        by_cpu = math.floor((cpus - DATA_CPUS) / need_cpu)
-        by_gpu = math.floor(gpus / need_gpu + 1e-9) if need_gpu else by_cpu
-        fits.append(max(1, min(by_cpu, by_gpu)))
-    concurrency = min(fits) if fits else 1
-    return min(concurrency, requested) if requested else concurrency
+
+
+def resolve_auto(trials: list[Trial], nodes: list[Node], cfg: SweepConfig, vocab_size: int) -> list[Trial]:
+    """Each trial with `zero_stage` / `micro_batch_size: auto` made concrete by `engine.plan.choose`:
+    ZeRO 0 when it fits one device, else the smallest stage that fits; the largest micro-batch that
+    fits. Raises SweepError (with the numbers) for a trial that fits nowhere."""
+    from engine import plan
+
+    if not any(plan.needs_choice(t) for t in trials):
+        return trials
+    gpus = sum(n.gpus for n in nodes)
+    gpu_memory = cfg.resources.gpu_memory_gb
+    if gpu_memory is None and gpus:
+        from engine.packing import gpu_memory_gb
+
+        gpu_memory = gpu_memory_gb()
+    resolved = []
+    for t in trials:
+        try:
+            choice = plan.choose(t, gpus, gpu_memory or 0.0, vocab_size=vocab_size, max_seq_len=cfg.model.max_seq_len)
+        except plan.PlanError as err:
+            raise SweepError(str(err)) from None
+        resolved.append(plan.apply_choice(t, choice))
+        if choice.note:
+            log.info(f"[{t.trial_id}] {choice.note}")
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,50 +330,77 @@ def progress_text(trial_id: str, m: dict) -> str:
 
 
 def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
-    """Prepare if needed, run every trial on the Ray cluster found (or a local one), collect results."""
+    """Prepare if needed, run every trial on the Ray cluster found (or a local one), collect results.
+
+    Trials are handed to Tune by `engine.packing.PackingSearcher`: the largest trial whose whole worker
+    group fits the free resources, smaller ones filling the gaps, so a mixed grid runs side by side
+    without a trial's workers ever waiting on a sibling's. A trial that ended (its folder holds a
+    result) is not run again; one that was running resumes from its folder, with the ZeRO stage and
+    micro-batch it started with.
+    """
+    from engine.packing import PackingSearcher, ray_nodes
     from engine.prepare import prepare
 
     rd = RunDir(cfg.run_dir.resolve())
     check_run_dir(cfg, rd, resume)
-    trials = expand_grid(cfg)
     if not ray.is_initialized():
         ray.init()
-    concurrency = plan_concurrency(trials, ray.cluster_resources(), cfg.resources.max_concurrent_trials)  # before any write
+    nodes = ray_nodes()
+    recorded = rd.trials_by_id() if resume else {}  # what each started trial ran with (trial.json)
+    trials = [recorded.get(t.trial_id, t) for t in expand_grid(cfg)]
+    check_fits(trials, nodes)  # before any write
     rd.write_config(cfg)
     manifest = prepare(cfg.data, rd.data)
-    log.info(f"sweep {cfg.name}: {len(trials)} trials, up to {concurrency} at once, in {rd.root}")
+    trials = resolve_auto(trials, nodes, cfg, manifest.tokenizer.vocab_size)
+    check_fits(trials, nodes)  # auto may have raised a trial's workers
+    todo = [t for t in trials if rd.trial(t.trial_id).result() is None]
+    log.info(f"sweep {cfg.name}: {len(trials)} trials ({len(trials) - len(todo)} already ended), packed onto "
+             f"{len(nodes)} node(s) with {sum(n.cpus for n in nodes):g} CPUs and {sum(n.gpus for n in nodes)} GPUs, "
+             f"in {rd.root}")
+    if todo:
+        _tune(cfg, rd, todo, manifest, nodes, PackingSearcher)
+    table = collect_pretrain_table(rd, trials)
+    log.info(f"wrote {rd.table_path('pretrain')} ({len(table)} checkpoints)")
+    return table
+
+
+def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest, nodes: list[Node],
+          searcher_class) -> None:
+    """Ray Tune over `trials`, admitted by the packing searcher (largest first, by FLOPs within a size)."""
+    from engine.models import build_config, flops_per_token
 
     specs = [
         TrialSpec(trial=t, run_dir=rd.root, budget_tokens=token_budget(t, manifest), max_seq_len=cfg.model.max_seq_len,
                   dropout=cfg.model.dropout, worker_env=_fault_injection(t.trial_id)).model_dump(mode="json")
         for t in trials
     ]
-    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})
-    tuner_path = rd.tune / "pretrain"
-    if resume and tune.Tuner.can_restore(str(tuner_path)):
-        tuner = tune.Tuner.restore(
-            str(tuner_path), trainable=trainable, param_space={"cfg": tune.grid_search(specs)}, restart_errored=True
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cfg": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=concurrency, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name
-            ),
-            run_config=tune.RunConfig(
-                name="pretrain",
-                storage_path=str(rd.tune),
-                callbacks=[ProgressLine()],
-                verbose=0,
-                # a trial whose Tune actor dies with its node is started again: it resumes from its folder
-                failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-            ),
-        )
+    costs = [flops_per_token(build_config(t.family, t.size, manifest.tokenizer.vocab_size, cfg.model.max_seq_len),
+                             cfg.model.max_seq_len) * s["budget_tokens"] for t, s in zip(trials, specs, strict=True)]
+    try:
+        searcher = searcher_class([{"cfg": s} for s in specs], [trial_need(t.resources, TRIAL_CPU) for t in trials],
+                                  [t.trial_id for t in trials], nodes, reserved_cpus=DATA_CPUS, costs=costs,
+                                  max_concurrent=cfg.resources.max_concurrent_trials)
+    except ValueError as err:
+        raise SweepError(str(err)) from None
+    previous = sorted(p.name for p in rd.tune.glob("pretrain*")) if rd.tune.exists() else []
+    name = "pretrain" if not previous else f"pretrain-{len(previous)}"  # Tune's own records of each (re)start
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"cpu": TRIAL_CPU}),
+        param_space={},  # the grid comes from the searcher
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=len(specs), max_concurrent_trials=len(specs),
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(rd.tune),
+            callbacks=[ProgressLine()],
+            verbose=0,
+            # a trial whose Tune actor dies with its node is started again: it resumes from its folder
+            failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+        ),
+    )
     tuner.fit()
-    table = collect_pretrain_table(rd, trials)
-    log.info(f"wrote {rd.table_path('pretrain')} ({len(table)} checkpoints)")
-    return table
 
 
 # ---------------------------------------------------------------------------------------------

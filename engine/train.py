@@ -171,6 +171,9 @@ def train(
     `ray.train.report` requires. Resumes from the latest complete checkpoint in `trial_dir`.
     """
     cfg = trial.train
+    if cfg.zero_stage == "auto" or cfg.micro_batch_size == "auto":
+        raise ValueError(f"trial {trial.trial_id}: zero_stage and micro_batch_size must be concrete here (got "
+                         f"{cfg.zero_stage!r}, {cfg.micro_batch_size!r}); engine.plan.choose resolves auto, as the sweep does")
     folder = trial_dir if isinstance(trial_dir, TrialDir) else TrialDir(Path(trial_dir))
     budget = budget_tokens if budget_tokens is not None else trial.budget_tokens
     if budget is None or budget <= 0:

@@ -3,6 +3,8 @@ nothing admitted beyond capacity, nothing left waiting while it fits, refusals w
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from conftest import pulled_in
@@ -126,17 +128,20 @@ def test_random_grids_never_overcommit_and_nothing_waits_that_fits():
         assert ledger.free_gpus == pytest.approx(n_gpus)
 
 
-def test_copies_that_fit_is_what_plan_concurrency_computes_today():
-    from engine.sweep import plan_concurrency
+def test_copies_that_fit_on_one_node_is_the_arithmetic_of_cpus_and_gpus():
+    """On one node, how many copies fit is min over CPUs (less Ray Data's) and GPUs: the concurrency the
+    sweep used to cap a whole grid at (the one-at-a-time baseline of benchmarks/schedule_occupancy.py)."""
     from engine.train import smoke_trial
 
-    cluster = {"CPU": 16.0, "GPU": 4.0}
     nodes = [Node(cpus=16, gpus=4)]
     for workers, cpus, gpus in [(1, 2, 0.25), (1, 4, 0.5), (1, 1, 1.0), (2, 1, 1.0), (4, 3, 1.0), (1, 1, 0.0)]:
         trial = smoke_trial().model_copy(update={"resources": ResourcesConfig(workers=workers, cpus_per_worker=cpus,
                                                                               gpus_per_worker=gpus)})  # fmt: skip
         got = copies_that_fit(trial_need(trial.resources, TRIAL_CPU), nodes, DATA_CPUS)
-        assert got == plan_concurrency([trial], cluster, None), (workers, cpus, gpus)
+        need_cpu, need_gpu = workers * cpus + TRIAL_CPU, workers * gpus
+        by_cpu = math.floor((16 - DATA_CPUS) / need_cpu)
+        expected = min(by_cpu, math.floor(4 / need_gpu + 1e-9)) if need_gpu else by_cpu
+        assert got == expected, (workers, cpus, gpus)
 
 
 def test_admission_imports_no_ray():

@@ -331,14 +331,15 @@ def starting_resources_kuberay(spec: dict) -> dict[str, float]:
 @pytest.mark.parametrize("cluster", ["ray-cluster.yaml", "kuberay/raycluster.yaml"])
 def test_paper_sweep_fits_the_cluster_it_starts_on(cluster):
     """`clmscale sweep` sizes trials from the resources present at its start and refuses any that cannot fit."""
+    from engine.admission import Node
     from engine.config import expand_grid, load_sweep
-    from engine.sweep import plan_concurrency
+    from engine.sweep import check_fits
 
     if cluster == "ray-cluster.yaml":
         resources = starting_resources_ray_up(ray_cluster())
     else:
         resources = starting_resources_kuberay(load_yaml(KUBERAY / "raycluster.yaml")["spec"])
-    assert plan_concurrency(expand_grid(load_sweep(PAPER)), resources, None) >= 1
+    check_fits(expand_grid(load_sweep(PAPER)), [Node(cpus=resources.get("CPU", 0.0), gpus=int(resources.get("GPU", 0)))])
 
 
 # ---------------------------------------------------------------------------------------------

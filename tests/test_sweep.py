@@ -171,14 +171,16 @@ def test_resume_refuses_another_sweep(grid, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_impossible_resources_fail_before_anything_starts(ray_cluster, tmp_path):
-    from engine.sweep import SweepError, plan_concurrency
+    from engine.admission import Node
+    from engine.sweep import SweepError, check_fits
 
     cfg = load_sweep(write_sweep(tmp_path, "big", ["xxs"], [1e4]))
     trials = expand_grid(cfg)
-    assert plan_concurrency(trials, {"CPU": 2.0}, None) == 1
+    check_fits(trials, [Node(cpus=2.0)])
     huge = [t.model_copy(update={"resources": t.resources.model_copy(update={"gpus_per_worker": 1.0})}) for t in trials]
-    with pytest.raises(SweepError, match="needs 0.51 CPUs .* and 1 GPUs, but the cluster has 2 CPUs and 0 GPUs"):
-        plan_concurrency(huge, {"CPU": 2.0}, None)
+    with pytest.raises(SweepError, match=r"xxs_10ktok_s0 needs 0.51 CPUs .* and 1 GPUs, but the cluster has 1 "
+                                         r"node\(s\) with 2 CPUs and 0 GPUs"):
+        check_fits(huge, [Node(cpus=2.0)])
 
 
 @pytest.mark.timeout(900)
