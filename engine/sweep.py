@@ -362,18 +362,23 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
 
 def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[str, Any]]:
     """The pretrain.parquet rows of one ended trial: one per checkpoint (paths relative to the run
-    directory), or one without a checkpoint for a trial that diverged before its first milestone."""
+    directory), or one without a checkpoint for a trial that diverged before its first milestone.
+    `annealed` says which rows are (N, D) points (wsd: all; cosine / constant_cooldown: the last)."""
     base = {"trial_id": trial.trial_id, "family": trial.family, "rung": trial.size.name, "seed": trial.seed,
             "n_params": result.n_params, "n_params_non_embedding": result.n_params_non_embedding,
             "budget_tokens": result.budget_tokens, "status": result.status}
     if not result.checkpoints:
-        return [{**base, "checkpoint": None, "tokens": result.n_tokens, "flops": result.flops,
-                 "step": result.n_steps, "train_loss": math.nan, "val_loss": math.nan, "wall_time_s": result.wall_s,
-                 "tokens_per_s": math.nan, "mfu": math.nan}]
+        return [{**base, "checkpoint": None, "tokens": result.n_tokens, "flops": result.flops, "annealed": False,
+                 "epochs": result.epochs, "unique_tokens": result.unique_tokens, "tokens_spent": result.tokens_spent,
+                 "flops_spent": result.flops_spent, "step": result.n_steps, "train_loss": math.nan,
+                 "val_loss": math.nan, "wall_time_s": result.wall_s, "tokens_per_s": math.nan, "mfu": math.nan,
+                 "warning": ""}]
     folder = rd.trial(trial.trial_id)
     return [{**base, "checkpoint": rd.relative(folder.path / ck.path), "tokens": ck.n_tokens, "flops": ck.flops,
-             "step": ck.step, "train_loss": ck.train_loss, "val_loss": ck.val_loss, "wall_time_s": ck.wall_s,
-             "tokens_per_s": ck.tokens_per_s, "mfu": ck.mfu}
+             "annealed": ck.annealed, "epochs": ck.epochs, "unique_tokens": ck.unique_tokens,
+             "tokens_spent": ck.tokens_spent, "flops_spent": ck.flops_spent, "step": ck.step,
+             "train_loss": ck.train_loss, "val_loss": ck.val_loss, "wall_time_s": ck.wall_s,
+             "tokens_per_s": ck.tokens_per_s, "mfu": ck.mfu, "warning": ck.warning}
             for ck in result.checkpoints]
 
 
