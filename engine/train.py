@@ -271,6 +271,7 @@ def train(
     if train_split_tokens is not None and train_split_tokens <= 0:
         raise ValueError(f"trial {trial.trial_id}: train_split_tokens must be positive (got {train_split_tokens})")
     _check_config_matches(trial, model_config)
+    _check_branches_span_a_step(trial, budget, model_config)
 
     # ---- process group and device --------------------------------------------------------------
     device = _resolve_device(device)
@@ -336,7 +337,7 @@ def train(
         flops=run.flops_per_token * n_tokens,
         train_loss=math.nan if status == "diverged" else (last.train_loss if last else math.nan),
         val_loss=last.val_loss if last else math.nan,
-        wall_s=at.wall_s if at else state.wall_s,
+        wall_s=state.wall_s,
         checkpoints=state.checkpoints,
         diverged_at_step=loop.diverged_at,
         tokens_spent=tokens_spent,
@@ -395,7 +396,9 @@ def _wsd_schedule(loop: _Loop) -> bool:
             _save_stable(loop, milestone)
         peak, branch_from = lr_at(state.n_tokens / run.budget, run.cfg), state.n_tokens
         length = max(1, milestone - branch_from)
-        if not _steps_until(loop, milestone, lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),
+        # at least one step, even when the step that reached the branch's start also passed its milestone
+        end = max(milestone, branch_from + 1)
+        if not _steps_until(loop, end, lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),
                             branch=milestone):
             return False
         _save_checkpoint(loop, milestone, annealed=anneals(run.cfg), optimizer_state=False)
@@ -515,7 +518,7 @@ def _log_record(loop: _Loop, branch: int | None = None) -> dict:
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
         "wall_s": state.wall_s,
-        "step_s": elapsed / window.n_steps,
+        "step_s": elapsed / window.n_steps if window.n_steps else math.nan,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(w_flops_real, elapsed, run.peak),
         "mfu_padded": mfu(w_flops_padded, elapsed, run.peak),
@@ -588,6 +591,23 @@ def _check_config_matches(trial: Trial, config: PreTrainedConfig) -> None:
         raise ValueError(
             f"trial {trial.trial_id}: model_config (family, n_layer, d_model, n_head) = {got} "
             f"does not match the trial's {want}"
+        )
+
+
+def _check_branches_span_a_step(trial: Trial, budget: int, config: PreTrainedConfig) -> None:
+    """wsd: the shortest cooldown branch must hold more tokens than one optimizer step can bring, or a
+    branch could end without a step of its own (two milestones would then share one checkpoint)."""
+    cfg = trial.train
+    if cfg.schedule != "wsd":
+        return
+    first = milestones(budget, cfg.checkpoints)[0]
+    branch_tokens, step_tokens = first - branch_start(first, cfg), cfg.batch_size * max_seq_len_of(config)
+    if branch_tokens <= step_tokens:
+        raise ValueError(
+            f"trial {trial.trial_id}: the first wsd cooldown branch is {branch_tokens} tokens (cooldown_fraction "
+            f"{cfg.cooldown_fraction} of the first milestone, {first} = budget {budget} / 2^{cfg.checkpoints - 1}), "
+            f"not more than one optimizer step brings (batch_size {cfg.batch_size} x max_seq_len "
+            f"{max_seq_len_of(config)} = {step_tokens}); use fewer checkpoints, a larger budget or cooldown_fraction"
         )
 
 

@@ -26,7 +26,8 @@ from engine.train import (MAX_EPOCHS, anneals, branch_start, cooldown_lr, data_u
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-WSD = dict(schedule="wsd", checkpoints=3, warmup_fraction=0.0, log_every_steps=1)  # every step logged
+# every step logged; cooldown 0.4 so that the first branch (400 tokens) spans more than one step (<= 256 tokens)
+WSD = dict(schedule="wsd", checkpoints=3, cooldown_fraction=0.4, warmup_fraction=0.0, log_every_steps=1)
 CLOCK = {"wall_s", "step_s", "tokens_per_s", "mfu", "mfu_padded"}  # what two runs of the same steps may differ in
 
 
@@ -74,6 +75,8 @@ def test_wsd_schedule_functions():
     assert [branch_start(m, cfg) for m in milestones(8_000, 4)] == [800, 1_600, 3_200, 6_400]
     assert anneals(cfg) and not anneals(TrainConfig(schedule="constant_cooldown", cooldown_fraction=0.0))
     assert not anneals(TrainConfig(lr_min_ratio=1.0))
+    with pytest.raises(ValueError, match=r"first wsd cooldown branch is 200 tokens .* = 256\); use fewer"):
+        run(Path("/nonexistent"), schedule="wsd", checkpoints=3, cooldown_fraction=0.2, warmup_fraction=0.0)
     with pytest.raises(ValueError, match=r"first cooldown branch starts at 0\.025 .*warmup_fraction: 0\.05"):
         TrainConfig(schedule="wsd", checkpoints=6, warmup_fraction=0.05)
     with pytest.raises(ValueError, match="wsd needs cooldown_fraction > 0"):
