@@ -94,7 +94,7 @@ def plan(
     if rd.data.has_manifest():
         manifest = rd.manifest()
         vocab_size = vocab_size or manifest.tokenizer.vocab_size
-        tokens_per_epoch = manifest.counts.train.n_tokens + 2 * manifest.counts.train.n_molecules
+        tokens_per_epoch = manifest.counts.train.n_tokens + 2 * manifest.counts.train.n_molecules  # sweep.epoch_tokens
     result = planner.plan_sweep(cfg, gpus=gpus, gpu_memory_gb=gpu_memory, mfu=mfu,
                                 peak_flops=planner.peak_flops_per_s(gpu), vocab_size=vocab_size or 512,
                                 tokens_per_epoch=tokens_per_epoch, gpus_per_node=gpus_per_node,

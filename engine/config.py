@@ -167,8 +167,14 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)  # peak
     lr_min_ratio: float = Field(0.1, ge=0, le=1)  # floor of the decay, as a fraction of peak
     warmup_fraction: float = Field(0.05, ge=0, lt=1)  # of the token budget
-    schedule: Literal["cosine", "constant_cooldown"] = "cosine"
-    cooldown_fraction: float = Field(0.2, ge=0, le=1)  # constant_cooldown only: linear decay tail
+    # cosine: one decay to the budget, only its last checkpoint annealed. constant_cooldown: constant, then
+    # a cooldown over the last cooldown_fraction. wsd: warmup-stable-decay with a cooldown branch per
+    # milestone (Hagele et al. 2024), every checkpoint annealed; the main run goes on at the peak lr
+    schedule: Literal["cosine", "constant_cooldown", "wsd"] = "cosine"
+    # constant_cooldown: the tail of the budget; wsd: each branch's share of its milestone's tokens (20 %
+    # matches cosine in Hagele et al. 2024)
+    cooldown_fraction: float = Field(0.2, ge=0, le=1)
+    cooldown_shape: Literal["linear", "1-sqrt"] = "linear"  # 1-sqrt: Hagele et al.'s better-performing decay
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)  # RoBERTa's beta2
     grad_clip: float = Field(1.0, ge=0)  # 0 disables
@@ -189,6 +195,23 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"batch_size must be a multiple of micro_batch_size "
                 f"(got batch_size: {self.batch_size} and micro_batch_size: {self.micro_batch_size})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _wsd_branches_after_warmup(self) -> TrainConfig:
+        """A wsd branch decays from the peak: the first one (at (1 - cooldown_fraction) of budget /
+        2^(checkpoints-1)) may not start inside the warmup, nor be empty."""
+        if self.schedule != "wsd":
+            return self
+        if self.cooldown_fraction == 0:
+            raise ValueError("schedule wsd needs cooldown_fraction > 0 (got 0): each checkpoint is a cooldown's end")
+        first_branch = (1 - self.cooldown_fraction) / 2 ** (self.checkpoints - 1)
+        if self.warmup_fraction > first_branch:
+            raise ValueError(
+                f"schedule wsd: the first cooldown branch starts at {first_branch:.4g} of the budget "
+                f"((1 - cooldown_fraction) / 2^(checkpoints - 1)), inside the warmup (warmup_fraction: "
+                f"{self.warmup_fraction}); lower warmup_fraction to at most {first_branch:.4g} or use fewer checkpoints"
             )
         return self
 
@@ -319,6 +342,9 @@ class FitsConfig(Strict):
     huber_delta: float = Field(1e-3, gt=0)  # Hoffmann et al. 2022
     n_bootstrap: int = Field(1000, ge=0)
     holdout_rungs: int = Field(1, ge=0)  # largest rungs held out for the extrapolation back-test
+    # only annealed checkpoints (a wsd branch end, a schedule's last) are (N, D) points: a mid-schedule
+    # one sits at a high learning rate and overstates the loss at its D; false fits them all
+    annealed_only: bool = True
     seed: int = 0
 
 

@@ -6,7 +6,7 @@
     runs/<sweep>/data/rejects.csv                   write_rejects()
     runs/<sweep>/data/tokenizer/                    tokenizer (a save_pretrained directory)
     runs/<sweep>/trials/<trial>/                    trial(id) -> TrialDir: trial.json, metrics.jsonl, nodes.txt,
-                                                    result.json, checkpoints/<tokens:012d>/
+                                                    result.json, checkpoints/<tokens:012d>/, stable/ (wsd)
     runs/<sweep>/tune/                              Ray Tune's and Ray Train's own state (for --resume)
     runs/<sweep>/results/<table>.parquet            read_table() / write_table(), columns in TABLES
     runs/<sweep>/results/fits.json                  fits() / write_fits()
@@ -31,8 +31,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,15 +184,23 @@ class DataDir:
 
 @dataclass
 class CheckpointInfo:
-    n_tokens: int  # D at this checkpoint
+    n_tokens: int  # D at this checkpoint: the tokens this model has seen
     path: str  # relative to the trial folder: checkpoints/<n_tokens:012d>
-    step: int
+    step: int  # optimizer steps of this model (a wsd branch's steps continue its stable state's)
     val_loss: float
     train_loss: float  # mean over the log window that ends here
-    flops: float  # C = flops_per_token * n_tokens
-    wall_s: float
+    flops: float  # C = flops_per_token * n_tokens (a wsd branch's own tokens included)
+    wall_s: float  # training time of the run so far (earlier cooldown branches included)
     tokens_per_s: float
     mfu: float
+    # the defaults below are what a result.json written before these fields existed reads as
+    annealed: bool | None = None  # the lr has decayed to its floor here (None: not recorded)
+    epochs: float = math.nan  # passes over the train split: n_tokens / train split tokens (NaN: size not given)
+    unique_tokens: float = math.nan  # tokens of distinct molecules seen: min(n_tokens, train split tokens)
+    tokens_spent: int | None = None  # tokens the run had processed when this was written, cooldown branches included
+    flops_spent: float = math.nan  # flops_per_token * tokens_spent: the compute the run had spent
+    milestone: int | None = None  # the token milestone it was taken for (n_tokens is the first step's count past it)
+    warning: str = ""  # e.g. over 4 epochs (Muennighoff et al. 2023); "" when none
 
 
 @dataclass
@@ -200,7 +208,7 @@ class TrainResult:
     trial_id: str
     status: Literal["finished", "diverged"]
     n_steps: int
-    n_tokens: int  # D: tokens seen, >= budget_tokens when finished
+    n_tokens: int  # D: tokens seen, >= budget_tokens when finished (wsd: by the last branch's end)
     budget_tokens: int
     n_params: int
     n_params_non_embedding: int  # N of the scaling laws
@@ -210,16 +218,27 @@ class TrainResult:
     wall_s: float
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     diverged_at_step: int | None = None
+    tokens_spent: int | None = None  # every token the run processed (wsd: the stable run plus its branches)
+    flops_spent: float = math.nan  # flops_per_token * tokens_spent
+    epochs: float = math.nan  # at n_tokens
+    unique_tokens: float = math.nan  # at n_tokens
+    train_split_tokens: int | None = None  # the train split in tokens, as train() was given it
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TrainResult:
         """The dataclass from its JSON form (nulls back to NaN where the field is a float)."""
-        floats = {"flops", "train_loss", "val_loss", "wall_s"}
-        values: dict[str, Any] = {k: (math.nan if v is None and k in floats else v) for k, v in record.items()
+        values: dict[str, Any] = {k: (math.nan if v is None and k in _FLOATS[cls] else v) for k, v in record.items()
                                   if k != "checkpoints"}
-        checkpoints = [CheckpointInfo(**{k: (math.nan if v is None else v) for k, v in c.items()})  # type: ignore[arg-type]  # JSON: Any per field
+        checkpoints = [CheckpointInfo(**{k: (math.nan if v is None and k in _FLOATS[CheckpointInfo] else v)  # type: ignore[arg-type]  # JSON: Any per field
+                                         for k, v in c.items()})
                        for c in record.get("checkpoints") or []]
         return cls(**values, checkpoints=checkpoints)
+
+
+# the fields JSON stores as null when NaN (json_safe), by class
+_FLOATS: dict[type, set[str]] = {
+    c: {f.name for f in fields(c) if f.type == "float"} for c in (CheckpointInfo, TrainResult)
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +258,17 @@ class TrialDir:
         nodes.txt                        the Ray node id of rank 0 at each (re)start
         .placement_group                 the run's Ray Train placement group id (for cleaning up after Train)
         result.json                      the TrainResult
-        checkpoints/<n_tokens:012d>/     HF save_pretrained + tokenizer; state/ (DeepSpeed, trainer_state.json,
-                                         rank_<r>.pt); sha256.json (every file); COMPLETE (written last)
+        checkpoints/<n_tokens:012d>/     HF save_pretrained + tokenizer; state/ (trainer_state.json, and for
+                                         cosine / constant_cooldown DeepSpeed's ds/ and rank_<r>.pt);
+                                         sha256.json (every file); COMPLETE (written last)
         checkpoints/<n_tokens>.corrupt/  a checkpoint that failed its sha256 check, set aside (kept)
+        stable/<milestone:012d>/         wsd only: the stable-phase state a milestone's cooldown branch starts
+                                         from (state/: DeepSpeed ds/, rank_<r>.pt, trainer_state.json; no HF
+                                         copy), sealed like a checkpoint; the newest sound one is kept, and it
+                                         is where a wsd run resumes. A `.corrupt` suffix as above.
+
+    A wsd checkpoint is the end of a cooldown branch: it holds the weights but no optimizer state,
+    since nothing continues from a decayed model; the run goes on (and resumes) from stable/.
     """
 
     def __init__(self, path: Path):
@@ -277,10 +304,12 @@ class TrialDir:
         records = self.metrics()
         return records[-1] if records else {}
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop records written after `step` (a crashed run's tail, before it resumes from there)."""
+    def truncate_metrics(self, step: int, keep_branches: Collection[int] = ()) -> None:
+        """Drop records written after `step` (a crashed run's tail, before it resumes from there), except
+        those of a wsd cooldown branch whose checkpoint is done (`branch` in keep_branches) and events
+        that carry no step."""
         records = self.metrics()
-        keep = [r for r in records if r["step"] <= step]
+        keep = [r for r in records if r.get("step", 0) <= step or r.get("branch", -1) in keep_branches]
         if len(keep) != len(records):
             write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
 
@@ -323,22 +352,42 @@ class TrialDir:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints (with their COMPLETE marker), fewest tokens first."""
-        return sorted(p for p in self.checkpoint_root.glob(CHECKPOINT_NAME) if (p / "COMPLETE").is_file())
+        return _complete(self.checkpoint_root)
 
     def remove_incomplete_checkpoints(self) -> None:
-        """Checkpoint folders a crash left without their COMPLETE marker."""
-        complete = set(self.checkpoints())
-        for stale in self.checkpoint_root.glob(CHECKPOINT_NAME):
-            if stale not in complete:
-                shutil.rmtree(stale)
+        """Checkpoint and stable-state folders a crash left without their COMPLETE marker."""
+        for root in (self.checkpoint_root, self.stable_root):
+            complete = set(_complete(root))
+            for stale in root.glob(CHECKPOINT_NAME):
+                if stale not in complete:
+                    shutil.rmtree(stale)
 
     def new_checkpoint(self, n_tokens: int) -> Path:
         """An empty checkpoint folder (one left half-written by a crash is removed first)."""
-        path = self.checkpoint(n_tokens)
-        if path.exists():
-            shutil.rmtree(path)
-        (path / "state").mkdir(parents=True)
-        return path
+        return _new_folder(self.checkpoint(n_tokens))
+
+    # ---- wsd: the stable-phase states cooldown branches start from -----------------------------
+    @property
+    def stable_root(self) -> Path:
+        return self.path / "stable"
+
+    def stable(self, milestone: int) -> Path:
+        """The stable state saved where `milestone`'s cooldown branch starts."""
+        return self.stable_root / f"{milestone:012d}"
+
+    def stable_states(self) -> list[Path]:
+        """Complete stable states, earliest milestone first."""
+        return _complete(self.stable_root)
+
+    def new_stable(self, milestone: int) -> Path:
+        """An empty stable-state folder, with its state/ (one left half-written is removed first)."""
+        return _new_folder(self.stable(milestone))
+
+    def remove_stable_before(self, milestone: int) -> None:
+        """Stable states older than `milestone`'s, once that one is sealed: a run resumes only from its newest."""
+        for old in self.stable_root.glob(CHECKPOINT_NAME):
+            if int(old.name) < milestone:
+                shutil.rmtree(old)
 
     @staticmethod
     def state_dir(checkpoint: Path) -> Path:
@@ -399,6 +448,18 @@ class TrialDir:
         return found, events
 
 
+def _complete(root: Path) -> list[Path]:
+    """The sealed folders (with their COMPLETE marker) under `root`, in name order (= token order)."""
+    return sorted(p for p in root.glob(CHECKPOINT_NAME) if (p / "COMPLETE").is_file())
+
+
+def _new_folder(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    (path / "state").mkdir(parents=True)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # results/*.parquet: the schema of every table (docs/CONTRACTS.md says the same, and a test checks)
 
@@ -418,8 +479,9 @@ MEASURED = ("status", "error", "node_id")  # analysis rows: ok / error, the mess
 TABLES: dict[str, Table] = {
     "pretrain": Table(
         columns=("checkpoint", "trial_id", "family", "rung", "seed", "n_params", "n_params_non_embedding",
-                 "budget_tokens", "tokens", "flops", "step", "train_loss", "val_loss", "wall_time_s", "tokens_per_s",
-                 "mfu", "status"),
+                 "budget_tokens", "tokens", "flops", "annealed", "epochs", "unique_tokens", "tokens_spent",
+                 "flops_spent", "step", "train_loss", "val_loss", "wall_time_s", "tokens_per_s", "mfu", "status",
+                 "warning"),
         required=IDENTITY + ("val_loss", "status"),
     ),
     "finetune": Table(
@@ -512,17 +574,23 @@ class Counted:
 
     checkpoints: pd.DataFrame  # rows of results/pretrain.parquet
     excluded: list[dict[str, Any]]  # {table, trial_id, status, n_rows, reason}
+    # annealed_only: the finished, usable checkpoints left out for not being annealed (a trajectory, not points)
+    trajectory: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def left_out_trials(self) -> set[str]:
         return {e["trial_id"] for e in self.excluded if e["table"] == "pretrain" and e["status"] != "finished"}
 
 
-def counted_checkpoints(pretrain: pd.DataFrame) -> Counted:
+def counted_checkpoints(pretrain: pd.DataFrame, annealed_only: bool = False) -> Counted:
     """Checkpoints of finished trials with weights on disk, a finite validation loss and positive N, D.
 
     A diverged trial keeps its earlier checkpoints' rows in pretrain.parquet (docs/CONTRACTS.md);
     none of them count, since the run that produced them did not follow its schedule to the end.
+    annealed_only: only checkpoints whose learning rate had decayed to its floor (`annealed`) count,
+    the (N, D) points of a scaling law (a mid-schedule checkpoint overstates the loss at its D); the
+    others are returned as `trajectory`, with one note per trial. Rows with no `annealed` value (a
+    table written before that column) are left out as well.
     """
     excluded = []
     not_finished = (pretrain["status"] != "finished").to_numpy()
@@ -542,7 +610,21 @@ def counted_checkpoints(pretrain: pd.DataFrame) -> Counted:
                          "reason": f"checkpoint at tokens={row['tokens']} has val_loss={row['val_loss']}, "
                                    f"n_params_non_embedding={row['n_params_non_embedding']}; left out"})
     checkpoints = kept[usable].sort_values(["n_params", "tokens"], kind="stable").reset_index(drop=True)
-    return Counted(checkpoints, excluded)
+    if not annealed_only:
+        return Counted(checkpoints, excluded)
+    flag = checkpoints["annealed"] if "annealed" in checkpoints else pd.Series(None, checkpoints.index, object)
+    annealed = flag.eq(True).to_numpy()  # None / NaN: not recorded, so not known to be
+    trajectory = checkpoints[~annealed].reset_index(drop=True)
+    unknown = pd.isna(flag[~annealed]).to_numpy()
+    for trial_id, rows in trajectory.groupby("trial_id", sort=True):
+        n_unknown = int(unknown[rows.index].sum())
+        tokens = ", ".join(f"{float(t):,.0f}" for t in rows["tokens"])
+        reason = (f"{len(rows)} checkpoint(s) not annealed (tokens {tokens}): mid-schedule, trajectory only"
+                  + (f"; {n_unknown} without an annealed value (pretrain table written before that column)"
+                     if n_unknown else ""))
+        excluded.append({"table": "pretrain", "trial_id": str(trial_id), "status": "finished", "n_rows": len(rows),
+                         "reason": reason})
+    return Counted(checkpoints[annealed].reset_index(drop=True), excluded, trajectory)
 
 
 def usable_measurements(table: pd.DataFrame, kind: str, left_out_trials: set[str]) -> tuple[pd.DataFrame, list[dict]]:
@@ -597,6 +679,8 @@ def downstream_points(finetune: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.D
     if finetune.empty:
         return pd.DataFrame()
     rows = finetune[finetune["mode"].isin(PRETRAINED_MODES) & np.isfinite(finetune["value"].to_numpy(float))]
+    counted = set(zip(checkpoints["trial_id"], checkpoints["tokens"].astype(float)))
+    rows = rows[[(t, float(d)) in counted for t, d in zip(rows["trial_id"], rows["tokens"])]]  # the counted points only
     if rows.empty:
         return pd.DataFrame()
     first = {name: (name, "first") for name in ("metric", "higher_is_better", "rung", "n_params",
@@ -617,7 +701,8 @@ class FitInputs:
     config: SweepConfig
     tables: dict[str, pd.DataFrame]  # every result table, raw (a missing one is empty)
     present: dict[str, bool]  # which tables have a file
-    checkpoints: pd.DataFrame  # counted_checkpoints(...).checkpoints
+    checkpoints: pd.DataFrame  # counted_checkpoints(...).checkpoints: annealed ones unless fits.annealed_only is false
+    trajectory: pd.DataFrame  # counted but mid-schedule (not annealed): drawn, not fitted
     left_out: pd.DataFrame  # pretrain rows of trials that did not finish, with finite C and loss
     measured: dict[str, pd.DataFrame]  # finetune (primary metric, unflagged) / hessian / landscape: usable rows
     points: pd.DataFrame  # downstream_points(measured["finetune"], checkpoints)
@@ -774,7 +859,9 @@ class RunDir:
         present = {name: self.has_table(name) for name in tables}
         if not present["pretrain"]:
             self.pretrain()  # raises with the message that says to run the sweep
-        counted = counted_checkpoints(tables["pretrain"])
+        # the (N, D) points of the laws and trends: annealed checkpoints (fits.annealed_only), the rest drawn
+        # as trajectory only; analyze measures every counted checkpoint (RunDir.counted_checkpoints)
+        counted = counted_checkpoints(tables["pretrain"], annealed_only=cfg.fits.annealed_only)
         excluded = list(counted.excluded)
         measured = {}
         for kind in MEASUREMENT_TABLES:
@@ -784,7 +871,7 @@ class RunDir:
         left_out = pretrain[pretrain["trial_id"].isin(counted.left_out_trials)]
         left_out = left_out[np.isfinite(left_out[["flops", "val_loss"]].to_numpy(float)).all(axis=1)]
         return FitInputs(config=cfg, tables=tables, present=present, checkpoints=counted.checkpoints,
-                         left_out=left_out, measured=measured,
+                         trajectory=counted.trajectory, left_out=left_out, measured=measured,
                          points=downstream_points(measured["finetune"], counted.checkpoints), excluded=excluded)
 
     # ---- analysis/ ------------------------------------------------------------------------------

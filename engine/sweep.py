@@ -50,6 +50,7 @@ class TrialSpec(Strict):
     trial: Trial
     run_dir: Path
     budget_tokens: int  # in tokens, after epochs were converted with the manifest
+    train_split_tokens: int  # one pass over the train split, specials included: epochs and unique tokens
     max_seq_len: int
     dropout: float
     worker_env: dict[str, str] = {}  # extra environment of the Train workers (fault injection in tests)
@@ -74,13 +75,18 @@ def check_run_dir(cfg: SweepConfig, rd: RunDir, resume: bool) -> None:
         raise SweepError(f"nothing to resume in {rd.root}: no sweep.yaml there")
 
 
+def epoch_tokens(manifest: Manifest) -> int:
+    """Tokens of one pass over the train split, as training counts them: 2 special tokens per molecule."""
+    split = manifest.counts.train
+    return split.n_tokens + 2 * split.n_molecules
+
+
 def token_budget(trial: Trial, manifest: Manifest) -> int:
     """Tokens the trial trains on: given, or epochs x the train split's tokens incl. 2 specials each."""
     if trial.budget_tokens is not None:
         return trial.budget_tokens
     assert trial.budget_epochs is not None  # Trial has one of the two
-    split = manifest.counts.train
-    return int(trial.budget_epochs * (split.n_tokens + 2 * split.n_molecules))
+    return int(trial.budget_epochs * epoch_tokens(manifest))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
         val_batches=data.trial_validation_batches(rd, trial, spec.max_seq_len, tokenizer=tokenizer),
         model_config=model_config,
         budget_tokens=spec.budget_tokens,
+        train_split_tokens=spec.train_split_tokens,
         tokenizer_dir=rd.tokenizer,
         report=DashboardReporter(trial.trial_id, spec.budget_tokens),
         device=get_device(),
@@ -370,7 +377,8 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
     from engine.models import build_config, flops_per_token
 
     specs = [
-        TrialSpec(trial=t, run_dir=rd.root, budget_tokens=token_budget(t, manifest), max_seq_len=cfg.model.max_seq_len,
+        TrialSpec(trial=t, run_dir=rd.root, budget_tokens=token_budget(t, manifest),
+                  train_split_tokens=epoch_tokens(manifest), max_seq_len=cfg.model.max_seq_len,
                   dropout=cfg.model.dropout, worker_env=_fault_injection(t.trial_id)).model_dump(mode="json")
         for t in trials
     ]
@@ -409,18 +417,23 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
 
 def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[str, Any]]:
     """The pretrain.parquet rows of one ended trial: one per checkpoint (paths relative to the run
-    directory), or one without a checkpoint for a trial that diverged before its first milestone."""
+    directory), or one without a checkpoint for a trial that diverged before its first milestone.
+    `annealed` says which rows are (N, D) points (wsd: all; cosine / constant_cooldown: the last)."""
     base = {"trial_id": trial.trial_id, "family": trial.family, "rung": trial.size.name, "seed": trial.seed,
             "n_params": result.n_params, "n_params_non_embedding": result.n_params_non_embedding,
             "budget_tokens": result.budget_tokens, "status": result.status}
     if not result.checkpoints:
-        return [{**base, "checkpoint": None, "tokens": result.n_tokens, "flops": result.flops,
-                 "step": result.n_steps, "train_loss": math.nan, "val_loss": math.nan, "wall_time_s": result.wall_s,
-                 "tokens_per_s": math.nan, "mfu": math.nan}]
+        return [{**base, "checkpoint": None, "tokens": result.n_tokens, "flops": result.flops, "annealed": False,
+                 "epochs": result.epochs, "unique_tokens": result.unique_tokens, "tokens_spent": result.tokens_spent,
+                 "flops_spent": result.flops_spent, "step": result.n_steps, "train_loss": math.nan,
+                 "val_loss": math.nan, "wall_time_s": result.wall_s, "tokens_per_s": math.nan, "mfu": math.nan,
+                 "warning": ""}]
     folder = rd.trial(trial.trial_id)
     return [{**base, "checkpoint": rd.relative(folder.path / ck.path), "tokens": ck.n_tokens, "flops": ck.flops,
-             "step": ck.step, "train_loss": ck.train_loss, "val_loss": ck.val_loss, "wall_time_s": ck.wall_s,
-             "tokens_per_s": ck.tokens_per_s, "mfu": ck.mfu}
+             "annealed": ck.annealed, "epochs": ck.epochs, "unique_tokens": ck.unique_tokens,
+             "tokens_spent": ck.tokens_spent, "flops_spent": ck.flops_spent, "step": ck.step,
+             "train_loss": ck.train_loss, "val_loss": ck.val_loss, "wall_time_s": ck.wall_s,
+             "tokens_per_s": ck.tokens_per_s, "mfu": ck.mfu, "warning": ck.warning}
             for ck in result.checkpoints]
 
 

@@ -3,31 +3,47 @@
     train(trial, trial_dir, make_batches, val_batches, model_config) -> TrainResult
 
 runs in every worker (Ray Train or standalone), in this order: process group, model + AdamW +
-DeepSpeed engine (`_build_engine`), resume from the latest complete checkpoint (`_resume`, a
-`RunState`), then the loop: one optimizer step of micro-batches from `make_batches(epoch)` with
-gradient accumulation (`_accumulation_step`), one all-reduce per step for the token count and the
-loss, the learning rate as a function of the token fraction, a log record every `log_every_steps`
-(`_log_record`), and a checkpoint at each token milestone. The run stops when the budget is spent,
-or when the loss stops being finite ("diverged"; no exception).
+DeepSpeed engine (`_build_engine`), resume (`_resume`, a `RunState`), then the schedule: optimizer
+steps (`_steps_until`) of micro-batches from `make_batches(epoch)` with gradient accumulation
+(`_accumulation_step`), one all-reduce per step for the token count and the loss, the learning rate
+as a function of the tokens seen, a log record every `log_every_steps` (`_log_record`), and a
+checkpoint at each token milestone. The run stops when the budget is spent, or when the loss stops
+being finite ("diverged"; no exception).
+
+Schedules. cosine and constant_cooldown (`_decay_schedule`): one schedule over the budget, so only
+the last checkpoint is annealed (`CheckpointInfo.annealed`); the others are mid-schedule. wsd
+(`_wsd_schedule`; warmup-stable-decay, Hagele et al. 2024, MiniCPM): the main run stays at the peak
+after its warmup; when it reaches (1 - cooldown_fraction) of a milestone it saves its stable state
+(`stable/<milestone>/`), runs a cooldown branch (linear or 1-sqrt down to lr_min_ratio * lr) that
+ends at the milestone, which is that D's checkpoint, then reloads the stable state (weights,
+optimizer, RNG, data position) and goes on. Every wsd checkpoint is annealed; a branch reads the data
+that follow its stable state, which the main run then reads again, so a branch's model has seen the
+first D tokens of the stream, as a run of budget D would. C (`flops`) of a point is that of its D;
+the compute the run spent, branches included, is `tokens_spent` / `flops_spent`.
 
 The trial folder's files (metrics.jsonl, result.json, checkpoints/<n_tokens:012d>/ with their
-sha256.json and COMPLETE marker, corrupt ones set aside as <n_tokens>.corrupt) are read and written
-through `engine.rundir.TrialDir`; a checkpoint is HF `save_pretrained` (safetensors, fp32) + tokenizer,
-so `AutoModelFor{MaskedLM,CausalLM}.from_pretrained(dir)` works, plus `state/` (DeepSpeed
-save_checkpoint, trainer_state.json, each rank's RNG) for an exact resume.
+sha256.json and COMPLETE marker, corrupt ones set aside as <n_tokens>.corrupt, stable/<milestone:012d>/)
+are read and written through `engine.rundir.TrialDir`; a checkpoint is HF `save_pretrained`
+(safetensors, fp32) + tokenizer, so `AutoModelFor{MaskedLM,CausalLM}.from_pretrained(dir)` works, plus
+`state/trainer_state.json`; cosine / constant_cooldown checkpoints also hold DeepSpeed's state and each
+rank's RNG in `state/` for an exact resume, wsd keeps those in its stable state instead (the newest
+only) and resumes from there, redoing a branch whose checkpoint is not sealed.
 
 Milestones: `checkpoints` = k gives budget / 2^(k-1), ..., budget / 2, budget, so each checkpoint has
 twice the tokens of the one before; a checkpoint is taken at the first step whose cumulative token
 count reaches a milestone and is named by that count (several milestones crossed in one step give
-one checkpoint). Tokens are the non-padding tokens of `input_ids`, over all workers.
+one checkpoint). Tokens are the non-padding tokens of `input_ids`, over all workers. Given the train
+split's size (`train_split_tokens`), each checkpoint records its epochs and unique tokens, and a
+warning past MAX_EPOCHS.
 
 Losses are token-weighted means over the positions that carry a label (masked tokens for mlm, next
-tokens for clm); the gradient is DeepSpeed's mean of the micro-batches' means. Precision "auto" is
-bf16 on CUDA (DeepSpeed keeps fp32 masters; checkpoints get those) and fp32 on CPU. MFU is the
-model FLOPs of the molecules per second over (peak * workers), and `mfu_padded` the same for the
-FLOPs of the padded batches (`engine.models.batch_cost`), with peaks from `engine.models.PEAK_FLOPS`:
-NaN on CPU and on GPUs not in the table (null in the JSON files, which never hold NaN). C (`flops`)
-stays flops_per_token(max_seq_len) * tokens, the scaling laws' compute axis.
+tokens for clm), computed in fp32 from the logits (`lm_loss`) whatever the precision; the gradient
+is DeepSpeed's mean of the micro-batches' means. Precision "auto" is bf16 on CUDA (DeepSpeed keeps
+fp32 masters; checkpoints get those) and fp32 on CPU. MFU is the model FLOPs of the molecules per
+second over (peak * workers), and `mfu_padded` the same for the FLOPs of the padded batches
+(`engine.models.batch_cost`), with peaks from `engine.models.PEAK_FLOPS`: NaN on CPU and on GPUs not
+in the table (null in the JSON files, which never hold NaN). C (`flops`) stays
+flops_per_token(max_seq_len) * tokens, the scaling laws' compute axis.
 
 Fault injection (tests only): CLMSCALE_INJECT_NAN_AT_STEP=k makes the loss of optimizer step k
 (1-based) NaN.
@@ -52,7 +68,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -79,6 +95,7 @@ logger = logging.getLogger(__name__)
 
 INJECT_NAN_ENV = "CLMSCALE_INJECT_NAN_AT_STEP"
 N_STATS = 5  # per-step sums all-reduced over workers: tokens, loss sum, loss tokens, FLOPs padded, FLOPs real
+MAX_EPOCHS = 4.0  # past this many passes, repeated data is worth much less than new (Muennighoff et al. 2023)
 
 # ---------------------------------------------------------------------------------------------
 # schedule and milestones: plain functions of the config
@@ -86,7 +103,8 @@ N_STATS = 5  # per-step sums all-reduced over workers: tokens, loss sum, loss to
 
 def lr_at(fraction: float, cfg: TrainConfig) -> float:
     """Learning rate at a fraction of the token budget: linear warmup, then cosine to
-    lr_min_ratio * lr, or constant with a linear cooldown over the last cooldown_fraction."""
+    lr_min_ratio * lr, or constant with a cooldown over the last cooldown_fraction, or (wsd, the
+    main run) constant: its cooldowns are branches (`cooldown_lr`)."""
     fraction = min(max(fraction, 0.0), 1.0)
     floor = cfg.lr_min_ratio * cfg.lr
     if fraction < cfg.warmup_fraction:
@@ -95,14 +113,55 @@ def lr_at(fraction: float, cfg: TrainConfig) -> float:
         progress = (fraction - cfg.warmup_fraction) / (1 - cfg.warmup_fraction)
         return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     cooldown_start = 1 - cfg.cooldown_fraction
-    if fraction <= cooldown_start or cfg.cooldown_fraction == 0:
+    if cfg.schedule == "wsd" or fraction <= cooldown_start or cfg.cooldown_fraction == 0:
         return cfg.lr
-    return cfg.lr - (cfg.lr - floor) * (fraction - cooldown_start) / cfg.cooldown_fraction
+    return cooldown_lr((fraction - cooldown_start) / cfg.cooldown_fraction, cfg.lr, cfg)
+
+
+def cooldown_lr(progress: float, start_lr: float, cfg: TrainConfig) -> float:
+    """From `start_lr` at progress 0 to lr_min_ratio * lr at 1: linear, or 1-sqrt (Hagele et al. 2024,
+    which decays faster at first and beats linear in their cooldown ablations)."""
+    progress = min(max(progress, 0.0), 1.0)
+    floor = cfg.lr_min_ratio * cfg.lr
+    done = progress if cfg.cooldown_shape == "linear" else math.sqrt(progress)
+    return floor + (start_lr - floor) * (1 - done)
 
 
 def milestones(budget_tokens: int, n_checkpoints: int) -> list[int]:
     """budget / 2^(k-1), ..., budget / 2, budget: log-spaced, doubling, the last at the budget."""
     return sorted({max(1, budget_tokens >> (n_checkpoints - 1 - i)) for i in range(n_checkpoints)})
+
+
+def branch_start(milestone: int, cfg: TrainConfig) -> int:
+    """wsd: the token count where `milestone`'s cooldown branch leaves the stable run, so that the
+    branch (cooldown_fraction of the milestone's tokens) ends at the milestone."""
+    return round((1 - cfg.cooldown_fraction) * milestone)
+
+
+def anneals(cfg: TrainConfig) -> bool:
+    """Whether the schedule decays at all: its annealed checkpoints end at the floor below the peak."""
+    return cfg.lr_min_ratio < 1 and (cfg.schedule != "constant_cooldown" or cfg.cooldown_fraction > 0)
+
+
+def data_use(n_tokens: int, train_split_tokens: int | None) -> tuple[float, float, str]:
+    """(epochs, unique tokens, warning) at `n_tokens`: passes over the train split, tokens of distinct
+    molecules (all of the split once it has been seen whole), and a warning past MAX_EPOCHS."""
+    if not train_split_tokens:
+        return math.nan, math.nan, ""
+    epochs = n_tokens / train_split_tokens
+    warning = (f"{epochs:.2f} epochs over the train split ({train_split_tokens:,} tokens): past {MAX_EPOCHS:g}, "
+               "repeated tokens are worth less than new ones (Muennighoff et al. 2023)") if epochs > MAX_EPOCHS else ""
+    return epochs, float(min(n_tokens, train_split_tokens)), warning
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, family: str) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions (-100: none), computed in fp32 whatever the logits'
+    dtype: a bf16 loss is rounded by ~0.4 %, more than the differences a scaling fit reads. clm
+    predicts the next token, so its labels shift left by one, as the HF models do inside."""
+    if family == "clm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=-100)
 
 
 def log_metrics(metrics: dict) -> None:
@@ -116,15 +175,19 @@ def log_metrics(metrics: dict) -> None:
 
 @dataclass
 class RunState:
-    """A run's position: fresh, or where its latest sound checkpoint left it; the loop moves it on."""
+    """A run's position: fresh, or where its latest sound checkpoint (wsd: stable state) left it; the
+    loop moves it on."""
 
     step: int = 0
-    n_tokens: int = 0
+    n_tokens: int = 0  # tokens the model in the engine has seen (in a wsd branch: its stable state's + the branch's)
     epoch: int = 0  # the data epoch of the last micro-batch consumed (by this rank)
     n_consumed: int = 0  # micro-batches of that epoch consumed (by this rank)
     wall_s: float = 0.0  # training time before this (re)start
+    tokens_spent: int = 0  # every token processed, cooldown branches included (never rewound)
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     set_aside: list[dict] = field(default_factory=list)  # corrupt checkpoints renamed on the way back
+    done_branches: set[int] = field(default_factory=set)  # wsd: milestones whose branch needs no (re)run
+    at_stable: int | None = None  # wsd: the milestone whose saved stable state the engine holds right now
 
 
 @dataclass(frozen=True)
@@ -136,6 +199,8 @@ class _Run:
     model_config: PreTrainedConfig
     family: str
     budget: int
+    milestones: tuple[int, ...]
+    train_split_tokens: int | None  # the train split's size in tokens (epochs, unique tokens); None: unknown
     grad_accum: int
     world: int
     rank: int
@@ -144,6 +209,30 @@ class _Run:
     peak: float  # FLOP/s of all workers together (NaN: MFU unknown)
     pad_id: int
     inject_nan_at: int  # fault injection (tests): the optimizer step whose loss becomes NaN, 0 = never
+
+
+@dataclass
+class _Loop:
+    """The loop's moving parts, shared by the phases of a schedule: the engine, the position, the data
+    stream (replaced when a wsd run goes back to a stable state), the log window and the clock."""
+
+    engine: Any
+    run: _Run
+    state: RunState
+    folder: TrialDir
+    make_batches: Callable[[int], Iterable[dict]]
+    val_batches: Sequence[dict]
+    hf_copy: _HFCopy | None
+    report: Callable[[dict], None]
+    stream: Iterator[tuple[int, int, dict]]
+    window: _Window
+    wall_before: float
+    t_start: float
+    last: tuple[float, Any] = (math.nan, None)  # the lr and grad norm of the last step
+    diverged_at: int | None = None
+
+    def clock(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +247,7 @@ def train(
     model_config: PreTrainedConfig,
     *,
     budget_tokens: int | None = None,
+    train_split_tokens: int | None = None,
     tokenizer_dir: Path | None = None,
     report: Callable[[dict], None] = log_metrics,
     device: str | torch.device | None = None,
@@ -167,8 +257,11 @@ def train(
     Runs on every rank of the current process group, or alone after making a one-process group.
     `make_batches(epoch)` yields this worker's micro-batches (docs/CONTRACTS.md), the same ones for
     the same epoch; `val_batches` are the fixed validation batches, evaluated whole on every rank.
+    `train_split_tokens` is the train split's size in the tokens the run counts (the sweep's
+    manifest), for each checkpoint's epochs and unique tokens (NaN without it).
     `report(metrics)` is called on every rank with the same (global) numbers, as Ray Train V2's
-    `ray.train.report` requires. Resumes from the latest complete checkpoint in `trial_dir`.
+    `ray.train.report` requires. Resumes from the latest complete checkpoint in `trial_dir`
+    (wsd: the latest stable state).
     """
     cfg = trial.train
     if cfg.zero_stage == "auto" or cfg.micro_batch_size == "auto":
@@ -178,7 +271,10 @@ def train(
     budget = budget_tokens if budget_tokens is not None else trial.budget_tokens
     if budget is None or budget <= 0:
         raise ValueError(f"trial {trial.trial_id}: a positive budget_tokens is needed (got {budget})")
+    if train_split_tokens is not None and train_split_tokens <= 0:
+        raise ValueError(f"trial {trial.trial_id}: train_split_tokens must be positive (got {train_split_tokens})")
     _check_config_matches(trial, model_config)
+    _check_branches_span_a_step(trial, budget, model_config)
 
     # ---- process group and device --------------------------------------------------------------
     device = _resolve_device(device)
@@ -197,6 +293,7 @@ def train(
     deepspeed = _import_deepspeed(device)
     run = _Run(
         trial_id=trial.trial_id, cfg=cfg, model_config=model_config, family=family_of(model_config), budget=budget,
+        milestones=tuple(milestones(budget, cfg.checkpoints)), train_split_tokens=train_split_tokens,
         grad_accum=cfg.batch_size // (cfg.micro_batch_size * world), world=world, rank=rank,
         manual_clip=cfg.zero_stage == 0 and not bf16,
         flops_per_token=flops_per_token(model_config, max_seq_len_of(model_config)),
@@ -213,56 +310,121 @@ def train(
         state = _resume(engine, folder, run)
         if rank == 0:
             _record_restart(folder, trial.trial_id, state)
-        status, diverged_at = _loop(engine, run, state, folder, make_batches, val_batches, hf_copy, report)
+        loop = _Loop(engine=engine, run=run, state=state, folder=folder, make_batches=make_batches,
+                     val_batches=val_batches, hf_copy=hf_copy, report=report,
+                     stream=_micro_batches(make_batches, state.epoch, state.n_consumed),
+                     window=_Window(torch.zeros(N_STATS, dtype=torch.float64, device=engine.device),
+                                    time.perf_counter()),
+                     wall_before=state.wall_s, t_start=time.perf_counter())
+        cleanup.callback(lambda: loop.stream.close())  # ends the data pass (Ray Data: the split's epoch)
+        engine.train()
+        finished = _wsd_schedule(loop) if cfg.schedule == "wsd" else _decay_schedule(loop)
+        state.wall_s = loop.clock()
+    status: Literal["finished", "diverged"] = "finished" if finished else "diverged"
 
     last = state.checkpoints[-1] if state.checkpoints else None
+    # a finished wsd run ends at its last branch's end (a rerun of a finished one stands at its stable state)
+    at = last if finished and last is not None else None
+    n_tokens, n_steps = (at.n_tokens, at.step) if at else (state.n_tokens, state.step)
+    tokens_spent = at.tokens_spent if at and at.tokens_spent is not None else state.tokens_spent
+    epochs, unique_tokens, _ = data_use(n_tokens, train_split_tokens)
     n_params = count_params(model_config)
     result = TrainResult(
         trial_id=trial.trial_id,
         status=status,
-        n_steps=state.step,
-        n_tokens=state.n_tokens,
+        n_steps=n_steps,
+        n_tokens=n_tokens,
         budget_tokens=budget,
         n_params=n_params.total,
         n_params_non_embedding=n_params.non_embedding,
-        flops=run.flops_per_token * state.n_tokens,
+        flops=run.flops_per_token * n_tokens,
         train_loss=math.nan if status == "diverged" else (last.train_loss if last else math.nan),
         val_loss=last.val_loss if last else math.nan,
         wall_s=state.wall_s,
         checkpoints=state.checkpoints,
-        diverged_at_step=diverged_at,
+        diverged_at_step=loop.diverged_at,
+        tokens_spent=tokens_spent,
+        flops_spent=run.flops_per_token * tokens_spent,
+        epochs=epochs,
+        unique_tokens=unique_tokens,
+        train_split_tokens=train_split_tokens,
     )
     if rank == 0:
         folder.write_result(result)
     if status == "diverged":
-        logger.warning("trial %s diverged at step %d (non-finite loss)", trial.trial_id, diverged_at)
+        logger.warning("trial %s diverged at step %d (non-finite loss)", trial.trial_id, loop.diverged_at)
     _barrier()
     # the last report carries the outcome: under Ray Train only reports reach the driver
     summary = {k: v for k, v in asdict(result).items() if k != "checkpoints"}
-    report({**summary, "step": state.step, "done": True})
+    report({**summary, "step": n_steps, "done": True})
     return result
 
 
-def _loop(engine, run: _Run, state: RunState, folder: TrialDir, make_batches, val_batches, hf_copy, report):
-    """Optimizer steps until the budget is spent or the loss is not finite; moves `state` on.
+def _decay_schedule(loop: _Loop) -> bool:
+    """cosine / constant_cooldown: one schedule over the budget, a checkpoint at each milestone, only
+    the last one annealed. False if the loss stopped being finite."""
+    run, state = loop.run, loop.state
+    for milestone in run.milestones:
+        if state.n_tokens >= milestone:  # done before a resume, or crossed in the step of the one before
+            continue
+        if not _steps_until(loop, milestone, lambda n: lr_at(n / run.budget, run.cfg)):
+            return False
+        crossed = max(m for m in run.milestones if m <= state.n_tokens)  # several in one step: one checkpoint
+        _save_checkpoint(loop, crossed, annealed=crossed == run.milestones[-1] and anneals(run.cfg))
+    return True
 
-    Returns (status, the step that diverged or None). `state.wall_s` ends as the total training time.
+
+def _wsd_schedule(loop: _Loop) -> bool:
+    """wsd: the stable run at the peak lr; at (1 - cooldown_fraction) of each milestone it saves its
+    state, branches off a cooldown that ends at the milestone (that D's checkpoint, annealed), then
+    goes back to the saved state and on. False if the loss stopped being finite.
+
+    A branch reads the data that follow its stable state, the same the stable run then reads again:
+    a branch's model has seen exactly the first D tokens of the stream, as a run of budget D would.
+    That takes a `make_batches` that repeats an epoch when asked again (synthetic and fixed batches
+    do); the Ray Data stream reshuffles at every pass (engine.data.worker_batches), so there the rewind
+    skips the same number of batches of a fresh shuffle, as a resume does: the same amount of data,
+    not the same molecules.
     """
-    todo = [m for m in milestones(run.budget, run.cfg.checkpoints) if m > state.n_tokens]
-    stream = _micro_batches(make_batches, state.epoch, state.n_consumed)
-    wall_before, t_start = state.wall_s, time.perf_counter()
-    window = _Window(torch.zeros(N_STATS, dtype=torch.float64, device=engine.device), time.perf_counter())
-    engine.train()
-    status, diverged_at = "finished", None
-    while state.n_tokens < run.budget:
-        stats = _accumulation_step(engine, run, state, stream)
+    run, state = loop.run, loop.state
+    for i, milestone in enumerate(run.milestones):
+        if milestone in state.done_branches:
+            continue
+        start = branch_start(milestone, run.cfg)
+        if not _steps_until(loop, start, lambda n: lr_at(n / run.budget, run.cfg)):
+            return False
+        stable = loop.folder.stable(milestone)
+        snapshot = (state.step, state.n_tokens, state.epoch, state.n_consumed)
+        if state.at_stable != milestone:  # not resumed right here
+            _save_stable(loop, milestone)
+        peak, branch_from = lr_at(state.n_tokens / run.budget, run.cfg), state.n_tokens
+        length = max(1, milestone - branch_from)
+        # at least one step, even when the step that reached the branch's start also passed its milestone
+        end = max(milestone, branch_from + 1)
+        if not _steps_until(loop, end, lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),
+                            branch=milestone):
+            return False
+        _save_checkpoint(loop, milestone, annealed=anneals(run.cfg), optimizer_state=False)
+        state.done_branches.add(milestone)
+        if i < len(run.milestones) - 1:
+            _back_to_stable(loop, stable, milestone, snapshot)
+    return True
+
+
+def _steps_until(loop: _Loop, stop_tokens: int, lr_of: Callable[[int], float], branch: int | None = None) -> bool:
+    """Optimizer steps until the model has seen `stop_tokens` tokens; a log record every log_every_steps.
+    `lr_of(n)` is the learning rate of a step that brings the count to n. False if the loss is not finite.
+    The step that reaches `stop_tokens` is not logged here: the caller logs it with what it saves."""
+    engine, run, state = loop.engine, loop.run, loop.state
+    while state.n_tokens < stop_tokens:
+        stats = _accumulation_step(engine, run, state, loop.stream)
         if run.world > 1:
             dist.all_reduce(stats)  # sums over workers
         step_tokens, loss_sum, *_ = stats.tolist()  # note: a CPU-GPU sync point per step
         if not math.isfinite(loss_sum):
-            status, diverged_at = "diverged", state.step + 1
-            break
-        lr = lr_at((state.n_tokens + step_tokens) / run.budget, run.cfg)  # the fraction reached after this step
+            loop.diverged_at = state.step + 1
+            return False
+        lr = lr_of(state.n_tokens + int(step_tokens))  # the count reached after this step
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         if run.manual_clip:
@@ -272,25 +434,21 @@ def _loop(engine, run: _Run, state: RunState, folder: TrialDir, make_batches, va
             grad_norm = engine.get_global_grad_norm()
         state.step += 1
         state.n_tokens += int(step_tokens)
-        window.add(stats)
+        state.tokens_spent += int(step_tokens)
+        state.at_stable = None
+        loop.window.add(stats)
+        loop.last = (lr, grad_norm)
+        if state.n_tokens < stop_tokens and state.step % run.cfg.log_every_steps == 0:
+            _log(loop, _log_record(loop, branch))
+    return True
 
-        crossed = bool(todo) and state.n_tokens >= todo[0]
-        if crossed or state.step % run.cfg.log_every_steps == 0:
-            state.wall_s = wall_before + time.perf_counter() - t_start
-            record = _log_record(run, state, window, lr, grad_norm)
-            if crossed:
-                while todo and state.n_tokens >= todo[0]:
-                    todo.pop(0)
-                info = _save_checkpoint(engine, folder, record, run, (state.epoch, state.n_consumed), val_batches,
-                                        hf_copy)
-                record |= {"val_loss": info.val_loss, "checkpoint": info.path}
-                state.checkpoints.append(info)
-            if run.rank == 0:
-                folder.append_metrics(record)
-            report(record)
-            window.reset()  # after the checkpoint: its time is not training time
-    state.wall_s = wall_before + time.perf_counter() - t_start
-    return status, diverged_at
+
+def _log(loop: _Loop, record: dict) -> None:
+    """Rank 0 appends the record to metrics.jsonl; every rank reports it; the window starts again."""
+    if loop.run.rank == 0:
+        loop.folder.append_metrics(record)
+    loop.report(record)
+    loop.window.reset()  # after any save: its time is not training time
 
 
 def _accumulation_step(engine, run: _Run, state: RunState, stream: Iterator[tuple[int, int, dict]]) -> torch.Tensor:
@@ -304,7 +462,7 @@ def _accumulation_step(engine, run: _Run, state: RunState, stream: Iterator[tupl
         stats[3] += cost.flops_padded  # python scalars: no host-to-device copy
         stats[4] += cost.flops_real
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-        loss = engine(**model_inputs(batch, run.model_config)).loss
+        loss = _batch_loss(engine, batch, run.model_config, run.family)
         if state.step + 1 == run.inject_nan_at and micro == 0:
             loss = loss * math.nan
         n_loss = n_loss_tokens(batch["labels"], run.family)
@@ -314,6 +472,13 @@ def _accumulation_step(engine, run: _Run, state: RunState, stream: Iterator[tupl
         if micro < run.grad_accum - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
     return stats
+
+
+def _batch_loss(engine, batch: dict[str, torch.Tensor], config: PreTrainedConfig, family: str) -> torch.Tensor:
+    """The model's forward without its own loss (bf16 under DeepSpeed's bf16), then `lm_loss` in fp32."""
+    inputs = model_inputs(batch, config)
+    labels = inputs.pop("labels")
+    return lm_loss(engine(**inputs).logits, labels, family)
 
 
 @dataclass
@@ -334,15 +499,19 @@ class _Window:
         self.started = time.perf_counter()
 
 
-def _log_record(run: _Run, state: RunState, window: _Window, lr: float, grad_norm: Any) -> dict:
-    """One metrics.jsonl record: the window's mean loss and throughput, the schedule, C so far.
+def _log_record(loop: _Loop, branch: int | None = None) -> dict:
+    """One metrics.jsonl record: the window's mean loss and throughput, the schedule, C so far. wsd
+    records say their phase (`stable`, or `cooldown` with the `branch`'s milestone).
 
     `mfu` counts the model FLOPs of the molecules (real tokens, each attending to its own); `mfu_padded`
     what the kernels ran (padding and attention across packed molecules included)."""
+    run, state, window = loop.run, loop.state, loop.window
+    state.wall_s = loop.clock()
+    lr, grad_norm = loop.last
     elapsed = time.perf_counter() - window.started
     w_tokens, w_loss, w_loss_tokens, w_flops_padded, w_flops_real = window.sums.tolist()
     tokens_per_s = w_tokens / elapsed
-    return {
+    record = {
         "trial_id": run.trial_id,
         "step": state.step,
         "n_tokens": state.n_tokens,
@@ -352,12 +521,16 @@ def _log_record(run: _Run, state: RunState, window: _Window, lr: float, grad_nor
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
         "wall_s": state.wall_s,
-        "step_s": elapsed / window.n_steps,
+        "step_s": elapsed / window.n_steps if window.n_steps else math.nan,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(w_flops_real, elapsed, run.peak),
         "mfu_padded": mfu(w_flops_padded, elapsed, run.peak),
         "flops": run.flops_per_token * state.n_tokens,
+        "tokens_spent": state.tokens_spent,
     }
+    if run.cfg.schedule == "wsd":
+        record |= {"phase": "stable"} if branch is None else {"phase": "cooldown", "branch": branch}
+    return record
 
 
 def _build_engine(deepspeed, run: _Run, seed: int, device: torch.device, bf16: bool):
@@ -394,7 +567,7 @@ def _build_engine(deepspeed, run: _Run, seed: int, device: torch.device, bf16: b
 
 def _record_restart(folder: TrialDir, trial_id: str, state: RunState) -> None:
     """Rank 0, on (re)start: drop the crashed run's tail of metrics.jsonl, then record the events."""
-    folder.truncate_metrics(state.step)
+    folder.truncate_metrics(state.step, keep_branches=state.done_branches)  # a finished branch's records stay
     for event in state.set_aside:  # after the truncation, which would drop them
         folder.append_metrics({"trial_id": trial_id, **event})
     if state.step:  # the record of a restart (worker failure, --resume): `status` and the tests read it
@@ -421,6 +594,23 @@ def _check_config_matches(trial: Trial, config: PreTrainedConfig) -> None:
         raise ValueError(
             f"trial {trial.trial_id}: model_config (family, n_layer, d_model, n_head) = {got} "
             f"does not match the trial's {want}"
+        )
+
+
+def _check_branches_span_a_step(trial: Trial, budget: int, config: PreTrainedConfig) -> None:
+    """wsd: the shortest cooldown branch must hold more tokens than one optimizer step can bring, or a
+    branch could end without a step of its own (two milestones would then share one checkpoint)."""
+    cfg = trial.train
+    if cfg.schedule != "wsd":
+        return
+    first = milestones(budget, cfg.checkpoints)[0]
+    branch_tokens, step_tokens = first - branch_start(first, cfg), cfg.batch_size * max_seq_len_of(config)
+    if branch_tokens <= step_tokens:
+        raise ValueError(
+            f"trial {trial.trial_id}: the first wsd cooldown branch is {branch_tokens} tokens (cooldown_fraction "
+            f"{cfg.cooldown_fraction} of the first milestone, {first} = budget {budget} / 2^{cfg.checkpoints - 1}), "
+            f"not more than one optimizer step brings (batch_size {cfg.batch_size} x max_seq_len "
+            f"{max_seq_len_of(config)} = {step_tokens}); use fewer checkpoints, a larger budget or cooldown_fraction"
         )
 
 
@@ -488,12 +678,19 @@ def _micro_batches(
     make_batches: Callable[[int], Iterable[dict]], epoch: int, n_skip: int
 ) -> Iterator[tuple[int, int, dict]]:
     """(epoch, batches consumed in that epoch, batch) forever, epoch after epoch; the first `n_skip`
-    batches of the first epoch were consumed before a resume and are skipped."""
+    batches of the first epoch were consumed before a resume (or a wsd branch) and are skipped.
+    Closing it closes the epoch's iterator too (a Ray Data pass ends when its iterator does)."""
     while True:
         n_seen = 0
-        for batch in itertools.islice(make_batches(epoch), n_skip, None):
-            n_seen += 1
-            yield epoch, n_skip + n_seen, batch
+        batches = iter(make_batches(epoch))
+        try:
+            for batch in itertools.islice(batches, n_skip, None):
+                n_seen += 1
+                yield epoch, n_skip + n_seen, batch
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         if n_skip + n_seen == 0:
             raise ValueError(f"make_batches({epoch}) yielded no batches")
         epoch, n_skip = epoch + 1, 0
@@ -505,8 +702,8 @@ def _micro_batches(
 
 @torch.no_grad()
 def _evaluate(engine, val_batches: Sequence[dict], config: PreTrainedConfig) -> float:
-    """Token-weighted mean loss over the fixed validation batches (every rank runs them all, which
-    ZeRO-3's collective forward needs anyway)."""
+    """Token-weighted mean loss (fp32, `lm_loss`) over the fixed validation batches (every rank runs
+    them all, which ZeRO-3's collective forward needs anyway)."""
     family, device = family_of(config), engine.device
     engine.eval()
     loss_sum, n = 0.0, 0
@@ -514,41 +711,31 @@ def _evaluate(engine, val_batches: Sequence[dict], config: PreTrainedConfig) -> 
         batch = {k: v.to(device) for k, v in batch.items()}
         n_loss = int(n_loss_tokens(batch["labels"], family))
         if n_loss:
-            loss_sum += float(engine(**model_inputs(batch, config)).loss) * n_loss
+            loss_sum += float(_batch_loss(engine, batch, config, family)) * n_loss
             n += n_loss
     engine.train()
     return loss_sum / n if n else math.nan
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints and wsd's stable states
 
 
-def _save_checkpoint(
-    engine,
-    folder: TrialDir,
-    record: dict,
-    run: _Run,
-    position: tuple[int, int],
-    val_batches: Sequence[dict],
-    hf_copy: _HFCopy | None,
-) -> CheckpointInfo:
-    """Collective: every rank calls it. Returns the checkpoint's summary (the same on every rank)."""
+def _save_checkpoint(loop: _Loop, milestone: int, *, annealed: bool, optimizer_state: bool = True) -> None:
+    """Collective: every rank calls it. The checkpoint of the step just taken, named by its token count:
+    HF weights + tokenizer, trainer_state.json, and (optimizer_state) the DeepSpeed state and RNG a
+    resume loads. Appends its summary to `state.checkpoints` (the same on every rank) and logs it."""
+    engine, run, state, folder = loop.engine, loop.run, loop.state, loop.folder
+    record = _log_record(loop, milestone if run.cfg.schedule == "wsd" else None)
     path = folder.checkpoint(record["n_tokens"])
     if run.rank == 0:
         folder.new_checkpoint(record["n_tokens"])  # a half-written one from a crash is cleared first
     _barrier()
 
-    val_loss = _evaluate(engine, val_batches, run.model_config)
-    engine.save_checkpoint(str(folder.state_dir(path)), tag=DS_TAG, save_latest=False)
+    val_loss = _evaluate(engine, loop.val_batches, run.model_config)
+    positions = _save_state(engine, folder, path, run, state) if optimizer_state else _positions(run, state)
     params = _full_fp32_params(engine)  # collective; the values only on rank 0
-    rng = {"torch": torch.get_rng_state()}
-    if engine.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(engine.device)
-    torch.save(rng, folder.rng_file(path, run.rank))
-    positions: list = [None] * run.world
-    dist.all_gather_object(positions, position)
-
+    epochs, unique_tokens, warning = data_use(record["n_tokens"], run.train_split_tokens)
     info = CheckpointInfo(
         n_tokens=record["n_tokens"],
         path=str(path.relative_to(folder.path)),
@@ -559,23 +746,104 @@ def _save_checkpoint(
         wall_s=record["wall_s"],
         tokens_per_s=record["tokens_per_s"],
         mfu=record["mfu"],
+        annealed=annealed,
+        epochs=epochs,
+        unique_tokens=unique_tokens,
+        tokens_spent=state.tokens_spent,
+        flops_spent=run.flops_per_token * state.tokens_spent,
+        milestone=milestone,
+        warning=warning,
     )
-    if hf_copy is not None:  # rank 0's
-        hf_copy.save(path, params)
-        folder.write_trainer_state(path, {
-            "step": record["step"],
-            "n_tokens": record["n_tokens"],
-            "wall_s": record["wall_s"],
-            "world_size": run.world,
-            "data_position": [{"epoch": e, "n_consumed": c} for e, c in positions],  # per rank
-            "budget_tokens": run.budget,
-            "record": record,
-            "checkpoint": asdict(info),
-        })
-        folder.seal(path)  # every rank's files are on disk: each saved its part before the all_gather above
+    if loop.hf_copy is not None:  # rank 0's
+        loop.hf_copy.save(path, params)
+        folder.write_trainer_state(path, _trainer_state(run, state, record, positions, milestone)
+                                   | {"checkpoint": asdict(info)})
+        folder.seal(path)  # every rank's files are on disk: each saved its part before the all_gather
     _barrier()
+    if warning:
+        logger.warning("trial %s, checkpoint %s: %s", run.trial_id, path.name, warning)
     logger.info("checkpoint %s (val_loss %.4f)", path, val_loss)
-    return info
+    state.checkpoints.append(info)
+    _log(loop, record | {"val_loss": val_loss, "checkpoint": info.path})
+
+
+def _save_stable(loop: _Loop, milestone: int) -> None:
+    """Collective. wsd: the stable run's state where `milestone`'s branch leaves it (stable/<milestone>),
+    sealed before the branch starts, so a crash in the branch redoes it from here; older ones go."""
+    engine, run, state, folder = loop.engine, loop.run, loop.state, loop.folder
+    path = folder.stable(milestone)
+    # the record of the step that reached it (none when no step was taken since the last record)
+    record = _log_record(loop) | {"stable_state": str(path.relative_to(folder.path))} if loop.window.n_steps else None
+    state.wall_s = loop.clock()
+    if run.rank == 0:
+        folder.new_stable(milestone)
+    _barrier()
+    positions = _save_state(engine, folder, path, run, state)
+    if run.rank == 0:
+        folder.write_trainer_state(path, _trainer_state(run, state, record, positions, milestone))
+        folder.seal(path)
+        folder.remove_stable_before(milestone)
+    _barrier()
+    state.at_stable = milestone
+    if record is not None:
+        _log(loop, record)
+
+
+def _back_to_stable(loop: _Loop, path: Path, milestone: int, snapshot: tuple[int, int, int, int]) -> None:
+    """wsd, after a branch: the engine, RNG and data stream as `_save_stable` left them; the tokens
+    spent and the clock go on."""
+    state = loop.state
+    _load_state(loop.engine, loop.folder, path, loop.run)
+    state.step, state.n_tokens, state.epoch, state.n_consumed = snapshot
+    loop.stream.close()  # ends the data pass the branch read (Ray Data: the split's epoch)
+    loop.stream = _micro_batches(loop.make_batches, state.epoch, state.n_consumed)
+    state.at_stable = milestone
+    loop.window.reset()
+
+
+def _trainer_state(run: _Run, state: RunState, record: dict | None, positions: list, milestone: int) -> dict:
+    """state/trainer_state.json: where the run stands, as a resume needs it."""
+    return {
+        "step": state.step,
+        "n_tokens": state.n_tokens,
+        "tokens_spent": state.tokens_spent,
+        "wall_s": state.wall_s,
+        "world_size": run.world,
+        "data_position": [{"epoch": e, "n_consumed": c} for e, c in positions],  # per rank
+        "budget_tokens": run.budget,
+        "schedule": run.cfg.schedule,
+        "milestone": milestone,
+        "record": record,
+    }
+
+
+def _save_state(engine, folder: TrialDir, path: Path, run: _Run, state: RunState) -> list[tuple[int, int]]:
+    """Collective: DeepSpeed's state and this rank's RNG into path/state/; returns every rank's data position."""
+    engine.save_checkpoint(str(folder.state_dir(path)), tag=DS_TAG, save_latest=False)
+    rng = {"torch": torch.get_rng_state()}
+    if engine.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(engine.device)
+    torch.save(rng, folder.rng_file(path, run.rank))
+    return _positions(run, state)
+
+
+def _positions(run: _Run, state: RunState) -> list[tuple[int, int]]:
+    """Collective: every rank's data position (epoch, micro-batches of it consumed), by rank. Gathered
+    after each rank has written its files, so rank 0 seals only complete folders."""
+    positions: list = [None] * run.world
+    dist.all_gather_object(positions, (state.epoch, state.n_consumed))
+    return positions
+
+
+def _load_state(engine, folder: TrialDir, path: Path, run: _Run) -> None:
+    """Collective: the DeepSpeed state and this rank's RNG that `_save_state` wrote."""
+    load_path, _ = engine.load_checkpoint(str(folder.state_dir(path)), tag=DS_TAG, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"{folder.state_dir(path)}: DeepSpeed could not load the checkpoint")
+    rng = torch.load(folder.rng_file(path, run.rank), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and engine.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], engine.device)
 
 
 class _HFCopy:
@@ -624,25 +892,89 @@ def _full_fp32_params(engine) -> list[torch.Tensor]:
 
 
 def _resume(engine, folder: TrialDir, run: _Run) -> RunState:
-    """Load the latest sound checkpoint into the engine; return where the run stands.
+    """Load where the run left off into the engine; return where it stands.
 
-    Rank 0 clears half-written checkpoints, sets corrupt ones aside (renamed `<name>.corrupt`) and tells
-    the others which one to load, so every rank resumes from the same checkpoint.
+    Rank 0 clears half-written checkpoints and stable states, sets corrupt ones aside (renamed
+    `<name>.corrupt`) and tells the others what it found, so every rank resumes from the same one.
+    cosine / constant_cooldown resume from the latest sound checkpoint; wsd from its latest sound
+    stable state (or from scratch without one), its branch redone unless that checkpoint is sound.
     """
+    wsd = run.cfg.schedule == "wsd"
     _barrier()  # everyone is here before rank 0 changes the folder
     decision: list = [None]
     if run.rank == 0:
         folder.remove_incomplete_checkpoints()
         found, events = folder.set_aside_corrupt(folder.checkpoints())
+        stable: list[Path] = []
+        if wsd:
+            stable, stable_events = folder.set_aside_corrupt(folder.stable_states())
+            back_to = f"stable/{stable[-1].name}" if stable else None  # what a wsd run resumes from
+            events = [e | {"resumed_from": back_to} for e in events] + stable_events
         for event in events:
             logger.warning("%s: %d file(s) fail the sha256 check (%s); set aside as %s", event["checkpoint"],
                            len(event["files"]), ", ".join(event["files"][:3]), event["kept_as"])
-        decision = [(found, events)]
+        decision = [(found, stable, events)]
     dist.broadcast_object_list(decision, src=0)
-    found, events = decision[0]
+    found, stable, events = decision[0]
+    if wsd:
+        return _resume_wsd(engine, folder, run, found, stable, events)
     if not found:
         return RunState(set_aside=events)
     path = found[-1]
+    saved = _checked_trainer_state(folder, path, run)
+    _load_state(engine, folder, path, run)
+    position = saved["data_position"][run.rank]
+    logger.info("resuming from %s (step %d, %d tokens)", path, saved["step"], saved["n_tokens"])
+    return RunState(
+        step=saved["step"],
+        n_tokens=saved["n_tokens"],
+        epoch=position["epoch"],
+        n_consumed=position["n_consumed"],
+        wall_s=saved["wall_s"],
+        tokens_spent=saved.get("tokens_spent", saved["n_tokens"]),
+        checkpoints=[CheckpointInfo(**folder.trainer_state(p)["checkpoint"]) for p in found],
+        set_aside=events,
+    )
+
+
+def _resume_wsd(engine, folder: TrialDir, run: _Run, found: list[Path], stable: list[Path],
+                events: list[dict]) -> RunState:
+    """wsd: back to the latest stable state S (milestone m). Every branch before m is done (S exists
+    only once the one before was sealed); m's is done if its checkpoint is sound. Without a stable
+    state the run starts over, rewriting its checkpoints as it goes (they come out the same)."""
+    if not stable:
+        return RunState(set_aside=events)
+    path = stable[-1]
+    saved = _checked_trainer_state(folder, path, run)
+    _load_state(engine, folder, path, run)
+    milestone = saved["milestone"]
+    infos = [CheckpointInfo(**folder.trainer_state(p)["checkpoint"]) for p in found]
+    infos = [c for c in infos if c.milestone is not None and c.milestone <= milestone]
+    done = {c.milestone for c in infos}
+    lost = [m for m in run.milestones if m < milestone and m not in done]
+    if lost:  # their stable states are gone: a run from scratch would be needed to redo them
+        logger.warning("trial %s: the checkpoints of milestones %s are missing and cannot be redone from "
+                       "stable/%s; the result goes without them", run.trial_id, lost, path.name)
+    own = next((c for c in infos if c.milestone == milestone), None)  # this stable state's branch, if done
+    position = saved["data_position"][run.rank]
+    logger.info("resuming from %s (step %d, %d tokens; its branch %s)", path, saved["step"], saved["n_tokens"],
+                "done" if own else "to run")
+    return RunState(
+        step=saved["step"],
+        n_tokens=saved["n_tokens"],
+        epoch=position["epoch"],
+        n_consumed=position["n_consumed"],
+        wall_s=own.wall_s if own else saved["wall_s"],
+        tokens_spent=own.tokens_spent if own and own.tokens_spent is not None else saved["tokens_spent"],
+        checkpoints=infos,
+        set_aside=events,
+        done_branches=done | set(lost),
+        at_stable=milestone,
+    )
+
+
+def _checked_trainer_state(folder: TrialDir, path: Path, run: _Run) -> dict:
+    """The trainer state a resume starts from, refused when it belongs to another kind of run."""
     saved = folder.trainer_state(path)
     if saved["world_size"] != run.world:
         raise ValueError(
@@ -654,25 +986,10 @@ def _resume(engine, folder: TrialDir, run: _Run) -> RunState:
             f"{path}: checkpoint belongs to a run with budget_tokens {saved['budget_tokens']}, "
             f"this run has {run.budget}; the learning-rate schedule would differ"
         )
-    load_path, _ = engine.load_checkpoint(str(folder.state_dir(path)), tag=DS_TAG, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise RuntimeError(f"{folder.state_dir(path)}: DeepSpeed could not load the checkpoint")
-    rng = torch.load(folder.rng_file(path, run.rank), weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and engine.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], engine.device)
-    position = saved["data_position"][run.rank]
-    logger.info("resuming from %s (step %d, %d tokens)", path, saved["step"], saved["n_tokens"])
-    return RunState(
-        step=saved["step"],
-        n_tokens=saved["n_tokens"],
-        epoch=position["epoch"],
-        n_consumed=position["n_consumed"],
-        wall_s=saved["wall_s"],
-        checkpoints=[CheckpointInfo(**folder.trainer_state(p)["checkpoint"]) for p in found],
-        set_aside=events,
-    )
-
+    if saved.get("schedule") not in (None, run.cfg.schedule):
+        raise ValueError(f"{path}: checkpoint belongs to a run with schedule {saved['schedule']}, "
+                         f"this run has {run.cfg.schedule}")
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,6 +1068,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--checkpoints", type=int, default=2)
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "constant_cooldown", "wsd"])
     parser.add_argument("--log-every-steps", type=int, default=5)
     parser.add_argument("--batches-per-epoch", type=int, default=50)
     parser.add_argument("--device", default=None)
@@ -767,6 +1085,7 @@ def main(argv: list[str] | None = None) -> None:
         zero_stage=args.zero_stage,
         precision=args.precision,
         checkpoints=args.checkpoints,
+        schedule=args.schedule,
         log_every_steps=args.log_every_steps,
     )
     config = build_config(args.family, trial.size, args.vocab_size, args.seq_len)

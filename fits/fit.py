@@ -64,6 +64,7 @@ class FitSettings:
     n_bootstrap: int
     seed: int
     holdout_rungs: int
+    annealed_only: bool = True  # recorded here; RunDir.fit_inputs applies it
     n_jobs: int | None = None  # bootstrap processes; None: one per CPU
     n_starts: int = 100  # ChinchillaFit's screened starting points
 
