@@ -184,6 +184,7 @@ class TrainConfig(Strict):
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     packing: bool = False  # pack several SMILES per sequence instead of padding each
+    compile: bool = False  # torch.compile the model (batches padded to max_seq_len: one shape); off until measured
     checkpoints: int = Field(4, ge=1)  # log-spaced token milestones per run, the last at the budget
     log_every_steps: int = Field(10, gt=0)
     val_batches: int = Field(4, gt=0)  # fixed validation batches, the same for every run

@@ -209,6 +209,7 @@ class _Run:
     peak: float  # FLOP/s of all workers together (NaN: MFU unknown)
     pad_id: int
     inject_nan_at: int  # fault injection (tests): the optimizer step whose loss becomes NaN, 0 = never
+    fixed_width: int = 0  # train.compile: every batch padded to this width (one shape, one graph); 0 = as collated
 
 
 @dataclass
@@ -230,6 +231,10 @@ class _Loop:
     t_start: float
     last: tuple[float, Any] = (math.nan, None)  # the lr and grad norm of the last step
     diverged_at: int | None = None
+    # the first step whose loss was not finite (0: none), kept on the device: read only at log points
+    # and before a save, so no step waits for the GPU; `unchecked` rolls the counters back to it
+    first_bad: torch.Tensor | None = None
+    unchecked: list[tuple[int, int, int]] = field(default_factory=list)  # (step, n_tokens, tokens_spent) before it
 
     def clock(self) -> float:
         return self.wall_before + time.perf_counter() - self.t_start
@@ -299,6 +304,7 @@ def train(
         flops_per_token=flops_per_token(model_config, max_seq_len_of(model_config)),
         peak=peak_flops(device, bf16) * world, pad_id=model_config.pad_token_id,
         inject_nan_at=int(os.environ.get(INJECT_NAN_ENV, "0") or 0),
+        fixed_width=max_seq_len_of(model_config) if cfg.compile else 0,
     )
 
     # the dropout RNG is seeded per rank, inside a fork so the caller's RNG is left alone
@@ -414,17 +420,25 @@ def _wsd_schedule(loop: _Loop) -> bool:
 def _steps_until(loop: _Loop, stop_tokens: int, lr_of: Callable[[int], float], branch: int | None = None) -> bool:
     """Optimizer steps until the model has seen `stop_tokens` tokens; a log record every log_every_steps.
     `lr_of(n)` is the learning rate of a step that brings the count to n. False if the loss is not finite.
-    The step that reaches `stop_tokens` is not logged here: the caller logs it with what it saves."""
+    The step that reaches `stop_tokens` is not logged here: the caller logs it with what it saves.
+
+    No step reads the device (issue 16): tokens are counted on the host from the CPU batches, the loss
+    sums stay on the device, and whether a loss was non-finite is read at log points and before the
+    caller saves (`_finite_so_far`), from where the first such step is rolled back to exactly. With
+    several workers the step's token count is summed over them, which one small read per step needs.
+    """
     engine, run, state = loop.engine, loop.run, loop.state
+    if loop.first_bad is None:
+        loop.first_bad = torch.zeros((), dtype=torch.int64, device=engine.device)
     while state.n_tokens < stop_tokens:
-        stats = _accumulation_step(engine, run, state, loop.stream)
+        stats, step_tokens = _accumulation_step(engine, run, state, loop.stream)
         if run.world > 1:
             dist.all_reduce(stats)  # sums over workers
-        step_tokens, loss_sum, *_ = stats.tolist()  # note: a CPU-GPU sync point per step
-        if not math.isfinite(loss_sum):
-            loop.diverged_at = state.step + 1
-            return False
-        lr = lr_of(state.n_tokens + int(step_tokens))  # the count reached after this step
+            step_tokens = int(stats[0].item())  # the global count every rank's schedule needs
+        bad = ~torch.isfinite(stats[1]) & (loop.first_bad == 0)
+        loop.first_bad = torch.where(bad, torch.full_like(loop.first_bad, state.step + 1), loop.first_bad)
+        loop.unchecked.append((state.step, state.n_tokens, state.tokens_spent))
+        lr = lr_of(state.n_tokens + step_tokens)  # the count reached after this step
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         if run.manual_clip:
@@ -433,14 +447,28 @@ def _steps_until(loop: _Loop, stop_tokens: int, lr_of: Callable[[int], float], b
         if not run.manual_clip:
             grad_norm = engine.get_global_grad_norm()
         state.step += 1
-        state.n_tokens += int(step_tokens)
-        state.tokens_spent += int(step_tokens)
+        state.n_tokens += step_tokens
+        state.tokens_spent += step_tokens
         state.at_stable = None
         loop.window.add(stats)
         loop.last = (lr, grad_norm)
         if state.n_tokens < stop_tokens and state.step % run.cfg.log_every_steps == 0:
+            if not _finite_so_far(loop):
+                return False
             _log(loop, _log_record(loop, branch))
-    return True
+    return _finite_so_far(loop)
+
+
+def _finite_so_far(loop: _Loop) -> bool:
+    """Whether every loss since the last check was finite (one read of the device). If not, the run
+    diverged at the first such step: the counters go back to just before it, as if it had stopped there."""
+    first_bad = int(loop.first_bad.item()) if loop.first_bad is not None else 0  # note: a sync, once per window
+    if first_bad:
+        step, n_tokens, tokens_spent = next(u for u in loop.unchecked if u[0] == first_bad - 1)
+        loop.state.step, loop.state.n_tokens, loop.state.tokens_spent = step, n_tokens, tokens_spent
+        loop.diverged_at = first_bad
+    loop.unchecked.clear()
+    return not first_bad
 
 
 def _log(loop: _Loop, record: dict) -> None:
@@ -451,27 +479,51 @@ def _log(loop: _Loop, record: dict) -> None:
     loop.window.reset()  # after any save: its time is not training time
 
 
-def _accumulation_step(engine, run: _Run, state: RunState, stream: Iterator[tuple[int, int, dict]]) -> torch.Tensor:
+def _accumulation_step(engine, run: _Run, state: RunState,
+                       stream: Iterator[tuple[int, int, dict]]) -> tuple[torch.Tensor, int]:
     """Forward and backward of grad_accum micro-batches (DeepSpeed counts them; the caller steps at the
-    boundary). Returns this worker's `N_STATS` sums on the device, as float64: tokens, loss sum, loss
-    tokens, FLOPs of the padded batches and FLOPs of the molecules alone (`engine.models.batch_cost`)."""
+    boundary). Returns this worker's `N_STATS` sums on the device, as float64 (tokens, loss sum, loss
+    tokens, FLOPs of the padded batches and of the molecules alone: `engine.models.batch_cost`), and its
+    token count, taken on the host before the batches moved: nothing here waits for the device."""
     stats = torch.zeros(N_STATS, dtype=torch.float64, device=engine.device)
+    n_tokens = 0
     for micro in range(run.grad_accum):
         state.epoch, state.n_consumed, batch = next(stream)
         cost = batch_cost(batch, run.model_config)  # on the CPU, before the batch moves
-        stats[3] += cost.flops_padded  # python scalars: no host-to-device copy
+        n_in = int((batch["input_ids"] != run.pad_id).sum())
+        n_tokens += n_in
+        stats[0] += n_in  # python scalars: no host-to-device copy
+        stats[3] += cost.flops_padded
         stats[4] += cost.flops_real
-        batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+        if run.fixed_width:
+            batch = _to_width(batch, run.fixed_width, run.pad_id)
+        batch = _to_device(batch, engine.device)
         loss = _batch_loss(engine, batch, run.model_config, run.family)
         if state.step + 1 == run.inject_nan_at and micro == 0:
             loss = loss * math.nan
         n_loss = n_loss_tokens(batch["labels"], run.family)
-        n_in = (batch["input_ids"] != run.pad_id).sum()
-        stats[:3] += torch.stack([n_in.double(), loss.detach().double() * n_loss, n_loss.double()])
+        stats[1:3] += torch.stack([loss.detach().double() * n_loss, n_loss.double()])
         engine.backward(loss)
         if micro < run.grad_accum - 1:
             engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-    return stats
+    return stats, n_tokens
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """To the device without waiting: from pinned host memory, so the copy overlaps the compute."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _to_width(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows padded to `width` (train.compile: one shape, so one compiled graph): pad tokens, no attention,
+    no labels, position 0. Padding changes no loss: it carries no label and no row attends to it."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "position_ids": 0}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill.get(k, 0)) for k, v in batch.items()}
 
 
 def _batch_loss(engine, batch: dict[str, torch.Tensor], config: PreTrainedConfig, family: str) -> torch.Tensor:
@@ -553,7 +605,11 @@ def _build_engine(deepspeed, run: _Run, seed: int, device: torch.device, bf16: b
         "gradient_clipping": 0.0 if run.manual_clip else cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch AdamW is not on DeepSpeed's list
-        "bf16": {"enabled": bf16},
+        # bf16 needs no loss scaling, so no overflow check (an all-reduce and a host read per step);
+        # under ZeRO gradients accumulate in fp32 over the micro-steps (DeepSpeed 0.19 has no fp32
+        # accumulation for bf16 without ZeRO: stage 0 accumulates in bf16, exact with grad_accum 1)
+        "bf16": {"enabled": bf16, "check_grad_overflow": False},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 and cfg.zero_stage >= 1 else {}),
         "steps_per_print": 2**62,  # we log ourselves
     }
     model = model.to(device)  # type: ignore[arg-type]  # transformers' stubs type `.to` for dtypes only
@@ -562,6 +618,8 @@ def _build_engine(deepspeed, run: _Run, seed: int, device: torch.device, bf16: b
         # alone, the gradient all-reduce is an identity that still flattens and copies every
         # gradient (~20% of a small model's step on CPU); DeepSpeed has this switch for such cases
         engine.enable_backward_allreduce = False
+    if cfg.compile:
+        engine.compile(compile_kwargs={"dynamic": False})  # fixed shapes (`_to_width`): one graph
     return engine
 
 

@@ -273,3 +273,23 @@ def test_zero3_two_processes(tmp_path):
     assert recs[-1]["n_tokens"] / recs[-1]["step"] > 2 * MICRO * SEQ // 2  # both workers' tokens count
     model = AutoModelForMaskedLM.from_pretrained(TrialDir(tmp_path).checkpoints()[-1])
     assert hf_val_loss(model, "mlm") == pytest.approx(result["val_loss"], rel=1e-5)
+
+
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    """train.compile: the model under torch.compile, every batch padded to max_seq_len (one shape). The
+    padding carries no label and no attention, so the losses follow the eager run's closely."""
+    eager, _ = run(tmp_path / "eager")
+    compiled, _ = run(tmp_path / "compiled", compile=True)
+    assert compiled.status == "finished" and compiled.n_tokens == eager.n_tokens  # the same batches, the same tokens
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-3)
+
+
+def test_the_loop_reads_the_device_only_at_log_points(tmp_path, monkeypatch):
+    """No per-step host read (issue 16): the loss-is-finite check reads the device once per log window."""
+    from engine import train as train_module
+
+    reads = []
+    real = train_module._finite_so_far
+    monkeypatch.setattr(train_module, "_finite_so_far", lambda loop: reads.append(loop.state.step) or real(loop))
+    result, _ = run(tmp_path, log_every_steps=5)
+    assert result.n_steps > 10 and len(reads) <= result.n_steps // 5 + 2 * len(result.checkpoints) + 1
