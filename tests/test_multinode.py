@@ -39,9 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = "CLMSCALE_MULTINODE_TEST"  # env var set on the scenario: its Ray processes inherit it
 TRIALS = ["xxs_15ktok_s0", "xxs_15ktok_s1", "xxs_15ktok_s2"]
 DOWNSTREAM = {"tasks": ["freesolv_demo"], "seeds": [0], "modes": ["finetune"], "baselines": False, "epochs": 1,
-              "patience": 1, "batch_size": 16, "max_molecules": 120}
+              "patience": 1, "batch_size": 16, "max_molecules": 120, "lrs": [1e-3]}  # one rate: a short analysis
 ANALYSIS = {"hessian_top_k": 2, "hessian_batches": 1, "hessian_max_iter": 8, "trace_matvecs": 3,
-            "density_runs": 1, "hessian_finetune": False, "landscape_resolution": 0}
+            "density_runs": 1, "hessian_finetune": False, "hessian_pretrained_task": False,
+            "landscape_resolution": 0}
 SCENARIO_TIMEOUT_S = 420
 WORKER_CPUS = 3  # a trial's 1-CPU Train worker or two, and a whole CPU for Ray Data, on each worker node
 
