@@ -277,6 +277,9 @@ class FitsConfig(Strict):
     n_bootstrap: int = Field(1000, ge=0)
     holdout_rungs: int = Field(1, ge=0)  # largest rungs held out for the extrapolation back-test
     seed: int = 0
+    # equivalence margin of a downstream "plateau", metric -> metric units per decade of scale; a metric not
+    # listed keeps its default (fits.verdicts.PLATEAU_MARGINS; the README gives each default's reason)
+    plateau_margin: dict[str, Annotated[float, Field(gt=0)]] = {}
 
 
 class StorageConfig(Strict):

@@ -422,7 +422,8 @@ TABLES: dict[str, Table] = {
     ),
     "finetune": Table(
         columns=IDENTITY + ("pretrain_val_loss", "task", "split", "split_seed", "mode", "metric", "higher_is_better",
-                            "value", "val_value", "best_epoch", "wall_time_s") + MEASURED,
+                            "value", "val_value", "label_sd", "task_val_loss", "best_epoch", "wall_time_s")
+        + MEASURED,
         required=("checkpoint", "trial_id", "task", "split_seed", "mode", "status"),
         key=("checkpoint", "task", "split_seed", "mode"),
     ),
