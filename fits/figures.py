@@ -264,7 +264,7 @@ def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, entries: lis
         said = [f"{MODE_STYLE.get(mode, ('', '', mode))[2]}: "
                 + (v[key]["verdict"] if v[key]["status"] == "ok" else "not testable")
                 for mode, v in verdicts.items() if key in v]
-        ax.set_title(AXIS_TITLES[key] + ("\n" + "; ".join(said) if said else ""), fontsize=9.5)
+        ax.set_title("\n".join([AXIS_TITLES[key], *said]), fontsize=9.5)
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"{label} on the test split ({'higher' if higher_is_better else 'lower'} is better)")

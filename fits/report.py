@@ -201,7 +201,7 @@ def _number(value) -> str:
         return "–"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(value)
-    return format_scale(float(value)).replace("-", "−")
+    return format_scale(float(value) + 0.0).replace("-", "−")  # + 0.0: a regret of −0.0 reads 0
 
 
 def _interval(lo, hi) -> str:

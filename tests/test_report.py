@@ -156,10 +156,10 @@ def test_best_checkpoint_is_chosen_on_validation_and_reported_on_test(fitted):
     test_means = rows.groupby(["mode", "trial_id", "tokens"])["value"].mean()
     assert best["test"]["mean"] == pytest.approx(test_means.loc[(best["mode"], best["trial_id"], best["tokens"])])
     assert best["test"]["mean"] > test_means.min() + 0.1  # RMSE: the test-best was not picked
-    for mode, comparison in entry["comparisons"].items():
+    for comparison in entry["comparisons"].values():
         assert comparison["n_pairs"] == 2 and comparison["finding"] in ("better", "worse", "no clear difference")
         assert comparison["p"] <= comparison["p_adjusted"] and comparison["correction"].startswith("Holm over")
-        assert "win" not in entry["sentence"] and " sd)" not in entry["sentence"]
+    assert "win" not in entry["sentence"] and "one sd" not in entry["sentence"]
     regret = next(r for r in fits["proxies"]["regret"] if (r["task"], r["mode"]) == VAL_BEST[:2])
     by_validation = next(s for s in regret["selectors"] if s["selector"] == "validation")
     assert by_validation["picked"]["trial_id"] == VAL_BEST[2] and by_validation["regret"] > 0.1
@@ -200,7 +200,7 @@ def test_without_label_sd_or_task_loss_the_tests_say_why(unpinned):
     """finetune.parquet before analyze wrote label_sd and task_val_loss: RMSE trends cannot be judged (their margin
     is a fraction of the label sd), none enters the correction, and there is no task ladder."""
     _, fits = unpinned
-    for entry, _, verdict, _ in all_verdicts(fits):
+    for _, _, verdict, _ in all_verdicts(fits):
         assert verdict["status"] == "skipped" and "label sd is unknown" in verdict["reason"]
     assert fits["trend_tests"]["n_tests"] == 0
     untested = [s for s in fits["findings"] if s.startswith("Could not be tested: 12 trends")]
