@@ -182,12 +182,15 @@ def analyze(
 def fit(
     run_dir: Path = typer.Argument(None, help="Run directory to fit (not needed with --table)."),
     table: Path = typer.Option(None, help="Fit one law to this CSV or Parquet table instead of a run directory."),
-    law: str = typer.Option("chinchilla", help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ) or power (A·x^k)."),
+    law: str = typer.Option("chinchilla", help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ), power (A·x^k) or trend (the verdict on y per decade of x)."),
     n_col: str = typer.Option("N", help="With --table: parameter-count column."),
     d_col: str = typer.Option("D", help="With --table: token-count column."),
     y_col: str = typer.Option("loss", help="With --table: loss column."),
     x_col: str = typer.Option("C", help="With --table and --law compute/power: the scale column."),
     bootstrap: int = typer.Option(None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."),
+    group_col: str = typer.Option(None, help="With --law trend: the independent unit (a run); its rows are resampled together."),
+    higher_is_better: bool = typer.Option(True, "--higher-is-better/--lower-is-better", help="With --law trend: the direction in which y improves."),
+    margin: float = typer.Option(None, help="With --law trend: the plateau margin, y units per decade of x (default: the metric's, for roc_auc / prc_auc)."),
     as_json: bool = typer.Option(False, "--json", help="With --table: print the fit as JSON."),
 ) -> None:
     """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""
@@ -195,6 +198,11 @@ def fit(
 
     from fits import fit as fits_fit
 
+    if table is not None and law == "trend":
+        result = fits_fit.trend_table(table, x_col, y_col, group_col=group_col, higher_is_better=higher_is_better,
+                                      margin=margin)
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else result["sentence"])
+        return
     if table is not None:
         result = fits_fit.fit_table(table, law, n_col=n_col, d_col=d_col, y_col=y_col, x_col=x_col,
                                     bootstrap=1000 if bootstrap is None else bootstrap)

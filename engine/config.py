@@ -347,6 +347,9 @@ class FitsConfig(Strict):
     # one sits at a high learning rate and overstates the loss at its D; false fits them all
     annealed_only: bool = True
     seed: int = 0
+    # equivalence margin of a downstream "plateau", metric -> metric units per decade of scale; a metric not
+    # listed keeps its default (fits.verdicts.PLATEAU_MARGINS; the README gives each default's reason)
+    plateau_margin: dict[str, Annotated[float, Field(gt=0)]] = {}
 
 
 class StorageConfig(Strict):

@@ -7,9 +7,8 @@ through engine.rundir.
 """
 
 from fits.comparison import PairedDifference, best_on_validation, paired_difference
-from fits.correlate import describe_correlation, proxy_correlations
-from fits.downstream import (DownstreamPowerLaw, MonotoneTrend, ScaleTrend, mann_kendall, monotone_trend,
-                             trend_at_largest_scales)
+from fits.correlate import proxy_correlations
+from fits.downstream import DownstreamPowerLaw
 from fits.powerlaw import (BacktestResult, ChinchillaFit, ComputeOptimal, Identification, LogLogOLS, NotFittedError,
                            SaturatingPowerLaw, backtest, identification)
 from fits.proxies import LeaveOneSizeOut, ProxyTiming, leave_one_size_out, proxy_timing, selection_regret
@@ -27,13 +26,11 @@ __all__ = [
     "Identification",
     "LeaveOneSizeOut",
     "LogLogOLS",
-    "MonotoneTrend",
     "NotFittedError",
     "PairedDifference",
     "PlateauMargin",
     "ProxyTiming",
     "SaturatingPowerLaw",
-    "ScaleTrend",
     "SlopeEstimate",
     "TaskBacktest",
     "TaskLadder",
@@ -44,13 +41,10 @@ __all__ = [
     "best_on_validation",
     "compute_frontier_mask",
     "correct",
-    "describe_correlation",
     "fit_slope",
     "identification",
     "judge",
     "leave_one_size_out",
-    "mann_kendall",
-    "monotone_trend",
     "paired_difference",
     "plateau_margin",
     "pool_inverse_variance",
@@ -59,7 +53,6 @@ __all__ = [
     "scaling_verdicts",
     "selection_regret",
     "task_ladder_backtest",
-    "trend_at_largest_scales",
     "trend_on_table",
     "verdict_counts",
 ]

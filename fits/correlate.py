@@ -1,10 +1,12 @@
-"""Which proxies predict a downstream metric, and do they add anything beyond pretraining loss?
+"""Rank correlations of a downstream metric with candidate proxies, and what is left beyond pretraining loss.
 
 Input is one row per checkpoint: the metric (e.g. BBBP ROC-AUC after fine-tuning) next to candidate
 proxies (n_params, n_tokens, flops, loss, Hessian λmax, trace, sharpness, …). For each proxy we report
 Spearman and Kendall rank correlations with bootstrap intervals, and the partial Spearman correlation
 given pretraining loss: rank-transform, regress the loss ranks out of both, correlate what is left.
 A proxy that is only a re-expression of loss leaves nothing, and the table says so instead of guessing.
+These describe: checkpoints of one run are not independent units, so whether a proxy predicts is judged by
+fits.proxies (held-out sizes, selection regret), not by these intervals.
 """
 
 from __future__ import annotations
@@ -174,33 +176,3 @@ def proxy_correlations(table: pd.DataFrame, metric: str, proxies, task_column: s
             result = _one_pair(frame, metric, proxy, loss_column, n_bootstrap, ci_level, rng)
             rows.append({**result, "task": task, "metric": metric, "proxy": proxy, "ci_level": ci_level})
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def describe_correlation(row, labels: dict | None = None) -> str:
-    """One row of proxy_correlations in words, e.g. 'Hessian λmax does not predict BBBP ROC-AUC beyond
-    pretraining loss (partial ρ = 0.12, 95 % CI −0.40…0.60, n = 24; …)'. labels: extra {column: words}."""
-    words = {**LABELS, **(labels or {})}
-    proxy = words.get(row["proxy"], row["proxy"])
-    target = " ".join(str(part) for part in (row["task"], words.get(row["metric"], row["metric"]))
-                      if part is not None and part == part)
-    level = f"{round(100 * row['ci_level'])} %"
-    if not np.isfinite(row["spearman"]):
-        return f"{proxy} vs {target}: no rank correlation ({row['reason']})"
-    overall = (f"ρ = {_number(row['spearman'])}, {level} CI {_number(row['ci_lo'])}…{_number(row['ci_hi'])}, "
-               f"n = {row['n']}")
-    if not np.isfinite(row["partial_given_loss"]):
-        return f"{proxy} rank-correlates with {target} ({overall}); no partial correlation given loss: {row['reason']}"
-    partial = (f"partial ρ = {_number(row['partial_given_loss'])}, {level} CI "
-               f"{_number(row['partial_ci_lo'])}…{_number(row['partial_ci_hi'])}, n = {row['n_partial']}")
-    if not (np.isfinite(row["partial_ci_lo"]) and np.isfinite(row["partial_ci_hi"])):
-        return f"{proxy} vs {target} given pretraining loss: {partial}, too few usable resamples for an interval"
-    beyond = "predicts" if row["partial_ci_lo"] > 0 or row["partial_ci_hi"] < 0 else "does not predict"
-    return f"{proxy} {beyond} {target} beyond pretraining loss ({partial}; without conditioning {overall})"
-
-
-def _number(value: float) -> str:
-    """Two decimals with a typographic minus; 'nan' stays visible."""
-    if not np.isfinite(value):
-        return "nan"
-    text = f"{value:.2f}"
-    return "−" + text[1:] if text.startswith("-") and text.strip("-0.") else text.lstrip("-")

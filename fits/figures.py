@@ -10,9 +10,11 @@ is touched and nothing is kept open between figures.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,6 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from fits.downstream import format_scale
+from fits.slopes import compute_frontier_mask
 
 DPI = 110
 MODE_STYLE = {"finetune": ("tab:blue", "o", "fine-tuned"), "probe": ("tab:orange", "s", "linear probe")}
@@ -113,18 +116,22 @@ def loss_vs_compute(points: pd.DataFrame, left_out: pd.DataFrame, fits: dict, ou
         ax.scatter(left_out["flops"], left_out["val_loss"], marker="x", color="0.4", s=50, zorder=3)
         handles.append(Line2D([], [], color="0.4", marker="x", ls="", label="did not finish (left out of fits)"))
     if _ok(law):
-        handles.append(Line2D([], [], color="0.3", ls="--", lw=1, label="L(N, D) fit at each model size"))
-        frontier = law["frontier"]
-        ax.plot(frontier["flops"], frontier["loss"], color="black", lw=2)
-        handles.append(Line2D([], [], color="black", lw=2, label="compute-optimal frontier of the fit"))
+        unpinned = "" if law.get("identified", True) else " (not identified from this grid)"
+        handles.append(Line2D([], [], color="0.3", ls="--", lw=1, label=f"L(N, D) fit at each model size{unpinned}"))
+        frontier = law.get("frontier", {})
+        if _ok(frontier):  # only an identified law has a frontier to draw
+            ax.plot(frontier["flops"], frontier["loss"], color="black", lw=2)
+            handles.append(Line2D([], [], color="black", lw=2, label="compute-optimal frontier of the fit"))
     compute = fits.get("compute_law", {})
     saturating = compute.get("saturating_frontier") if _ok(compute) else None
-    if saturating is not None and _ok(saturating):
+    if saturating is not None and _ok(saturating) and saturating.get("identified", True):
         flops = np.logspace(math.log10(points["flops"].min()), math.log10(points["flops"].max() * 10), 60)
         p = saturating["params"]
         ax.plot(flops, p["E"] + p["A"] * flops ** -p["gamma"], ":", color="tab:red", lw=2)
         handles.append(Line2D([], [], color="tab:red", ls=":", lw=2,
                               label=r"$L(C) = E + A\,C^{-\gamma}$ on frontier points"))
+    elif saturating is not None and _ok(saturating):
+        handles.append(Line2D([], [], color="none", label="L(C) = E + A·C^−γ: not identified, not drawn"))
     xlim = (points["flops"].min() / 2, points["flops"].max() * 12)
     _log_axis(ax, xlim)
     ax.set_xlim(*xlim)
@@ -161,14 +168,26 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
     surface_ax.clabel(lines, fmt="%.2f", fontsize=7)
     surface_ax.scatter(points["n_params_non_embedding"], points["tokens"], c=points["val_loss"], cmap="viridis_r",
                        norm=filled.norm, edgecolors="black", s=45, zorder=3, label="measured checkpoints")
-    frontier = law["frontier"]
-    surface_ax.plot(frontier["n_params"], frontier["n_tokens"], color="tab:red", lw=2, label="compute-optimal N*, D*")
+    frontier = law.get("frontier", {})
+    if _ok(frontier):
+        surface_ax.plot(frontier["n_params"], frontier["n_tokens"], color="tab:red", lw=2,
+                        label="compute-optimal N*, D*")
     _log_axis(surface_ax, (n_lo, n_hi), "x")
     _log_axis(surface_ax, (d_lo, d_hi), "y")
+    identified = "" if law.get("identified", True) else ", not identified from this grid"
     surface_ax.set(xlim=(n_lo, n_hi), ylim=(d_lo, d_hi), xlabel="non-embedding parameters N",
-                   ylabel="training tokens D", title="Fitted L(N, D) (nats/token)")
+                   ylabel="training tokens D", title=f"Fitted L(N, D) (nats/token{identified})")
     surface_ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     figure.colorbar(filled, ax=surface_ax, label="fitted loss (nats/token)", format="%.2f")
+    if not _ok(frontier):
+        frontier_ax.axis("off")
+        lines = ["No compute-optimal allocation: L(N, D) is not identified from this grid.", ""]
+        lines += [textwrap.fill(f"• {p['parameter']}: {p['problem']}", 62, subsequent_indent="  ")
+                  for p in law["identification"]["problems"]]
+        lines += ["", textwrap.fill(f"What would identify it: {law['identification']['what_would_identify']}.", 62)]
+        frontier_ax.text(0.0, 1.0, "\n".join(lines), transform=frontier_ax.transAxes, va="top", ha="left",
+                         fontsize=8.5)
+        return _save(figure, out)
 
     flops = np.asarray(frontier["flops"], float)
     frontier_ax.plot(flops, frontier["n_params"], color="tab:purple", lw=2, label="N* (parameters)")
@@ -192,59 +211,127 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
 # downstream
 
 
-DOWNSTREAM_AXES = (  # column, axis label, title, log axis, invert
-    ("n_params_non_embedding", "non-embedding parameters N", "against model size", True, False),
-    ("flops", "pretraining compute C (FLOPs)", "against pretraining compute", True, False),
-    ("pretrain_val_loss", "pretraining loss (nats/token), lower →", "against pretraining loss", False, True),
+DOWNSTREAM_AXES = (  # verdict key, x column, column held fixed, axis label, held-fixed symbol
+    ("n", "n_params_non_embedding", "tokens", "non-embedding parameters N", "D"),
+    ("d", "tokens", "n_params_non_embedding", "training tokens D", "N"),
+    ("c", "flops", None, "pretraining compute C (FLOPs)", None),
 )
+AXIS_TITLES = {"n": "N at fixed D", "d": "D at fixed N", "c": "C along the compute frontier"}
+VERDICT_COLORS = {"improving": "tab:green", "degrading": "tab:red", "plateau": "tab:purple",
+                  "inconclusive": "0.45"}
+HELD_STYLES = ("-", "--", ":", "-.")
 
 
-def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, out: Path) -> Path:
-    """Test metric (mean ± sd over split seeds) against N, C and pretraining loss, with the baselines as lines."""
+def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, entries: list[dict], out: Path) -> Path:
+    """Test metric (mean ± sd over split seeds) along N at fixed D, D at fixed N and C along the compute frontier,
+    with the baselines as lines; and, right, each slope's interval against its plateau margin with the verdict.
+
+    entries: fits.json's downstream entries of this task (their `verdicts`)."""
     mine = points[points["task"] == task] if not points.empty else points
     if mine.empty:
         raise NoData("no fine-tuned or probed checkpoint for this task")
     metric = str(mine["metric"].iloc[0])
     higher_is_better = bool(mine["higher_is_better"].iloc[0])
     label = {"roc_auc": "ROC-AUC", "rmse": "RMSE"}.get(metric, metric)
-    figure = _figure(12.5, 4.3)
-    axes = figure.subplots(1, 3, sharey=True)
+    verdicts = {entry["mode"]: entry.get("verdicts", {}) for entry in entries}
+    figure = _figure(16.0, 4.6)
+    axes = figure.subplots(1, 4, width_ratios=[1, 1, 1, 1.15])
+    for ax in axes[1:3]:
+        ax.sharey(axes[0])
     baselines = {mode: rows.loc[(rows["task"] == task) & (rows["mode"] == mode), "value"].dropna()
                  for mode in BASELINE_STYLE} if not rows.empty else {}
-    for ax, (column, xlabel, title, log_x, invert) in zip(axes, DOWNSTREAM_AXES):
+    held_handles: dict[str, Line2D] = {}
+    for ax, (key, column, held, xlabel, held_symbol) in zip(axes, DOWNSTREAM_AXES):
         x = mine[column].to_numpy(float)
-        usable = np.isfinite(x) & ((x > 0) if log_x else True)
+        usable = np.isfinite(x) & (x > 0)
         if not usable.any():
-            ax.text(0.5, 0.5, "not recorded for these checkpoints", transform=ax.transAxes, ha="center",
-                    color="0.4")
+            ax.text(0.5, 0.5, "not recorded for these checkpoints", transform=ax.transAxes, ha="center", color="0.4")
             ax.set_xticks([])
-            log_x = invert = False
         for mode, group in mine[usable].groupby("mode", sort=True):
-            color, marker, mode_label = MODE_STYLE.get(mode, ("0.3", "o", mode))
-            ax.errorbar(group[column], group["mean"], yerr=group["sd"].fillna(0), fmt=marker, color=color,
-                        capsize=3, ms=5, label=mode_label)
-            at_scale = group.groupby(column)["mean"].mean().sort_index()
-            ax.plot(at_scale.index, at_scale.to_numpy(), "-", color=color, lw=1, alpha=0.6)
+            color, marker, _ = MODE_STYLE.get(mode, ("0.3", "o", mode))
+            if held is not None:
+                _held_lines(ax, group, column, held, held_symbol, color, marker, held_handles)
+            else:
+                _frontier_points(ax, group, color, marker)
         for mode, values in baselines.items():
-            if values.empty:
-                continue
-            color, style, baseline_label = BASELINE_STYLE[mode]
-            mean, sd = values.mean(), (values.std() if len(values) > 1 else 0.0)
-            ax.axhline(mean, color=color, ls=style, lw=1.8, label=baseline_label)
-            ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.08)
-        if log_x:
+            if not values.empty:
+                color, style, _ = BASELINE_STYLE[mode]
+                mean, sd = values.mean(), (values.std() if len(values) > 1 else 0.0)
+                ax.axhline(mean, color=color, ls=style, lw=1.8)
+                ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.08)
+        if usable.any():
             _log_axis(ax, x[usable], "x")
-        if invert:
-            ax.invert_xaxis()
+        said = [f"{MODE_STYLE.get(mode, ('', '', mode))[2]}: "
+                + (v[key]["verdict"] if v[key]["status"] == "ok" else "not testable")
+                for mode, v in verdicts.items() if key in v]
+        ax.set_title("\n".join([AXIS_TITLES[key], *said]), fontsize=9.5)
         ax.set_xlabel(xlabel)
-        ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"{label} on the test split ({'higher' if higher_is_better else 'lower'} is better)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    figure.legend(unique.values(), unique.keys(), loc="outside lower center", ncols=len(unique), frameon=False)
+    _slope_intervals(axes[3], verdicts, label)
+    handles = [Line2D([], [], color=MODE_STYLE[m][0], marker=MODE_STYLE[m][1], ls="", label=MODE_STYLE[m][2])
+               for m in MODE_STYLE if m in set(mine["mode"])]
+    handles += [Line2D([], [], color=BASELINE_STYLE[m][0], ls=BASELINE_STYLE[m][1], lw=1.8, label=BASELINE_STYLE[m][2])
+                for m, values in baselines.items() if not values.empty]
+    handles += list(held_handles.values())[:6]
+    handles.append(Line2D([], [], color="0.3", marker="o", mfc="none", ls="", label="off the compute frontier"))
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False, fontsize=8.5)
     figure.suptitle(f"{task}: {label} after pretraining, mean ± sd over split seeds")
     return _save(figure, out)
+
+
+def _held_lines(ax, group: pd.DataFrame, column: str, held: str, symbol: str, color, marker,
+                handles: dict[str, Line2D]) -> None:
+    """One line per value of the held-fixed column (values within 2 % are one, as fits.verdicts groups them)."""
+    key = np.round(np.log10(group[held].to_numpy(float)) / math.log10(1.02))
+    for i, (_, line) in enumerate(sorted(group.groupby(key), key=lambda item: item[0])):
+        line = line.sort_values(column)
+        style = HELD_STYLES[i % len(HELD_STYLES)]
+        ax.errorbar(line[column], line["mean"], yerr=line["sd"].fillna(0), fmt=marker + style, color=color,
+                    capsize=3, ms=5, lw=1, alpha=0.9)
+        text = f"{symbol} = {format_scale(float(line[held].median()))}"
+        handles.setdefault(f"{symbol}{i}", Line2D([], [], color="0.3", ls=style, lw=1, label=text))
+
+
+def _frontier_points(ax, group: pd.DataFrame, color, marker) -> None:
+    """Checkpoints on the compute frontier (lowest pretraining loss at their C) filled and joined; the rest hollow."""
+    on = compute_frontier_mask(group, "flops", "pretrain_val_loss", ("trial_id", "tokens"))
+    frontier = group[on].sort_values("flops")
+    ax.errorbar(frontier["flops"], frontier["mean"], yerr=frontier["sd"].fillna(0), fmt=marker + "-", color=color,
+                capsize=3, ms=5, lw=1)
+    rest = group[~on]
+    ax.scatter(rest["flops"], rest["mean"], marker=marker, facecolors="none", edgecolors=color, s=28, alpha=0.7)
+
+
+def _slope_intervals(ax, verdicts: dict[str, dict], label: str) -> None:
+    """Each slope per decade with its interval (bar) against ± its margin (grey band), labelled with the verdict."""
+    rows = [(mode, key, v[key]) for mode, v in verdicts.items() for key in AXIS_TITLES if key in v]
+    if not rows:
+        ax.text(0.5, 0.5, "no verdicts", transform=ax.transAxes, ha="center", color="0.4")
+        ax.set_axis_off()
+        return
+    extent = 0.0
+    for y, (_, _, v) in enumerate(rows):
+        if v["status"] != "ok":
+            ax.text(0, y, "not testable", ha="center", va="center", fontsize=8, color="0.4")
+            continue
+        lo, hi = v["ci"]
+        margin = v["margin"]
+        ax.add_patch(matplotlib.patches.Rectangle((-margin, y - 0.35), 2 * margin, 0.7, color="0.88", lw=0))
+        color = VERDICT_COLORS[v["verdict"]]
+        ax.errorbar([v["slope"]], [y], xerr=[[v["slope"] - lo], [hi - v["slope"]]], fmt="o", color=color, capsize=4)
+        ax.annotate(v["verdict"], (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=8.5, color=color)
+        extent = max(extent, abs(lo), abs(hi), margin)
+    ax.axvline(0, color="0.3", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{MODE_STYLE.get(m, ('', '', m))[2]}\n{AXIS_TITLES[k]}" for m, k, _ in rows],
+                  fontsize=7.5)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    if extent > 0:
+        ax.set_xlim(-1.15 * extent, 1.15 * extent)
+    ax.set_xlabel(f"slope, {label} per decade (grey: ± plateau margin)")
+    ax.set_title("Slope intervals against the margin", fontsize=9.5)
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,19 +339,24 @@ def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, out: Path) -
 
 
 def hessian(rows: pd.DataFrame, out: Path) -> Path:
-    """λmax and trace of the pretraining-loss Hessian against model size and against tokens seen."""
+    """λmax, trace and trace per parameter (trace / hessian_dim, comparable across sizes) of the pretraining-loss
+    Hessian against model size and against tokens seen."""
     if rows.empty or "loss" not in rows.columns:
         raise NoData("no Hessian measurements (results/hessian.parquet is missing or empty)")
     rows = rows[(rows["loss"] == "pretrain") & np.isfinite(rows["lambda_max"].to_numpy(float))]
     if rows.empty:
         raise NoData("no Hessian of the pretraining loss with a finite λmax")
-    figure = _figure(11.0, 7.2)
-    axes = figure.subplots(2, 2)
+    dim = pd.to_numeric(rows["hessian_dim"], errors="coerce") if "hessian_dim" in rows.columns else None
+    panels = [("lambda_max", "top eigenvalue λmax"), ("trace", "trace")]
+    if dim is not None and (dim > 0).any():
+        rows = rows.assign(trace_per_param=pd.to_numeric(rows["trace"], errors="coerce") / dim.where(dim > 0))
+        panels.append(("trace_per_param", "trace per parameter"))
+    figure = _figure(5.5 * len(panels), 7.2)
+    axes = figure.subplots(2, len(panels))
     colors = _rung_colors(rows)
     token_values = sorted(rows["tokens"].unique())
     token_cmap = matplotlib.colormaps["cividis"]
-    for column, row_axes, what in (("lambda_max", axes[:, 0], "top eigenvalue λmax"),
-                                   ("trace", axes[:, 1], "trace")):
+    for (column, what), row_axes in zip(panels, axes.T):
         by_size, by_tokens = row_axes
         for i, (tokens, group) in enumerate(rows.groupby("tokens", sort=True)):
             group = group.sort_values("n_params_non_embedding")

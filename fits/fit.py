@@ -2,18 +2,27 @@
 
 `fit_run(run_dir)` answers the run's question with the estimators of this package, in this order:
 1. which checkpoints count: diverged trials and failed measurements are left out, each with a note;
-2. L(N, D) (ChinchillaFit) on every finished checkpoint, its compute-optimal frontier, and a back-test
-   that refits without the largest rungs and predicts them; L(C) on the compute frontier and on all points;
-3. each downstream task and mode against N, C and pretraining loss: the trend at the largest scales,
-   a monotone-trend test, a saturating law; and the Morgan-fingerprint and random-init baselines;
-4. which proxies (N, D, C, pretraining loss, Hessian λmax and trace, sharpness) rank-correlate with
-   the downstream metric, and whether any predicts it beyond pretraining loss;
-5. `findings`: plain sentences built from the numbers above and nothing else.
+2. L(N, D) (ChinchillaFit) on every finished checkpoint, whether the grid identifies it, its compute-optimal
+   frontier (only when it does), a back-test that refits without the largest rungs and predicts them, and
+   L(C) on the compute frontier and on all points;
+3. each downstream task and mode along one axis at a time (N at fixed D, D at fixed N, C along the compute
+   frontier): a run-level slope per decade read as improving / degrading / plateau / inconclusive against an
+   equivalence margin (fits.verdicts), with one Holm correction over every trend of the run;
+4. the best pretrained checkpoint per task, chosen on the validation metric and reported on test, against the
+   Morgan-fingerprint and random-init baselines split seed by split seed (fits.comparison), Holm-corrected;
+5. proxies judged as a user would use them (fits.proxies): only what is measured before fine-tuning enters the
+   leave-one-size-out prediction tests (Holm-corrected) and the selection regret; rank correlations, and
+   everything measured at the fine-tuned weights (ft_*), are descriptive;
+6. per task and mode, the two-step task ladder (fits.taskladder) predicting the largest rung from the smaller;
+7. `findings`: plain sentences, verdict first, built from the numbers above and nothing else, each with the
+   anchor of the figure or table of the report it rests on (`finding_links`).
 Whatever a small run cannot support becomes {"status": "skipped", "reason": ...}, never an error.
 
 Its inputs (the config, the tables, the checkpoints and measurements that count) come from
-`RunDir.fit_inputs()`, the same call the report makes. `fit_table(path, law)` fits one law to any
-table (e.g. published points) for `clmscale fit --table`. No Ray and no torch here.
+`RunDir.fit_inputs()`, the same call the report makes. Run-level statistics use the per-seed rows of
+finetune.parquet (a trial is the run, a split seed the paired block), not the per-checkpoint means.
+`fit_table(path, law)` fits one law, and `trend_table(path, ...)` judges one trend, on any table
+(`clmscale fit --table`). No Ray and no torch here.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import logging
 import math
+import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,27 +43,47 @@ import pandas as pd
 
 from engine.config import FitsConfig
 from engine.files import json_safe
-from engine.rundir import TABLES, RunDir
-from fits.correlate import LABELS, describe_correlation, proxy_correlations
-from fits.downstream import (DownstreamPowerLaw, format_scale, monotone_trend, trend_at_largest_scales)
-from fits.powerlaw import ChinchillaFit, LogLogOLS, SaturatingPowerLaw, backtest
+from engine.rundir import PRETRAINED_MODES, TABLES, RunDir
+from fits.comparison import best_on_validation, paired_difference
+from fits.correlate import LABELS, proxy_correlations
+from fits.downstream import DownstreamPowerLaw, format_scale, format_with_uncertainty
+from fits.powerlaw import ChinchillaFit, LogLogOLS, SaturatingPowerLaw, backtest, identification
+from fits.proxies import LeaveOneSizeOut, leave_one_size_out, proxy_timing, selection_regret
+from fits.taskladder import BOUNDED_METRICS, TaskLadder, task_ladder_backtest
+from fits.verdicts import (CORRECTIONS, METRIC_WORDS, PLATEAU_MARGINS, AxisTrend, PlateauMargin, TrendVerdict,
+                           adjust_pvalues, correct, plateau_margin, scaling_verdicts, trend_on_table, verdict_counts)
 
 log = logging.getLogger(__name__)
 
 MODES = {"finetune": "fine-tuned", "probe": "linear probe"}
-BASELINES = {"morgan_fp": "Morgan fingerprints", "random_init": "random-init model"}
-METRIC_LABELS = {"roc_auc": "ROC-AUC", "rmse": "RMSE"}
-# downstream trends are read against these columns: (words in sentences, does the column grow with scale?)
-SCALES = {
-    "n_params_non_embedding": ("non-embedding parameters", True),
-    "flops": ("FLOPs", True),
-    "pretrain_val_loss": ("pretraining loss", False),
+BASELINES = {"morgan_fp": "Morgan fingerprints", "ecfp4_rf": "ECFP4 + random forest",
+             "rdkit2d_rf": "RDKit 2D descriptors + random forest", "random_init": "random-init model"}
+# the three axes of a downstream trend: (symbol, words, column, what is held fixed)
+AXES = {
+    "n": ("N", "non-embedding parameters", "n_params_non_embedding", "N at fixed D"),
+    "d": ("D", "tokens", "tokens", "D at fixed N"),
+    "c": ("C", "FLOPs", "flops", "C along the compute frontier"),
 }
-PROXIES = ("n_params", "tokens", "flops", "pretrain_val_loss", "lambda_max", "trace", "ft_lambda_max", "ft_trace",
-           "eps_sharpness", "adaptive_sharpness")
+PER_PARAM = "_per_param"  # a Hessian trace divided by hessian_dim: comparable across model sizes
+SCALE_PROXIES = ("n_params", "tokens", "flops")
+PROXIES = (*SCALE_PROXIES, "pretrain_val_loss", "lambda_max", "trace", "trace_per_param", "eps_sharpness",
+           "adaptive_sharpness", "pt_task_lambda_max", "pt_task_trace", "pt_task_trace_per_param", "ft_lambda_max",
+           "ft_trace", "ft_trace_per_param")
+PROXY_LABELS = {**LABELS,
+                "trace_per_param": "Hessian trace per parameter",
+                "pt_task_lambda_max": "task-loss Hessian λmax at the pretrained weights",
+                "pt_task_trace": "task-loss Hessian trace at the pretrained weights",
+                "pt_task_trace_per_param": "task-loss Hessian trace per parameter at the pretrained weights",
+                "ft_trace_per_param": "fine-tuning-loss Hessian trace per parameter"}
+# A proxy picks the checkpoint where it is lowest: lower pretraining loss, and flatter (lower curvature or
+# sharpness) as the flat-minima hypothesis has it. Fixed in advance: a direction read off the test split (or
+# off the validation metric of the very checkpoints it then picks among) would be selection on the outcome.
+SELECT_BY = "min"
+LEVEL = 0.95  # every interval and test
+CORRECTION = "holm"  # family-wise error: each definite statement holds on its own, whatever else is tested
+PROXY_BOOTSTRAP = 2000  # resamples of held-out sizes: cheap (sums of squares), so not tied to fits.n_bootstrap
 MIN_LAW_POINTS = 5  # distinct (N, D) for L(N, D): one per parameter
 MIN_CURVE_POINTS = 4  # distinct x for a three-parameter one-variable law, one more than its parameters
-MIN_PROXY_POINTS = 8  # checkpoints below which a bootstrap interval of a partial rank correlation is degenerate
 FRONTIER_DECADES_BEYOND = 2  # the frontier curve runs from the smallest measured C to 100x the largest
 # what a fit may raise on data it cannot support; anything else is a bug and is not caught
 FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
@@ -65,13 +97,25 @@ class FitSettings:
     seed: int
     holdout_rungs: int
     annealed_only: bool = True  # recorded here; RunDir.fit_inputs applies it
+    plateau_margin: dict[str, float] = dataclasses.field(default_factory=dict)  # metric -> margin per decade
     n_jobs: int | None = None  # bootstrap processes; None: one per CPU
     n_starts: int = 100  # ChinchillaFit's screened starting points
+    level: float = LEVEL
+    correction: str = CORRECTION
 
     @classmethod
     def from_config(cls, fits: FitsConfig, **overrides) -> FitSettings:
         values = {**fits.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**values)
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_WORDS.get(metric, metric)
+
+
+def downstream_anchor(task: str) -> str:
+    """The report's figure (and HTML anchor) of one task's downstream results."""
+    return "downstream_" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", str(task)).strip("_") or "task")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,14 +138,16 @@ def skipped(reason: str) -> dict:
 
 
 def _fitted(estimator, *data) -> dict:
-    """estimator.fit(*data).to_dict() with status and warnings, or skipped with the reason it could not fit."""
+    """estimator.fit(*data).to_dict() with status, identification and warnings, or skipped with the reason."""
     notes: list[str] = []
     try:
         with _kept_warnings(notes, type(estimator).__name__):
             estimator.fit(*data)
     except FIT_ERRORS as err:
         return {**skipped(f"{type(err).__name__}: {err}"), "warnings": notes}
-    return {"status": "ok", **estimator.to_dict(), "warnings": notes}
+    found = identification(estimator)
+    return {"status": "ok", **estimator.to_dict(), "identified": found.identified,
+            "identification": {**found.to_dict(), "sentence": found.sentence(estimator.formula)}, "warnings": notes}
 
 
 def _chinchilla(s: FitSettings, n_bootstrap: int | None = None) -> ChinchillaFit:
@@ -110,7 +156,8 @@ def _chinchilla(s: FitSettings, n_bootstrap: int | None = None) -> ChinchillaFit
 
 
 def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
-    """L(N, D) on (n_params_non_embedding, tokens, val_loss) of every usable checkpoint, and N*(C), D*(C)."""
+    """L(N, D) on (n_params_non_embedding, tokens, val_loss) of every usable checkpoint; N*(C), D*(C) only when
+    the grid identifies the law (a frontier derived from an unpinned law is not a number to print)."""
     n, d, loss = (points[name].to_numpy(float) for name in ("n_params_non_embedding", "tokens", "val_loss"))
     n_distinct = len(set(zip(n, d)))
     if n_distinct < MIN_LAW_POINTS:
@@ -124,7 +171,12 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     if result["status"] != "ok":
         return result
     result.update(n_distinct_points=n_distinct, n_rungs=int(np.unique(n).size))
-    result["frontier"].update(_frontier(law, points))
+    if result["identified"]:
+        result["frontier"] = {"status": "ok", **result["frontier"], **_frontier(law, points)}
+    else:
+        result["frontier"] = skipped("L(N, D) is not identified from this grid, so no compute-optimal allocation "
+                                     f"is derived from it; what would identify it: "
+                                     f"{result['identification']['what_would_identify']}")
     return result
 
 
@@ -212,63 +264,131 @@ def fit_compute_law(points: pd.DataFrame, s: FitSettings) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Downstream: trends against scale, and the baselines
+# 3. Downstream: four verdicts along one axis at a time, one correction for all of them
 
 
-def downstream_trends(points: pd.DataFrame, s: FitSettings) -> list[dict]:
-    """Per (task, mode): trend at the largest scales, monotone trend and a saturating law, against N, C and loss."""
-    entries: list[dict] = []
-    if points.empty:
-        return entries
-    for (task, mode), group in points.groupby(["task", "mode"], sort=True):
+def pretrained_rows(finetune: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.DataFrame:
+    """Per-seed rows of the pretrained modes with a finite test metric: the unit of every run-level statistic.
+
+    Rows whose pretrain_val_loss is missing take the checkpoint's validation loss (as RunDir's points do)."""
+    if finetune.empty:
+        return finetune
+    rows = finetune[finetune["mode"].isin(PRETRAINED_MODES)]
+    rows = rows[np.isfinite(pd.to_numeric(rows["value"], errors="coerce").to_numpy(float))]
+    losses = checkpoints[["trial_id", "tokens", "val_loss"]].astype({"tokens": float})
+    rows = rows.astype({"tokens": float}).merge(losses, on=["trial_id", "tokens"], how="left")
+    rows["pretrain_val_loss"] = pd.to_numeric(rows["pretrain_val_loss"], errors="coerce").fillna(rows.pop("val_loss"))
+    for name in ("value", "val_value", "label_sd", "task_val_loss", "n_params_non_embedding", "flops"):
+        rows[name] = pd.to_numeric(rows[name], errors="coerce").astype(float)
+    return rows.reset_index(drop=True)
+
+
+def trend_margin(metric: str, label_sd: float | None, s: FitSettings) -> tuple[PlateauMargin | None, str]:
+    """The plateau margin of a metric (fits.plateau_margin, else the documented default), or None and why not."""
+    override = s.plateau_margin.get(metric)
+    if override is not None:
+        chosen = plateau_margin(metric, margin=override)
+        return dataclasses.replace(chosen, source=f"fits.plateau_margin.{metric} = {override:g} per decade"), ""
+    if metric in PLATEAU_MARGINS and PLATEAU_MARGINS[metric][1] == "label_sd" and label_sd is None:
+        fraction = PLATEAU_MARGINS[metric][0]
+        return None, (f"the task's label sd is unknown (no finite label_sd in finetune.parquet), and the "
+                      f"{metric_label(metric)} margin is {fraction:g} × label sd per decade; set "
+                      f"fits.plateau_margin.{metric} to test it")
+    try:
+        return plateau_margin(metric, label_sd=label_sd), ""
+    except ValueError as err:
+        return None, str(err).removeprefix("plateau_margin: ")
+
+
+def _label_sd(rows: pd.DataFrame) -> float | None:
+    values = rows["label_sd"].to_numpy(float)
+    values = values[np.isfinite(values) & (values > 0)]
+    return float(np.median(values)) if values.size else None
+
+
+def _not_testable(verdict: TrendVerdict, reason: str) -> TrendVerdict:
+    nan = math.nan
+    return dataclasses.replace(verdict, verdict="inconclusive", raw_verdict="inconclusive", reason=reason, slope=nan,
+                               ci=(nan, nan), se=nan, p_zero=nan, p_improving=nan, p_degrading=nan, p_tost=nan,
+                               p_verdict=nan, min_detectable_slope=nan, settle="", margin=nan, margin_source="")
+
+
+def _subject(task: str, mode: str, metric: str) -> str:
+    return f"{task} ({MODES.get(mode, mode)}) {metric_label(metric)}"
+
+
+def downstream_trends(rows: pd.DataFrame, points: pd.DataFrame, s: FitSettings) -> tuple[list[dict], dict]:
+    """Per (task, mode): the verdicts along N at fixed D, D at fixed N and C along the compute frontier, from the
+    per-seed rows (runs as clusters, split seeds as blocks), corrected together; and the family's summary."""
+    if rows.empty:
+        return [], {"correction": s.correction, "correction_name": CORRECTIONS[s.correction], "n_tests": 0,
+                    "level": s.level, "counts": verdict_counts([])}
+    built: list[tuple[dict, dict[str, AxisTrend]]] = []
+    for (task, mode), group in rows.groupby(["task", "mode"], sort=True):
         metric = str(group["metric"].iloc[0])
         higher_is_better = bool(group["higher_is_better"].iloc[0])
-        label = METRIC_LABELS.get(metric, metric)
-        entry = {"task": task, "mode": mode, "metric": metric, "metric_label": label,
-                 "higher_is_better": higher_is_better, "n_checkpoints": len(group),
-                 "trends": {}, "monotone": {}, "power_law": {}}
-        metric_values = group["mean"].to_numpy(float)
-        for x, (words, grows) in SCALES.items():
-            scale = group[x].to_numpy(float)
-            entry["trends"][x] = _trend(scale, metric_values, higher_is_better, grows,
-                                        f"{task} ({MODES.get(mode, mode)})", label, words)
-            entry["monotone"][x] = _monotone(scale, metric_values, higher_is_better == grows)
-        for x in ("n_params_non_embedding", "flops"):
-            scale = group[x].to_numpy(float)
-            n_x = np.unique(scale[np.isfinite(scale) & (scale > 0)]).size
-            entry["power_law"][x] = (
-                _fitted(DownstreamPowerLaw(higher_is_better=higher_is_better, huber_delta=s.huber_delta,
-                                           n_bootstrap=s.n_bootstrap, seed=s.seed, n_jobs=s.n_jobs), scale,
-                        metric_values)
-                if n_x >= MIN_CURVE_POINTS else
-                skipped(f"{n_x} distinct {SCALES[x][0]}; the saturating law needs at least {MIN_CURVE_POINTS}"))
+        label_sd = _label_sd(group)
+        margin, margin_reason = trend_margin(metric, label_sd, s)
+        frame = group.rename(columns={column: symbol for symbol, _, column, _ in AXES.values()})
+        notes: list[str] = []
+        with _kept_warnings(notes, f"trend {task} {mode}"):
+            axes = scaling_verdicts(frame, y_col="value", higher_is_better=higher_is_better,
+                                    margin=margin if margin is not None else 1.0, n_col="N", d_col="D", c_col="C",
+                                    loss_col="pretrain_val_loss", run_col="trial_id", block_col="split_seed",
+                                    level=s.level, seed=s.seed)
+        if margin is None:
+            axes = {key: dataclasses.replace(trend, combined=_not_testable(trend.combined, margin_reason),
+                                             per_stratum=tuple((value, _not_testable(v, margin_reason))
+                                                               for value, v in trend.per_stratum))
+                    for key, trend in axes.items()}
+        mine = points[(points["task"] == task) & (points["mode"] == mode)] if not points.empty else points
+        entry = {"task": task, "mode": mode, "metric": metric, "metric_label": metric_label(metric),
+                 "higher_is_better": higher_is_better, "n_checkpoints": len(mine),
+                 "n_runs": int(group["trial_id"].nunique()), "n_split_seeds": int(group["split_seed"].nunique()),
+                 "label_sd": label_sd,
+                 "margin": ({"per_decade": margin.per_decade, "source": margin.source} if margin is not None
+                            else skipped(margin_reason)),
+                 "power_law": _downstream_laws(mine, higher_is_better, s), "warnings": notes}
+        built.append((entry, axes))
+    family = correct([trend.combined for _, axes in built for trend in axes.values()], s.correction)
+    corrected = iter(family)
+    entries = []
+    for entry, axes in built:
+        entry["verdicts"] = {}
+        for key, trend in axes.items():
+            verdict = next(corrected)
+            entry["verdicts"][key] = {
+                **verdict.to_dict(), "combine": trend.combine, "axis_words": AXES[key][3],
+                "sentence": verdict.sentence(_subject(entry["task"], entry["mode"], entry["metric"]), AXES[key][0]),
+                "per_stratum": [{"value": value, **v.to_dict()} for value, v in trend.per_stratum]}
         entries.append(entry)
-    return entries
+    summary = {"correction": s.correction, "correction_name": CORRECTIONS[s.correction],
+               "n_tests": sum(v.testable for v in family), "level": s.level, "counts": verdict_counts(family),
+               "per_stratum": "each held-fixed value alone, uncorrected and descriptive; the combined slope is the "
+                              "test"}
+    return entries, summary
 
 
-def _trend(x, metric, higher_is_better, grows, who, metric_label, x_words) -> dict:
-    notes: list[str] = []
-    try:
-        with _kept_warnings(notes, "trend_at_largest_scales"):
-            trend = trend_at_largest_scales(x, metric, higher_is_better=higher_is_better, x_grows_with_scale=grows)
-    except FIT_ERRORS as err:
-        return {**skipped(str(err)), "warnings": notes}
-    return {"status": "ok", **dataclasses.asdict(trend), "sentence": trend.sentence(who, metric_label, x_words),
-            "warnings": notes}
+def _downstream_laws(points: pd.DataFrame, higher_is_better: bool, s: FitSettings) -> dict:
+    """The saturating law metric(x) against N and C on the checkpoint means (descriptive; with identification)."""
+    out = {}
+    for x in ("n_params_non_embedding", "flops"):
+        scale = points[x].to_numpy(float) if not points.empty else np.array([])
+        n_x = np.unique(scale[np.isfinite(scale) & (scale > 0)]).size
+        out[x] = (_fitted(DownstreamPowerLaw(higher_is_better=higher_is_better, huber_delta=s.huber_delta,
+                                             n_bootstrap=s.n_bootstrap, seed=s.seed, n_jobs=s.n_jobs), scale,
+                          points["mean"].to_numpy(float))
+                  if n_x >= MIN_CURVE_POINTS else
+                  skipped(f"{n_x} distinct {x}; the saturating law needs at least {MIN_CURVE_POINTS}"))
+    return out
 
 
-def _monotone(x, metric, improving_when_rising) -> dict:
-    """monotone_trend with `direction` read in the sense of growing scale (x = loss falls as scale grows)."""
-    notes: list[str] = []
-    try:
-        with _kept_warnings(notes, "monotone_trend"):
-            result = monotone_trend(x, metric, higher_is_better=improving_when_rising)
-    except FIT_ERRORS as err:
-        return {**skipped(str(err)), "warnings": notes}
-    return {"status": "ok", **dataclasses.asdict(result), "warnings": notes}
+# --------------------------------------------------------------------------------------------
+# 4. Baselines: choose on validation, report on test, compare split seed by split seed
 
 
 def _spread(values: pd.Series) -> dict | None:
+    values = pd.to_numeric(values, errors="coerce")
     values = values[np.isfinite(values.to_numpy(float))]
     if values.empty:
         return None
@@ -276,60 +396,106 @@ def _spread(values: pd.Series) -> dict | None:
             "n": int(len(values))}
 
 
-def baselines(finetune: pd.DataFrame, points: pd.DataFrame) -> list[dict]:
-    """Per task: Morgan-fingerprint and random-init means, the best pretrained checkpoint, and a verdict sentence."""
+def baselines(finetune: pd.DataFrame, rows: pd.DataFrame, s: FitSettings) -> tuple[list[dict], dict]:
+    """Per task: the pretrained checkpoint with the best validation metric (any mode), its test metric, and its
+    paired per-seed difference from each baseline (random init: the same rung), Holm-corrected over all of them."""
+    entries: list[dict] = []
     if finetune.empty:
-        return []
-    entries = []
-    for task, rows in finetune.groupby("task", sort=True):
-        metric = str(rows["metric"].iloc[0])
-        higher_is_better = bool(rows["higher_is_better"].iloc[0])
-        entry = {"task": task, "metric": metric, "metric_label": METRIC_LABELS.get(metric, metric),
-                 "higher_is_better": higher_is_better}
+        return entries, {"correction": s.correction, "n_tests": 0}
+    for task, task_rows in finetune.groupby("task", sort=True):
+        metric = str(task_rows["metric"].iloc[0])
+        higher_is_better = bool(task_rows["higher_is_better"].iloc[0])
+        entry = {"task": task, "metric": metric, "metric_label": metric_label(metric),
+                 "higher_is_better": higher_is_better, "comparisons": {}}
         for mode in BASELINES:
-            entry[mode] = _spread(rows.loc[rows["mode"] == mode, "value"])
-        random_init = rows[rows["mode"] == "random_init"]
+            entry[mode] = _spread(task_rows.loc[task_rows["mode"] == mode, "value"])
+        random_init = task_rows[task_rows["mode"] == "random_init"]
         if entry["random_init"] is not None:
             entry["random_init"]["per_rung"] = {str(rung): _spread(group["value"])
                                                 for rung, group in random_init.groupby("rung", sort=False)}
-        mine = points[points["task"] == task] if not points.empty else points
-        entry["best_pretrained"] = None
-        if not mine.empty:
-            best = mine.loc[mine["mean"].idxmax() if higher_is_better else mine["mean"].idxmin()]
-            entry["best_pretrained"] = {"mode": best["mode"], "trial_id": best["trial_id"], "rung": best.get("rung"),
-                                        "tokens": float(best["tokens"]), "mean": float(best["mean"]),
-                                        "sd": float(best["sd"]), "n": int(best["n_seeds"])}
-        entry["sentence"] = _baseline_sentence(entry)
+        pretrained = rows[rows["task"] == task] if not rows.empty else rows
+        entry["best_pretrained"] = _best_on_validation(pretrained, higher_is_better)
+        best = entry["best_pretrained"]
+        if best["status"] == "ok":
+            pick = pretrained[(pretrained["mode"] == best["mode"]) & (pretrained["trial_id"] == best["trial_id"])
+                              & (pretrained["tokens"] == best["tokens"])]
+            for mode, words in BASELINES.items():
+                against = task_rows[task_rows["mode"] == mode]
+                if mode == "random_init" and (against["rung"] == best["rung"]).any():
+                    against, words = against[against["rung"] == best["rung"]], f"{words} ({best['rung']})"
+                if against.empty:
+                    entry["comparisons"][mode] = {**skipped(f"no {words} rows for {task}"), "against": words}
+                    continue
+                difference = paired_difference(pick, against, on="split_seed", value_col="value",
+                                               higher_is_better=higher_is_better, level=s.level)
+                entry["comparisons"][mode] = {**difference.to_dict(), "against": words}
         entries.append(entry)
-    return entries
+    tests = [c for e in entries for c in e["comparisons"].values() if c["status"] == "ok"]
+    adjusted = adjust_pvalues([c["p"] if c["p"] is not None else math.nan for c in tests], s.correction)
+    n_tests = int(np.isfinite(adjusted).sum())
+    for comparison, p_adjusted in zip(tests, adjusted):
+        comparison["raw_finding"] = comparison["finding"]
+        if np.isfinite(p_adjusted):
+            comparison.update(p_adjusted=float(p_adjusted),
+                              correction=f"{CORRECTIONS[s.correction]} over {n_tests} baseline comparisons")
+            if not p_adjusted < 1 - s.level:
+                comparison["finding"] = "no clear difference"
+    for entry in entries:
+        entry["sentence"] = _baseline_sentence(entry)
+    return entries, {"correction": s.correction, "correction_name": CORRECTIONS[s.correction], "n_tests": n_tests}
+
+
+def _best_on_validation(pretrained: pd.DataFrame, higher_is_better: bool) -> dict:
+    if pretrained.empty:
+        return skipped("no pretrained checkpoint was evaluated on this task")
+    picks = best_on_validation(pretrained, val_col="val_value", higher_is_better=higher_is_better,
+                               group_cols=("task",), checkpoint_cols=("mode", "trial_id", "tokens"))
+    if picks.empty:
+        return skipped("no finite validation metric (val_value), so no checkpoint can be chosen without the test "
+                       "split")
+    pick = picks.iloc[0]
+    rows = pretrained[(pretrained["mode"] == pick["mode"]) & (pretrained["trial_id"] == pick["trial_id"])
+                      & (pretrained["tokens"] == pick["tokens"])]
+    return {"status": "ok", "chosen_on": "validation", "mode": pick["mode"], "trial_id": pick["trial_id"],
+            "rung": rows["rung"].iloc[0], "tokens": float(pick["tokens"]), "val_mean": float(pick["val_mean"]),
+            "test": _spread(rows["value"]),
+            "n_candidates": int(pretrained.groupby(["mode", "trial_id", "tokens"]).ngroups)}
+
+
+FINDING_WORDS = {"better": "beats", "worse": "is worse than", "no clear difference": "shows no clear difference from"}
 
 
 def _baseline_sentence(entry: dict) -> str:
-    task, label = entry["task"], entry["metric_label"]
-    best, fingerprints, random_init = entry["best_pretrained"], entry["morgan_fp"], entry["random_init"]
-    if best is None:
-        return f"{task}: no pretrained checkpoint was evaluated, so pretraining cannot be compared with the baselines."
-    reached = (f"On {task}, the best pretrained checkpoint ({MODES.get(best['mode'], best['mode'])}, {best['rung']}, "
-               f"{format_scale(best['tokens'])} tokens) reaches {label} {_mean_sd(best)}")
-    if fingerprints is None:
-        return reached + "; there is no Morgan-fingerprint baseline to compare it with."
-    versus = f" against {_mean_sd(fingerprints)} with Morgan fingerprints"
-    if random_init is not None:
-        versus += f" and {_mean_sd(random_init)} for the same architectures trained from random initialisation"
-    sign = 1 if entry["higher_is_better"] else -1
-    gain = sign * (best["mean"] - fingerprints["mean"])
-    spread = max(np.nan_to_num(best["sd"]), np.nan_to_num(fingerprints["sd"]))
-    if gain > spread:
-        verdict = f"pretraining beats fingerprints on {task}"
-    elif gain > 0:
-        verdict = (f"pretraining does not beat fingerprints on {task} (it is ahead by {abs(gain):.3g}, within one "
-                   f"seed-to-seed standard deviation)")
-    else:
-        verdict = f"pretraining does not beat fingerprints on {task}"
-    return f"{reached}{versus}: {verdict}."
+    """Verdict first (against Morgan fingerprints when there are any), then the pick and each paired difference."""
+    task, label, best = entry["task"], entry["metric_label"], entry["best_pretrained"]
+    if best["status"] != "ok":
+        return f"Not compared with the baselines: {task}: {best['reason']}."
+    picked = (f"the checkpoint chosen on validation ({MODES.get(best['mode'], best['mode'])}, {best['rung']}, "
+              f"{format_scale(best['tokens'])} tokens, best of {best['n_candidates']}) reaches test {label} "
+              f"{_mean_sd(best['test'])}")
+    clauses, head = [], None
+    for mode, comparison in entry["comparisons"].items():
+        if comparison["status"] != "ok":
+            clauses.append(f"against {comparison['against']}: {comparison['reason']}")
+            continue
+        head = head or f"Pretraining {FINDING_WORDS[comparison['finding']]} {comparison['against']} on {task}"
+        lo, hi = comparison["ci"]
+        level = round(100 * comparison["level"])
+        interval = f", {level} % CI {_number(lo, 3)}…{_number(hi, 3)}" if lo is not None else ""
+        corrected = (f"; {comparison['correction']}, adjusted p = {comparison['p_adjusted']:.2g}"
+                     if comparison.get("correction") else "")
+        before = (f"; {comparison['raw_finding']} before the correction"
+                  if comparison.get("raw_finding", comparison["finding"]) != comparison["finding"] else "")
+        clauses.append(f"{comparison['against']} reach {_mean_sd(entry[mode])}, a paired difference of "
+                       f"{_number(comparison['mean'], 3)} per split seed{interval} ({comparison['n_pairs']} seeds"
+                       f"{corrected}{before})")
+    head = head or f"Not compared with the baselines on {task}"
+    return f"{head}: {picked}; " + "; ".join(clauses) + " (a difference > 0 favours pretraining)."
 
 
-def _mean_sd(spread: dict) -> str:
+def _mean_sd(spread: dict | None) -> str:
+    if spread is None:
+        return "n/a"
     seeds = f"{spread['n']} seed{'s' if spread['n'] != 1 else ''}"
     if spread["sd"] is None or not np.isfinite(spread["sd"]):
         return f"{spread['mean']:.3g} ({seeds})"
@@ -337,21 +503,27 @@ def _mean_sd(spread: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Proxies: what predicts the downstream metric, beyond pretraining loss?
+# 5. Proxies: what a user could measure before fine-tuning, judged by prediction and by selection
 
 
 def checkpoint_proxies(points: pd.DataFrame, hessian: pd.DataFrame, landscape: pd.DataFrame) -> pd.DataFrame:
-    """The downstream points with the proxies of their checkpoint joined: Hessian λmax and trace of the
-    pretraining loss and of the point's own task's fine-tuning loss (ft_*), and sharpness."""
+    """The downstream points with the proxies of their checkpoint joined: Hessian λmax, trace and trace per
+    parameter (trace / hessian_dim) of the pretraining loss, of the point's own task's loss at the pretrained
+    encoder with a probe head (pt_task_*, `pretrained_task:<task>` rows) and at the fine-tuned weights (ft_*),
+    and sharpness. A proxy that was not measured is NaN."""
     keys = ["trial_id", "tokens"]
     out = points.copy()
     measured = []
     if not hessian.empty and {"loss", "lambda_max", "trace"} <= set(hessian.columns):
-        rows = hessian[hessian["loss"] == "pretrain"]
-        measured.append(rows.groupby(keys, sort=False)[["lambda_max", "trace"]].first().reset_index())
-        rows = hessian[hessian["loss"].str.startswith("finetune:")].assign(task=lambda t: t["loss"].str[9:])
-        rows = rows.rename(columns={"lambda_max": "ft_lambda_max", "trace": "ft_trace"})
-        measured.append(rows.groupby([*keys, "task"], sort=False)[["ft_lambda_max", "ft_trace"]].first().reset_index())
+        dim = pd.to_numeric(hessian.get("hessian_dim", pd.Series(np.nan, index=hessian.index)), errors="coerce")
+        rows = hessian.assign(trace_per_param=pd.to_numeric(hessian["trace"], errors="coerce") / dim.where(dim > 0))
+        values = ["lambda_max", "trace", "trace_per_param"]
+        measured.append(rows[rows["loss"] == "pretrain"].groupby(keys, sort=False)[values].first().reset_index())
+        for prefix, tag in (("pretrained_task:", "pt_task_"), ("finetune:", "ft_")):
+            mine = rows[rows["loss"].astype(str).str.startswith(prefix)]
+            mine = mine.assign(task=mine["loss"].astype(str).str[len(prefix):])
+            mine = mine.rename(columns={name: tag + name for name in values})
+            measured.append(mine.groupby([*keys, "task"], sort=False)[[tag + n for n in values]].first().reset_index())
     if not landscape.empty:
         rows = landscape[landscape["surface"] == "random_directions"] if "surface" in landscape.columns else landscape
         columns = [name for name in ("eps_sharpness", "adaptive_sharpness") if name in rows.columns]
@@ -361,169 +533,390 @@ def checkpoint_proxies(points: pd.DataFrame, hessian: pd.DataFrame, landscape: p
         on = [*keys, "task"] if "task" in table.columns else keys
         out = out.merge(table.astype({"tokens": float}), on=on, how="left")
     for name in PROXIES:
-        if name not in out.columns:
-            out[name] = np.nan
+        out[name] = pd.to_numeric(out[name], errors="coerce").astype(float) if name in out.columns else np.nan
     return out
 
 
+def proxy_groups(columns: Sequence[str]) -> dict[str, list[str]]:
+    """fits.proxies.proxy_timing, with a per-parameter trace timed as the trace it divides."""
+    groups: dict[str, list[str]] = {"before_finetuning": [], "descriptive": [], "scale": []}
+    for column in columns:
+        timing = proxy_timing([column.removesuffix(PER_PARAM)])
+        group = next((g for g in groups if getattr(timing, g)), None)
+        assert group is not None, f"{column}: fits.proxies.proxy_timing does not know when it is measured"
+        groups[group].append(column)
+    return groups
+
+
+def checkpoint_table(rows: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
+    """points (test-metric means per task, mode, checkpoint) with the validation metric's and task loss' means."""
+    if points.empty:
+        return points
+    keys = ["task", "mode", "trial_id", "tokens"]
+    extra = rows.groupby(keys, sort=True).agg(val_mean=("val_value", "mean"), task_val_loss=("task_val_loss", "mean"))
+    return points.astype({"tokens": float}).merge(extra.reset_index(), on=keys, how="left")
+
+
 def fit_proxies(table: pd.DataFrame, s: FitSettings) -> dict:
-    """proxy_correlations per (task, mode), with a sentence per row."""
+    """Leave-one-size-out prediction (Holm-corrected) and selection regret for the proxies measured before
+    fine-tuning; rank correlations of every proxy as description. table: checkpoint_table + checkpoint_proxies."""
     if table.empty:
         return skipped("no downstream results")
     present = [name for name in PROXIES if np.isfinite(table[name].to_numpy(float)).any()]
-    rows = []
+    groups = proxy_groups(present)
+    predictors = [name for name in groups["before_finetuning"] if name != "pretrain_val_loss"]
+    correlations, prediction, regret = [], [], []
     for (task, mode), group in table.groupby(["task", "mode"], sort=True):
         metric = str(group["metric"].iloc[0])
+        higher_is_better = bool(group["higher_is_better"].iloc[0])
         frame = group.rename(columns={"mean": metric}) if metric not in group.columns else group
         result = proxy_correlations(frame, metric, present, task_column="task", loss_column="pretrain_val_loss",
-                                    n_bootstrap=s.n_bootstrap, seed=s.seed)
+                                    n_bootstrap=s.n_bootstrap, ci_level=s.level, seed=s.seed)
         result.insert(1, "mode", mode)
-        who = f"{task} ({MODES.get(mode, mode)})"
-        result["sentence"] = [describe_correlation({**row, "task": who}) for row in result.to_dict("records")]
-        rows += result.to_dict("records")
-    return {"status": "ok", "proxies": present, "not_measured": [name for name in PROXIES if name not in present],
-            "labels": {name: LABELS.get(name, name) for name in PROXIES}, "rows": rows}
+        result["timing"] = [next(g for g, names in groups.items() if p in names) for p in result["proxy"]]
+        correlations += result.to_dict("records")
+        for proxy in predictors:
+            found = leave_one_size_out(group, "mean", proxy, level=s.level, n_bootstrap=PROXY_BOOTSTRAP, seed=s.seed)
+            prediction.append({"task": task, "mode": mode, "metric": metric, **found.to_dict(),
+                               "p": improvement_p(found, seed=s.seed), "test": "sign-flip over held-out sizes",
+                               "smallest_possible_p": smallest_p(found.n_sizes) if not found.reason else None})
+        regret.append(_regret(group, task, mode, metric, higher_is_better, predictors))
+    adjusted = adjust_pvalues([row["p"] if row["p"] is not None else math.nan for row in prediction], s.correction)
+    n_tests = int(np.isfinite(adjusted).sum())
+    for row, p_adjusted in zip(prediction, adjusted):
+        row["interval_finding"] = row["finding"]  # read off the bootstrap interval: descriptive (improvement_p)
+        if np.isfinite(p_adjusted):
+            row.update(p_adjusted=float(p_adjusted),
+                       correction=f"{CORRECTIONS[s.correction]} over {n_tests} proxy prediction tests")
+            mean_per_size = np.mean([size["rmse_loss"] - size["rmse_loss_proxy"] for size in row["per_size"]])
+            row["finding"] = ("no clear difference" if not p_adjusted < 1 - s.level else
+                              "better" if mean_per_size > 0 else "worse")
+    return json_safe({
+        "status": "ok", "proxies": present, "timing": groups, "predictors": predictors, "select_by": SELECT_BY,
+        "not_measured": [name for name in PROXIES if name not in present],
+        "labels": {name: PROXY_LABELS.get(name, name) for name in PROXIES},
+        "prediction_tests": {"correction": s.correction, "correction_name": CORRECTIONS[s.correction],
+                             "n_tests": n_tests, "level": s.level, "test": "sign-flip over held-out sizes",
+                             "interval": f"percentile bootstrap over held-out sizes, {PROXY_BOOTSTRAP} resamples"},
+        "prediction": prediction, "regret": regret, "correlations": correlations})
+
+
+def improvement_p(result: LeaveOneSizeOut, seed: int = 0, n_exact_max: int = 16, n_random: int = 20_000) -> float:
+    """Two-sided sign-flip p of "the proxy changes nothing" over held-out sizes, the independent unit: the mean
+    per-size improvement (RMSE from loss alone − RMSE with the proxy) against its values under every flip of the
+    signs (exact for up to n_exact_max sizes, else n_random random flips). NaN when not testable.
+
+    Why not the bootstrap interval of fits.proxies: with k sizes it excludes 0 whenever all k agree in sign,
+    which under the null happens 2·2^(−k) of the time (25 % for 3 sizes). The flip test's smallest p is that
+    same 2·2^(−k), so it cannot call a difference from fewer than 6 sizes, and says so by its p."""
+    if result.reason:
+        return math.nan
+    d = np.array([size["rmse_loss"] - size["rmse_loss_proxy"] for size in result.per_size], float)
+    if d.size <= n_exact_max:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+    else:
+        signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(n_random, d.size))
+        signs = np.vstack([np.ones(d.size), signs])  # the observed signs count once (Phipson & Smyth 2010)
+    flipped = np.abs((signs * d).mean(axis=1))
+    return float(np.mean(flipped >= abs(d.mean()) * (1 - 1e-12)))
+
+
+def smallest_p(n_sizes: int) -> float:
+    """The smallest p the sign-flip test can give with n_sizes held-out sizes."""
+    return min(1.0, 2.0 ** (1 - n_sizes))
+
+
+def _regret(group: pd.DataFrame, task: str, mode: str, metric: str, higher_is_better: bool,
+            predictors: list[str]) -> dict:
+    """Selection regret of one (task, mode): validation, pretraining loss and each predictor, metric units."""
+    selectors = {name: SELECT_BY for name in ("pretrain_val_loss", *predictors)}
+    picks = selection_regret(group, test_col="mean", val_col="val_mean", selectors=selectors,
+                             higher_is_better=higher_is_better)
+    rows = picks.drop(columns="group").to_dict("records")
+    return {"task": task, "mode": mode, "metric": metric, "metric_label": metric_label(metric),
+            "higher_is_better": higher_is_better, "n_checkpoints": len(group),
+            "test_best": rows[0]["test_best"] if rows else None, "selectors": rows}
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Findings: sentences from the numbers
+# 6. The task ladder: predict the largest rung of each task from the smaller ones
+
+
+def task_ladders(table: pd.DataFrame, s: FitSettings) -> dict:
+    """Per (task, mode): task_ladder_backtest on the checkpoint means of the task loss (task_val_loss) and test
+    metric, holding out the fits.holdout_rungs largest sizes."""
+    if table.empty:
+        return skipped("no downstream results")
+    if not np.isfinite(table["task_val_loss"].to_numpy(float)).any():
+        return skipped("finetune.parquet has no task_val_loss (the fine-tuned or probed model's validation loss), "
+                       "which step 1 of the ladder fits")
+    if s.holdout_rungs == 0:
+        return skipped("fits.holdout_rungs is 0")
+    entries = []
+    for (task, mode), group in table.groupby(["task", "mode"], sort=True):
+        metric = str(group["metric"].iloc[0])
+        where = {"task": task, "mode": mode, "metric": metric, "metric_label": metric_label(metric)}
+        usable = group[np.isfinite(group[["task_val_loss", "mean"]].to_numpy(float)).all(axis=1)]
+        n_sizes = usable["n_params_non_embedding"].nunique()
+        if n_sizes < s.holdout_rungs + 2:
+            entries.append({**where, **skipped(f"{n_sizes} model size(s) with a task loss; holding out the "
+                                               f"{s.holdout_rungs} largest must leave 2 to fit")})
+            continue
+        notes: list[str] = []
+        ladder = TaskLadder(metric_range=BOUNDED_METRICS.get(metric), huber_delta=s.huber_delta, seed=s.seed)
+        try:
+            with _kept_warnings(notes, f"task ladder {task} {mode}"):
+                result = task_ladder_backtest(usable["n_params_non_embedding"], usable["tokens"],
+                                              usable["task_val_loss"], usable["mean"],
+                                              n_holdout_rungs=s.holdout_rungs, estimator=ladder)
+        except FIT_ERRORS as err:
+            entries.append({**where, **skipped(f"{type(err).__name__}: {err}"), "warnings": notes})
+            continue
+        entries.append({**where, "status": "ok", **result.to_dict(), "warnings": notes,
+                        "sentence": result.sentence(_subject(task, mode, metric), metric_label(metric))})
+    return {"status": "ok", "holdout_rungs": s.holdout_rungs, "entries": json_safe(entries)}
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Findings: sentences from the numbers, verdict first, each with the anchor of its figure or table
+
+
+def _number(value: float | None, digits: int | None = None) -> str:
+    """format_scale's three digits (or `digits` significant ones), a typographic minus; 'n/a' for a missing value."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return (format_scale(value) if digits is None else f"{value:.{digits}g}").replace("-", "−")
 
 
 def _estimate(result: dict, name: str) -> str:
     """'0.35 [0.30, 0.41]' from a fit summary; the interval is left out when there is none."""
     value = result["params"][name]
     lo, hi = result.get("ci", {}).get(name, (None, None))
-    if value is None:
-        return "n/a"
     if lo is None or hi is None:
         return f"{_number(value)} (no interval)"
     return f"{_number(value)} [{_number(lo)}, {_number(hi)}]"
 
 
-def _number(value: float | None, digits: int | None = None) -> str:
-    """Three significant digits (or `digits` decimals), powers of ten outside 0.001…1000, a typographic minus."""
-    if value is None:
-        return "n/a"
-    return (format_scale(value) if digits is None else f"{value:.{digits}f}").replace("-", "−")
-
-
 def _level(result: dict) -> str:
-    return f"{round(100 * result['hyperparameters'].get('ci_level', 0.95))} %"
+    return f"{round(100 * result['hyperparameters'].get('ci_level', LEVEL))} %"
 
 
-def findings(fits: dict) -> list[str]:
+def _not_identified(what: str, result: dict) -> str:
+    problems = "; ".join(f"{p['parameter']}: {p['problem']}" for p in result["identification"]["problems"])
+    return (f"Not identified from this grid: {what} ({problems}). What would identify it: "
+            f"{result['identification']['what_would_identify']}. No exponent or derived number of it is stated "
+            "as a finding.")
+
+
+def _law_findings(fits: dict) -> list[tuple[str, str]]:
     out = []
     law = fits["loss_law"]
-    if law["status"] == "ok":
+    if law["status"] != "ok":
+        out.append((f"L(N, D) was not fitted: {law['reason']}.", "laws"))
+    elif not law["identified"]:
+        out.append((_not_identified(f"L(N, D) = E + A/N^α + B/D^β on {law['n_points']} checkpoints of "
+                                    f"{law['n_rungs']} model sizes", law), "loss_surface"))
+    else:
         n_boot = law["hyperparameters"]["n_bootstrap"]
         intervals = f"{_level(law)} bootstrap intervals over {n_boot} resamples" if n_boot else "no bootstrap"
-        out.append(f"Pretraining loss follows L(N, D) = E + A/N^α + B/D^β over {law['n_points']} checkpoints of "
-                   f"{law['n_rungs']} model sizes with α = {_estimate(law, 'alpha')}, β = {_estimate(law, 'beta')} "
-                   f"and irreducible loss E = {_estimate(law, 'E')} nats/token ({intervals}).")
+        out.append((f"Identified from this grid: pretraining loss follows L(N, D) = E + A/N^α + B/D^β over "
+                    f"{law['n_points']} checkpoints of {law['n_rungs']} model sizes with "
+                    f"α = {_estimate(law, 'alpha')}, β = {_estimate(law, 'beta')} and irreducible loss "
+                    f"E = {_estimate(law, 'E')} nats/token "
+                    f"({intervals}).", "laws"))
         frontier = law["frontier"]
-        out.append(f"For a fixed compute budget C the fit puts N* ∝ C^{_number(frontier['n_params_exponent'], 2)} and "
-                   f"D* ∝ C^{_number(frontier['n_tokens_exponent'], 2)}.")
-    else:
-        out.append(f"L(N, D) was not fitted: {law['reason']}.")
+        a_ci, b_ci = frontier.get("n_params_exponent_ci"), frontier.get("n_tokens_exponent_ci")
+        a = _number(frontier["n_params_exponent"], 2) + (f" [{_number(a_ci[0], 2)}, {_number(a_ci[1], 2)}]"
+                                                         if a_ci else "")
+        b = _number(frontier["n_tokens_exponent"], 2) + (f" [{_number(b_ci[0], 2)}, {_number(b_ci[1], 2)}]"
+                                                         if b_ci else "")
+        out.append((f"For a fixed compute budget C the fit puts N* ∝ C^{a} and D* ∝ C^{b}.", "loss_surface"))
     test = fits["loss_law_backtest"]
     if test["status"] == "ok":
         sizes = ", ".join(format_scale(n) for n in test["holdout_n_params"])
         which = "largest model size" if test["holdout_rungs"] == 1 else f"{test['holdout_rungs']} largest model sizes"
-        out.append(f"Refitted without the {which} (N = {sizes}), L(N, D) "
-                   f"predicts the {test['n_holdout']} held-out losses to within "
-                   f"{test['mean_abs_relative_error']:.1%} on average (at most {test['max_abs_relative_error']:.1%}).")
+        out.append((f"Back-test: refitted without the {which} (N = {sizes}), L(N, D) predicts the {test['n_holdout']} "
+                    f"held-out losses to within {test['mean_abs_relative_error']:.1%} on average (at most "
+                    f"{test['max_abs_relative_error']:.1%}).", "laws"))
     elif law["status"] == "ok":
-        out.append(f"No extrapolation back-test: {test['reason']}.")
+        out.append((f"No extrapolation back-test: {test['reason']}.", "laws"))
     compute = fits["compute_law"]
-    if compute["status"] == "ok" and compute["saturating_frontier"]["status"] == "ok":
+    if compute["status"] == "ok":
         fit = compute["saturating_frontier"]
-        out.append(f"Along the compute frontier ({fit['n_points']} checkpoints), L(C) = E + A·C^−γ with "
-                   f"γ = {_estimate(fit, 'gamma')} and E = {_estimate(fit, 'E')} nats/token.")
-    if compute["status"] == "ok" and compute["loglog_frontier"]["status"] == "ok":
+        if fit["status"] == "ok" and fit["identified"]:
+            out.append((f"Identified from this grid: along the compute frontier ({fit['n_points']} checkpoints), "
+                        f"L(C) = E + A·C^−γ with γ = {_estimate(fit, 'gamma')} and E = {_estimate(fit, 'E')} "
+                        "nats/token.", "laws"))
+        elif fit["status"] == "ok":
+            out.append((_not_identified(f"L(C) = E + A·C^−γ on the {fit['n_points']} compute-frontier checkpoints",
+                                        fit), "laws"))
         fit = compute["loglog_frontier"]
-        out.append(f"A pure power law L ∝ C^k on the same points gives k = {_estimate(fit, 'k')} "
-                   f"(R² = {_number(fit['r_squared'], 3)}).")
-    for entry in fits["downstream"]:
-        out.append(_downstream_sentence(entry))
-    out += [entry["sentence"] for entry in fits["baselines"]]
-    out += _proxy_sentences(fits["proxies"])
-    out += _excluded_sentences(fits["excluded"])
+        if fit["status"] == "ok" and fit["identified"]:
+            out.append((f"A pure power law L ∝ C^k on the same points gives k = {_estimate(fit, 'k')} "
+                        f"(R² = {_number(fit['r_squared'], 3)}).", "laws"))
     return out
 
 
-def _downstream_sentence(entry: dict) -> str:
-    phrase = {"improving": "still improves", "plateau": "is flat", "degrading": "gets worse"}
-    by_n = entry["trends"]["n_params_non_embedding"]
-    who = f"{entry['task']} ({MODES.get(entry['mode'], entry['mode'])}) {entry['metric_label']}"
-    head = by_n["sentence"] if by_n["status"] == "ok" else f"{who}: no trend against parameters ({by_n['reason']})"
-    others = [f"against {SCALES[x][0]} it {phrase[trend['verdict']]} at the largest scales "
-              f"(slope {_signed(trend['slope'])} per decade)"
-              for x, trend in entry["trends"].items() if x != "n_params_non_embedding" and trend["status"] == "ok"]
-    return "; ".join([head, *others]) + "."
+def _clause(verdict: dict) -> str:
+    """'fine-tuned, N at fixed D: slope +0.01 ± 0.05 per decade, margin ±0.04, detectable ±0.09'."""
+    half = (verdict["ci"][1] - verdict["ci"][0]) / 2
+    text = (f"slope {format_with_uncertainty(verdict['slope'], half)} per decade, margin ±{verdict['margin']:.2g}, "
+            f"detectable ±{verdict['min_detectable_slope']:.2g}")
+    factor = (verdict["min_detectable_slope"] / verdict["margin"]) ** 2
+    text += f", ~{factor:.0f}× the runs to settle" if factor > 1.5 else ", a few more runs to settle"
+    if verdict["raw_verdict"] != verdict["verdict"]:
+        text += f"; {verdict['raw_verdict']} before the correction"
+    return text
 
 
-def _signed(value: float | None) -> str:
-    """'+0.16', '−0.49': two significant digits and a typographic minus."""
-    return "n/a" if value is None else f"{value:+.2g}".replace("-", "−")
+def _downstream_findings(fits: dict) -> list[tuple[str, str]]:
+    entries, tests = fits["downstream"], fits["trend_tests"]
+    if not entries:
+        return [("No downstream trends: finetune.parquet has no pretrained-checkpoint results.", "downstream")]
+    counts = tests["counts"]
+    n_all = sum(counts.values())
+    out = [(f"Downstream trends, one axis at a time (N at fixed D, D at fixed N, C along the compute frontier; "
+            f"run-level intervals): {counts['improving']} improving, {counts['degrading']} degrading, "
+            f"{counts['plateau']} plateau, {counts['inconclusive']} inconclusive, {counts['not testable']} could not "
+            f"be tested, of {n_all} ({tests['correction_name']} over {tests['n_tests']} trend tests at "
+            f"{round(100 * tests['level'])} %).", "trends")]
+    for entry in entries:  # the definite verdicts: each is a claim
+        for verdict in entry["verdicts"].values():
+            if verdict["status"] == "ok" and verdict["verdict"] != "inconclusive":
+                out.append((verdict["sentence"], downstream_anchor(entry["task"])))
+    for task in dict.fromkeys(entry["task"] for entry in entries):  # inconclusive: one line per task
+        clauses = [f"{MODES.get(entry['mode'], entry['mode'])}, {AXES[key][3]}: {_clause(verdict)}"
+                   for entry in entries if entry["task"] == task for key, verdict in entry["verdicts"].items()
+                   if verdict["status"] == "ok" and verdict["verdict"] == "inconclusive"]
+        if clauses:
+            label = next(e["metric_label"] for e in entries if e["task"] == task)
+            out.append((f"Inconclusive (the interval neither excludes 0 nor lies inside the margin): {task} {label}: "
+                        + "; ".join(clauses) + ".", downstream_anchor(task)))
+    untested: dict[str, dict[str, list[str]]] = {}  # reason: {task (mode): axes}
+    for entry in entries:
+        for key, verdict in entry["verdicts"].items():
+            if verdict["status"] != "ok":
+                who = f"{entry['task']} ({MODES.get(entry['mode'], entry['mode'])})"
+                untested.setdefault(verdict["reason"], {}).setdefault(who, []).append(AXES[key][3])
+    if untested:
+        n_untested = sum(len(axes) for which in untested.values() for axes in which.values())
+        listed = "; ".join(", ".join(f"{who} {'all three axes' if len(axes) == len(AXES) else ' and '.join(axes)}"
+                                     for who, axes in which.items()) + f": {reason}"
+                           for reason, which in untested.items())
+        out.append((f"Could not be tested: {n_untested} trends ({listed}).", "trends"))
+    return out
 
 
-def _proxy_sentences(proxies: dict) -> list[str]:
-    """One sentence per proxy: in how many task/mode pairs its partial correlation given loss is non-zero."""
+def _proxy_findings(proxies: dict) -> list[tuple[str, str]]:
+    """Per proxy with a test that could reject, its finding; one line for the proxies whose grid has too few sizes
+    for any test to reject, one for those not testable at all, one for selection regret, one for the rest."""
     if proxies["status"] != "ok":
-        return [f"No proxy correlations: {proxies['reason']}."]
-    out = []
-    rows = pd.DataFrame(proxies["rows"])
-    for proxy in proxies["proxies"]:
-        if proxy == "pretrain_val_loss":
-            continue
-        mine = rows[rows["proxy"] == proxy].to_dict("records")
-        words = proxies["labels"][proxy]
-        testable = [row for row in mine if row["partial_ci_lo"] is not None and row["partial_ci_hi"] is not None
-                    and row["n_partial"] >= MIN_PROXY_POINTS]
-        predicts = [row for row in testable if row["partial_ci_lo"] > 0 or row["partial_ci_hi"] < 0]
-        untested: dict[str, int] = {}  # reason: number of pairs
+        return [(f"No proxy evaluation: {proxies['reason']}.", "proxies")]
+    labels, tests = proxies["labels"], proxies["prediction_tests"]
+    corrected = f"{tests['correction_name']} over {tests['n_tests']} tests"
+    out, untested, unpowered = [], {}, {}
+    for proxy in proxies["predictors"]:
+        mine = [row for row in proxies["prediction"] if row["proxy"] == proxy]
         for row in mine:
-            if row in testable:
-                continue
-            reason = row["reason"] or (
-                f"only {row['n_partial']} checkpoints; a verdict needs at least {MIN_PROXY_POINTS}"
-                if row["n_partial"] else "too few checkpoints")
-            untested[reason] = untested.get(reason, 0) + 1
-        why = "; ".join(f"{count} pair{'s' if count > 1 else ''}: {reason}" for reason, count in untested.items())
-        if not testable:
-            out.append(f"Whether {words} predicts downstream performance beyond pretraining loss could not be "
-                       f"tested in any of the {len(mine)} task/mode pairs ({why}).")
+            if row["status"] != "ok":
+                untested.setdefault(row["reason"], []).append(f"{labels[proxy]} for {row['task']} ({row['mode']})")
+        testable = [row for row in mine if row["status"] == "ok"]
+        powered = [row for row in testable if row["smallest_possible_p"] < 1 - tests["level"]]
+        for row in testable:
+            if row not in powered:
+                unpowered.setdefault(row["n_sizes"], {})[labels[proxy]] = None  # ordered, once each
+        if not powered:
             continue
-        capital = words[0].upper() + words[1:] if words[0].isascii() else words  # 'ε-sharpness' stays as it is
-        sizes = sorted({row["n_partial"] for row in testable})
-        n_text = f"n = {sizes[0]}" + (f"–{sizes[-1]}" if len(sizes) > 1 else "") + " checkpoints"
-        if predicts:
-            pairs = ", ".join(f"{row['task']} ({MODES.get(row['mode'], row['mode'])})" for row in predicts)
-            verdict = (f"{capital} predicts downstream performance beyond pretraining loss in {len(predicts)} of "
-                       f"{len(testable)} testable task/mode pairs ({n_text}): {pairs}")
+        better = [row for row in powered if row["finding"] == "better"]
+        worse = [row for row in powered if row["finding"] == "worse"]
+        rmse = (f"RMSE {_range([r['rmse_loss'] for r in powered])} from loss alone, "
+                f"{_range([r['rmse_loss_proxy'] for r in powered])} with it")
+        if better:
+            pairs = ", ".join(f"{row['task']} ({MODES.get(row['mode'], row['mode'])}): RMSE {row['rmse_loss']:.3g} → "
+                              f"{row['rmse_loss_proxy']:.3g}, adjusted p = {row['p_adjusted']:.2g}" for row in better)
+            head = (f"Adds to pretraining loss: {labels[proxy]} predicts held-out model sizes better than loss alone "
+                    f"in {len(better)} of {len(powered)} task/mode pairs ({pairs}; {corrected})")
+        elif worse:
+            head = (f"Hurts prediction: loss + {labels[proxy]} predicts held-out model sizes worse than loss alone "
+                    f"in {len(worse)} of {len(powered)} task/mode pairs ({rmse}; {corrected})")
         else:
-            verdict = (f"{capital} does not predict downstream performance beyond pretraining loss in any of the "
-                       f"{len(testable)} testable task/mode pairs ({n_text}; every partial rank correlation's "
-                       "interval contains 0)")
-        out.append(verdict + (f"; not testable in the others ({why})." if untested else "."))
+            head = (f"No clear difference: loss + {labels[proxy]} against loss alone on held-out model sizes in "
+                    f"{len(powered)} task/mode pairs ({rmse}; {corrected}): no evidence either way that it adds to "
+                    "pretraining loss")
+        out.append((head + ".", "proxy-prediction"))
+    for n_sizes, names in unpowered.items():
+        out.append((f"Could not be tested with {n_sizes} model sizes: whether {', '.join(names)} add to "
+                    f"pretraining loss in predicting a held-out size (the sign-flip test over sizes cannot go below "
+                    f"p = {smallest_p(n_sizes):.2g}; 6 or more sizes are needed); their prediction errors are in "
+                    "the proxy table.", "proxy-prediction"))
+    if untested:
+        listed = "; ".join(f"{', '.join(which)}: {reason}" for reason, which in untested.items())
+        out.append((f"Could not be tested: {sum(map(len, untested.values()))} proxy predictions ({listed}).",
+                    "proxy-prediction"))
+    selectors = {}  # selector: regrets over task/mode pairs
+    for group in proxies["regret"]:
+        for pick in group["selectors"]:
+            if pick["regret"] is not None:
+                selectors.setdefault(pick["selector"], []).append(pick["regret"])
+    if selectors:
+        words = {"validation": "the validation metric", **labels}
+        listed = ", ".join(f"{words.get(name, name)} {_range(values)}" for name, values in selectors.items())
+        out.append((f"Selection regret, metric units below the test-best checkpoint, when one checkpoint per task "
+                    f"and mode is picked by each quantity (where it is best: the validation metric; where it is "
+                    f"lowest: the others), over {len(proxies['regret'])} task/mode pairs: {listed}.", "proxy-regret"))
+    descriptive = proxies["timing"]["descriptive"]
+    if descriptive:
+        out.append((f"Descriptive only (measured at the fine-tuned weights, so they cannot predict before "
+                    f"fine-tuning): {', '.join(labels[p] for p in descriptive)}; their rank correlations are in the "
+                    "proxy table.", "proxy-correlations"))
+    missing = [p for p in proxies["not_measured"] if p not in SCALE_PROXIES]
+    if missing:
+        out.append((f"Not measured in this run: {', '.join(labels[p] for p in missing)}.", "proxy-correlations"))
     return out
 
 
-def _excluded_sentences(excluded: list[dict]) -> list[str]:
+def _range(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    lo, hi = min(values) + 0.0, max(values) + 0.0  # + 0.0: no "-0" from a regret of −0.0
+    return f"{lo:.2g}" if math.isclose(lo, hi) else f"{lo:.2g}–{hi:.2g}"
+
+
+def _ladder_findings(ladder: dict) -> list[tuple[str, str]]:
+    if ladder["status"] != "ok":
+        return [(f"No task ladder: {ladder['reason']}.", "task-ladder")]
+    out = [(entry["sentence"] + ".", "task-ladder") for entry in ladder["entries"] if entry["status"] == "ok"]
+    untested = [f"{e['task']} ({MODES.get(e['mode'], e['mode'])}): {e['reason']}" for e in ladder["entries"]
+                if e["status"] != "ok"]
+    if untested:
+        out.append((f"Task ladder could not be back-tested for {len(untested)} task/mode pair(s): "
+                    + "; ".join(untested) + ".", "task-ladder"))
+    return out
+
+
+def _excluded_findings(excluded: list[dict]) -> list[tuple[str, str]]:
     out = []
     trials = [e for e in excluded if e["table"] == "pretrain" and e["status"] != "finished"]
     if trials:
         listed = "; ".join(f"{e['trial_id']} ({e['reason']})" for e in trials)
         head = "1 trial did not finish and was" if len(trials) == 1 else f"{len(trials)} trials did not finish and were"
-        out.append(f"{head} left out of every fit: {listed}.")
+        out.append((f"{head} left out of every fit: {listed}.", "excluded"))
     failures = [e for e in excluded if e["status"] == "error"]
     if failures:
         listed = "; ".join(f"{e['table']} on {e['trial_id'] or 'no checkpoint'}, {e['reason']}" for e in failures[:10])
         more = f"; and {len(failures) - 10} more" if len(failures) > 10 else ""
         n_rows = sum(e["n_rows"] for e in failures)
         head = "1 measurement failed and was" if n_rows == 1 else f"{n_rows} measurement rows failed and were"
-        out.append(f"{head} left out: {listed}{more}.")
+        out.append((f"{head} left out: {listed}{more}.", "excluded"))
     return out
+
+
+def findings(fits: dict) -> list[tuple[str, str]]:
+    """(sentence, report anchor) pairs, from the JSON-ready fits dict."""
+    return (_law_findings(fits) + _downstream_findings(fits) + [(e["sentence"], "baselines") for e in fits["baselines"]]
+            + _proxy_findings(fits["proxies"]) + _ladder_findings(fits["task_ladder"])
+            + _excluded_findings(fits["excluded"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,14 +927,20 @@ def fit_run(run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: i
             n_starts: int = 100) -> dict:
     """Fit everything in run_dir/results; write results/fits.json and results/fits.parquet; return the JSON dict.
 
-    n_bootstrap: overrides sweep.yaml's fits.n_bootstrap (0 skips intervals). n_jobs: bootstrap processes.
+    n_bootstrap: overrides sweep.yaml's fits.n_bootstrap (0 skips the law intervals). n_jobs: bootstrap processes.
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
     inputs = rd.fit_inputs()
     s = FitSettings.from_config(inputs.config.fits, n_bootstrap=n_bootstrap, n_jobs=n_jobs, n_starts=n_starts)
     checkpoints, points = inputs.checkpoints, inputs.points
+    rows = pretrained_rows(inputs.measured["finetune"], checkpoints)
+    per_checkpoint = checkpoint_table(rows, points)
     log.info("fit %s: %d checkpoints, %d downstream points, %d bootstrap resamples", inputs.config.name,
              len(checkpoints), len(points), s.n_bootstrap)
+    trends, trend_tests = downstream_trends(rows, points, s)
+    compared, baseline_tests = baselines(inputs.measured["finetune"], rows, s)
+    proxies = (fit_proxies(checkpoint_proxies(per_checkpoint, inputs.measured["hessian"], inputs.measured["landscape"]),
+                           s) if not per_checkpoint.empty else skipped("no downstream results"))
     fits = {
         "run": inputs.config.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -552,13 +951,17 @@ def fit_run(run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: i
         "loss_law": fit_loss_law(checkpoints, s),
         "loss_law_backtest": backtest_loss_law(checkpoints, s),
         "compute_law": fit_compute_law(checkpoints, s),
-        "downstream": downstream_trends(points, s),
-        "baselines": baselines(inputs.measured["finetune"], points),
-        "proxies": fit_proxies(checkpoint_proxies(points, inputs.measured["hessian"], inputs.measured["landscape"]), s)
-        if not points.empty else skipped("no downstream results"),
+        "downstream": trends,
+        "trend_tests": trend_tests,
+        "baselines": compared,
+        "baseline_tests": baseline_tests,
+        "proxies": proxies,
+        "task_ladder": task_ladders(per_checkpoint, s),
     }
     fits = json_safe(fits)
-    fits["findings"] = findings(fits)
+    found = findings(fits)
+    fits["findings"] = [text for text, _ in found]
+    fits["finding_links"] = [anchor for _, anchor in found]
     rd.write_fits(fits, fits_table(fits))
     return fits
 
@@ -574,16 +977,19 @@ def _row(what, parameter="", estimate=None, ci=(None, None), n_points=None, task
 
 
 def _fit_rows(what: str, result: dict, **where) -> list[dict]:
-    """One row per parameter of a fitted law (with its interval), or one row saying why it was skipped."""
+    """One row per parameter of a fitted law (with its interval), or one row saying why it was skipped; the note
+    says whether the grid identifies the law."""
     if result["status"] != "ok":
         return [_row(what, note=f"skipped: {result['reason']}", **where)]
-    return [_row(what, name, value, result.get("ci", {}).get(name), result.get("n_points"), **where)
+    note = "identified" if result.get("identified", True) else "not identified: " + "; ".join(
+        f"{p['parameter']}: {p['problem']}" for p in result["identification"]["problems"])
+    return [_row(what, name, value, result.get("ci", {}).get(name), result.get("n_points"), note=note, **where)
             for name, value in result["params"].items()]
 
 
 def loss_law_rows(law: dict) -> list[dict]:
     rows = _fit_rows("loss_law", law)
-    if law["status"] == "ok":
+    if law["status"] == "ok" and law["frontier"]["status"] == "ok":
         frontier = law["frontier"]
         rows += [_row("loss_law_frontier", name, frontier[name], frontier.get(f"{name}_ci"), law["n_points"],
                       note="N* ∝ C^a, D* ∝ C^b") for name in ("n_params_exponent", "n_tokens_exponent")]
@@ -605,19 +1011,21 @@ def compute_law_rows(compute: dict) -> list[dict]:
 
 
 def downstream_rows(entries: list[dict]) -> list[dict]:
+    """Per (task, mode, axis): the slope with its interval, the margin, the detectable slope, raw and adjusted p;
+    the note carries the verdict."""
     rows = []
     for entry in entries:
         where = {"task": entry["task"], "mode": entry["mode"]}
-        for x, trend in entry["trends"].items():
-            if trend["status"] == "ok":
-                rows.append(_row("downstream_trend", "slope_per_decade", trend["slope"], trend["ci"],
-                                 trend["n_points"], x=x, note=trend["verdict"], **where))
-            else:
-                rows.append(_row("downstream_trend", note=f"skipped: {trend['reason']}", x=x, **where))
-        for x, test in entry["monotone"].items():
-            if test["status"] == "ok":
-                rows += [_row("downstream_monotone", name, test[name], n_points=test["n_points"], x=x,
-                              note=test["direction"], **where) for name in ("spearman", "mann_kendall_p")]
+        for key, v in entry["verdicts"].items():
+            x = AXES[key][2]
+            if v["status"] != "ok":
+                rows.append(_row("downstream_trend", note=f"not testable: {v['reason']}", x=x, **where))
+                continue
+            note = f"{v['verdict']}; {v['held_fixed']}; {v['correction']}"
+            rows.append(_row("downstream_trend", "slope_per_decade", v["slope"], v["ci"], v["n_points"], x=x,
+                             note=note, **where))
+            rows += [_row("downstream_trend", name, v[name], n_points=v["n_points"], x=x, note=note, **where)
+                     for name in ("margin", "min_detectable_slope", "p_verdict", "p_adjusted")]
         for x, result in entry["power_law"].items():
             rows += _fit_rows("downstream_law", result, x=x, **where)
     return rows
@@ -630,9 +1038,20 @@ def baseline_rows(entries: list[dict]) -> list[dict]:
             spread = entry[mode]
             if spread is not None:
                 sd = spread["sd"] if spread["sd"] is not None else math.nan
-                rows.append(_row("baseline", entry["metric"], spread["mean"], (spread["mean"] - sd, spread["mean"] + sd),
-                                 spread["n"], task=entry["task"], mode=mode,
+                rows.append(_row("baseline", entry["metric"], spread["mean"],
+                                 (spread["mean"] - sd, spread["mean"] + sd), spread["n"], task=entry["task"], mode=mode,
                                  note="interval: mean ± 1 sd over split seeds"))
+        best = entry["best_pretrained"]
+        if best["status"] == "ok" and best["test"] is not None:
+            rows.append(_row("best_pretrained", entry["metric"], best["test"]["mean"], n_points=best["test"]["n"],
+                             task=entry["task"], mode=best["mode"], x=f"{best['trial_id']}@{best['tokens']:.0f}",
+                             note=f"chosen on validation (mean {best['val_mean']:.4g}); test mean over split seeds"))
+        for mode, comparison in entry["comparisons"].items():
+            if comparison["status"] == "ok":
+                rows.append(_row("baseline_comparison", "paired_difference", comparison["mean"], comparison["ci"],
+                                 comparison["n_pairs"], task=entry["task"], mode=mode,
+                                 note=f"{comparison['finding']}; p = {comparison['p']}, adjusted "
+                                      f"{comparison.get('p_adjusted')} ({comparison.get('correction', '')})"))
     return rows
 
 
@@ -640,11 +1059,44 @@ def proxy_rows(proxies: dict) -> list[dict]:
     if proxies["status"] != "ok":
         return []
     rows = []
-    for row in proxies["rows"]:
-        where = {"task": row["task"], "mode": row["mode"], "x": row["proxy"], "note": row["reason"] or ""}
-        rows.append(_row("proxy", "spearman", row["spearman"], (row["ci_lo"], row["ci_hi"]), row["n"], **where))
-        rows.append(_row("proxy", "partial_given_loss", row["partial_given_loss"],
+    for row in proxies["correlations"]:
+        where = {"task": row["task"], "mode": row["mode"], "x": row["proxy"],
+                 "note": f"descriptive ({row['timing']}){'; ' + row['reason'] if row['reason'] else ''}"}
+        rows.append(_row("proxy_correlation", "spearman", row["spearman"], (row["ci_lo"], row["ci_hi"]), row["n"],
+                         **where))
+        rows.append(_row("proxy_correlation", "partial_given_loss", row["partial_given_loss"],
                          (row["partial_ci_lo"], row["partial_ci_hi"]), row["n_partial"], **where))
+    for row in proxies["prediction"]:
+        where = {"task": row["task"], "mode": row["mode"], "x": row["proxy"]}
+        if row["status"] != "ok":
+            rows.append(_row("proxy_prediction", note=f"not testable: {row['reason']}", **where))
+            continue
+        note = f"{row['finding']}; p = {row['p']:.3g}, adjusted {row.get('p_adjusted')} ({row.get('correction', '')})"
+        rows += [_row("proxy_prediction", name, row[name], n_points=row["n_points"], note=note, **where)
+                 for name in ("rmse_loss", "rmse_loss_proxy")]
+        rows.append(_row("proxy_prediction", "improvement", row["improvement"], row["improvement_ci"],
+                         row["n_points"], note=note, **where))
+    for group in proxies["regret"]:
+        rows += [_row("selection_regret", pick["selector"], pick["regret"], n_points=pick["n_candidates"],
+                      task=group["task"], mode=group["mode"], x=pick["column"],
+                      note=f"picks the {pick['direction']}; regret against the test-best, metric units")
+                 for pick in group["selectors"]]
+    return rows
+
+
+def ladder_rows(ladder: dict) -> list[dict]:
+    if ladder["status"] != "ok":
+        return [_row("task_ladder_backtest", note=f"skipped: {ladder['reason']}")]
+    rows = []
+    for entry in ladder["entries"]:
+        where = {"task": entry["task"], "mode": entry["mode"]}
+        if entry["status"] != "ok":
+            rows.append(_row("task_ladder_backtest", note=f"skipped: {entry['reason']}", **where))
+            continue
+        rows += [_row("task_ladder_backtest", name, entry[name], n_points=entry["n_holdout"],
+                      note=f"{entry['fit']['loss_law']} law, {entry['fit']['link']} link", **where)
+                 for name in ("mean_abs_error", "max_abs_error", "link_only_mean_abs_error",
+                              "task_loss_mean_abs_relative_error")]
     return rows
 
 
@@ -652,7 +1104,7 @@ def fits_table(fits: dict) -> pd.DataFrame:
     """fits.json in long format: one row per estimated quantity (what, task, mode, x, parameter, estimate, CI)."""
     rows = (loss_law_rows(fits["loss_law"]) + backtest_rows(fits["loss_law_backtest"])
             + compute_law_rows(fits["compute_law"]) + downstream_rows(fits["downstream"])
-            + baseline_rows(fits["baselines"]) + proxy_rows(fits["proxies"]))
+            + baseline_rows(fits["baselines"]) + proxy_rows(fits["proxies"]) + ladder_rows(fits["task_ladder"]))
     table = pd.DataFrame(rows, columns=list(TABLES["fits"].columns))
     for name in ("estimate", "ci_lo", "ci_hi", "n_points"):
         table[name] = pd.to_numeric(table[name], errors="coerce").astype(float)
@@ -660,13 +1112,14 @@ def fits_table(fits: dict) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# `clmscale fit --table`: one law on any table
+# `clmscale fit --table`: one law, or one trend, on any table
 
 
 LAWS = {
     "chinchilla": "L(N, D) = E + A/N^alpha + B/D^beta (Huber fit in log space, bootstrap intervals)",
     "compute": "y = E + A·x^(−gamma), e.g. L(C) (Huber fit in log space, bootstrap intervals)",
     "power": "y = A·x^k (OLS on log-log axes, t intervals)",
+    "trend": "the slope of y per decade of x, read as improving / degrading / plateau / inconclusive",
 }
 
 
@@ -682,19 +1135,26 @@ def read_table(path: Path) -> pd.DataFrame:
     raise ValueError(f"{path}: expected a .csv, .csv.gz or .parquet table, got '{path.suffix}'")
 
 
-def fit_table(path: Path, law: str = "chinchilla", *, n_col: str = "N", d_col: str = "D", y_col: str = "loss",
-              x_col: str = "C", bootstrap: int = 1000, huber_delta: float = 1e-3, seed: int = 0,
-              n_jobs: int | None = None, n_starts: int = 100) -> dict:
-    """Fit one law (see LAWS) to columns of a CSV or Parquet table; the summary dict with intervals and warnings."""
-    if law not in LAWS:
-        raise ValueError(f"unknown law '{law}'; expected one of {', '.join(LAWS)}")
-    table = read_table(path)
-    wanted = {"--n-col": n_col, "--d-col": d_col, "--y-col": y_col} if law == "chinchilla" else \
-        {"--x-col": x_col, "--y-col": y_col}
+def _check_columns(path: Path, table: pd.DataFrame, wanted: dict[str, str]) -> None:
+    """Every {option: column} names a column of the table, or a ValueError that names the option and the columns."""
     for option, column in wanted.items():
         if column not in table.columns:
             available = ", ".join(map(str, table.columns))
             raise ValueError(f"{path}: no column '{column}' ({option}); the columns are {available}")
+
+
+def fit_table(path: Path, law: str = "chinchilla", *, n_col: str = "N", d_col: str = "D", y_col: str = "loss",
+              x_col: str = "C", bootstrap: int = 1000, huber_delta: float = 1e-3, seed: int = 0,
+              n_jobs: int | None = None, n_starts: int = 100) -> dict:
+    """Fit one law (see LAWS; "trend" is `trend_table`) to columns of a CSV or Parquet table; the summary dict
+    with intervals, identification and warnings."""
+    if law not in LAWS or law == "trend":
+        raise ValueError(f"unknown law '{law}'; expected one of {', '.join(name for name in LAWS if name != 'trend')}"
+                         + (" (trend: see trend_table)" if law == "trend" else ""))
+    table = read_table(path)
+    wanted = {"--n-col": n_col, "--d-col": d_col, "--y-col": y_col} if law == "chinchilla" else \
+        {"--x-col": x_col, "--y-col": y_col}
+    _check_columns(path, table, wanted)
     values = {column: pd.to_numeric(table[column], errors="coerce").to_numpy(float) for column in wanted.values()}
     estimator: ChinchillaFit | SaturatingPowerLaw | LogLogOLS
     data: tuple[np.ndarray, ...]
@@ -711,23 +1171,44 @@ def fit_table(path: Path, law: str = "chinchilla", *, n_col: str = "N", d_col: s
     notes: list[str] = []
     with _kept_warnings(notes, type(estimator).__name__):
         estimator.fit(*data)
+    found = identification(estimator)
     return json_safe({"table": str(path), "law_name": law, "columns": {k.strip("-"): v for k, v in wanted.items()},
-                        "n_rows": len(table), **estimator.to_dict(), "warnings": notes})
+                      "n_rows": len(table), **estimator.to_dict(), "identified": found.identified,
+                      "identification_sentence": found.sentence(estimator.formula), "warnings": notes})
+
+
+def trend_table(path: Path, x_col: str, y_col: str, *, group_col: str | None = None, higher_is_better: bool = True,
+                margin: float | None = None) -> dict:
+    """fits.verdicts.trend_on_table on a CSV or Parquet table: the slope of y_col per decade of x_col (log10), its
+    interval, the margin, the minimal detectable slope and the verdict. group_col: the independent unit (a run)."""
+    table = read_table(path)
+    _check_columns(path, table, {"--x-col": x_col, "--y-col": y_col,
+                                 **({"--group-col": group_col} if group_col is not None else {})})
+    if margin is None and y_col not in PLATEAU_MARGINS:
+        raise ValueError(f"{path}: no default plateau margin for '{y_col}' (defaults exist for "
+                         f"{', '.join(sorted(PLATEAU_MARGINS))}); give --margin M in {y_col} units per decade of "
+                         f"{x_col}")
+    if margin is None and PLATEAU_MARGINS[y_col][1] == "label_sd":
+        raise ValueError(f"{path}: the default {metric_label(y_col)} margin is a fraction of the task's label sd, "
+                         f"which a table does not carry; give --margin M in {y_col} units per decade of {x_col}")
+    return {"table": str(path), **trend_on_table(table, x_col, y_col, group_col=group_col,
+                                                 higher_is_better=higher_is_better, margin=margin)}
 
 
 def format_fit(result: dict) -> str:
-    """A fit summary as a few lines of text: the law, each parameter with its interval, warnings."""
-    level = round(100 * result["hyperparameters"].get("ci_level", 0.95))
+    """A fit summary as a few lines of text: the law, each parameter with its interval, identification, warnings."""
+    level = round(100 * result["hyperparameters"].get("ci_level", LEVEL))
     lines = [f"{result['table']}: {result['law']}  ({result['n_points']} of {result['n_rows']} rows used)"]
     for name, value in result["params"].items():
         lo, hi = result["ci"].get(name, (None, None))
         interval = f"   {level} % CI [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else ""
         lines.append(f"  {name:>6s} = {value:.4g}{interval}")
-    if "frontier" in result:
+    if "frontier" in result and result["identified"]:
         frontier = result["frontier"]
         lines.append(f"  compute-optimal: N* ∝ C^{frontier['n_params_exponent']:.3f}, "
                      f"D* ∝ C^{frontier['n_tokens_exponent']:.3f}")
     if "r_squared" in result:
         lines.append(f"  R² = {result['r_squared']:.4f}")
+    lines.append(f"  {result['identification_sentence']}")
     lines += [f"  warning: {note}" for note in result["warnings"]]
     return "\n".join(lines)

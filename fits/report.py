@@ -14,7 +14,6 @@ import datetime
 import functools
 import html
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import pandas as pd
 
 from engine.rundir import RunDir
 from fits import figures
-from fits.downstream import format_scale
-from fits.fit import MODES, SCALES, fit_run
+from fits.downstream import format_scale, format_with_uncertainty
+from fits.fit import AXES, BASELINES, MODES, downstream_anchor, fit_run
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +91,31 @@ def _draw(figure: Figure, target: Path) -> None:
 def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view) -> dict[str, list[Figure]]:
     landscape = measured["landscape"]
     downstream = {}
+    entries = fits.get("downstream", [])
     for task in tasks:
-        sentences = [entry["trends"][x]["sentence"] + "." for entry in fits.get("downstream", [])
-                     if entry["task"] == task for x in SCALES if entry["trends"].get(x, {}).get("status") == "ok"]
+        mine = [entry for entry in entries if entry["task"] == task]
+        sentences = [verdict["sentence"] for entry in mine for verdict in entry.get("verdicts", {}).values()]
         downstream[task] = Figure(
-            f"downstream_{_slug(task)}", f"{task}: does downstream performance follow scale?",
-            "Each point is one pretrained checkpoint, fine-tuned (blue) or used as frozen features for a linear probe "
-            "(orange); bars are ± 1 sd over split seeds, thin lines join the means at each scale. Green dashed: "
-            "Morgan fingerprints; red dotted: the same architecture fine-tuned from random initialisation (shaded: "
-            "± 1 sd). Look for: whether points keep moving toward 'better' as models grow (left, middle) and as "
-            "pretraining loss falls (right, read left to right), and whether they clear the baseline lines.",
-            functools.partial(figures.downstream, task, points, measured["finetune"]), sentences)
+            downstream_anchor(task), f"{task}: does downstream performance follow scale?",
+            "One axis at a time. Left: the test metric against model size N, one line per token budget D (held "
+            "fixed; line style); middle: against D, one line per N; right of those: against compute C, where filled "
+            "points joined by a line are the compute frontier (no cheaper checkpoint has a lower pretraining loss) "
+            "and hollow ones are off it. Fine-tuned in blue, linear probe in orange; bars are ± 1 sd over split "
+            "seeds. Green dashed: Morgan fingerprints; red dotted: the same architecture fine-tuned from random "
+            "initialisation (shaded: ± 1 sd). Far right: each slope per decade with its 95 % run-level interval, "
+            "against the grey band of ± the plateau margin: a bar inside the band is a plateau, a bar clear of 0 "
+            "(and not inside the band) is improving or degrading, anything else is inconclusive. Look for: which "
+            "verdicts the grid supports, and how far an inconclusive bar is from fitting inside its band.",
+            functools.partial(figures.downstream, task, points, measured["finetune"], mine), sentences)
+    law = fits.get("loss_law", {})
+    surface_caption = (
+        "Left: contours of the fitted loss; dots are the measured checkpoints on the same colour scale, so a dot "
+        "that stands out from its background is poorly fitted. Red: the compute-optimal model size and token count. "
+        "Right: how the fit would split a larger compute budget between parameters and tokens; outside the grey band "
+        "it is extrapolating." if law.get("frontier", {}).get("status") == "ok" else
+        "Left: contours of the fitted loss; dots are the measured checkpoints on the same colour scale, so a dot "
+        "that stands out from its background is poorly fitted. Right: why no compute-optimal allocation is drawn: "
+        "the grid does not identify the law, so nothing derived from it is a finding.")
     return {
         "pretraining": [
             Figure("loss_vs_compute", "Pretraining loss against compute",
@@ -113,19 +126,16 @@ def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view
                    "Look for: larger models reaching lower loss at the same compute, and whether the frontier is "
                    "still falling at the right edge.",
                    lambda out: figures.loss_vs_compute(checkpoints, left_out, fits, out)),
-            Figure("loss_surface", "The fitted L(N, D) and the compute-optimal frontier",
-                   "Left: contours of the fitted loss; dots are the measured checkpoints on the same colour scale, so "
-                   "a dot that stands out from its background is poorly fitted. Red: the compute-optimal model size "
-                   "and token count. Right: how the fit would split a larger compute budget between parameters and "
-                   "tokens; outside the grey band it is extrapolating.",
+            Figure("loss_surface", "The fitted L(N, D) and the compute-optimal frontier", surface_caption,
                    lambda out: figures.loss_surface(checkpoints, fits, out)),
         ],
         "downstream": list(downstream.values()),
         "hessian": [
             Figure("hessian", "Curvature of the pretraining loss",
-                   "Largest Hessian eigenvalue λmax (how sharp the steepest direction is) and the trace (total "
-                   "curvature) of the pretraining loss on fixed validation batches, against model size (coloured by "
-                   "tokens seen) and against tokens seen (coloured by model size). Look for: whether curvature "
+                   "Largest Hessian eigenvalue λmax (how sharp the steepest direction is), the trace (total "
+                   "curvature) and, where hessian_dim was recorded, the trace per parameter (comparable across sizes) "
+                   "of the pretraining loss on fixed validation batches, against model size (coloured by tokens seen) "
+                   "and against tokens seen (coloured by model size). Look for: whether curvature "
                    "grows or shrinks with scale; the proxy table says whether it tells you anything about downstream "
                    "performance that pretraining loss does not.",
                    lambda out: figures.hessian(measured["hessian"], out)),
@@ -160,10 +170,6 @@ def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view
     }
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "task"
-
-
 # --------------------------------------------------------------------------------------------
 # the page
 
@@ -195,7 +201,7 @@ def _number(value) -> str:
         return "–"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(value)
-    return format_scale(float(value)).replace("-", "−")
+    return format_scale(float(value) + 0.0).replace("-", "−")  # + 0.0: a regret of −0.0 reads 0
 
 
 def _interval(lo, hi) -> str:
@@ -212,7 +218,7 @@ def _table(header: list[str], rows: list[list], numeric: frozenset[int] | set[in
 
 def _figure_html(figure: Figure) -> str:
     if figure.path is None:
-        return f'<h3>{_e(figure.title)}</h3><p class="note">No figure: {_e(figure.note)}.</p>'
+        return f'<h3 id="{_e(figure.name)}">{_e(figure.title)}</h3><p class="note">No figure: {_e(figure.note)}.</p>'
     data = base64.b64encode(figure.path.read_bytes()).decode("ascii")
     sentences = "".join(f"<li>{_e(sentence)}</li>" for sentence in figure.sentences)
     return (f'<figure id="{_e(figure.name)}"><h3>{_e(figure.title)}</h3>'
@@ -221,13 +227,26 @@ def _figure_html(figure: Figure) -> str:
             "</figure>")
 
 
+def _findings_html(fits: dict) -> str:
+    """One item per finding, each ending in a link to the figure or table it rests on."""
+    texts, links = fits.get("findings", []), fits.get("finding_links", [])
+    if not texts:
+        return "<li>No findings: nothing could be fitted.</li>"
+    links = links if len(links) == len(texts) else [""] * len(texts)
+    return "".join(f'<li>{_e(text)} <a href="#{_e(link)}">({_e(ANCHOR_WORDS.get(link, "figure"))})</a></li>'
+                   if link else f"<li>{_e(text)}</li>" for text, link in zip(texts, links))
+
+
+ANCHOR_WORDS = {"laws": "table", "trends": "table", "baselines": "table", "proxy-prediction": "table",
+                "proxy-regret": "table", "proxy-correlations": "table", "task-ladder": "table", "excluded": "list",
+                "downstream": "section", "proxies": "section"}
+
+
 def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], tasks: list[str],
           checkpoints: pd.DataFrame) -> str:
     n_trials = checkpoints["trial_id"].nunique() if not checkpoints.empty else 0
     n_rungs = checkpoints["rung"].nunique() if not checkpoints.empty else 0
     built = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    findings = "".join(f"<li>{_e(sentence)}</li>" for sentence in fits.get("findings", [])) or \
-        "<li>No findings: nothing could be fitted.</li>"
     parts = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         f"<title>clmscale report: {_e(name)}</title><style>{STYLE}</style></head><body>",
@@ -237,12 +256,13 @@ def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], 
         f"page built {built} from <code>{_e(rd.results)}</code> and <code>sweep.yaml</code>.</p>",
         "<p>The question: as a chemical language model grows in parameters N, training tokens D and compute C, its "
         "pretraining loss falls. Does property prediction after fine-tuning follow? The findings below are written "
-        "from the measured numbers only; the figures and tables after them show where each comes from.</p>",
-        '<section id="findings"><h2>Findings</h2><ul>', findings, "</ul></section>",
+        "from the measured numbers only, verdict first; each links to the figure or table it rests on.</p>",
+        '<section id="findings"><h2>Findings</h2><ul>', _findings_html(fits), "</ul></section>",
         '<section id="pretraining"><h2>Pretraining loss</h2>',
         *(_figure_html(f) for f in sections["pretraining"]), _law_tables(fits), "</section>",
         '<section id="downstream"><h2>Downstream property prediction</h2>',
-        _baseline_html(fits), *(_figure_html(f) for f in sections["downstream"]), _trend_table(fits), "</section>",
+        _baseline_html(fits), *(_figure_html(f) for f in sections["downstream"]), _trend_table(fits),
+        _ladder_html(fits), "</section>",
         '<section id="proxies"><h2>What predicts downstream performance?</h2>', _proxy_html(fits), "</section>",
         '<section id="hessian"><h2>Hessian spectrum</h2>', *(_figure_html(f) for f in sections["hessian"]),
         "</section>",
@@ -262,11 +282,15 @@ GREEK = {"alpha": "α", "beta": "β", "gamma": "γ"}
 
 
 def _fit_rows(what: str, result: dict) -> list[list]:
-    """Rows of a parameter table; the law is named on its first row only."""
+    """Rows of a parameter table; the law and whether the grid identifies it are named on its first row only."""
     if not result or result.get("status") != "ok":
-        return [[what, "skipped", (result or {}).get("reason", "not fitted"), "", ""]]
+        return [[what, "skipped", (result or {}).get("reason", "not fitted"), "", "", ""]]
+    found = result.get("identification", {})
+    identified = "yes" if result.get("identified", True) else "no: " + "; ".join(
+        f"{p['parameter']}: {p['problem']}" for p in found.get("problems", []))
     return [[what if i == 0 else "", GREEK.get(name, name), _number(value),
-             _interval(*result.get("ci", {}).get(name, (None, None))), result.get("n_points", "")]
+             _interval(*result.get("ci", {}).get(name, (None, None))), result.get("n_points", ""),
+             identified if i == 0 else ""]
             for i, (name, value) in enumerate(result["params"].items())]
 
 
@@ -277,7 +301,8 @@ def _law_tables(fits: dict) -> str:
         rows += _fit_rows("L(C) = E + A·C^−γ, compute frontier", compute.get("saturating_frontier"))
         rows += _fit_rows("L(C) = E + A·C^−γ, all checkpoints", compute.get("saturating_all"))
         rows += _fit_rows("L = A·C^k, compute frontier", compute.get("loglog_frontier"))
-    table = _table(["law", "parameter", "estimate", "95 % interval", "points"], rows, numeric={2, 3, 4})
+    table = _table(["law", "parameter", "estimate", "95 % interval", "points", "identified from this grid"], rows,
+                   numeric={2, 3, 4})
     test = fits.get("loss_law_backtest", {})
     if test.get("status") == "ok":
         sizes = ", ".join(format_scale(n) for n in test["holdout_n_params"])
@@ -286,8 +311,26 @@ def _law_tables(fits: dict) -> str:
                 f"{test['max_abs_relative_error']:.1%}).")
     else:
         back = f"Back-test skipped: {test.get('reason', 'not run')}."
-    return (f"<h3>Fitted laws</h3><p>Loss in nats/token, N in non-embedding parameters, D in tokens, C in FLOPs; "
-            f"intervals are bootstrap percentiles (OLS t intervals for A·C^k).</p>{table}<p>{_e(back)}</p>")
+    unpinned = [row[0] for row in rows if row[0] and row[-1].startswith("no")]
+    note = (f"<p>Not identified from this grid: {_e(', '.join(unpinned))}. Their parameters are listed so that the "
+            "fit can be checked, not as findings: a parameter at its bound, or an interval spanning more than an "
+            "order of magnitude, means the grid cannot pin it, and nothing derived from such a law (exponents, the "
+            "compute-optimal frontier) is stated or drawn.</p>" if unpinned else "")
+    return (f'<h3 id="laws">Fitted laws</h3><p>Loss in nats/token, N in non-embedding parameters, D in tokens, C in '
+            f"FLOPs; intervals are bootstrap percentiles (OLS t intervals for A·C^k).</p>{table}{note}"
+            f"<p>{_e(back)}</p>")
+
+
+def _moleculenet_table(entries: list[dict]) -> str:
+    """Task x method, test mean ± sd over seeds on the task's primary metric: the layout of MoleculeNet's tables."""
+    header = ["task", "metric", "pretrained (chosen on validation)", *BASELINES.values()]
+    rows = []
+    for entry in entries:
+        best = entry["best_pretrained"]
+        rows.append([entry["task"], entry["metric_label"], _mean_sd(best["test"]) if best["status"] == "ok" else "–",
+                     *(_mean_sd(entry[mode]) if entry.get(mode) else "–" for mode in BASELINES)])
+    return "<p>Test metric, mean ± sd over split and fine-tuning seeds, as MoleculeNet lays its tables out:</p>" + \
+        _table(header, rows)
 
 
 def _baseline_html(fits: dict) -> str:
@@ -296,67 +339,170 @@ def _baseline_html(fits: dict) -> str:
         return '<p class="note">No downstream results (results/finetune.parquet is missing or empty).</p>'
     rows = []
     for entry in entries:
-        cells = [entry["task"], f"{entry['metric_label']} ({'higher' if entry['higher_is_better'] else 'lower'} "
-                                "is better)"]
-        for key in ("best_pretrained", "morgan_fp", "random_init"):
-            spread = entry.get(key)
-            cells.append("–" if spread is None else _mean_sd(spread))
-        best = entry.get("best_pretrained")
-        cells.append("–" if best is None else
-                     f"{MODES.get(best['mode'], best['mode'])}, {best['rung']}, {format_scale(best['tokens'])} tokens")
+        best = entry["best_pretrained"]
+        direction = "higher" if entry["higher_is_better"] else "lower"
+        cells = [entry["task"], f"{entry['metric_label']} ({direction} is better)"]
+        if best["status"] != "ok":
+            rows.append(cells + [best["reason"], "", "", "", ""])
+            continue
+        cells += [f"{MODES.get(best['mode'], best['mode'])}, {best['rung']}, {format_scale(best['tokens'])} tokens "
+                  f"(of {best['n_candidates']})", _number(best["val_mean"]), _mean_sd(best["test"])]
+        for mode in BASELINES:
+            comparison = entry["comparisons"].get(mode)
+            if comparison is None or comparison["status"] != "ok":
+                cells.append(comparison["reason"] if comparison else "–")
+                continue
+            adjusted = comparison.get("p_adjusted")
+            cells.append(f"{_mean_sd(entry[mode])}; difference {_signed(comparison['mean'])} "
+                         f"{_interval(*comparison['ci'])}, p = {_p(comparison['p'])}, adjusted {_p(adjusted)}: "
+                         f"{comparison['finding']}")
         rows.append(cells)
-    table = _table(["task", "metric", "best pretrained checkpoint", "Morgan fingerprints", "random init",
-                    "best checkpoint is"], rows)
+    table = _table(["task", "metric", "checkpoint chosen on validation", "validation mean", "test (reported)",
+                    *(f"{words}: test, paired difference" for words in BASELINES.values())], rows, numeric={3})
+    tests = fits.get("baseline_tests", {})
+    table = _moleculenet_table(entries) + table
     sentences = "".join(f"<li>{_e(entry['sentence'])}</li>" for entry in entries)
-    return f"<h3>Against the baselines</h3>{table}<ul>{sentences}</ul>"
+    return ('<h3 id="baselines">Against the baselines</h3><p>The pretrained checkpoint (any mode) with the best mean '
+            "validation metric over split seeds is chosen without looking at the test split, then reported on test. "
+            "Each comparison is the paired difference pick − baseline on the split seeds both saw (> 0 favours "
+            "pretraining), with its t interval over seeds; "
+            f"{_e(tests.get('correction_name', 'Holm'))} over the {tests.get('n_tests', 0)} comparisons.</p>"
+            f"{table}<ul>{sentences}</ul>")
 
 
-def _mean_sd(spread: dict) -> str:
+def _mean_sd(spread: dict | None) -> str:
+    if spread is None:
+        return "–"
     sd = spread.get("sd")
     sd_text = f" ± {sd:.2g}" if sd is not None and np.isfinite(sd) else ""
     return f"{_number(spread['mean'])}{sd_text} (n = {spread['n']})"
 
 
+def _signed(value) -> str:
+    return "–" if value is None else f"{value:+.3g}".replace("-", "−")
+
+
+def _p(value) -> str:
+    return "–" if value is None else f"{value:.2g}"
+
+
 def _trend_table(fits: dict) -> str:
     rows = []
     for entry in fits.get("downstream", []):
-        for x in (x for x in SCALES if x in entry["trends"]):  # fits.json has its keys sorted; read them in order
-            trend = entry["trends"][x]
-            who = [entry["task"], MODES.get(entry["mode"], entry["mode"]), SCALES[x][0]]
-            if trend["status"] == "ok":
-                rows.append(who + [trend["verdict"], _number(trend["slope"]), _interval(*trend["ci"]),
-                                   trend["n_points"]])
-            else:
-                rows.append(who + ["skipped: " + trend["reason"], "", "", ""])
+        for key, v in entry.get("verdicts", {}).items():
+            who = [entry["task"], MODES.get(entry["mode"], entry["mode"]), f"{AXES[key][3]} ({v['held_fixed']})"]
+            if v["status"] != "ok":
+                rows.append(who + ["not testable: " + v["reason"], "", "", "", "", "", "", ""])
+                continue
+            half = (v["ci"][1] - v["ci"][0]) / 2
+            changed = f" ({v['raw_verdict']} before the correction)" if v["raw_verdict"] != v["verdict"] else ""
+            rows.append(who + [v["verdict"] + changed, format_with_uncertainty(v["slope"], half), _interval(*v["ci"]),
+                               f"±{v['margin']:.3g} ({v['margin_source']})", f"±{v['min_detectable_slope']:.2g}",
+                               _p(v["p_verdict"]), _p(v["p_adjusted"]), f"{v['n_runs']} / {v['n_points']}"])
     if not rows:
         return ""
-    return ("<h3>Trends at the largest scales</h3><p>Slope of the metric per decade of the scale variable over the "
-            "largest half of the scales, with its 95 % interval; 'plateau' means the interval contains 0.</p>"
-            + _table(["task", "mode", "against", "verdict", "slope per decade", "95 % interval", "points"], rows,
-                     numeric={4, 5, 6}))
+    tests = fits.get("trend_tests", {})
+    return ('<h3 id="trends">Trends, one axis at a time</h3><p>The slope of the test metric per decade of one scale '
+            "axis, with the others held fixed (N at fixed D: one intercept per token budget; D at fixed N: one per "
+            "model size) or along the compute frontier for C. Intervals are run-level (a cluster jackknife over "
+            "training runs, split seeds as paired blocks), at 95 %. Four verdicts: <b>plateau</b> when the whole "
+            "interval lies inside ± the margin (two one-sided tests), <b>improving</b> or <b>degrading</b> when it "
+            "excludes 0 (and is not inside the margin), <b>inconclusive</b> otherwise, with the smallest slope the "
+            "grid could detect (80 % power). The p on which each verdict rests is shown raw and after "
+            f"{_e(tests.get('correction_name', 'Holm'))} over the {tests.get('n_tests', 0)} trend tests of this "
+            "run; a definite verdict whose adjusted p fails becomes inconclusive.</p>"
+            + _table(["task", "mode", "axis (held fixed)", "verdict", "slope per decade", "95 % interval",
+                      "plateau margin", "detectable (80 %)", "p", "adjusted p", "runs / points"], rows,
+                     numeric={4, 5, 7, 8, 9}))
+
+
+def _ladder_html(fits: dict) -> str:
+    ladder, law = fits.get("task_ladder", {}), fits.get("loss_law_backtest", {})
+    beside = (f"{law['mean_abs_relative_error']:.1%}" if law.get("status") == "ok" else
+              f"not run ({law.get('reason', 'no back-test')})")
+    head = ('<h3 id="task-ladder">Predicting the largest rung of each task (task ladder)</h3><p>The two-step method of '
+            "Bhagia et al. 2024: the task loss (validation loss of the fine-tuned or probed model) as a function of N "
+            "and D, then a monotone link from task loss to the metric, both fitted without the largest rung(s) and "
+            f"used to predict them. The pretraining-loss law's own back-test error on the same rungs is {_e(beside)} "
+            "(relative); compare it with the task loss' relative error (step 1).</p>")
+    if ladder.get("status") != "ok":
+        return head + f'<p class="note">No task ladder: {_e(ladder.get("reason", "not run"))}.</p>'
+    rows = []
+    for e in ladder["entries"]:
+        who = [e["task"], MODES.get(e["mode"], e["mode"])]
+        if e["status"] != "ok":
+            rows.append(who + ["skipped: " + e["reason"], "", "", "", "", ""])
+            continue
+        rows.append(who + [f"{e['fit']['loss_law']}, {e['fit']['link']} link",
+                           ", ".join(format_scale(n) for n in e["holdout_n_params"]),
+                           f"{_number(e['mean_abs_error'])} (max {_number(e['max_abs_error'])}) {e['metric_label']}",
+                           f"{e['task_loss_mean_abs_relative_error']:.1%}", beside,
+                           f"{_number(e['link_only_mean_abs_error'])}"])
+    return head + _table(["task", "mode", "task-loss law, link", "held-out N", "metric error (both steps)",
+                          "task-loss error (step 1)", "pretraining-loss law error", "link alone (step 2)"], rows,
+                         numeric={4, 5, 6, 7})
 
 
 def _proxy_html(fits: dict) -> str:
     proxies = fits.get("proxies", {})
     if proxies.get("status") != "ok":
-        reason = proxies.get("reason", "not fitted")
-        return f'<p class="note">No proxy correlations: {_e(reason)}.</p>'
-    labels = proxies["labels"]
-    tables = []
-    for (task, mode), group in pd.DataFrame(proxies["rows"]).groupby(["task", "mode"], sort=False):
-        rows = [[labels.get(row["proxy"], row["proxy"]), row["n"], _number(row["spearman"]),
-                 _interval(row["ci_lo"], row["ci_hi"]), _number(row["partial_given_loss"]),
-                 _interval(row["partial_ci_lo"], row["partial_ci_hi"]), row["sentence"]]
-                for row in group.to_dict("records")]
-        metric = {"roc_auc": "ROC-AUC", "rmse": "RMSE"}.get(group["metric"].iloc[0], group["metric"].iloc[0])
-        tables.append(f"<h3>{_e(task)}, {_e(MODES.get(mode, mode))} ({_e(metric)})</h3>"
-                      + _table(["proxy", "n", "ρ", "95 % interval", "partial ρ | loss", "95 % interval", "in words"],
-                               rows, numeric={1, 2, 3, 4, 5}))
-    missing = proxies.get("not_measured", [])
-    note = (f"<p>Not measured in this run: {_e(', '.join(labels.get(m, m) for m in missing))}.</p>" if missing else "")
-    return ("<p>Spearman rank correlation ρ of each proxy with the downstream metric across checkpoints, and the "
-            "partial correlation given pretraining loss: a proxy only adds information if the partial correlation's "
-            "interval excludes 0. Intervals are bootstrap percentiles over checkpoints.</p>" + note + "".join(tables))
+        return f'<p class="note">No proxy evaluation: {_e(proxies.get("reason", "not fitted"))}.</p>'
+    labels, tests = proxies["labels"], proxies["prediction_tests"]
+    timing = {name: group for group, names in proxies["timing"].items() for name in names}
+    prediction = [[row["task"], MODES.get(row["mode"], row["mode"]), labels.get(row["proxy"], row["proxy"])]
+                  + (["not testable: " + row["reason"], "", "", "", "", ""] if row["status"] != "ok" else
+                     [_number(row["rmse_loss"]), _number(row["rmse_loss_proxy"]),
+                      f"{_signed(row['improvement'])} {_interval(*row['improvement_ci'])}",
+                      f"{_p(row['p'])} (≥ {_p(row['smallest_possible_p'])})", _p(row.get("p_adjusted")),
+                      row["finding"]])
+                  for row in proxies["prediction"]]
+    words = {"validation": "validation metric", **labels}
+    regret = []
+    for group in proxies["regret"]:
+        for pick in group["selectors"]:
+            picked = pick["picked"] or {}
+            regret.append([group["task"], MODES.get(group["mode"], group["mode"]),
+                           words.get(pick["selector"], pick["selector"]),
+                           "highest" if pick["selector"] == "validation" and group["higher_is_better"] else
+                           "lowest" if pick["selector"] != "validation" or not group["higher_is_better"] else "",
+                           f"{picked.get('trial_id', '–')} @ {_number(picked.get('tokens'))}",
+                           _number(pick["picked_test"]), _number(pick["test_best"]), _number(pick["regret"])])
+    correlations = [[row["task"], MODES.get(row["mode"], row["mode"]), labels.get(row["proxy"], row["proxy"]),
+                     TIMING_WORDS[timing.get(row["proxy"], "scale")], row["n"], _number(row["spearman"]),
+                     _interval(row["ci_lo"], row["ci_hi"]), _number(row["partial_given_loss"]),
+                     _interval(row["partial_ci_lo"], row["partial_ci_hi"]), row["reason"] or ""]
+                    for row in proxies["correlations"]]
+    missing = [labels.get(m, m) for m in proxies.get("not_measured", [])]
+    note = f"<p>Not measured in this run: {_e(', '.join(missing))}.</p>" if missing else ""
+    return (
+        "<p>A proxy is judged as a user would use it: only what can be measured before fine-tuning (pretraining "
+        "loss; Hessian and sharpness of the pretraining loss at the pretrained weights; the task loss' Hessian at "
+        "the pretrained encoder with a probe head) can predict; what is measured at the fine-tuned weights is "
+        "descriptive.</p>"
+        '<h3 id="proxy-prediction">Leave one model size out: loss alone against loss + proxy</h3>'
+        "<p>Each model size in turn is held out; the metric of its checkpoints is predicted from the other sizes, "
+        "by a line in pretraining loss and by one in loss and the proxy (log10 when positive). Both errors are RMSE "
+        "in metric units; improvement = the first − the second, with a percentile bootstrap interval over held-out "
+        "sizes (descriptive). The test is a sign-flip test over held-out sizes (its smallest possible p, with k "
+        f"sizes 2·2^−k, in brackets), {_e(tests['correction_name'])} over the {tests['n_tests']} tests.</p>"
+        + _table(["task", "mode", "proxy", "RMSE, loss alone", "RMSE, loss + proxy", "improvement (95 %)", "p",
+                  "adjusted p", "finding"], prediction, numeric={3, 4, 5, 6, 7})
+        + '<h3 id="proxy-regret">Selection regret</h3><p>One checkpoint per task and mode picked by each quantity '
+          "(the proxies where they are lowest, fixed in advance: lower loss, flatter minima), scored by how far its "
+          "test metric falls short of the best test metric among the candidates (metric units; the test-best is an "
+          "oracle used only for scoring).</p>"
+        + _table(["task", "mode", "picked by", "where it is", "picked checkpoint", "its test metric", "test-best",
+                  "regret"], regret, numeric={5, 6, 7})
+        + '<h3 id="proxy-correlations">Rank correlations (descriptive)</h3><p>Spearman ρ of each quantity with the '
+          "test metric across checkpoints, and the partial ρ given pretraining loss, with bootstrap intervals over "
+          "checkpoints. Checkpoints of one run are not independent, so these describe; they are not tests.</p>"
+        + note
+        + _table(["task", "mode", "quantity", "measured", "n", "ρ", "95 % interval", "partial ρ | loss",
+                  "95 % interval", "note"], correlations, numeric={4, 5, 6, 7, 8}))
+
+
+TIMING_WORDS = {"before_finetuning": "before fine-tuning", "descriptive": "after fine-tuning (descriptive)",
+                "scale": "scale axis"}
 
 
 def _events_html(rd: RunDir) -> str:

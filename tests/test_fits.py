@@ -7,13 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import pulled_in
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy import stats
 
 from fits import (ChinchillaFit, DownstreamPowerLaw, LogLogOLS, NotFittedError, SaturatingPowerLaw, backtest,
-                  describe_correlation, mann_kendall, monotone_trend, proxy_correlations,
-                  trend_at_largest_scales)
+                  proxy_correlations)
 from fits.downstream import format_scale, format_with_uncertainty
 
 # numerical warnings (overflow, invalid, divide) are failures here: the fits must not produce them
@@ -219,61 +215,11 @@ def test_loglog_ols_recovers_exponent_with_interval():
 # Downstream metrics
 
 
-def rungs(n_rungs=8, seeds=3):
-    return np.repeat(np.logspace(4, 8, n_rungs), seeds)
-
-
-def test_trend_verdicts():
-    rng = np.random.default_rng(0)
-    x = rungs()
-    rising = 0.60 + 0.03 * np.log10(x) + rng.normal(0, 0.005, x.size)
-    assert trend_at_largest_scales(x, rising, higher_is_better=True).verdict == "improving"
-    assert trend_at_largest_scales(x, -rising + 2, higher_is_better=True).verdict == "degrading"
-    assert trend_at_largest_scales(x, -rising + 2, higher_is_better=False).verdict == "improving"  # e.g. RMSE
-    loss = 2.0 / np.log10(x)  # falls as scale grows; ROC-AUC rises as loss falls
-    by_loss = trend_at_largest_scales(loss, rising, higher_is_better=True, x_grows_with_scale=False)
-    assert by_loss.verdict == "improving" and by_loss.x_max == np.unique(loss)[3]  # the 4 lowest losses
-    assert "keeps improving below pretraining loss 0.318: " in by_loss.sentence("BBBP", "ROC-AUC", "pretraining loss")
-
-
-def test_flat_series_is_a_plateau():
-    """A 95 % interval calls pure noise a trend ~1 time in 20, so count over 20 noise draws (≥ 5 has p ≈ 0.003)."""
-    x = rungs()
-    flats = [0.80 + np.random.default_rng(seed).normal(0, 0.01, x.size) for seed in range(20)]
-    verdicts = [trend_at_largest_scales(x, flat, higher_is_better=True).verdict for flat in flats]
-    assert verdicts.count("plateau") >= 16, verdicts
-    trend = trend_at_largest_scales(x, flats[1], higher_is_better=True, top_fraction=0.5)
-    assert trend.verdict == "plateau"
-    assert trend.n_scales == 4 and trend.n_points == 12 and trend.x_min == pytest.approx(np.logspace(4, 8, 8)[4])
-    sentence = trend.sentence("BBBP", "ROC-AUC", "parameters")
-    assert sentence.startswith("BBBP ROC-AUC stops improving above 1.9·10⁶ parameters: slope ")
-    assert "per decade" in sentence and "±" in sentence
-
-
 def test_number_formatting():
     assert format_scale(3e5) == "3·10⁵" and format_scale(3.2e5) == "3.2·10⁵" and format_scale(1e9) == "10⁹"
     assert format_scale(2.5e-4) == "2.5·10⁻⁴" and format_scale(300.0) == "300"
     assert format_with_uncertainty(-0.0105, 0.0213) == "−0.01 ± 0.02"
     assert format_with_uncertainty(0.031, 0.012) == "+0.031 ± 0.012"
-
-
-def test_monotone_trend():
-    rng = np.random.default_rng(2)
-    x = rungs()
-    rising = np.log10(x) + rng.normal(0, 0.2, x.size)
-    result = monotone_trend(x, rising, higher_is_better=True)
-    assert result.direction == "improving" and result.mann_kendall_p < 1e-4 and result.spearman > 0.8
-    assert monotone_trend(x, -rising, higher_is_better=False).direction == "improving"
-    assert monotone_trend(x, rng.normal(0, 1, x.size)).direction == "no trend"
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=25, unique=True))
-def test_mann_kendall_s_is_kendalls_tau_without_ties(values):
-    y = np.array(values)
-    x = np.arange(y.size, dtype=float)
-    s, _, _ = mann_kendall(x, y)
-    assert s / (y.size * (y.size - 1) / 2) == pytest.approx(stats.kendalltau(x, y).statistic)
 
 
 def test_downstream_law_finds_the_asymptote():
@@ -320,8 +266,6 @@ def test_proxy_correlations():
     assert "monotone function of pretrain_val_loss" in result.loc["loss_squared", "reason"]
     assert np.isnan(result.loc["constant", "spearman"]) and "constant" in result.loc["constant", "reason"]
     assert "loss column itself" in result.loc["pretrain_val_loss", "reason"]
-    sentence = describe_correlation(result.reset_index().iloc[1])
-    assert sentence.startswith("Hessian λmax does not predict BBBP ROC-AUC beyond pretraining loss (partial ρ = ")
 
 
 def test_proxy_correlations_names_missing_columns():

@@ -1,0 +1,135 @@
+"""fits/fit.py's own statistics and joins: the sign-flip test of a proxy over held-out sizes at its nominal rate,
+plateau margins from the settings or the label sd, when each proxy is measured, and the Hessian joins."""
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+from scipy import stats
+
+from engine.config import FitsConfig
+from fits.fit import (FitSettings, checkpoint_proxies, fit_run, improvement_p, proxy_groups, smallest_p,
+                      trend_margin)
+from fits.proxies import LeaveOneSizeOut, leave_one_size_out
+from fixtures.make_run import make_run
+
+N_DRAWS = 200
+
+
+def not_above(count: int, n: int, rate: float) -> bool:
+    """count of n is consistent with a true rate of at most `rate` (one-sided binomial p > 0.001)."""
+    return stats.binom.sf(count - 1, n, rate) > 1e-3
+
+
+def settings(**changes) -> FitSettings:
+    return dataclasses.replace(FitSettings.from_config(FitsConfig()), **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# The sign-flip test over held-out sizes
+
+
+def per_size_result(differences: np.ndarray) -> LeaveOneSizeOut:
+    """A LeaveOneSizeOut whose per-size RMSE differences (loss alone − loss + proxy) are `differences`."""
+    per_size = tuple({"size": 10.0**i, "n_points": 2, "rmse_loss": 1.0 + d, "rmse_loss_proxy": 1.0}
+                     for i, d in enumerate(differences))
+    return LeaveOneSizeOut(metric="m", proxy="p", rmse_loss=1.0, rmse_loss_proxy=1.0, improvement=0.0,
+                           improvement_ci=(0.0, 0.0), level=0.95, finding="no clear difference",
+                           n_sizes=len(differences), n_points=2 * len(differences), proxy_transform="none",
+                           per_size=per_size)
+
+
+def test_sign_flip_p_is_exact_under_a_symmetric_null():
+    rng = np.random.default_rng(0)
+    p = np.array([improvement_p(per_size_result(rng.normal(0, 1, 8))) for _ in range(2000)])
+    assert not_above(int((p < 0.05).sum()), p.size, 0.05), (p < 0.05).mean()
+    assert (p < 0.05).mean() > 0.02  # not conservative to uselessness: 2^-8 steps allow ~4.7 %
+    assert improvement_p(per_size_result(np.array([0.3, 0.2, 0.4]))) == smallest_p(3) == 0.25
+    assert improvement_p(per_size_result(np.full(6, 0.1))) == pytest.approx(2 / 64)
+
+
+def ladder(rng: np.random.Generator, informative: bool, n_sizes: int = 8) -> pd.DataFrame:
+    """Per-checkpoint rows: 2 budgets per size; the metric follows loss and, when informative, the proxy."""
+    n = np.repeat(np.logspace(4, 7.5, n_sizes), 2)
+    d = np.tile([1e6, 1e7], n_sizes)
+    loss = 1.0 + 20 / n**0.3 + 30 / d**0.3
+    hidden = rng.normal(0, 1, n.size)
+    metric = 0.9 - 0.2 * loss + (0.02 * hidden if informative else 0) + rng.normal(0, 0.005, n.size)
+    proxy = np.exp(hidden + (0 if informative else rng.normal(0, 1, n.size)))  # positive: enters as log10
+    return pd.DataFrame({"n_params_non_embedding": n, "pretrain_val_loss": loss, "proxy": proxy, "mean": metric})
+
+
+def test_proxy_test_rarely_claims_a_gain_from_noise_and_finds_a_real_one():
+    rng = np.random.default_rng(1)
+    findings = {}
+    for informative in (False, True):
+        p_better = []
+        for _ in range(N_DRAWS):
+            result = leave_one_size_out(ladder(rng, informative), "mean", "proxy", n_bootstrap=100)
+            gain = np.mean([s["rmse_loss"] - s["rmse_loss_proxy"] for s in result.per_size])
+            p_better.append(improvement_p(result) < 0.05 and gain > 0)
+        findings[informative] = sum(p_better)
+    assert not_above(findings[False], N_DRAWS, 0.025), findings  # one side of a two-sided 5 % test
+    assert findings[True] >= 0.8 * N_DRAWS, findings
+
+
+# --------------------------------------------------------------------------------------------
+# Margins
+
+
+def test_margins_come_from_the_settings_or_the_documented_defaults():
+    margin, reason = trend_margin("rmse", 1.5, settings())
+    assert margin.per_decade == pytest.approx(0.03) and "label sd" in margin.source and reason == ""
+    margin, _ = trend_margin("roc_auc", None, settings())
+    assert margin.per_decade == 0.01
+    missing, reason = trend_margin("rmse", None, settings())
+    assert missing is None and "label sd is unknown" in reason and "fits.plateau_margin.rmse" in reason
+    given, _ = trend_margin("rmse", None, settings(plateau_margin={"rmse": 0.05}))
+    assert given.per_decade == 0.05 and given.source == "fits.plateau_margin.rmse = 0.05 per decade"
+    unknown, reason = trend_margin("spearman_r", None, settings())
+    assert unknown is None and "no default margin" in reason
+    with pytest.raises(ValidationError):
+        FitsConfig(plateau_margin={"rmse": -0.1})
+
+
+def test_a_margin_in_the_sweep_file_makes_rmse_trends_testable_without_label_sd(tmp_path):
+    root = make_run(tmp_path / "run", task_columns=False, fits={"plateau_margin": {"rmse": 0.05}})
+    fits = fit_run(root, n_bootstrap=0, n_jobs=1, n_starts=20)
+    for entry in fits["downstream"]:
+        assert entry["label_sd"] is None and entry["margin"]["per_decade"] == 0.05
+        assert {v["margin_source"] for v in entry["verdicts"].values() if v["status"] == "ok"} == {
+            "fits.plateau_margin.rmse = 0.05 per decade"}
+    assert fits["settings"]["plateau_margin"] == {"rmse": 0.05} and fits["trend_tests"]["n_tests"] == 12
+
+
+# --------------------------------------------------------------------------------------------
+# Proxies: when they are measured, and how they join the downstream points
+
+
+def test_proxy_timing_of_the_fit_stages_columns():
+    groups = proxy_groups(["pretrain_val_loss", "lambda_max", "trace_per_param", "pt_task_trace_per_param",
+                           "ft_trace", "ft_trace_per_param", "n_params", "flops"])
+    assert groups == {"before_finetuning": ["pretrain_val_loss", "lambda_max", "trace_per_param",
+                                            "pt_task_trace_per_param"],
+                      "descriptive": ["ft_trace", "ft_trace_per_param"], "scale": ["n_params", "flops"]}
+
+
+def test_task_hessians_join_the_points_of_their_own_task():
+    points = pd.DataFrame({"trial_id": ["a", "a", "b"], "tokens": [10.0, 10.0, 10.0],
+                           "task": ["bbbp", "esol", "bbbp"], "mode": "finetune"})
+    hessian = pd.DataFrame({
+        "trial_id": ["a", "a", "a", "a", "b"], "tokens": [10, 10, 10, 10, 10],
+        "loss": ["pretrain", "finetune:bbbp", "finetune:esol", "pretrained_task:bbbp", "pretrain"],
+        "lambda_max": [1.0, 2.0, 3.0, 5.0, 4.0], "trace": [10.0, 20.0, 30.0, 50.0, 40.0],
+        "hessian_dim": [100, 110, 110, 110, np.nan]})
+    out = checkpoint_proxies(points, hessian, pd.DataFrame()).set_index(["trial_id", "task"])
+    assert out.loc[("a", "bbbp"), ["lambda_max", "ft_lambda_max", "ft_trace", "pt_task_lambda_max"]].tolist() == [
+        1.0, 2.0, 20.0, 5.0]
+    assert out.loc[("a", "bbbp"), "trace_per_param"] == 0.1 and out.loc[("a", "bbbp"), "pt_task_trace_per_param"] == (
+        pytest.approx(50 / 110))
+    assert out.loc[("a", "esol"), ["lambda_max", "ft_lambda_max", "ft_trace"]].tolist() == [1.0, 3.0, 30.0]
+    assert np.isnan(out.loc[("a", "esol"), "pt_task_lambda_max"])  # not measured for esol: absent, not guessed
+    assert out.loc[("b", "bbbp"), "lambda_max"] == 4.0 and np.isnan(out.loc[("b", "bbbp"), "trace_per_param"])
+    assert np.isnan(out.loc[("b", "bbbp"), "ft_lambda_max"])
