@@ -136,6 +136,11 @@ class Plan:
     hvp_largest: str
 
 
+# The micro-batches sweeps/paper.yaml fixed before `micro_batch_size: auto` (git d927feb): 128, and 64 / 32
+# for the two rungs that ran over 4 and 8 workers; an out-of-memory is recorded as that measurement's error.
+AUTO_MICRO_BATCH = {"*": 128, "5xl": 64, "6xl": 32}
+
+
 def paper_rungs(path: Path, picks: list[tuple[str, str]]) -> list[RungPlan]:
     """Micro-batch, sequence length and learning rate of each (family, rung) from a sweep file, read as
     plain YAML (engine.config needs pydantic); the clm rungs borrow the mlm file's settings."""
@@ -146,7 +151,10 @@ def paper_rungs(path: Path, picks: list[tuple[str, str]]) -> list[RungPlan]:
         if rung not in model["sizes"]:
             raise ValueError(f"{path}: rung {rung!r} is not in model.sizes {model['sizes']}")
         over = (model.get("overrides") or {}).get(rung) or {}
-        out.append(RungPlan(family, rung, int(over.get("micro_batch_size", train["micro_batch_size"])),
+        micro = over.get("micro_batch_size", train["micro_batch_size"])
+        if micro == "auto":  # engine.plan chooses it, but needs pydantic, which the GPU image lacks
+            micro = AUTO_MICRO_BATCH.get(rung, AUTO_MICRO_BATCH["*"])
+        out.append(RungPlan(family, rung, int(micro),
                             int(model["max_seq_len"]), float(over.get("lr", train["lr"]))))  # fmt: skip
     return out
 

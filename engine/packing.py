@@ -26,8 +26,9 @@ nodes an autoscaler adds are not used for packing.
 from __future__ import annotations
 
 import copy
-import pickle
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import ray
 from ray.tune.search import Searcher
@@ -85,15 +86,12 @@ class PackingSearcher(Searcher):
             self._ledger.release(name)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"configs": self._configs, "ledger": self._ledger, "ready": self._ready, "live": self._live,
-                         "max_concurrent": self._max_concurrent}, f)  # fmt: skip
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        self._configs, self._ledger, self._ready = state["configs"], state["ledger"], state["ready"]
-        self._live, self._max_concurrent = state["live"], state["max_concurrent"]
+        """What Tune's experiment checkpoint keeps of the searcher: the trials still waiting and those
+        running, as JSON for a person to read. There is no `restore`: `clmscale sweep --resume` builds
+        a new searcher over the trials whose folders hold no result (engine.sweep.run_sweep)."""
+        state = {"pending": [str(k) for k in self._ledger.pending], "running": sorted(self._live.values()),
+                 "ready": list(self._ready)}
+        Path(checkpoint_path).write_text(json.dumps(state, indent=1))
 
 
 def ray_nodes() -> list[Node]:

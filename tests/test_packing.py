@@ -37,14 +37,15 @@ def test_searcher_hands_out_what_fits_largest_first_and_releases_on_completion(t
     searcher.on_trial_complete("t1")
     got = [searcher.suggest(f"t{i}")["cfg"]["name"] for i in range(3, 7)]
     assert got == ["two", "one", "half", "quarter"]  # 2 + 1 + 0.5 + 0.25 GPUs fit at once
-    path = tmp_path / "searcher.pkl"
+    path = tmp_path / "searcher.json"
     searcher.save(str(path))
-    restored = PackingSearcher([], [], [], [Node(cpus=1, gpus=0)], reserved_cpus=0.0)
-    restored.restore(str(path))
-    for searcher_ in (searcher, restored):
-        assert searcher_.suggest("t7") == Searcher.FINISHED
-        for i in range(3, 7):
-            searcher_.on_trial_complete(f"t{i}")
+    assert json.loads(path.read_text()) == {"pending": [], "running": ["half", "one", "quarter", "two"],
+                                            "ready": []}
+    assert searcher.suggest("t7") == Searcher.FINISHED
+    for i in range(3, 7):
+        searcher.on_trial_complete(f"t{i}")
+    searcher.save(str(path))
+    assert json.loads(path.read_text())["running"] == []
     with pytest.raises(ValueError, match=r"trial 'eight' needs 2.01 CPUs and 8 GPUs .* 4 CPUs and 4 GPUs"):
         PackingSearcher([{}], [_need(1.0, 8)], ["eight"], [Node(cpus=4, gpus=4)], reserved_cpus=1.0)
 
