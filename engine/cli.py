@@ -61,8 +61,9 @@ def user_errors(fn):
 
 
 def _storage_root_option() -> typer.Option:
-    return typer.Option(None, "--storage-root", help=f"Replaces the sweep file's storage.root (also {STORAGE_ROOT_ENV}); "
-                        "inside `ray job submit --working-dir` it must be absolute: a path every node shares.")
+    return typer.Option(None, "--storage-root",
+                        help=f"Replaces the sweep file's storage.root (also {STORAGE_ROOT_ENV}); inside `ray job "
+                        "submit --working-dir` it must be absolute: a path every node shares.")
 
 
 @app.command()
@@ -161,15 +162,19 @@ def sweep(
 
 @app.command()
 @user_errors
-def status(run_dir: Path) -> None:
-    """A table of the trials in RUN_DIR: state, tokens done, last loss, ETA."""
-    from engine.sweep import trial_status
+def status(
+    run_dir: Path,
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON, for scripts."),
+) -> None:
+    """RUN_DIR's progress, as `ray status` shows a cluster's: its driver, a table of trials (state, tokens,
+    loss, tokens/s, ETA, restarts), analysis jobs done / failed per table, and the faults it survived."""
+    import json
 
-    rd = RunDir(run_dir)
-    table = trial_status(rd, expand_grid(rd.config()))
-    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for event in rd.fault_events():  # restarts and corrupt checkpoints: what the run survived
-        typer.echo(" ".join(f"{k}={v}" for k, v in event.items()))
+    from engine.files import json_safe
+    from engine.status import format_status, run_status
+
+    found = run_status(RunDir(run_dir))
+    typer.echo(json.dumps(json_safe(found), indent=2) if as_json else format_status(found))
 
 
 @app.command()

@@ -797,7 +797,7 @@ class RunDirLock:
             current = _read_holder(self.path)
             if current is not None:
                 seen = current
-                if (reason := self._stale(current)) is None:
+                if (reason := self.stale_reason(current)) is None:
                     raise RunDirLocked(f"{self.path.parent} is in use by {current.describe()}, whose heartbeat is "
                                        f"{time.time() - current.heartbeat:.0f} s old; one driver per run directory: "
                                        "wait for it to finish, or stop it")
@@ -846,7 +846,7 @@ class RunDirLock:
         self.holder = holder
         return True
 
-    def _stale(self, holder: LockHolder) -> str | None:
+    def stale_reason(self, holder: LockHolder) -> str | None:
         """Why the holder is gone, or None while it may still be running."""
         age = time.time() - holder.heartbeat
         if age > self.stale_s:

@@ -51,8 +51,8 @@ def test_a_relative_storage_root_is_refused_only_inside_a_job_copy(tmp_path):
     cfg = load_sweep(_sweep(tmp_path))
     job = tmp_path / JOB_COPY
     assert with_storage_root(cfg, None, cwd=tmp_path).run_dir == Path("runs/where")  # outside a job: relative is fine
-    with pytest.raises(SweepFileError, match=r"^cli: storage.root=runs is relative, and this runs inside a Ray job "
-                                             r"whose working directory is Ray's temporary copy \(.*_ray_pkg_0123abcd\)"):
+    refusal = r"^cli: storage.root=runs is relative, and this runs inside a Ray job whose working directory is Ray's"
+    with pytest.raises(SweepFileError, match=refusal + r" temporary copy \(.*_ray_pkg_0123abcd\)"):
         with_storage_root(cfg, None, cwd=job, source="cli")
     assert with_storage_root(cfg, tmp_path / "shared", cwd=job).run_dir == tmp_path / "shared" / "where"
 

@@ -64,7 +64,7 @@ def test_of_two_drivers_started_together_exactly_one_gets_the_lock(tmp_path, sta
     for p in drivers:
         p.start()
     try:
-        for i in range(ROUNDS):
+        for _ in range(ROUNDS):
             if stage == "stale":
                 _stale_lock(rd)  # both find the same stale lock: only one may take it over
             barrier.wait(BARRIER_S)
