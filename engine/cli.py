@@ -128,7 +128,10 @@ def prepare(
     cfg = _load(sweep_file, storage_root)
     data = RunDir(cfg.run_dir).data
     with _driver(RunDir(cfg.run_dir), f"clmscale prepare {sweep_file}"):
-        _check_cluster_answers(None)  # its Ray tasks join RAY_ADDRESS or the recorded cluster, else start one
+        import ray
+
+        if not ray.is_initialized():  # its Ray tasks join RAY_ADDRESS or the recorded cluster, else start one
+            _check_cluster_answers(None)
         manifest = run_prepare(cfg.data, data, overwrite=overwrite)
     c = manifest.counts
     typer.echo(
