@@ -10,21 +10,28 @@
     clmscale report   runs/demo             # report/index.html
     clmscale demo     sweeps/demo.yaml      # all of the above, in order
 
-Errors in what the user gave (a sweep file, a corpus, a task) print one line and exit 2; set
-CLMSCALE_DEBUG=1 to see the traceback instead.
+Errors in what the user gave (a sweep file, a corpus, a task, a run directory another driver holds,
+a cluster address that does not answer) print one line and exit 2; set CLMSCALE_DEBUG=1 to see the
+traceback instead. `prepare`, `sweep`, `analyze` and `demo` hold the run directory's lock while they run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
+import socket
 from pathlib import Path
 
 import typer
 
-from engine.config import SweepConfig, expand_grid, load_sweep
+from engine.config import SweepConfig, expand_grid, load_sweep, with_storage_root
 from engine.rundir import RunDir
+
+STORAGE_ROOT_ENV = "CLMSCALE_STORAGE_ROOT"
+GCS_TIMEOUT_S = 5.0  # a cluster address that accepts no connection in this long is an error, not a wait
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 log = logging.getLogger("clmscale")
@@ -53,11 +60,17 @@ def user_errors(fn):
     return wrapper
 
 
+def _storage_root_option() -> typer.Option:
+    return typer.Option(None, "--storage-root",
+                        help=f"Replaces the sweep file's storage.root (also {STORAGE_ROOT_ENV}); inside `ray job "
+                        "submit --working-dir` it must be absolute: a path every node shares.")
+
+
 @app.command()
 @user_errors
-def validate(sweep_file: Path) -> None:
+def validate(sweep_file: Path, storage_root: Path = _storage_root_option()) -> None:
     """Check SWEEP_FILE (and its downstream tasks) and print the resolved config and the expanded trial grid."""
-    cfg = _load_checked(sweep_file)
+    cfg = _load_checked(sweep_file, storage_root)
     trials = expand_grid(cfg)
     typer.echo(f"# {sweep_file}: valid; run dir {cfg.run_dir}")
     typer.echo(_yaml_dump(cfg))
@@ -83,12 +96,13 @@ def plan(
     gpus_per_node: int = typer.Option(None, help="GPUs per node (default: all on one node)."),
     cpus_per_node: float = typer.Option(None, help="CPUs per node (default: 16 per GPU)."),
     vocab_size: int = typer.Option(None, help="Vocabulary size (default: the run's tokenizer, else 512)."),
+    storage_root: Path = _storage_root_option(),
 ) -> None:
     """Per trial: parameters, FLOPs, memory per device, the ZeRO stage and micro-batch `auto` picks, device-hours;
     per grid: the makespan packed and one trial at a time. Nothing runs."""
     from engine import plan as planner
 
-    cfg = load_sweep(sweep_file)
+    cfg = _load(sweep_file, storage_root)
     rd = RunDir(cfg.run_dir)
     tokens_per_epoch = None
     if rd.data.has_manifest():
@@ -107,12 +121,18 @@ def plan(
 def prepare(
     sweep_file: Path,
     overwrite: bool = typer.Option(False, help="Replace shards made from other inputs."),
+    storage_root: Path = _storage_root_option(),
 ) -> None:
     """Turn the sweep's corpus into canonical, deduplicated shards, a manifest and a tokenizer."""
     from engine.prepare import prepare as run_prepare
-    cfg = load_sweep(sweep_file)
+    cfg = _load(sweep_file, storage_root)
     data = RunDir(cfg.run_dir).data
-    manifest = run_prepare(cfg.data, data, overwrite=overwrite)
+    with _driver(RunDir(cfg.run_dir), f"clmscale prepare {sweep_file}"):
+        import ray
+
+        if not ray.is_initialized():  # its Ray tasks join RAY_ADDRESS or the recorded cluster, else start one
+            _check_cluster_answers(None)
+        manifest = run_prepare(cfg.data, data, overwrite=overwrite)
     c = manifest.counts
     typer.echo(
         f"{data.path}: read {c.n_in}, invalid {c.n_invalid}, duplicate {c.n_duplicate}, filtered {c.n_filtered}, "
@@ -126,31 +146,38 @@ def sweep(
     sweep_file: Path,
     resume: bool = typer.Option(False, help="Continue an interrupted sweep in the same run directory."),
     address: str = typer.Option(None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
+    storage_root: Path = _storage_root_option(),
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
     from engine import sweep as sweep_mod
 
-    cfg = _load_checked(sweep_file)
-    _init_ray(address)
-    table = sweep_mod.run_sweep(cfg, resume=resume)
-    typer.echo(f"{len(table)} checkpoints in {RunDir(cfg.run_dir).table_path('pretrain')}")
-    if cfg.analysis.run_after_sweep:
-        from engine.analyze import run_analysis
+    cfg = _load_checked(sweep_file, storage_root)
+    rd = RunDir(cfg.run_dir)
+    with _driver(rd, f"clmscale sweep {sweep_file}"):
+        _init_ray(address)
+        table = sweep_mod.run_sweep(cfg, resume=resume)
+        typer.echo(f"{len(table)} checkpoints in {rd.table_path('pretrain')}")
+        if cfg.analysis.run_after_sweep:
+            from engine.analyze import run_analysis
 
-        run_analysis(RunDir(cfg.run_dir).root)
+            run_analysis(rd.root)
 
 
 @app.command()
 @user_errors
-def status(run_dir: Path) -> None:
-    """A table of the trials in RUN_DIR: state, tokens done, last loss, ETA."""
-    from engine.sweep import trial_status
+def status(
+    run_dir: Path,
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON, for scripts."),
+) -> None:
+    """RUN_DIR's progress, as `ray status` shows a cluster's: its driver, a table of trials (state, tokens,
+    loss, tokens/s, ETA, restarts), analysis jobs done / failed per table, and the faults it survived."""
+    import json
 
-    rd = RunDir(run_dir)
-    table = trial_status(rd, expand_grid(rd.config()))
-    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for event in rd.fault_events():  # restarts and corrupt checkpoints: what the run survived
-        typer.echo(" ".join(f"{k}={v}" for k, v in event.items()))
+    from engine.files import json_safe
+    from engine.status import format_status, run_status
+
+    found = run_status(RunDir(run_dir))
+    typer.echo(json.dumps(json_safe(found), indent=2) if as_json else format_status(found))
 
 
 @app.command()
@@ -163,8 +190,11 @@ def analyze(
     """Fine-tune, probe, Hessian and landscape jobs for every selected checkpoint, as Ray tasks."""
     from engine.analyze import run_analysis
 
-    _init_ray(address)
-    tables = run_analysis(run_dir, data_dir=data_dir)
+    rd = RunDir(run_dir)
+    rd.config()  # a run directory (else the error says so), not a typo the lock would create
+    with _driver(rd, f"clmscale analyze {run_dir}"):
+        _init_ray(address)
+        tables = run_analysis(run_dir, data_dir=data_dir)
     n_errors = 0
     for name, table in tables.items():
         errors = table[table["status"] == "error"] if "status" in table else table.iloc[0:0]
@@ -231,6 +261,7 @@ def report(run_dir: Path) -> None:
 def demo(
     sweep_file: Path = typer.Argument(Path("sweeps/demo.yaml")),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
+    storage_root: Path = _storage_root_option(),
 ) -> None:
     """prepare -> sweep -> analyze -> fit -> report on SWEEP_FILE, then print the report's path.
 
@@ -244,13 +275,14 @@ def demo(
     from fits.fit import fit_run
 
     start = time.monotonic()
-    cfg = _load_checked(sweep_file)
+    cfg = _load_checked(sweep_file, storage_root)
     rd = RunDir(cfg.run_dir)
-    _init_ray(address)
-    run_sweep(cfg, resume=rd.tune.exists())
-    run_analysis(rd.root)
-    fit_run(rd.root)
-    path = build_report(rd.root)
+    with _driver(rd, f"clmscale demo {sweep_file}"):
+        _init_ray(address)
+        run_sweep(cfg, resume=rd.tune.exists())
+        run_analysis(rd.root)
+        fit_run(rd.root)
+        path = build_report(rd.root)
     typer.echo(f"demo finished in {time.monotonic() - start:.0f} s; open the report: {path.resolve()}")
 
 
@@ -260,6 +292,7 @@ def _init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    _check_cluster_answers(address)
     if address:
         ray.init(address=address)
         return
@@ -269,11 +302,82 @@ def _init_ray(address: str | None) -> None:
         ray.init(dashboard_host="127.0.0.1")  # Ray's default too; said here, as the dashboard can submit jobs
 
 
-def _load_checked(sweep_file: Path) -> SweepConfig:
+def _check_cluster_answers(address: str | None) -> None:
+    """Fail fast, naming it, on the cluster address ray.init would join (--address, RAY_ADDRESS, or the
+    one the last `ray start` recorded) when nothing accepts a connection there: ray.init would retry a
+    dead GCS for minutes."""
+    recorded = _recorded_address_file()
+    if address:
+        source, hint = "--address", "leave out --address to start a local cluster"
+    elif os.environ.get("RAY_ADDRESS"):
+        address, source, hint = os.environ["RAY_ADDRESS"], "RAY_ADDRESS", "unset RAY_ADDRESS to start a local cluster"
+    elif recorded.is_file() and recorded.read_text().strip():
+        address, source = recorded.read_text().strip(), f"{recorded}, left by `ray start`"
+        hint = "run `ray stop` (it clears that file) to start a local cluster"
+    else:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address in ("auto", "local") or "://" in address.removeprefix("ray://") or not port.isdigit():
+        return  # not host:port: ray.init's own handling
+    try:
+        socket.create_connection((host, int(port)), timeout=GCS_TIMEOUT_S).close()
+    except OSError as err:
+        raise ValueError(f"no Ray cluster answers at {address} (from {source}) within {GCS_TIMEOUT_S:g} s "
+                         f"({err.strerror or err}); start it there, or {hint}") from None
+
+
+def _recorded_address_file() -> Path:
+    """Ray's record of the last `ray start` on this machine (/tmp/ray/ray_current_cluster by default)."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return Path(get_ray_address_file(None))
+    except (ImportError, AttributeError):  # where Ray keeps it has moved before: its documented default
+        tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        return Path(tmp) / "ray" / "ray_current_cluster"
+
+
+@contextlib.contextmanager
+def _driver(rd: RunDir, command: str):
+    """Hold RD's lock while the command runs: a second driver on it exits 2 naming this one. SIGTERM (`ray
+    job stop`, `kill`) becomes an exit that releases it, as Ctrl-C does."""
+    catch = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and _main_thread()
+    if catch:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with rd.lock(command):
+            yield
+    finally:
+        if catch:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _load(sweep_file: Path, storage_root: Path | None = None) -> SweepConfig:
+    """The sweep file, with --storage-root (else CLMSCALE_STORAGE_ROOT) in place of its storage.root; a
+    relative root is refused inside a Ray job's temporary working directory."""
+    source = f"{sweep_file}"
+    if storage_root is not None:
+        source = "--storage-root"
+    elif os.environ.get(STORAGE_ROOT_ENV):
+        storage_root, source = Path(os.environ[STORAGE_ROOT_ENV]), STORAGE_ROOT_ENV
+    return with_storage_root(load_sweep(sweep_file), storage_root, source=source)
+
+
+def _load_checked(sweep_file: Path, storage_root: Path | None = None) -> SweepConfig:
     """The sweep file, with its downstream tasks checked too: a typo there fails now, not after pretraining."""
     from engine.tasks import check_tasks
 
-    cfg = load_sweep(sweep_file)
+    cfg = _load(sweep_file, storage_root)
     check_tasks(cfg.downstream)
     return cfg
 

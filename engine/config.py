@@ -489,6 +489,36 @@ def _resolve_paths(cfg: SweepConfig, base: Path) -> SweepConfig:
     return cfg.model_copy(update={"data": data, "downstream": cfg.downstream.model_copy(update={"custom": custom})})
 
 
+def with_storage_root(cfg: SweepConfig, root: Path | str | None, *, cwd: Path | None = None,
+                      source: str = "the sweep file") -> SweepConfig:
+    """`cfg` with `storage.root` replaced by `root` (from --storage-root or CLMSCALE_STORAGE_ROOT, named by
+    `source`) when one is given, checked for where it lands.
+
+    Inside a Ray job submitted with --working-dir, the working directory is Ray's temporary copy of it,
+    deleted with the cluster's session: a relative root would put the results there, so it is refused
+    before anything runs. Anywhere else a relative root is relative to the working directory, as usual.
+    """
+    if root is not None and str(root) != "":
+        cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": Path(root)})})
+    copy = ray_job_working_copy(Path.cwd() if cwd is None else cwd)
+    if copy is not None and not cfg.storage.root.is_absolute():
+        raise SweepFileError(
+            f"{source}: storage.root={cfg.storage.root} is relative, and this runs inside a Ray job whose working "
+            f"directory is Ray's temporary copy ({copy}), deleted with the cluster's session; pass an absolute "
+            "path that every node shares: --storage-root /shared/runs or CLMSCALE_STORAGE_ROOT=/shared/runs")
+    return cfg
+
+
+def ray_job_working_copy(cwd: Path) -> Path | None:
+    """The copy of a job's working directory that `cwd` lies in, or None: `ray job submit --working-dir`
+    unpacks it under <session>/runtime_resources/working_dir_files/_ray_pkg_<hash>/ and runs the job there."""
+    parts = Path(cwd).parts
+    for i in range(len(parts) - 2):
+        if parts[i] == "runtime_resources" and parts[i + 1] == "working_dir_files":
+            return Path(*parts[: i + 3])
+    return None
+
+
 def _line_index(node: yaml.Node | None) -> dict[tuple, int]:
     """Map every key path in the YAML document to its 1-based line number."""
     index: dict[tuple, int] = {}

@@ -13,6 +13,7 @@
     runs/<sweep>/analysis/finetuned/<trial>/<tokens>/<task>.safetensors (+ .head)   finetuned_weights()
     runs/<sweep>/report/index.html                  write_report()
     runs/<sweep>/events.jsonl                       record_event() / fault_events()
+    runs/<sweep>/.lock                              lock(command) / lock_holder(): one driver at a time
 
 A stage reads only what earlier stages wrote and writes only its own files, so any stage can be
 rerun alone. Every file has one typed reader and one writer here; tables are checked against
@@ -25,11 +26,15 @@ leaves half a file. Nothing here imports ray, torch or rdkit.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -44,6 +49,8 @@ from engine.config import Strict, SweepConfig, Trial, expand_grid
 from engine.files import append_jsonl, read_jsonl, sha256_file, write_json_atomic, write_parquet_atomic, write_text_atomic
 
 Split = Literal["train", "val"]
+
+log = logging.getLogger("clmscale")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,6 +721,184 @@ class FitInputs:
 
 
 # ---------------------------------------------------------------------------------------------
+# .lock: one driver per run directory (prepare, sweep, analyze, demo)
+
+LOCK_HEARTBEAT_S = 5.0  # how often the holder rewrites its heartbeat
+LOCK_STALE_S = 60.0  # a heartbeat this old means the holder is gone (killed, its node lost, or hung that long)
+
+
+class RunDirLocked(ValueError):
+    """Another driver holds the run directory: a user error (the CLI prints it and exits 2)."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a run directory's lock, as its .lock file records it."""
+
+    pid: int
+    host: str
+    command: str
+    since: str  # local time the lock was taken, ISO 8601
+    heartbeat: float  # time.time() of the holder's last heartbeat
+    token: str  # tells this holding apart from any later one of the same pid and host
+
+    def describe(self) -> str:
+        return f"`{self.command}` (pid {self.pid} on {self.host}, since {self.since})"
+
+
+def _read_holder(path: Path) -> LockHolder | None:
+    """The holder in a lock file; None when there is no file or it is still being written."""
+    try:
+        record = json.loads(path.read_text())
+        return LockHolder(**{f.name: record[f.name] for f in fields(LockHolder)})
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory that holds on the shared file systems clusters use.
+
+    The lock file is created with O_CREAT | O_EXCL (atomic on local disks and NFS v3+), so of two
+    drivers started at the same moment exactly one gets it. It names its holder (pid, host, command,
+    start time) and carries a heartbeat that a background thread rewrites every `heartbeat_s`. A lock
+    whose heartbeat is older than `stale_s`, or whose holder's process is gone (same host), is taken
+    over with a warning; takers pass one at a time through a second O_EXCL file, so two drivers that
+    find the same stale lock cannot both take it. Released on exit from the `with` block, exceptions
+    and Ctrl-C included.
+    """
+
+    def __init__(self, path: Path, command: str, *, heartbeat_s: float = LOCK_HEARTBEAT_S,
+                 stale_s: float = LOCK_STALE_S, wait_s: float = 5.0):
+        self.path, self.command = Path(path), command
+        self.heartbeat_s, self.stale_s, self.wait_s = heartbeat_s, stale_s, wait_s
+        self.holder: LockHolder | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"RunDirLock({str(self.path)!r}, held={self.holder is not None})"
+
+    def acquire(self) -> RunDirLock:
+        """Take the lock, or raise RunDirLocked naming its holder. Waits at most `wait_s` (for a lock
+        being written or taken over by another driver), never for a live holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline, seen = time.monotonic() + self.wait_s, None
+        while not self._create():
+            current = _read_holder(self.path)
+            if current is not None:
+                seen = current
+                if (reason := self.stale_reason(current)) is None:
+                    raise RunDirLocked(f"{self.path.parent} is in use by {current.describe()}, whose heartbeat is "
+                                       f"{time.time() - current.heartbeat:.0f} s old; one driver per run directory: "
+                                       "wait for it to finish, or stop it")
+                if self._take_over(current, reason):
+                    break
+            elif self._age(self.path) > self.stale_s and self._take_over(None, "its lock file is unreadable"):
+                break  # a driver that died between creating its lock file and writing it
+            if time.monotonic() > deadline:
+                who = seen.describe() if seen else "another driver"
+                raise RunDirLocked(f"{self.path.parent} is in use by {who}: its lock {self.path} did not come free "
+                                   f"in {self.wait_s:g} s")
+            time.sleep(0.05)  # being written, or being taken over by another driver: look again
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name=f"lock {self.path}", daemon=True)
+        self._beat.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        if self.holder is not None and self._still_mine():
+            self.path.unlink(missing_ok=True)
+        self.holder = None
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # ---- inside ------------------------------------------------------------------------------------
+    def _create(self) -> bool:
+        now = time.time()
+        holder = LockHolder(pid=os.getpid(), host=socket.gethostname(), command=self.command,
+                            since=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)), heartbeat=now,
+                            token=os.urandom(8).hex())
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(dataclasses.asdict(holder)))
+            f.flush()
+            os.fsync(f.fileno())
+        self.holder = holder
+        return True
+
+    def stale_reason(self, holder: LockHolder) -> str | None:
+        """Why the holder is gone, or None while it may still be running."""
+        age = time.time() - holder.heartbeat
+        if age > self.stale_s:
+            return f"no heartbeat for {age:.0f} s"
+        if holder.host == socket.gethostname() and not _process_alive(holder.pid):
+            return f"process {holder.pid} is gone"
+        return None
+
+    @staticmethod
+    def _age(path: Path) -> float:
+        try:
+            return time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _take_over(self, stale: LockHolder | None, reason: str) -> bool:
+        """Replace a stale lock by ours, one taker at a time (the guard file); False if another driver
+        is taking it over or got it first."""
+        guard = self.path.with_name(f"{self.path.name}.takeover")
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            if self._age(guard) > self.stale_s:  # a taker died between its two steps
+                guard.unlink(missing_ok=True)
+            return False
+        try:
+            current = _read_holder(self.path)
+            if (current.token if current else None) != (stale.token if stale else None):
+                return False  # it changed hands meanwhile: the caller looks again
+            log.warning(f"{self.path}: taking over the lock of "
+                        f"{stale.describe() if stale else 'a driver that died while taking it'}: {reason}")
+            self.path.unlink(missing_ok=True)
+            return self._create()
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def _still_mine(self) -> bool:
+        current = _read_holder(self.path)
+        return current is not None and self.holder is not None and current.token == self.holder.token
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if not self._still_mine():
+                log.error(f"{self.path}: this driver lost its lock (taken over as stale); another driver may now "
+                          "write the run directory")
+                return
+            self.holder = dataclasses.replace(self.holder, heartbeat=time.time())
+            write_text_atomic(self.path, json.dumps(dataclasses.asdict(self.holder)))
+
+
+
+# ---------------------------------------------------------------------------------------------
 # the run directory
 
 
@@ -907,6 +1092,19 @@ class RunDir:
         path = self.report / "index.html"
         write_text_atomic(path, html)
         return path
+
+    # ---- .lock ------------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    def lock(self, command: str, **options: float) -> RunDirLock:
+        """The run directory's driver lock, for `with rd.lock("clmscale sweep x.yaml"):` (see RunDirLock)."""
+        return RunDirLock(self.lock_path, command, **options)
+
+    def lock_holder(self) -> LockHolder | None:
+        """Who holds the lock now (a stale holder included), or None."""
+        return _read_holder(self.lock_path)
 
     # ---- events.jsonl -------------------------------------------------------------------------
     @property

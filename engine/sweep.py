@@ -448,23 +448,3 @@ def collect_pretrain_table(rd: RunDir, trials: list[Trial]) -> pd.DataFrame:
     rd.write_table("pretrain", table)
     return table
 
-
-def trial_status(rd: RunDir, trials: list[Trial]) -> pd.DataFrame:
-    """State of every trial from its folder: pending, running (or interrupted), finished, diverged."""
-    rows = []
-    for t in trials:
-        folder = rd.trial(t.trial_id)
-        result, metrics = folder.result(), folder.last_metrics()
-        state: str
-        loss: float | None
-        if result is not None:
-            state, tokens, loss, eta = result.status, result.n_tokens, result.train_loss, 0.0
-        elif metrics:
-            speed = metrics.get("tokens_per_s") or 0.0
-            budget = metrics.get("budget_tokens") or t.budget_tokens or 0
-            state, tokens, loss = "running", metrics.get("n_tokens", 0), metrics.get("train_loss")
-            eta = (budget - tokens) / speed if speed > 0 and budget else float("nan")
-        else:
-            state, tokens, loss, eta = "pending", 0, None, float("nan")
-        rows.append({"trial_id": t.trial_id, "state": state, "tokens": tokens, "last_loss": loss, "eta_s": eta})
-    return pd.DataFrame(rows)
