@@ -100,19 +100,24 @@ def _padded_length(longest: int, max_seq_len: int | None) -> int:
     return rounded if max_seq_len is None else min(rounded, max(longest, max_seq_len))
 
 
-def _pack(ids: Sequence[Sequence[int]], max_seq_len: int) -> list[list[Sequence[int]]]:
-    """Next-fit in order: molecules fill a row until the next one does not fit; none is split."""
-    rows: list[list[Sequence[int]]] = []
-    used = max_seq_len + 1  # forces a new row for the first molecule
-    for seq in ids:
+def _next_fit(seqs: Iterable[Sequence[int]], max_seq_len: int) -> Iterator[list[Sequence[int]]]:
+    """Rows by next-fit in order: molecules fill a row until the next one does not fit; none is split."""
+    row: list[Sequence[int]] = []
+    used = 0
+    for seq in seqs:
         if len(seq) > max_seq_len:
             raise ValueError(f"a sequence of {len(seq)} tokens does not fit max_seq_len={max_seq_len}")
-        if used + len(seq) > max_seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(seq)
+        if row and used + len(seq) > max_seq_len:
+            yield row
+            row, used = [], 0
+        row.append(seq)
         used += len(seq)
-    return rows
+    if row:
+        yield row
+
+
+def _pack(ids: Sequence[Sequence[int]], max_seq_len: int) -> list[list[Sequence[int]]]:
+    return list(_next_fit(ids, max_seq_len))
 
 
 def collate(
@@ -210,21 +215,16 @@ def _mask_tokens(
 
 def _groups(seqs: Iterable[Sequence[int]], micro_batch_size: int, packing: bool, max_seq_len: int):
     """Molecules per batch: `micro_batch_size` of them, or with packing as many as next-fit puts in
-    `micro_batch_size` rows (the same next-fit `collate` then repeats). The last group may be short."""
+    `micro_batch_size` rows (the rows `collate` then rebuilds with the same `_next_fit`). The last group may be short."""
+    rows = _next_fit(seqs, max_seq_len) if packing else ([seq] for seq in seqs)
     group: list[Sequence[int]] = []
-    n_rows, used = 0, max_seq_len + 1
-    for seq in seqs:
-        if packing:
-            if used + len(seq) > max_seq_len:
-                if n_rows == micro_batch_size:
-                    yield group
-                    group, n_rows = [], 0
-                n_rows, used = n_rows + 1, 0
-            used += len(seq)
-        elif len(group) == micro_batch_size:
+    n_rows = 0
+    for row in rows:
+        if n_rows == micro_batch_size:
             yield group
-            group = []
-        group.append(seq)
+            group, n_rows = [], 0
+        group.extend(row)
+        n_rows += 1
     if group:
         yield group
 
