@@ -215,7 +215,7 @@ def _mask_tokens(
 
 def _groups(seqs: Iterable[Sequence[int]], micro_batch_size: int, packing: bool, max_seq_len: int):
     """Molecules per batch: `micro_batch_size` of them, or with packing as many as next-fit puts in
-    `micro_batch_size` rows (the rows `collate` then rebuilds with the same `_next_fit`). The last group may be short."""
+    `micro_batch_size` rows (the rows `collate` rebuilds with the same `_next_fit`). The last may be short."""
     rows = _next_fit(seqs, max_seq_len) if packing else ([seq] for seq in seqs)
     group: list[Sequence[int]] = []
     n_rows = 0

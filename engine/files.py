@@ -7,13 +7,14 @@ benchmark script (on a machine with only torch and transformers) can use them to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -41,14 +42,26 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path, mode: int = 0o644, suffix: str = "") -> Iterator[Path]:
+    """A temporary path in `path`'s folder to write; renamed over `path` when the block ends without an
+    error, removed when it raises. Readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)  # mkstemp makes it private; these files are meant to be read
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     """Write `text` via a temporary file in the same folder and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, mode)  # mkstemp makes it private; these files are meant to be read
-    os.replace(tmp, path)
+    with atomic_path(path, mode) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -68,12 +81,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def write_parquet_atomic(path: Path, table: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    table.to_parquet(tmp, index=False)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
 
 
 def sha256_stream(f: IO[bytes]) -> str:

@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Collection, Iterable, Mapping
@@ -46,7 +45,15 @@ import pandas as pd
 import yaml
 
 from engine.config import Strict, SweepConfig, Trial, expand_grid
-from engine.files import append_jsonl, read_jsonl, sha256_file, write_json_atomic, write_parquet_atomic, write_text_atomic
+from engine.files import (
+    append_jsonl,
+    atomic_path,
+    read_jsonl,
+    sha256_file,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 
 Split = Literal["train", "val"]
 
@@ -158,15 +165,12 @@ class DataDir:
 
     def write_rejects(self, rows: Iterable[tuple[str, int, str, str]]) -> None:
         """rejects.csv: file, line (1-based), smiles, reason."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".rejects.csv.")
         # backslashreplace: a rejected string may hold characters UTF-8 cannot encode (lone surrogates)
-        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        with atomic_path(self.rejects_path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                         errors="backslashreplace") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "line", "smiles", "reason"])
             writer.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.rejects_path)
 
     def entries(self) -> list[Path]:
         return sorted(self.path.iterdir()) if self.path.is_dir() else []

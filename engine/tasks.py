@@ -24,7 +24,6 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import CustomTask, DownstreamConfig
-from engine.files import sha256_stream
+from engine.files import atomic_path, sha256_stream
 from engine.metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -337,21 +336,17 @@ def _name_variants(file: str) -> list[str]:
 
 def _download(task: Task, url: str, cache: Path) -> Path:
     """Fetch to a temporary file in the cache, check it, then rename: a failed or bad download leaves nothing."""
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{task.file}.", suffix=".part")
     log.info("%s: downloading %s into %s", task.name, url, cache)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            shutil.copyfileobj(response, out)
-        _verify(task, Path(tmp), shown_as=url)
-        os.replace(tmp, cache / task.file)
+        with atomic_path(cache / task.file, suffix=".part") as tmp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                shutil.copyfileobj(response, out)
+            _verify(task, tmp, shown_as=url)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # HTTPError, timeouts
         raise TaskError(
             f"task {task.name!r}: cannot download {url} ({err}); put {task.file} in a folder given as "
             f"data_dir / CLMSCALE_DATA_DIR, or set CLMSCALE_DATA_URL to a mirror"
         ) from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return cache / task.file
 
 
