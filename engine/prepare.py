@@ -475,8 +475,8 @@ def load_task_molecules(names: Sequence[str], downstream: DownstreamConfig | Non
     for chunk, canonical in run(chunks, isomeric, False, True):
         for raw, c in zip(chunk.smiles, canonical, strict=True):
             if c.smiles is None:  # the loader keeps what RDKit parses; e.g. a SMILES with a space inside
-                log.warning("task %s: %r cannot be canonicalised as the corpus is (%s); left out", names[chunk.file_index],
-                            raw, c.error)
+                log.warning("task %s: %r cannot be canonicalised as the corpus is (%s); left out",
+                            names[chunk.file_index], raw, c.error)
                 continue
             smiles[chunk.file_index].append(c.smiles)
             keys[chunk.file_index].append(c.inchikey or "")
@@ -517,7 +517,7 @@ class Tally:
     removed: Counter[str] = field(default_factory=Counter)  # task -> corpus molecules removed as its molecules
 
     def counts(self, splits: dict[Split, list[Canonical]]) -> Counts:
-        """Counts add up: n_in = n_invalid + n_duplicate + n_decontaminated + n_filtered + n_kept = ... + train + val."""
+        """Counts add up: n_in = n_invalid + n_duplicate + n_decontaminated + n_filtered + n_kept (= train + val)."""
         n_filtered = self.n_heavy + self.n_long
         per_split = {split: SplitCounts(n_molecules=len(rows), n_tokens=sum(c.n_tokens for c in rows))
                      for split, rows in splits.items()}

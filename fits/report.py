@@ -507,7 +507,7 @@ TIMING_WORDS = {"before_finetuning": "before fine-tuning", "descriptive": "after
                 "scale": "scale axis"}
 
 
-INPUT_FLAG = 0.01  # a task whose [UNK] or truncated share exceeds this is flagged: its inputs are not what pretraining saw
+INPUT_FLAG = 0.01  # a task whose [UNK] or truncated share is above this is flagged in the report
 
 
 def _inputs_html(manifest, finetune: pd.DataFrame) -> str:
@@ -516,7 +516,8 @@ def _inputs_html(manifest, finetune: pd.DataFrame) -> str:
     if manifest is None:
         parts = ["<p>No <code>data/manifest.json</code>: the corpus's overlap with the tasks is unknown.</p>"]
     elif not manifest.decontamination:
-        why = "data.decontaminate: false" if manifest.options.get("decontaminate") is False else "no task to clean against"
+        off = manifest.options.get("decontaminate") is False
+        why = "data.decontaminate: false" if off else "no task to clean against"
         parts = [f"<p>The corpus was not decontaminated ({why}): downstream molecules may have been seen in "
                  "pretraining.</p>"]
     else:

@@ -130,4 +130,5 @@ def test_decontaminate_defaults_and_custom_names(tmp_path):
     text += "downstream:\n  custom: [{name: mine, path: mine.csv, label_columns: [y], task_type: regression}]\n"
     cfg = load_sweep(write(tmp_path, text))
     assert cfg.data.decontaminate == ["mine", "hiv"] and cfg.data.decontaminate_key == "connectivity"
-    assert load_sweep(write(tmp_path, MINIMAL.replace("data:\n", "data:\n  decontaminate: false\n"))).data.decontaminate is False
+    off = load_sweep(write(tmp_path, MINIMAL.replace("data:\n", "data:\n  decontaminate: false\n")))
+    assert off.data.decontaminate is False
