@@ -312,11 +312,15 @@ def feature_baseline_job(ctx: Context, task: str, split_seed: int, finetune_seed
 
 
 def _task_split(ctx: Context, task: str, split_seed: int):
+    """The task's split as every model-facing job sees it: its SMILES through the corpus's canonicalisation
+    (`engine.prepare.canonical_smiles`, the sweep's `data.isomeric`), so they are spelled as in pretraining."""
     from engine.finetune import FinetuneData
+    from engine.prepare import canonical_smiles
 
     loaded, split = _loaded_split(ctx, task, split_seed)
     return FinetuneData(
-        smiles=list(loaded.smiles), labels=loaded.labels,
+        smiles=canonical_smiles(loaded.smiles, ctx.cfg.data.isomeric, what=f"task {loaded.name!r}"),
+        labels=loaded.labels,
         task_type=loaded.task_type,  # type: ignore[arg-type]  # the registry and CustomTask allow only the two
         n_classes=loaded.n_classes, split=split, name=loaded.name, primary_metric=loaded.primary_metric,
     )
@@ -342,7 +346,8 @@ def _finetune_rows(ctx: Context, data, mode: str, result: dict) -> list[dict]:
               "task_val_loss": result.get("val_loss", np.nan), "lr": result.get("lr"), "flag": result.get("flag", ""),
               "best_epoch": result.get("best_epoch"), "n_epochs": result.get("n_epochs"),
               "pooling": result.get("pooling"), "probe_layer": result.get("probe_layer"),
-              "unk_fraction": result.get("unk_fraction"), "wall_time_s": result["wall_s"]}
+              "unk_fraction": result.get("unk_fraction"), "truncated_fraction": result.get("truncated_fraction"),
+              "wall_time_s": result["wall_s"]}
     return [{**common, **row} for row in metric_rows(result)]
 
 

@@ -132,11 +132,14 @@ def prepare(
 
         if not ray.is_initialized():  # its Ray tasks join RAY_ADDRESS or the recorded cluster, else start one
             _check_cluster_answers(None)
-        manifest = run_prepare(cfg.data, data, overwrite=overwrite)
+        manifest = run_prepare(cfg.data, data, downstream=cfg.downstream, overwrite=overwrite)
     c = manifest.counts
+    overlap = ", ".join(f"{task} {o.removed}/{o.task_molecules}" for task, o in manifest.decontamination.items())
     typer.echo(
-        f"{data.path}: read {c.n_in}, invalid {c.n_invalid}, duplicate {c.n_duplicate}, filtered {c.n_filtered}, "
-        f"kept {c.n_kept} (train {c.train.n_molecules}, val {c.val.n_molecules}); vocab {manifest.tokenizer.vocab_size}"
+        f"{data.path}: read {c.n_in}, invalid {c.n_invalid}, duplicate {c.n_duplicate}, task molecules "
+        f"{c.n_decontaminated}, filtered {c.n_filtered}, kept {c.n_kept} (train {c.train.n_molecules}, val "
+        f"{c.val.n_molecules}); vocab {manifest.tokenizer.vocab_size}"
+        + (f"; removed per task (of its molecules): {overlap}" if overlap else "")
     )
 
 

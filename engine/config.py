@@ -57,6 +57,20 @@ class DataConfig(Strict):
     max_tokens: int | None = Field(None, gt=0)  # tokens per SMILES, before special tokens
     shard_rows: BigInt = Field(50_000, gt=0)
     seed: int = 0  # for the train/validation split
+    # drop corpus molecules that are downstream task molecules (all splits): true = every task of
+    # `downstream`, or a list of task names (registry or downstream.custom), or false. Exposure to test
+    # molecules grows with epochs, so leakage would be confounded with D
+    decontaminate: bool | list[str] = True
+    # inchikey: the full InChIKey; connectivity: its first 14 characters, the skeleton without stereo,
+    # isotopes or protonation (a stereoisomer of a task molecule is removed too)
+    decontaminate_key: Literal["inchikey", "connectivity"] = "inchikey"
+
+    @field_validator("decontaminate")
+    @classmethod
+    def _distinct_task_names(cls, value: bool | list[str]) -> bool | list[str]:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError(f"task names repeat (got {value})")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +489,23 @@ def load_sweep(path: str | Path) -> SweepConfig:
     except ValidationError as err:
         lines = _line_index(node)
         raise SweepFileError("\n".join(_describe(path, e, lines) for e in err.errors())) from None
+    problems = _unknown_references(cfg)
+    if problems:
+        lines = _line_index(node)
+        raise SweepFileError("\n".join(_describe(path, e, lines) for e in problems))
     return _resolve_paths(cfg, path.parent)
+
+
+def _unknown_references(cfg: SweepConfig) -> list[dict]:
+    """Names that point across sections (data.decontaminate -> tasks), as pydantic-style errors."""
+    if not isinstance(cfg.data.decontaminate, list):
+        return []
+    from engine.tasks import TASKS  # rdkit and pandas: imported only when a list of names needs checking
+
+    known = [*TASKS, *(t.name for t in cfg.downstream.custom)]
+    return [{"loc": ("data", "decontaminate", i), "type": "unknown_task",
+             "msg": _unknown("task", name, known) + " (registry tasks or downstream.custom names)"}
+            for i, name in enumerate(cfg.data.decontaminate) if name not in known]
 
 
 def _resolve_paths(cfg: SweepConfig, base: Path) -> SweepConfig:

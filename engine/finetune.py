@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import scipy.optimize
@@ -303,8 +303,16 @@ def max_positions(config: Any) -> int:
 # SMILES -> ids -> pooled vectors
 
 
-def encode_smiles(tokenizer: Any, smiles: Sequence[str], family: Family, max_len: int) -> tuple[list[list[int]], float]:
-    """Token ids per molecule wrapped as in pretraining (CONTRACTS.md), and the fraction of [UNK] tokens."""
+class Encoded(NamedTuple):
+    ids: list[list[int]]  # per molecule, wrapped in the family's special tokens
+    unk_fraction: float  # of the SMILES tokens (specials not counted), mapped to [UNK]
+    truncated_fraction: float  # of the molecules, cut to max_len
+
+
+def encode_smiles(tokenizer: Any, smiles: Sequence[str], family: Family, max_len: int) -> Encoded:
+    """Token ids per molecule wrapped as in pretraining (CONTRACTS.md), the fraction of [UNK] tokens and the
+    fraction of molecules cut short. `smiles` should already be the corpus's canonical form (engine.analyze
+    passes them through engine.prepare.canonical_smiles), the spelling the model was pretrained on."""
     if family == "mlm":
         first, last = tokenizer.cls_token_id, tokenizer.sep_token_id
     else:
@@ -324,7 +332,7 @@ def encode_smiles(tokenizer: Any, smiles: Sequence[str], family: Family, max_len
         ids.append([first, *body, last])
     if n_truncated:
         log.warning("%d of %d SMILES truncated to %d tokens", n_truncated, len(ids), max_len)
-    return ids, n_unk / max(n_tokens, 1)
+    return Encoded(ids, n_unk / max(n_tokens, 1), n_truncated / max(len(ids), 1))
 
 
 def _batches(
@@ -451,7 +459,7 @@ def finetune(
         torch.manual_seed(finetune_seed)  # the head, random_init weights and dropout; restored on exit
         encoder, tokenizer, family = load_encoder(checkpoint_dir, random_init=random_init)
         max_len = min(max_seq_len or math.inf, max_positions(encoder.config))
-        ids, unk_fraction = encode_smiles(tokenizer, data.smiles, family, max_len)
+        ids, unk_fraction, truncated_fraction = encode_smiles(tokenizer, data.smiles, family, max_len)
         model = EncoderWithHead(encoder, family, data.n_outputs, pooling).to(device)
         if freeze_encoder:
             model.encoder.requires_grad_(False)  # AdamW skips parameters without a gradient
@@ -467,7 +475,8 @@ def finetune(
                                                              head_only=freeze_encoder))
     return result_row(
         data, mode, result, split_seed, t0, finetune_seed=finetune_seed,
-        checkpoint_dir=str(checkpoint_dir), random_init=random_init, unk_fraction=unk_fraction, pooling=pooling,
+        checkpoint_dir=str(checkpoint_dir), random_init=random_init, unk_fraction=unk_fraction,
+        truncated_fraction=truncated_fraction, pooling=pooling,
     )  # fmt: skip
 
 
@@ -516,7 +525,8 @@ def result_row(data: FinetuneData, mode: str, fit: dict[str, Any], split_seed: i
         "n_train": int(train_idx.size),
         "n_val": int(val_idx.size),
         "n_test": int(test_idx.size),
-        "unk_fraction": None,
+        "unk_fraction": None,  # finetune and probe: [UNK] share of the task's tokens
+        "truncated_fraction": None,  # finetune and probe: share of the task's molecules cut to the model's length
         "wall_s": time.perf_counter() - t0,
         "weights_path": fit.get("weights_path"),
         "history": fit.get("history", []),
@@ -722,7 +732,7 @@ def finetuning_loss(
     model = EncoderWithHead(encoder, family, data.n_outputs, pooling)
     model.head.load_state_dict(load_file(str(head_file(Path(weights)))))
     model.to(device)
-    ids, _ = encode_smiles(tokenizer, data.smiles, family, max_positions(encoder.config))
+    ids = encode_smiles(tokenizer, data.smiles, family, max_positions(encoder.config)).ids
     mean, std = _label_scale(data)
     targets = torch.from_numpy((data.labels - mean) / std)  # (n, k); NaN stays NaN
     rows_in_order = data.split[0]

@@ -1,15 +1,19 @@
 """prepare: corpus files -> canonical, deduplicated train/val shards + manifest.json + tokenizer/.
 
-The story, in order: read SMILES from CSV / SMI / Parquet files (optionally gzipped) on the driver,
-canonicalise them with RDKit in chunks (Ray tasks across the cluster, or in-process with
-`parallel=False`; both run the same `canonicalize_chunk`), drop exact duplicates (first occurrence
-wins), apply the size filters, split train/val (random or Bemis-Murcko scaffold), write Parquet
-shards, `rejects.csv`, the tokenizer built from the train split, and last `manifest.json`, all
+The story, in order: read the sweep's downstream tasks (local files only) and canonicalise them as
+the corpus will be, with InChIKeys; read SMILES from CSV / SMI / Parquet files (optionally gzipped)
+on the driver, canonicalise them with RDKit in chunks (Ray tasks across the cluster, or in-process
+with `parallel=False`; both run the same `canonicalize_chunk`, which also computes the InChIKeys
+when there is something to decontaminate), drop exact duplicates (first occurrence wins), drop
+molecules whose InChIKey (or its connectivity layer) is a task molecule's, apply the size filters,
+split train/val (random or Bemis-Murcko scaffold), write Parquet shards, `rejects.csv`, the
+tokenizer built from the train split plus the tasks' token types, and last `manifest.json`, all
 through `engine.rundir.DataDir`. The manifest is written last: its presence means the data
-directory is complete. The steps after canonicalisation are `_tally` (dedup and filters),
-`_check_tally` (a corpus that leaves nothing to train on) and the split.
+directory is complete. The steps after canonicalisation are `_tally` (dedup, decontamination and
+filters), `_check_tally` (a corpus that leaves nothing to train on) and the split.
+`canonical_smiles` is the same canonicalisation for task SMILES downstream (engine.analyze).
 
-Counts add up: n_in = n_invalid + n_duplicate + n_filtered + n_kept.
+Counts add up: n_in = n_invalid + n_duplicate + n_decontaminated + n_filtered + n_kept.
 Rerunning with the same input bytes and options returns the existing manifest ("already prepared").
 """
 
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import itertools
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +40,11 @@ import ray
 from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from engine.config import DataConfig
+from engine.config import DataConfig, DownstreamConfig
 from engine.files import sha256_file
 from engine.rundir import (Counts, DataDir, InputFile, Manifest, ManifestError, ShardFile, Split, SplitCounts,
-                           TokenizerInfo)
-from engine.tokenizer import build_tokenizer, count_unk, smiles_tokens
+                           TaskOverlap, TokenizerInfo)
+from engine.tokenizer import build_vocab, count_unk, extend_vocab, smiles_tokens, tokenizer_from_vocab
 
 log = logging.getLogger("clmscale.prepare")
 
@@ -63,19 +69,36 @@ class Canonical(NamedTuple):
     n_heavy_atoms: int
     n_tokens: int  # regex tokens of the canonical SMILES
     scaffold: str | None  # Bemis-Murcko scaffold SMILES ('' when acyclic); only when asked for
+    inchikey: str | None = None  # standard InChIKey of the canonical molecule; only when asked for ('' if InChI fails)
 
 
-def canonicalize_chunk(smiles: Sequence[str], isomeric: bool = True, scaffolds: bool = False) -> list[Canonical]:
+def canonicalize_chunk(
+    smiles: Sequence[str], isomeric: bool = True, scaffolds: bool = False, inchikeys: bool = False
+) -> list[Canonical]:
     """Canonicalise each SMILES with RDKit: one `Canonical` per input, in order; never raises.
 
     RDKit's own log lines are blocked here; the reason for each failure is returned instead.
-    `isomeric=False` removes stereochemistry only (isotopes stay).
+    `isomeric=False` removes stereochemistry only (isotopes stay). `inchikeys`: also the InChIKey of
+    the molecule as canonicalised (decontamination), here so it runs in the same Ray tasks.
     """
     with rdBase.BlockLogs():
-        return [_canonicalize_one(s, isomeric, scaffolds) for s in smiles]
+        return [_canonicalize_one(s, isomeric, scaffolds, inchikeys) for s in smiles]
 
 
-def _canonicalize_one(smiles: str, isomeric: bool, scaffolds: bool) -> Canonical:
+def canonical_smiles(smiles: Sequence[str], isomeric: bool = True, what: str = "SMILES") -> list[str]:
+    """The corpus's canonicalisation of SMILES that must all be valid (task SMILES before tokenisation):
+    the very function prepare runs, so a task molecule is spelled as the model saw molecules in pretraining.
+    Raises ValueError naming `what` and the first SMILES it cannot use."""
+    out = canonicalize_chunk(smiles, isomeric)
+    bad = [(i, s, c.error) for i, (s, c) in enumerate(zip(smiles, out, strict=True)) if c.smiles is None]
+    if bad:
+        i, s, error = bad[0]
+        raise ValueError(f"{what}: {len(bad)} SMILES cannot be canonicalised as the corpus was, "
+                         f"e.g. molecule {i}: {s!r}: {error}")
+    return [c.smiles for c in out if c.smiles is not None]
+
+
+def _canonicalize_one(smiles: str, isomeric: bool, scaffolds: bool, inchikeys: bool = False) -> Canonical:
     text = smiles.strip() if isinstance(smiles, str) else ""
     if not text:
         return _invalid("empty SMILES")
@@ -91,11 +114,12 @@ def _canonicalize_one(smiles: str, isomeric: bool, scaffolds: bool) -> Canonical
         canonical = Chem.MolToSmiles(mol)
         scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False) if scaffolds else None
         n_heavy_atoms = mol.GetNumHeavyAtoms()
+        inchikey = (Chem.MolToInchiKey(mol) or "") if inchikeys and canonical else None
     except Exception as err:  # e.g. a lone surrogate cannot be encoded for RDKit
         return _invalid(f"RDKit error: {type(err).__name__}: {' '.join(str(err).split())}")
     if not canonical:
         return _invalid("no atoms")
-    return Canonical(canonical, None, n_heavy_atoms, len(smiles_tokens(canonical)), scaffold)
+    return Canonical(canonical, None, n_heavy_atoms, len(smiles_tokens(canonical)), scaffold, inchikey)
 
 
 def _invalid(reason: str) -> Canonical:
@@ -247,14 +271,14 @@ def read_chunks(
 
 
 def _canonicalize_serial(
-    chunks: Iterable[Chunk], isomeric: bool, scaffolds: bool
+    chunks: Iterable[Chunk], isomeric: bool, scaffolds: bool, inchikeys: bool = False
 ) -> Iterator[tuple[Chunk, list[Canonical]]]:
     for chunk in chunks:
-        yield chunk, canonicalize_chunk(chunk.smiles, isomeric, scaffolds)
+        yield chunk, canonicalize_chunk(chunk.smiles, isomeric, scaffolds, inchikeys)
 
 
 def _canonicalize_on_ray(
-    chunks: Iterable[Chunk], isomeric: bool, scaffolds: bool, stall_warning_s: float = 60.0
+    chunks: Iterable[Chunk], isomeric: bool, scaffolds: bool, inchikeys: bool = False, stall_warning_s: float = 60.0
 ) -> Iterator[tuple[Chunk, list[Canonical]]]:
     """Ray tasks over the chunks, results yielded in input order (so dedup is deterministic).
 
@@ -277,7 +301,7 @@ def _canonicalize_on_ray(
                 exhausted = True
                 break
             inputs[n_submitted] = chunk
-            running[task.remote(chunk.smiles, isomeric, scaffolds)] = n_submitted  # type: ignore[call-arg]  # ray's stubs see no arguments of a wrapped function
+            running[task.remote(chunk.smiles, isomeric, scaffolds, inchikeys)] = n_submitted  # type: ignore[call-arg]  # ray's stubs see no arguments of a wrapped function
             n_submitted += 1
         if running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=stall_warning_s)
@@ -320,6 +344,7 @@ def prepare(
     cfg: DataConfig,
     data: DataDir | Path,
     *,
+    downstream: DownstreamConfig | None = None,
     parallel: bool = True,
     overwrite: bool = False,
     chunk_rows: int = 2_000,  # SMILES per Ray task: ~0.5 s of RDKit work, small enough to balance
@@ -327,22 +352,31 @@ def prepare(
 ) -> Manifest:
     """Turn `cfg.corpus` into shards, rejects.csv, tokenizer/ and manifest.json in `data` (a run's data/).
 
+    `downstream` (the sweep's section): its tasks are read here, canonicalised as the corpus is, for
+    decontamination (`cfg.decontaminate`) and so that the vocabulary covers their tokens.
     `parallel=True` canonicalises on Ray (initialising it only if the caller has not).
     """
     data = data if isinstance(data, DataDir) else DataDir(data)
     inputs = [_describe_input(p) for p in cfg.corpus]
+    vocab_tasks, decon_tasks = task_roles(cfg, downstream)
+    run = _canonicalize_on_ray if parallel else _canonicalize_serial
+    molecules = load_task_molecules([*dict.fromkeys([*vocab_tasks, *decon_tasks])], downstream, cfg.isomeric, run,
+                                    chunk_rows)
     options = cfg.model_dump(mode="json", exclude={"corpus"})
+    # the task molecule sets as read: a changed task file makes a different preparation
+    options["task_molecules"] = {name: m.sha256 for name, m in molecules.items()}
     done = _existing_manifest(data, inputs, options, overwrite)
     if done is not None:
         log.info("%s: already prepared from the same inputs and options; nothing to do", data.path)
         return done
     data.path.mkdir(parents=True, exist_ok=True)
 
-    # ---- canonicalise (the expensive part), dedup and filter as chunks come back, in order
+    # ---- canonicalise (the expensive part), dedup, decontaminate and filter as chunks come back, in order
     scaffolds = cfg.split == "scaffold"
+    contaminants = contaminant_keys([molecules[n] for n in decon_tasks], cfg.decontaminate_key)
     chunks = read_chunks(cfg.corpus, cfg.smiles_column, chunk_rows, cfg.max_molecules)
-    results = (_canonicalize_on_ray if parallel else _canonicalize_serial)(chunks, cfg.isomeric, scaffolds)
-    tally = _tally(results, cfg, progress)
+    results = run(chunks, cfg.isomeric, scaffolds, bool(decon_tasks))
+    tally = _tally(results, cfg, progress, contaminants)
     data.write_rejects(tally.rejects)
     _check_tally(tally, cfg, data)
 
@@ -355,7 +389,11 @@ def prepare(
     splits: dict[Split, list[Canonical]] = {"train": [kept[i] for i in train_idx], "val": [kept[i] for i in val_idx]}
     tally.kept = kept = []  # the split lists hold the molecules now
     shards = [s for split, rows in splits.items() for s in _write_shards(data, split, rows, cfg.shard_rows)]
-    tokenizer = build_tokenizer((c.smiles for c in splits["train"] if c.smiles is not None), out_dir=data.tokenizer)
+    # the vocabulary: the train split's tokens, then the token types only the tasks' canonical SMILES have
+    # (types, never labels; without them a MOSES vocabulary reads a task's [C@@H] as [UNK])
+    corpus_vocab = build_vocab(c.smiles for c in splits["train"] if c.smiles is not None)
+    vocab = extend_vocab(corpus_vocab, (s for name in vocab_tasks for s in molecules[name].smiles))
+    tokenizer = tokenizer_from_vocab(vocab, out_dir=data.tokenizer)
     manifest = Manifest(
         inputs=inputs,
         options=options,
@@ -363,16 +401,104 @@ def prepare(
         counts=tally.counts(splits),
         shards=shards,
         tokenizer=TokenizerInfo(path=data.tokenizer.name, vocab_size=len(tokenizer),
-                                n_unk=count_unk(tokenizer, (c.smiles for c in splits["val"] if c.smiles is not None))),
+                                n_unk=count_unk(tokenizer, (c.smiles for c in splits["val"] if c.smiles is not None)),
+                                tasks=list(vocab_tasks),
+                                task_tokens=list(vocab)[len(corpus_vocab):]),
+        decontamination={name: TaskOverlap(task_molecules=len(molecules[name].keys(cfg.decontaminate_key)),
+                                           removed=tally.removed.get(name, 0)) for name in decon_tasks},
+        decontamination_key=cfg.decontaminate_key if decon_tasks else None,
     )
     data.write_manifest(manifest)
     c = manifest.counts
     log.info(
-        "%s: kept %s of %s SMILES (%s invalid, %s duplicates, %s filtered): %s train / %s val, vocab %d, %d [UNK] in val",
-        data.path, f"{c.n_kept:,}", f"{c.n_in:,}", f"{c.n_invalid:,}", f"{c.n_duplicate:,}", f"{c.n_filtered:,}",
-        f"{c.train.n_molecules:,}", f"{c.val.n_molecules:,}", manifest.tokenizer.vocab_size, manifest.tokenizer.n_unk,
+        "%s: kept %s of %s SMILES (%s invalid, %s duplicates, %s task molecules, %s filtered): %s train / %s val, "
+        "vocab %d (%d token types from the tasks only), %d [UNK] in val",
+        data.path, f"{c.n_kept:,}", f"{c.n_in:,}", f"{c.n_invalid:,}", f"{c.n_duplicate:,}",
+        f"{c.n_decontaminated:,}", f"{c.n_filtered:,}", f"{c.train.n_molecules:,}", f"{c.val.n_molecules:,}",
+        manifest.tokenizer.vocab_size, len(manifest.tokenizer.task_tokens), manifest.tokenizer.n_unk,
     )
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# the downstream tasks at prepare: decontamination and the vocabulary
+
+
+@dataclass(frozen=True)
+class TaskMolecules:
+    """One downstream task's molecules as prepare sees them: through the corpus's canonicalisation."""
+
+    name: str
+    smiles: list[str]  # canonical, in file order (every labelled row RDKit can parse)
+    inchikeys: list[str]  # one per SMILES; '' where InChI fails (such a molecule cannot be matched)
+
+    def keys(self, mode: str) -> set[str]:
+        """The distinct keys: whole InChIKeys, or their first 14 characters (the connectivity layer)."""
+        return {k if mode == "inchikey" else k[:14] for k in self.inchikeys if k}
+
+    @property
+    def sha256(self) -> str:
+        text = "\n".join(sorted({f"{s}\t{k}" for s, k in zip(self.smiles, self.inchikeys, strict=True)}))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def task_roles(cfg: DataConfig, downstream: DownstreamConfig | None) -> tuple[list[str], list[str]]:
+    """(tasks whose tokens the vocabulary covers: every downstream task, tasks the corpus is cleaned of)."""
+    vocab = list(downstream.tasks) if downstream is not None else []
+    if cfg.decontaminate is True:
+        return vocab, list(vocab)
+    return vocab, list(cfg.decontaminate or [])
+
+
+def load_task_molecules(names: Sequence[str], downstream: DownstreamConfig | None, isomeric: bool,
+                        run: Callable[..., Iterator[tuple[Chunk, list[Canonical]]]] = _canonicalize_serial,
+                        chunk_rows: int = 2_000) -> dict[str, TaskMolecules]:
+    """Each task's SMILES (all splits, no max_molecules cap) canonicalised with InChIKeys by `run` (Ray tasks or
+    in-process). Task files are read from local folders only; a task that cannot be loaded is a DataError naming it."""
+    if not names:
+        return {}
+    from engine import tasks  # pandas; only when there are tasks
+
+    custom = {t.name: t for t in downstream.custom} if downstream is not None else {}
+    data_dir = downstream.data_dir if downstream is not None else None
+    loaded = []
+    for name in names:
+        try:
+            loaded.append(tasks.load_task(custom.get(name, name), data_dir=data_dir, download=False))
+        except (ValueError, OSError) as err:  # TaskError is a ValueError
+            raise DataError(f"task {name!r} is read at prepare (decontamination, vocabulary) but cannot be loaded: "
+                            f"{err}") from None
+    chunks = (Chunk(i, list(range(start, min(start + chunk_rows, len(t)))), t.smiles[start : start + chunk_rows])
+              for i, t in enumerate(loaded) for start in range(0, len(t), chunk_rows))
+    smiles: list[list[str]] = [[] for _ in loaded]
+    keys: list[list[str]] = [[] for _ in loaded]
+    for chunk, canonical in run(chunks, isomeric, False, True):
+        for raw, c in zip(chunk.smiles, canonical, strict=True):
+            if c.smiles is None:  # the loader keeps what RDKit parses; e.g. a SMILES with a space inside
+                log.warning("task %s: %r cannot be canonicalised as the corpus is (%s); left out",
+                            names[chunk.file_index], raw, c.error)
+                continue
+            smiles[chunk.file_index].append(c.smiles)
+            keys[chunk.file_index].append(c.inchikey or "")
+    out = {}
+    for name, s, k in zip(names, smiles, keys, strict=True):
+        if k.count(""):
+            log.warning("task %s: %d molecules without an InChIKey cannot be matched in the corpus", name, k.count(""))
+        out[name] = TaskMolecules(name, s, k)
+    return out
+
+
+def contaminant_keys(molecules: Iterable[TaskMolecules], mode: str) -> dict[str, list[str]]:
+    """Key -> the tasks that hold a molecule with it (a key may be in several tasks)."""
+    found: dict[str, list[str]] = {}
+    for m in molecules:
+        for key in sorted(m.keys(mode)):
+            found.setdefault(key, []).append(m.name)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# dedup, decontamination and filters
 
 
 @dataclass
@@ -383,26 +509,31 @@ class Tally:
     n_in: int = 0
     n_invalid: int = 0
     n_duplicate: int = 0
+    n_decontaminated: int = 0  # the same molecule as a downstream task's
     n_heavy: int = 0  # removed by max_heavy_atoms
     n_long: int = 0  # removed by max_tokens
     kept: list[Canonical] = field(default_factory=list)
     rejects: list[tuple[str, int, str, str]] = field(default_factory=list)  # file, line, smiles, reason
+    removed: Counter[str] = field(default_factory=Counter)  # task -> corpus molecules removed as its molecules
 
     def counts(self, splits: dict[Split, list[Canonical]]) -> Counts:
-        """Counts add up: n_in = n_invalid + n_duplicate + n_filtered + n_kept = ... + train + val."""
+        """Counts add up: n_in = n_invalid + n_duplicate + n_decontaminated + n_filtered + n_kept (= train + val)."""
         n_filtered = self.n_heavy + self.n_long
         per_split = {split: SplitCounts(n_molecules=len(rows), n_tokens=sum(c.n_tokens for c in rows))
                      for split, rows in splits.items()}
-        counts = Counts(n_in=self.n_in, n_invalid=self.n_invalid, n_duplicate=self.n_duplicate, n_filtered=n_filtered,
+        counts = Counts(n_in=self.n_in, n_invalid=self.n_invalid, n_duplicate=self.n_duplicate,
+                        n_decontaminated=self.n_decontaminated, n_filtered=n_filtered,
                         n_filtered_heavy_atoms=self.n_heavy, n_filtered_tokens=self.n_long,
-                        n_kept=self.n_in - self.n_invalid - self.n_duplicate - n_filtered, **per_split)
+                        n_kept=self.n_in - self.n_invalid - self.n_duplicate - self.n_decontaminated - n_filtered,
+                        **per_split)
         assert counts.n_kept == counts.train.n_molecules + counts.val.n_molecules
         return counts
 
 
 def _tally(results: Iterable[tuple[Chunk, list[Canonical]]], cfg: DataConfig,
-           progress: Callable[[Progress], None]) -> Tally:
-    """Exact duplicates dropped (first occurrence wins), then the size filters, chunk by chunk in order."""
+           progress: Callable[[Progress], None], contaminants: dict[str, list[str]] | None = None) -> Tally:
+    """Exact duplicates dropped (first occurrence wins), then task molecules (`contaminants`: key -> tasks, keys
+    as `cfg.decontaminate_key`), then the size filters, chunk by chunk in order."""
     tally = Tally(files=", ".join(str(p) for p in cfg.corpus))
     seen: set[str] = set()
     t0 = last_report = time.perf_counter()
@@ -420,7 +551,14 @@ def _tally(results: Iterable[tuple[Chunk, list[Canonical]]], cfg: DataConfig,
                 tally.n_duplicate += 1
             else:
                 seen.add(c.smiles)
-                if cfg.max_heavy_atoms is not None and c.n_heavy_atoms > cfg.max_heavy_atoms:
+                key = _key(c.inchikey, cfg.decontaminate_key) if contaminants else ""
+                if key and key in contaminants:  # type: ignore[operator]  # not None: `key` is "" without them
+                    names = contaminants[key]  # type: ignore[index]
+                    tally.n_decontaminated += 1
+                    tally.removed.update(names)
+                    tally.rejects.append((source, line, raw, f"decontaminated: a molecule of task {', '.join(names)} "
+                                                             f"({cfg.decontaminate_key} {key})"))
+                elif cfg.max_heavy_atoms is not None and c.n_heavy_atoms > cfg.max_heavy_atoms:
                     tally.n_heavy += 1
                     reason = f"filtered: {c.n_heavy_atoms} heavy atoms > max_heavy_atoms {cfg.max_heavy_atoms}"
                     tally.rejects.append((source, line, raw, reason))
@@ -437,6 +575,12 @@ def _tally(results: Iterable[tuple[Chunk, list[Canonical]]], cfg: DataConfig,
     return tally
 
 
+def _key(inchikey: str | None, mode: str) -> str:
+    if not inchikey:
+        return ""
+    return inchikey if mode == "inchikey" else inchikey[:14]
+
+
 def _check_tally(tally: Tally, cfg: DataConfig, data: DataDir) -> None:
     """A corpus that leaves nothing to train on is an error that says why (rejects.csv is written first)."""
     files, n_in, n_invalid = tally.files, tally.n_in, tally.n_invalid
@@ -451,7 +595,8 @@ def _check_tally(tally: Tally, cfg: DataConfig, data: DataDir) -> None:
         log.warning("%s invalid SMILES of %s (%.2f%%), all in %s", f"{n_invalid:,}", f"{n_in:,}",
                     100 * n_invalid / n_in, data.rejects_path)
     if not tally.kept:
-        which = [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {tally.n_heavy:,}"] if tally.n_heavy else []
+        which = [f"decontaminate (task molecules) removed {tally.n_decontaminated:,}"] if tally.n_decontaminated else []
+        which += [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {tally.n_heavy:,}"] if tally.n_heavy else []
         which += [f"max_tokens={cfg.max_tokens} removed {tally.n_long:,}"] if tally.n_long else []
         n_unique = n_in - n_invalid - tally.n_duplicate
         raise DataError(f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules")

@@ -86,6 +86,7 @@ class Counts(Strict):
     n_in: int  # records read (after max_molecules)
     n_invalid: int  # RDKit could not parse or sanitise them (see rejects.csv)
     n_duplicate: int  # same canonical SMILES as an earlier record
+    n_decontaminated: int = 0  # the same molecule as a downstream task's (rejects.csv names the task)
     n_filtered: int  # removed by max_heavy_atoms or max_tokens (also in rejects.csv)
     n_filtered_heavy_atoms: int
     n_filtered_tokens: int
@@ -98,6 +99,13 @@ class TokenizerInfo(Strict):
     path: str  # relative to the data directory; a PreTrainedTokenizerFast directory
     vocab_size: int  # including the 7 special tokens
     n_unk: int  # validation-split tokens that map to [UNK]
+    tasks: list[str] = []  # downstream tasks whose canonical SMILES' token types the vocabulary covers
+    task_tokens: list[str] = []  # token types only those tasks have (after the corpus's ids; no labels involved)
+
+
+class TaskOverlap(Strict):
+    task_molecules: int  # distinct molecules of the task (by the decontamination key), after canonicalisation
+    removed: int  # corpus molecules (distinct canonical SMILES) dropped because they match one of them
 
 
 class Manifest(Strict):
@@ -109,6 +117,8 @@ class Manifest(Strict):
     shards: list[ShardFile]
     tokenizer: TokenizerInfo
     rejects: str = "rejects.csv"
+    decontamination: dict[str, TaskOverlap] = {}  # task -> overlap with the corpus; {} when off or no tasks
+    decontamination_key: Literal["inchikey", "connectivity"] | None = None  # None when decontamination is off
 
     def shard_paths(self, data_dir: Path, split: Split) -> list[Path]:
         return [Path(data_dir) / s.path for s in self.shards if s.split == split]
@@ -499,7 +509,7 @@ TABLES: dict[str, Table] = {
         columns=IDENTITY + ("pretrain_val_loss", "task", "split", "split_seed", "finetune_seed", "mode", "metric",
                             "primary", "higher_is_better", "value", "val_value", "label_sd", "task_val_loss", "lr",
                             "flag", "best_epoch", "n_epochs", "pooling", "probe_layer", "unk_fraction",
-                            "wall_time_s") + MEASURED,
+                            "truncated_fraction", "wall_time_s") + MEASURED,
         required=("checkpoint", "trial_id", "task", "split_seed", "mode", "status"),
         key=("checkpoint", "task", "split_seed", "finetune_seed", "mode"),
     ),

@@ -357,7 +357,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     trials = [recorded.get(t.trial_id, t) for t in expand_grid(cfg)]
     check_fits(trials, nodes)  # before any write
     rd.write_config(cfg)
-    manifest = prepare(cfg.data, rd.data)
+    manifest = prepare(cfg.data, rd.data, downstream=cfg.downstream)
     trials = resolve_auto(trials, nodes, cfg, manifest.tokenizer.vocab_size)
     check_fits(trials, nodes)  # auto may have raised a trial's workers
     todo = [t for t in trials if rd.trial(t.trial_id).result() is None]

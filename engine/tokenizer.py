@@ -7,8 +7,11 @@ the vocabulary), so decode(encode(s)) == s for any string made of known tokens, 
 unknown shows up in `count_unk` instead of vanishing.
 
 The vocabulary is the special tokens, then every token of the training SMILES, most frequent
-first with ties broken alphabetically, so ids are deterministic. The result is a
-`PreTrainedTokenizerFast` directory that `transformers.AutoTokenizer.from_pretrained` loads.
+first with ties broken alphabetically, so ids are deterministic; then (`extend_vocab`) the token
+types that only the downstream tasks' canonical SMILES have, in the same order, so a MOSES corpus
+without stereo still gives `[C@@H]` an id of its own instead of [UNK]. The corpus's ids do not
+depend on the tasks. The result is a `PreTrainedTokenizerFast` directory that
+`transformers.AutoTokenizer.from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -64,8 +67,13 @@ def smiles_tokens(smiles: str) -> list[str]:
 
 def build_vocab(smiles: Iterable[str]) -> dict[str, int]:
     """Special tokens first, then tokens by falling frequency, ties alphabetical."""
+    return extend_vocab({token: i for i, token in enumerate(SPECIAL_TOKENS.values())}, smiles)
+
+
+def extend_vocab(vocab: dict[str, int], smiles: Iterable[str]) -> dict[str, int]:
+    """`vocab` plus the tokens of `smiles` it lacks, appended by falling frequency, ties alphabetical."""
     counts = Counter(chain.from_iterable(map(smiles_tokens, smiles)))
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
+    vocab = dict(vocab)
     for token, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         vocab.setdefault(token, len(vocab))  # a SMILES that contains the text '[UNK]' keeps id 1
     return vocab
@@ -73,9 +81,13 @@ def build_vocab(smiles: Iterable[str]) -> dict[str, int]:
 
 def build_tokenizer(smiles: Iterable[str], out_dir: Path | None = None) -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer over the regex tokens of `smiles`; saved to `out_dir` when given."""
+    return tokenizer_from_vocab(build_vocab(smiles), out_dir)
+
+
+def tokenizer_from_vocab(vocab: dict[str, int], out_dir: Path | None = None) -> PreTrainedTokenizerFast:
+    """The WordLevel tokenizer of a `build_vocab` / `extend_vocab` vocabulary; saved to `out_dir` when given."""
     from transformers import PreTrainedTokenizerFast  # seconds to import; Ray workers only need smiles_tokens
 
-    vocab = build_vocab(smiles)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(SMILES_REGEX), behavior="isolated")
     core.decoder = decoders.Fuse()  # tokens are glued back together with no spaces

@@ -68,7 +68,8 @@ def build_report(run_dir: Path, **fit_options) -> Path:
     for figure_list in sections.values():
         for figure in figure_list:
             _draw(figure, rd.figure(figure.name))
-    return rd.write_report(_page(cfg.name, rd, fits, sections, tasks, checkpoints))
+    inputs_html = _inputs_html(rd.manifest() if rd.data.has_manifest() else None, tables["finetune"])
+    return rd.write_report(_page(cfg.name, rd, fits, sections, tasks, checkpoints, inputs_html))
 
 
 def _draw(figure: Figure, target: Path) -> None:
@@ -243,7 +244,7 @@ ANCHOR_WORDS = {"laws": "table", "trends": "table", "baselines": "table", "proxy
 
 
 def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], tasks: list[str],
-          checkpoints: pd.DataFrame) -> str:
+          checkpoints: pd.DataFrame, inputs_html: str = "") -> str:
     n_trials = checkpoints["trial_id"].nunique() if not checkpoints.empty else 0
     n_rungs = checkpoints["rung"].nunique() if not checkpoints.empty else 0
     built = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -258,6 +259,7 @@ def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], 
         "pretraining loss falls. Does property prediction after fine-tuning follow? The findings below are written "
         "from the measured numbers only, verdict first; each links to the figure or table it rests on.</p>",
         '<section id="findings"><h2>Findings</h2><ul>', _findings_html(fits), "</ul></section>",
+        '<section id="inputs"><h2>Corpus and task inputs</h2>', inputs_html, "</section>",
         '<section id="pretraining"><h2>Pretraining loss</h2>',
         *(_figure_html(f) for f in sections["pretraining"]), _law_tables(fits), "</section>",
         '<section id="downstream"><h2>Downstream property prediction</h2>',
@@ -503,6 +505,48 @@ def _proxy_html(fits: dict) -> str:
 
 TIMING_WORDS = {"before_finetuning": "before fine-tuning", "descriptive": "after fine-tuning (descriptive)",
                 "scale": "scale axis"}
+
+
+INPUT_FLAG = 0.01  # a task whose [UNK] or truncated share is above this is flagged in the report
+
+
+def _inputs_html(manifest, finetune: pd.DataFrame) -> str:
+    """The corpus's overlap with the tasks (manifest.json's decontamination) and, per task, the largest [UNK] and
+    truncated shares of its encoded SMILES over every fine-tuning and probing row, flagged above 1 %."""
+    if manifest is None:
+        parts = ["<p>No <code>data/manifest.json</code>: the corpus's overlap with the tasks is unknown.</p>"]
+    elif not manifest.decontamination:
+        off = manifest.options.get("decontaminate") is False
+        why = "data.decontaminate: false" if off else "no task to clean against"
+        parts = [f"<p>The corpus was not decontaminated ({why}): downstream molecules may have been seen in "
+                 "pretraining.</p>"]
+    else:
+        key = {"inchikey": "the same InChIKey", "connectivity": "the same InChIKey connectivity layer (any stereo)"}
+        rows = [[task, o.task_molecules, o.removed] for task, o in manifest.decontamination.items()]
+        parts = [f"<h3>Decontamination</h3><p>Corpus molecules with {key.get(manifest.decontamination_key or '', '?')} "
+                 f"as a task molecule (any split) were removed before the train/validation split: "
+                 f"{manifest.counts.n_decontaminated:,} in all (listed in <code>data/rejects.csv</code>).</p>",
+                 _table(["task", "task molecules", "removed from corpus"], rows, numeric={1, 2})]
+    if manifest is not None and manifest.tokenizer.task_tokens:
+        parts.append(f"<p>Token types only the tasks have, added to the vocabulary after the corpus's (no labels "
+                     f"involved): {_e(' '.join(manifest.tokenizer.task_tokens))}.</p>")
+    read = finetune[(finetune["status"] == "ok") & finetune["mode"].isin(["finetune", "probe", "random_init"])]
+    shares = []
+    for task, group in read.groupby("task", sort=True):
+        unk, cut = (pd.to_numeric(group[c], errors="coerce").max() for c in ("unk_fraction", "truncated_fraction"))
+        flagged = [what for what, v in (("[UNK]", unk), ("truncated", cut)) if pd.notna(v) and v > INPUT_FLAG]
+        shares.append([task, _percent(unk), _percent(cut),
+                       f"flagged: {' and '.join(flagged)} above {INPUT_FLAG:.0%}" if flagged else ""])
+    if shares:
+        parts.append("<h3>Task inputs as the models read them</h3><p>Largest share over checkpoints and seeds of "
+                     "the task's tokens read as [UNK], and of its molecules cut to the model's length; task SMILES "
+                     "are canonicalised as the corpus was before tokenisation.</p>"
+                     + _table(["task", "[UNK] tokens", "truncated molecules", "flag"], shares, numeric={1, 2}))
+    return "\n".join(parts)
+
+
+def _percent(value) -> str:
+    return "–" if value is None or pd.isna(value) else f"{100 * float(value):.2f} %"
 
 
 def _events_html(rd: RunDir) -> str:

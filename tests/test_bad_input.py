@@ -157,6 +157,10 @@ CASES = {
     # 9. an unknown task: the name, and close ones
     "unknown-task": (on_sweep("validate", downstream={"tasks": ["tox2l"]}),
                      ["unknown task 'tox2l'", "did you mean 'tox21'"]),
+    # 9b. decontamination against a task nobody knows: the field, the name, and close ones
+    "unknown-decontaminate-task": (on_sweep("validate", data={"decontaminate": ["freesolv_dem"]}),
+                                   ["sweep.yaml:", "data.decontaminate.0", "unknown task 'freesolv_dem'",
+                                    "did you mean 'freesolv_demo'"]),
     # 10. --resume on another sweep's run directory
     "resume-another-sweep": (resume_another_sweep, ["holds another sweep", "differs in name, model, budget or seeds"]),
 }  # fmt: skip

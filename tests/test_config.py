@@ -84,6 +84,11 @@ def test_explicit_dims_and_epoch_budgets(tmp_path):
         (("name: t\n", "name: t\nanalysis: {trace_matvecs: 2}\n"), ["analysis.trace_matvecs", "at least 3"]),
         (("name: t\n", "name: t\nanalysis: {hessian_workers: 4, hessian_batches: 2}\n"),
          ["analysis", "hessian_workers (4) must not exceed hessian_batches (2)"]),
+        (("data:\n", "data:\n  decontaminate: [bbbp, solubilty]\n"),
+         ["s.yaml:3", "data.decontaminate.1", "unknown task 'solubilty'; did you mean 'solubility'"]),
+        (("data:\n", "data:\n  decontaminate: [bbbp, bbbp]\n"), ["s.yaml:3", "data.decontaminate", "repeat"]),
+        (("data:\n", "data:\n  decontaminate: everything\n"), ["s.yaml:3", "data.decontaminate"]),
+        (("data:\n", "data:\n  decontaminate_key: smiles\n"), ["s.yaml:3", "data.decontaminate_key", "'inchikey'"]),
     ],
 )
 def test_errors_name_line_and_field(tmp_path, edit, expected):
@@ -115,3 +120,15 @@ def test_cli_validate_prints_one_line_per_trial_and_fails_cleanly(tmp_path):
     assert "did you mean 'seeds'" in bad.output
     missing = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "no such sweep file" in missing.output
+
+
+def test_decontaminate_defaults_and_custom_names(tmp_path):
+    cfg = load_sweep(write(tmp_path, MINIMAL))
+    assert cfg.data.decontaminate is True and cfg.data.decontaminate_key == "inchikey"
+    (tmp_path / "mine.csv").write_text("smiles,y\nCCO,1\n")
+    text = MINIMAL.replace("data:\n", "data:\n  decontaminate: [mine, hiv]\n  decontaminate_key: connectivity\n")
+    text += "downstream:\n  custom: [{name: mine, path: mine.csv, label_columns: [y], task_type: regression}]\n"
+    cfg = load_sweep(write(tmp_path, text))
+    assert cfg.data.decontaminate == ["mine", "hiv"] and cfg.data.decontaminate_key == "connectivity"
+    off = load_sweep(write(tmp_path, MINIMAL.replace("data:\n", "data:\n  decontaminate: false\n")))
+    assert off.data.decontaminate is False

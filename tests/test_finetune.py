@@ -15,6 +15,7 @@ from transformers import AutoModel, GPT2Config, GPT2LMHeadModel, RobertaConfig, 
 
 from engine.finetune import (
     FinetuneData,
+    encode_smiles,
     finetune,
     fingerprint_baseline,
     finetuning_loss,
@@ -24,7 +25,7 @@ from engine.finetune import (
     select_lr,
 )
 from engine.metrics import mae, mean_prc_auc, mean_roc_auc, prc_auc, rmse, roc_auc
-from engine.tokenizer import build_tokenizer
+from engine.tokenizer import build_tokenizer, smiles_tokens
 from fits._blas import one_blas_thread
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -373,6 +374,43 @@ def test_clm_checkpoint_smoke(clm_checkpoint, freesolv):
     for mode in ("finetune", "probe"):
         result = finetune(clm_checkpoint, data, mode=mode, epochs=1, **FAST, max_seq_len=16)  # 16: truncation too
         assert math.isfinite(result["test"]) and result["unk_fraction"] == 0.0
+        long = sum(len(smiles_tokens(s)) > 14 for s in data.smiles) / len(data.smiles)  # 16 minus [BOS] and [EOS]
+        assert 0 < long < 1 and result["truncated_fraction"] == pytest.approx(long)
+
+
+def test_encode_smiles_counts_unknown_tokens_and_truncation():
+    tokenizer = build_tokenizer(["CC(C)O", "c1ccccc1"])
+    encoded = encode_smiles(tokenizer, ["CCO", "C[C@@H](O)Cl", "c1ccccc1CCCCCC"], "mlm", 8)
+    assert encoded.ids[0] == [tokenizer.cls_token_id, *tokenizer.convert_tokens_to_ids(["C", "C", "O"]),
+                              tokenizer.sep_token_id]
+    assert encoded.unk_fraction == pytest.approx(2 / (3 + 6 + 14))  # [C@@H] and Cl
+    assert encoded.truncated_fraction == pytest.approx(1 / 3) and len(encoded.ids[2]) == 8
+
+
+def test_task_smiles_pass_through_the_corpus_canonicalisation(tmp_path):
+    """analyze hands every model-facing job its task SMILES spelled as prepare spells the corpus: canonical,
+    with the sweep's isomeric setting; a [C@@H] the corpus never had is then no [UNK] when isomeric is false."""
+    from engine.analyze import Context, _task_split
+    from engine.config import SweepConfig
+    from engine.prepare import canonicalize_chunk
+    from engine.rundir import RunDir
+
+    raw = ["OCC", "[H]OC([H])([H])C([H])([H])[H]", "C(C)(C)O", "OC(C)CC", "N[C@@H](C)C(=O)O", "OCCCC", "C(O)CCCC",
+           "OC(C)(C)C", "C(=O)(O)C", "ClCCO"]
+    (tmp_path / "t.csv").write_text("smiles,y\n" + "".join(f"{s},{i}\n" for i, s in enumerate(raw)))
+    doc = {"name": "t", "data": {"corpus": ["x.csv"]}, "model": {"sizes": ["xxs"]}, "budget": {"tokens": [1000]},
+           "downstream": {"tasks": ["t"], "split": "random", "custom": [
+               {"name": "t", "path": str(tmp_path / "t.csv"), "label_columns": ["y"], "task_type": "regression"}]}}
+    for isomeric in (True, False):
+        doc["data"]["isomeric"] = isomeric
+        ctx = Context(rd=RunDir(tmp_path / "run"), cfg=SweepConfig.model_validate(doc), trials={})
+        data = _task_split(ctx, "t", 0)
+        assert data.smiles == [c.smiles for c in canonicalize_chunk(raw, isomeric)]
+        assert data.smiles[:2] == ["CCO", "CCO"]  # the explicit-hydrogen spelling too
+        assert data.smiles[4] == ("C[C@H](N)C(=O)O" if isomeric else "CC(N)C(=O)O")
+    corpus_tokenizer = build_tokenizer(["CCO", "CC(N)C(=O)O", "CCCCCO", "OCCCl"])  # a stereo-free corpus
+    assert encode_smiles(corpus_tokenizer, data.smiles, "mlm", 64).unk_fraction == 0
+    assert encode_smiles(corpus_tokenizer, raw, "mlm", 64).unk_fraction > 0  # the raw spellings have [H], [C@@H]
 
 
 # ---------------------------------------------------------------------------------------------

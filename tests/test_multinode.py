@@ -91,7 +91,7 @@ def scenario(work: Path) -> None:
                                      resources={"workers": 1, "cpus_per_worker": 1.0, "max_failures": 3,
                                                 "max_concurrent_trials": 3}))  # fmt: skip
         rd = RunDir(cfg.run_dir)
-        prepare(cfg.data, rd.data)  # on every node's CPUs; run_sweep then finds it done
+        prepare(cfg.data, rd.data, downstream=cfg.downstream)  # on every node's CPUs; run_sweep then finds it done
         # Tune's trial actors (0.01 CPU) would land anywhere, and Train's controller and Ray Data's
         # coordinators follow them; a trial whose actor dies with its node is not retried (Tune's
         # max_failures is 0). So hold every worker node's CPUs until Tune has placed them on the head.

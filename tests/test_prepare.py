@@ -400,3 +400,152 @@ def test_ray_scaffold_split_on_shared_moses(ray_cluster, tmp_path):
     cfg = DataConfig(corpus=[SHARED_MOSES], split="scaffold", max_molecules=5_000)
     m = prepare(cfg, tmp_path / "data", parallel=True, chunk_rows=1_000)
     assert m.counts.n_in == 5_000 and m.counts.n_invalid == 0 and m.counts.n_kept == 5_000
+
+
+# ---------------------------------------------------------------------------------------------
+# decontamination: task molecules leave the corpus, whatever SMILES spells them
+
+
+L_ALANINE, D_ALANINE = "C[C@H](N)C(=O)O", "C[C@@H](N)C(=O)O"  # stereoisomers: one InChIKey skeleton, two stereo layers
+
+
+def random_order(smiles: str, seed: int) -> str:
+    """The same molecule in a random atom order (RDKit doRandom)."""
+    from rdkit import rdBase as _rd
+
+    _rd.SeedRandomNumberGenerator(seed)
+    return Chem.MolToSmiles(Chem.MolFromSmiles(smiles), doRandom=True, canonical=False)
+
+
+def explicit_hydrogens(smiles: str) -> str:
+    """The same molecule with every hydrogen written as an atom ([H]C([H])...)."""
+    return Chem.MolToSmiles(Chem.AddHs(Chem.MolFromSmiles(smiles)), canonical=False)
+
+
+@pytest.fixture(scope="module")
+def contaminated(tmp_path_factory):
+    """A MOSES corpus with the 10 molecules of a custom task planted in other spellings (5 in random atom order,
+    5 with explicit hydrogens) and D-alanine, the stereoisomer of the task's L-alanine; the task file holds the
+    10 molecules plus L-alanine in their canonical forms. Returns (root, data config, downstream config, planted
+    {corpus line: task SMILES})."""
+    from engine.config import CustomTask, DownstreamConfig
+
+    root = tmp_path_factory.mktemp("decon")
+    moses = first_moses(320)
+    corpus, task = moses[:300], moses[300:310]
+    planted_forms = [random_order(s, i) for i, s in enumerate(task[:5])] + [explicit_hydrogens(s) for s in task[5:]]
+    assert all(f != s for f, s in zip(planted_forms, task))
+    records = [(s, f"m{i}") for i, s in enumerate(corpus)]
+    planted = {}
+    for k, form in enumerate(planted_forms):
+        at = 25 * (k + 1)
+        records.insert(at, (form, f"planted{k}"))
+    for i, (smiles, _) in enumerate(records):
+        if smiles in planted_forms:
+            planted[i + 2] = task[planted_forms.index(smiles)]  # header is line 1
+    records.append((D_ALANINE, "d-alanine"))
+    write_csv(root / "corpus.csv", records)
+    (root / "task.csv").write_text("smiles,y\n" + "".join(f"{s},{i}\n" for i, s in enumerate([*task, L_ALANINE])))
+    downstream = DownstreamConfig(tasks=["t"], custom=[CustomTask(name="t", path=root / "task.csv", label_columns=["y"],
+                                                                  task_type="regression")])
+    cfg = DataConfig(corpus=[root / "corpus.csv"], val_fraction=0.1)
+    return root, cfg, downstream, planted
+
+
+def test_decontamination_removes_exactly_the_planted_task_molecules(contaminated, tmp_path):
+    root, cfg, downstream, planted = contaminated
+    m = prepare(cfg, tmp_path / "data", downstream=downstream, parallel=False, chunk_rows=100)
+    assert (m.counts.n_in, m.counts.n_decontaminated, m.counts.n_kept) == (311, 10, 301)  # D-alanine stays
+    assert m.decontamination_key == "inchikey"
+    assert {k: v.model_dump() for k, v in m.decontamination.items()} == {"t": {"task_molecules": 11, "removed": 10}}
+    removed = [r for r in rejects(tmp_path / "data") if r["reason"].startswith("decontaminated")]
+    assert {int(r["line"]): r["smiles"] for r in removed}.keys() == planted.keys()
+    assert all("task t" in r["reason"] for r in removed)
+    kept = set(read_shards(tmp_path / "data", "train")["smiles"].to_pylist()) | set(
+        read_shards(tmp_path / "data", "val")["smiles"].to_pylist())
+    assert not kept & set(planted.values()) and D_ALANINE in kept
+    on_disk = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert on_disk["decontamination"] == {"t": {"task_molecules": 11, "removed": 10}}
+    assert on_disk["options"]["decontaminate"] is True and "t" in on_disk["options"]["task_molecules"]
+
+
+def test_connectivity_key_also_removes_a_stereoisomer(contaminated, tmp_path):
+    _, cfg, downstream, _ = contaminated
+    m = prepare(cfg.model_copy(update={"decontaminate_key": "connectivity"}), tmp_path / "data",
+                downstream=downstream, parallel=False)
+    assert m.counts.n_decontaminated == 11 and m.decontamination["t"].removed == 11
+    assert any(r["smiles"] == D_ALANINE and "connectivity" in r["reason"] for r in rejects(tmp_path / "data"))
+
+
+def test_decontaminate_false_or_a_list(contaminated, tmp_path):
+    _, cfg, downstream, _ = contaminated
+    off = prepare(cfg.model_copy(update={"decontaminate": False}), tmp_path / "off", downstream=downstream,
+                  parallel=False)
+    assert off.counts.n_decontaminated == 0 and off.counts.n_kept == 311
+    assert off.decontamination == {} and off.decontamination_key is None
+    assert off.tokenizer.tasks == ["t"]  # the vocabulary still covers the task
+    # a list names the tasks to clean against, also without any downstream task to fine-tune on
+    listed = prepare(cfg.model_copy(update={"decontaminate": ["t"]}), tmp_path / "list",
+                     downstream=downstream.model_copy(update={"tasks": []}), parallel=False)
+    assert listed.counts.n_decontaminated == 10 and listed.tokenizer.tasks == []
+
+
+def test_decontamination_rerun_is_a_no_op_until_the_task_changes(contaminated, tmp_path, caplog):
+    root, cfg, downstream, _ = contaminated
+    first = prepare(cfg, tmp_path / "data", downstream=downstream, parallel=False)
+    with caplog.at_level(logging.INFO, logger="clmscale.prepare"):
+        assert prepare(cfg, tmp_path / "data", downstream=downstream, parallel=False) == first
+    assert "nothing to do" in caplog.text
+    with pytest.raises(DataError, match="options differ: decontaminate_key"):
+        prepare(cfg.model_copy(update={"decontaminate_key": "connectivity"}), tmp_path / "data",
+                downstream=downstream, parallel=False)
+    other = tmp_path / "task2.csv"
+    other.write_text((root / "task.csv").read_text() + "CCO,99\n")
+    changed = downstream.model_copy(update={"custom": [downstream.custom[0].model_copy(update={"path": other})]})
+    with pytest.raises(DataError, match="options differ: task_molecules"):
+        prepare(cfg, tmp_path / "data", downstream=changed, parallel=False)
+
+
+def test_a_task_that_cannot_be_loaded_is_named(contaminated, tmp_path, monkeypatch):
+    from engine.config import DownstreamConfig
+
+    _, cfg, _, _ = contaminated
+    monkeypatch.delenv("CLMSCALE_DATA_DIR", raising=False)
+    monkeypatch.setenv("CLMSCALE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(DataError, match=r"task 'hiv' is read at prepare .* does not download"):
+        prepare(cfg, tmp_path / "data", downstream=DownstreamConfig(tasks=["hiv"]), parallel=False)
+    assert not (tmp_path / "data").exists()  # nothing written before the tasks are read
+
+
+def test_task_tokens_join_the_vocabulary(contaminated, tmp_path):
+    """MOSES has no stereo: without the task a [C@@H] is [UNK]; with it, the task's token types have ids of their own,
+    appended after the corpus's (whose ids do not move)."""
+    from engine.config import CustomTask, DownstreamConfig
+    from engine.finetune import encode_smiles
+    from engine.tokenizer import load_tokenizer
+
+    cfg = DataConfig(corpus=[write_csv(tmp_path / "moses.csv", [(s, "m") for s in first_moses(300)])], val_fraction=0.1)
+    stereo = ["C[C@@H](O)c1ccccc1", "N[C@@H](Cc1ccccc1)C(=O)O", "C/C=C/Cl"]
+    (tmp_path / "stereo.csv").write_text("smiles,y\n" + "".join(f"{s},1\n" for s in stereo))
+    downstream = DownstreamConfig(tasks=["stereo"], custom=[CustomTask(name="stereo", path=tmp_path / "stereo.csv",
+                                                                       label_columns=["y"], task_type="regression")])
+    plain = prepare(cfg, tmp_path / "plain", parallel=False)
+    with_task = prepare(cfg, tmp_path / "task", downstream=downstream, parallel=False)
+    before, after = load_tokenizer(tmp_path / "plain" / "tokenizer"), load_tokenizer(tmp_path / "task" / "tokenizer")
+    assert "[C@@H]" not in before.get_vocab() and "[C@@H]" in with_task.tokenizer.task_tokens
+    assert {"/", "Cl"} <= set(with_task.tokenizer.task_tokens) | set(before.get_vocab())
+    assert all(after.get_vocab()[t] == i for t, i in before.get_vocab().items())  # corpus ids unchanged
+    assert with_task.tokenizer.vocab_size == plain.tokenizer.vocab_size + len(with_task.tokenizer.task_tokens)
+    _, unk_before, _ = encode_smiles(before, stereo, "mlm", 64)
+    _, unk_after, _ = encode_smiles(after, stereo, "mlm", 64)
+    assert unk_before > 0 and unk_after == 0
+
+
+@pytest.mark.timeout(120)
+def test_ray_path_decontaminates_the_same(ray_cluster, contaminated, tmp_path):
+    """The InChIKeys come back from the Ray tasks that canonicalise (the driver computes none)."""
+    _, cfg, downstream, _ = contaminated
+    serial = prepare(cfg, tmp_path / "serial", downstream=downstream, parallel=False)
+    on_ray = prepare(cfg, tmp_path / "ray", downstream=downstream, parallel=True, chunk_rows=80)
+    assert on_ray.counts == serial.counts and on_ray.decontamination == serial.decontamination
+    assert (tmp_path / "ray" / "rejects.csv").read_text() == (tmp_path / "serial" / "rejects.csv").read_text()

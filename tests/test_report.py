@@ -412,3 +412,31 @@ def test_faults_the_run_survived_are_listed(tmp_path):
         ("analyze", None, "corrupt_checkpoint"), ("sweep", "xs_1", "resumed")]
     excluded = section(build_report(rd.root, n_bootstrap=0).read_text(), "excluded")
     assert "Faults handled" in excluded and "used_instead: ck/1" in excluded and "xs_1" in excluded
+
+
+def test_inputs_section_shows_the_overlap_table_and_flags_unread_inputs(page):
+    from engine.rundir import Manifest
+    from fits.report import _inputs_html
+
+    assert "No <code>data/manifest.json</code>" in section(page.read_text(encoding="utf-8"), "inputs")
+    split = {"n_molecules": 1, "n_tokens": 1}
+    manifest = Manifest.model_validate({
+        "inputs": [], "options": {"decontaminate": True}, "rdkit_version": "x", "shards": [],
+        "counts": {"n_in": 10, "n_invalid": 0, "n_duplicate": 0, "n_decontaminated": 3, "n_filtered": 0,
+                   "n_filtered_heavy_atoms": 0, "n_filtered_tokens": 0, "n_kept": 7, "train": split, "val": split},
+        "tokenizer": {"path": "tokenizer", "vocab_size": 40, "n_unk": 0, "tasks": ["a", "b"],
+                      "task_tokens": ["[C@@H]"]},
+        "decontamination": {"a": {"task_molecules": 642, "removed": 3}, "b": {"task_molecules": 90, "removed": 0}},
+        "decontamination_key": "connectivity"})  # fmt: skip
+    finetune = pd.DataFrame({
+        "task": ["a", "a", "b", "b", "b"], "mode": ["finetune", "probe", "finetune", "morgan_fp", "finetune"],
+        "status": ["ok", "ok", "ok", "ok", "error"], "unk_fraction": [0.0, 0.0, 0.002, None, 0.5],
+        "truncated_fraction": [0.0, 0.03, 0.0, None, 0.5]})  # fmt: skip
+    html = _inputs_html(manifest, finetune)
+    assert "<td>a</td><td class=\"num\">642</td><td class=\"num\">3</td>" in html
+    assert "connectivity layer" in html and "3 in all" in html and "[C@@H]" in html
+    num = '<td class="num">'
+    assert f"<td>a</td>{num}0.00 %</td>{num}3.00 %</td><td>flagged: truncated above 1%</td>" in html
+    assert f"<td>b</td>{num}0.20 %</td>{num}0.00 %</td><td></td>" in html  # the error row is not read
+    off = manifest.model_copy(update={"decontamination": {}, "options": {"decontaminate": False}})
+    assert "not decontaminated (data.decontaminate: false)" in _inputs_html(off, finetune)
