@@ -454,7 +454,8 @@ def load_task_molecules(names: Sequence[str], downstream: DownstreamConfig | Non
                         run: Callable[..., Iterator[tuple[Chunk, list[Canonical]]]] = _canonicalize_serial,
                         chunk_rows: int = 2_000) -> dict[str, TaskMolecules]:
     """Each task's SMILES (all splits, no max_molecules cap) canonicalised with InChIKeys by `run` (Ray tasks or
-    in-process). Task files are read from local folders only; a task that cannot be loaded is a DataError naming it."""
+    in-process). Task files are found as analyze finds them (data_dir, CLMSCALE_DATA_DIR, the cache, else a download
+    checked by sha256); a task that cannot be loaded is a DataError naming it."""
     if not names:
         return {}
     from engine import tasks  # pandas; only when there are tasks
@@ -464,7 +465,7 @@ def load_task_molecules(names: Sequence[str], downstream: DownstreamConfig | Non
     loaded = []
     for name in names:
         try:
-            loaded.append(tasks.load_task(custom.get(name, name), data_dir=data_dir, download=False))
+            loaded.append(tasks.load_task(custom.get(name, name), data_dir=data_dir))
         except (ValueError, OSError) as err:  # TaskError is a ValueError
             raise DataError(f"task {name!r} is read at prepare (decontamination, vocabulary) but cannot be loaded: "
                             f"{err}") from None

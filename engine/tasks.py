@@ -289,14 +289,12 @@ def resolve_task_file(
     data_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     base_url: str | None = None,
-    download: bool = True,
 ) -> Path:
     """The verified local path of a task's table.
 
     Looks for `task.file` or its .gz / plain twin in data_dir (else $CLMSCALE_DATA_DIR), then in
     cache_dir (else `default_cache_dir()`), then downloads it from base_url (else
     $CLMSCALE_DATA_URL, else task.url) into the cache. Every file's decompressed sha256 is checked.
-    download=False (prepare): a file in neither folder is a TaskError, never a download.
     """
     if task.path is not None:
         if not task.path.is_file():
@@ -326,12 +324,6 @@ def resolve_task_file(
                 log.warning("%s; removing it and downloading again", err)
                 cached.unlink(missing_ok=True)
 
-    if not download:
-        raise TaskError(
-            f"task {task.name!r}: {task.file} is not in data_dir ({data_dir or 'none given'}) nor in the cache "
-            f"({cache}), and this step does not download; put it in downstream.data_dir or CLMSCALE_DATA_DIR "
-            f"(checked copies: shared/data/moleculenet), or run analyze once with network to fill the cache"
-        )
     base_url = base_url or os.environ.get("CLMSCALE_DATA_URL") or None
     url = f"{base_url.rstrip('/')}/{task.file}" if base_url else task.url
     return _download(task, url, cache)
@@ -431,7 +423,6 @@ def load_task(
     name_or_custom: str | Task | CustomTask,
     data_dir: str | Path | None = None,
     max_molecules: int | None = None,
-    download: bool = True,
 ) -> TaskData:
     """Read a task's table, keep the rows with a label and a SMILES RDKit can parse.
 
@@ -453,7 +444,7 @@ def load_task(
     else:
         task = get_task(name_or_custom) if isinstance(name_or_custom, str) else name_or_custom
         custom = None
-    path = resolve_task_file(task, data_dir, download=download)
+    path = resolve_task_file(task, data_dir)
     header = _read_header(path, task)
     smiles_column = _find_column(header, task.smiles_column, "SMILES", path, task)
     label_columns = [_find_column(header, c, "label", path, task) for c in task.label_columns]

@@ -512,7 +512,8 @@ def test_a_task_that_cannot_be_loaded_is_named(contaminated, tmp_path, monkeypat
     _, cfg, _, _ = contaminated
     monkeypatch.delenv("CLMSCALE_DATA_DIR", raising=False)
     monkeypatch.setenv("CLMSCALE_CACHE_DIR", str(tmp_path / "empty-cache"))
-    with pytest.raises(DataError, match=r"task 'hiv' is read at prepare .* does not download"):
+    monkeypatch.setenv("CLMSCALE_DATA_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(DataError, match=r"task 'hiv' is read at prepare .* cannot download http://127.0.0.1:9/"):
         prepare(cfg, tmp_path / "data", downstream=DownstreamConfig(tasks=["hiv"]), parallel=False)
     assert not (tmp_path / "data").exists()  # nothing written before the tasks are read
 
