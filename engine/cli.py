@@ -219,11 +219,12 @@ def fit(
     n_col: str = typer.Option("N", help="With --table: parameter-count column."),
     d_col: str = typer.Option("D", help="With --table: token-count column."),
     y_col: str = typer.Option("loss", help="With --table: loss column."),
-    x_col: str = typer.Option("C", help="With --table and --law compute/power: the scale column."),
+    x_col: str = typer.Option("C", help="With --table and --law compute/power/trend: the scale column (log10 for trend)."),
     bootstrap: int = typer.Option(None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."),
     group_col: str = typer.Option(None, help="With --law trend: the independent unit (a run); its rows are resampled together."),
     higher_is_better: bool = typer.Option(True, "--higher-is-better/--lower-is-better", help="With --law trend: the direction in which y improves."),
     margin: float = typer.Option(None, help="With --law trend: the plateau margin, y units per decade of x (default: the metric's, for roc_auc / prc_auc)."),
+    method: str = typer.Option(None, help="With --law trend: the slope's interval, one of cluster_jackknife (default with --group-col), cluster, cluster_bootstrap, mixedlm, iid (default without)."),
     as_json: bool = typer.Option(False, "--json", help="With --table: print the fit as JSON."),
 ) -> None:
     """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""
@@ -233,7 +234,7 @@ def fit(
 
     if table is not None and law == "trend":
         result = fits_fit.trend_table(table, x_col, y_col, group_col=group_col, higher_is_better=higher_is_better,
-                                      margin=margin)
+                                      margin=margin, method=method)
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else result["sentence"])
         return
     if table is not None:

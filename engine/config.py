@@ -364,6 +364,10 @@ class FitsConfig(Strict):
     # equivalence margin of a downstream "plateau", metric -> metric units per decade of scale; a metric not
     # listed keeps its default (fits.verdicts.PLATEAU_MARGINS; the README gives each default's reason)
     plateau_margin: dict[str, Annotated[float, Field(gt=0)]] = {}
+    # the run-level interval of a downstream slope (fits.slopes.METHODS): the cluster jackknife (CRV3) is
+    # conservative with few runs; cluster (CRV1), a cluster bootstrap, or a mixed model with a random
+    # intercept per run (statsmodels MixedLM) instead
+    slope_method: Literal["cluster_jackknife", "cluster", "cluster_bootstrap", "mixedlm"] = "cluster_jackknife"
 
 
 class StorageConfig(Strict):

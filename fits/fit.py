@@ -98,6 +98,7 @@ class FitSettings:
     holdout_rungs: int
     annealed_only: bool = True  # recorded here; RunDir.fit_inputs applies it
     plateau_margin: dict[str, float] = dataclasses.field(default_factory=dict)  # metric -> margin per decade
+    slope_method: str = "cluster_jackknife"  # a key of fits.slopes.METHODS: the run-level interval of a slope
     n_jobs: int | None = None  # bootstrap processes; None: one per CPU
     n_starts: int = 100  # ChinchillaFit's screened starting points
     level: float = LEVEL
@@ -335,7 +336,7 @@ def downstream_trends(rows: pd.DataFrame, points: pd.DataFrame, s: FitSettings) 
             axes = scaling_verdicts(frame, y_col="value", higher_is_better=higher_is_better,
                                     margin=margin if margin is not None else 1.0, n_col="N", d_col="D", c_col="C",
                                     loss_col="pretrain_val_loss", run_col="trial_id", block_col="split_seed",
-                                    level=s.level, seed=s.seed)
+                                    method=s.slope_method, level=s.level, seed=s.seed)
         if margin is None:
             axes = {key: dataclasses.replace(trend, combined=_not_testable(trend.combined, margin_reason),
                                              per_stratum=tuple((value, _not_testable(v, margin_reason))
@@ -1178,9 +1179,10 @@ def fit_table(path: Path, law: str = "chinchilla", *, n_col: str = "N", d_col: s
 
 
 def trend_table(path: Path, x_col: str, y_col: str, *, group_col: str | None = None, higher_is_better: bool = True,
-                margin: float | None = None) -> dict:
+                margin: float | None = None, method: str | None = None) -> dict:
     """fits.verdicts.trend_on_table on a CSV or Parquet table: the slope of y_col per decade of x_col (log10), its
-    interval, the margin, the minimal detectable slope and the verdict. group_col: the independent unit (a run)."""
+    interval, the margin, the minimal detectable slope and the verdict. group_col: the independent unit (a run);
+    method: the interval (fits.slopes.METHODS; default the cluster jackknife with group_col, else OLS)."""
     table = read_table(path)
     _check_columns(path, table, {"--x-col": x_col, "--y-col": y_col,
                                  **({"--group-col": group_col} if group_col is not None else {})})
@@ -1192,7 +1194,7 @@ def trend_table(path: Path, x_col: str, y_col: str, *, group_col: str | None = N
         raise ValueError(f"{path}: the default {metric_label(y_col)} margin is a fraction of the task's label sd, "
                          f"which a table does not carry; give --margin M in {y_col} units per decade of {x_col}")
     return {"table": str(path), **trend_on_table(table, x_col, y_col, group_col=group_col,
-                                                 higher_is_better=higher_is_better, margin=margin)}
+                                                 higher_is_better=higher_is_better, margin=margin, method=method)}
 
 
 def format_fit(result: dict) -> str:

@@ -104,6 +104,21 @@ def test_a_margin_in_the_sweep_file_makes_rmse_trends_testable_without_label_sd(
     assert fits["settings"]["plateau_margin"] == {"rmse": 0.05} and fits["trend_tests"]["n_tests"] == 12
 
 
+@pytest.mark.parametrize("method", ["mixedlm", "cluster"])
+def test_fits_slope_method_chooses_every_verdicts_interval(tmp_path, method):
+    default = fit_run(make_run(tmp_path / "jackknife"), n_bootstrap=0, n_jobs=1, n_starts=20)
+    chosen = fit_run(make_run(tmp_path / method, fits={"slope_method": method}), n_bootstrap=0, n_jobs=1, n_starts=20)
+    pairs = [(a["verdicts"][k], b["verdicts"][k]) for a, b in zip(default["downstream"], chosen["downstream"],
+                                                                   strict=True) for k in a["verdicts"]]
+    tested = [(a, b) for a, b in pairs if a["status"] == "ok" and b["status"] == "ok"]
+    assert tested and chosen["settings"]["slope_method"] == method
+    assert {b["method"] for _, b in tested} == {method} and {a["method"] for a, _ in tested} == {"cluster_jackknife"}
+    # the same point estimate (OLS with strata and blocks), another interval; MixedLM estimates its own slope
+    assert any(a["se"] != pytest.approx(b["se"], rel=1e-6) for a, b in tested)
+    if method == "cluster":
+        assert all(a["slope"] == pytest.approx(b["slope"], rel=1e-9) for a, b in tested)
+
+
 # --------------------------------------------------------------------------------------------
 # Proxies: when they are measured, and how they join the downstream points
 
