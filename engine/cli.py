@@ -126,11 +126,12 @@ def sweep(
     sweep_file: Path,
     resume: bool = typer.Option(False, help="Continue an interrupted sweep in the same run directory."),
     address: str = typer.Option(None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
+    expect_gpus: int = typer.Option(None, min=0, help="GPUs an autoscaling cluster can grow to (resources.cluster_max GPU)."),
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
     from engine import sweep as sweep_mod
 
-    cfg = _load_checked(sweep_file)
+    cfg = sweep_mod.expect_gpus(_load_checked(sweep_file), expect_gpus)
     _init_ray(address)
     table = sweep_mod.run_sweep(cfg, resume=resume)
     typer.echo(f"{len(table)} checkpoints in {RunDir(cfg.run_dir).table_path('pretrain')}")
