@@ -187,7 +187,7 @@ def run_trial(config: dict) -> None:
         train_loop_per_worker,
         train_loop_config=spec.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=_backend(use_gpu)),
         datasets={"train": train_ds},
         run_config=TrainRunConfig(
             name=trial.trial_id,
@@ -201,6 +201,14 @@ def run_trial(config: dict) -> None:
         trainer.fit()
     finally:
         _remove_leftover_placement_group(folder)
+
+
+def _backend(use_gpu: bool) -> str:
+    """NCCL for GPU workers where torch has it; gloo otherwise (also for logical GPUs on a CPU-only torch,
+    as on test clusters: Ray would pick NCCL for any GPU request, and a CPU build has none)."""
+    import torch.distributed as dist
+
+    return "nccl" if use_gpu and dist.is_nccl_available() else "gloo"
 
 
 def _remove_leftover_placement_group(folder: TrialDir) -> None:
@@ -236,6 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
     Rank 0 also records its placement group (see `_remove_leftover_placement_group`) and appends its
     Ray node id to the trial's `nodes.txt`, so a restart after a node failure shows where it went.
     """
+    import torch
     from ray.train.torch import get_device
 
     from engine import data
@@ -264,7 +273,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_split_tokens=spec.train_split_tokens,
         tokenizer_dir=rd.tokenizer,
         report=DashboardReporter(trial.trial_id, spec.budget_tokens),
-        device=get_device(),
+        device=get_device() if torch.cuda.is_available() else torch.device("cpu"),  # logical GPUs: no CUDA
     )
 
 

@@ -196,3 +196,173 @@ def test_searcher_gives_up_when_the_nodes_never_come_and_nothing_runs():
     cluster.now = 32.0
     with pytest.raises(ScaleUpTimeout, match=r"trials gpu_a wait for room that did not come in 30 s .* 1 GPUs in all"):
         searcher.suggest("late")
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny sweep on a real autoscaling cluster, in its own process
+
+SCENARIO_TIMEOUT_S = 600  # ~4 min alone; a shared 2-core machine under load (load average 40) took 5+
+TRIALS = ["xxs_15ktok_s0", "xxs_15ktok_s1"]
+GPU_TYPE = "ray.worker.gpu"
+
+
+def autoscaler_config(gcs_address: str) -> dict:
+    """Ray's fake-provider example config (absent from the 2.60 wheel), with a GPU worker type from zero."""
+    return {
+        "cluster_name": "clmscale-autoscaling-test",
+        "max_workers": 2,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+            GPU_TYPE: {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 100 * 1024**2},
+                       "node_config": {}, "min_workers": 0, "max_workers": 1},
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1, "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }  # fmt: skip
+
+
+def scenario(work: Path) -> None:
+    """Autoscaling head up, the sweep (GPU trials, no GPU yet), the GPU node's arrival and departure
+    watched from here; observations to work/observed.json."""
+    import threading
+
+    import ray
+    from test_multinode import _free_port, _wait_for
+    from test_sweep import write_sweep
+
+    from engine.config import load_sweep
+    from engine.prepare import prepare
+    from engine.rundir import RunDir
+    from engine.sweep import run_sweep
+
+    observed: dict = {"phase": "start"}
+    out = work / "observed.json"
+
+    def save(**update) -> None:
+        observed.update(update)
+        out.write_text(json.dumps(observed, indent=1, default=str))
+
+    t0 = time.monotonic()
+    try:
+        port = _free_port()
+        bootstrap = Path(os.environ["HOME"]) / "ray_bootstrap_config.yaml"  # where `ray up` puts it
+        bootstrap.write_text(yaml.safe_dump(autoscaler_config(f"127.0.0.1:{port}")))
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+               "--num-gpus=0", f"--temp-dir={os.environ['RAY_TMPDIR']}/ray", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", "--dashboard-agent-listen-port=0",
+               f"--ray-client-server-port={_free_port()}", "--object-store-memory=100000000",
+               f"--autoscaling-config={bootstrap}", "--disable-usage-stats"]  # fmt: skip
+        env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        subprocess.run(cmd, env=env, check=True, timeout=120, cwd=work)
+        ray.init(address=f"127.0.0.1:{port}")
+        save(phase="cluster", cluster_start_s=time.monotonic() - t0, gpus_at_start=ray.cluster_resources().get("GPU", 0))
+
+        cfg = load_sweep(write_sweep(work, "auto", ["xxs"], [1.5e4], seeds=(0, 1), checkpoints=1,
+                                     resources={"workers": 1, "cpus_per_worker": 0.5, "gpus_per_worker": 0.5,
+                                                "max_failures": 1, "scale_up_timeout_s": 180}))  # fmt: skip
+        rd = RunDir(cfg.run_dir)
+        prepare(cfg.data, rd.data)  # on the head's CPUs; run_sweep then finds it done
+        outcome: dict = {}
+
+        def sweep() -> None:
+            try:
+                outcome["table"] = run_sweep(cfg)
+            except BaseException as err:  # noqa: BLE001 - reported in observed.json
+                outcome["error"] = repr(err)
+
+        runner = threading.Thread(target=sweep, daemon=True)
+        t_sweep = time.monotonic()
+        runner.start()
+        asked = _wait_for(_asked_for_gpus, timeout=120, alive=runner.is_alive, what="a request for GPUs", every=0.5)
+        started_while_asking = [t for t in TRIALS if rd.trial(t).nodes()]
+        gpu_node = _wait_for(lambda: _gpu_nodes(ray), timeout=180, alive=runner.is_alive, what="a GPU node", every=0.5)
+        save(phase="scaled up", asked=asked, started_while_asking=started_while_asking, gpu_node=gpu_node[0],
+             gpu_node_up_s=time.monotonic() - t_sweep)
+        runner.join(timeout=400)
+        if runner.is_alive():
+            raise TimeoutError("the sweep did not finish within 400 s of the GPU node's arrival")
+        if "error" in outcome:
+            raise RuntimeError(f"run_sweep failed: {outcome['error']}")
+        save(phase="swept", sweep_s=time.monotonic() - t_sweep, run_dir=str(rd.root),
+             trial_nodes={t: rd.trial(t).nodes() for t in TRIALS})
+        save(phase="done", asked_after=_request(), total_s=time.monotonic() - t0)
+    except BaseException as err:
+        save(error=repr(err))
+        raise
+    finally:
+        ray.shutdown()
+
+
+def _request() -> list[dict]:
+    """What the driver last asked the (v1) autoscaler for: `request_resources` writes it to the GCS."""
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+def _asked_for_gpus() -> list[dict] | None:
+    asked = _request()
+    return asked if any(b.get("GPU") for b in asked) else None
+
+
+def _gpu_nodes(ray) -> list[str]:
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
+
+
+@pytest.mark.slow  # 4-6 min on the shared 2-core machine
+@pytest.mark.timeout(SCENARIO_TIMEOUT_S + 120)
+def test_gpu_trials_wait_for_the_autoscaler_then_run_on_the_node_it_adds(tmp_path):
+    from test_multinode import MARKER, _kill_all
+
+    marker = uuid.uuid4().hex
+    ray_tmp = Path(tempfile.mkdtemp(prefix="clm-as-"))  # short: Ray's socket paths live under it
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, MARKER: marker, "RAY_TMPDIR": str(ray_tmp), "HOME": str(home),
+           "RAY_AUTH_MODE": "disabled",  # a loopback-only test cluster; no token under the temporary HOME
+           "RAY_ENABLE_AUTO_CONNECT": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "scenario.log"
+    start = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=SCENARIO_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            left = _kill_all(proc, marker, ray_tmp)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    wall = time.monotonic() - start
+    tail = log.read_text(errors="replace")[-6000:]
+    observed = json.loads((tmp_path / "observed.json").read_text()) if (tmp_path / "observed.json").exists() else {}
+    print(json.dumps({**observed, "test_wall_s": wall}, indent=1))
+    assert rc == 0, f"scenario exited {rc} in phase {observed.get('phase')}: {observed.get('error')}\n{tail}"
+    assert not left, f"processes left behind: {left}"
+
+    from engine.rundir import RunDir
+
+    assert observed["gpus_at_start"] == 0  # the GPU workers scale from zero
+    # held, not started (nor refused), while the autoscaler was asked for both trials' bundles
+    assert observed["started_while_asking"] == []
+    assert [b for b in observed["asked"] if "GPU" in b] == [{"CPU": 0.5, "GPU": 0.5}] * 2
+    table = RunDir(Path(observed["run_dir"])).read_table("pretrain")
+    assert set(table["trial_id"]) == set(TRIALS) and (table["status"] == "finished").all()
+    for trial, nodes in observed["trial_nodes"].items():  # each trial's Train worker ran on the node the autoscaler added
+        assert nodes and set(nodes) == {observed["gpu_node"]}, (trial, nodes)
+    assert observed["asked_after"] == []  # withdrawn at the end: the autoscaler may take the node away
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_sweep, test_multinode, conftest
+    scenario(Path(sys.argv[1]))
