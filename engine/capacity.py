@@ -108,7 +108,7 @@ def ceiling(now: Sequence[Node], cluster_max: Mapping[str, float] | None, *,
         config = yaml.safe_load(bootstrap_config.read_text()) or {}
         if config.get("available_node_types"):
             return Ceiling(nodes_from_autoscaler_config(config), f"the autoscaler config {bootstrap_config}")
-    return Ceiling(None, "no autoscaler limits found; set resources.cluster_max or --expect-gpus")
+    return Ceiling(None, "no autoscaler limits found")
 
 
 def ceiling_from_ray(now: Sequence[Node], cluster_max: Mapping[str, float] | None) -> Ceiling:
