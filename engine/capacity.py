@@ -97,7 +97,8 @@ def _node(resources: Mapping[str, float]) -> Node:
 
 
 def ceiling(now: Sequence[Node], cluster_max: Mapping[str, float] | None, *,
-            source: str = "resources.cluster_max / --expect-gpus", cluster_config: Sequence[tuple[Mapping[str, float], int]] | None = None,
+            source: str = "resources.cluster_max / --expect-gpus",
+            cluster_config: Sequence[tuple[Mapping[str, float], int]] | None = None,
             bootstrap_config: Path | None = None) -> Ceiling:
     """The ceiling from what is known, first found first (see the module's docstring)."""
     if cluster_max is not None:

@@ -149,10 +149,11 @@ class PackingSearcher(Searcher):
         if self._stalled_since is None:
             self._stalled_since = now
         elif now - self._stalled_since > self._timeout_s:
+            up, asked = nodes_text(self._ledger.alive_nodes), _bundles_summary(self._asked)
             raise ScaleUpTimeout(
                 f"trials {', '.join(self.held)} wait for room that did not come in {self._timeout_s:g} s "
-                f"(resources.scale_up_timeout_s): nothing runs, the cluster has {nodes_text(self._ledger.alive_nodes)}, "
-                f"and {len(self._asked or [])} bundle(s) were asked of the autoscaler ({_bundles_summary(self._asked)}); "
+                f"(resources.scale_up_timeout_s): nothing runs, the cluster has {up}, and "
+                f"{len(self._asked or [])} bundle(s) were asked of the autoscaler ({asked}); "
                 "check `ray status` for nodes that failed to launch, or lower resources.cluster_max"
             )
 
