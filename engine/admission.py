@@ -15,18 +15,26 @@ left that still fits it (best fit, lowest index on ties), a whole-GPU bundle tak
 lowest index first; a trial's bundles stay on one node when they can (Ray Train's default PACK
 placement group), else spill to the next node that fits. Quantities are Ray's fixed point, 1e-4.
 
+Autoscaling clusters: the ledger admits against the nodes that are up (`sync_nodes` adds the ones
+an autoscaler brought and drops the ones it took away), but it refuses up front only a trial that
+cannot fit its `ceiling`, the nodes the cluster can grow to (`engine/capacity.py`). A trial that fits
+the ceiling and not the nodes up now waits; `wanted` names the trials a grown cluster would start,
+whose bundles `engine/packing.py` asks the autoscaler for.
+
 No ray import: `AdmissionController` is a plain class; `engine/packing.py` plugs it into Tune and
 `engine/plan.py` replays it to estimate a grid's makespan.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from engine.config import ResourcesConfig
 
 _UNIT = 10_000  # Ray's FixedPoint resolution (1e-4)
+UNBOUNDED_CPUS = 1e6  # the CPUs of a planned node whose CPUs were not given: "enough"
 
 # What a sweep's trial holds besides its workers, and what the cluster keeps free. engine/sweep.py
 # has the same two numbers (TRIAL_CPU, DATA_CPUS); they belong here, where they are counted.
@@ -78,6 +86,7 @@ def trial_need(resources: ResourcesConfig, trial_cpus: float) -> TrialNeed:
 class Node:
     cpus: float
     gpus: int = 0
+    node_id: str = ""  # Ray's node id, for nodes that come and go; "" for a planned node
 
 
 def largest_first(need: TrialNeed, cost: float = 0.0) -> tuple[float, ...]:
@@ -87,8 +96,13 @@ def largest_first(need: TrialNeed, cost: float = 0.0) -> tuple[float, ...]:
 
 @dataclass
 class _NodeState:
-    cpu_free: int  # fixed point
-    gpu_free: list[int]  # fixed point, one entry per GPU instance
+    node: Node
+    cpu_free: int = field(init=False)  # fixed point
+    gpu_free: list[int] = field(init=False)  # fixed point, one entry per GPU instance
+    alive: bool = True  # False once the node left: nothing new is placed there
+
+    def __post_init__(self) -> None:
+        self.cpu_free, self.gpu_free = _fixed(self.node.cpus), [_UNIT] * int(self.node.gpus)
 
 
 @dataclass(frozen=True)
@@ -111,19 +125,26 @@ class AdmissionController:
 
     `add` queues a trial, `admit` starts every queued trial that fits now (in priority order,
     smaller ones filling the gaps a larger one cannot use), `release` frees a finished trial.
-    A trial that could not fit even the empty cluster is refused by `add`, so nothing waits forever.
+    A trial that could not fit even the empty cluster (its `ceiling`, when it can grow) is refused
+    by `add`, so nothing waits forever.
     """
 
     nodes: Sequence[Node]
     reserved_cpus: float = 0.0  # kept free on at least one node (Ray Data's tasks need a whole CPU there)
+    ceiling: Sequence[Node] | None = None  # the nodes the cluster can grow to; None: `nodes`, fixed
     _state: list[_NodeState] = field(init=False)
     _entries: dict[Hashable, _Entry] = field(init=False, default_factory=dict)
     _n_added: int = field(init=False, default=0)  # tie-breaker: among equal priorities, first added first
 
     def __post_init__(self) -> None:
-        if not self.nodes:
+        if not self.nodes and not self.ceiling:
             raise ValueError("the cluster needs at least one node")
-        self._state = [_NodeState(_fixed(n.cpus), [_UNIT] * int(n.gpus)) for n in self.nodes]
+        self._state = [_NodeState(n) for n in self.nodes]
+
+    @property
+    def limit_nodes(self) -> Sequence[Node]:
+        """The largest cluster the trials can ever have: the ceiling, or the nodes when fixed."""
+        return self.ceiling if self.ceiling is not None else self.nodes
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -136,6 +157,14 @@ class AdmissionController:
     @property
     def running(self) -> list[Hashable]:
         return [k for k, e in self._entries.items() if e.placement is not None]
+
+    @property
+    def alive_nodes(self) -> list[Node]:
+        """The nodes the ledger places on now."""
+        return [s.node for s in self._state if s.alive]
+
+    def need(self, key: Hashable) -> TrialNeed:
+        return self._entries[key].need
 
     @property
     def free_gpus(self) -> float:
@@ -153,16 +182,42 @@ class AdmissionController:
         return True
 
     def fits_empty(self, need: TrialNeed) -> bool:
-        """Whether the trial fits the whole cluster with nothing else running."""
-        return AdmissionController(self.nodes, self.reserved_cpus).fits_now(need)
+        """Whether the trial fits the whole cluster, grown to its ceiling, with nothing else running."""
+        return AdmissionController(self.limit_nodes, self.reserved_cpus).fits_now(need)
 
     def capacity_text(self) -> str:
-        cpus = sum(n.cpus for n in self.nodes)
-        gpus = sum(n.gpus for n in self.nodes)
-        return (f"{len(self.nodes)} node(s) with {cpus:g} CPUs and {gpus:g} GPUs in all "
-                f"({self.reserved_cpus:g} CPU kept free for Ray Data)")
+        text = nodes_text(self.limit_nodes)
+        if self.ceiling is not None:
+            text = f"at most {text} once grown"
+        return f"{text} ({self.reserved_cpus:g} CPU kept free for Ray Data)"
+
+    def wanted(self, limit: int | None = None) -> list[Hashable]:
+        """The queued trials a cluster grown to its ceiling would start now, beside those running (at
+        most `limit` running in all), in admission order: what to ask an autoscaler for."""
+        grown = AdmissionController(self.limit_nodes, self.reserved_cpus)
+        for key in self.running:  # first, as they hold their resources already
+            grown.add(key, self._entries[key].need, (-math.inf,))
+        grown.admit()
+        for key in self.pending:
+            grown.add(key, self._entries[key].need, self._entries[key].priority)
+        return grown.admit(limit)
 
     # ---- changes ---------------------------------------------------------------------------
+
+    def sync_nodes(self, nodes: Sequence[Node]) -> bool:
+        """Follow the cluster's alive nodes (each with its `node_id`): add the new ones, stop placing on
+        those gone. Trials placed on a node that left keep their entry until released. True if changed."""
+        alive = {n.node_id for n in nodes}
+        changed = False
+        for s in self._state:
+            if s.node.node_id and s.alive and s.node.node_id not in alive:
+                s.alive, changed = False, True
+        known = {s.node.node_id for s in self._state if s.alive}
+        for n in nodes:
+            if n.node_id and n.node_id not in known:
+                self._state.append(_NodeState(n))
+                changed = True
+        return changed
 
     def add(self, key: Hashable, need: TrialNeed, priority: tuple[float, ...] | None = None) -> None:
         if key in self._entries:
@@ -210,8 +265,9 @@ class AdmissionController:
         cpu: list[tuple[int, int]] = []
         gpu: list[tuple[int, int, int]] = []
         used_nodes: list[int] = []
+        alive = [i for i, s in enumerate(self._state) if s.alive]
         for bundle in need.bundles:
-            order = used_nodes + [i for i in range(len(self._state)) if i not in used_nodes]  # PACK
+            order = used_nodes + [i for i in alive if i not in used_nodes]  # PACK
             for i in order:
                 got = self._take_bundle(i, bundle)
                 if got is not None:
@@ -225,7 +281,7 @@ class AdmissionController:
                 return None
         # the trial actor: on the node of its first worker when it has room, else anywhere
         actor = _fixed(need.trial_cpus)
-        for i in used_nodes + [i for i in range(len(self._state)) if i not in used_nodes]:
+        for i in used_nodes + [i for i in alive if i not in used_nodes]:
             if self._state[i].cpu_free >= actor:
                 self._state[i].cpu_free -= actor
                 cpu.append((i, actor))
@@ -234,7 +290,7 @@ class AdmissionController:
             self._undo(_Placement(tuple(cpu), tuple(gpu)))
             return None
         placement = _Placement(tuple(cpu), tuple(gpu))
-        if max(s.cpu_free for s in self._state) < _fixed(self.reserved_cpus):
+        if max((self._state[i].cpu_free for i in alive), default=0) < _fixed(self.reserved_cpus):
             self._undo(placement)
             return None
         return placement
@@ -281,6 +337,12 @@ def copies_that_fit(need: TrialNeed, nodes: Sequence[Node], reserved_cpus: float
         ledger.admit()
         n += 1
     return n
+
+
+def nodes_text(nodes: Sequence[Node]) -> str:
+    cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+    cpu_text = "unbounded" if cpus >= UNBOUNDED_CPUS else f"{cpus:g}"
+    return f"{len(nodes)} node(s) with {cpu_text} CPUs and {gpus:g} GPUs in all"
 
 
 def _bundles_text(need: TrialNeed) -> str:

@@ -150,11 +150,12 @@ def sweep(
     resume: bool = typer.Option(False, help="Continue an interrupted sweep in the same run directory."),
     address: str = typer.Option(None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
     storage_root: Path = _storage_root_option(),
+    expect_gpus: int = typer.Option(None, min=0, help="GPUs an autoscaling cluster can grow to (resources.cluster_max GPU)."),
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
     from engine import sweep as sweep_mod
 
-    cfg = _load_checked(sweep_file, storage_root)
+    cfg = sweep_mod.expect_gpus(_load_checked(sweep_file, storage_root), expect_gpus)
     rd = RunDir(cfg.run_dir)
     with _driver(rd, f"clmscale sweep {sweep_file}"):
         _init_ray(address)

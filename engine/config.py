@@ -238,6 +238,10 @@ class ResourcesConfig(Strict):
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster fits
     gpu_memory_gb: float | None = Field(None, gt=0)  # per GPU, for the planner; None: asked of the cluster
     max_failures: int = Field(2, ge=0)  # retries of a trial whose worker dies
+    # What an autoscaling cluster can grow to, in all ({GPU: 8, CPU: 64}); None: the autoscaler's own
+    # limits where Ray exposes them, else the nodes up at the start. A missing CPU means "enough".
+    cluster_max: dict[Literal["CPU", "GPU"], Annotated[float, Field(ge=0)]] | None = None
+    scale_up_timeout_s: float = Field(1800.0, gt=0)  # nothing runs and the nodes asked for never came: fail
 
     @model_validator(mode="after")
     def _whole_gpus_for_many(self) -> ResourcesConfig:

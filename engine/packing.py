@@ -18,22 +18,33 @@ searcher in a ConcurrencyLimiter that never limits but raises Tune's `_max_pendi
 custom searcher from 1 to the grid size, so every trial that fits is started in the same step
 (tune_controller.py `_get_max_pending_trials`).
 
-Limits: the ledger is built from the nodes alive when the sweep starts; a node lost mid-sweep is
-still counted (its trials are restarted by Tune and may wait for room until others finish), and
-nodes an autoscaler adds are not used for packing.
+Autoscaling. The searcher follows the cluster's alive nodes (`live_nodes`, polled at most every
+`poll_s`): nodes an autoscaler adds are packed as soon as they are up, nodes that left get nothing
+new. A trial that fits the `ceiling` (what the cluster can grow to, `engine.capacity`) but not the
+nodes up now is held, not refused: the searcher asks the autoscaler (`request`, i.e.
+`ray.autoscaler.sdk.request_resources`) for the bundles of the running trials and of the queued
+ones a grown cluster would start, and admits them once their whole worker group fits the nodes
+that arrived. Smaller trials keep filling what is free meanwhile. If nothing runs, nothing can be
+admitted and the nodes did not change for `scale_up_timeout_s`, `suggest` raises `ScaleUpTimeout`
+(naming the held trials and what was asked for) instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray
 from ray.tune.search import Searcher
 
-from engine.admission import AdmissionController, Node, TrialNeed, largest_first
+from engine.admission import AdmissionController, Node, TrialNeed, largest_first, nodes_text
+
+
+class ScaleUpTimeout(RuntimeError):
+    """Queued trials wait for nodes the autoscaler did not bring, and nothing else runs."""
 
 
 class PackingSearcher(Searcher):
@@ -41,7 +52,9 @@ class PackingSearcher(Searcher):
 
     `costs[i]` (e.g. the planner's wall-hours) breaks ties between trials of the same size:
     longest first. `max_concurrent` caps the trials running at once (`resources.max_concurrent_trials`).
-    Raises ValueError, naming the trial, when one cannot fit even the idle cluster.
+    Raises ValueError, naming the trial, when one cannot fit even the idle cluster (its `ceiling`).
+    With `live_nodes` (a callable returning the alive nodes with their ids) the ledger follows the
+    cluster; with `request` (called with a list of resource dicts) it asks an autoscaler for room.
     """
 
     def __init__(
@@ -54,6 +67,12 @@ class PackingSearcher(Searcher):
         reserved_cpus: float,
         costs: Sequence[float] | None = None,
         max_concurrent: int | None = None,
+        ceiling: Sequence[Node] | None = None,
+        live_nodes: Callable[[], list[Node]] | None = None,
+        request: Callable[[list[dict[str, float]]], None] | None = None,
+        poll_s: float = 1.0,
+        scale_up_timeout_s: float = 1800.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__()
         if not len(configs) == len(needs) == len(names):
@@ -61,24 +80,83 @@ class PackingSearcher(Searcher):
         if len(set(names)) != len(names):
             raise ValueError("trial names must be unique")
         self._configs = dict(zip(names, configs, strict=True))
-        self._ledger = AdmissionController(list(nodes), reserved_cpus)
+        self._ledger = AdmissionController(list(nodes), reserved_cpus, ceiling=ceiling)
         for i, (name, need) in enumerate(zip(names, needs, strict=True)):
             self._ledger.add(name, need, largest_first(need, costs[i] if costs is not None else 0.0))
         self._max_concurrent = max_concurrent
         self._ready: list[str] = []  # admitted by the ledger, not yet handed to Tune
         self._live: dict[str, str] = {}  # Tune's trial id -> our trial name
+        self._live_nodes, self._request, self._clock = live_nodes, request, clock
+        self._poll_s, self._timeout_s = poll_s, scale_up_timeout_s
+        self._polled = -float("inf")
+        self._asked: list[dict[str, float]] | None = None  # the last request to the autoscaler
+        self._stalled_since: float | None = None  # nothing runs, nothing fits, no node came
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the grid comes from `configs`; Tune's param_space should be {}
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        nodes_changed = self._follow_nodes()
         if not self._ready:
             self._ready = list(self._ledger.admit(self._max_concurrent))
         if self._ready:
+            self._stalled_since = None
             name = self._ready.pop(0)
             self._live[trial_id] = name
+            self._ask_for_room()
             return copy.deepcopy(self._configs[name])
-        return Searcher.FINISHED if not self._ledger.pending else None
+        if not self._ledger.pending:
+            return Searcher.FINISHED
+        self._ask_for_room()
+        self._check_stall(nodes_changed)
+        return None
+
+    @property
+    def held(self) -> list[str]:
+        """Queued trials that fit what the cluster can grow to but not what is free now."""
+        return [str(k) for k in self._ledger.pending]
+
+    @property
+    def asked(self) -> list[dict[str, float]] | None:
+        """The bundles last asked of the autoscaler (None: never asked)."""
+        return self._asked
+
+    def _follow_nodes(self) -> bool:
+        if self._live_nodes is None or self._clock() - self._polled < self._poll_s:
+            return False
+        self._polled = self._clock()
+        return self._ledger.sync_nodes(self._live_nodes())
+
+    def _ask_for_room(self) -> None:
+        """Ask the autoscaler for every running trial's bundles and those of the trials a grown cluster
+        would start next (the request replaces the previous one; Ray keeps nodes up to honour it)."""
+        if self._request is None:
+            return
+        keys = list(self._ledger.running) + self._ledger.wanted(self._max_concurrent)
+        bundles = [{"CPU": self._ledger.reserved_cpus}] if self._ledger.reserved_cpus else []
+        for key in keys:
+            need = self._ledger.need(key)
+            bundles += [{"CPU": b.cpus, **({"GPU": b.gpus} if b.gpus else {})} for b in need.bundles]
+            bundles.append({"CPU": need.trial_cpus})
+        if bundles != self._asked:
+            self._request(bundles)
+            self._asked = bundles
+
+    def _check_stall(self, nodes_changed: bool) -> None:
+        if self._ledger.running or nodes_changed:
+            self._stalled_since = None
+            return
+        now = self._clock()
+        if self._stalled_since is None:
+            self._stalled_since = now
+        elif now - self._stalled_since > self._timeout_s:
+            up, asked = nodes_text(self._ledger.alive_nodes), _bundles_summary(self._asked)
+            raise ScaleUpTimeout(
+                f"trials {', '.join(self.held)} wait for room that did not come in {self._timeout_s:g} s "
+                f"(resources.scale_up_timeout_s): nothing runs, the cluster has {up}, and "
+                f"{len(self._asked or [])} bundle(s) were asked of the autoscaler ({asked}); "
+                "check `ray status` for nodes that failed to launch, or lower resources.cluster_max"
+            )
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         name = self._live.pop(trial_id, None)
@@ -97,10 +175,24 @@ class PackingSearcher(Searcher):
 def ray_nodes() -> list[Node]:
     """The alive nodes of the connected Ray cluster, as the ledger sees them."""
     return [
-        Node(cpus=float(n["Resources"].get("CPU", 0.0)), gpus=int(n["Resources"].get("GPU", 0)))
+        Node(cpus=float(n["Resources"].get("CPU", 0.0)), gpus=int(n["Resources"].get("GPU", 0)), node_id=n["NodeID"])
         for n in ray.nodes()
         if n["Alive"]
     ]
+
+
+def request_resources(bundles: list[dict[str, float]]) -> None:
+    """Ask the cluster's autoscaler to make room for all `bundles` at once (an empty list withdraws
+    the request). A no-op on a cluster without an autoscaler."""
+    from ray.autoscaler.sdk import request_resources as ask
+
+    ask(bundles=bundles)
+
+
+def _bundles_summary(bundles: list[dict[str, float]] | None) -> str:
+    cpus = sum(b.get("CPU", 0.0) for b in bundles or [])
+    gpus = sum(b.get("GPU", 0.0) for b in bundles or [])
+    return f"{cpus:g} CPUs and {gpus:g} GPUs in all"
 
 
 def gpu_memory_gb(timeout_s: float = 120.0) -> float | None:

@@ -13,8 +13,9 @@ The story, in the order it runs:
    `results/pretrain.parquet`, one row per checkpoint.
 
 Every file is read and written through `engine.rundir`. Resources are computed from the cluster
-before anything starts: a trial that cannot fit the cluster is an error, not a hang, and Ray Data
-always keeps a CPU for itself.
+before anything starts: a trial that cannot fit the cluster, grown to what its autoscaler allows
+(`engine.capacity`), is an error, not a hang; one that fits only a grown cluster waits while the
+autoscaler is asked for its nodes; and Ray Data always keeps a CPU for itself.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import ray
 from ray import tune
 
 from engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Node, trial_need
+from engine.capacity import Ceiling
 from engine.config import Strict, SweepConfig, Trial, expand_grid
 from engine.rundir import TABLES, Manifest, RunDir, TrainResult, TrialDir
 
@@ -93,25 +95,38 @@ def token_budget(trial: Trial, manifest: Manifest) -> int:
 # 2. resources: what fits, and the ZeRO stage and micro-batch of `auto`
 
 
-def check_fits(trials: list[Trial], nodes: list[Node]) -> None:
+def check_fits(trials: list[Trial], nodes: list[Node], ceiling: Ceiling | None = None) -> None:
     """Raise, naming the trial, its need and the cluster, if a trial cannot fit even the idle cluster
-    (its Tune actor, every worker bundle, and one CPU left for Ray Data): it would wait forever."""
-    ledger = AdmissionController(nodes, DATA_CPUS)
+    grown to its ceiling (its Tune actor, every worker bundle, and one CPU left for Ray Data): it
+    would wait forever."""
+    ledger = AdmissionController(nodes, DATA_CPUS, ceiling=ceiling.nodes if ceiling is not None else None)
     for t in trials:
         need = trial_need(t.resources, TRIAL_CPU)
         if not ledger.fits_empty(need):
+            where = ceiling.text(nodes) if ceiling is not None else ledger.capacity_text()
             raise SweepError(
                 f"trial {t.trial_id} needs {need.cpus:g} CPUs (+{DATA_CPUS:g} for Ray Data) and {need.gpus:g} GPUs, "
-                f"but the cluster has {ledger.capacity_text()} ({t.resources.workers} worker(s) of "
+                f"but the cluster has {where} ({t.resources.workers} worker(s) of "
                 f"{t.resources.cpus_per_worker:g} CPUs and {t.resources.gpus_per_worker:g} GPUs); lower "
                 "resources.workers, cpus_per_worker or gpus_per_worker"
+                + ("" if ceiling is not None and ceiling.grows else
+                   ", or, on an autoscaling cluster, give what it can grow to: resources.cluster_max or --expect-gpus")
             )
+
+
+def expect_gpus(cfg: SweepConfig, n_gpus: int | None) -> SweepConfig:
+    """The sweep with `resources.cluster_max` GPUs set to `n_gpus` (`clmscale sweep --expect-gpus`)."""
+    if n_gpus is None:
+        return cfg
+    cluster_max = {**(cfg.resources.cluster_max or {}), "GPU": float(n_gpus)}
+    return cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"cluster_max": cluster_max})})
 
 
 def resolve_auto(trials: list[Trial], nodes: list[Node], cfg: SweepConfig, vocab_size: int) -> list[Trial]:
     """Each trial with `zero_stage` / `micro_batch_size: auto` made concrete by `engine.plan.choose`:
     ZeRO 0 when it fits one device, else the smallest stage that fits; the largest micro-batch that
-    fits. Raises SweepError (with the numbers) for a trial that fits nowhere."""
+    fits. `nodes`: the cluster grown to its ceiling. Raises SweepError (with the numbers) for a trial
+    that fits nowhere."""
     from engine import plan
 
     if not any(plan.needs_choice(t) for t in trials):
@@ -172,7 +187,7 @@ def run_trial(config: dict) -> None:
         train_loop_per_worker,
         train_loop_config=spec.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=_backend(use_gpu)),
         datasets={"train": train_ds},
         run_config=TrainRunConfig(
             name=trial.trial_id,
@@ -186,6 +201,14 @@ def run_trial(config: dict) -> None:
         trainer.fit()
     finally:
         _remove_leftover_placement_group(folder)
+
+
+def _backend(use_gpu: bool) -> str:
+    """NCCL for GPU workers where torch has it; gloo otherwise (also for logical GPUs on a CPU-only torch,
+    as on test clusters: Ray would pick NCCL for any GPU request, and a CPU build has none)."""
+    import torch.distributed as dist
+
+    return "nccl" if use_gpu and dist.is_nccl_available() else "gloo"
 
 
 def _remove_leftover_placement_group(folder: TrialDir) -> None:
@@ -221,6 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
     Rank 0 also records its placement group (see `_remove_leftover_placement_group`) and appends its
     Ray node id to the trial's `nodes.txt`, so a restart after a node failure shows where it went.
     """
+    import torch
     from ray.train.torch import get_device
 
     from engine import data
@@ -249,7 +273,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_split_tokens=spec.train_split_tokens,
         tokenizer_dir=rd.tokenizer,
         report=DashboardReporter(trial.trial_id, spec.budget_tokens),
-        device=get_device(),
+        device=get_device() if torch.cuda.is_available() else torch.device("cpu"),  # logical GPUs: no CUDA
     )
 
 
@@ -343,8 +367,10 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     group fits the free resources, smaller ones filling the gaps, so a mixed grid runs side by side
     without a trial's workers ever waiting on a sibling's. A trial that ended (its folder holds a
     result) is not run again; one that was running resumes from its folder, with the ZeRO stage and
-    micro-batch it started with.
+    micro-batch it started with. On an autoscaling cluster a trial that fits only the grown cluster
+    waits for the nodes the autoscaler is asked for (`engine.packing`).
     """
+    from engine.capacity import ceiling_from_ray
     from engine.packing import PackingSearcher, ray_nodes
     from engine.prepare import prepare
 
@@ -353,26 +379,26 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     if not ray.is_initialized():
         ray.init()
     nodes = ray_nodes()
+    ceiling = ceiling_from_ray(nodes, cfg.resources.cluster_max)
     recorded = rd.trials_by_id() if resume else {}  # what each started trial ran with (trial.json)
     trials = [recorded.get(t.trial_id, t) for t in expand_grid(cfg)]
-    check_fits(trials, nodes)  # before any write
+    check_fits(trials, nodes, ceiling)  # before any write
     rd.write_config(cfg)
     manifest = prepare(cfg.data, rd.data, downstream=cfg.downstream)
-    trials = resolve_auto(trials, nodes, cfg, manifest.tokenizer.vocab_size)
-    check_fits(trials, nodes)  # auto may have raised a trial's workers
+    trials = resolve_auto(trials, list(ceiling.nodes or nodes), cfg, manifest.tokenizer.vocab_size)
+    check_fits(trials, nodes, ceiling)  # auto may have raised a trial's workers
     todo = [t for t in trials if rd.trial(t.trial_id).result() is None]
     log.info(f"sweep {cfg.name}: {len(trials)} trials ({len(trials) - len(todo)} already ended), packed onto "
-             f"{len(nodes)} node(s) with {sum(n.cpus for n in nodes):g} CPUs and {sum(n.gpus for n in nodes)} GPUs, "
-             f"in {rd.root}")
+             f"{ceiling.text(nodes)}, in {rd.root}")
     if todo:
-        _tune(cfg, rd, todo, manifest, nodes, PackingSearcher)
+        _tune(cfg, rd, todo, manifest, nodes, PackingSearcher, ceiling)
     table = collect_pretrain_table(rd, trials)
     log.info(f"wrote {rd.table_path('pretrain')} ({len(table)} checkpoints)")
     return table
 
 
 def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest, nodes: list[Node],
-          searcher_class) -> None:
+          searcher_class, ceiling: Ceiling | None = None) -> None:
     """Ray Tune over `trials`, admitted by the packing searcher (largest first, by FLOPs within a size)."""
     from engine.models import build_config, flops_per_token
 
@@ -384,10 +410,16 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
     ]
     costs = [flops_per_token(build_config(t.family, t.size, manifest.tokenizer.vocab_size, cfg.model.max_seq_len),
                              cfg.model.max_seq_len) * s["budget_tokens"] for t, s in zip(trials, specs, strict=True)]
+    from engine.packing import ScaleUpTimeout, ray_nodes, request_resources
+
+    grows = ceiling is not None and ceiling.grows
     try:
         searcher = searcher_class([{"cfg": s} for s in specs], [trial_need(t.resources, TRIAL_CPU) for t in trials],
                                   [t.trial_id for t in trials], nodes, reserved_cpus=DATA_CPUS, costs=costs,
-                                  max_concurrent=cfg.resources.max_concurrent_trials)
+                                  max_concurrent=cfg.resources.max_concurrent_trials,
+                                  ceiling=ceiling.nodes if grows else None, live_nodes=ray_nodes,
+                                  request=request_resources if grows else None,
+                                  scale_up_timeout_s=cfg.resources.scale_up_timeout_s)  # fmt: skip
     except ValueError as err:
         raise SweepError(str(err)) from None
     previous = sorted(p.name for p in rd.tune.glob("pretrain*")) if rd.tune.exists() else []
@@ -408,7 +440,22 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except Exception as err:  # Tune wraps what the searcher raised
+        cause = _cause(err, ScaleUpTimeout)
+        if cause is not None:
+            raise SweepError(str(cause)) from None
+        raise
+    finally:
+        if grows:
+            request_resources([])  # withdraw the request: the autoscaler may scale down again
+
+
+def _cause(err: BaseException | None, kind: type) -> BaseException | None:
+    while err is not None and not isinstance(err, kind):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 # ---------------------------------------------------------------------------------------------
