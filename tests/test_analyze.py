@@ -21,6 +21,8 @@ import pytest
 from conftest import flip_byte
 from test_sweep import write_sweep  # pytest puts tests/ on sys.path (rootdir-relative, no package)
 
+from fixtures.claims import check_claims
+
 from engine.analyze import Context, hessian_job, plan_jobs, run_analysis, select_checkpoints
 from engine.config import SweepConfig, load_sweep
 from engine.rundir import ANALYSIS_TABLES, TABLES, RunDir
@@ -237,6 +239,7 @@ def test_a_moved_run_directory_still_analyses_fits_and_reports(analyzed, tmp_pat
         assert (tables["hessian"]["status"] == "ok").all() and len(tables["hessian"]) == 3  # pretrain, two task losses
         pd.testing.assert_frame_equal(tables["finetune"], read(analyzed, "finetune"))  # kept, not redone
         fits = fit_run(moved, n_bootstrap=0)
+        assert sum(check_claims(fits).values()) > 0  # a real run's verdicts and laws say only what they support
         points = moved.fit_inputs().checkpoints  # the annealed ones (fits.annealed_only), read from the copy
         assert fits["n_checkpoints"] == len(points) >= 1
         assert set(points["checkpoint"]) <= set(read(moved, "pretrain")["checkpoint"])
