@@ -125,7 +125,8 @@ def prepare(
 def sweep(
     sweep_file: Path,
     resume: bool = typer.Option(False, help="Continue an interrupted sweep in the same run directory."),
-    address: str = typer.Option(None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
+    address: str = typer.Option(
+        None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
     from engine import sweep as sweep_mod
@@ -157,7 +158,8 @@ def status(run_dir: Path) -> None:
 @user_errors
 def analyze(
     run_dir: Path,
-    data_dir: Path = typer.Option(None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."),
+    data_dir: Path = typer.Option(
+        None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
 ) -> None:
     """Fine-tune, probe, Hessian and landscape jobs for every selected checkpoint, as Ray tasks."""
@@ -182,18 +184,23 @@ def analyze(
 def fit(
     run_dir: Path = typer.Argument(None, help="Run directory to fit (not needed with --table)."),
     table: Path = typer.Option(None, help="Fit one law to this CSV or Parquet table instead of a run directory."),
-    law: str = typer.Option("chinchilla", help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ), power (A·x^k) or trend (the verdict on y per decade of x)."),
+    law: str = typer.Option("chinchilla", help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ), power (A·x^k)"
+                                               " or trend (the verdict on y per decade of x)."),
     n_col: str = typer.Option("N", help="With --table: parameter-count column."),
     d_col: str = typer.Option("D", help="With --table: token-count column."),
     y_col: str = typer.Option("loss", help="With --table: loss column."),
     x_col: str = typer.Option("C", help="With --table and --law compute/power: the scale column."),
-    bootstrap: int = typer.Option(None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."),
-    group_col: str = typer.Option(None, help="With --law trend: the independent unit (a run); its rows are resampled together."),
-    higher_is_better: bool = typer.Option(True, "--higher-is-better/--lower-is-better", help="With --law trend: the direction in which y improves."),
-    margin: float = typer.Option(None, help="With --law trend: the plateau margin, y units per decade of x (default: the metric's, for roc_auc / prc_auc)."),
+    bootstrap: int = typer.Option(
+        None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."),
+    group_col: str = typer.Option(
+        None, help="With --law trend: the independent unit (a run); its rows are resampled together."),
+    higher_is_better: bool = typer.Option(
+        True, "--higher-is-better/--lower-is-better", help="With --law trend: the direction in which y improves."),
+    margin: float = typer.Option(None, help="With --law trend: the plateau margin, y units per decade of x"
+                                            " (default: the metric's, for roc_auc / prc_auc)."),
     as_json: bool = typer.Option(False, "--json", help="With --table: print the fit as JSON."),
 ) -> None:
-    """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""
+    """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""  # noqa: E501  typer's command list keeps a docstring's line breaks
     import json
 
     from fits import fit as fits_fit
@@ -240,8 +247,8 @@ def demo(
 
     from engine.analyze import run_analysis
     from engine.sweep import run_sweep
-    from fits.report import build_report
     from fits.fit import fit_run
+    from fits.report import build_report
 
     start = time.monotonic()
     cfg = _load_checked(sweep_file)

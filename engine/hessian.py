@@ -241,7 +241,7 @@ class HVPOperator:
 
     def _accumulate(self, out: torch.Tensor, tensors: Sequence[torch.Tensor], weight: float) -> None:
         # per parameter, in place: no concatenated dim-sized temporary
-        for chunk, t in zip(out.split(self._numels), tensors):
+        for chunk, t in zip(out.split(self._numels), tensors, strict=True):
             chunk.add_(t.reshape(-1), alpha=weight)
 
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
@@ -249,7 +249,7 @@ class HVPOperator:
         acc_dtype = torch.promote_types(self.params[0].dtype, torch.float32)
         out = torch.zeros(self.dim + 1, dtype=acc_dtype, device=self.device)  # [grad, loss]
         with torch.enable_grad(), tf32_matmuls(self.tf32, self.device):
-            for batch, w in zip(self.batches, self.batch_weights):
+            for batch, w in zip(self.batches, self.batch_weights, strict=True):
                 if w == 0:
                     continue
                 loss = self._loss(batch)
@@ -268,18 +268,18 @@ class HVPOperator:
         acc_dtype = torch.promote_types(v.dtype, torch.float32)  # never accumulate in bf16
         vs = [
             chunk.view_as(p).to(p.dtype)
-            for chunk, p in zip(v.to(self.device).split(self._numels), self.params)
+            for chunk, p in zip(v.to(self.device).split(self._numels), self.params, strict=True)
         ]
         out = torch.zeros(self.dim, dtype=acc_dtype, device=self.device)
         with torch.enable_grad(), tf32_matmuls(self.tf32, self.device):
-            for batch, w in zip(self.batches, self.batch_weights):
+            for batch, w in zip(self.batches, self.batch_weights, strict=True):
                 if w == 0:
                     continue
                 grads = torch.autograd.grad(
                     self._loss(batch), self.params, create_graph=True, materialize_grads=True
                 )
                 # a gradient with no graph is constant in θ: its rows of H are zero
-                live = [(g, u) for g, u in zip(grads, vs) if g.requires_grad]
+                live = [(g, u) for g, u in zip(grads, vs, strict=True) if g.requires_grad]
                 if not live:
                     continue
                 hv = torch.autograd.grad(
@@ -459,7 +459,8 @@ def _ritz(T: np.ndarray, which: Which) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class LanczosResult:
     eigenvalues: np.ndarray  # (k,) Ritz values, largest first (by value for "LA", by |.| for "LM")
-    residuals: np.ndarray  # (k,) ||H y - θ y|| = |coupling of y to the next vector|: some true eigenvalue lies within this
+    # (k,) ||H y - θ y|| = |coupling of y to the next vector|: some true eigenvalue lies within this
+    residuals: np.ndarray
     n_matvecs: int
     converged: bool  # every residual below tol * |eigenvalue|
     eigenvectors: torch.Tensor | None = None  # (k, dim) unit Ritz vectors, in the vector dtype
@@ -611,7 +612,7 @@ def power_iteration(
         v = _gaussian(dim, generator, torch.float64)
         eigenvalue: float | None = None
         converged = False
-        for i in range(max_iter):
+        for i in range(max_iter):  # noqa: B007  i is read after the loop: the iterations this vector took
             for u in found:  # deflation: stay orthogonal to what is already found
                 v = v - (v @ u) * u
             v = v / v.norm()
@@ -798,7 +799,7 @@ def slq_density(
         raise ValueError(f"sigma={sigma} must be > 0")
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid)
     density = np.zeros(n_grid)
-    for theta, tau in zip(nodes, weights):
+    for theta, tau in zip(nodes, weights, strict=True):
         z = (grid[:, None] - theta[None, :]) / sigma  # (n_grid, n_nodes)
         density += (np.exp(-0.5 * z**2) @ tau) / (sigma * np.sqrt(2 * np.pi))
     density /= n_runs
@@ -892,7 +893,8 @@ class HessianSpectrum:
     n_matvecs_density: int = 0
     wall_s: float = 0.0
     eigenvectors: torch.Tensor | None = None  # (top_k, n_params), only if asked for
-    lambda_max_half: float | None = None  # λmax over the first half of the batches; None: fewer than 2 batches or not asked
+    # λmax over the first half of the batches; None: fewer than 2 batches or not asked
+    lambda_max_half: float | None = None
     lambda_max_half_converged: bool | None = None
     n_batches_half: int = 0  # batches (over all workers) in that half
     n_matvecs_half: int = 0  # matvecs of the half-batch λmax (not in n_matvecs)

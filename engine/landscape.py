@@ -189,7 +189,7 @@ def _normalised_weights(weights: Sequence[float] | None, n_batches: int) -> list
 
 def _mean_loss(model: torch.nn.Module, loss_fn: LossFn, batches: list, weights: list[float]) -> float:
     with torch.no_grad():
-        return sum(w * float(loss_fn(model, b)) for b, w in zip(batches, weights))
+        return sum(w * float(loss_fn(model, b)) for b, w in zip(batches, weights, strict=True))
 
 
 def _mean_loss_and_grad(
@@ -199,11 +199,11 @@ def _mean_loss_and_grad(
     loss = 0.0
     grads = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     with torch.enable_grad():
-        for b, w in zip(batches, weights):
+        for b, w in zip(batches, weights, strict=True):
             value = loss_fn(model, b)
             parts = torch.autograd.grad(value, list(params.values()), materialize_grads=True)
             loss += w * float(value.detach())
-            for g, part in zip(grads.values(), parts):
+            for g, part in zip(grads.values(), parts, strict=True):
                 g.add_(part.double(), alpha=w)
     return loss, grads
 
@@ -227,7 +227,7 @@ class LossSurface1D:
     losses: np.ndarray  # (n,) mean loss at θ + α d
 
     def records(self) -> list[dict[str, float]]:
-        return [{"alpha": float(a), "loss": float(l)} for a, l in zip(self.alphas, self.losses)]
+        return [{"alpha": float(a), "loss": float(loss)} for a, loss in zip(self.alphas, self.losses, strict=True)]
 
 
 @dataclass

@@ -41,7 +41,14 @@ import pandas as pd
 import yaml
 
 from engine.config import Strict, SweepConfig, Trial, expand_grid
-from engine.files import append_jsonl, read_jsonl, sha256_file, write_json_atomic, write_parquet_atomic, write_text_atomic
+from engine.files import (
+    append_jsonl,
+    read_jsonl,
+    sha256_file,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 
 Split = Literal["train", "val"]
 
@@ -679,8 +686,9 @@ def downstream_points(finetune: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.D
     if finetune.empty:
         return pd.DataFrame()
     rows = finetune[finetune["mode"].isin(PRETRAINED_MODES) & np.isfinite(finetune["value"].to_numpy(float))]
-    counted = set(zip(checkpoints["trial_id"], checkpoints["tokens"].astype(float)))
-    rows = rows[[(t, float(d)) in counted for t, d in zip(rows["trial_id"], rows["tokens"])]]  # the counted points only
+    counted = set(zip(checkpoints["trial_id"], checkpoints["tokens"].astype(float), strict=True))
+    # the counted points only
+    rows = rows[[(t, float(d)) in counted for t, d in zip(rows["trial_id"], rows["tokens"], strict=True)]]
     if rows.empty:
         return pd.DataFrame()
     first = {name: (name, "first") for name in ("metric", "higher_is_better", "rung", "n_params",

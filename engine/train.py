@@ -75,20 +75,20 @@ import torch.distributed as dist
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from engine.config import LADDER, ResourcesConfig, TrainConfig, Trial
+from engine.files import json_safe
 from engine.models import (
     SPECIAL_IDS,
+    batch_cost,
     build_config,
     build_model,
     count_params,
     family_of,
     flops_per_token,
-    batch_cost,
     mfu,
     model_inputs,
     n_loss_tokens,
     peak_flops,
 )
-from engine.files import json_safe
 from engine.rundir import DS_TAG, CheckpointInfo, TrainResult, TrialDir
 
 logger = logging.getLogger(__name__)
@@ -271,7 +271,8 @@ def train(
     cfg = trial.train
     if cfg.zero_stage == "auto" or cfg.micro_batch_size == "auto":
         raise ValueError(f"trial {trial.trial_id}: zero_stage and micro_batch_size must be concrete here (got "
-                         f"{cfg.zero_stage!r}, {cfg.micro_batch_size!r}); engine.plan.choose resolves auto, as the sweep does")
+                         f"{cfg.zero_stage!r}, {cfg.micro_batch_size!r}); engine.plan.choose resolves auto,"
+                         " as the sweep does")
     folder = trial_dir if isinstance(trial_dir, TrialDir) else TrialDir(Path(trial_dir))
     budget = budget_tokens if budget_tokens is not None else trial.budget_tokens
     if budget is None or budget <= 0:
@@ -407,7 +408,8 @@ def _wsd_schedule(loop: _Loop) -> bool:
         length = max(1, milestone - branch_from)
         # at least one step, even when the step that reached the branch's start also passed its milestone
         end = max(milestone, branch_from + 1)
-        if not _steps_until(loop, end, lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),
+        # B023: _steps_until calls the schedule only before it returns, within this iteration
+        if not _steps_until(loop, end, lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),  # noqa: B023
                             branch=milestone):
             return False
         _save_checkpoint(loop, milestone, annealed=anneals(run.cfg), optimizer_state=False)

@@ -19,8 +19,8 @@ import math
 import os
 import types
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -350,7 +350,7 @@ class ChinchillaFit(_Estimator):
     @staticmethod
     def _named(theta: np.ndarray) -> dict[str, float]:
         """Log-space optimiser vector → {E, A, B, alpha, beta}."""
-        log_space = dict(zip(CHINCHILLA_PARAMS, theta))
+        log_space = dict(zip(CHINCHILLA_PARAMS, theta, strict=True))
         return {"E": float(np.exp(log_space["e"])), "A": float(np.exp(log_space["a"])),
                 "B": float(np.exp(log_space["b"])), "alpha": float(log_space["alpha"]),
                 "beta": float(log_space["beta"])}
@@ -448,7 +448,7 @@ class SaturatingPowerLaw(_Estimator):
 
     @staticmethod
     def _named(theta: np.ndarray) -> dict[str, float]:
-        log_space = dict(zip(SATURATING_PARAMS, theta))
+        log_space = dict(zip(SATURATING_PARAMS, theta, strict=True))
         return {"E": float(np.exp(log_space["e"])), "A": float(np.exp(log_space["a"])),
                 "gamma": float(log_space["gamma"])}
 

@@ -96,10 +96,10 @@ class LeaveOneSizeOut:
         if self.reason:
             return f"Not testable: whether {proxy_words} predicts {subject} on held-out sizes: {self.reason}."
         level = f"{round(100 * self.level)} %"
-        return (f"{FINDINGS[self.finding].capitalize()} ({proxy_words}, {subject}): RMSE {self.rmse_loss:.3g} from loss "
-                f"alone, {self.rmse_loss_proxy:.3g} with {proxy_words}; improvement {self.improvement:+.3g}, {level} "
-                f"CI {self.improvement_ci[0]:+.3g}…{self.improvement_ci[1]:+.3g} over {self.n_sizes} held-out sizes "
-                f"({self.n_points} checkpoints)")
+        return (f"{FINDINGS[self.finding].capitalize()} ({proxy_words}, {subject}): RMSE {self.rmse_loss:.3g} "
+                f"from loss alone, {self.rmse_loss_proxy:.3g} with {proxy_words}; improvement "
+                f"{self.improvement:+.3g}, {level} CI {self.improvement_ci[0]:+.3g}…{self.improvement_ci[1]:+.3g} "
+                f"over {self.n_sizes} held-out sizes ({self.n_points} checkpoints)")
 
 
 def _ols_predict(train: np.ndarray, y: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -209,7 +209,7 @@ def selection_regret(table: pd.DataFrame, test_col: str = "value", val_col: str 
     groups = table.groupby(list(group_cols), sort=True, dropna=False) if group_cols else [((), table)]
     for key, frame in groups:
         key = key if isinstance(key, tuple) else (key,)
-        group = dict(zip(group_cols, key))
+        group = dict(zip(group_cols, key, strict=True))
         test = pd.to_numeric(frame[test_col], errors="coerce")
         frame = frame[np.isfinite(test.to_numpy(float))]
         test = test[frame.index]

@@ -192,7 +192,8 @@ def _standard_error(method, design, y, runs, xtx, xty, slope, n_bootstrap, seed)
         result = sm.OLS(y, design).fit()
         if result.df_resid < 1:
             n_coefficients = round(len(y) - result.df_resid)
-            return math.nan, math.nan, f"{len(y)} rows for {n_coefficients} coefficients: no residual degrees of freedom"
+            return (math.nan, math.nan,
+                    f"{len(y)} rows for {n_coefficients} coefficients: no residual degrees of freedom")
         return float(result.bse[1]), float(result.df_resid), ""
     if method == "cluster":
         result = sm.OLS(y, design).fit(cov_type="cluster", cov_kwds={"groups": runs}, use_t=True)
@@ -227,7 +228,8 @@ def _mixedlm_error(design: np.ndarray, y: np.ndarray, runs: np.ndarray) -> tuple
     with warnings.catch_warnings(record=True) as caught:  # statsmodels warns on retries and at the boundary
         warnings.simplefilter("always")
         try:
-            result = sm.MixedLM((y - y.mean()) / scale, design[:, keep], groups=runs).fit(reml=True, method=["powell", "lbfgs"])
+            result = sm.MixedLM((y - y.mean()) / scale, design[:, keep], groups=runs).fit(
+                reml=True, method=["powell", "lbfgs"])
         except (ValueError, np.linalg.LinAlgError) as err:
             return math.nan, math.nan, f"MixedLM failed: {err}"
     if not result.converged:

@@ -27,8 +27,8 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from fits.downstream import format_scale, format_with_uncertainty
 from engine.files import json_safe
+from fits.downstream import format_scale, format_with_uncertainty
 from fits.slopes import METHODS, SlopeEstimate, compute_frontier_mask, fit_slope, pool_inverse_variance
 
 VERDICTS = ("improving", "degrading", "plateau", "inconclusive")
@@ -249,7 +249,7 @@ def correct(verdicts: Sequence[TrendVerdict], method: str = "holm") -> list[Tren
     m = int(np.isfinite(adjusted).sum())
     words = f"{CORRECTIONS[method]} over {m} trend tests"
     out = []
-    for verdict, p_adj in zip(verdicts, adjusted):
+    for verdict, p_adj in zip(verdicts, adjusted, strict=True):
         if not np.isfinite(p_adj):
             out.append(verdict)
             continue
