@@ -251,6 +251,7 @@ def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, entries: lis
         for mode, group in mine[usable].groupby("mode", sort=True):
             color, marker, _ = MODE_STYLE.get(mode, ("0.3", "o", mode))
             if held is not None:
+                assert held_symbol is not None  # DOWNSTREAM_AXES gives both or neither
                 _held_lines(ax, group, column, held, held_symbol, color, marker, held_handles)
             else:
                 _frontier_points(ax, group, color, marker)

@@ -826,7 +826,9 @@ def _proxy_findings(proxies: dict) -> list[tuple[str, str]]:
         return [(f"No proxy evaluation: {proxies['reason']}.", "proxies")]
     labels, tests = proxies["labels"], proxies["prediction_tests"]
     corrected = f"{tests['correction_name']} over {tests['n_tests']} tests"
-    out, untested, unpowered = [], {}, {}
+    out: list[tuple[str, str]] = []
+    untested: dict[str, list[str]] = {}  # reason: the predictions it stopped
+    unpowered: dict[int, dict[str, None]] = {}  # n_sizes: proxy labels
     for proxy in proxies["predictors"]:
         mine = [row for row in proxies["prediction"] if row["proxy"] == proxy]
         for row in mine:
@@ -865,7 +867,7 @@ def _proxy_findings(proxies: dict) -> list[tuple[str, str]]:
         listed = "; ".join(f"{', '.join(which)}: {reason}" for reason, which in untested.items())
         out.append((f"Could not be tested: {sum(map(len, untested.values()))} proxy predictions ({listed}).",
                     "proxy-prediction"))
-    selectors = {}  # selector: regrets over task/mode pairs
+    selectors: dict[str, list[float]] = {}  # selector: regrets over task/mode pairs
     for group in proxies["regret"]:
         for pick in group["selectors"]:
             if pick["regret"] is not None:

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import types
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -129,16 +130,17 @@ def leave_one_size_out(table: pd.DataFrame, metric_col: str, proxy_col: str,
     transform = "log10" if log_positive and proxy.size and np.all(proxy > 0) else "none"
     proxy = np.log10(proxy) if transform == "log10" else proxy
     distinct = np.unique(sizes)
-    empty = {"metric": metric_col, "proxy": proxy_col, "rmse_loss": math.nan, "rmse_loss_proxy": math.nan,
-             "improvement": math.nan, "improvement_ci": (math.nan, math.nan), "level": level,
-             "finding": "no clear difference", "n_sizes": int(distinct.size), "n_points": int(sizes.size),
-             "proxy_transform": transform, "per_size": ()}
+    empty: dict[str, Any] = {
+        "metric": metric_col, "proxy": proxy_col, "rmse_loss": math.nan, "rmse_loss_proxy": math.nan,
+        "improvement": math.nan, "improvement_ci": (math.nan, math.nan), "level": level,
+        "finding": "no clear difference", "n_sizes": int(distinct.size), "n_points": int(sizes.size),
+        "proxy_transform": transform, "per_size": ()}
     if distinct.size < MIN_SIZES:
         return LeaveOneSizeOut(**empty, reason=f"{distinct.size} size(s) with finite {metric_col}, {loss_col} and "
                                                f"{proxy_col}; leaving one out needs at least {MIN_SIZES}")
     if proxy_col == loss_col:
         return LeaveOneSizeOut(**empty, reason="the proxy is the loss column itself")
-    squared = {"loss": [], "loss_proxy": []}  # per held-out size: squared errors
+    squared: dict[str, list[np.ndarray]] = {"loss": [], "loss_proxy": []}  # per held-out size: squared errors
     per_size = []
     for size in distinct:
         held = sizes == size

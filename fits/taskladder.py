@@ -228,6 +228,7 @@ def _fit_sigmoid(loss: np.ndarray, metric: np.ndarray, lowest: float, highest: f
                                                          [highest, highest, np.inf, np.inf]))
             if best is None or fit.cost < best.cost:
                 best = fit
+    assert best is not None  # the loops above ran
     b, top, log_k, centre = best.x
     if not best.success:
         warnings.warn(f"TaskLadder: the sigmoid link stopped before convergence ({best.message})", RuntimeWarning,
