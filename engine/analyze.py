@@ -308,8 +308,10 @@ def feature_baseline_job(ctx: Context, task: str, split_seed: int, finetune_seed
     if mode == "morgan_fp":
         result = finetune.fingerprint_baseline(data, split_seed=split_seed)
     else:
-        result = baselines.random_forest_baseline(data, features=mode.removesuffix("_rf"), split_seed=split_seed,
-                                                  seed=finetune_seed, n_trees=ctx.cfg.downstream.n_trees)
+        # the mode is a config Baseline, so ecfp4_rf or rdkit2d_rf here; featurize refuses any other name
+        result = baselines.random_forest_baseline(data, features=mode.removesuffix("_rf"),  # type: ignore[arg-type]
+                                                  split_seed=split_seed, seed=finetune_seed,
+                                                  n_trees=ctx.cfg.downstream.n_trees)
     return _finetune_rows(ctx, data, mode, {**result, "finetune_seed": finetune_seed})
 
 
@@ -319,7 +321,7 @@ def _task_split(ctx: Context, task: str, split_seed: int):
     loaded, split = _loaded_split(ctx, task, split_seed)
     return FinetuneData(
         smiles=list(loaded.smiles), labels=loaded.labels,
-        task_type=loaded.task_type,  # type: ignore[arg-type]  # the registry and CustomTask allow only the two
+        task_type=loaded.task_type,
         n_classes=loaded.n_classes, split=split, name=loaded.name, primary_metric=loaded.primary_metric,
     )
 

@@ -262,7 +262,7 @@ def load_encoder(checkpoint_dir: Path, *, random_init: bool = False) -> tuple[nn
     config = AutoConfig.from_pretrained(checkpoint_dir)
     family = family_of(config)
     # [CLS] is pooled by us, not by RoBERTa's tanh pooler
-    kwargs = {"add_pooling_layer": False} if family == "mlm" else {}
+    kwargs: dict[str, Any] = {"add_pooling_layer": False} if family == "mlm" else {}
     kwargs["dtype"] = torch.float32  # a bf16 pretraining checkpoint is fine-tuned in fp32, like its linear head
     if random_init:
         encoder = AutoModel.from_config(config, **kwargs)
@@ -375,7 +375,7 @@ class EncoderWithHead(nn.Module):
         self.encoder = encoder
         self.family = family
         self.pooling = pooling
-        self.head = nn.Linear(encoder.config.hidden_size, n_outputs)
+        self.head = nn.Linear(encoder.config.hidden_size, n_outputs)  # type: ignore[union-attr,arg-type]  # a transformers model
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
@@ -453,7 +453,7 @@ def finetune(
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(finetune_seed)  # the head, random_init weights and dropout; restored on exit
         encoder, tokenizer, family = load_encoder(checkpoint_dir, random_init=random_init)
-        max_len = min(max_seq_len or math.inf, max_positions(encoder.config))
+        max_len = int(min(max_seq_len or math.inf, max_positions(encoder.config)))  # finite: max_positions is
         ids, unk_fraction = encode_smiles(tokenizer, data.smiles, family, max_len)
         model = EncoderWithHead(encoder, family, data.n_outputs, pooling).to(device)
         if freeze_encoder:
@@ -733,7 +733,7 @@ def finetuning_loss(
     rows_in_order = data.split[0]
     if sample_seed is not None:
         rows_in_order = np.random.default_rng(sample_seed).permutation(rows_in_order)
-    batches = []
+    batches: list[dict[str, torch.Tensor]] = []
     for rows, input_ids, attention_mask in _batches(ids, rows_in_order, batch_size, tokenizer.pad_token_id):
         if len(batches) == n_batches:
             break
@@ -886,7 +886,7 @@ def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int =
 
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
     out = np.zeros((len(smiles), n_bits), dtype=np.uint8)
-    unparsable = []
+    unparsable: list[str] = []
     for i, s in enumerate(smiles):
         mol = Chem.MolFromSmiles(s)
         if mol is None:

@@ -87,12 +87,12 @@ def double_backward_safe(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     supported way in v5; it also reaches sub-models); for any module we pin
     `F.scaled_dot_product_attention` to its MATH backend, which is plain differentiable ops.
     """
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # a transformers config, or None for another module
     previous = getattr(config, "_attn_implementation", None)
     switched = previous is not None and previous != "eager"
     if switched:
         if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
+            model.set_attn_implementation("eager")  # type: ignore[operator]  # a PreTrainedModel method
         else:
             config._attn_implementation = "eager"
         if config._attn_implementation != "eager":
@@ -107,7 +107,7 @@ def double_backward_safe(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         if switched:
             if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(previous)
+                model.set_attn_implementation(previous)  # type: ignore[operator]  # a PreTrainedModel method
             else:
                 config._attn_implementation = previous
 
@@ -332,7 +332,10 @@ class Shard:
         return self.rank * dim // self.world, (self.rank + 1) * dim // self.world
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.world == 1 else self.all_reduce(tensor)
+        if self.world == 1:
+            return tensor
+        assert self.all_reduce is not None  # __post_init__ requires it when world > 1
+        return self.all_reduce(tensor)
 
     def dot(self, u: torch.Tensor, v: torch.Tensor) -> float:
         lo, hi = self.bounds(u.numel())
@@ -353,7 +356,7 @@ class _Basis:
         self.dim, self.shard, self.device = dim, shard, torch.device(device)
         self.lo, self.hi = shard.bounds(dim)
         self.separate = storage_device is not None  # rows kept apart from the working vectors (e.g. on the host)
-        storage = torch.device(storage_device) if self.separate else self.device
+        storage = torch.device(storage_device) if storage_device is not None else self.device
         self.rows = torch.empty(capacity, self.hi - self.lo, dtype=dtype, device=storage)
         self.n = 0
         self.holds_full_vectors = shard.world == 1 and not self.separate
@@ -625,6 +628,7 @@ def power_iteration(
             eigenvalue = estimate
         n_iter.append(i + 1)
         all_converged &= converged
+        assert eigenvalue is not None  # set on the first iteration
         eigenvalues.append(eigenvalue)
         for u in found:  # the returned vector is the normalised H v; re-deflate it
             v = v - (v @ u) * u
@@ -1007,7 +1011,7 @@ def spectrum(
             )
             if vector_dtype is None:
                 vector_dtype = torch.promote_types(op.params[0].dtype, torch.float32)
-            common = {"device": op.device, "dtype": vector_dtype, "shard": vectors}
+            common: dict[str, Any] = {"device": op.device, "dtype": vector_dtype, "shard": vectors}
             loss, grad = op.loss_and_grad()
             grad_norm = float(grad.norm())
             del grad  # dim-sized: not kept through the estimators

@@ -62,7 +62,7 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from engine.admission import (
     DATA_CPUS,
@@ -211,6 +211,10 @@ def memory_per_device(
     def adam_temporaries(elements: float) -> float:
         return 0.0 if device == "cuda" else 2 * 4 * elements
 
+    weights: float  # bytes, as are the others below
+    gradients: float
+    optimizer: float
+    step: float
     if zero_stage == 0:
         weights, gradients = p * n, p * n
         optimizer = 8 * n + (4 * n if bf16 else 0)
@@ -330,6 +334,7 @@ def choose(
             f"(micro_batch_size: {trial.train.micro_batch_size})"
         )
     stage, workers, mb, mem = smallest
+    assert capacity is not None  # with no capacity the first estimate is returned above
     raise PlanError(
         f"trial {trial.trial_id}: needs {mem.total / GB:.1f} GB per device even at ZeRO-{stage} over {workers} "
         f"worker(s) with micro-batch {mb} ({_parts_text(mem)}), but a worker gets {capacity / GB:.1f} GB "
@@ -370,6 +375,7 @@ def budget_tokens_of(trial: Trial, tokens_per_epoch: int | None) -> int:
     if tokens_per_epoch is None:
         raise PlanError(f"trial {trial.trial_id}: the budget is {trial.budget_epochs:g} epochs; run prepare first "
                         f"(the manifest has the train split's tokens) or give tokens per epoch")
+    assert trial.budget_epochs is not None  # Trial's validator: one of the two budgets
     return int(trial.budget_epochs * tokens_per_epoch)
 
 
@@ -445,7 +451,7 @@ def simulate(
     running: list[tuple[float, int]] = []
     now = 0.0
     while ledger.pending or running:
-        for i in ledger.admit(limit):
+        for i in cast(list[int], ledger.admit(limit)):  # the keys added above are the indices
             start[i], end[i] = now, now + hours[i]
             heapq.heappush(running, (end[i], i))
         if not running:  # nothing runs and nothing fits: add() refuses such trials, so this is a bug
