@@ -229,7 +229,8 @@ def _baseline_jobs(ctx: Context, checkpoints: pd.DataFrame) -> Iterator[Job]:
                     for finetune_seed in ds.finetune_seeds:
                         yield _job("finetune", finetune_job, identity, _searched(search), ck=ck, task=task,
                                    split_seed=split_seed, finetune_seed=finetune_seed, mode="random_init", save=False)
-    no_scale = {k: np.nan for k in IDENTITY} | {"checkpoint": "", "trial_id": "", "rung": "", "pretrain_val_loss": np.nan}
+    no_scale = {k: np.nan for k in IDENTITY} | {"checkpoint": "", "trial_id": "", "rung": "",
+                                                 "pretrain_val_loss": np.nan}
     for mode in [b for b in ds.baselines if b != "random_init"]:
         for task in ds.tasks:
             for split_seed in ds.seeds:
@@ -271,7 +272,8 @@ def chosen_lr(search: pd.DataFrame, grid: list[float]) -> float:
     ok = search[(search["status"] == "ok") & (search["flag"].fillna("") == "") & search["lr"].isin(grid)]
     ok = ok[np.isfinite(ok["val_value"].to_numpy(float))]
     if ok.empty:
-        flags = dict(zip(search["lr"], search["flag"].fillna("").where(search["status"] == "ok", search["error"])))
+        why = search["flag"].fillna("").where(search["status"] == "ok", search["error"])
+        flags = dict(zip(search["lr"], why, strict=True))
         raise ValueError(f"no learning rate of {grid} gave a usable run on the first split ({flags})")
     higher = bool(ok["higher_is_better"].iloc[0])
     return float(ok.sort_values(["val_value", "lr"], ascending=[not higher, True])["lr"].iloc[0])
@@ -306,8 +308,10 @@ def feature_baseline_job(ctx: Context, task: str, split_seed: int, finetune_seed
     if mode == "morgan_fp":
         result = finetune.fingerprint_baseline(data, split_seed=split_seed)
     else:
-        result = baselines.random_forest_baseline(data, features=mode.removesuffix("_rf"), split_seed=split_seed,
-                                                  seed=finetune_seed, n_trees=ctx.cfg.downstream.n_trees)
+        # the mode is a config Baseline, so ecfp4_rf or rdkit2d_rf here; featurize refuses any other name
+        result = baselines.random_forest_baseline(data, features=mode.removesuffix("_rf"),  # type: ignore[arg-type]
+                                                  split_seed=split_seed, seed=finetune_seed,
+                                                  n_trees=ctx.cfg.downstream.n_trees)
     return _finetune_rows(ctx, data, mode, {**result, "finetune_seed": finetune_seed})
 
 
@@ -368,7 +372,8 @@ def task_characteristics_job(ctx: Context, task: str) -> list[dict]:
     corpus = taskstats.sample_corpus(data.read_smiles(ctx.rd.shard_paths("train")), ctx.cfg.analysis.corpus_sample,
                                      seed=0)
     chunks = [corpus[i : i + 2_000] for i in range(0, len(corpus), 2_000)]
-    nearest = taskstats.combine_nearest_neighbours([taskstats.nearest_neighbour_chunk(loaded.smiles, c) for c in chunks])
+    nearest = taskstats.combine_nearest_neighbours(
+        [taskstats.nearest_neighbour_chunk(loaded.smiles, c) for c in chunks])
     distance = taskstats.corpus_distance(nearest, similar_at=0.4)
     distance["fraction_nn_unrelated"] = distance.pop("fraction_nn_tanimoto_below_0.4")
     return [{**record, **distance, "n_corpus_sample": len(corpus)}]
@@ -566,7 +571,8 @@ def landscape_job(ctx: Context, ck: CheckpointRef, surface: str) -> list[dict]:
     rows = []
     grid_1d = landscape.surface_1d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
                                    span=an.landscape_span, seed=0, weights=weights)
-    rows += [{"kind": "1d", "alpha": a, "beta": 0.0, "loss": v} for a, v in zip(grid_1d.alphas, grid_1d.losses)]
+    rows += [{"kind": "1d", "alpha": a, "beta": 0.0, "loss": v}
+             for a, v in zip(grid_1d.alphas, grid_1d.losses, strict=True)]
     if an.landscape_2d:
         grid = landscape.surface_2d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
                                     span=an.landscape_span, seed=0, weights=weights)
@@ -602,7 +608,8 @@ def pt_to_ft_job(ctx: Context, ck: CheckpointRef, surface: str, task: str) -> li
     line = landscape.surface_along(model, pretraining_loss, batches, target,
                                    resolution=ctx.cfg.analysis.landscape_resolution,
                                    weights=_token_weights(model, batches))
-    return [{"kind": f"pt_to_ft:{task}", "alpha": a, "beta": 0.0, "loss": v} for a, v in zip(line.alphas, line.losses)]
+    return [{"kind": f"pt_to_ft:{task}", "alpha": a, "beta": 0.0, "loss": v}
+            for a, v in zip(line.alphas, line.losses, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,9 +657,11 @@ def parameter_space(rd: RunDir, counted: pd.DataFrame, checkpoints: pd.DataFrame
     rows = []
     for trial_id, group in counted.groupby("trial_id"):
         group = group.sort_values("tokens")
-        sound = [(p, t) for p, t in zip(group["checkpoint"], group["tokens"]) if not corrupt(p)]  # a corrupt one is left out
+        # a corrupt one is left out
+        sound = [(p, t) for p, t in zip(group["checkpoint"], group["tokens"], strict=True) if not corrupt(p)]
         if len(sound) >= 2:
-            pca = parameter_pca([load_file(TrialDir.weights(rd.path(p))) for p, _ in sound], labels=[t for _, t in sound])
+            pca = parameter_pca([load_file(TrialDir.weights(rd.path(p))) for p, _ in sound],
+                                labels=[t for _, t in sound])
             rows += _pca_rows(pca, "trajectory", str(trial_id))
     for row in checkpoints.to_dict("records"):
         ck = CheckpointRef.of(row)
@@ -735,7 +744,7 @@ def _run_one(fn: Callable[..., list[dict]], ctx: Context, args: dict) -> tuple[b
 
 def _append(rd: RunDir, tables: dict[str, pd.DataFrame], job: Job, rows: list[dict]) -> None:
     """Add the job's rows (with its identity and key columns) and rewrite the table atomically."""
-    key = dict(zip(TABLES[job.table].key, job.key))
+    key = dict(zip(TABLES[job.table].key, job.key, strict=True))
     new = pd.DataFrame([{**job.identity, "status": "ok", "error": "", **r, **key} for r in rows])
     old = tables[job.table]
     table = check_columns(job.table, pd.concat([old, new], ignore_index=True) if len(old) else new,
@@ -753,7 +762,9 @@ def _summary(rows: list[dict]) -> str:
     if r.get("status") == "error":
         return f"ERROR {r['error']}"
     if "metric" in r:  # a fine-tuning row (test value) or a learning-rate search row (validation only)
-        return f"{r['metric']}={r['value']:.4g}" if "value" in r else f"lr={r['lr']:g}: val {r['metric']}={r['val_value']:.4g}"
+        if "value" in r:
+            return f"{r['metric']}={r['value']:.4g}"
+        return f"lr={r['lr']:g}: val {r['metric']}={r['val_value']:.4g}"
     if "lambda_max" in r:
         return f"lambda_max={r['lambda_max']:.4g}"
     return f"{len(rows)} rows"

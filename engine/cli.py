@@ -188,7 +188,8 @@ def status(
 @user_errors
 def analyze(
     run_dir: Path,
-    data_dir: Path = typer.Option(None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."),
+    data_dir: Path = typer.Option(
+        None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
 ) -> None:
     """Fine-tune, probe, Hessian and landscape jobs for every selected checkpoint, as Ray tasks."""
@@ -216,7 +217,8 @@ def analyze(
 def fit(
     run_dir: Path = typer.Argument(None, help="Run directory to fit (not needed with --table)."),
     table: Path = typer.Option(None, help="Fit one law to this CSV or Parquet table instead of a run directory."),
-    law: str = typer.Option("chinchilla", help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ), power (A·x^k) or trend (the verdict on y per decade of x)."),
+    law: str = typer.Option("chinchilla", help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ), power (A·x^k)"
+                                               " or trend (the verdict on y per decade of x)."),
     n_col: str = typer.Option("N", help="With --table: parameter-count column."),
     d_col: str = typer.Option("D", help="With --table: token-count column."),
     y_col: str = typer.Option("loss", help="With --table: loss column."),
@@ -228,7 +230,7 @@ def fit(
     method: str = typer.Option(None, help="With --law trend: the slope's interval, one of cluster_jackknife (default with --group-col), cluster, cluster_bootstrap, mixedlm, iid (default without)."),
     as_json: bool = typer.Option(False, "--json", help="With --table: print the fit as JSON."),
 ) -> None:
-    """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""
+    """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""  # noqa: E501  typer's command list keeps a docstring's line breaks
     import json
 
     from fits import fit as fits_fit
@@ -276,8 +278,8 @@ def demo(
 
     from engine.analyze import run_analysis
     from engine.sweep import run_sweep
-    from fits.report import build_report
     from fits.fit import fit_run
+    from fits.report import build_report
 
     start = time.monotonic()
     cfg = _load_checked(sweep_file, storage_root)

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from engine import ladder
 from engine.ladder import Family
@@ -576,7 +577,7 @@ def _line_index(node: yaml.Node | None) -> dict[tuple, int]:
     return index
 
 
-def _describe(path: Path, error: dict, lines: dict[tuple, int]) -> str:
+def _describe(path: Path, error: ErrorDetails, lines: dict[tuple, int]) -> str:
     # pydantic adds union-branch tags such as 'str' or 'ModelSize' to loc; keep only real keys
     loc = tuple(p for p in error["loc"] if isinstance(p, int) or p in _ALL_FIELDS or _in_yaml(lines, p))
     field = ".".join(str(p) for p in loc) or "(top level)"

@@ -340,6 +340,7 @@ def trial_validation_batches(rd: RunDir, trial: Trial, max_seq_len: int, *, n_ba
     """The fixed validation batches a trial is scored on: its own micro-batch size, masking and packing
     (rung overrides applied), the first `n_batches` (default `train.val_batches`) of them. The sweep's
     val_loss and the analysis' Hessians and landscapes of a checkpoint read the same tokens."""
+    assert trial.train.micro_batch_size != "auto"  # a started trial's settings are concrete (trial.json)
     return validation_batches(
         rd.shard_paths("val"), tokenizer if tokenizer is not None else rd.tokenizer, family=trial.family,
         n_batches=trial.train.val_batches if n_batches is None else n_batches,

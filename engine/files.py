@@ -65,7 +65,8 @@ def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    write_text_atomic(path, text + "\n")
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:

@@ -138,16 +138,17 @@ def _validate(data: FinetuneData) -> None:
     if len(data.split) != 3:
         raise ValueError(f"{name}: split must be (train_idx, val_idx, test_idx) (got {len(data.split)} arrays)")
     n = len(data.smiles)
-    for split_name, idx in zip(SPLIT_NAMES, data.split):
+    for split_name, idx in zip(SPLIT_NAMES, data.split, strict=True):
         if idx.size == 0:
             raise ValueError(f"{name}: the {split_name} split is empty")
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"{name}: {split_name} indices must lie in [0, {n}) (got {idx.min()}..{idx.max()})")
-    for (a_name, a), (b_name, b) in itertools.combinations(zip(SPLIT_NAMES, data.split), 2):
+    for (a_name, a), (b_name, b) in itertools.combinations(zip(SPLIT_NAMES, data.split, strict=True), 2):
         shared = np.intersect1d(a, b)
         if shared.size:
-            raise ValueError(f"{name}: the {a_name} and {b_name} splits share {shared.size} molecules (e.g. row {shared[0]})")
-    for split_name, idx in zip(SPLIT_NAMES, data.split):
+            raise ValueError(
+                f"{name}: the {a_name} and {b_name} splits share {shared.size} molecules (e.g. row {shared[0]})")
+    for split_name, idx in zip(SPLIT_NAMES, data.split, strict=True):
         part = labels[idx]
         if np.isnan(part).all():
             raise ValueError(f"{name}: the {split_name} split ({idx.size} molecules) has no labels, only NaN")
@@ -221,7 +222,8 @@ def n_labelled(labels: torch.Tensor, n_classes: int | None = None) -> int:
     return int((observed[:, 0] if n_classes is not None else observed).sum())
 
 
-def masked_loss(outputs: torch.Tensor, labels: torch.Tensor, task_type: TaskType, n_classes: int | None = None) -> torch.Tensor:
+def masked_loss(outputs: torch.Tensor, labels: torch.Tensor, task_type: TaskType,
+                n_classes: int | None = None) -> torch.Tensor:
     """Mean loss over the labelled entries; NaN labels give neither loss nor gradient.
 
     outputs (B, k) logits or standardised values, multi-class (B, C); labels (B, k) with NaN for missing.
@@ -259,7 +261,8 @@ def load_encoder(checkpoint_dir: Path, *, random_init: bool = False) -> tuple[nn
     _check_checkpoint(checkpoint_dir, need_weights=not random_init)
     config = AutoConfig.from_pretrained(checkpoint_dir)
     family = family_of(config)
-    kwargs = {"add_pooling_layer": False} if family == "mlm" else {}  # [CLS] is pooled by us, not by RoBERTa's tanh pooler
+    # [CLS] is pooled by us, not by RoBERTa's tanh pooler
+    kwargs: dict[str, Any] = {"add_pooling_layer": False} if family == "mlm" else {}
     kwargs["dtype"] = torch.float32  # a bf16 pretraining checkpoint is fine-tuned in fp32, like its linear head
     if random_init:
         encoder = AutoModel.from_config(config, **kwargs)
@@ -380,7 +383,7 @@ class EncoderWithHead(nn.Module):
         self.encoder = encoder
         self.family = family
         self.pooling = pooling
-        self.head = nn.Linear(encoder.config.hidden_size, n_outputs)
+        self.head = nn.Linear(encoder.config.hidden_size, n_outputs)  # type: ignore[union-attr,arg-type]  # a transformers model
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
@@ -458,7 +461,7 @@ def finetune(
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(finetune_seed)  # the head, random_init weights and dropout; restored on exit
         encoder, tokenizer, family = load_encoder(checkpoint_dir, random_init=random_init)
-        max_len = min(max_seq_len or math.inf, max_positions(encoder.config))
+        max_len = int(min(max_seq_len or math.inf, max_positions(encoder.config)))  # finite: max_positions is
         ids, unk_fraction, truncated_fraction = encode_smiles(tokenizer, data.smiles, family, max_len)
         model = EncoderWithHead(encoder, family, data.n_outputs, pooling).to(device)
         if freeze_encoder:
@@ -591,7 +594,8 @@ def _train(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], epo
             y = targets[rows].to(device)
             if torch.isnan(y).all():
                 continue  # nothing labelled in this batch (sparse multi-task labels)
-            loss = masked_loss(model(input_ids.to(device), attention_mask.to(device)), y, data.task_type, data.n_classes)
+            loss = masked_loss(model(input_ids.to(device), attention_mask.to(device)), y, data.task_type,
+                               data.n_classes)
             losses.append(loss.item())  # note: a device sync per step; negligible next to the backward pass
             if not math.isfinite(losses[-1]):
                 non_finite = True
@@ -702,7 +706,8 @@ def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, da
     metadata = {"checkpoint_dir": str(checkpoint_dir), "task": data.name, "seed": str(seed), "pooling": model.pooling}
     modules = [(model.head, head_file(path))] if head_only else [(model.encoder, path), (model.head, head_file(path))]
     for module, target in modules:
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}  # clone: no shared storage
+        # clone: no shared storage
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
         save_file(state, str(target), metadata=metadata)
     return path
 
@@ -738,7 +743,7 @@ def finetuning_loss(
     rows_in_order = data.split[0]
     if sample_seed is not None:
         rows_in_order = np.random.default_rng(sample_seed).permutation(rows_in_order)
-    batches = []
+    batches: list[dict[str, torch.Tensor]] = []
     for rows, input_ids, attention_mask in _batches(ids, rows_in_order, batch_size, tokenizer.pad_token_id):
         if len(batches) == n_batches:
             break
@@ -747,7 +752,8 @@ def finetuning_loss(
                             "labels": targets[rows].to(device)})
 
     def loss_fn(m: EncoderWithHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return masked_loss(m(batch["input_ids"], batch["attention_mask"]), batch["labels"], data.task_type, data.n_classes)
+        return masked_loss(m(batch["input_ids"], batch["attention_mask"]), batch["labels"], data.task_type,
+                           data.n_classes)
 
     return model, loss_fn, batches
 
@@ -799,7 +805,7 @@ def fit_linear(features: np.ndarray, data: FinetuneData, l2_grid: Sequence[float
     val_idx = data.split[1]
     l2_grid = sorted(l2_grid, reverse=True)  # strongest penalty first: ties keep the simpler model
     best: dict[str, Any] = {"val": math.nan}
-    for l2, predictions in zip(l2_grid, _linear_path(features, data, l2_grid)):
+    for l2, predictions in zip(l2_grid, _linear_path(features, data, l2_grid), strict=True):
         val = task_metric(data, val_idx, predictions[val_idx])
         if better(data.primary_metric, val, best["val"]):
             best = {**split_metrics(data, predictions), "l2": l2,
@@ -890,7 +896,7 @@ def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int =
 
     generator = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
     out = np.zeros((len(smiles), n_bits), dtype=np.uint8)
-    unparsable = []
+    unparsable: list[str] = []
     for i, s in enumerate(smiles):
         mol = Chem.MolFromSmiles(s)
         if mol is None:
@@ -899,7 +905,8 @@ def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int =
         out[i] = generator.GetFingerprintAsNumPy(mol)
     if unparsable:
         raise ValueError(
-            f"RDKit cannot parse {len(unparsable)} SMILES ({'; '.join(unparsable[:3])}); drop them when the task is loaded"
+            f"RDKit cannot parse {len(unparsable)} SMILES ({'; '.join(unparsable[:3])});"
+            " drop them when the task is loaded"
         )
     return out
 

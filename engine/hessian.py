@@ -87,12 +87,12 @@ def double_backward_safe(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     supported way in v5; it also reaches sub-models); for any module we pin
     `F.scaled_dot_product_attention` to its MATH backend, which is plain differentiable ops.
     """
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # a transformers config, or None for another module
     previous = getattr(config, "_attn_implementation", None)
     switched = previous is not None and previous != "eager"
     if switched:
         if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
+            model.set_attn_implementation("eager")  # type: ignore[operator]  # a PreTrainedModel method
         else:
             config._attn_implementation = "eager"
         if config._attn_implementation != "eager":
@@ -107,7 +107,7 @@ def double_backward_safe(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         if switched:
             if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(previous)
+                model.set_attn_implementation(previous)  # type: ignore[operator]  # a PreTrainedModel method
             else:
                 config._attn_implementation = previous
 
@@ -241,7 +241,7 @@ class HVPOperator:
 
     def _accumulate(self, out: torch.Tensor, tensors: Sequence[torch.Tensor], weight: float) -> None:
         # per parameter, in place: no concatenated dim-sized temporary
-        for chunk, t in zip(out.split(self._numels), tensors):
+        for chunk, t in zip(out.split(self._numels), tensors, strict=True):
             chunk.add_(t.reshape(-1), alpha=weight)
 
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
@@ -249,7 +249,7 @@ class HVPOperator:
         acc_dtype = torch.promote_types(self.params[0].dtype, torch.float32)
         out = torch.zeros(self.dim + 1, dtype=acc_dtype, device=self.device)  # [grad, loss]
         with torch.enable_grad(), tf32_matmuls(self.tf32, self.device):
-            for batch, w in zip(self.batches, self.batch_weights):
+            for batch, w in zip(self.batches, self.batch_weights, strict=True):
                 if w == 0:
                     continue
                 loss = self._loss(batch)
@@ -268,18 +268,18 @@ class HVPOperator:
         acc_dtype = torch.promote_types(v.dtype, torch.float32)  # never accumulate in bf16
         vs = [
             chunk.view_as(p).to(p.dtype)
-            for chunk, p in zip(v.to(self.device).split(self._numels), self.params)
+            for chunk, p in zip(v.to(self.device).split(self._numels), self.params, strict=True)
         ]
         out = torch.zeros(self.dim, dtype=acc_dtype, device=self.device)
         with torch.enable_grad(), tf32_matmuls(self.tf32, self.device):
-            for batch, w in zip(self.batches, self.batch_weights):
+            for batch, w in zip(self.batches, self.batch_weights, strict=True):
                 if w == 0:
                     continue
                 grads = torch.autograd.grad(
                     self._loss(batch), self.params, create_graph=True, materialize_grads=True
                 )
                 # a gradient with no graph is constant in θ: its rows of H are zero
-                live = [(g, u) for g, u in zip(grads, vs) if g.requires_grad]
+                live = [(g, u) for g, u in zip(grads, vs, strict=True) if g.requires_grad]
                 if not live:
                     continue
                 hv = torch.autograd.grad(
@@ -332,7 +332,10 @@ class Shard:
         return self.rank * dim // self.world, (self.rank + 1) * dim // self.world
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.world == 1 else self.all_reduce(tensor)
+        if self.world == 1:
+            return tensor
+        assert self.all_reduce is not None  # __post_init__ requires it when world > 1
+        return self.all_reduce(tensor)
 
     def dot(self, u: torch.Tensor, v: torch.Tensor) -> float:
         lo, hi = self.bounds(u.numel())
@@ -353,7 +356,7 @@ class _Basis:
         self.dim, self.shard, self.device = dim, shard, torch.device(device)
         self.lo, self.hi = shard.bounds(dim)
         self.separate = storage_device is not None  # rows kept apart from the working vectors (e.g. on the host)
-        storage = torch.device(storage_device) if self.separate else self.device
+        storage = torch.device(storage_device) if storage_device is not None else self.device
         self.rows = torch.empty(capacity, self.hi - self.lo, dtype=dtype, device=storage)
         self.n = 0
         self.holds_full_vectors = shard.world == 1 and not self.separate
@@ -459,7 +462,8 @@ def _ritz(T: np.ndarray, which: Which) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class LanczosResult:
     eigenvalues: np.ndarray  # (k,) Ritz values, largest first (by value for "LA", by |.| for "LM")
-    residuals: np.ndarray  # (k,) ||H y - θ y|| = |coupling of y to the next vector|: some true eigenvalue lies within this
+    # (k,) ||H y - θ y|| = |coupling of y to the next vector|: some true eigenvalue lies within this
+    residuals: np.ndarray
     n_matvecs: int
     converged: bool  # every residual below tol * |eigenvalue|
     eigenvectors: torch.Tensor | None = None  # (k, dim) unit Ritz vectors, in the vector dtype
@@ -611,7 +615,7 @@ def power_iteration(
         v = _gaussian(dim, generator, torch.float64)
         eigenvalue: float | None = None
         converged = False
-        for i in range(max_iter):
+        for i in range(max_iter):  # noqa: B007  i is read after the loop: the iterations this vector took
             for u in found:  # deflation: stay orthogonal to what is already found
                 v = v - (v @ u) * u
             v = v / v.norm()
@@ -624,6 +628,7 @@ def power_iteration(
             eigenvalue = estimate
         n_iter.append(i + 1)
         all_converged &= converged
+        assert eigenvalue is not None  # set on the first iteration
         eigenvalues.append(eigenvalue)
         for u in found:  # the returned vector is the normalised H v; re-deflate it
             v = v - (v @ u) * u
@@ -798,7 +803,7 @@ def slq_density(
         raise ValueError(f"sigma={sigma} must be > 0")
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid)
     density = np.zeros(n_grid)
-    for theta, tau in zip(nodes, weights):
+    for theta, tau in zip(nodes, weights, strict=True):
         z = (grid[:, None] - theta[None, :]) / sigma  # (n_grid, n_nodes)
         density += (np.exp(-0.5 * z**2) @ tau) / (sigma * np.sqrt(2 * np.pi))
     density /= n_runs
@@ -892,7 +897,8 @@ class HessianSpectrum:
     n_matvecs_density: int = 0
     wall_s: float = 0.0
     eigenvectors: torch.Tensor | None = None  # (top_k, n_params), only if asked for
-    lambda_max_half: float | None = None  # λmax over the first half of the batches; None: fewer than 2 batches or not asked
+    # λmax over the first half of the batches; None: fewer than 2 batches or not asked
+    lambda_max_half: float | None = None
     lambda_max_half_converged: bool | None = None
     n_batches_half: int = 0  # batches (over all workers) in that half
     n_matvecs_half: int = 0  # matvecs of the half-batch λmax (not in n_matvecs)
@@ -1005,7 +1011,7 @@ def spectrum(
             )
             if vector_dtype is None:
                 vector_dtype = torch.promote_types(op.params[0].dtype, torch.float32)
-            common = {"device": op.device, "dtype": vector_dtype, "shard": vectors}
+            common: dict[str, Any] = {"device": op.device, "dtype": vector_dtype, "shard": vectors}
             loss, grad = op.loss_and_grad()
             grad_norm = float(grad.norm())
             del grad  # dim-sized: not kept through the estimators

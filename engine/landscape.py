@@ -189,7 +189,7 @@ def _normalised_weights(weights: Sequence[float] | None, n_batches: int) -> list
 
 def _mean_loss(model: torch.nn.Module, loss_fn: LossFn, batches: list, weights: list[float]) -> float:
     with torch.no_grad():
-        return sum(w * float(loss_fn(model, b)) for b, w in zip(batches, weights))
+        return sum(w * float(loss_fn(model, b)) for b, w in zip(batches, weights, strict=True))
 
 
 def _mean_loss_and_grad(
@@ -199,11 +199,11 @@ def _mean_loss_and_grad(
     loss = 0.0
     grads = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     with torch.enable_grad():
-        for b, w in zip(batches, weights):
+        for b, w in zip(batches, weights, strict=True):
             value = loss_fn(model, b)
             parts = torch.autograd.grad(value, list(params.values()), materialize_grads=True)
             loss += w * float(value.detach())
-            for g, part in zip(grads.values(), parts):
+            for g, part in zip(grads.values(), parts, strict=True):
                 g.add_(part.double(), alpha=w)
     return loss, grads
 
@@ -227,7 +227,7 @@ class LossSurface1D:
     losses: np.ndarray  # (n,) mean loss at θ + α d
 
     def records(self) -> list[dict[str, float]]:
-        return [{"alpha": float(a), "loss": float(l)} for a, l in zip(self.alphas, self.losses)]
+        return [{"alpha": float(a), "loss": float(loss)} for a, loss in zip(self.alphas, self.losses, strict=True)]
 
 
 @dataclass
@@ -253,7 +253,7 @@ def surface_1d(
     batches: Iterable[Any],
     direction: Direction | None = None,
     *,
-    alphas: Sequence[float] | None = None,
+    alphas: Sequence[float] | np.ndarray | None = None,
     span: float = 1.0,
     resolution: int = 21,
     seed: int = 0,
@@ -324,7 +324,7 @@ def surface_along(
     batches: Iterable[Any],
     target: Mapping[str, torch.Tensor],
     *,
-    alphas: Sequence[float] | None = None,
+    alphas: Sequence[float] | np.ndarray | None = None,
     resolution: int = 21,
     weights: Sequence[float] | None = None,
 ) -> LossSurface1D:
@@ -395,15 +395,15 @@ def _ascent(
                     if u_norm > radius:
                         u[n] = u[n] * (radius / u_norm)
             else:
-                g_norm = float(torch.sqrt(sum((g**2).sum() for g in g_u.values())))
+                g_norm = float(torch.sqrt(torch.as_tensor(sum((g**2).sum() for g in g_u.values()))))
                 if g_norm == 0:
                     if generator is None:
                         break
                     g_u = {n: torch.randn(g.shape, generator=generator, dtype=torch.float64).to(g.device)
                            for n, g in g_u.items()}
-                    g_norm = float(torch.sqrt(sum((g**2).sum() for g in g_u.values())))
+                    g_norm = float(torch.sqrt(torch.as_tensor(sum((g**2).sum() for g in g_u.values()))))
                 u = {n: u[n] + step_size * radius * g_u[n] / g_norm for n in u}
-                u_norm = float(torch.sqrt(sum((x**2).sum() for x in u.values())))
+                u_norm = float(torch.sqrt(torch.as_tensor(sum((x**2).sum() for x in u.values()))))
                 if u_norm > radius:
                     u = {n: x * (radius / u_norm) for n, x in u.items()}
         place({n: scale[n] * u[n] for n in u})
@@ -442,7 +442,7 @@ def eps_sharpness(
     scale = {n: p.detach().double().abs() + 1 for n, p in params.items()}
     radius = eps
     if norm == "ball":  # same scaling, aggregated: ||z|| <= ε (||θ|| + 1) with z = u (||θ||+1)
-        theta_norm = float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params.values())))
+        theta_norm = float(torch.sqrt(torch.as_tensor(sum((p.detach().double() ** 2).sum() for p in params.values()))))
         scale = {n: torch.full_like(p, theta_norm + 1, dtype=torch.float64) for n, p in params.items()}
     generator = torch.Generator().manual_seed(seed)
     start = {}
@@ -450,7 +450,7 @@ def eps_sharpness(
         r = torch.rand(p.shape, generator=generator, dtype=torch.float64).to(p.device)
         start[n] = (2 * r - 1) * radius
     if norm == "ball":
-        start_norm = float(torch.sqrt(sum((x**2).sum() for x in start.values())))
+        start_norm = float(torch.sqrt(torch.as_tensor(sum((x**2).sum() for x in start.values()))))
         start = {n: x * (radius * 0.5 / start_norm) for n, x in start.items()}  # inside the ball
     loss0, worst = _ascent(
         model, loss_fn, batches, w, params, scale, radius, norm, n_steps,

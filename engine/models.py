@@ -82,7 +82,8 @@ def build_config(
             bos_token_id=bos,
             eos_token_id=eos,
             tie_word_embeddings=True,
-            attn_implementation=attn_implementation,
+            # accepted at runtime (PreTrainedConfig's kwargs), absent from v5's generated signature
+            attn_implementation=attn_implementation,  # type: ignore[call-arg]
         )
     if family == "clm":
         return GPT2Config(
@@ -100,7 +101,8 @@ def build_config(
             eos_token_id=eos,
             tie_word_embeddings=True,
             use_cache=False,  # training only; generation can turn it back on
-            attn_implementation=attn_implementation,
+            # accepted at runtime (PreTrainedConfig's kwargs), absent from v5's generated signature
+            attn_implementation=attn_implementation,  # type: ignore[call-arg]
         )
     raise ValueError(f"family must be 'mlm' or 'clm' (got {family!r})")
 
@@ -118,7 +120,7 @@ def build_model(config: PreTrainedConfig, seed: int = 0) -> PreTrainedModel:
     cls = RobertaForMaskedLM if family_of(config) == "mlm" else GPT2LMHeadModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(config)
+        return cls(config)  # type: ignore[arg-type]  # family_of(config) chose the class of this config
 
 
 def use_eager_attention(model: PreTrainedModel) -> PreTrainedModel:
@@ -146,7 +148,7 @@ def model_inputs(batch: dict[str, torch.Tensor], config: PreTrainedConfig) -> di
     attention within each molecule (transformers' masking_utils.find_packed_sequence_indices);
     trailing padding becomes one more "molecule" without labels.
     """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+    inputs: dict[str, torch.Tensor] = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
     if "position_ids" in batch:
         if family_of(config) == "mlm":
             inputs["position_ids"] = batch["position_ids"] + config.pad_token_id + 1

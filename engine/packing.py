@@ -36,6 +36,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import ray
 from ray.tune.search import Searcher
@@ -95,10 +96,11 @@ class PackingSearcher(Searcher):
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the grid comes from `configs`; Tune's param_space should be {}
 
-    def suggest(self, trial_id: str) -> dict | str | None:
+    # Ray's annotation omits Searcher.FINISHED, the str that ends the stream
+    def suggest(self, trial_id: str) -> dict | str | None:  # type: ignore[override]
         nodes_changed = self._follow_nodes()
         if not self._ready:
-            self._ready = list(self._ledger.admit(self._max_concurrent))
+            self._ready = cast(list[str], self._ledger.admit(self._max_concurrent))  # the names added above
         if self._ready:
             self._stalled_since = None
             name = self._ready.pop(0)

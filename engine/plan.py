@@ -62,7 +62,7 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from engine.admission import (
     DATA_CPUS,
@@ -126,7 +126,8 @@ def model_shape(family: Literal["mlm", "clm"], size: ModelSize, vocab_size: int,
     small_per_layer = sum(n for n in (d, d, d, d, f, d, d, d, d, d, d, d, d) if n < PERSISTENCE_THRESHOLD)
     return ModelShape(
         family=family, n_layer=size.n_layer, d_model=d, n_head=size.n_head, d_ff=f, vocab_size=vocab_size,
-        seq_len=max_seq_len, n_params=count_params(config).total, largest_tensor=max(vocab_size * d, positions * d, d * f),
+        seq_len=max_seq_len, n_params=count_params(config).total,
+        largest_tensor=max(vocab_size * d, positions * d, d * f),
         layer_params=layer, persistent_params=size.n_layer * small_per_layer,
     )  # fmt: skip
 
@@ -148,7 +149,8 @@ def activation_bytes(
     attn = e * b * a * s * s if attention == "eager" else 4 * b * a * s
     per_layer = e * tokens * (9 * h + gelu * f) + 16 * tokens + attn
     if shape.family == "mlm":
-        embeddings = e * tokens * h + 8 * tokens + 5 * 8 * tokens  # LayerNorm input; ids, mask, labels, positions, types
+        # LayerNorm input; ids, mask, labels, positions, types
+        embeddings = e * tokens * h + 8 * tokens + 5 * 8 * tokens
         head = 4 * e * tokens * h
     else:
         embeddings = 4 * 8 * tokens  # ids, mask, labels, positions (the sum is layer 0's input)
@@ -209,6 +211,10 @@ def memory_per_device(
     def adam_temporaries(elements: float) -> float:
         return 0.0 if device == "cuda" else 2 * 4 * elements
 
+    weights: float  # bytes, as are the others below
+    gradients: float
+    optimizer: float
+    step: float
     if zero_stage == 0:
         weights, gradients = p * n, p * n
         optimizer = 8 * n + (4 * n if bf16 else 0)
@@ -328,10 +334,11 @@ def choose(
             f"(micro_batch_size: {trial.train.micro_batch_size})"
         )
     stage, workers, mb, mem = smallest
+    assert capacity is not None  # with no capacity the first estimate is returned above
     raise PlanError(
         f"trial {trial.trial_id}: needs {mem.total / GB:.1f} GB per device even at ZeRO-{stage} over {workers} "
         f"worker(s) with micro-batch {mb} ({_parts_text(mem)}), but a worker gets {capacity / GB:.1f} GB "
-        f"({'%g x ' % min(r.gpus_per_worker, 1.0) if on_gpu else ''}{gpu_memory_gb if on_gpu else cpu_memory_gb:g} GB) "
+        f"({f'{min(r.gpus_per_worker, 1.0):g} x ' if on_gpu else ''}{gpu_memory_gb if on_gpu else cpu_memory_gb:g} GB) "
         f"and the cluster has {gpus} GPU(s); lower micro_batch_size or the rung, or use larger devices"
     )
 
@@ -344,7 +351,8 @@ def _parts_text(mem: MemoryEstimate) -> str:
 
 def apply_choice(trial: Trial, choice: Choice) -> Trial:
     """The trial with its auto fields made concrete, validated again (batch splits over workers)."""
-    train = trial.train.model_copy(update={"zero_stage": choice.zero_stage, "micro_batch_size": choice.micro_batch_size})
+    train = trial.train.model_copy(update={"zero_stage": choice.zero_stage,
+                                           "micro_batch_size": choice.micro_batch_size})
     resources = trial.resources.model_copy(update={"workers": choice.workers})
     rest = trial.model_dump(exclude={"train", "resources"})
     return Trial.model_validate({**rest, "train": train.model_dump(), "resources": resources.model_dump()})
@@ -367,6 +375,7 @@ def budget_tokens_of(trial: Trial, tokens_per_epoch: int | None) -> int:
     if tokens_per_epoch is None:
         raise PlanError(f"trial {trial.trial_id}: the budget is {trial.budget_epochs:g} epochs; run prepare first "
                         f"(the manifest has the train split's tokens) or give tokens per epoch")
+    assert trial.budget_epochs is not None  # Trial's validator: one of the two budgets
     return int(trial.budget_epochs * tokens_per_epoch)
 
 
@@ -436,12 +445,13 @@ def simulate(
         ledger.add(i, need, largest_first(need, h) if packed else (float(i),))
     limit = None
     if not packed:
-        limit = concurrency or min((copies_that_fit(n, nodes, reserved_cpus, limit=len(needs)) for n in needs), default=1)
+        limit = concurrency or min((copies_that_fit(n, nodes, reserved_cpus, limit=len(needs)) for n in needs),
+                                   default=1)
     start, end = [math.nan] * len(needs), [math.nan] * len(needs)
     running: list[tuple[float, int]] = []
     now = 0.0
     while ledger.pending or running:
-        for i in ledger.admit(limit):
+        for i in cast(list[int], ledger.admit(limit)):  # the keys added above are the indices
             start[i], end[i] = now, now + hours[i]
             heapq.heappush(running, (end[i], i))
         if not running:  # nothing runs and nothing fits: add() refuses such trials, so this is a bug
@@ -574,8 +584,9 @@ def plan_sweep(
             raise PlanError(f"trial {trial.trial_id}: needs {need.gpus:g} GPUs and {need.cpus:g} CPUs, but the "
                             f"cluster is {ledger.capacity_text()}")
         needs.append(need)
-        rows.append(TrialPlan(trial.trial_id, trial.size.name, model_shape(trial.family, trial.size, vocab_size,
-                              max_seq_len).n_params, tokens, flops, choice, need.gpus, hours, hours / held))  # fmt: skip
+        n_params = model_shape(trial.family, trial.size, vocab_size, max_seq_len).n_params
+        rows.append(TrialPlan(trial.trial_id, trial.size.name, n_params, tokens, flops, choice, need.gpus, hours,
+                              hours / held))  # fmt: skip
     wall = [t.wall_hours for t in rows]
     packed = simulate(needs, wall, nodes, reserved_cpus=reserved_cpus, packed=True)
     today = min((copies_that_fit(n, nodes, reserved_cpus, limit=len(needs)) for n in needs), default=1)
@@ -614,7 +625,8 @@ def format_plan(plan: SweepPlan) -> str:
         c = t.choice
         cap = f"{c.capacity_bytes / GB:.1f}" if c.capacity_bytes else "-"
         lines.append(
-            f"{t.trial_id:<22} {t.n_params:>9.3g} {t.flops:>9.3g} {c.memory.total / GB:>7.2f} {cap:>6} {c.zero_stage:>4} "
+            f"{t.trial_id:<22} {t.n_params:>9.3g} {t.flops:>9.3g} {c.memory.total / GB:>7.2f} {cap:>6} "
+            f"{c.zero_stage:>4} "
             f"{c.micro_batch_size:>5} {c.workers:>7} {t.gpus:>5g} {t.device_hours:>8.3g} {t.wall_hours:>8.3g}"
             + (f"  ({c.note})" if c.note else "")
         )

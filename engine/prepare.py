@@ -42,8 +42,18 @@ from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from engine.config import DataConfig, DownstreamConfig
 from engine.files import sha256_file
-from engine.rundir import (Counts, DataDir, InputFile, Manifest, ManifestError, ShardFile, Split, SplitCounts,
-                           TaskOverlap, TokenizerInfo)
+from engine.rundir import (
+    Counts,
+    DataDir,
+    InputFile,
+    Manifest,
+    ManifestError,
+    ShardFile,
+    Split,
+    SplitCounts,
+    TaskOverlap,
+    TokenizerInfo,
+)
 from engine.tokenizer import build_vocab, count_unk, extend_vocab, smiles_tokens, tokenizer_from_vocab
 
 log = logging.getLogger("clmscale.prepare")
@@ -565,7 +575,8 @@ def _tally(results: Iterable[tuple[Chunk, list[Canonical]]], cfg: DataConfig,
                     tally.rejects.append((source, line, raw, reason))
                 elif cfg.max_tokens is not None and c.n_tokens > cfg.max_tokens:
                     tally.n_long += 1
-                    tally.rejects.append((source, line, raw, f"filtered: {c.n_tokens} tokens > max_tokens {cfg.max_tokens}"))
+                    reason = f"filtered: {c.n_tokens} tokens > max_tokens {cfg.max_tokens}"
+                    tally.rejects.append((source, line, raw, reason))
                 else:
                     tally.kept.append(c)
         n_chunks += 1
@@ -590,7 +601,8 @@ def _check_tally(tally: Tally, cfg: DataConfig, data: DataDir) -> None:
     if n_invalid == n_in:
         source, line, raw, reason = tally.rejects[0]
         raise DataError(
-            f"{files}: all {n_in:,} SMILES are invalid, e.g. {source}:{line}: {raw!r}: {reason} (see {data.rejects_path})"
+            f"{files}: all {n_in:,} SMILES are invalid, e.g. {source}:{line}: {raw!r}: {reason}"
+            f" (see {data.rejects_path})"
         )
     if n_invalid:
         log.warning("%s invalid SMILES of %s (%.2f%%), all in %s", f"{n_invalid:,}", f"{n_in:,}",
@@ -600,9 +612,11 @@ def _check_tally(tally: Tally, cfg: DataConfig, data: DataDir) -> None:
         which += [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {tally.n_heavy:,}"] if tally.n_heavy else []
         which += [f"max_tokens={cfg.max_tokens} removed {tally.n_long:,}"] if tally.n_long else []
         n_unique = n_in - n_invalid - tally.n_duplicate
-        raise DataError(f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules")
+        raise DataError(
+            f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules")
     if len(tally.kept) < 2:
-        raise DataError(f"{files}: only {len(tally.kept)} molecule left after cleaning; need at least 2 for a train/val split")
+        raise DataError(
+            f"{files}: only {len(tally.kept)} molecule left after cleaning; need at least 2 for a train/val split")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,7 +751,8 @@ def _damage(manifest: Manifest, data: DataDir) -> str | None:
             return f"{shard.path} is missing ({name} lists it)"
         digest = sha256_file(path)
         if digest != shard.sha256:
-            return f"{shard.path} has sha256 {digest[:16]}..., {name} records {shard.sha256[:16]}... (changed since prepare)"
+            return (f"{shard.path} has sha256 {digest[:16]}..., {name} records {shard.sha256[:16]}..."
+                    " (changed since prepare)")
     if not data.has_tokenizer():
         return f"{manifest.tokenizer.path}/ is missing"
     return None

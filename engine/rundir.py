@@ -700,8 +700,9 @@ def downstream_points(finetune: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.D
     if finetune.empty:
         return pd.DataFrame()
     rows = finetune[finetune["mode"].isin(PRETRAINED_MODES) & np.isfinite(finetune["value"].to_numpy(float))]
-    counted = set(zip(checkpoints["trial_id"], checkpoints["tokens"].astype(float)))
-    rows = rows[[(t, float(d)) in counted for t, d in zip(rows["trial_id"], rows["tokens"])]]  # the counted points only
+    counted = set(zip(checkpoints["trial_id"], checkpoints["tokens"].astype(float), strict=True))
+    # the counted points only
+    rows = rows[[(t, float(d)) in counted for t, d in zip(rows["trial_id"], rows["tokens"], strict=True)]]
     if rows.empty:
         return pd.DataFrame()
     first = {name: (name, "first") for name in ("metric", "higher_is_better", "rung", "n_params",

@@ -170,6 +170,7 @@ def run_trial(config: dict) -> None:
         log.info(f"[{trial.trial_id}] already {done.status} ({done.n_tokens} tokens); not rerun")
         return
     folder.write_spec(config["cfg"])  # all it takes to rerun this trial
+    assert trial.train.micro_batch_size != "auto"  # run_sweep hands over trials with auto made concrete
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}

@@ -326,6 +326,7 @@ def resolve_task_file(
 
     base_url = base_url or os.environ.get("CLMSCALE_DATA_URL") or None
     url = f"{base_url.rstrip('/')}/{task.file}" if base_url else task.url
+    assert url is not None  # Task's validator: a task without a path has a url
     return _download(task, url, cache)
 
 
@@ -373,7 +374,8 @@ def sha256_decompressed(path: Path) -> str:
 def _open_bytes(path: Path) -> IO[bytes]:
     with open(path, "rb") as f:
         magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+    # GzipFile is a binary file object, but typeshed does not derive it from IO[bytes]
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +463,7 @@ def load_task(
         order = np.random.default_rng(SUBSAMPLE_SEED).permutation(order)
     kept, invalid_rows = [], []
     with rdBase.BlockLogs():  # we report unparsable SMILES ourselves, with their line numbers
-        for row in order:
+        for row in order.tolist():  # Python ints: the row numbers below key dicts and lists
             mol = Chem.MolFromSmiles(smiles_text.iat[row])
             if mol is None or mol.GetNumAtoms() == 0:
                 invalid_rows.append(row)
@@ -558,7 +560,8 @@ def _check_classes(labels: np.ndarray, columns: list[str], path: Path, task: Tas
 
 def _line_numbers(path: Path, rows: list[int]) -> dict[int, int]:
     """1-based file lines of 0-based data rows, counted like the CSV parser (quoted newlines, blank lines)."""
-    wanted, found = set(rows), {}
+    wanted = set(rows)
+    found: dict[int, int] = {}
     if not wanted:
         return found
     with _open_text(path) as text:

@@ -64,7 +64,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,20 +75,21 @@ import torch.distributed as dist
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from engine.config import LADDER, ResourcesConfig, TrainConfig, Trial
+from engine.files import json_safe
+from engine.ladder import Family
 from engine.models import (
     SPECIAL_IDS,
+    batch_cost,
     build_config,
     build_model,
     count_params,
     family_of,
     flops_per_token,
-    batch_cost,
     mfu,
     model_inputs,
     n_loss_tokens,
     peak_flops,
 )
-from engine.files import json_safe
 from engine.rundir import DS_TAG, CheckpointInfo, TrainResult, TrialDir
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class _Run:
     trial_id: str
     cfg: TrainConfig
     model_config: PreTrainedConfig
-    family: str
+    family: Family
     budget: int
     milestones: tuple[int, ...]
     train_split_tokens: int | None  # the train split's size in tokens (epochs, unique tokens); None: unknown
@@ -225,7 +226,7 @@ class _Loop:
     val_batches: Sequence[dict]
     hf_copy: _HFCopy | None
     report: Callable[[dict], None]
-    stream: Iterator[tuple[int, int, dict]]
+    stream: Generator[tuple[int, int, dict], None, None]  # closed to end the data pass
     window: _Window
     wall_before: float
     t_start: float
@@ -271,7 +272,8 @@ def train(
     cfg = trial.train
     if cfg.zero_stage == "auto" or cfg.micro_batch_size == "auto":
         raise ValueError(f"trial {trial.trial_id}: zero_stage and micro_batch_size must be concrete here (got "
-                         f"{cfg.zero_stage!r}, {cfg.micro_batch_size!r}); engine.plan.choose resolves auto, as the sweep does")
+                         f"{cfg.zero_stage!r}, {cfg.micro_batch_size!r}); engine.plan.choose resolves auto,"
+                         " as the sweep does")
     folder = trial_dir if isinstance(trial_dir, TrialDir) else TrialDir(Path(trial_dir))
     budget = budget_tokens if budget_tokens is not None else trial.budget_tokens
     if budget is None or budget <= 0:
@@ -407,7 +409,8 @@ def _wsd_schedule(loop: _Loop) -> bool:
         length = max(1, milestone - branch_from)
         # at least one step, even when the step that reached the branch's start also passed its milestone
         end = max(milestone, branch_from + 1)
-        if not _steps_until(loop, end, lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),
+        # B023: _steps_until calls the schedule only before it returns, within this iteration
+        if not _steps_until(loop, end, lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),  # noqa: B023
                             branch=milestone):
             return False
         _save_checkpoint(loop, milestone, annealed=anneals(run.cfg), optimizer_state=False)
@@ -588,6 +591,7 @@ def _log_record(loop: _Loop, branch: int | None = None) -> dict:
 def _build_engine(deepspeed, run: _Run, seed: int, device: torch.device, bf16: bool):
     """The model (seeded init), AdamW with decay on matrices only, and the DeepSpeed engine around them."""
     cfg = run.cfg
+    assert cfg.zero_stage != "auto"  # train() refuses auto settings before the engine is built
     model = build_model(run.model_config, seed=seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings, as nanoGPT
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
@@ -734,7 +738,7 @@ def _barrier() -> None:
 
 def _micro_batches(
     make_batches: Callable[[int], Iterable[dict]], epoch: int, n_skip: int
-) -> Iterator[tuple[int, int, dict]]:
+) -> Generator[tuple[int, int, dict], None, None]:
     """(epoch, batches consumed in that epoch, batch) forever, epoch after epoch; the first `n_skip`
     batches of the first epoch were consumed before a resume (or a wsd branch) and are skipped.
     Closing it closes the epoch's iterator too (a Ray Data pass ends when its iterator does)."""
@@ -1008,7 +1012,7 @@ def _resume_wsd(engine, folder: TrialDir, run: _Run, found: list[Path], stable: 
     milestone = saved["milestone"]
     infos = [CheckpointInfo(**folder.trainer_state(p)["checkpoint"]) for p in found]
     infos = [c for c in infos if c.milestone is not None and c.milestone <= milestone]
-    done = {c.milestone for c in infos}
+    done = {c.milestone for c in infos if c.milestone is not None}  # all of them, by the filter above
     lost = [m for m in run.milestones if m < milestone and m not in done]
     if lost:  # their stable states are gone: a run from scratch would be needed to redo them
         logger.warning("trial %s: the checkpoints of milestones %s are missing and cannot be redone from "

@@ -9,13 +9,33 @@ through engine.rundir.
 from fits.comparison import PairedDifference, best_on_validation, paired_difference
 from fits.correlate import proxy_correlations
 from fits.downstream import DownstreamPowerLaw
-from fits.powerlaw import (BacktestResult, ChinchillaFit, ComputeOptimal, Identification, LogLogOLS, NotFittedError,
-                           SaturatingPowerLaw, backtest, identification)
+from fits.powerlaw import (
+    BacktestResult,
+    ChinchillaFit,
+    ComputeOptimal,
+    Identification,
+    LogLogOLS,
+    NotFittedError,
+    SaturatingPowerLaw,
+    backtest,
+    identification,
+)
 from fits.proxies import LeaveOneSizeOut, ProxyTiming, leave_one_size_out, proxy_timing, selection_regret
 from fits.slopes import SlopeEstimate, compute_frontier_mask, fit_slope, pool_inverse_variance
 from fits.taskladder import TaskBacktest, TaskLadder, task_ladder_backtest
-from fits.verdicts import (AxisTrend, PlateauMargin, TrendVerdict, adjust_pvalues, axis_trend, correct, judge,
-                           plateau_margin, scaling_verdicts, trend_on_table, verdict_counts)
+from fits.verdicts import (
+    AxisTrend,
+    PlateauMargin,
+    TrendVerdict,
+    adjust_pvalues,
+    axis_trend,
+    correct,
+    judge,
+    plateau_margin,
+    scaling_verdicts,
+    trend_on_table,
+    verdict_counts,
+)
 
 __all__ = [
     "AxisTrend",

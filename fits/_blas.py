@@ -46,5 +46,5 @@ def one_blas_thread():
     try:
         yield
     finally:
-        for setter, count in zip(setters, previous):
+        for setter, count in zip(setters, previous, strict=True):
             setter(count)

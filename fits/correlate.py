@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import types
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -95,7 +96,7 @@ def _percentile_ci(samples: np.ndarray, ci_level: float) -> tuple[float, float]:
 def _one_pair(frame: pd.DataFrame, metric: str, proxy: str, loss_column: str | None, n_bootstrap: int,
               ci_level: float, rng: np.random.Generator) -> dict:
     """One output row: correlations of metric with proxy, plus the partial given loss, or NaN and a reason."""
-    row = {name: math.nan for name in COLUMNS}
+    row: dict[str, Any] = {name: math.nan for name in COLUMNS}
     reasons = []
     pair = frame[[metric, proxy]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     finite = np.isfinite(pair).all(axis=1)

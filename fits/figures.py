@@ -241,7 +241,8 @@ def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, entries: lis
     baselines = {mode: rows.loc[(rows["task"] == task) & (rows["mode"] == mode), "value"].dropna()
                  for mode in BASELINE_STYLE} if not rows.empty else {}
     held_handles: dict[str, Line2D] = {}
-    for ax, (key, column, held, xlabel, held_symbol) in zip(axes, DOWNSTREAM_AXES):
+    # strict=False: the fourth axis holds the slope intervals, drawn below
+    for ax, (key, column, held, xlabel, held_symbol) in zip(axes, DOWNSTREAM_AXES, strict=False):
         x = mine[column].to_numpy(float)
         usable = np.isfinite(x) & (x > 0)
         if not usable.any():
@@ -250,6 +251,7 @@ def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, entries: lis
         for mode, group in mine[usable].groupby("mode", sort=True):
             color, marker, _ = MODE_STYLE.get(mode, ("0.3", "o", mode))
             if held is not None:
+                assert held_symbol is not None  # DOWNSTREAM_AXES gives both or neither
                 _held_lines(ax, group, column, held, held_symbol, color, marker, held_handles)
             else:
                 _frontier_points(ax, group, color, marker)
@@ -356,7 +358,7 @@ def hessian(rows: pd.DataFrame, out: Path) -> Path:
     colors = _rung_colors(rows)
     token_values = sorted(rows["tokens"].unique())
     token_cmap = matplotlib.colormaps["cividis"]
-    for (column, what), row_axes in zip(panels, axes.T):
+    for (column, what), row_axes in zip(panels, axes.T, strict=True):
         by_size, by_tokens = row_axes
         for i, (tokens, group) in enumerate(rows.groupby("tokens", sort=True)):
             group = group.sort_values("n_params_non_embedding")
@@ -446,7 +448,7 @@ def landscape_pt_to_ft(rows: pd.DataFrame, out: Path) -> Path:
     colors = _rung_colors(rows)
     styles = ["-", "--", ":", "-."]
     token_values = sorted(rows["tokens"].unique())
-    for ax, kind in zip(axes, tasks):
+    for ax, kind in zip(axes, tasks, strict=True):
         for (rung, tokens), line in rows[rows["kind"] == kind].groupby(["rung", "tokens"], sort=False):
             line = line.sort_values("alpha")
             ax.plot(line["alpha"], line["loss"], styles[token_values.index(tokens) % len(styles)], color=colors[rung],
@@ -495,16 +497,17 @@ def pca(rows: pd.DataFrame, kind: str, out: Path, order: dict[str, int] | None =
     n_rows = math.ceil(len(groups) / n_cols)
     figure = _figure(3.2 * n_cols + 0.4, 2.9 * n_rows + 0.5)
     axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False).ravel())
-    for ax, (group, points) in zip(axes, groups):
+    for ax, (group, points) in zip(axes, groups, strict=False):  # the grid's spare axes are hidden below
         if kind == "trajectory":
             points = points.assign(_order=pd.to_numeric(points["label"], errors="coerce")).sort_values("_order")
             ax.plot(points["pc1"], points["pc2"], "-", color="0.6", lw=1, zorder=1)
             ax.scatter(points["pc1"], points["pc2"], c=np.arange(len(points)), cmap="viridis", s=40, zorder=2)
-            labels = [format_scale(v) if np.isfinite(v) else str(t) for v, t in zip(points["_order"], points["label"])]
+            labels = [format_scale(v) if np.isfinite(v) else str(t)
+                      for v, t in zip(points["_order"], points["label"], strict=True)]
         else:
             ax.scatter(points["pc1"], points["pc2"], color="tab:blue", s=40)
             labels = points["label"].astype(str).tolist()
-        for x, y, text in zip(points["pc1"], points["pc2"], labels):
+        for x, y, text in zip(points["pc1"], points["pc2"], labels, strict=True):
             ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
         explained = points[["explained_1", "explained_2"]].iloc[0].to_numpy(float)
         ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)", fontsize=8)

@@ -50,8 +50,20 @@ from fits.downstream import DownstreamPowerLaw, format_scale, format_with_uncert
 from fits.powerlaw import ChinchillaFit, LogLogOLS, SaturatingPowerLaw, backtest, identification
 from fits.proxies import LeaveOneSizeOut, leave_one_size_out, proxy_timing, selection_regret
 from fits.taskladder import BOUNDED_METRICS, TaskLadder, task_ladder_backtest
-from fits.verdicts import (CORRECTIONS, METRIC_WORDS, PLATEAU_MARGINS, AxisTrend, PlateauMargin, TrendVerdict,
-                           adjust_pvalues, correct, plateau_margin, scaling_verdicts, trend_on_table, verdict_counts)
+from fits.verdicts import (
+    CORRECTIONS,
+    METRIC_WORDS,
+    PLATEAU_MARGINS,
+    AxisTrend,
+    PlateauMargin,
+    TrendVerdict,
+    adjust_pvalues,
+    correct,
+    plateau_margin,
+    scaling_verdicts,
+    trend_on_table,
+    verdict_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +172,7 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     """L(N, D) on (n_params_non_embedding, tokens, val_loss) of every usable checkpoint; N*(C), D*(C) only when
     the grid identifies the law (a frontier derived from an unpinned law is not a number to print)."""
     n, d, loss = (points[name].to_numpy(float) for name in ("n_params_non_embedding", "tokens", "val_loss"))
-    n_distinct = len(set(zip(n, d)))
+    n_distinct = len(set(zip(n, d, strict=True)))
     if n_distinct < MIN_LAW_POINTS:
         return skipped(f"{n_distinct} distinct (N, D) points; L(N, D) has 5 parameters and needs at least "
                        f"{MIN_LAW_POINTS}")
@@ -216,7 +228,7 @@ def backtest_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
         return skipped(f"{rungs.size} model size(s): holding out the {s.holdout_rungs} largest leaves fewer than 2 "
                        "to fit")
     train = points[n < rungs[-s.holdout_rungs]]
-    n_distinct = len(set(zip(train["n_params_non_embedding"], train["tokens"])))
+    n_distinct = len(set(zip(train["n_params_non_embedding"], train["tokens"], strict=True)))
     if n_distinct < MIN_LAW_POINTS:
         return skipped(f"without the {s.holdout_rungs} largest rung(s) {n_distinct} distinct (N, D) points are "
                        f"left; L(N, D) needs at least {MIN_LAW_POINTS}")
@@ -434,7 +446,7 @@ def baselines(finetune: pd.DataFrame, rows: pd.DataFrame, s: FitSettings) -> tup
     tests = [c for e in entries for c in e["comparisons"].values() if c["status"] == "ok"]
     adjusted = adjust_pvalues([c["p"] if c["p"] is not None else math.nan for c in tests], s.correction)
     n_tests = int(np.isfinite(adjusted).sum())
-    for comparison, p_adjusted in zip(tests, adjusted):
+    for comparison, p_adjusted in zip(tests, adjusted, strict=True):
         comparison["raw_finding"] = comparison["finding"]
         if np.isfinite(p_adjusted):
             comparison.update(p_adjusted=float(p_adjusted),
@@ -584,7 +596,7 @@ def fit_proxies(table: pd.DataFrame, s: FitSettings) -> dict:
         regret.append(_regret(group, task, mode, metric, higher_is_better, predictors))
     adjusted = adjust_pvalues([row["p"] if row["p"] is not None else math.nan for row in prediction], s.correction)
     n_tests = int(np.isfinite(adjusted).sum())
-    for row, p_adjusted in zip(prediction, adjusted):
+    for row, p_adjusted in zip(prediction, adjusted, strict=True):
         row["interval_finding"] = row["finding"]  # read off the bootstrap interval: descriptive (improvement_p)
         if np.isfinite(p_adjusted):
             row.update(p_adjusted=float(p_adjusted),
@@ -815,7 +827,9 @@ def _proxy_findings(proxies: dict) -> list[tuple[str, str]]:
         return [(f"No proxy evaluation: {proxies['reason']}.", "proxies")]
     labels, tests = proxies["labels"], proxies["prediction_tests"]
     corrected = f"{tests['correction_name']} over {tests['n_tests']} tests"
-    out, untested, unpowered = [], {}, {}
+    out: list[tuple[str, str]] = []
+    untested: dict[str, list[str]] = {}  # reason: the predictions it stopped
+    unpowered: dict[int, dict[str, None]] = {}  # n_sizes: proxy labels
     for proxy in proxies["predictors"]:
         mine = [row for row in proxies["prediction"] if row["proxy"] == proxy]
         for row in mine:
@@ -854,7 +868,7 @@ def _proxy_findings(proxies: dict) -> list[tuple[str, str]]:
         listed = "; ".join(f"{', '.join(which)}: {reason}" for reason, which in untested.items())
         out.append((f"Could not be tested: {sum(map(len, untested.values()))} proxy predictions ({listed}).",
                     "proxy-prediction"))
-    selectors = {}  # selector: regrets over task/mode pairs
+    selectors: dict[str, list[float]] = {}  # selector: regrets over task/mode pairs
     for group in proxies["regret"]:
         for pick in group["selectors"]:
             if pick["regret"] is not None:
@@ -944,7 +958,7 @@ def fit_run(run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: i
                            s) if not per_checkpoint.empty else skipped("no downstream results"))
     fits = {
         "run": inputs.config.name,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": dataclasses.asdict(s),
         "tables": {name: (len(table) if inputs.present[name] else None) for name, table in inputs.tables.items()},
         "n_checkpoints": len(checkpoints),

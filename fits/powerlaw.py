@@ -19,9 +19,9 @@ import math
 import os
 import types
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable
-from typing import NamedTuple
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -156,7 +156,7 @@ def _bootstrap(design_fn: Callable, columns: tuple, log_y: np.ndarray, delta: fl
     """
     rng = np.random.default_rng(seed)
     resamples = rng.integers(0, log_y.size, size=(n_bootstrap, log_y.size))  # (n_bootstrap, n)
-    n_workers = os.cpu_count() if n_jobs is None else n_jobs
+    n_workers = (os.cpu_count() or 1) if n_jobs is None else n_jobs  # cpu_count() is None when it cannot tell
     fixed = (design_fn, columns, log_y, delta, theta_hat, extra_starts)
     if n_workers <= 1 or n_bootstrap < 2:
         return _bootstrap_chunk(*fixed, resamples)
@@ -246,6 +246,13 @@ def _check_is_fitted(estimator, attribute: str) -> None:
 class _Estimator:
     """get_params / to_dict plumbing common to the fits (scikit-learn's BaseEstimator, minus the rest)."""
 
+    # declared, not assigned: each subclass sets formula, and fit sets the rest (hasattr tells "fitted")
+    formula: str
+    params_: dict[str, Any]
+    ci_: dict[str, tuple[float, ...]]
+    se_: dict[str, float]
+    n_points_: int
+
     def get_params(self) -> dict:
         """The hyperparameters passed to __init__, by name."""
         return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
@@ -304,6 +311,11 @@ class ChinchillaFit(_Estimator):
 
     formula = "L(N, D) = E + A / N^alpha + B / D^beta"
     param_names = ("E", "A", "B", "alpha", "beta")
+    E_: float  # fit sets one attribute per name in param_names
+    A_: float
+    B_: float
+    alpha_: float
+    beta_: float
 
     def __init__(self, huber_delta=1e-3, n_bootstrap=1000, seed=0, n_jobs=None, n_starts=100,
                  n_bootstrap_starts=1, ci_level=0.95, init_grid=None):
@@ -350,7 +362,7 @@ class ChinchillaFit(_Estimator):
     @staticmethod
     def _named(theta: np.ndarray) -> dict[str, float]:
         """Log-space optimiser vector → {E, A, B, alpha, beta}."""
-        log_space = dict(zip(CHINCHILLA_PARAMS, theta))
+        log_space = dict(zip(CHINCHILLA_PARAMS, theta, strict=True))
         return {"E": float(np.exp(log_space["e"])), "A": float(np.exp(log_space["a"])),
                 "B": float(np.exp(log_space["b"])), "alpha": float(log_space["alpha"]),
                 "beta": float(log_space["beta"])}
@@ -448,7 +460,7 @@ class SaturatingPowerLaw(_Estimator):
 
     @staticmethod
     def _named(theta: np.ndarray) -> dict[str, float]:
-        log_space = dict(zip(SATURATING_PARAMS, theta))
+        log_space = dict(zip(SATURATING_PARAMS, theta, strict=True))
         return {"E": float(np.exp(log_space["e"])), "A": float(np.exp(log_space["a"])),
                 "gamma": float(log_space["gamma"])}
 

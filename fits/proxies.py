@@ -19,6 +19,7 @@ import dataclasses
 import math
 import types
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -96,10 +97,10 @@ class LeaveOneSizeOut:
         if self.reason:
             return f"Not testable: whether {proxy_words} predicts {subject} on held-out sizes: {self.reason}."
         level = f"{round(100 * self.level)} %"
-        return (f"{FINDINGS[self.finding].capitalize()} ({proxy_words}, {subject}): RMSE {self.rmse_loss:.3g} from loss "
-                f"alone, {self.rmse_loss_proxy:.3g} with {proxy_words}; improvement {self.improvement:+.3g}, {level} "
-                f"CI {self.improvement_ci[0]:+.3g}…{self.improvement_ci[1]:+.3g} over {self.n_sizes} held-out sizes "
-                f"({self.n_points} checkpoints)")
+        return (f"{FINDINGS[self.finding].capitalize()} ({proxy_words}, {subject}): RMSE {self.rmse_loss:.3g} "
+                f"from loss alone, {self.rmse_loss_proxy:.3g} with {proxy_words}; improvement "
+                f"{self.improvement:+.3g}, {level} CI {self.improvement_ci[0]:+.3g}…{self.improvement_ci[1]:+.3g} "
+                f"over {self.n_sizes} held-out sizes ({self.n_points} checkpoints)")
 
 
 def _ols_predict(train: np.ndarray, y: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -129,16 +130,17 @@ def leave_one_size_out(table: pd.DataFrame, metric_col: str, proxy_col: str,
     transform = "log10" if log_positive and proxy.size and np.all(proxy > 0) else "none"
     proxy = np.log10(proxy) if transform == "log10" else proxy
     distinct = np.unique(sizes)
-    empty = {"metric": metric_col, "proxy": proxy_col, "rmse_loss": math.nan, "rmse_loss_proxy": math.nan,
-             "improvement": math.nan, "improvement_ci": (math.nan, math.nan), "level": level,
-             "finding": "no clear difference", "n_sizes": int(distinct.size), "n_points": int(sizes.size),
-             "proxy_transform": transform, "per_size": ()}
+    empty: dict[str, Any] = {
+        "metric": metric_col, "proxy": proxy_col, "rmse_loss": math.nan, "rmse_loss_proxy": math.nan,
+        "improvement": math.nan, "improvement_ci": (math.nan, math.nan), "level": level,
+        "finding": "no clear difference", "n_sizes": int(distinct.size), "n_points": int(sizes.size),
+        "proxy_transform": transform, "per_size": ()}
     if distinct.size < MIN_SIZES:
         return LeaveOneSizeOut(**empty, reason=f"{distinct.size} size(s) with finite {metric_col}, {loss_col} and "
                                                f"{proxy_col}; leaving one out needs at least {MIN_SIZES}")
     if proxy_col == loss_col:
         return LeaveOneSizeOut(**empty, reason="the proxy is the loss column itself")
-    squared = {"loss": [], "loss_proxy": []}  # per held-out size: squared errors
+    squared: dict[str, list[np.ndarray]] = {"loss": [], "loss_proxy": []}  # per held-out size: squared errors
     per_size = []
     for size in distinct:
         held = sizes == size
@@ -209,7 +211,7 @@ def selection_regret(table: pd.DataFrame, test_col: str = "value", val_col: str 
     groups = table.groupby(list(group_cols), sort=True, dropna=False) if group_cols else [((), table)]
     for key, frame in groups:
         key = key if isinstance(key, tuple) else (key,)
-        group = dict(zip(group_cols, key))
+        group = dict(zip(group_cols, key, strict=True))
         test = pd.to_numeric(frame[test_col], errors="coerce")
         frame = frame[np.isfinite(test.to_numpy(float))]
         test = test[frame.index]

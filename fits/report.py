@@ -235,7 +235,7 @@ def _findings_html(fits: dict) -> str:
         return "<li>No findings: nothing could be fitted.</li>"
     links = links if len(links) == len(texts) else [""] * len(texts)
     return "".join(f'<li>{_e(text)} <a href="#{_e(link)}">({_e(ANCHOR_WORDS.get(link, "figure"))})</a></li>'
-                   if link else f"<li>{_e(text)}</li>" for text, link in zip(texts, links))
+                   if link else f"<li>{_e(text)}</li>" for text, link in zip(texts, links, strict=True))
 
 
 ANCHOR_WORDS = {"laws": "table", "trends": "table", "baselines": "table", "proxy-prediction": "table",
@@ -247,7 +247,7 @@ def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], 
           checkpoints: pd.DataFrame, inputs_html: str = "") -> str:
     n_trials = checkpoints["trial_id"].nunique() if not checkpoints.empty else 0
     n_rungs = checkpoints["rung"].nunique() if not checkpoints.empty else 0
-    built = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    built = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         f"<title>clmscale report: {_e(name)}</title><style>{STYLE}</style></head><body>",

@@ -23,6 +23,7 @@ import math
 import types
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -164,9 +165,10 @@ def fit_slope(table: pd.DataFrame, x_col: str, y_col: str, run_col: str | None =
     runs = _codes(rows, run_col) if run_col is not None else np.arange(len(rows))
     run_ids = tuple(sorted(rows[run_col].astype(str).unique())) if run_col is not None else ()
     blocks, strata = _codes(rows, block_col), _codes(rows, stratum_col)
-    counts = {"n_points": len(rows), "n_runs": int(np.unique(runs).size), "n_blocks": int(np.unique(blocks).size),
-              "n_strata": int(np.unique(strata).size), "x_decades": float(np.ptp(log_x)) if len(rows) else math.nan,
-              "run_ids": run_ids, "n_dropped": n_dropped}
+    counts: dict[str, Any] = {
+        "n_points": len(rows), "n_runs": int(np.unique(runs).size), "n_blocks": int(np.unique(blocks).size),
+        "n_strata": int(np.unique(strata).size), "x_decades": float(np.ptp(log_x)) if len(rows) else math.nan,
+        "run_ids": run_ids, "n_dropped": n_dropped}
     if len(rows) < 3:
         return _not_testable(method, f"{len(rows)} usable rows (finite {y_col}, positive {x_col}); a slope with an "
                                      "interval needs at least 3", **counts)
@@ -192,7 +194,8 @@ def _standard_error(method, design, y, runs, xtx, xty, slope, n_bootstrap, seed)
         result = sm.OLS(y, design).fit()
         if result.df_resid < 1:
             n_coefficients = round(len(y) - result.df_resid)
-            return math.nan, math.nan, f"{len(y)} rows for {n_coefficients} coefficients: no residual degrees of freedom"
+            return (math.nan, math.nan,
+                    f"{len(y)} rows for {n_coefficients} coefficients: no residual degrees of freedom")
         return float(result.bse[1]), float(result.df_resid), ""
     if method == "cluster":
         result = sm.OLS(y, design).fit(cov_type="cluster", cov_kwds={"groups": runs}, use_t=True)
@@ -227,7 +230,8 @@ def _mixedlm_error(design: np.ndarray, y: np.ndarray, runs: np.ndarray) -> tuple
     with warnings.catch_warnings(record=True) as caught:  # statsmodels warns on retries and at the boundary
         warnings.simplefilter("always")
         try:
-            result = sm.MixedLM((y - y.mean()) / scale, design[:, keep], groups=runs).fit(reml=True, method=["powell", "lbfgs"])
+            result = sm.MixedLM((y - y.mean()) / scale, design[:, keep], groups=runs).fit(
+                reml=True, method=["powell", "lbfgs"])
         except (ValueError, np.linalg.LinAlgError) as err:
             return math.nan, math.nan, f"MixedLM failed: {err}"
     if not result.converged:

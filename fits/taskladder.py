@@ -23,10 +23,9 @@ import pandas as pd
 from scipy.optimize import least_squares
 from scipy.special import expit
 
-from fits.downstream import format_scale
 from engine.files import json_safe
-from fits.powerlaw import (ChinchillaFit, SaturatingPowerLaw, _as_columns, _check_is_fitted, _Estimator,
-                           identification)
+from fits.downstream import format_scale
+from fits.powerlaw import ChinchillaFit, SaturatingPowerLaw, _as_columns, _check_is_fitted, _Estimator, identification
 
 LOSS_LAWS = {
     "chinchilla": "L(N, D) = E + A/N^alpha + B/D^beta",
@@ -103,7 +102,7 @@ class TaskLadder(_Estimator):
     def _fit_loss_law(self, owner: str, n: np.ndarray, d: np.ndarray, loss: np.ndarray):
         """(law name, why it was chosen, fitted law or coefficients)."""
         n_sizes, n_budgets = np.unique(n).size, np.unique(d).size
-        n_points = len(set(zip(n, d)))
+        n_points = len(set(zip(n, d, strict=True)))
         if self.loss_law != "auto":
             return self.loss_law, "given", self._fit_named(self.loss_law, n, d, loss)
         reasons = []
@@ -229,6 +228,7 @@ def _fit_sigmoid(loss: np.ndarray, metric: np.ndarray, lowest: float, highest: f
                                                          [highest, highest, np.inf, np.inf]))
             if best is None or fit.cost < best.cost:
                 best = fit
+    assert best is not None  # the loops above ran
     b, top, log_k, centre = best.x
     if not best.success:
         warnings.warn(f"TaskLadder: the sigmoid link stopped before convergence ({best.message})", RuntimeWarning,
@@ -267,7 +267,8 @@ class TaskBacktest:
 
     def sentence(self, subject: str, metric_words: str) -> str:
         sizes = ", ".join(format_scale(n) for n in self.holdout_n_params)
-        return (f"{subject}: predicted from the smaller rungs, the largest ({sizes} parameters) is off by {self.mean_abs_error:.3g} {metric_words} on average (max "
+        return (f"{subject}: predicted from the smaller rungs, the largest ({sizes} parameters) is off by "
+                f"{self.mean_abs_error:.3g} {metric_words} on average (max "
                 f"{self.max_abs_error:.3g}; task loss off by {100 * self.task_loss_mean_abs_relative_error:.1f} %, the "
                 f"link alone by {self.link_only_mean_abs_error:.3g}; {self.fit.loss_law_} law, {self.fit.link_} link)")
 
@@ -277,7 +278,7 @@ def task_ladder_backtest(n_params, n_tokens, task_loss, metric, n_holdout_rungs:
     """Fit the two steps without the n_holdout_rungs largest sizes, then predict the held-out checkpoints."""
     owner = "task_ladder_backtest"
     columns = _as_columns(owner, n_params=n_params, n_tokens=n_tokens, task_loss=task_loss, metric=metric)
-    columns = dict(zip(("n_params", "n_tokens", "task_loss", "metric"), _usable(owner, columns)))
+    columns = dict(zip(("n_params", "n_tokens", "task_loss", "metric"), _usable(owner, columns), strict=True))
     rungs = np.unique(columns["n_params"])
     if not 1 <= n_holdout_rungs <= rungs.size - 2:
         raise ValueError(f"{owner}: n_holdout_rungs={n_holdout_rungs} must leave at least 2 of the {rungs.size} "

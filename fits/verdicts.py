@@ -21,14 +21,15 @@ import dataclasses
 import math
 import types
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from fits.downstream import format_scale, format_with_uncertainty
 from engine.files import json_safe
+from fits.downstream import format_scale, format_with_uncertainty
 from fits.slopes import METHODS, SlopeEstimate, compute_frontier_mask, fit_slope, pool_inverse_variance
 
 VERDICTS = ("improving", "degrading", "plateau", "inconclusive")
@@ -169,10 +170,10 @@ def judge(estimate: SlopeEstimate, margin: PlateauMargin | float, higher_is_bett
     if not 0.5 < level < 1:
         raise ValueError(f"judge: level must be in (0.5, 1), got {level!r}")
     margin = margin if isinstance(margin, PlateauMargin) else PlateauMargin(float(margin), "given")
-    common = {"level": level, "margin": margin.per_decade, "margin_source": margin.source,
-              "n_points": estimate.n_points, "n_runs": estimate.n_runs, "method": estimate.method,
-              "axis": axis, "held_fixed": held_fixed, "higher_is_better": higher_is_better,
-              "x_grows_with_scale": x_grows_with_scale, "x_range": x_range}
+    common: dict[str, Any] = {"level": level, "margin": margin.per_decade, "margin_source": margin.source,
+                              "n_points": estimate.n_points, "n_runs": estimate.n_runs, "method": estimate.method,
+                              "axis": axis, "held_fixed": held_fixed, "higher_is_better": higher_is_better,
+                              "x_grows_with_scale": x_grows_with_scale, "x_range": x_range}
     if not estimate.testable or not estimate.se > 0:
         nan = math.nan
         reason = estimate.reason or f"the slope's standard error is {estimate.se!r}"
@@ -249,7 +250,7 @@ def correct(verdicts: Sequence[TrendVerdict], method: str = "holm") -> list[Tren
     m = int(np.isfinite(adjusted).sum())
     words = f"{CORRECTIONS[method]} over {m} trend tests"
     out = []
-    for verdict, p_adj in zip(verdicts, adjusted):
+    for verdict, p_adj in zip(verdicts, adjusted, strict=True):
         if not np.isfinite(p_adj):
             out.append(verdict)
             continue
@@ -327,10 +328,10 @@ def axis_trend(table: pd.DataFrame, x_col: str, y_col: str = "value", stratum_co
     x_values = pd.to_numeric(frame[x_col], errors="coerce").to_numpy(float)
     positive = x_values[np.isfinite(x_values) & (x_values > 0)]
     x_range = (float(positive.min()), float(positive.max())) if positive.size else (math.nan, math.nan)
-    common = {"higher_is_better": higher_is_better, "x_grows_with_scale": x_grows_with_scale, "level": level,
-              "axis": x_col}
-    fit = {"x_col": x_col, "y_col": y_col, "run_col": run_col, "block_col": block_col, "method": method,
-           "n_bootstrap": n_bootstrap, "seed": seed}
+    common: dict[str, Any] = {"higher_is_better": higher_is_better, "x_grows_with_scale": x_grows_with_scale,
+                              "level": level, "axis": x_col}
+    fit: dict[str, Any] = {"x_col": x_col, "y_col": y_col, "run_col": run_col, "block_col": block_col,
+                           "method": method, "n_bootstrap": n_bootstrap, "seed": seed}
 
     per_stratum, estimates = [], []
     if stratum_col is not None:
@@ -359,8 +360,9 @@ def scaling_verdicts(table: pd.DataFrame, y_col: str = "value", higher_is_better
                      n_bootstrap: int = 2000, seed: int = 0) -> dict[str, AxisTrend]:
     """N at fixed D, D at fixed N, and C along the compute frontier (checkpoints no cheaper one beats on
     pretraining loss), for one task and mode; keys "n", "d", "c". Rows: one per checkpoint × split seed."""
-    shared = {"y_col": y_col, "higher_is_better": higher_is_better, "margin": margin, "run_col": run_col,
-              "block_col": block_col, "method": method, "level": level, "n_bootstrap": n_bootstrap, "seed": seed}
+    shared: dict[str, Any] = {"y_col": y_col, "higher_is_better": higher_is_better, "margin": margin,
+                              "run_col": run_col, "block_col": block_col, "method": method, "level": level,
+                              "n_bootstrap": n_bootstrap, "seed": seed}
     out = {"n": axis_trend(table, n_col, stratum_col=d_col, combine=combine, **shared),
            "d": axis_trend(table, d_col, stratum_col=n_col, combine=combine, **shared)}
     if c_col in table.columns and loss_col in table.columns:
