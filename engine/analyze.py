@@ -325,7 +325,7 @@ def _task_split(ctx: Context, task: str, split_seed: int):
     return FinetuneData(
         smiles=canonical_smiles(loaded.smiles, ctx.cfg.data.isomeric, what=f"task {loaded.name!r}"),
         labels=loaded.labels,
-        task_type=loaded.task_type,  # type: ignore[arg-type]  # the registry and CustomTask allow only the two
+        task_type=loaded.task_type,
         n_classes=loaded.n_classes, split=split, name=loaded.name, primary_metric=loaded.primary_metric,
     )
 

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -60,7 +61,7 @@ def user_errors(fn):
     return wrapper
 
 
-def _storage_root_option() -> typer.Option:
+def _storage_root_option() -> Any:  # typer.Option(...) returns an OptionInfo, typed as Any by typer
     return typer.Option(None, "--storage-root",
                         help=f"Replaces the sweep file's storage.root (also {STORAGE_ROOT_ENV}); inside `ray job "
                         "submit --working-dir` it must be absolute: a path every node shares.")
@@ -148,9 +149,11 @@ def prepare(
 def sweep(
     sweep_file: Path,
     resume: bool = typer.Option(False, help="Continue an interrupted sweep in the same run directory."),
-    address: str = typer.Option(None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
+    address: str = typer.Option(
+        None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
     storage_root: Path = _storage_root_option(),
-    expect_gpus: int = typer.Option(None, min=0, help="GPUs an autoscaling cluster can grow to (resources.cluster_max GPU)."),
+    expect_gpus: int = typer.Option(
+        None, min=0, help="GPUs an autoscaling cluster can grow to (resources.cluster_max GPU)."),
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
     from engine import sweep as sweep_mod
@@ -222,12 +225,19 @@ def fit(
     n_col: str = typer.Option("N", help="With --table: parameter-count column."),
     d_col: str = typer.Option("D", help="With --table: token-count column."),
     y_col: str = typer.Option("loss", help="With --table: loss column."),
-    x_col: str = typer.Option("C", help="With --table and --law compute/power/trend: the scale column (log10 for trend)."),
-    bootstrap: int = typer.Option(None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."),
-    group_col: str = typer.Option(None, help="With --law trend: the independent unit (a run); its rows are resampled together."),
-    higher_is_better: bool = typer.Option(True, "--higher-is-better/--lower-is-better", help="With --law trend: the direction in which y improves."),
-    margin: float = typer.Option(None, help="With --law trend: the plateau margin, y units per decade of x (default: the metric's, for roc_auc / prc_auc)."),
-    method: str = typer.Option(None, help="With --law trend: the slope's interval, one of cluster_jackknife (default with --group-col), cluster, cluster_bootstrap, mixedlm, iid (default without)."),
+    x_col: str = typer.Option(
+        "C", help="With --table and --law compute/power/trend: the scale column (log10 for trend)."),
+    bootstrap: int = typer.Option(
+        None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."),
+    group_col: str = typer.Option(
+        None, help="With --law trend: the independent unit (a run); its rows are resampled together."),
+    higher_is_better: bool = typer.Option(
+        True, "--higher-is-better/--lower-is-better", help="With --law trend: the direction in which y improves."),
+    margin: float = typer.Option(None, help="With --law trend: the plateau margin, y units per decade of x"
+                                            " (default: the metric's, for roc_auc / prc_auc)."),
+    method: str = typer.Option(None, help="With --law trend: the slope's interval, one of cluster_jackknife"
+                                          " (default with --group-col), cluster, cluster_bootstrap, mixedlm, iid"
+                                          " (default without)."),
     as_json: bool = typer.Option(False, "--json", help="With --table: print the fit as JSON."),
 ) -> None:
     """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""  # noqa: E501  typer's command list keeps a docstring's line breaks

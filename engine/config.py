@@ -505,15 +505,15 @@ def load_sweep(path: str | Path) -> SweepConfig:
     return _resolve_paths(cfg, path.parent)
 
 
-def _unknown_references(cfg: SweepConfig) -> list[dict]:
+def _unknown_references(cfg: SweepConfig) -> list[ErrorDetails]:
     """Names that point across sections (data.decontaminate -> tasks), as pydantic-style errors."""
     if not isinstance(cfg.data.decontaminate, list):
         return []
     from engine.tasks import TASKS  # rdkit and pandas: imported only when a list of names needs checking
 
     known = [*TASKS, *(t.name for t in cfg.downstream.custom)]
-    return [{"loc": ("data", "decontaminate", i), "type": "unknown_task",
-             "msg": _unknown("task", name, known) + " (registry tasks or downstream.custom names)"}
+    return [ErrorDetails(loc=("data", "decontaminate", i), type="unknown_task", input=name,
+                         msg=_unknown("task", name, known) + " (registry tasks or downstream.custom names)")
             for i, name in enumerate(cfg.data.decontaminate) if name not in known]
 
 

@@ -908,6 +908,7 @@ class RunDirLock:
                 log.error(f"{self.path}: this driver lost its lock (taken over as stale); another driver may now "
                           "write the run directory")
                 return
+            assert self.holder is not None  # _still_mine checked it
             self.holder = dataclasses.replace(self.holder, heartbeat=time.time())
             write_text_atomic(self.path, json.dumps(dataclasses.asdict(self.holder)))
 

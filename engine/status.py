@@ -43,6 +43,10 @@ def trial_rows(rd: RunDir, driver_alive: bool) -> list[dict[str, Any]]:
         restarts = sum(r.get("event") == "resumed" for r in records)
         budget = (result.budget_tokens if result else None) or last.get("budget_tokens") or trial.budget_tokens
         speed = last.get("tokens_per_s")
+        state: str
+        tokens: float
+        loss: float | None
+        eta: float | None
         if result is not None:
             state, tokens, loss = result.status, result.n_tokens, result.train_loss
             eta = 0.0 if result.status == "finished" else None

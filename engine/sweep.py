@@ -380,7 +380,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     if not ray.is_initialized():
         ray.init()
     nodes = ray_nodes()
-    ceiling = ceiling_from_ray(nodes, cfg.resources.cluster_max)
+    cluster_max = cfg.resources.cluster_max
+    ceiling = ceiling_from_ray(nodes, None if cluster_max is None else {str(k): v for k, v in cluster_max.items()})
     recorded = rd.trials_by_id() if resume else {}  # what each started trial ran with (trial.json)
     trials = [recorded.get(t.trial_id, t) for t in expand_grid(cfg)]
     check_fits(trials, nodes, ceiling)  # before any write
@@ -413,12 +414,12 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
                              cfg.model.max_seq_len) * s["budget_tokens"] for t, s in zip(trials, specs, strict=True)]
     from engine.packing import ScaleUpTimeout, ray_nodes, request_resources
 
-    grows = ceiling is not None and ceiling.grows
+    grows = ceiling is not None and ceiling.grows and ceiling.nodes is not None
     try:
         searcher = searcher_class([{"cfg": s} for s in specs], [trial_need(t.resources, TRIAL_CPU) for t in trials],
                                   [t.trial_id for t in trials], nodes, reserved_cpus=DATA_CPUS, costs=costs,
                                   max_concurrent=cfg.resources.max_concurrent_trials,
-                                  ceiling=ceiling.nodes if grows else None, live_nodes=ray_nodes,
+                                  ceiling=ceiling.nodes if grows and ceiling else None, live_nodes=ray_nodes,
                                   request=request_resources if grows else None,
                                   scale_up_timeout_s=cfg.resources.scale_up_timeout_s)  # fmt: skip
     except ValueError as err:
