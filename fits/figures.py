@@ -519,3 +519,55 @@ def pca(rows: pd.DataFrame, kind: str, out: Path, order: dict[str, int] | None =
     shown = f" (the first {len(groups)} of {n_groups})" if n_groups > len(groups) else ""
     figure.suptitle(f"Parameter-space PCA: {what}{shown}", fontsize=11)
     return _save(figure, out)
+
+
+# --------------------------------------------------------------------------------------------
+# per-task scaling against task characteristics (descriptive)
+
+
+def task_scaling(section: dict, out: Path) -> Path:
+    """One panel per task characteristic: each task's N slope per decade (signed so > 0 is improvement, in plateau
+    margins) with its 95 % interval, against the characteristic; one colour per mode, tasks named."""
+    if section.get("status") != "ok":
+        raise NoData(section.get("reason", "no task characteristics"))
+    relation = [row for row in section["relation"] if row["n_tasks"] > 0]
+    if not relation:
+        raise NoData("no task has both its characteristics and an N slope")
+    columns = list(dict.fromkeys(row["characteristic"] for row in relation))
+    n_cols = min(len(columns), 3)
+    n_rows = math.ceil(len(columns) / n_cols)
+    figure = _figure(3.6 * n_cols + 0.4, 3.0 * n_rows + 0.6)
+    axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False).ravel())
+    intervals = {(record["task"], mode): values["n_slope_in_margins_ci"]
+                 for record in section["tasks"] for mode, values in record["modes"].items()}
+    for ax, column in zip(axes, columns):
+        for row in (r for r in relation if r["characteristic"] == column):
+            color, marker, label = MODE_STYLE.get(row["mode"], ("0.3", "o", row["mode"]))
+            for task, x, y in zip(row["tasks"], row["x"], row["n_slope_in_margins"]):
+                ci = intervals.get((task, row["mode"]))
+                if ci is not None:
+                    ax.plot([x, x], ci, "-", color=color, lw=1, alpha=0.6)
+                ax.plot([x], [y], marker, color=color, label=label)
+                ax.annotate(task, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+            rho = f"ρ = {row['spearman']:.2f} over {row['n_tasks']} tasks" if row["spearman"] is not None else ""
+            if rho:
+                ax.annotate(f"{label}: {rho}", (0.02, 0.97 - 0.08 * list(MODE_STYLE).index(row["mode"])
+                                                  if row["mode"] in MODE_STYLE else 0.97),
+                            xycoords="axes fraction", va="top", fontsize=7, color=color)
+        ax.axhspan(-1, 1, color="0.9", zorder=0)
+        ax.axhline(0, color="0.5", lw=0.8)
+        if column == "n_molecules":  # sizes span decades
+            ax.set_xscale("log")
+        ax.set_xlabel(textwrap.fill(section["characteristics"].get(column, column), 32), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.margins(0.25)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(columns):]:
+        ax.set_visible(False)
+    for ax in axes[::n_cols]:
+        ax.set_ylabel("N slope per decade\n(plateau margins; > 0 improves)", fontsize=8)
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8, frameon=False)
+    figure.suptitle("Per-task scaling against task characteristics (descriptive)", fontsize=11)
+    return _save(figure, out)
+
