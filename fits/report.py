@@ -170,11 +170,14 @@ def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view
                    "checkpoints (labels: tokens seen). Look for: long straight paths (still moving) versus paths "
                    "that curl up (settling).",
                    lambda out: figures.pca(pca, "trajectory", out, **pca_view)),
-            Figure("pca_finetuned", "Where fine-tuning moves the weights",
-                   "Each panel is one pretrained checkpoint with its fine-tuned versions, on their first two "
-                   "principal components (labels: task). Look for: tasks that pull the weights in similar or "
-                   "opposite directions.",
-                   lambda out: figures.pca(pca, "finetuned", out, **pca_view)),
+            *(Figure(f"pca_finetuned_{downstream_anchor(task).removeprefix('downstream_')}",
+                     f"{task}: where fine-tuning moves the weights",
+                     "Each panel is one pretrained checkpoint (★, the origin) with its fine-tuned versions on this "
+                     "task, one per split seed, on the first two principal components of that checkpoint's "
+                     "endpoints (every task and split seed; the other tasks' endpoints in grey). Look for: seeds "
+                     "that land together, away from the origin (a task direction), versus scatter as wide as the "
+                     "distance moved (seed noise).",
+                     functools.partial(figures.pca_finetuned, pca, task, **pca_view)) for task in tasks),
         ],
     }
 

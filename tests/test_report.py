@@ -26,7 +26,8 @@ CHINCHILLA_240 = Path(__file__).resolve().parents[2] / "shared/data/scaling/chin
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = {"n_bootstrap": 30, "n_jobs": 1, "n_starts": 20}  # a few seconds on a busy 2-core machine
 FIGURES = ["loss_vs_compute", "loss_surface", "downstream_freesolv_demo", "downstream_solubility", "hessian",
-           "task_scaling", "landscape_1d", "landscape_2d", "landscape_pt_to_ft", "pca_trajectory", "pca_finetuned"]
+           "task_scaling", "landscape_1d", "landscape_2d", "landscape_pt_to_ft", "pca_trajectory",
+           "pca_finetuned_freesolv_demo", "pca_finetuned_solubility"]
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
 FRONTIER_WORDS = re.compile(r"N\* ∝|D\* ∝|compute-optimal allocation", re.IGNORECASE)
 
@@ -320,7 +321,7 @@ def test_report_from_pretraining_only_via_cli(tmp_path):
     assert page == root / "report" / "index.html"
     html = page.read_text(encoding="utf-8")
     assert (page.parent / "loss_vs_compute.png").exists() and not (page.parent / "hessian.png").exists()
-    assert html.count('<p class="note">No figure:') == 9  # 2 downstream tasks, task scaling, Hessian, 3 landscapes, 2 PCA
+    assert html.count('<p class="note">No figure:') == 10  # 2 downstream, task scaling, Hessian, 3 landscapes, 3 PCA
     assert 'id="findings"' in html and not EXTERNAL.search(html)
 
 
@@ -443,3 +444,17 @@ def test_task_characteristics_beside_each_tasks_verdicts(fitted, page):
     assert 'id="task_scaling"' in html and (page.parent / "task_scaling.png").read_bytes()[:8] == PNG_SIGNATURE
     table = pd.read_parquet(fitted[0] / "results/fits.parquet")
     assert set(table.loc[table["what"] == "task_scaling", "x"]) >= {"n_molecules", "nn_tanimoto_mean"}
+
+
+def test_pca_of_finetuned_endpoints_is_one_figure_per_task(fitted, tmp_path):
+    """Each task's figure has a panel per checkpoint with the origin and every split seed of that task."""
+    from engine.rundir import RunDir
+    from fits import figures
+
+    pca = RunDir(fitted[0]).read_table("pca")
+    mine = pca[(pca["kind"] == "finetuned") & (pca["label"] == "solubility")]
+    assert sorted(mine["split_seed"].unique()) == [0, 1]  # every split seed is drawn, not the first only
+    out = figures.pca_finetuned(pca, "solubility", tmp_path / "solubility.png")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    with pytest.raises(figures.NoData, match="no fine-tuned endpoints of bace"):
+        figures.pca_finetuned(pca, "bace", tmp_path / "bace.png")
