@@ -371,12 +371,43 @@ def task_characteristics_job(ctx: Context, task: str) -> list[dict]:
     record = taskstats.task_characteristics(loaded)
     corpus = taskstats.sample_corpus(data.read_smiles(ctx.rd.shard_paths("train")), ctx.cfg.analysis.corpus_sample,
                                      seed=0)
-    chunks = [corpus[i : i + 2_000] for i in range(0, len(corpus), 2_000)]
-    nearest = taskstats.combine_nearest_neighbours(
-        [taskstats.nearest_neighbour_chunk(loaded.smiles, c) for c in chunks])
+    nearest = nearest_neighbours(list(loaded.smiles), corpus)
     distance = taskstats.corpus_distance(nearest, similar_at=0.4)
     distance["fraction_nn_unrelated"] = distance.pop("fraction_nn_tanimoto_below_0.4")
     return [{**record, **distance, "n_corpus_sample": len(corpus)}]
+
+
+NN_CHUNK = 2_000  # corpus molecules per nearest-neighbour Ray task: ~1 s of RDKit per 1,000 task molecules
+NN_TIMEOUT_S = 3600  # one chunk; a hung worker is reported, not waited on forever
+
+
+def nearest_neighbours(task_smiles: list[str], corpus: list[str], chunk: int = NN_CHUNK) -> np.ndarray:
+    """Each task molecule's highest ECFP4 Tanimoto to the corpus sample, one Ray task per corpus chunk (so the
+    search spreads over the cluster), combined by the elementwise max: exact whatever the chunking. Without a
+    Ray runtime (a plain call) the chunks run here, one after another.
+
+    Called from inside a job's task: a task blocked in ray.wait lends its CPU back to Ray, so the chunks can
+    run on it too.
+    """
+    from engine import taskstats
+
+    chunks = [corpus[i : i + chunk] for i in range(0, len(corpus), chunk)]  # none: combine says so
+    if not ray.is_initialized():
+        return taskstats.combine_nearest_neighbours([taskstats.nearest_neighbour_chunk(task_smiles, c)
+                                                     for c in chunks])
+    one_chunk = ray.remote(taskstats.nearest_neighbour_chunk).options(num_cpus=1, max_retries=1)
+    task_ref = ray.put(task_smiles)  # once, not once per chunk
+    pending = [one_chunk.remote(task_ref, c) for c in chunks]
+    parts = {}
+    while len(parts) < len(pending):
+        finished, _ = ray.wait([r for r in pending if r not in parts], num_returns=1, timeout=NN_TIMEOUT_S)
+        if not finished:
+            for ref in pending:
+                ray.cancel(ref)
+            raise TimeoutError(f"no nearest-neighbour chunk finished in {NN_TIMEOUT_S} s "
+                               f"({len(parts)} of {len(pending)} done)")
+        parts[finished[0]] = ray.get(finished[0])
+    return taskstats.combine_nearest_neighbours([parts[r] for r in pending])
 
 
 def _pretrained(ctx: Context, ck: CheckpointRef, device: str = "cpu"):

@@ -682,6 +682,19 @@ def usable_measurements(table: pd.DataFrame, kind: str, left_out_trials: set[str
     return table[~failed & ~from_left_out].reset_index(drop=True), excluded
 
 
+def usable_task_characteristics(table: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """tasks.parquet's rows with status ok, one per task (the last written); a note per failed task."""
+    if table.empty:
+        return table.reset_index(drop=True), []
+    ok = (table["status"] == "ok").to_numpy()
+    excluded = [{"table": "tasks", "trial_id": "", "status": "error", "n_rows": len(rows),
+                 "reason": f"characteristics of {task}: {rows['error'].fillna('').iloc[-1] or 'no error message'}"}
+                for task, rows in table[~ok].groupby("task", sort=True)
+                if task not in set(table.loc[ok, "task"])]
+    kept = table[ok].drop_duplicates("task", keep="last").sort_values("task").reset_index(drop=True)
+    return kept, excluded
+
+
 def _measurement(kind: str, row: dict) -> str:
     """Words for one measurement, e.g. 'solubility probe with split seed 1' or 'Hessian of the pretrain loss'."""
     if kind == "finetune":
@@ -729,6 +742,7 @@ class FitInputs:
     measured: dict[str, pd.DataFrame]  # finetune (primary metric, unflagged) / hessian / landscape: usable rows
     points: pd.DataFrame  # downstream_points(measured["finetune"], checkpoints)
     excluded: list[dict[str, Any]]  # every row left out, with the reason
+    characteristics: pd.DataFrame = field(default_factory=pd.DataFrame)  # usable_task_characteristics(tasks)
 
     @property
     def left_out_trials(self) -> set[str]:
@@ -1068,12 +1082,15 @@ class RunDir:
         for kind in MEASUREMENT_TABLES:
             measured[kind], notes = usable_measurements(tables[kind], kind, counted.left_out_trials)
             excluded += notes
+        characteristics, notes = usable_task_characteristics(tables["tasks"])
+        excluded += notes
         pretrain = tables["pretrain"]
         left_out = pretrain[pretrain["trial_id"].isin(counted.left_out_trials)]
         left_out = left_out[np.isfinite(left_out[["flops", "val_loss"]].to_numpy(float)).all(axis=1)]
         return FitInputs(config=cfg, tables=tables, present=present, checkpoints=counted.checkpoints,
                          trajectory=counted.trajectory, left_out=left_out, measured=measured,
-                         points=downstream_points(measured["finetune"], counted.checkpoints), excluded=excluded)
+                         points=downstream_points(measured["finetune"], counted.checkpoints), excluded=excluded,
+                         characteristics=characteristics)
 
     # ---- analysis/ ------------------------------------------------------------------------------
     @property

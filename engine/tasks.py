@@ -185,10 +185,12 @@ _REGISTRY = (
     ),
     _moleculenet(
         "hiv", "HIV.csv", "b72f0cf00cd1f45ae5c415f21aef10e69187e30dd24029ddb345fbca35b0d798", "smiles",
-        ["HIV_active"],
+        ["HIV_active"], primary_metric="prc_auc",
+        # MoleculeNet's own table (Wu et al. 2018) uses ROC-AUC for HIV and PRC-AUC for MUV and PCBA; this
+        # protocol (issue 15) makes PRC-AUC primary for HIV too, because of its 3.5 % positive rate.
         notes="41127 rows, about 3.5% active; `activity` (CI/CM/CA) is the source of the label. Primary metric "
-        "ROC-AUC, as MoleculeNet's table recommends for HIV (PRC-AUC for MUV and PCBA), so numbers compare "
-        "with published ones; PRC-AUC, more telling for its sparse actives, is reported beside it.",
+        "PRC-AUC for its sparse actives (MoleculeNet's paper uses ROC-AUC for HIV): ROC-AUC, which compares with "
+        "published HIV numbers, is recorded beside it.",
     ),
     _moleculenet(
         "esol", "delaney-processed.csv", "8c06a76f0c6487d29ab0f903e6a7a7139f189ab3c1178f159c8be8964602f189",

@@ -522,3 +522,98 @@ def pca(rows: pd.DataFrame, kind: str, out: Path, order: dict[str, int] | None =
     shown = f" (the first {len(groups)} of {n_groups})" if n_groups > len(groups) else ""
     figure.suptitle(f"Parameter-space PCA: {what}{shown}", fontsize=11)
     return _save(figure, out)
+
+
+def pca_finetuned(rows: pd.DataFrame, task: str, out: Path, order: dict[str, int] | None = None,
+                  left_out: frozenset[str] = frozenset()) -> Path:
+    """One task's figure: a panel per pretrained checkpoint, with its pretrained weights (★, the origin) and the
+    task's fine-tuned endpoints, one per split seed (labelled), on that checkpoint's first two principal
+    components; the other tasks' endpoints faint, so a task's direction can be told from its seed scatter."""
+    rows = rows[rows["kind"] == "finetuned"] if not rows.empty and "kind" in rows.columns else pd.DataFrame()
+    mine = rows[rows["label"] == task] if not rows.empty else rows
+    if mine.empty:
+        raise NoData(f"no fine-tuned endpoints of {task} in results/pca.parquet")
+    order = order or {}
+    names = sorted(mine["group"].unique(), key=lambda g: (order.get(g, len(order)), g))
+    n_groups = len(names)
+    names = names[:MAX_PANELS]
+    n_cols = min(len(names), 4)
+    n_rows = math.ceil(len(names) / n_cols)
+    figure = _figure(3.2 * n_cols + 0.4, 2.9 * n_rows + 0.6)
+    axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False).ravel())
+    for ax, group in zip(axes, names):
+        points = rows[rows["group"] == group]
+        origin = points[points["label"] == "pretrained"]
+        others = points[~points["label"].isin(["pretrained", task])]
+        seeds = points[points["label"] == task]
+        ax.scatter(others["pc1"], others["pc2"], color="0.8", s=18, label="other tasks")
+        ax.scatter(seeds["pc1"], seeds["pc2"], color="tab:blue", s=40, label=f"{task}, one per split seed")
+        ax.scatter(origin["pc1"], origin["pc2"], color="black", marker="*", s=120, label="pretrained (origin)")
+        for x, y, seed in zip(seeds["pc1"], seeds["pc2"], seeds.get("split_seed", pd.Series(index=seeds.index))):
+            if pd.notna(seed):
+                ax.annotate(f"seed {int(seed)}", (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+        explained = points[["explained_1", "explained_2"]].iloc[0].to_numpy(float)
+        ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)", fontsize=8)
+        ax.set_ylabel(f"PC2 ({explained[1]:.0%})", fontsize=8)
+        ax.set_title(_short_group(group) + (" (did not finish)" if group in left_out else ""), fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.margins(0.2)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    handles = {label: handle for handle, label in zip(*axes[0].get_legend_handles_labels())}
+    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    shown = f" (the first {len(names)} of {n_groups} checkpoints)" if n_groups > len(names) else ""
+    figure.suptitle(f"Parameter-space PCA: {task} fine-tuned from each checkpoint{shown}", fontsize=11)
+    return _save(figure, out)
+
+
+# --------------------------------------------------------------------------------------------
+# per-task scaling against task characteristics (descriptive)
+
+
+def task_scaling(section: dict, out: Path) -> Path:
+    """One panel per task characteristic: each task's N slope per decade (signed so > 0 is improvement, in plateau
+    margins) with its 95 % interval, against the characteristic; one colour per mode, tasks named."""
+    if section.get("status") != "ok":
+        raise NoData(section.get("reason", "no task characteristics"))
+    relation = [row for row in section["relation"] if row["n_tasks"] > 0]
+    if not relation:
+        raise NoData("no task has both its characteristics and an N slope")
+    columns = list(dict.fromkeys(row["characteristic"] for row in relation))
+    n_cols = min(len(columns), 3)
+    n_rows = math.ceil(len(columns) / n_cols)
+    figure = _figure(3.6 * n_cols + 0.4, 3.0 * n_rows + 0.6)
+    axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False).ravel())
+    intervals = {(record["task"], mode): values["n_slope_in_margins_ci"]
+                 for record in section["tasks"] for mode, values in record["modes"].items()}
+    for ax, column in zip(axes, columns):
+        for row in (r for r in relation if r["characteristic"] == column):
+            color, marker, label = MODE_STYLE.get(row["mode"], ("0.3", "o", row["mode"]))
+            for task, x, y in zip(row["tasks"], row["x"], row["n_slope_in_margins"]):
+                ci = intervals.get((task, row["mode"]))
+                if ci is not None:
+                    ax.plot([x, x], ci, "-", color=color, lw=1, alpha=0.6)
+                ax.plot([x], [y], marker, color=color, label=label)
+                ax.annotate(task, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+            rho = f"ρ = {row['spearman']:.2f} over {row['n_tasks']} tasks" if row["spearman"] is not None else ""
+            if rho:
+                ax.annotate(f"{label}: {rho}", (0.02, 0.97 - 0.08 * list(MODE_STYLE).index(row["mode"])
+                                                  if row["mode"] in MODE_STYLE else 0.97),
+                            xycoords="axes fraction", va="top", fontsize=7, color=color)
+        ax.axhspan(-1, 1, color="0.9", zorder=0)
+        ax.axhline(0, color="0.5", lw=0.8)
+        if column == "n_molecules":  # sizes span decades
+            ax.set_xscale("log")
+        ax.set_xlabel(textwrap.fill(section["characteristics"].get(column, column), 32), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.margins(0.25)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(columns):]:
+        ax.set_visible(False)
+    for ax in axes[::n_cols]:
+        ax.set_ylabel("N slope per decade\n(plateau margins; > 0 improves)", fontsize=8)
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8, frameon=False)
+    figure.suptitle("Per-task scaling against task characteristics (descriptive)", fontsize=11)
+    return _save(figure, out)
+

@@ -14,7 +14,9 @@
    leave-one-size-out prediction tests (Holm-corrected) and the selection regret; rank correlations, and
    everything measured at the fine-tuned weights (ft_*), are descriptive;
 6. per task and mode, the two-step task ladder (fits.taskladder) predicting the largest rung from the smaller;
-7. `findings`: plain sentences, verdict first, built from the numbers above and nothing else, each with the
+7. beside each task's verdicts, its characteristics (tasks.parquet), and per mode the tasks' N slopes (in
+   plateau margins per decade) against them: descriptive, no p-values;
+8. `findings`: plain sentences, verdict first, built from the numbers above and nothing else, each with the
    anchor of the figure or table of the report it rests on (`finding_links`).
 Whatever a small run cannot support becomes {"status": "skipped", "reason": ...}, never an error.
 
@@ -935,6 +937,91 @@ def findings(fits: dict) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------
+# 8. Task characteristics beside each task's verdicts, and per-task scaling against them (descriptive)
+
+# (column of tasks.parquet, words, log10 on the axis): the scalar characteristics related to the scaling slope
+TASK_CHARACTERISTICS = {
+    "n_molecules": ("molecules", True),
+    "scaffold_diversity": ("scaffolds per molecule", False),
+    "largest_scaffold_fraction": ("largest scaffold's share", False),
+    "min_positive_fraction": ("smallest positive (class) fraction", False),
+    "nn_tanimoto_mean": ("mean nearest-neighbour ECFP4 Tanimoto to the corpus", False),
+    "fraction_nn_unrelated": ("share with nearest neighbour below 0.4", False),
+}
+MIN_RELATION_TASKS = 3  # below this a rank correlation over tasks is ±1 or undefined by construction
+
+
+def _scalar(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _scaled_n_slope(entry: dict) -> tuple[float | None, tuple[float, float] | None]:
+    """The N-axis slope per decade signed so that > 0 is improvement and divided by the task's plateau margin, so
+    tasks scored in different metrics share one scale (1 = one margin per decade); with its interval."""
+    verdict = entry.get("verdicts", {}).get("n", {})
+    margin = _scalar(verdict.get("margin"))
+    if verdict.get("status") != "ok" or not margin or _scalar(verdict.get("slope")) is None:
+        return None, None
+    sign = 1.0 if entry["higher_is_better"] else -1.0
+    lo, hi = sorted(sign * float(end) / margin for end in verdict["ci"])
+    return sign * float(verdict["slope"]) / margin, (lo, hi)
+
+
+def task_scaling(characteristics: pd.DataFrame, trends: list[dict]) -> dict:
+    """Per task: its characteristics (tasks.parquet) and its verdicts per mode and axis; per mode and characteristic,
+    the tasks' margin-scaled N slopes beside the characteristic, with Spearman's rho over tasks when there are at
+    least MIN_RELATION_TASKS. Descriptive: tasks are few and not sampled from anything, so no p-values."""
+    if characteristics.empty:
+        return skipped("no task characteristics (results/tasks.parquet is missing or has no usable row)")
+    by_task = {row["task"]: row for row in characteristics.to_dict("records")}
+    tasks = []
+    for name in sorted(set(by_task) | {entry["task"] for entry in trends}):
+        row = by_task.get(name)
+        record = {"task": name, "measured": row is not None}
+        if row is not None:
+            counts = {key: _scalar(row.get(key)) for key in ("n_molecules", "n_labels", "n_classes", "n_scaffolds")}
+            record.update({key: None if value is None else int(value) for key, value in counts.items()})
+            record.update({key: _scalar(row.get(key)) for key in (*TASK_CHARACTERISTICS, "nn_tanimoto_median",
+                                                                  "max_label_sd")})
+            record["task_type"] = row.get("task_type")
+        record["modes"] = {}
+        for entry in (e for e in trends if e["task"] == name):
+            slope, ci = _scaled_n_slope(entry)
+            record["modes"][entry["mode"]] = {
+                "metric": entry["metric"], "higher_is_better": entry["higher_is_better"],
+                "n_slope_in_margins": slope, "n_slope_in_margins_ci": ci,
+                "verdicts": {key: {"verdict": v.get("verdict"), "status": v["status"], "reason": v.get("reason"),
+                                   "slope": v.get("slope"), "ci": v.get("ci"), "margin": v.get("margin")}
+                             for key, v in entry["verdicts"].items()}}
+        tasks.append(record)
+    relation = []
+    for mode in sorted({mode for record in tasks for mode in record["modes"]}):
+        for column, (words, _) in TASK_CHARACTERISTICS.items():
+            pairs = [(record["task"], record[column], record["modes"][mode]["n_slope_in_margins"])
+                     for record in tasks if record["measured"] and mode in record["modes"]]
+            pairs = [(task, x, y) for task, x, y in pairs if x is not None and y is not None]
+            out = {"mode": mode, "characteristic": column, "words": words, "n_tasks": len(pairs),
+                   "tasks": [task for task, _, _ in pairs], "x": [x for _, x, _ in pairs],
+                   "n_slope_in_margins": [y for _, _, y in pairs], "spearman": None, "reason": ""}
+            xs, ys = np.array(out["x"], float), np.array(out["n_slope_in_margins"], float)
+            if len(pairs) < MIN_RELATION_TASKS:
+                out["reason"] = f"{len(pairs)} task(s) with both values; a rank correlation needs {MIN_RELATION_TASKS}"
+            elif np.ptp(xs) == 0 or np.ptp(ys) == 0:
+                out["reason"] = "no spread in one of the two"
+            else:
+                out["spearman"] = float(pd.Series(xs).rank().corr(pd.Series(ys).rank()))
+            relation.append(out)
+    return {"status": "ok", "descriptive": "few tasks, not a sample: rank correlations describe, no p-values",
+            "slope": "N at fixed D, per decade, signed so > 0 is improvement, in units of the task's plateau margin",
+            "characteristics": {column: words for column, (words, _) in TASK_CHARACTERISTICS.items()},
+            "tasks": tasks, "relation": relation}
+
+
+# --------------------------------------------------------------------------------------------
 # the stage
 
 
@@ -972,6 +1059,7 @@ def fit_run(run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: i
         "baseline_tests": baseline_tests,
         "proxies": proxies,
         "task_ladder": task_ladders(per_checkpoint, s),
+        "task_characteristics": task_scaling(inputs.characteristics, trends),
     }
     fits = json_safe(fits)
     found = findings(fits)
@@ -1115,11 +1203,21 @@ def ladder_rows(ladder: dict) -> list[dict]:
     return rows
 
 
+def task_scaling_rows(section: dict) -> list[dict]:
+    """Per (mode, characteristic): Spearman's rho over tasks of the margin-scaled N slope (descriptive)."""
+    if section.get("status") != "ok":
+        return []
+    return [_row("task_scaling", "spearman", row["spearman"], n_points=row["n_tasks"], mode=row["mode"],
+                 x=row["characteristic"], note="descriptive, over tasks; " + (row["reason"] or "no p-value"))
+            for row in section["relation"]]
+
+
 def fits_table(fits: dict) -> pd.DataFrame:
     """fits.json in long format: one row per estimated quantity (what, task, mode, x, parameter, estimate, CI)."""
     rows = (loss_law_rows(fits["loss_law"]) + backtest_rows(fits["loss_law_backtest"])
             + compute_law_rows(fits["compute_law"]) + downstream_rows(fits["downstream"])
-            + baseline_rows(fits["baselines"]) + proxy_rows(fits["proxies"]) + ladder_rows(fits["task_ladder"]))
+            + baseline_rows(fits["baselines"]) + proxy_rows(fits["proxies"]) + ladder_rows(fits["task_ladder"])
+            + task_scaling_rows(fits.get("task_characteristics", {})))
     table = pd.DataFrame(rows, columns=list(TABLES["fits"].columns))
     for name in ("estimate", "ci_lo", "ci_hi", "n_points"):
         table[name] = pd.to_numeric(table[name], errors="coerce").astype(float)

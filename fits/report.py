@@ -156,17 +156,29 @@ def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view
                    "(fine-tuning left the pretraining basin) or a smooth slope (it stayed nearby).",
                    lambda out: figures.landscape_pt_to_ft(landscape, out)),
         ],
+        "tasks": [
+            Figure("task_scaling", "Per-task scaling against task characteristics",
+                   "One panel per characteristic of results/tasks.parquet; each point is one task and mode: its slope "
+                   "along N at fixed D, per decade, signed so that up is improvement and divided by that task's plateau "
+                   "margin (so tasks scored in different metrics share one scale), with its 95 % run-level interval. "
+                   "Grey: ± one margin. Descriptive: a handful of tasks is not a sample, so no line is fitted and no "
+                   "p-value is given; ρ (Spearman, over tasks) is printed only from three tasks on.",
+                   lambda out: figures.task_scaling(fits.get("task_characteristics", {}), out)),
+        ],
         "pca": [
             Figure("pca_trajectory", "Training trajectories in parameter space",
                    "Each panel is one training run, projected on the first two principal components of its own "
                    "checkpoints (labels: tokens seen). Look for: long straight paths (still moving) versus paths "
                    "that curl up (settling).",
                    lambda out: figures.pca(pca, "trajectory", out, **pca_view)),
-            Figure("pca_finetuned", "Where fine-tuning moves the weights",
-                   "Each panel is one pretrained checkpoint with its fine-tuned versions, on their first two "
-                   "principal components (labels: task). Look for: tasks that pull the weights in similar or "
-                   "opposite directions.",
-                   lambda out: figures.pca(pca, "finetuned", out, **pca_view)),
+            *(Figure(f"pca_finetuned_{downstream_anchor(task).removeprefix('downstream_')}",
+                     f"{task}: where fine-tuning moves the weights",
+                     "Each panel is one pretrained checkpoint (★, the origin) with its fine-tuned versions on this "
+                     "task, one per split seed, on the first two principal components of that checkpoint's "
+                     "endpoints (every task and split seed; the other tasks' endpoints in grey). Look for: seeds "
+                     "that land together, away from the origin (a task direction), versus scatter as wide as the "
+                     "distance moved (seed noise).",
+                     functools.partial(figures.pca_finetuned, pca, task, **pca_view)) for task in tasks),
         ],
     }
 
@@ -264,7 +276,7 @@ def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], 
         *(_figure_html(f) for f in sections["pretraining"]), _law_tables(fits), "</section>",
         '<section id="downstream"><h2>Downstream property prediction</h2>',
         _baseline_html(fits), *(_figure_html(f) for f in sections["downstream"]), _trend_table(fits),
-        _ladder_html(fits), "</section>",
+        _tasks_html(fits), *(_figure_html(f) for f in sections["tasks"]), _ladder_html(fits), "</section>",
         '<section id="proxies"><h2>What predicts downstream performance?</h2>', _proxy_html(fits), "</section>",
         '<section id="hessian"><h2>Hessian spectrum</h2>', *(_figure_html(f) for f in sections["hessian"]),
         "</section>",
@@ -416,6 +428,68 @@ def _trend_table(fits: dict) -> str:
             + _table(["task", "mode", "axis (held fixed)", "verdict", "slope per decade", "95 % interval",
                       "plateau margin", "detectable (80 %)", "p", "adjusted p", "runs / points"], rows,
                      numeric={4, 5, 7, 8, 9}))
+
+
+def _verdict_cell(mode: dict) -> str:
+    """'N: improving +0.021 [0.01, 0.03]; D: …; C: …' for one task and mode."""
+    parts = []
+    for key, v in sorted(mode["verdicts"].items(), key=lambda item: list(AXES).index(item[0])):
+        if v["status"] != "ok":
+            parts.append(f"{AXES[key][0]}: not testable")
+            continue
+        parts.append(f"{AXES[key][0]}: {v['verdict']} {_signed(v['slope'])} {_interval(*v['ci'])}")
+    return "; ".join(parts)
+
+
+def _count(value) -> str:
+    return "–" if value is None else str(int(value))
+
+
+def _balance(record: dict) -> str:
+    """Label balance (classification) or spread (regression) of one task, in a few words."""
+    if record.get("task_type") == "classification":
+        return f"smallest positive fraction {_number(record.get('min_positive_fraction'))}"
+    if record.get("task_type") == "regression":
+        return f"label sd {_number(record.get('max_label_sd'))}"
+    return "–"
+
+
+def _tasks_html(fits: dict) -> str:
+    """Each task's characteristics beside its verdicts, then the tasks' N slopes against each characteristic."""
+    section = fits.get("task_characteristics", {})
+    head = '<h3 id="task-characteristics">Tasks: what they are, and how each scales</h3>'
+    if section.get("status") != "ok":
+        return head + f'<p class="note">No task characteristics: {_e(section.get("reason", "not computed"))}.</p>'
+    modes = sorted({mode for record in section["tasks"] for mode in record["modes"]})
+    rows = []
+    for r in section["tasks"]:
+        if r["measured"]:
+            cells = [r["task"], r.get("task_type") or "–", _count(r.get("n_molecules")), _count(r.get("n_labels")),
+                     f"{_number(r.get('scaffold_diversity'))} ({_count(r.get('n_scaffolds'))} scaffolds)",
+                     _balance(r), f"{_number(r.get('nn_tanimoto_mean'))} (median {_number(r.get('nn_tanimoto_median'))})",
+                     _number(r.get("fraction_nn_unrelated"))]
+        else:
+            cells = [r["task"], "not measured", "", "", "", "", "", ""]
+        rows.append(cells + [_verdict_cell(r["modes"][m]) if m in r["modes"] else "–" for m in modes])
+    table = _table(["task", "type", "molecules", "labels", "scaffolds per molecule", "balance or spread",
+                    "nearest-neighbour Tanimoto to the corpus", "share below 0.4",
+                    *(f"{MODES.get(m, m)}: verdict, slope per decade [95 %]" for m in modes)], rows,
+                   numeric={2, 3, 6, 7})
+    relation = [[MODES.get(row["mode"], row["mode"]), row["words"], row["n_tasks"],
+                 ", ".join(f"{task} ({_number(x)}: {_signed(y)})" for task, x, y in
+                           sorted(zip(row["tasks"], row["x"], row["n_slope_in_margins"]), key=lambda t: t[1])),
+                 _number(row["spearman"]) if row["spearman"] is not None else row["reason"]]
+                for row in section["relation"]]
+    return (head + "<p>Each task's characteristics (results/tasks.parquet: size, label balance or spread, Bemis–Murcko "
+            "scaffold diversity, and the nearest-neighbour ECFP4 Tanimoto of its molecules to a sample of the "
+            "pretraining corpus) beside its verdicts along N, D and C (slopes in the task's metric per decade, the "
+            "Holm-corrected verdicts of the trend table).</p>" + table
+            + "<p>Does how a task scales go with what it is? Per mode and characteristic, the tasks ordered by the "
+            "characteristic, each with its N slope per decade in units of its plateau margin (signed so that > 0 "
+            "is improvement). <b>Descriptive only</b>: the tasks are few and chosen, not sampled, so no p-value or "
+            "interval is given; Spearman's ρ over tasks is shown from three tasks on.</p>"
+            + _table(["mode", "characteristic", "tasks", "tasks by characteristic (value: scaled N slope)", "ρ"],
+                     relation, numeric={2}))
 
 
 def _ladder_html(fits: dict) -> str:

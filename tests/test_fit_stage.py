@@ -148,3 +148,44 @@ def test_task_hessians_join_the_points_of_their_own_task():
     assert np.isnan(out.loc[("a", "esol"), "pt_task_lambda_max"])  # not measured for esol: absent, not guessed
     assert out.loc[("b", "bbbp"), "lambda_max"] == 4.0 and np.isnan(out.loc[("b", "bbbp"), "trace_per_param"])
     assert np.isnan(out.loc[("b", "bbbp"), "ft_lambda_max"])
+
+
+# --------------------------------------------------------------------------------------------
+# Task characteristics against per-task scaling (descriptive)
+
+
+def trend_entry(task: str, slope: float, *, higher_is_better: bool = True, margin: float = 0.01) -> dict:
+    """A downstream entry as downstream_trends writes it, with only the N verdict testable."""
+    n = {"status": "ok", "verdict": "improving", "slope": slope, "ci": [slope - margin, slope + margin],
+         "margin": margin}
+    return {"task": task, "mode": "finetune", "metric": "roc_auc" if higher_is_better else "rmse",
+            "higher_is_better": higher_is_better,
+            "verdicts": {"n": n, "d": {"status": "skipped", "reason": "one budget"}}}
+
+
+def test_task_scaling_relates_margin_scaled_slopes_to_characteristics():
+    from fits.fit import task_scaling
+
+    characteristics = pd.DataFrame({"task": ["a", "b", "c", "d"], "task_type": "classification",
+                                    "n_molecules": [100, 1000, 10000, 500], "scaffold_diversity": [0.9, 0.5, 0.1, 0.7],
+                                    "nn_tanimoto_mean": [0.3, 0.3, 0.3, 0.3], "status": "ok"})
+    # improvement per decade grows with size; d is an RMSE task (lower is better): -0.02 is +2 margins
+    trends = [trend_entry("a", 0.0), trend_entry("b", 0.01), trend_entry("c", 0.03),
+              trend_entry("d", -0.02, higher_is_better=False, margin=0.01)]
+    section = task_scaling(characteristics, trends)
+    assert section["status"] == "ok" and "no p-values" in section["descriptive"]
+    d = next(t for t in section["tasks"] if t["task"] == "d")["modes"]["finetune"]
+    assert d["n_slope_in_margins"] == pytest.approx(2.0) and d["n_slope_in_margins_ci"] == pytest.approx([1.0, 3.0])
+    assert d["verdicts"]["d"]["status"] == "skipped"
+    relation = {row["characteristic"]: row for row in section["relation"]}
+    # slopes in margins: a 0, b 1, d 2, c 3; sizes a 100 < d 500 < b 1000 < c 10^4: ranks 1,3,4,2 vs 1,2,4,3
+    assert relation["n_molecules"]["spearman"] == pytest.approx(0.8)
+    assert relation["scaffold_diversity"]["spearman"] == pytest.approx(-0.8)
+    assert relation["nn_tanimoto_mean"]["spearman"] is None and relation["nn_tanimoto_mean"]["reason"] == \
+        "no spread in one of the two"
+    assert relation["min_positive_fraction"]["n_tasks"] == 0  # not in the table: no value, no rho
+    assert not any("p" in row for row in section["relation"])  # descriptive: no p-values anywhere
+    two = task_scaling(characteristics.head(2), trends[:2])
+    assert {row["spearman"] for row in two["relation"]} == {None}
+    assert "a rank correlation needs 3" in two["relation"][0]["reason"]
+    assert task_scaling(pd.DataFrame(), trends)["status"] == "skipped"

@@ -26,7 +26,8 @@ CHINCHILLA_240 = Path(__file__).resolve().parents[2] / "shared/data/scaling/chin
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = {"n_bootstrap": 30, "n_jobs": 1, "n_starts": 20}  # a few seconds on a busy 2-core machine
 FIGURES = ["loss_vs_compute", "loss_surface", "downstream_freesolv_demo", "downstream_solubility", "hessian",
-           "landscape_1d", "landscape_2d", "landscape_pt_to_ft", "pca_trajectory", "pca_finetuned"]
+           "task_scaling", "landscape_1d", "landscape_2d", "landscape_pt_to_ft", "pca_trajectory",
+           "pca_finetuned_freesolv_demo", "pca_finetuned_solubility"]
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
 FRONTIER_WORDS = re.compile(r"N\* ∝|D\* ∝|compute-optimal allocation", re.IGNORECASE)
 
@@ -214,8 +215,10 @@ def test_diverged_trial_and_failed_run_are_left_out_and_named(fitted):
     diverged = [e for e in fits["excluded"] if e["status"] == "diverged"]
     assert [e["trial_id"] for e in diverged] == [DIVERGED] and "diverged after" in diverged[0]["reason"]
     assert any(DIVERGED in s and "did not finish" in s for s in fits["findings"])
-    failed = [e for e in fits["excluded"] if e["status"] == "error"]
+    failed = [e for e in fits["excluded"] if e["status"] == "error" and e["table"] != "tasks"]
     assert [e["trial_id"] for e in failed] == [FAILED[3]] and "loss became NaN" in failed[0]["reason"]
+    no_characteristics = [e for e in fits["excluded"] if e["table"] == "tasks"]
+    assert len(no_characteristics) == 1 and "characteristics of bace: ValueError" in no_characteristics[0]["reason"]
     assert DIVERGED not in {p["trial_id"] for p in fits["compute_law"]["frontier_points"]}
     probe = next(e for e in fits["downstream"] if (e["task"], e["mode"]) == FAILED[:2])
     assert probe["n_checkpoints"] == 10  # the failed seed leaves its checkpoints with one seed, not none
@@ -318,7 +321,7 @@ def test_report_from_pretraining_only_via_cli(tmp_path):
     assert page == root / "report" / "index.html"
     html = page.read_text(encoding="utf-8")
     assert (page.parent / "loss_vs_compute.png").exists() and not (page.parent / "hessian.png").exists()
-    assert html.count('<p class="note">No figure:') == 8  # 2 downstream tasks, Hessian, 3 landscapes, 2 PCA
+    assert html.count('<p class="note">No figure:') == 10  # 2 downstream, task scaling, Hessian, 3 landscapes, 3 PCA
     assert 'id="findings"' in html and not EXTERNAL.search(html)
 
 
@@ -440,3 +443,46 @@ def test_inputs_section_shows_the_overlap_table_and_flags_unread_inputs(page):
     assert f"<td>b</td>{num}0.20 %</td>{num}0.00 %</td><td></td>" in html  # the error row is not read
     off = manifest.model_copy(update={"decontamination": {}, "options": {"decontaminate": False}})
     assert "not decontaminated (data.decontaminate: false)" in _inputs_html(off, finetune)
+
+
+def test_task_characteristics_beside_each_tasks_verdicts(fitted, page):
+    """tasks.parquet reaches fits.json and the page through fit_inputs: each task's characteristics with its
+    verdicts, and the descriptive relation (two tasks: no rank correlation, and no p-value anywhere)."""
+    from fixtures.make_run import TASK_CHARACTERISTICS
+
+    _, fits = fitted
+    section = fits["task_characteristics"]
+    assert section["status"] == "ok" and [t["task"] for t in section["tasks"]] == sorted(TASK_CHARACTERISTICS)
+    for record in section["tasks"]:
+        assert record["n_molecules"] == TASK_CHARACTERISTICS[record["task"]]["n_molecules"]
+        for mode, values in record["modes"].items():
+            entry = next(e for e in fits["downstream"] if (e["task"], e["mode"]) == (record["task"], mode))
+            assert values["verdicts"]["n"]["verdict"] == entry["verdicts"]["n"]["verdict"]
+            sign = 1 if entry["higher_is_better"] else -1
+            assert values["n_slope_in_margins"] == pytest.approx(
+                sign * entry["verdicts"]["n"]["slope"] / entry["verdicts"]["n"]["margin"])
+    assert all(row["spearman"] is None and row["n_tasks"] <= 2 for row in section["relation"])
+    html = page.read_text()
+    tasks = html[html.index('id="task-characteristics"'):html.index('id="task-ladder"')]
+    assert "Descriptive only" in tasks and "1128" in tasks and "642" in tasks
+    solubility_row = re.search(r"<tr><td>solubility</td>.*?</tr>", tasks).group(0)
+    assert "N: improving" in solubility_row and "N: plateau" in solubility_row  # fine-tuned and probe
+    assert solubility_row.index("N: improving") < solubility_row.index("D: improving")  # N, D, C in order
+    assert "a rank correlation needs 3" in tasks and "p =" not in tasks
+    assert 'id="task_scaling"' in html and (page.parent / "task_scaling.png").read_bytes()[:8] == PNG_SIGNATURE
+    table = pd.read_parquet(fitted[0] / "results/fits.parquet")
+    assert set(table.loc[table["what"] == "task_scaling", "x"]) >= {"n_molecules", "nn_tanimoto_mean"}
+
+
+def test_pca_of_finetuned_endpoints_is_one_figure_per_task(fitted, tmp_path):
+    """Each task's figure has a panel per checkpoint with the origin and every split seed of that task."""
+    from engine.rundir import RunDir
+    from fits import figures
+
+    pca = RunDir(fitted[0]).read_table("pca")
+    mine = pca[(pca["kind"] == "finetuned") & (pca["label"] == "solubility")]
+    assert sorted(mine["split_seed"].unique()) == [0, 1]  # every split seed is drawn, not the first only
+    out = figures.pca_finetuned(pca, "solubility", tmp_path / "solubility.png")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    with pytest.raises(figures.NoData, match="no fine-tuned endpoints of bace"):
+        figures.pca_finetuned(pca, "bace", tmp_path / "bace.png")

@@ -87,3 +87,26 @@ def test_corpus_distance_summary_and_sampling(corpus):
     assert len(sample) == 100 and len(set(sample)) == 100 and set(sample) <= set(corpus)
     assert sample == sample_corpus(corpus, 100, seed=0) and sample != sample_corpus(corpus, 100, seed=1)
     assert sample_corpus(corpus[:5], 100, seed=0) == corpus[:5]
+
+
+def test_nearest_neighbours_as_ray_tasks_equal_the_unchunked_search(corpus, ray_cluster):
+    """analyze's fan-out, one Ray task per corpus chunk, called from inside a 1-CPU task as a job is (its chunks
+    run while it waits), gives exactly the single-chunk answer; so does one chunk from the driver."""
+    import ray
+
+    from engine.analyze import nearest_neighbours
+
+    task = corpus[100:110] + load_task("solubility").smiles[:40]
+    whole = nearest_neighbour_chunk(task, corpus)
+
+    @ray.remote(num_cpus=1)
+    def job(task, corpus):
+        from engine.analyze import nearest_neighbours
+
+        return nearest_neighbours(task, corpus, chunk=700)  # 5 chunks
+
+    nested = ray.get(job.remote(task, corpus), timeout=600)
+    np.testing.assert_array_equal(nested, whole)
+    np.testing.assert_array_equal(nearest_neighbours(task, corpus, chunk=3000), whole)  # driver, one chunk
+    with pytest.raises(ValueError, match="no chunk results"):
+        nearest_neighbours(task, [])
