@@ -397,8 +397,8 @@ def nearest_neighbours(task_smiles: list[str], corpus: list[str], chunk: int = N
                                                      for c in chunks])
     one_chunk = ray.remote(taskstats.nearest_neighbour_chunk).options(num_cpus=1, max_retries=1)
     task_ref = ray.put(task_smiles)  # once, not once per chunk
-    pending = [one_chunk.remote(task_ref, c) for c in chunks]
-    parts = {}
+    pending = [one_chunk.remote(task_ref, c) for c in chunks]  # type: ignore[arg-type]  # Ray resolves the ref
+    parts: dict[ray.ObjectRef, np.ndarray] = {}
     while len(parts) < len(pending):
         finished, _ = ray.wait([r for r in pending if r not in parts], num_returns=1, timeout=NN_TIMEOUT_S)
         if not finished:

@@ -541,7 +541,7 @@ def pca_finetuned(rows: pd.DataFrame, task: str, out: Path, order: dict[str, int
     n_rows = math.ceil(len(names) / n_cols)
     figure = _figure(3.2 * n_cols + 0.4, 2.9 * n_rows + 0.6)
     axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False).ravel())
-    for ax, group in zip(axes, names):
+    for ax, group in zip(axes, names, strict=False):  # the grid may have spare axes, hidden below
         points = rows[rows["group"] == group]
         origin = points[points["label"] == "pretrained"]
         others = points[~points["label"].isin(["pretrained", task])]
@@ -549,7 +549,8 @@ def pca_finetuned(rows: pd.DataFrame, task: str, out: Path, order: dict[str, int
         ax.scatter(others["pc1"], others["pc2"], color="0.8", s=18, label="other tasks")
         ax.scatter(seeds["pc1"], seeds["pc2"], color="tab:blue", s=40, label=f"{task}, one per split seed")
         ax.scatter(origin["pc1"], origin["pc2"], color="black", marker="*", s=120, label="pretrained (origin)")
-        for x, y, seed in zip(seeds["pc1"], seeds["pc2"], seeds.get("split_seed", pd.Series(index=seeds.index))):
+        for x, y, seed in zip(seeds["pc1"], seeds["pc2"], seeds.get("split_seed", pd.Series(index=seeds.index)),
+                              strict=True):
             if pd.notna(seed):
                 ax.annotate(f"seed {int(seed)}", (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
         explained = points[["explained_1", "explained_2"]].iloc[0].to_numpy(float)
@@ -560,7 +561,7 @@ def pca_finetuned(rows: pd.DataFrame, task: str, out: Path, order: dict[str, int
         ax.margins(0.2)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    handles = {label: handle for handle, label in zip(*axes[0].get_legend_handles_labels())}
+    handles = {label: handle for handle, label in zip(*axes[0].get_legend_handles_labels(), strict=True)}
     figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     shown = f" (the first {len(names)} of {n_groups} checkpoints)" if n_groups > len(names) else ""
     figure.suptitle(f"Parameter-space PCA: {task} fine-tuned from each checkpoint{shown}", fontsize=11)
@@ -586,10 +587,10 @@ def task_scaling(section: dict, out: Path) -> Path:
     axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False).ravel())
     intervals = {(record["task"], mode): values["n_slope_in_margins_ci"]
                  for record in section["tasks"] for mode, values in record["modes"].items()}
-    for ax, column in zip(axes, columns):
+    for ax, column in zip(axes, columns, strict=False):  # the grid may have spare axes
         for row in (r for r in relation if r["characteristic"] == column):
             color, marker, label = MODE_STYLE.get(row["mode"], ("0.3", "o", row["mode"]))
-            for task, x, y in zip(row["tasks"], row["x"], row["n_slope_in_margins"]):
+            for task, x, y in zip(row["tasks"], row["x"], row["n_slope_in_margins"], strict=True):
                 ci = intervals.get((task, row["mode"]))
                 if ci is not None:
                     ax.plot([x, x], ci, "-", color=color, lw=1, alpha=0.6)
@@ -612,7 +613,7 @@ def task_scaling(section: dict, out: Path) -> Path:
         ax.set_visible(False)
     for ax in axes[::n_cols]:
         ax.set_ylabel("N slope per decade\n(plateau margins; > 0 improves)", fontsize=8)
-    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
     figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8, frameon=False)
     figure.suptitle("Per-task scaling against task characteristics (descriptive)", fontsize=11)
     return _save(figure, out)

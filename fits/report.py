@@ -158,9 +158,10 @@ def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view
         ],
         "tasks": [
             Figure("task_scaling", "Per-task scaling against task characteristics",
-                   "One panel per characteristic of results/tasks.parquet; each point is one task and mode: its slope "
-                   "along N at fixed D, per decade, signed so that up is improvement and divided by that task's plateau "
-                   "margin (so tasks scored in different metrics share one scale), with its 95 % run-level interval. "
+                   "One panel per characteristic of results/tasks.parquet; each point is one task and mode: its "
+                   "slope along N at fixed D, per decade, signed so that up is improvement and divided by that task's "
+                   "plateau margin (so tasks scored in different metrics share one scale), with its 95 % run-level "
+                   "interval. "
                    "Grey: ± one margin. Descriptive: a handful of tasks is not a sample, so no line is fitted and no "
                    "p-value is given; ρ (Spearman, over tasks) is printed only from three tasks on.",
                    lambda out: figures.task_scaling(fits.get("task_characteristics", {}), out)),
@@ -466,7 +467,8 @@ def _tasks_html(fits: dict) -> str:
         if r["measured"]:
             cells = [r["task"], r.get("task_type") or "–", _count(r.get("n_molecules")), _count(r.get("n_labels")),
                      f"{_number(r.get('scaffold_diversity'))} ({_count(r.get('n_scaffolds'))} scaffolds)",
-                     _balance(r), f"{_number(r.get('nn_tanimoto_mean'))} (median {_number(r.get('nn_tanimoto_median'))})",
+                     _balance(r),
+                     f"{_number(r.get('nn_tanimoto_mean'))} (median {_number(r.get('nn_tanimoto_median'))})",
                      _number(r.get("fraction_nn_unrelated"))]
         else:
             cells = [r["task"], "not measured", "", "", "", "", "", ""]
@@ -477,7 +479,8 @@ def _tasks_html(fits: dict) -> str:
                    numeric={2, 3, 6, 7})
     relation = [[MODES.get(row["mode"], row["mode"]), row["words"], row["n_tasks"],
                  ", ".join(f"{task} ({_number(x)}: {_signed(y)})" for task, x, y in
-                           sorted(zip(row["tasks"], row["x"], row["n_slope_in_margins"]), key=lambda t: t[1])),
+                           sorted(zip(row["tasks"], row["x"], row["n_slope_in_margins"], strict=True),
+                                  key=lambda t: t[1])),
                  _number(row["spearman"]) if row["spearman"] is not None else row["reason"]]
                 for row in section["relation"]]
     return (head + "<p>Each task's characteristics (results/tasks.parquet: size, label balance or spread, Bemis–Murcko "
