@@ -11,11 +11,14 @@
     clmscale demo     sweeps/demo.yaml      # all of the above, in order
 
 Errors in what the user gave (a sweep file, a corpus, a task) print one line and exit 2; set
-CLMSCALE_DEBUG=1 to see the traceback instead.
+CLMSCALE_DEBUG=1 to see the traceback instead. `sweep`, `analyze` and `demo` show one table of
+progress (engine.console) and send Ray's own output to RUN_DIR/logs/ (`--verbose`: as Ray prints
+it); Ctrl-C exits 130 with the command that continues.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -120,24 +123,34 @@ def prepare(
     )
 
 
+VERBOSE = typer.Option(False, "--verbose", help="Print Ray's own output (progress bars, every report) as Ray does; "
+                       "by default it goes to RUN_DIR/logs/ and the console shows one table.")
+
+
 @app.command()
 @user_errors
 def sweep(
     sweep_file: Path,
     resume: bool = typer.Option(False, help="Continue an interrupted sweep in the same run directory."),
     address: str = typer.Option(None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
     from engine import sweep as sweep_mod
 
     cfg = _load_checked(sweep_file)
-    _init_ray(address)
-    table = sweep_mod.run_sweep(cfg, resume=resume)
-    typer.echo(f"{len(table)} checkpoints in {RunDir(cfg.run_dir).table_path('pretrain')}")
-    if cfg.analysis.run_after_sweep:
-        from engine.analyze import run_analysis
+    rd = RunDir(cfg.run_dir)
+    with _console(rd, verbose, f"clmscale sweep {sweep_file} --resume") as console:
+        console.ray_started(_init_ray(address))
+        table = sweep_mod.run_sweep(cfg, resume=resume)
+        tables = None
+        if cfg.analysis.run_after_sweep:
+            from engine.analyze import run_analysis
 
-        run_analysis(RunDir(cfg.run_dir).root)
+            tables = run_analysis(rd.root)
+    typer.echo(f"{len(table)} checkpoints in {rd.table_path('pretrain')}")
+    if tables is not None:
+        _say_tables(rd, tables)
 
 
 @app.command()
@@ -159,22 +172,31 @@ def analyze(
     run_dir: Path,
     data_dir: Path = typer.Option(None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Fine-tune, probe, Hessian and landscape jobs for every selected checkpoint, as Ray tasks."""
     from engine.analyze import run_analysis
 
-    _init_ray(address)
-    tables = run_analysis(run_dir, data_dir=data_dir)
+    rd = RunDir(run_dir)
+    rd.config()  # not a run directory: said now, before logs/ is made in it
+    with _console(rd, verbose, f"clmscale analyze {run_dir}  (finished jobs are kept)") as console:
+        console.ray_started(_init_ray(address))
+        tables = run_analysis(run_dir, data_dir=data_dir)
+    if _say_tables(rd, tables):
+        raise typer.Exit(code=1)  # the rows that worked are written; a rerun retries only the failed jobs
+
+
+def _say_tables(rd: RunDir, tables: dict) -> int:
+    """Each analysis table's path and row count, and every error row on stderr; returns the errors."""
     n_errors = 0
     for name, table in tables.items():
         errors = table[table["status"] == "error"] if "status" in table else table.iloc[0:0]
         n_errors += len(errors)
-        typer.echo(f"{RunDir(run_dir).table_path(name)}: {len(table)} rows, {len(errors)} errors")
+        typer.echo(f"{rd.table_path(name)}: {len(table)} rows, {len(errors)} errors")
         for row in errors.to_dict("records"):
             where = " ".join(str(row[c]) for c in ("task", "mode", "checkpoint") if c in row and row[c] == row[c])
             typer.echo(f"error: {name} {where}: {row['error']}", err=True)
-    if n_errors:
-        raise typer.Exit(code=1)  # the rows that worked are written; a rerun retries only the failed jobs
+    return n_errors
 
 
 @app.command()
@@ -231,6 +253,7 @@ def report(run_dir: Path) -> None:
 def demo(
     sweep_file: Path = typer.Argument(Path("sweeps/demo.yaml")),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """prepare -> sweep -> analyze -> fit -> report on SWEEP_FILE, then print the report's path.
 
@@ -246,27 +269,45 @@ def demo(
     start = time.monotonic()
     cfg = _load_checked(sweep_file)
     rd = RunDir(cfg.run_dir)
-    _init_ray(address)
-    run_sweep(cfg, resume=rd.tune.exists())
-    run_analysis(rd.root)
-    fit_run(rd.root)
-    path = build_report(rd.root)
+    with _console(rd, verbose, f"clmscale demo {sweep_file}  (it continues where it stopped)") as console:
+        console.ray_started(_init_ray(address))
+        table = run_sweep(cfg, resume=rd.tune.exists())
+        console.line(f"{len(table)} checkpoints in {rd.table_path('pretrain')}")
+        tables = run_analysis(rd.root)
+        fit_run(rd.root)
+        path = build_report(rd.root)
+    _say_tables(rd, tables)
+    typer.echo(f"Ray's output: {rd.logs}/")
     typer.echo(f"demo finished in {time.monotonic() - start:.0f} s; open the report: {path.resolve()}")
 
 
-def _init_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS, or a running `ray start`), else start a local one."""
+def _init_ray(address: str | None) -> str | None:
+    """Join the cluster at `address` (or RAY_ADDRESS, or a running `ray start`), else start a local one;
+    returns the dashboard's address."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if address:
-        ray.init(address=address)
-        return
+        return ray.init(address=address).dashboard_url
     try:
-        ray.init(address="auto")
+        return ray.init(address="auto").dashboard_url
     except ConnectionError:
-        ray.init(dashboard_host="127.0.0.1")  # Ray's default too; said here, as the dashboard can submit jobs
+        return ray.init(dashboard_host="127.0.0.1").dashboard_url  # Ray's default too; said here, as the dashboard can submit jobs
+
+
+@contextlib.contextmanager
+def _console(rd: RunDir, verbose: bool, again: str):
+    """engine.console's table around a command's work; Ctrl-C exits 130 with the command that continues."""
+    from engine.console import session
+    from engine.sweep import SweepInterrupted
+
+    try:
+        with session(rd, verbose=verbose) as console:
+            yield console
+    except (KeyboardInterrupt, SweepInterrupted):
+        typer.echo(f"interrupted; continue with: {again}", err=True)
+        raise typer.Exit(code=130) from None
 
 
 def _load_checked(sweep_file: Path) -> SweepConfig:
