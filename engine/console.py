@@ -18,7 +18,7 @@ record that carries `extra={"console": {...}}` also updates the table, and the o
 report progress are not printed as lines:
     {"trials": [ids], "ended": [ids]}                                        the grid, as a sweep starts
     {"trial": id, "tokens": n, "budget": n, "loss": x, "tokens_per_s": x}    a trial's progress (no line)
-    {"trial": id, "state": "finished" | "diverged" | "failed"}              a trial ended
+    {"trial": id, "state": "started" | "finished" | "diverged" | "failed"}  a trial started or ended
     {"jobs": {table: n}}                                                     analysis jobs to run
     {"job": table, "ok": bool}                                               one analysis job ended (no line)
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -41,7 +42,9 @@ WORKERS_LOG = "ray-workers"  # logs/ray-workers.log
 DRIVER_LOG = "driver"  # logs/driver.log
 OUR_LOGGERS = ("clmscale", "engine", "fits")  # their INFO lines are events; other libraries' only from WARNING
 RAY_PRINT_HANDLER = "ray_print_logs"  # the name ray.init gives its worker-log printer (ray._private.worker)
+AIR_NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # read by Tune when a run starts, on the driver
 HIDDEN = ("Tuner.restore(", "Trials did not complete")  # Tune's advice after Ctrl-C: clmscale prints its own
+SAID_BY_CLMSCALE = ("Trial task failed for trial",)  # sweep.py's "[trial] failed: <error>" says it (full in driver.log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +233,10 @@ class ConsoleHandler(logging.Handler):
             c = getattr(record, "console", None)
             if isinstance(c, dict):
                 self.board.update(c)
-                if "tokens" in c or "job" in c:
+                if ("tokens" in c and "state" not in c) or "job" in c:
                     return  # progress: the table shows it
             message = record.getMessage()
-            if any(h in message for h in HIDDEN):
+            if any(h in message for h in HIDDEN + SAID_BY_CLMSCALE):
                 return
             name = record.name
             if name == "ray" or name.startswith("ray."):
@@ -341,6 +344,7 @@ def session(rd: RunDir, *, verbose: bool = False, live: bool | None = None,
     hide = _HideTuneAdvice()
     data_context = DataContext.get_current()
     saved_bars = data_context.enable_progress_bars
+    saved_output = os.environ.get(AIR_NEW_OUTPUT)
     view: PlainView | LiveView | None = None
     if verbose:  # as before, plus the file
         for h in ray_logger.handlers:
@@ -355,6 +359,9 @@ def session(rd: RunDir, *, verbose: bool = False, live: bool | None = None,
         root.handlers = [to_file, handler]
         ray_logger.handlers = [to_file, handler]
         data_context.enable_progress_bars = False  # the driver's own datasets; workers' bars go to the log
+        # Tune's "new output" prints (not logs) its experiment path and each trial error even at verbose=0;
+        # the old reporter at verbose=0 prints nothing, and the errors still come as log records
+        os.environ[AIR_NEW_OUTPUT] = "0"
     root.setLevel(logging.INFO)
     s = Session(rd, verbose, view)
     if view is not None:
@@ -370,5 +377,9 @@ def session(rd: RunDir, *, verbose: bool = False, live: bool | None = None,
         for h in ray_logger.handlers:
             h.removeFilter(hide)
         data_context.enable_progress_bars = saved_bars
+        if saved_output is None:
+            os.environ.pop(AIR_NEW_OUTPUT, None)
+        else:
+            os.environ[AIR_NEW_OUTPUT] = saved_output
         to_file.close()
         driver_file.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,10 @@ class ProgressLine(tune.Callback):
                     "loss": result.get("train_loss"), "tokens_per_s": result.get("tokens_per_s")}
         log.info(progress_text(trial_id, result), extra={"console": progress})
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        trial_id = _trial_name(trial)
+        log.info(f"[{trial_id}] started", extra={"console": {"trial": trial_id, "state": "started"}})
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.n_ended += 1
         trial_id = _trial_name(trial)
@@ -344,14 +349,19 @@ class ProgressLine(tune.Callback):
                   extra={"console": {"trial": trial_id, "state": "failed"}})
 
 
+RAY_WRAPPERS = ("RayTaskError", "WorkerGroupError", "TrainingFailedError", "TuneError", "RayActorError")
+
+
 def _last_error_line(trial) -> str:
-    """The exception line of a failed trial's traceback, as Tune stored it."""
+    """The exception line of a failed trial's traceback (the worker's, not Ray's wrappers around it)."""
     try:
-        text = str(trial.get_error() or "").strip()
+        path = trial.error_file  # Tune's local copy; get_error() reads the synced one, maybe not there yet
+        text = Path(path).read_text() if path and Path(path).is_file() else str(trial.get_error() or "")
     except Exception:  # noqa: BLE001 - the message is a courtesy; the path follows it
         text = ""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "see its error file"
+    errors = [line.strip() for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
+    ours = [line for line in errors if not any(w in line.split(":")[0] for w in RAY_WRAPPERS)]
+    return (ours or errors or [line.strip() for line in text.splitlines() if line.strip()] or ["see its error file"])[-1]
 
 
 def _trial_name(trial) -> str:

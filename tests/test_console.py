@@ -37,18 +37,21 @@ def test_progress_updates_the_table_and_only_events_print():
     handler.emit(_record("clmscale", logging.INFO, "sweep x: 2 trials", console={"trials": ["a", "b"], "ended": []}))
     handler.emit(_record("clmscale", logging.INFO, "[a] 50%", console={"trial": "a", "tokens": 500, "budget": 1000,
                                                                        "loss": 3.5, "tokens_per_s": 100.0}))
+    handler.emit(_record("clmscale", logging.INFO, "[b] finished", console={"trial": "b", "state": "finished",
+                                                                              "tokens": 1000, "loss": 3.0}))
     handler.emit(_record("ray.data", logging.INFO, "Running Dataset train_1"))  # Ray's chatter: the file only
     handler.emit(_record("ray.tune.tune", logging.WARNING, "Resume experiment with: Tuner.restore(path=...)"))
-    handler.emit(_record("ray.tune", logging.ERROR, "Trial task failed for trial a\nTraceback ..."))
+    handler.emit(_record("ray.tune", logging.ERROR, "Trial task failed for trial a\nTraceback ..."))  # said by sweep.py
+    handler.emit(_record("ray.data", logging.ERROR, "Operator failed\nTraceback ..."))
     handler.emit(_record("clmscale", logging.INFO, "[analyze] 1/3", console={"job": "finetune", "ok": True}))
     handler.emit(_record("engine.prepare", logging.INFO, "prepared 100 molecules"))
     handler.emit(_record("urllib3", logging.INFO, "connection pool"))
     lines = out.getvalue().splitlines()
-    assert [line.split(" ", 1)[1] for line in lines] == ["sweep x: 2 trials", "prepared 100 molecules"]
+    assert [line.split(" ", 1)[1] for line in lines] == ["sweep x: 2 trials", "[b] finished", "prepared 100 molecules"]
     assert err.getvalue().split(" ", 1)[1] == (
-        "ray: Trial task failed for trial a (more in runs/x/logs/driver.log)\n")
+        "ray: Operator failed (more in runs/x/logs/driver.log)\n")
     status = board.status_line()
-    assert "trials 1 running, 1 pending" in status and "a 500/1e+03 (50%) loss 3.5000 100 tok/s" in status
+    assert "trials 1 running, 1 finished" in status and "a 500/1e+03 (50%) loss 3.5000 100 tok/s" in status
     assert "analysis finetune 1/0" in status
 
 
@@ -78,7 +81,7 @@ def test_plain_console_is_short_shows_progress_and_errors_and_logs_ray(ray_clust
     assert 3 < len(lines) < 40, out
     assert any("status +" in line and "trials" in line for line in lines), out
     assert any("[xxs_15ktok_s0] finished" in line for line in lines), out
-    assert any("[xxs_15ktok_s1] failed: " in line for line in lines), out
+    assert any("[xxs_15ktok_s1] failed: ValueError: invalid literal" in line for line in lines), out
     assert "Running Dataset" not in out and "RayTrainWorker" not in out  # Ray's output is not on the console
     rd = RunDir(tmp_path / "runs" / "console")
     workers_log = rd.log_file("ray-workers").read_text()
