@@ -281,19 +281,19 @@ def demo(
     typer.echo(f"demo finished in {time.monotonic() - start:.0f} s; open the report: {path.resolve()}")
 
 
-def _init_ray(address: str | None) -> str | None:
+def _init_ray(address: str | None):
     """Join the cluster at `address` (or RAY_ADDRESS, or a running `ray start`), else start a local one;
-    returns the dashboard's address."""
+    returns ray.init's context (None when Ray was already initialised)."""
     import ray
 
     if ray.is_initialized():
         return None
     if address:
-        return ray.init(address=address).dashboard_url
+        return ray.init(address=address)
     try:
-        return ray.init(address="auto").dashboard_url
+        return ray.init(address="auto")
     except ConnectionError:
-        return ray.init(dashboard_host="127.0.0.1").dashboard_url  # Ray's default too; said here, as the dashboard can submit jobs
+        return ray.init(dashboard_host="127.0.0.1")  # Ray's default too; said here, as the dashboard can submit jobs
 
 
 @contextlib.contextmanager

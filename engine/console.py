@@ -186,14 +186,18 @@ class PlainView:
     def _beat(self) -> None:
         while not self._stop.wait(self.every_s):
             self.line(self.board.status_line())
+            self._beaten = True
 
     def start(self) -> None:
+        self._beaten = False
         self._thread.start()
 
     def stop(self) -> None:
+        """The last status line, unless nothing ran (a refusal in the first seconds prints just its error)."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self.line(self.board.status_line())
+        if self._beaten or self.board.trials or self.board.jobs:
+            self.line(self.board.status_line())
 
 
 class LiveView:
@@ -276,9 +280,9 @@ class Session:
         else:
             print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
-    def ray_started(self, dashboard: str | None = None) -> None:
-        """Send every worker's output to logs/ray-workers.log (and, with --verbose, to the console too);
-        `dashboard`: the address ray.init returned, said once."""
+    def ray_started(self, context: Any = None) -> None:
+        """Send every worker's output to logs/ray-workers.log (and, with --verbose, to the console too).
+        `context`: what ray.init returned, if this command connected: then the cluster is said once."""
         import ray
 
         try:
@@ -295,7 +299,9 @@ class Session:
                 self._saved_ray_handler = found[0]
                 dispatcher.remove_handler(RAY_PRINT_HANDLER)
         dispatcher.add_handler("clmscale_logs", self._write_worker_lines)
-        resources = ray.cluster_resources()
+        if context is None:
+            return
+        resources, dashboard = ray.cluster_resources(), getattr(context, "dashboard_url", None)
         where = f", dashboard http://{dashboard}" if dashboard else ""
         self.line(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs{where}; "
                   f"its output goes to {self.rd.logs}/" + (" and here" if self.verbose else ""))
