@@ -72,6 +72,7 @@ class Board:
                 row.update({k: v for k, v in c.items() if k != "trial"}, at=time.monotonic())
                 if "state" not in c:
                     row["state"] = "running"
+                    row.setdefault("first", (row["tokens"], row["at"]))  # for the ETA's wall-clock rate
             elif "jobs" in c:
                 for table, n in c["jobs"].items():
                     self.jobs[table] = [0, 0, n]
@@ -156,9 +157,15 @@ def _tokens(r: dict[str, Any]) -> str:
 
 
 def _eta(r: dict[str, Any]) -> str:
-    """Seconds left at the last report's speed, counted down since that report."""
+    """Seconds left at the wall-clock rate since the trial's first report (the tokens/s it reports leaves out
+    data loading, validation and checkpoints), else at that speed; counted down since the last report."""
     tokens, budget, speed = r.get("tokens"), r.get("budget"), r.get("tokens_per_s")
-    if r["state"] != "running" or not (tokens is not None and budget and speed and speed > 0):
+    if r["state"] != "running" or tokens is None or not budget:
+        return "-"
+    first_tokens, first_at = r.get("first", (tokens, r["at"]))
+    if tokens > first_tokens and r["at"] > first_at:
+        speed = (tokens - first_tokens) / (r["at"] - first_at)
+    if not speed or speed <= 0:
         return "-"
     return _duration((budget - tokens) / speed - (time.monotonic() - r["at"]))
 
