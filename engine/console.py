@@ -37,7 +37,7 @@ from typing import Any, TextIO
 
 from engine.rundir import RunDir
 
-STATUS_EVERY_S = 20.0  # plain output: one status line this often (under 30 s, the promise) (a live table redraws once a second)
+STATUS_EVERY_S = 20.0  # plain output: one status line this often, under the promised 30 s (a live table: every 1 s)
 WORKERS_LOG = "ray-workers"  # logs/ray-workers.log
 DRIVER_LOG = "driver"  # logs/driver.log
 OUR_LOGGERS = ("clmscale", "engine", "fits")  # their INFO lines are events; other libraries' only from WARNING
