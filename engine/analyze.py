@@ -660,7 +660,9 @@ def run_analysis(run_dir: Path | RunDir, *, data_dir: Path | None = None) -> dic
     tables = {name: t[t["status"] == "ok"] for name, t in tables.items()}  # error rows are retried, so they go
     done = {(name, tuple(r)) for name, t in tables.items() for r in t[list(TABLES[name].key)].itertuples(index=False)}
     todo = [j for j in jobs if (j.table, j.key) not in done]
-    log.info(f"analyze {ctx.cfg.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run")
+    to_run = {table: sum(j.table == table for j in todo) for table in dict.fromkeys(j.table for j in todo)}
+    log.info(f"analyze {ctx.cfg.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run",
+             extra={"console": {"jobs": to_run}})  # engine.console's table
     if todo:
         if not ray.is_initialized():
             ray.init()
@@ -743,7 +745,9 @@ def _run_jobs(ctx: Context, todo: list[Job], done: set, tables: dict[str, pd.Dat
                 continue  # worker groups wait here, not as idle trainers holding processes on the cluster
             pending[(group_waiter if j.workers > 1 else one_task).remote(j.fn, ctx_ref, j.args)] = j
             waiting.remove(j)
-        finished, _ = ray.wait(list(pending), num_returns=1, timeout=JOB_TIMEOUT_S)
+        deadline, finished = time.monotonic() + JOB_TIMEOUT_S, []
+        while not finished and time.monotonic() < deadline:  # 1 s at a time: Ctrl-C is seen between them
+            finished, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         if not finished:
             raise TimeoutError(f"no analysis job finished in {JOB_TIMEOUT_S} s; {len(pending)} still running")
         job = pending.pop(finished[0])
@@ -757,7 +761,7 @@ def _run_jobs(ctx: Context, todo: list[Job], done: set, tables: dict[str, pd.Dat
         _append(ctx.rd, tables, job, rows)
         n_done += 1
         log.info(f"[analyze] {n_done}/{len(todo)} {job.table} {_show(job.key)} {_summary(rows)} "
-                 f"({time.monotonic() - start:.0f}s)")
+                 f"({time.monotonic() - start:.0f}s)", extra={"console": {"job": job.table, "ok": ok}})
 
 
 def _run_one(fn: Callable[..., list[dict]], ctx: Context, args: dict) -> tuple[bool, Any]:

@@ -13,6 +13,8 @@
 Errors in what the user gave (a sweep file, a corpus, a task, a run directory another driver holds,
 a cluster address that does not answer) print one line and exit 2; set CLMSCALE_DEBUG=1 to see the
 traceback instead. `prepare`, `sweep`, `analyze` and `demo` hold the run directory's lock while they run.
+`sweep`, `analyze` and `demo` show one table of progress (engine.console) and send Ray's own output to
+RUN_DIR/logs/ (`--verbose`: as Ray prints it); Ctrl-C exits 130 with the command that continues.
 """
 
 from __future__ import annotations
@@ -144,6 +146,10 @@ def prepare(
     )
 
 
+VERBOSE = typer.Option(False, "--verbose", help="Print Ray's own output (progress bars, every report) as Ray does; "
+                       "by default it goes to RUN_DIR/logs/ and the console shows one table.")
+
+
 @app.command()
 @user_errors
 def sweep(
@@ -154,20 +160,25 @@ def sweep(
     storage_root: Path = _storage_root_option(),
     expect_gpus: int = typer.Option(
         None, min=0, help="GPUs an autoscaling cluster can grow to (resources.cluster_max GPU)."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
     from engine import sweep as sweep_mod
 
     cfg = sweep_mod.expect_gpus(_load_checked(sweep_file, storage_root), expect_gpus)
     rd = RunDir(cfg.run_dir)
-    with _driver(rd, f"clmscale sweep {sweep_file}"):
-        _init_ray(address)
+    with _driver(rd, f"clmscale sweep {sweep_file}"), \
+            _console(rd, verbose, f"clmscale sweep {sweep_file} --resume") as console:
+        console.ray_started(_init_ray(address))
         table = sweep_mod.run_sweep(cfg, resume=resume)
-        typer.echo(f"{len(table)} checkpoints in {rd.table_path('pretrain')}")
+        tables = None
         if cfg.analysis.run_after_sweep:
             from engine.analyze import run_analysis
 
-            run_analysis(rd.root)
+            tables = run_analysis(rd.root)
+    typer.echo(f"{len(table)} checkpoints in {rd.table_path('pretrain')}")
+    if tables is not None:
+        _say_tables(rd, tables)
 
 
 @app.command()
@@ -194,25 +205,32 @@ def analyze(
     data_dir: Path = typer.Option(
         None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Fine-tune, probe, Hessian and landscape jobs for every selected checkpoint, as Ray tasks."""
     from engine.analyze import run_analysis
 
     rd = RunDir(run_dir)
-    rd.config()  # a run directory (else the error says so), not a typo the lock would create
-    with _driver(rd, f"clmscale analyze {run_dir}"):
-        _init_ray(address)
+    rd.config()  # a run directory (else the error says so), not a typo the lock or logs/ would create
+    with _driver(rd, f"clmscale analyze {run_dir}"), \
+            _console(rd, verbose, f"clmscale analyze {run_dir}  (finished jobs are kept)") as console:
+        console.ray_started(_init_ray(address))
         tables = run_analysis(run_dir, data_dir=data_dir)
+    if _say_tables(rd, tables):
+        raise typer.Exit(code=1)  # the rows that worked are written; a rerun retries only the failed jobs
+
+
+def _say_tables(rd: RunDir, tables: dict) -> int:
+    """Each analysis table's path and row count, and every error row on stderr; returns the errors."""
     n_errors = 0
     for name, table in tables.items():
         errors = table[table["status"] == "error"] if "status" in table else table.iloc[0:0]
         n_errors += len(errors)
-        typer.echo(f"{RunDir(run_dir).table_path(name)}: {len(table)} rows, {len(errors)} errors")
+        typer.echo(f"{rd.table_path(name)}: {len(table)} rows, {len(errors)} errors")
         for row in errors.to_dict("records"):
             where = " ".join(str(row[c]) for c in ("task", "mode", "checkpoint") if c in row and row[c] == row[c])
             typer.echo(f"error: {name} {where}: {row['error']}", err=True)
-    if n_errors:
-        raise typer.Exit(code=1)  # the rows that worked are written; a rerun retries only the failed jobs
+    return n_errors
 
 
 @app.command()
@@ -279,6 +297,7 @@ def demo(
     sweep_file: Path = typer.Argument(Path("sweeps/demo.yaml")),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
     storage_root: Path = _storage_root_option(),
+    verbose: bool = VERBOSE,
 ) -> None:
     """prepare -> sweep -> analyze -> fit -> report on SWEEP_FILE, then print the report's path.
 
@@ -294,29 +313,47 @@ def demo(
     start = time.monotonic()
     cfg = _load_checked(sweep_file, storage_root)
     rd = RunDir(cfg.run_dir)
-    with _driver(rd, f"clmscale demo {sweep_file}"):
-        _init_ray(address)
-        run_sweep(cfg, resume=rd.tune.exists())
-        run_analysis(rd.root)
+    with _driver(rd, f"clmscale demo {sweep_file}"), \
+            _console(rd, verbose, f"clmscale demo {sweep_file}  (it continues where it stopped)") as console:
+        console.ray_started(_init_ray(address))
+        table = run_sweep(cfg, resume=rd.tune.exists())
+        console.line(f"{len(table)} checkpoints in {rd.table_path('pretrain')}")
+        tables = run_analysis(rd.root)
         fit_run(rd.root)
         path = build_report(rd.root)
+    _say_tables(rd, tables)
+    typer.echo(f"Ray's output: {rd.logs}/")
     typer.echo(f"demo finished in {time.monotonic() - start:.0f} s; open the report: {path.resolve()}")
 
 
-def _init_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS, or a running `ray start`), else start a local one."""
+def _init_ray(address: str | None):
+    """Join the cluster at `address` (or RAY_ADDRESS, or a running `ray start`), else start a local one;
+    returns ray.init's context (None when Ray was already initialised)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     _check_cluster_answers(address)
     if address:
-        ray.init(address=address)
-        return
+        return ray.init(address=address)
     try:
-        ray.init(address="auto")
+        return ray.init(address="auto")
     except ConnectionError:
-        ray.init(dashboard_host="127.0.0.1")  # Ray's default too; said here, as the dashboard can submit jobs
+        return ray.init(dashboard_host="127.0.0.1")  # Ray's default too; said here, as the dashboard can submit jobs
+
+
+@contextlib.contextmanager
+def _console(rd: RunDir, verbose: bool, again: str):
+    """engine.console's table around a command's work; Ctrl-C exits 130 with the command that continues."""
+    from engine.console import session
+    from engine.sweep import SweepInterrupted
+
+    try:
+        with session(rd, verbose=verbose) as console:
+            yield console
+    except (KeyboardInterrupt, SweepInterrupted):
+        typer.echo(f"interrupted; continue with: {again}", err=True)
+        raise typer.Exit(code=130) from None
 
 
 def _check_cluster_answers(address: str | None) -> None:

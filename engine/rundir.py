@@ -14,6 +14,7 @@
     runs/<sweep>/report/index.html                  write_report()
     runs/<sweep>/events.jsonl                       record_event() / fault_events()
     runs/<sweep>/.lock                              lock(command) / lock_holder(): one driver at a time
+    runs/<sweep>/logs/<name>.log                    open_log(name): Ray's own output, kept off the console
 
 A stage reads only what earlier stages wrote and writes only its own files, so any stage can be
 rerun alone. Every file has one typed reader and one writer here; tables are checked against
@@ -1138,6 +1139,20 @@ class RunDir:
     def lock_holder(self) -> LockHolder | None:
         """Who holds the lock now (a stale holder included), or None."""
         return _read_holder(self.lock_path)
+
+    # ---- logs/ ------------------------------------------------------------------------------------
+    @property
+    def logs(self) -> Path:
+        """logs/: what Ray and the driver print (worker output, progress bars, Ray's logging), for people."""
+        return self.root / "logs"
+
+    def log_file(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def open_log(self, name: str):
+        """logs/<name>.log opened for appending, line-buffered (a log, not a result: no atomic rename)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return open(self.log_file(name), "a", buffering=1, encoding="utf-8", errors="replace")
 
     # ---- events.jsonl -------------------------------------------------------------------------
     @property

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ INJECT_NAN_TRIAL_ENV = "CLMSCALE_INJECT_NAN_TRIAL"  # tests only: "<trial_id>:<s
 
 class SweepError(ValueError):
     """A sweep that cannot start: wrong run directory, a trial that does not fit the cluster, ..."""
+
+
+class SweepInterrupted(RuntimeError):
+    """Tune stopped before every trial ended (Ctrl-C): the trials' folders keep their checkpoints,
+    and `clmscale sweep FILE --resume` continues from them."""
 
 
 class TrialSpec(Strict):
@@ -320,11 +326,16 @@ class DashboardReporter:
 
 
 class ProgressLine(tune.Callback):
-    """One line per trial result: tokens done, loss, throughput, ETA."""
+    """A progress record per trial result (at most one per trial every `every_s`), a line per trial that
+    ended; counts the trials that ended, so a Tune run stopped by Ctrl-C can be told from a finished one.
+
+    Records carry `extra={"console": ...}` for engine.console's table (see there); printed plainly they
+    read as before."""
 
     def __init__(self, every_s: float = 5.0):
         self.every_s = every_s
         self._last: dict[str, float] = {}
+        self.n_ended = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "tokens_per_s" not in result:  # the closing report carries the outcome, not progress
@@ -334,13 +345,48 @@ class ProgressLine(tune.Callback):
         if now - self._last.get(trial_id, 0.0) < self.every_s:
             return
         self._last[trial_id] = now
-        log.info(progress_text(trial_id, result))
+        progress = {"trial": trial_id, "tokens": result.get("n_tokens", 0), "budget": result.get("budget_tokens"),
+                    "loss": result.get("train_loss"), "tokens_per_s": result.get("tokens_per_s")}
+        log.info(progress_text(trial_id, result), extra={"console": progress})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        trial_id = _trial_name(trial)
+        log.info(f"[{trial_id}] started", extra={"console": {"trial": trial_id, "state": "started"}})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        log.info(f"[{_trial_name(trial)}] done")
+        self.n_ended += 1
+        trial_id = _trial_name(trial)
+        result = RunDir(trial.config["cfg"]["run_dir"]).trial(trial_id).result()
+        if result is None:  # cannot be after a normal return of run_trial; said rather than hidden
+            log.warning(f"[{trial_id}] ended without a result")
+            return
+        state = result.status
+        text = (f"[{trial_id}] {state}: {result.n_tokens:.3g} tokens, loss {result.train_loss:.4f}, "
+                f"{len(result.checkpoints)} checkpoints, {result.wall_s:.0f} s")
+        (log.warning if state == "diverged" else log.info)(
+            text, extra={"console": {"trial": trial_id, "state": state, "tokens": result.n_tokens,
+                                     "loss": result.train_loss}})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        log.error(f"[{_trial_name(trial)}] failed: see {trial.local_path}")
+        self.n_ended += 1
+        trial_id = _trial_name(trial)
+        log.error(f"[{trial_id}] failed: {_last_error_line(trial)} (traceback in {trial.local_path})",
+                  extra={"console": {"trial": trial_id, "state": "failed"}})
+
+
+RAY_WRAPPERS = ("RayTaskError", "WorkerGroupError", "TrainingFailedError", "TuneError", "RayActorError")
+
+
+def _last_error_line(trial) -> str:
+    """The exception line of a failed trial's traceback (the worker's, not Ray's wrappers around it)."""
+    try:
+        path = trial.error_file  # Tune's local copy; get_error() reads the synced one, maybe not there yet
+        text = Path(path).read_text() if path and Path(path).is_file() else str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - the message is a courtesy; the path follows it
+        text = ""
+    errors = [line.strip() for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
+    ours = [line for line in errors if not any(w in line.split(":")[0] for w in RAY_WRAPPERS)]
+    return (ours or errors or [line.strip() for line in text.splitlines() if line.strip()] or ["see its error file"])[-1]
 
 
 def _trial_name(trial) -> str:
@@ -391,7 +437,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     check_fits(trials, nodes, ceiling)  # auto may have raised a trial's workers
     todo = [t for t in trials if rd.trial(t.trial_id).result() is None]
     log.info(f"sweep {cfg.name}: {len(trials)} trials ({len(trials) - len(todo)} already ended), packed onto "
-             f"{ceiling.text(nodes)}, in {rd.root}")
+             f"{ceiling.text(nodes)}, in {rd.root}",
+             extra={"console": {"trials": [t.trial_id for t in trials],
+                                "ended": sorted({t.trial_id for t in trials} - {t.trial_id for t in todo})}})
     if todo:
         _tune(cfg, rd, todo, manifest, nodes, PackingSearcher, ceiling)
     table = collect_pretrain_table(rd, trials)
@@ -426,6 +474,7 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
         raise SweepError(str(err)) from None
     previous = sorted(p.name for p in rd.tune.glob("pretrain*")) if rd.tune.exists() else []
     name = "pretrain" if not previous else f"pretrain-{len(previous)}"  # Tune's own records of each (re)start
+    progress = ProgressLine()
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"cpu": TRIAL_CPU}),
         param_space={},  # the grid comes from the searcher
@@ -436,7 +485,7 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(rd.tune),
-            callbacks=[ProgressLine()],
+            callbacks=[progress],
             verbose=0,
             # a trial whose Tune actor dies with its node is started again: it resumes from its folder
             failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
@@ -452,6 +501,8 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
     finally:
         if grows:
             request_resources([])  # withdraw the request: the autoscaler may scale down again
+    if progress.n_ended < len(specs):  # Tune returns normally after a Ctrl-C, with trials still running
+        raise SweepInterrupted(f"sweep {cfg.name} interrupted: {progress.n_ended} of {len(specs)} trials ended")
 
 
 def _cause(err: BaseException | None, kind: type) -> BaseException | None:

@@ -27,7 +27,7 @@ CONTRACTS = ROOT / "docs" / "CONTRACTS.md"
 RUN_FILES = {"sweep.yaml", "manifest.json", "rejects.csv", "trial.json", "metrics.jsonl", "nodes.txt",
              ".placement_group", "result.json", "sha256.json", "COMPLETE", "trainer_state.json", "events.jsonl",
              "fits.json", "index.html"}
-RUN_FOLDERS = {"trials", "results", "analysis", "report", "tune", "checkpoints", "finetuned"}  # "data" is also the repo's
+RUN_FOLDERS = {"trials", "results", "analysis", "report", "tune", "checkpoints", "finetuned", "logs"}  # "data" is also the repo's
 TABLE_FILE = re.compile(r"(^|/)(%s)\.parquet$" % "|".join(TABLES))
 
 
