@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 import ray
+import torch
 from ray import tune
 
 from engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Node, trial_need
@@ -158,6 +159,8 @@ def run_trial(config: dict) -> None:
     r = trial.resources
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    # a torch built without NCCL (the CPU wheel: logical GPUs on a test cluster) talks over gloo
+    backend = "nccl" if use_gpu and torch.distributed.is_nccl_available() else "gloo"
     train_ds = data.train_dataset(
         shard_paths=rd.shard_paths("train"),
         tokenizer=rd.tokenizer,
@@ -172,7 +175,7 @@ def run_trial(config: dict) -> None:
         train_loop_per_worker,
         train_loop_config=spec.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=backend),
         datasets={"train": train_ds},
         run_config=TrainRunConfig(
             name=trial.trial_id,
@@ -249,7 +252,9 @@ def train_loop_per_worker(config: dict) -> None:
         train_split_tokens=spec.train_split_tokens,
         tokenizer_dir=rd.tokenizer,
         report=DashboardReporter(trial.trial_id, spec.budget_tokens),
-        device=get_device(),
+        # Ray names a CUDA device for every worker given a GPU, logical ones too (a CPU test cluster's
+        # `num_gpus`): torch decides whether there is one
+        device=get_device() if torch.cuda.is_available() else torch.device("cpu"),
     )
 
 
