@@ -150,7 +150,7 @@ def test_the_wait_replay_sees_a_trial_left_waiting():
 RUNG = {"n_layer": 1, "d_model": 16, "n_head": 2}
 SHAPES = {"quarter": {"gpus_per_worker": 0.25}, "half": {"gpus_per_worker": 0.5}, "one": {"gpus_per_worker": 1.0},
           "two": {"gpus_per_worker": 1.0, "workers": 2, "micro_batch_size": 16}}
-MIXED_TIMEOUT_S = 840  # ~3 min on an idle 2-core machine; 3.5 min for the packed sweep alone at load 35
+MIXED_TIMEOUT_S = 840  # the packed sweep alone took 3.5 min on the 2-core machine at load average 35
 
 
 def mixed_sweeps(work: Path) -> None:
@@ -235,7 +235,8 @@ def test_mixed_sweep_packs_real_trials_and_matches_one_at_a_time(tmp_path):
     def spans(rd: RunDir) -> dict[str, tuple[float, float]]:
         """Per trial: (its Tune actor began: trial.json written, it ended: result.json written)."""
         folders = {t: rd.trial(t).path for t in trials}
-        return {t: ((p / "trial.json").stat().st_mtime, (p / "result.json").stat().st_mtime) for t, p in folders.items()}
+        return {t: ((f / "trial.json").stat().st_mtime, (f / "result.json").stat().st_mtime)
+                for t, f in folders.items()}
 
     # every trial finished, once
     for rd in (packed, serial):
