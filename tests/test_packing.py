@@ -150,7 +150,7 @@ def test_the_wait_replay_sees_a_trial_left_waiting():
 RUNG = {"n_layer": 1, "d_model": 16, "n_head": 2}
 SHAPES = {"quarter": {"gpus_per_worker": 0.25}, "half": {"gpus_per_worker": 0.5}, "one": {"gpus_per_worker": 1.0},
           "two": {"gpus_per_worker": 1.0, "workers": 2, "micro_batch_size": 16}}
-MIXED_TIMEOUT_S = 1200  # measured at load average 35-84 on the 2-core machine: packed 287 s, one at a time 487 s, 822 s in all
+MIXED_TIMEOUT_S = 1200  # measured at load 35-84 on 2 cores: packed 287 s + one at a time 487 s = 822 s
 
 
 def mixed_sweeps(work: Path) -> None:
