@@ -745,7 +745,7 @@ def _run_jobs(ctx: Context, todo: list[Job], done: set, tables: dict[str, pd.Dat
                 continue  # worker groups wait here, not as idle trainers holding processes on the cluster
             pending[(group_waiter if j.workers > 1 else one_task).remote(j.fn, ctx_ref, j.args)] = j
             waiting.remove(j)
-        deadline, finished = time.monotonic() + JOB_TIMEOUT_S, []
+        deadline, finished = time.monotonic() + JOB_TIMEOUT_S, list[ray.ObjectRef]()
         while not finished and time.monotonic() < deadline:  # 1 s at a time: Ctrl-C is seen between them
             finished, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         if not finished:

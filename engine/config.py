@@ -424,6 +424,20 @@ class Trial(Strict):
                 f"(got batch_size: {self.train.batch_size}, micro_batch_size: {self.train.micro_batch_size}, "
                 f"workers: {self.resources.workers})"
             )
+        accumulation = self.train.batch_size // per_step
+        bf16 = self.train.precision == "bf16" or (self.train.precision == "auto" and self.resources.gpus_per_worker > 0)
+        if bf16 and self.train.zero_stage == 0 and accumulation > 1:
+            # DeepSpeed 0.19 accumulates bf16 gradients in fp32 only under ZeRO (its BF16_Optimizer, ZeRO 1,
+            # or the ZeRO 2/3 optimizers); at stage 0 `data_types.grad_accum_dtype: fp32` is "unsupported"
+            # and the micro-steps would add up in bf16 (deepspeed/runtime/engine.py, _do_optimizer_sanity_check)
+            raise ValueError(
+                f"{self.trial_id}: bf16 at zero_stage 0 would accumulate gradients in bf16 over {accumulation} "
+                f"micro-steps (batch_size: {self.train.batch_size}, micro_batch_size: {self.train.micro_batch_size}, "
+                f"workers: {self.resources.workers}, precision: {self.train.precision}"
+                + (", bf16 on the GPUs" if self.train.precision == "auto" else "")
+                + "); use zero_stage: 1 or auto (fp32 accumulation), micro_batch_size: batch_size / workers, "
+                "or precision: fp32"
+            )
         return self
 
     @property

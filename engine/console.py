@@ -77,8 +77,8 @@ class Board:
                 for table, n in c["jobs"].items():
                     self.jobs[table] = [0, 0, n]
             elif "job" in c:
-                row = self.jobs.setdefault(c["job"], [0, 0, 0])
-                row[0 if c["ok"] else 1] += 1
+                counts = self.jobs.setdefault(c["job"], [0, 0, 0])
+                counts[0 if c["ok"] else 1] += 1
 
     def _rows(self) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
@@ -326,9 +326,10 @@ class Session:
 
     def close(self) -> None:
         try:
-            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher
         except ImportError:
-            dispatcher = None
+            global_worker_stdstream_dispatcher = None  # type: ignore[assignment]  # a private API: gone, Ray prints
+        dispatcher = global_worker_stdstream_dispatcher
         if dispatcher is not None and self._workers_file is not None:
             dispatcher.remove_handler("clmscale_logs")
             if self._saved_ray_handler is not None:
@@ -345,7 +346,6 @@ def session(rd: RunDir, *, verbose: bool = False, live: bool | None = None,
     """The console around a command's work (see the module docstring). `live`: a redrawn table; default:
     when stdout is a terminal. Logging is put back as it was on the way out."""
     import ray  # noqa: F401 - its import sets up the "ray" logger, which is rerouted here
-
     from ray.data import DataContext
 
     driver_file = rd.open_log(DRIVER_LOG)

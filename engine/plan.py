@@ -322,6 +322,8 @@ def choose(
             if stage == 0 and workers != r.workers:
                 continue  # ZeRO 0 replicates everything: more workers do not help it fit
             for mb in micro_batches(workers):
+                if bf16 and stage == 0 and batch // (mb * workers) > 1:
+                    continue  # bf16 accumulates in fp32 only under ZeRO (config.Trial refuses this)
                 mem = estimate(stage, workers, mb)
                 if smallest is None or mem.total < smallest[3].total:
                     smallest = (stage, workers, mb, mem)
@@ -341,6 +343,17 @@ def choose(
         f"({f'{min(r.gpus_per_worker, 1.0):g} x ' if on_gpu else ''}{gpu_memory_gb if on_gpu else cpu_memory_gb:g} GB) "
         f"and the cluster has {gpus} GPU(s); lower micro_batch_size or the rung, or use larger devices"
     )
+
+
+MEMORY_PARTS = ("weights", "grads", "optim", "act", "buffers", "other")  # format_plan's columns
+
+
+def memory_parts(mem: MemoryEstimate) -> dict[str, float]:
+    """Bytes per device by `MEMORY_PARTS`, summing to `mem.total`: the allocator's fragmentation is
+    counted in "other" with the transients and the fixed overhead, so the tensor parts are as modelled."""
+    tensors = {"weights": mem.weights, "grads": mem.gradients, "optim": mem.optimizer, "act": mem.activations,
+               "buffers": mem.buffers}  # fmt: skip
+    return {**tensors, "other": mem.total - sum(tensors.values())}
 
 
 def _parts_text(mem: MemoryEstimate) -> str:
@@ -614,21 +627,25 @@ def plan_sweep(
 
 def format_plan(plan: SweepPlan) -> str:
     """The plan as a table a person can read: one line per trial, then the grid's totals."""
-    head = (f"{'trial':<22} {'params':>9} {'FLOPs':>9} {'GB/dev':>7} {'of':>6} {'ZeRO':>4} {'micro':>5} "
-            f"{'workers':>7} {'GPUs':>5} {'dev-h':>8} {'wall-h':>8}")  # fmt: skip
+    head = (f"{'trial':<22} {'params':>9} {'FLOPs':>9} {'GB/dev':>7} {'of':>6} | "
+            + " ".join(f"{name:>7}" for name in MEMORY_PARTS)
+            + f" | {'ZeRO':>4} {'micro':>5} {'workers':>7} {'GPUs':>5} {'dev-h':>8} {'wall-h':>8}")  # fmt: skip
     lines = [
         f"# {len(plan.trials)} trials on {plan.n_gpus} GPU(s) of {plan.gpu_memory_gb:g} GB at MFU {plan.mfu:g} of "
         f"{plan.peak_flops / 1e12:g} TF/s",
+        "# GB per device at the chosen ZeRO stage and micro-batch (of: what a worker gets), by part: optim = Adam's "
+        "m and v (+ fp32 masters), act = saved for backward, buffers = DeepSpeed's gradient bucket, other = "
+        "transients + fixed overhead + allocator slack",
         head,
     ]
     for t in plan.trials:
         c = t.choice
         cap = f"{c.capacity_bytes / GB:.1f}" if c.capacity_bytes else "-"
+        parts = " ".join(f"{v / GB:>7.2f}" for v in memory_parts(c.memory).values())
         lines.append(
-            f"{t.trial_id:<22} {t.n_params:>9.3g} {t.flops:>9.3g} {c.memory.total / GB:>7.2f} {cap:>6} "
-            f"{c.zero_stage:>4} "
-            f"{c.micro_batch_size:>5} {c.workers:>7} {t.gpus:>5g} {t.device_hours:>8.3g} {t.wall_hours:>8.3g}"
-            + (f"  ({c.note})" if c.note else "")
+            f"{t.trial_id:<22} {t.n_params:>9.3g} {t.flops:>9.3g} {c.memory.total / GB:>7.2f} {cap:>6} | {parts} | "
+            f"{c.zero_stage:>4} {c.micro_batch_size:>5} {c.workers:>7} {t.gpus:>5g} {t.device_hours:>8.3g} "
+            f"{t.wall_hours:>8.3g}" + (f"  ({c.note})" if c.note else "")
         )
     packed, serial = plan.packed.makespan_h, plan.one_at_a_time.makespan_h
     lines += [

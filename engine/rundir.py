@@ -39,7 +39,7 @@ import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import pandas as pd
@@ -1149,7 +1149,7 @@ class RunDir:
     def log_file(self, name: str) -> Path:
         return self.logs / f"{name}.log"
 
-    def open_log(self, name: str):
+    def open_log(self, name: str) -> TextIO:
         """logs/<name>.log opened for appending, line-buffered (a log, not a result: no atomic rename)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         return open(self.log_file(name), "a", buffering=1, encoding="utf-8", errors="replace")

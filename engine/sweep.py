@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 import ray
+import torch
 from ray import tune
 
 from engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Node, trial_need
@@ -251,7 +252,6 @@ def train_loop_per_worker(config: dict) -> None:
     Rank 0 also records its placement group (see `_remove_leftover_placement_group`) and appends its
     Ray node id to the trial's `nodes.txt`, so a restart after a node failure shows where it went.
     """
-    import torch
     from ray.train.torch import get_device
 
     from engine import data
@@ -280,7 +280,9 @@ def train_loop_per_worker(config: dict) -> None:
         train_split_tokens=spec.train_split_tokens,
         tokenizer_dir=rd.tokenizer,
         report=DashboardReporter(trial.trial_id, spec.budget_tokens),
-        device=get_device() if torch.cuda.is_available() else torch.device("cpu"),  # logical GPUs: no CUDA
+        # Ray names a CUDA device for every worker given a GPU, logical ones too (a CPU test cluster's
+        # `num_gpus`): torch decides whether there is one
+        device=get_device() if torch.cuda.is_available() else torch.device("cpu"),
     )
 
 
@@ -386,7 +388,8 @@ def _last_error_line(trial) -> str:
         text = ""
     errors = [line.strip() for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
     ours = [line for line in errors if not any(w in line.split(":")[0] for w in RAY_WRAPPERS)]
-    return (ours or errors or [line.strip() for line in text.splitlines() if line.strip()] or ["see its error file"])[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (ours or errors or lines or ["see its error file"])[-1]
 
 
 def _trial_name(trial) -> str:

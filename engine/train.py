@@ -297,11 +297,18 @@ def train(
     if world != trial.resources.workers:
         logger.warning("trial %s planned %d workers, runs on %d", trial.trial_id, trial.resources.workers, world)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    grad_accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    if bf16 and cfg.zero_stage == 0 and grad_accum > 1:  # what config.Trial refuses, where it could not know
+        raise ValueError(
+            f"{trial.trial_id}: bf16 on {device} at zero_stage 0 would accumulate gradients in bf16 over {grad_accum} "
+            f"micro-steps of {world} worker(s) (DeepSpeed 0.19 accumulates bf16 in fp32 only under ZeRO); use "
+            "zero_stage: 1, micro_batch_size: batch_size / workers, or precision: fp32"
+        )
     deepspeed = _import_deepspeed(device)
     run = _Run(
         trial_id=trial.trial_id, cfg=cfg, model_config=model_config, family=family_of(model_config), budget=budget,
         milestones=tuple(milestones(budget, cfg.checkpoints)), train_split_tokens=train_split_tokens,
-        grad_accum=cfg.batch_size // (cfg.micro_batch_size * world), world=world, rank=rank,
+        grad_accum=grad_accum, world=world, rank=rank,
         manual_clip=cfg.zero_stage == 0 and not bf16,
         flops_per_token=flops_per_token(model_config, max_seq_len_of(model_config)),
         peak=peak_flops(device, bf16) * world, pad_id=model_config.pad_token_id,
@@ -610,8 +617,8 @@ def _build_engine(deepspeed, run: _Run, seed: int, device: torch.device, bf16: b
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch AdamW is not on DeepSpeed's list
         # bf16 needs no loss scaling, so no overflow check (an all-reduce and a host read per step);
-        # under ZeRO gradients accumulate in fp32 over the micro-steps (DeepSpeed 0.19 has no fp32
-        # accumulation for bf16 without ZeRO: stage 0 accumulates in bf16, exact with grad_accum 1)
+        # under ZeRO gradients accumulate in fp32 over the micro-steps. DeepSpeed 0.19 has no fp32
+        # accumulation for bf16 without ZeRO, so config.Trial refuses bf16 at stage 0 with grad_accum > 1
         "bf16": {"enabled": bf16, "check_grad_overflow": False},
         **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 and cfg.zero_stage >= 1 else {}),
         "steps_per_print": 2**62,  # we log ourselves

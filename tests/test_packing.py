@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Bundle, Node, TrialNeed
 
@@ -139,3 +140,130 @@ def test_the_wait_replay_sees_a_trial_left_waiting():
     prompt = {"name": "prompt", "bundles": [[0.25, 0.5]], "admitted": 10.1, "released": 12.0}
     waits = admission_waits([big, late, prompt], n_cpus=4, n_gpus=4)
     assert waits["big"] == 0.0 and waits["prompt"] == pytest.approx(0.1) and waits["late"] == pytest.approx(5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same mixed grid as real tiny sweeps: packed, then one trial at a time, on one local cluster
+
+# four tiny RoBERTa rungs (the xxs shape under four names), one per resource shape: 0.25, 0.5 and 1 GPU
+# on one worker, 2 GPUs over two workers (3.75 of the 4 logical GPUs: all fit at once)
+RUNG = {"n_layer": 1, "d_model": 16, "n_head": 2}
+SHAPES = {"quarter": {"gpus_per_worker": 0.25}, "half": {"gpus_per_worker": 0.5}, "one": {"gpus_per_worker": 1.0},
+          "two": {"gpus_per_worker": 1.0, "workers": 2, "micro_batch_size": 16}}
+MIXED_TIMEOUT_S = 1200  # measured at load 35-84 on 2 cores: packed 287 s + one at a time 487 s = 822 s
+
+
+def mixed_sweeps(work: Path) -> None:
+    """Cluster of 4 CPUs and 4 logical GPUs; the grid packed, then with max_concurrent_trials 1, each into
+    its own run directory (the second gets a copy of the first's prepared data); the times to work/observed.json."""
+    import shutil
+    import time
+
+    import ray
+    from test_multinode import _free_port
+    from test_sweep import write_sweep
+
+    from engine.config import load_sweep
+    from engine.rundir import RunDir
+    from engine.sweep import run_sweep
+
+    observed: dict = {}
+    ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), object_store_memory=200 * 1024**2)  # fmt: skip
+    try:
+        for mode, cap in (("packed", None), ("serial", 1)):
+            path = write_sweep(work, mode, [{"name": n, **RUNG} for n in SHAPES], [1e4], checkpoints=1,
+                               resources={"workers": 1, "cpus_per_worker": 0.5, "max_failures": 0,
+                                          "max_concurrent_trials": cap})  # fmt: skip
+            doc = yaml.safe_load(path.read_text())
+            doc["model"]["overrides"] = SHAPES
+            doc["train"]["zero_stage"] = 0
+            path.write_text(yaml.safe_dump(doc))
+            cfg = load_sweep(path)
+            rd = RunDir(cfg.run_dir)
+            if mode == "serial":  # the same shards and tokenizer, not a second prepare
+                shutil.copytree(work / "runs" / "packed" / "data", rd.data.path)
+            t0 = time.monotonic()
+            run_sweep(cfg)
+            observed[mode] = {"run_dir": str(rd.root), "sweep_s": time.monotonic() - t0}
+            (work / "observed.json").write_text(json.dumps(observed, indent=1))
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow  # run by `make test` like every slow test; nothing deselects them
+@pytest.mark.timeout(MIXED_TIMEOUT_S + 90)
+def test_mixed_sweep_packs_real_trials_and_matches_one_at_a_time(tmp_path):
+    """Real trials (Ray Train + DeepSpeed on CPU) of 0.25, 0.5, 1 and 2 logical GPUs: packed, they all
+    train at once; their losses and weights are bit-identical to the same grid run one trial at a time
+    (CPU training is deterministic: each trial's batches, masks and seeds come from its own config)."""
+    import shutil
+    import tempfile
+    import time
+    import uuid
+
+    from safetensors.torch import load_file
+    from test_multinode import MARKER, _kill_all
+
+    from engine.rundir import RunDir
+
+    marker = uuid.uuid4().hex
+    ray_tmp = Path(tempfile.mkdtemp(prefix="clm-pk-"))  # short: Ray's socket paths live under it
+    env = {**os.environ, MARKER: marker, "RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_AUTO_CONNECT": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "scenario.log"
+    start = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=MIXED_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            left = _kill_all(proc, marker, ray_tmp)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    observed = json.loads((tmp_path / "observed.json").read_text()) if (tmp_path / "observed.json").exists() else {}
+    print(json.dumps({**observed, "test_wall_s": time.monotonic() - start}, indent=1))
+    assert rc == 0, f"the sweeps exited {rc} after {observed}\n{log.read_text(errors='replace')[-6000:]}"
+    assert not left, f"processes left behind: {left}"
+
+    packed, serial = (RunDir(Path(observed[m]["run_dir"])) for m in ("packed", "serial"))
+    trials = sorted(f"{n}_10ktok_s0" for n in SHAPES)
+
+    def spans(rd: RunDir) -> dict[str, tuple[float, float]]:
+        """Per trial: (its Tune actor began: trial.json written, it ended: result.json written)."""
+        folders = {t: rd.trial(t).path for t in trials}
+        return {t: ((f / "trial.json").stat().st_mtime, (f / "result.json").stat().st_mtime)
+                for t, f in folders.items()}
+
+    # every trial finished, once
+    for rd in (packed, serial):
+        assert all(rd.trial(t).result().status == "finished" for t in trials)
+        assert all(len(rd.trial(t).nodes()) == 1 for t in trials)  # no restart
+    # packed: all four fit the idle cluster, so none waited for another to end; one at a time: none overlapped
+    together = spans(packed)
+    assert max(s for s, _ in together.values()) < min(e for _, e in together.values()), together
+    alone = sorted(spans(serial).values())
+    assert all(e <= s for (_, e), (s, _) in zip(alone, alone[1:], strict=False)), alone
+    print(f"packed {observed['packed']['sweep_s']:.0f} s, one at a time {observed['serial']['sweep_s']:.0f} s")
+
+    # the same numbers: every loss, token and FLOP count of pretrain.parquet, and every checkpoint's weights
+    same = ["trial_id", "checkpoint", "tokens", "flops", "step", "train_loss", "val_loss", "n_params", "status"]
+    a, b = (rd.read_table("pretrain").sort_values("trial_id").reset_index(drop=True) for rd in (packed, serial))
+    assert len(a) == len(trials) and a[same].equals(b[same]), (a[same], b[same])
+    for ck in a["checkpoint"]:
+        ours, theirs = (load_file(rd.path(ck) / "model.safetensors") for rd in (packed, serial))
+        assert ours.keys() == theirs.keys() and all(torch_equal(ours[k], theirs[k]) for k in ours), ck
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_multinode, test_sweep, conftest
+    mixed_sweeps(Path(sys.argv[1]))

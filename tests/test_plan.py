@@ -13,12 +13,14 @@ from engine.admission import Bundle, Node, TrialNeed
 from engine.config import LADDER, ResourcesConfig, expand_grid, load_sweep
 from engine.plan import (
     GB,
+    MEMORY_PARTS,
     PlanError,
     apply_choice,
     choose,
     device_hours,
     format_plan,
     hessian_bytes,
+    memory_parts,
     memory_per_device,
     model_shape,
     occupancy,
@@ -172,6 +174,19 @@ def test_paper_grid_packs_and_prints():
     text = format_plan(plan)
     assert all(t.trial_id in text for t in plan.trials)
     assert "makespan packed" in text and "makespan today" in text and "Hessian job per rung" in text
+    # memory per device by part, next to the total: the parts add up to it, row by row
+    lines = text.splitlines()
+    head = next(line for line in lines if line.startswith("trial "))
+    assert head.split("|")[1].split() == list(MEMORY_PARTS) == ["weights", "grads", "optim", "act", "buffers", "other"]
+    for t in plan.trials:
+        row = next(line for line in lines if line.startswith(t.trial_id + " "))
+        total, parts = float(row.split("|")[0].split()[3]), [float(v) for v in row.split("|")[1].split()]
+        assert sum(parts) == pytest.approx(total, abs=0.03)  # each printed to 0.01 GB
+        assert parts[0] == pytest.approx(t.choice.memory.weights / GB, abs=0.005)
+        assert parts[2] == pytest.approx(t.choice.memory.optimizer / GB, abs=0.005)
+        assert sum(memory_parts(t.choice.memory).values()) == pytest.approx(t.choice.memory.total)
+    big = next(t for t in plan.trials if t.rung == "6xl").choice.memory
+    assert big.optimizer > big.weights > 0 and big.activations > 0  # Adam's state: 3x fp32 over bf16 weights
 
 
 def test_epoch_budgets_need_tokens_per_epoch():
@@ -204,3 +219,14 @@ def test_resources_with_no_gpu_are_planned_on_the_cpu():
     assert c.zero_stage == 0 and c.micro_batch_size == 64 and c.memory.overhead == 0
     with pytest.raises(PlanError, match="a worker gets 0.0 GB"):
         choose(trial, gpus=0, gpu_memory_gb=0, vocab_size=64, max_seq_len=64, cpu_memory_gb=1e-3)
+
+
+def test_auto_stage_leaves_zero_0_when_bf16_would_accumulate_in_bf16():
+    """bf16 (auto precision on a GPU) with micro-steps: ZeRO 0 would add them up in bf16 (config.Trial
+    refuses it), so auto takes ZeRO 1, where DeepSpeed accumulates in fp32; one micro-step keeps ZeRO 0."""
+    trial = auto(smoke_trial("mlm", "xs", budget_tokens=10**6, batch_size=64, micro_batch_size=64), gpus_per_worker=1)
+    fixed = trial.model_copy(update={"train": trial.train.model_copy(update={"micro_batch_size": 16})})
+    c = choose(fixed, gpus=1, gpu_memory_gb=80, vocab_size=512, max_seq_len=64)
+    assert (c.zero_stage, c.micro_batch_size) == (1, 16)
+    c = choose(trial, gpus=1, gpu_memory_gb=80, vocab_size=512, max_seq_len=64)
+    assert (c.zero_stage, c.micro_batch_size) == (0, 64)

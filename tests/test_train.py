@@ -38,9 +38,8 @@ def val_batches(family: str) -> list[dict]:
 
 
 def run(tmp: Path, family: str = "mlm", make=None, tokenizer_dir=None, **overrides):
-    trial = smoke_trial(
-        family, "xxs", BUDGET, batch_size=2 * MICRO, micro_batch_size=MICRO, precision="fp32", **overrides
-    )
+    overrides = {"precision": "fp32", **overrides}
+    trial = smoke_trial(family, "xxs", BUDGET, batch_size=2 * MICRO, micro_batch_size=MICRO, **overrides)
     config = build_config(family, trial.size, VOCAB, SEQ)
     reports = []
     result = train(
@@ -293,3 +292,32 @@ def test_the_loop_reads_the_device_only_at_log_points(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "_finite_so_far", lambda loop: reads.append(loop.state.step) or real(loop))
     result, _ = run(tmp_path, log_every_steps=5)
     assert result.n_steps > 10 and len(reads) <= result.n_steps // 5 + 2 * len(result.checkpoints) + 1
+
+
+def test_bf16_accumulates_gradients_in_fp32_or_is_refused(tmp_path, monkeypatch):
+    """DeepSpeed 0.19 adds bf16 micro-step gradients in fp32 only under ZeRO: ZeRO 1 with 2 micro-steps
+    runs its BF16_Optimizer with an fp32 accumulator; ZeRO 0 with 2 micro-steps is refused, by the
+    Trial where the split is known, by train() where it is not (a 2-worker trial run by one process)."""
+    import deepspeed
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    from engine.config import Trial
+
+    with pytest.raises(ValueError, match=r"smoke_mlm_xxs: bf16 at zero_stage 0 would accumulate gradients in bf16 "
+                                         r"over 2 micro-steps .*use zero_stage: 1 or auto"):  # fmt: skip
+        smoke_trial("mlm", "xxs", BUDGET, batch_size=2 * MICRO, micro_batch_size=MICRO, precision="bf16")
+    two = smoke_trial("mlm", "xxs", BUDGET, batch_size=2 * MICRO, micro_batch_size=MICRO, precision="fp32")
+    two = Trial.model_validate({**two.model_dump(), "train": {**two.train.model_dump(), "precision": "bf16"},
+                                "resources": {**two.resources.model_dump(), "workers": 2}})  # one micro-step each
+    config = build_config("mlm", two.size, VOCAB, SEQ)
+    with pytest.raises(ValueError, match=r"bf16 on cpu at zero_stage 0 .* over 2 micro-steps of 1 worker"):
+        train(two, tmp_path / "refused", batches("mlm"), val_batches("mlm"), config, device="cpu")
+
+    engines = []
+    real = deepspeed.initialize
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: engines.append(real(**kw)) or engines[-1])
+    result, _ = run(tmp_path / "zero1", precision="bf16", zero_stage=1, checkpoints=1)
+    engine = engines[0][0]
+    assert isinstance(engine.optimizer, BF16_Optimizer) and engine.gradient_accumulation_steps() == 2
+    assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+    assert result.status == "finished" and math.isfinite(result.train_loss)
