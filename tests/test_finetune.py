@@ -313,6 +313,7 @@ def test_task_loss_sharpness_at_the_pretrained_encoder_moves_the_encoder_only(ml
     import dataclasses
 
     from engine.analyze import sharpness, task_problem
+    from engine.hessian import spectrum
     from engine.landscape import loss_at
     from engine.rundir import head_file
 
@@ -340,6 +341,11 @@ def test_task_loss_sharpness_at_the_pretrained_encoder_moves_the_encoder_only(ml
     assert record["loss"] == pytest.approx(loss_at(model, problem.loss_fn, problem.batches, weights=weights))
     for n, p in model.named_parameters():  # the weights come back bit for bit
         assert torch.equal(p.detach(), start[n]), n
+    # the very loss the pretrained_task Hessian is taken of (same batches, weighting and parameters)
+    spec = spectrum(model, problem.loss_fn, problem.batches, top_k=1, count_fn=problem.count_fn,
+                    param_names=problem.param_names, max_iter=3, trace_matvecs=0, density_runs=0, half_batches=False)
+    assert spec.loss == pytest.approx(record["loss"], rel=1e-6) and spec.n_params == sum(
+        p.numel() for n, p in model.named_parameters() if n in problem.param_names)
 
 
 def test_finetune_is_deterministic_per_seed(mlm_checkpoint, heavy_atoms):
