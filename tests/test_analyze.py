@@ -103,9 +103,9 @@ def test_every_job_writes_its_rows(analyzed):
 
     landscape = read(analyzed, "landscape")
     assert (landscape["status"] == "ok").all()
-    # per checkpoint: a 1-D slice and a pretrained -> fine-tuned line of landscape_resolution 3 points each, and
-    # one sharpness row of the task loss at the pretrained encoder
-    assert landscape.groupby("surface").size().to_dict() == {"random_directions": 3, f"pt_to_ft:{TASK}": 3,
+    # per checkpoint: a 1-D slice of landscape_resolution 3 points, the pretrained -> fine-tuned line's 3 points
+    # on [-0.5, 1.5] with α = 0 and 1 added, and one sharpness row of the task loss at the pretrained encoder
+    assert landscape.groupby("surface").size().to_dict() == {"random_directions": 3, f"pt_to_ft:{TASK}": 5,
                                                              f"pretrained_task:{TASK}": 1}
     task_sharpness = landscape[landscape["surface"] == f"pretrained_task:{TASK}"].squeeze()
     assert task_sharpness["kind"] == "sharpness" and task_sharpness["checkpoint"] == final
