@@ -8,8 +8,9 @@ one of each finished trial, or all), and plans one job per
   fingerprints — the baselines that say whether pretraining helps at all,
 - checkpoint: the Hessian spectrum of the pretraining loss on the trial's own fixed validation
   batches (`engine.hessian`), the loss surface and sharpness around the weights (`engine.landscape`),
-- (checkpoint, task): the Hessian of the fine-tuning loss, the pretrained -> fine-tuned line, and the
-  fine-tuned endpoints for PCA.
+- (checkpoint, task): the Hessian and sharpness of the task loss at the pretrained encoder with a probe
+  head (measurable before fine-tuning), the Hessian of the fine-tuning loss, the pretrained -> fine-tuned
+  line, and the fine-tuned endpoints for PCA.
 Each job is a plain function of a `Context` (the run directory, its config, the trials) and a
 `CheckpointRef`; jobs run as Ray tasks with explicit resources. Each finished job's rows are
 appended to its table as soon as it returns, so an interrupted analysis loses nothing and a rerun
@@ -204,9 +205,14 @@ def _hessian_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator[J
 
 
 def _landscape_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator[Job]:
-    if ctx.cfg.analysis.landscape_resolution == 0:
+    an = ctx.cfg.analysis
+    if an.landscape_resolution == 0:
         return
     yield _job("landscape", landscape_job, identity, ck=ck, surface="random_directions")
+    for task in ctx.cfg.downstream.tasks if an.hessian_pretrained_task else []:
+        # the same loss as that Hessian: after it (when planned), so both read the one probe head it fits
+        loss = f"pretrained_task:{task}"
+        yield _job("landscape", task_sharpness_job, identity, (("hessian", (ck.path, loss)),), ck=ck, surface=loss)
     for task in _tuned_tasks(ctx):
         yield _job("landscape", pt_to_ft_job, identity, _first_finetune(ctx, ck, task), ck=ck,
                    surface=f"pt_to_ft:{task}", task=task)
@@ -465,17 +471,26 @@ def hessian_problem(ctx: Context, ck: CheckpointRef, loss: str, device: str = "c
         model, batches = _pretrained(ctx, ck, device)
         family = family_of(model.config)
         return HessianProblem(model, pretraining_loss, batches, lambda b: float(n_loss_tokens(b["labels"], family)))
-    from engine import finetune
-
     kind, task = loss.split(":", 1)
-    data = _task_split(ctx, task, ds.seeds[0])
     pretrained = kind == "pretrained_task"
     weights = (ctx.rd.probe_head(ck.trial_id, ck.tokens, task) if pretrained
                else ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, ds.seeds[0]))
+    return task_problem(ctx.rd.path(ck.path), _task_split(ctx, task, ds.seeds[0]), weights,
+                        pretrained_encoder=pretrained, n_batches=an.hessian_batches, batch_size=ds.batch_size,
+                        sample_seed=an.hessian_sample_seed, device=device)
+
+
+def task_problem(checkpoint_dir: Path, data, weights: Path, *, pretrained_encoder: bool, n_batches: int,
+                 batch_size: int, sample_seed: int | None, device: str = "cpu") -> HessianProblem:
+    """A task loss (`engine.finetune.finetuning_loss`) weighted by labelled entries: at the fine-tuned encoder
+    + head saved at `weights`, over both; or (pretrained_encoder) at the checkpoint's own encoder with the
+    probe head saved at `weights`, over the encoder's parameters, the head held fixed."""
+    from engine import finetune
+
     model, loss_fn, batches = finetune.finetuning_loss(
-        ctx.rd.path(ck.path), data, weights, n_batches=an.hessian_batches, batch_size=ds.batch_size, device=device,
-        sample_seed=an.hessian_sample_seed, pretrained_encoder=pretrained)
-    names = [n for n, p in model.named_parameters() if n.startswith("encoder.")] if pretrained else None
+        checkpoint_dir, data, weights, n_batches=n_batches, batch_size=batch_size, device=device,
+        sample_seed=sample_seed, pretrained_encoder=pretrained_encoder)
+    names = [n for n, _ in model.named_parameters() if n.startswith("encoder.")] if pretrained_encoder else None
     return HessianProblem(model, loss_fn, batches, lambda b: float(finetune.n_labelled(b["labels"], data.n_classes)),
                           names)
 
@@ -616,6 +631,34 @@ def landscape_job(ctx: Context, ck: CheckpointRef, surface: str) -> list[dict]:
                                                            n_steps=an.sharpness_steps, seed=0, weights=weights),
     }
     return [{**r, **sharp} for r in rows]
+
+
+def task_sharpness_job(ctx: Context, ck: CheckpointRef, surface: str) -> list[dict]:
+    """Sharpness of the task loss at the pretrained encoder with its probe head (`surface` is
+    "pretrained_task:<task>"): the loss, batches and parameters of that Hessian, so one more proxy
+    measurable before fine-tuning. One row, kind "sharpness", its `loss` the task loss at the weights."""
+    probe_head(ctx, ck, surface.split(":", 1)[1])  # fitted once: the Hessian job's, when it ran first
+    problem = hessian_problem(ctx, ck, surface, _device())
+    an = ctx.cfg.analysis
+    return [{"kind": "sharpness", "alpha": 0.0, "beta": 0.0,
+             **sharpness(problem, rho=an.sharpness_rho, adaptive_rho=an.adaptive_rho, n_steps=an.sharpness_steps)}]
+
+
+def sharpness(problem: HessianProblem, *, rho: float, adaptive_rho: float, n_steps: int) -> dict[str, float]:
+    """Relative ε-sharpness and multi-step adaptive sharpness of `problem`'s loss over its parameters
+    (`param_names`; the rest held fixed), the batches weighted as the objective weights them, and the
+    loss at the weights (`loss`)."""
+    from engine import landscape
+
+    weights = [problem.count_fn(b) for b in problem.batches]
+    common: dict[str, Any] = {"n_steps": n_steps, "seed": 0, "param_names": problem.param_names, "weights": weights}
+    return {
+        "loss": landscape.loss_at(problem.model, problem.loss_fn, problem.batches, weights=weights),
+        "eps_sharpness": landscape.relative_sharpness(problem.model, problem.loss_fn, problem.batches, rho=rho,
+                                                      **common),
+        "adaptive_sharpness": landscape.adaptive_sharpness(problem.model, problem.loss_fn, problem.batches,
+                                                           rho=adaptive_rho, **common),
+    }
 
 
 def _token_weights(model, batches: list) -> list[float]:

@@ -339,7 +339,9 @@ class AnalysisConfig(Strict):
     sharpness_rho: float = Field(0.05, gt=0)
     adaptive_rho: float = Field(0.5, gt=0)  # ASAM's radius in the |w|-scaled space (Kwon et al. 2021)
     sharpness_steps: int = Field(10, gt=0)
-    hessian_pretrained_task: bool = True  # also each task's loss at the pretrained encoder with a probe head
+    # also each task's loss at the pretrained encoder with a probe head: its Hessian (with hessian_top_k > 0)
+    # and its sharpness (with landscape_resolution > 0)
+    hessian_pretrained_task: bool = True
     hessian_sample_seed: int = 0  # the fine-tuning Hessians read a random sample of train drawn with it
     corpus_sample: int = Field(10_000, gt=0)  # pretraining molecules the tasks' nearest-neighbour similarity uses
 

@@ -6,6 +6,7 @@ In reading order:
     direction_between            θ_end - θ_start over shared parameters (e.g. pretrained -> fine-tuned)
     surface_1d / surface_2d      loss(θ + α d1 + β d2) on a grid; the weights come back bit-for-bit
     surface_along                the 1-D slice from a checkpoint towards another one
+    loss_at                      the loss at the weights, measured as the surfaces measure it
     eps_sharpness                Keskar et al. 2017: worst loss rise in a box scaled by |θ|+1
     relative_sharpness           worst loss rise when each tensor moves by at most ρ times its own norm
     adaptive_sharpness           Kwon et al. 2021 (ASAM) / Andriushchenko et al. 2023: worst-case rise in
@@ -190,6 +191,14 @@ def _normalised_weights(weights: Sequence[float] | None, n_batches: int) -> list
 def _mean_loss(model: torch.nn.Module, loss_fn: LossFn, batches: list, weights: list[float]) -> float:
     with torch.no_grad():
         return sum(w * float(loss_fn(model, b)) for b, w in zip(batches, weights, strict=True))
+
+
+def loss_at(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
+            weights: Sequence[float] | None = None) -> float:
+    """The loss at the weights as every surface and sharpness here measures it (weighted mean, eval mode)."""
+    batches = list(batches)
+    with _eval_mode(model):
+        return _mean_loss(model, loss_fn, batches, _normalised_weights(weights, len(batches)))
 
 
 def _mean_loss_and_grad(

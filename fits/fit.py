@@ -80,14 +80,17 @@ AXES = {
 }
 PER_PARAM = "_per_param"  # a Hessian trace divided by hessian_dim: comparable across model sizes
 SCALE_PROXIES = ("n_params", "tokens", "flops")
-PROXIES = (*SCALE_PROXIES, "pretrain_val_loss", "lambda_max", "trace", "trace_per_param", "eps_sharpness",
-           "adaptive_sharpness", "pt_task_lambda_max", "pt_task_trace", "pt_task_trace_per_param", "ft_lambda_max",
-           "ft_trace", "ft_trace_per_param")
+SHARPNESS = ("eps_sharpness", "adaptive_sharpness")  # landscape.parquet's sharpness columns
+PROXIES = (*SCALE_PROXIES, "pretrain_val_loss", "lambda_max", "trace", "trace_per_param", *SHARPNESS,
+           "pt_task_lambda_max", "pt_task_trace", "pt_task_trace_per_param", "pt_task_eps_sharpness",
+           "pt_task_adaptive_sharpness", "ft_lambda_max", "ft_trace", "ft_trace_per_param")
 PROXY_LABELS = {**LABELS,
                 "trace_per_param": "Hessian trace per parameter",
                 "pt_task_lambda_max": "task-loss Hessian λmax at the pretrained weights",
                 "pt_task_trace": "task-loss Hessian trace at the pretrained weights",
                 "pt_task_trace_per_param": "task-loss Hessian trace per parameter at the pretrained weights",
+                "pt_task_eps_sharpness": "task-loss ε-sharpness at the pretrained weights",
+                "pt_task_adaptive_sharpness": "task-loss adaptive sharpness at the pretrained weights",
                 "ft_trace_per_param": "fine-tuning-loss Hessian trace per parameter"}
 # A proxy picks the checkpoint where it is lowest: lower pretraining loss, and flatter (lower curvature or
 # sharpness) as the flat-minima hypothesis has it. Fixed in advance: a direction read off the test split (or
@@ -525,7 +528,8 @@ def checkpoint_proxies(points: pd.DataFrame, hessian: pd.DataFrame, landscape: p
     """The downstream points with the proxies of their checkpoint joined: Hessian λmax, trace and trace per
     parameter (trace / hessian_dim) of the pretraining loss, of the point's own task's loss at the pretrained
     encoder with a probe head (pt_task_*, `pretrained_task:<task>` rows) and at the fine-tuned weights (ft_*),
-    and sharpness. A proxy that was not measured is NaN."""
+    and sharpness of the pretraining loss (`random_directions` rows) and of the point's own task's loss at the
+    pretrained encoder (pt_task_*, `pretrained_task:<task>` rows). A proxy that was not measured is NaN."""
     keys = ["trial_id", "tokens"]
     out = points.copy()
     measured = []
@@ -540,10 +544,17 @@ def checkpoint_proxies(points: pd.DataFrame, hessian: pd.DataFrame, landscape: p
             mine = mine.rename(columns={name: tag + name for name in values})
             measured.append(mine.groupby([*keys, "task"], sort=False)[[tag + n for n in values]].first().reset_index())
     if not landscape.empty:
-        rows = landscape[landscape["surface"] == "random_directions"] if "surface" in landscape.columns else landscape
-        columns = [name for name in ("eps_sharpness", "adaptive_sharpness") if name in rows.columns]
+        columns = [name for name in SHARPNESS if name in landscape.columns]
+        surface = landscape["surface"].astype(str) if "surface" in landscape.columns else None
+        rows = landscape[surface == "random_directions"] if surface is not None else landscape
         if columns:
             measured.append(rows.groupby(keys, sort=False)[columns].first().reset_index())
+        if columns and surface is not None:
+            prefix, tag = "pretrained_task:", "pt_task_"
+            mine = landscape[surface.str.startswith(prefix)]
+            mine = mine.assign(task=mine["surface"].astype(str).str[len(prefix):])
+            mine = mine.rename(columns={name: tag + name for name in columns})
+            measured.append(mine.groupby([*keys, "task"], sort=False)[[tag + n for n in columns]].first().reset_index())
     for table in measured:
         on = [*keys, "task"] if "task" in table.columns else keys
         out = out.merge(table.astype({"tokens": float}), on=on, how="left")

@@ -1,9 +1,9 @@
 """Proxies judged as a user would use them: by what they predict before fine-tuning, and by what they pick.
 
 (a) `proxy_timing`: which columns exist before a task is fine-tuned (pretraining loss, Hessian and
-    sharpness of the pretraining loss at the pretrained weights, `pt_task_*` task-loss quantities at the
-    pretrained weights) and which are measured at fine-tuned weights (`ft_*`): those describe, they cannot
-    predict, and only the first kind enters a "predicts downstream" test.
+    sharpness of the pretraining loss at the pretrained weights, `pt_task_*` task-loss quantities, its
+    Hessian and sharpness, at the pretrained weights) and which are measured at fine-tuned weights (`ft_*`):
+    those describe, they cannot predict, and only the first kind enters a "predicts downstream" test.
 (b) `leave_one_size_out`: hold out each model size in turn, fit metric ~ loss and metric ~ loss + proxy
     (OLS) on the other sizes, predict the held-out size; both errors in metric units, and their difference
     with a bootstrap interval over sizes. This is the scaling question: does the proxy tell you how a size
@@ -28,7 +28,7 @@ from engine.files import json_safe
 
 # Measured at the pretrained weights, before any fine-tuning (docs/CONTRACTS.md's result tables).
 BEFORE_FINETUNING = ("pretrain_val_loss", "val_loss", "lambda_max", "trace", "eps_sharpness", "adaptive_sharpness")
-BEFORE_FINETUNING_PREFIXES = ("pt_task_",)  # task loss / its Hessian at the pretrained encoder + a probe head
+BEFORE_FINETUNING_PREFIXES = ("pt_task_",)  # task loss, Hessian, sharpness at the pretrained encoder + a probe head
 DESCRIPTIVE_PREFIXES = ("ft_",)  # measured at the fine-tuned weights
 SCALE_COLUMNS = ("n_params", "n_params_non_embedding", "tokens", "flops")  # the axes themselves
 

@@ -555,9 +555,9 @@ def _proxy_html(fits: dict) -> str:
     note = f"<p>Not measured in this run: {_e(', '.join(missing))}.</p>" if missing else ""
     return (
         "<p>A proxy is judged as a user would use it: only what can be measured before fine-tuning (pretraining "
-        "loss; Hessian and sharpness of the pretraining loss at the pretrained weights; the task loss' Hessian at "
-        "the pretrained encoder with a probe head) can predict; what is measured at the fine-tuned weights is "
-        "descriptive.</p>"
+        "loss; Hessian and sharpness of the pretraining loss at the pretrained weights; the task loss' Hessian and "
+        "sharpness at the pretrained encoder with a probe head) can predict; what is measured at the fine-tuned "
+        "weights is descriptive.</p>"
         '<h3 id="proxy-prediction">Leave one model size out: loss alone against loss + proxy</h3>'
         "<p>Each model size in turn is held out; the metric of its checkpoints is predicted from the other sizes, "
         "by a line in pretraining loss and by one in loss and the proxy (log10 when positive). Both errors are RMSE "

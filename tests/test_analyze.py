@@ -102,7 +102,16 @@ def test_every_job_writes_its_rows(analyzed):
     assert hessian.loc["pretrain", "hessian_dim"] > hessian.loc[f"finetune:{TASK}", "hessian_dim"]  # no LM head
 
     landscape = read(analyzed, "landscape")
-    assert set(landscape["surface"]) == {"random_directions", f"pt_to_ft:{TASK}"} and (landscape["status"] == "ok").all()
+    assert (landscape["status"] == "ok").all()
+    # per checkpoint: a 1-D slice of landscape_resolution 3 points, the pretrained -> fine-tuned line's 3 points
+    # on [-0.5, 1.5] with α = 0 and 1 added, and one sharpness row of the task loss at the pretrained encoder
+    assert landscape.groupby("surface").size().to_dict() == {"random_directions": 3, f"pt_to_ft:{TASK}": 5,
+                                                             f"pretrained_task:{TASK}": 1}
+    task_sharpness = landscape[landscape["surface"] == f"pretrained_task:{TASK}"].squeeze()
+    assert task_sharpness["kind"] == "sharpness" and task_sharpness["checkpoint"] == final
+    assert 0 < task_sharpness["eps_sharpness"] < np.inf and 0 < task_sharpness["adaptive_sharpness"] < np.inf
+    # the loss of the pretrained_task Hessian, at the same weights and head
+    assert task_sharpness["loss"] == pytest.approx(hessian.loc[f"pretrained_task:{TASK}", "loss_value"], rel=1e-5)
 
 
 def test_a_rerun_runs_nothing(analyzed):

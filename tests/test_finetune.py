@@ -308,6 +308,46 @@ def test_probe_layers_and_pooling_options(mlm_checkpoint, clm_checkpoint, heavy_
     assert not torch.equal(sampled[0]["labels"], batches[0]["labels"])  # a random sample of train, not its head
 
 
+def test_task_loss_sharpness_at_the_pretrained_encoder_moves_the_encoder_only(mlm_checkpoint, heavy_atoms, tmp_path):
+    """analyze's `pretrained_task:<task>` sharpness: the probe head's task loss, perturbed over the encoder alone."""
+    import dataclasses
+
+    from engine.analyze import sharpness, task_problem
+    from engine.hessian import spectrum
+    from engine.landscape import loss_at
+    from engine.rundir import head_file
+
+    head = tmp_path / "probe.safetensors"
+    finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=1, **FAST, freeze_encoder=True, save_to=head)
+    assert head_file(head).exists() and not head.exists()  # the head alone: the encoder is the checkpoint's
+    problem = task_problem(mlm_checkpoint, heavy_atoms, head, pretrained_encoder=True, n_batches=2, batch_size=16,
+                           sample_seed=0)
+    model = problem.model
+    names = {n for n, _ in model.named_parameters()}
+    assert set(problem.param_names) == {n for n in names if n.startswith("encoder.")} != names  # the head is left out
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moved: set[str] = set()
+
+    def recording_loss(m, batch):  # the loss the sharpness sees, and which weights were displaced for it
+        moved.update(n for n, p in m.named_parameters() if not torch.equal(p.detach(), start[n]))
+        return problem.loss_fn(m, batch)
+
+    record = sharpness(dataclasses.replace(problem, loss_fn=recording_loss), rho=0.05, adaptive_rho=0.5, n_steps=3)
+    assert moved and moved <= set(problem.param_names)  # the encoder was perturbed, the head never
+    assert any(n.startswith("encoder.encoder.layer.") for n in moved)
+    for name in ("eps_sharpness", "adaptive_sharpness"):
+        assert 0 < record[name] < math.inf, record
+    weights = [problem.count_fn(b) for b in problem.batches]
+    assert record["loss"] == pytest.approx(loss_at(model, problem.loss_fn, problem.batches, weights=weights))
+    for n, p in model.named_parameters():  # the weights come back bit for bit
+        assert torch.equal(p.detach(), start[n]), n
+    # the very loss the pretrained_task Hessian is taken of (same batches, weighting and parameters)
+    spec = spectrum(model, problem.loss_fn, problem.batches, top_k=1, count_fn=problem.count_fn,
+                    param_names=problem.param_names, max_iter=3, trace_matvecs=0, density_runs=0, half_batches=False)
+    assert spec.loss == pytest.approx(record["loss"], rel=1e-6) and spec.n_params == sum(
+        p.numel() for n, p in model.named_parameters() if n in problem.param_names)
+
+
 def test_finetune_is_deterministic_per_seed(mlm_checkpoint, heavy_atoms):
     kwargs = dict(FAST, epochs=1)
     first = finetune(mlm_checkpoint, heavy_atoms, mode="finetune", **kwargs)

@@ -125,9 +125,11 @@ def test_fits_slope_method_chooses_every_verdicts_interval(tmp_path, method):
 
 def test_proxy_timing_of_the_fit_stages_columns():
     groups = proxy_groups(["pretrain_val_loss", "lambda_max", "trace_per_param", "pt_task_trace_per_param",
-                           "ft_trace", "ft_trace_per_param", "n_params", "flops"])
+                           "pt_task_eps_sharpness", "pt_task_adaptive_sharpness", "ft_trace", "ft_trace_per_param",
+                           "n_params", "flops"])
     assert groups == {"before_finetuning": ["pretrain_val_loss", "lambda_max", "trace_per_param",
-                                            "pt_task_trace_per_param"],
+                                            "pt_task_trace_per_param", "pt_task_eps_sharpness",
+                                            "pt_task_adaptive_sharpness"],
                       "descriptive": ["ft_trace", "ft_trace_per_param"], "scale": ["n_params", "flops"]}
 
 
@@ -148,6 +150,47 @@ def test_task_hessians_join_the_points_of_their_own_task():
     assert np.isnan(out.loc[("a", "esol"), "pt_task_lambda_max"])  # not measured for esol: absent, not guessed
     assert out.loc[("b", "bbbp"), "lambda_max"] == 4.0 and np.isnan(out.loc[("b", "bbbp"), "trace_per_param"])
     assert np.isnan(out.loc[("b", "bbbp"), "ft_lambda_max"])
+
+
+def test_task_sharpness_joins_the_points_of_its_own_task_and_leaves_the_pretraining_sharpness():
+    points = pd.DataFrame({"trial_id": ["a", "a", "b"], "tokens": [10.0, 10.0, 10.0],
+                           "task": ["bbbp", "esol", "bbbp"], "mode": "finetune"})
+    landscape = pd.DataFrame({
+        "trial_id": ["a", "a", "a", "b"], "tokens": [10, 10, 10, 10],
+        "surface": ["random_directions", "random_directions", "pretrained_task:bbbp", "pretrained_task:bbbp"],
+        "kind": ["1d", "1d", "sharpness", "sharpness"],
+        "eps_sharpness": [0.1, 0.1, 0.5, 0.7], "adaptive_sharpness": [1.0, 1.0, 5.0, 7.0]})
+    out = checkpoint_proxies(points, pd.DataFrame(), landscape).set_index(["trial_id", "task"])
+    assert out.loc[("a", "bbbp"), ["eps_sharpness", "adaptive_sharpness", "pt_task_eps_sharpness",
+                                   "pt_task_adaptive_sharpness"]].tolist() == [0.1, 1.0, 0.5, 5.0]
+    assert out.loc[("a", "esol"), ["eps_sharpness", "adaptive_sharpness"]].tolist() == [0.1, 1.0]
+    assert out.loc[("a", "esol"), ["pt_task_eps_sharpness", "pt_task_adaptive_sharpness"]].isna().all()  # not esol's
+    assert out.loc[("b", "bbbp"), "pt_task_eps_sharpness"] == 0.7 and np.isnan(out.loc[("b", "bbbp"), "eps_sharpness"])
+    assert len(out) == len(points)  # a join, never a fan-out
+
+
+def test_task_sharpness_of_a_run_is_a_predictor_timed_before_fine_tuning(tmp_path):
+    """On the fixture run (make_run writes each task's sharpness at the pretrained encoder, each its own values)."""
+    from engine.rundir import RunDir
+
+    root = make_run(tmp_path / "run")
+    inputs = RunDir(root).fit_inputs()
+    joined = checkpoint_proxies(inputs.points, inputs.measured["hessian"], inputs.measured["landscape"])
+    landscape = inputs.measured["landscape"]
+    for task, rows in joined.groupby("task"):
+        own = landscape[landscape["surface"] == f"pretrained_task:{task}"].astype({"tokens": float})
+        expected = rows[["trial_id", "tokens"]].merge(own, on=["trial_id", "tokens"], how="left")
+        for name in ("eps_sharpness", "adaptive_sharpness"):
+            np.testing.assert_array_equal(rows[f"pt_task_{name}"].to_numpy(float), expected[name].to_numpy(float))
+            assert rows[f"pt_task_{name}"].notna().all(), (task, name)
+    other = joined.groupby("task")["pt_task_eps_sharpness"].apply(list)
+    assert other["solubility"] != other["freesolv_demo"]  # each task its own, not one task's for all
+    proxies = fit_run(root, n_bootstrap=0, n_jobs=1, n_starts=20)["proxies"]
+    for name in ("pt_task_eps_sharpness", "pt_task_adaptive_sharpness"):
+        assert name in proxies["timing"]["before_finetuning"] and name in proxies["predictors"]
+        assert {(row["task"], row["mode"]) for row in proxies["prediction"] if row["proxy"] == name} == {
+            (entry["task"], entry["mode"]) for entry in proxies["regret"]}
+        assert proxies["labels"][name].startswith("task-loss")
 
 
 # --------------------------------------------------------------------------------------------

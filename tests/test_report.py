@@ -101,7 +101,8 @@ def test_fits_json_has_every_section(fitted):
         assert entry["best_pretrained"]["chosen_on"] == "validation"
     proxies = on_disk["proxies"]
     assert {"lambda_max", "trace", "trace_per_param", "eps_sharpness", "adaptive_sharpness", "pt_task_lambda_max",
-            "pt_task_trace", "pt_task_trace_per_param"} == set(proxies["predictors"])
+            "pt_task_trace", "pt_task_trace_per_param", "pt_task_eps_sharpness",
+            "pt_task_adaptive_sharpness"} == set(proxies["predictors"])
     assert len(proxies["prediction"]) == 4 * len(proxies["predictors"]) and len(proxies["regret"]) == 4
     ladder = on_disk["task_ladder"]
     assert ladder["status"] == "ok" and {(e["task"], e["mode"]) for e in ladder["entries"]} == set(DOWNSTREAM_TRUTH)
