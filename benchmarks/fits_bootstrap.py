@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fits import ChinchillaFit
+from clmscale.fits import ChinchillaFit
 
 CHINCHILLA_240 = Path(__file__).resolve().parents[2] / "shared/data/scaling/chinchilla_epoch_240.csv"
 TARGET_S = 30.0

@@ -68,8 +68,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
 
-from engine.ladder import LADDER  # noqa: E402
-from engine.models import (  # noqa: E402
+from clmscale.engine.ladder import LADDER  # noqa: E402
+from clmscale.engine.models import (  # noqa: E402
     ZERO_COST,
     BatchCost,
     batch_cost,
@@ -80,7 +80,7 @@ from engine.models import (  # noqa: E402
     model_inputs,
     peak_flops,
 )
-from engine.files import write_json_atomic  # noqa: E402
+from clmscale.engine.files import write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("gpu_readiness")
 
@@ -510,7 +510,7 @@ class Batches:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from engine.tokenizer import build_tokenizer
+        from clmscale.engine.tokenizer import build_tokenizer
 
         smiles = first_smiles(n_smiles)
         self.shard = work / "train-00000.parquet"
@@ -523,7 +523,7 @@ class Batches:
     def get(self, rp: RungPlan, packing: bool, n_batches: int) -> list[dict]:
         key = (rp.family, rp.micro_batch_size, rp.max_seq_len, packing, n_batches)
         if key not in self._cache:
-            from engine.data import local_batches
+            from clmscale.engine.data import local_batches
 
             stream = local_batches([self.shard], self.tokenizer, rp.family, rp.micro_batch_size, rp.max_seq_len,
                                    seed=0, epoch=0, packing=packing)  # fmt: skip
@@ -622,8 +622,8 @@ def engine_variant(
     missing = [m for m in ("deepspeed", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
         raise Skip(f"{' and '.join(missing)} not importable here: carry .whl (../shared/tools/device-wheels.sh)")
-    from engine.config import TrainConfig
-    from engine.train import smoke_trial, train
+    from clmscale.engine.config import TrainConfig
+    from clmscale.engine.train import smoke_trial, train
 
     if compile and "compile" not in TrainConfig.model_fields:
         raise Skip("engine.config.TrainConfig has no `compile` setting yet (issue 16 item 3)")
@@ -872,7 +872,7 @@ def hvp_variant(rp: RungPlan, config, batches: list[dict], tf32: bool, n_matvecs
                 device: torch.device) -> dict:  # fmt: skip
     """Matvecs/s of HVPOperator over `batches` (fp32 weights, eager attention), then λmax by Lanczos
     (k = 1, seed 0, so fp32 and TF32 start from the same vector); lanczos_iter = 0: the matvecs only."""
-    from engine.hessian import HVPOperator, double_backward_safe, lanczos
+    from clmscale.engine.hessian import HVPOperator, double_backward_safe, lanczos
 
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if tf32 else "highest")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import RobertaConfig, RobertaForMaskedLM
 
-from engine.hessian import HVPOperator, double_backward_safe, lanczos, power_iteration
+from clmscale.engine.hessian import HVPOperator, double_backward_safe, lanczos, power_iteration
 
 # hidden, layers, heads, batch size, sequence length
 SIZES = {

@@ -46,7 +46,7 @@ def child(implementation: str, max_iter: int, seed: int) -> dict:
     from hessian_lanczos_vs_power import VOCAB_SIZE, mlm_loss, synthetic_batches
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from engine.hessian import (
+    from clmscale.engine.hessian import (
         HVPOperator,
         double_backward_safe,
         memory_estimate,

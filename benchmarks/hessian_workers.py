@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from engine.analyze import distributed_spectrum
-from engine.config import LADDER, DataConfig
-from engine.models import build_config, build_model
-from engine.prepare import prepare
-from engine.tokenizer import load_tokenizer
+from clmscale.engine.analyze import distributed_spectrum
+from clmscale.engine.config import LADDER, DataConfig
+from clmscale.engine.models import build_config, build_model
+from clmscale.engine.prepare import prepare
+from clmscale.engine.tokenizer import load_tokenizer
 
 MOSES = Path(__file__).resolve().parents[1] / "data" / "moses_100k.csv.gz"
 

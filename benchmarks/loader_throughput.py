@@ -27,8 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import data
-from engine.tokenizer import build_tokenizer
+from clmscale.engine import data
+from clmscale.engine.tokenizer import build_tokenizer
 
 MOSES = Path(__file__).resolve().parents[1] / "data" / "moses_100k.csv.gz"
 

@@ -44,8 +44,8 @@ import psutil
 import ray
 from rdkit import Chem, rdBase
 
-from engine.config import DataConfig
-from engine.prepare import prepare
+from clmscale.engine.config import DataConfig
+from clmscale.engine.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,11 +32,11 @@ from ray import tune
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.admission import DATA_CPUS, TRIAL_CPU, copies_that_fit, trial_need
-from engine.config import ResourcesConfig, Trial
-from engine.packing import PackingSearcher, gpu_memory_gb, ray_nodes
-from engine.plan import device_hours, trial_flops
-from engine.train import smoke_trial
+from clmscale.engine.admission import DATA_CPUS, TRIAL_CPU, copies_that_fit, trial_need
+from clmscale.engine.config import ResourcesConfig, Trial
+from clmscale.engine.packing import PackingSearcher, gpu_memory_gb, ray_nodes
+from clmscale.engine.plan import device_hours, trial_flops
+from clmscale.engine.train import smoke_trial
 
 N_GPUS = 4
 MIX = [  # rung, gpus per worker, workers, token budgets

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from engine.models import build_config, build_model, count_params, model_inputs
-from engine.train import smoke_trial, synthetic_batches, train
+from clmscale.engine.models import build_config, build_model, count_params, model_inputs
+from clmscale.engine.train import smoke_trial, synthetic_batches, train
 
 
 def bare_loop(

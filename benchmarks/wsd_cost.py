@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from engine.models import build_config
-from engine.train import smoke_trial, synthetic_batches, train
+from clmscale.engine.models import build_config
+from clmscale.engine.train import smoke_trial, synthetic_batches, train
 
 
 def timed_train(trial, config, make, val, budget: int) -> tuple[object, float, float]:

@@ -31,7 +31,7 @@ import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from engine.config import ResourcesConfig
+from clmscale.engine.config import ResourcesConfig
 
 _UNIT = 10_000  # Ray's FixedPoint resolution (1e-4)
 UNBOUNDED_CPUS = 1e6  # the CPUs of a planned node whose CPUs were not given: "enough"

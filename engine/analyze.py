@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import ray
 
-from engine.config import SweepConfig, Trial
-from engine.rundir import ANALYSIS_TABLES, IDENTITY, TABLES, RunDir, TrialDir, check_columns
+from clmscale.engine.config import SweepConfig, Trial
+from clmscale.engine.rundir import ANALYSIS_TABLES, IDENTITY, TABLES, RunDir, TrialDir, check_columns
 
 log = logging.getLogger("clmscale")
 
@@ -257,7 +257,7 @@ def _finetune_settings(ctx: Context) -> dict[str, Any]:
 
 
 def lr_search_job(ctx: Context, ck: CheckpointRef, task: str, mode: str, lr: float) -> list[dict]:
-    from engine import finetune
+    from clmscale.engine import finetune
 
     ds = ctx.cfg.downstream
     data = _task_split(ctx, task, ds.seeds[0])
@@ -287,7 +287,7 @@ def chosen_lr(search: pd.DataFrame, grid: list[float]) -> float:
 
 def finetune_job(ctx: Context, ck: CheckpointRef, task: str, split_seed: int, finetune_seed: int, mode: str,
                  save: bool) -> list[dict]:
-    from engine import finetune
+    from clmscale.engine import finetune
 
     ds = ctx.cfg.downstream
     data = _task_split(ctx, task, split_seed)
@@ -308,7 +308,7 @@ def finetune_job(ctx: Context, ck: CheckpointRef, task: str, split_seed: int, fi
 
 
 def feature_baseline_job(ctx: Context, task: str, split_seed: int, finetune_seed: int, mode: str) -> list[dict]:
-    from engine import baselines, finetune
+    from clmscale.engine import baselines, finetune
 
     data = _task_split(ctx, task, split_seed)
     if mode == "morgan_fp":
@@ -324,8 +324,8 @@ def feature_baseline_job(ctx: Context, task: str, split_seed: int, finetune_seed
 def _task_split(ctx: Context, task: str, split_seed: int):
     """The task's split as every model-facing job sees it: its SMILES through the corpus's canonicalisation
     (`engine.prepare.canonical_smiles`, the sweep's `data.isomeric`), so they are spelled as in pretraining."""
-    from engine.finetune import FinetuneData
-    from engine.prepare import canonical_smiles
+    from clmscale.engine.finetune import FinetuneData
+    from clmscale.engine.prepare import canonical_smiles
 
     loaded, split = _loaded_split(ctx, task, split_seed)
     return FinetuneData(
@@ -337,7 +337,7 @@ def _task_split(ctx: Context, task: str, split_seed: int):
 
 
 def _loaded_split(ctx: Context, task: str, split_seed: int):
-    from engine import tasks
+    from clmscale.engine import tasks
 
     ds = ctx.cfg.downstream
     spec = next((c for c in ds.custom if c.name == task), task)
@@ -347,7 +347,7 @@ def _loaded_split(ctx: Context, task: str, split_seed: int):
 
 def _finetune_rows(ctx: Context, data, mode: str, result: dict) -> list[dict]:
     """One row per metric (the task's primary one marked), with the protocol that produced it."""
-    from engine.finetune import metric_rows
+    from clmscale.engine.finetune import metric_rows
 
     train = data.labels[data.split[0]]
     label_sd = float(np.nanmean(np.nanstd(train, axis=0, ddof=1))) if data.task_type == "regression" else np.nan
@@ -362,7 +362,7 @@ def _finetune_rows(ctx: Context, data, mode: str, result: dict) -> list[dict]:
 
 
 def splits_job(ctx: Context, task: str, split_seed: int) -> list[dict]:
-    from engine import tasks
+    from clmscale.engine import tasks
 
     loaded, split = _loaded_split(ctx, task, split_seed)
     return tasks.split_records(loaded, split, ctx.cfg.downstream.split, split_seed).to_dict("records")
@@ -371,7 +371,7 @@ def splits_job(ctx: Context, task: str, split_seed: int) -> list[dict]:
 def task_characteristics_job(ctx: Context, task: str) -> list[dict]:
     """Size, type, label balance or spread, scaffold diversity, and the nearest-neighbour ECFP4 Tanimoto of
     each task molecule to a seeded sample of the pretraining corpus (in chunks, as the reducer expects)."""
-    from engine import data, taskstats
+    from clmscale.engine import data, taskstats
 
     loaded, _ = _loaded_split(ctx, task, ctx.cfg.downstream.seeds[0])
     record = taskstats.task_characteristics(loaded)
@@ -395,7 +395,7 @@ def nearest_neighbours(task_smiles: list[str], corpus: list[str], chunk: int = N
     Called from inside a job's task: a task blocked in ray.wait lends its CPU back to Ray, so the chunks can
     run on it too.
     """
-    from engine import taskstats
+    from clmscale.engine import taskstats
 
     chunks = [corpus[i : i + chunk] for i in range(0, len(corpus), chunk)]  # none: combine says so
     if not ray.is_initialized():
@@ -424,7 +424,7 @@ def _pretrained(ctx: Context, ck: CheckpointRef, device: str = "cpu"):
     it equals the loss over the whole batches; they bound the double backward's activations, which the
     trial's micro-batch (sized by `auto` to fill a device for plain training) would not.
     """
-    from engine import data, models
+    from clmscale.engine import data, models
 
     model = models.load_pretrained(ctx.rd.path(ck.path))
     models.use_eager_attention(model)
@@ -438,7 +438,7 @@ def _pretrained(ctx: Context, ck: CheckpointRef, device: str = "cpu"):
 
 
 def pretraining_loss(model, batch) -> Any:
-    from engine.models import model_inputs
+    from clmscale.engine.models import model_inputs
 
     return model(**model_inputs(batch, model.config)).loss
 
@@ -466,7 +466,7 @@ def hessian_problem(ctx: Context, ck: CheckpointRef, loss: str, device: str = "c
     """
     an, ds = ctx.cfg.analysis, ctx.cfg.downstream
     if loss == "pretrain":
-        from engine.models import family_of, n_loss_tokens
+        from clmscale.engine.models import family_of, n_loss_tokens
 
         model, batches = _pretrained(ctx, ck, device)
         family = family_of(model.config)
@@ -485,7 +485,7 @@ def task_problem(checkpoint_dir: Path, data, weights: Path, *, pretrained_encode
     """A task loss (`engine.finetune.finetuning_loss`) weighted by labelled entries: at the fine-tuned encoder
     + head saved at `weights`, over both; or (pretrained_encoder) at the checkpoint's own encoder with the
     probe head saved at `weights`, over the encoder's parameters, the head held fixed."""
-    from engine import finetune
+    from clmscale.engine import finetune
 
     model, loss_fn, batches = finetune.finetuning_loss(
         checkpoint_dir, data, weights, n_batches=n_batches, batch_size=batch_size, device=device,
@@ -499,8 +499,8 @@ def probe_head(ctx: Context, ck: CheckpointRef, task: str) -> None:
     """Fit (once) the linear head on the frozen pretrained encoder that `pretrained_task:<task>` is taken at:
     trained like fine-tuning on the first split and fine-tuning seed, at the grid's largest rate (a
     linear head on fixed features tolerates it), early-stopped on validation."""
-    from engine import finetune
-    from engine.rundir import head_file
+    from clmscale.engine import finetune
+    from clmscale.engine.rundir import head_file
 
     ds = ctx.cfg.downstream
     path = ctx.rd.probe_head(ck.trial_id, ck.tokens, task)
@@ -528,7 +528,7 @@ def hessian_job(ctx: Context, ck: CheckpointRef, loss: str) -> list[dict]:
 def _spectrum_record(ctx: Context, ck: CheckpointRef, loss: str, device: str, share: tuple[int, int] = (0, 1),
                      all_reduce: Callable | None = None) -> dict:
     """spectrum(...).to_record() on this worker's share (rank, world) of the batches."""
-    from engine.hessian import spectrum
+    from clmscale.engine.hessian import spectrum
 
     an = ctx.cfg.analysis
     problem = hessian_problem(ctx, ck, loss, device)
@@ -594,7 +594,7 @@ def _spectrum_worker(config: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device
 
-    from engine.hessian import torch_distributed_sum
+    from clmscale.engine.hessian import torch_distributed_sum
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -609,7 +609,7 @@ def _spectrum_worker(config: dict) -> None:
 
 
 def landscape_job(ctx: Context, ck: CheckpointRef, surface: str) -> list[dict]:
-    from engine import landscape
+    from clmscale.engine import landscape
 
     an = ctx.cfg.analysis
     model, batches = _pretrained(ctx, ck)
@@ -648,7 +648,7 @@ def sharpness(problem: HessianProblem, *, rho: float, adaptive_rho: float, n_ste
     """Relative ε-sharpness and multi-step adaptive sharpness of `problem`'s loss over its parameters
     (`param_names`; the rest held fixed), the batches weighted as the objective weights them, and the
     loss at the weights (`loss`)."""
-    from engine import landscape
+    from clmscale.engine import landscape
 
     weights = [problem.count_fn(b) for b in problem.batches]
     common: dict[str, Any] = {"n_steps": n_steps, "seed": 0, "param_names": problem.param_names, "weights": weights}
@@ -662,7 +662,7 @@ def sharpness(problem: HessianProblem, *, rho: float, adaptive_rho: float, n_ste
 
 
 def _token_weights(model, batches: list) -> list[float]:
-    from engine.models import family_of, n_loss_tokens
+    from clmscale.engine.models import family_of, n_loss_tokens
 
     family = family_of(model.config)
     return [float(n_loss_tokens(b["labels"], family)) for b in batches]
@@ -671,7 +671,7 @@ def _token_weights(model, batches: list) -> list[float]:
 def pt_to_ft_job(ctx: Context, ck: CheckpointRef, surface: str, task: str) -> list[dict]:
     from safetensors.torch import load_file
 
-    from engine import landscape
+    from clmscale.engine import landscape
 
     model, batches = _pretrained(ctx, ck)
     finetuned = ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, ctx.cfg.downstream.seeds[0])
@@ -727,7 +727,7 @@ def parameter_space(rd: RunDir, counted: pd.DataFrame, checkpoints: pd.DataFrame
     """
     from safetensors.torch import load_file
 
-    from engine.landscape import endpoint_pca, parameter_pca
+    from clmscale.engine.landscape import endpoint_pca, parameter_pca
 
 
     rows = []

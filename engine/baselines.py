@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.finetune import FinetuneData, morgan_fingerprints, result_row, split_metrics
+from clmscale.engine.finetune import FinetuneData, morgan_fingerprints, result_row, split_metrics
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.admission import UNBOUNDED_CPUS, Node, nodes_text
+from clmscale.engine.admission import UNBOUNDED_CPUS, Node, nodes_text
 
 log = logging.getLogger("clmscale")
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import typer
 
-from engine.config import SweepConfig, expand_grid, load_sweep, with_storage_root
-from engine.rundir import RunDir
+from clmscale.engine.config import SweepConfig, expand_grid, load_sweep, with_storage_root
+from clmscale.engine.rundir import RunDir
 
 STORAGE_ROOT_ENV = "CLMSCALE_STORAGE_ROOT"
 GCS_TIMEOUT_S = 5.0  # a cluster address that accepts no connection in this long is an error, not a wait
@@ -103,7 +103,7 @@ def plan(
 ) -> None:
     """Per trial: parameters, FLOPs, memory per device, the ZeRO stage and micro-batch `auto` picks, device-hours;
     per grid: the makespan packed and one trial at a time. Nothing runs."""
-    from engine import plan as planner
+    from clmscale.engine import plan as planner
 
     cfg = _load(sweep_file, storage_root)
     rd = RunDir(cfg.run_dir)
@@ -127,7 +127,7 @@ def prepare(
     storage_root: Path = _storage_root_option(),
 ) -> None:
     """Turn the sweep's corpus into canonical, deduplicated shards, a manifest and a tokenizer."""
-    from engine.prepare import prepare as run_prepare
+    from clmscale.engine.prepare import prepare as run_prepare
     cfg = _load(sweep_file, storage_root)
     data = RunDir(cfg.run_dir).data
     with _driver(RunDir(cfg.run_dir), f"clmscale prepare {sweep_file}"):
@@ -163,7 +163,7 @@ def sweep(
     verbose: bool = VERBOSE,
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
-    from engine import sweep as sweep_mod
+    from clmscale.engine import sweep as sweep_mod
 
     cfg = sweep_mod.expect_gpus(_load_checked(sweep_file, storage_root), expect_gpus)
     rd = RunDir(cfg.run_dir)
@@ -173,7 +173,7 @@ def sweep(
         table = sweep_mod.run_sweep(cfg, resume=resume)
         tables = None
         if cfg.analysis.run_after_sweep:
-            from engine.analyze import run_analysis
+            from clmscale.engine.analyze import run_analysis
 
             tables = run_analysis(rd.root)
     typer.echo(f"{len(table)} checkpoints in {rd.table_path('pretrain')}")
@@ -191,8 +191,8 @@ def status(
     loss, tokens/s, ETA, restarts), analysis jobs done / failed per table, and the faults it survived."""
     import json
 
-    from engine.files import json_safe
-    from engine.status import format_status, run_status
+    from clmscale.engine.files import json_safe
+    from clmscale.engine.status import format_status, run_status
 
     found = run_status(RunDir(run_dir))
     typer.echo(json.dumps(json_safe(found), indent=2) if as_json else format_status(found))
@@ -208,7 +208,7 @@ def analyze(
     verbose: bool = VERBOSE,
 ) -> None:
     """Fine-tune, probe, Hessian and landscape jobs for every selected checkpoint, as Ray tasks."""
-    from engine.analyze import run_analysis
+    from clmscale.engine.analyze import run_analysis
 
     rd = RunDir(run_dir)
     rd.config()  # a run directory (else the error says so), not a typo the lock or logs/ would create
@@ -261,7 +261,7 @@ def fit(
     """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""  # noqa: E501  typer's command list keeps a docstring's line breaks
     import json
 
-    from fits import fit as fits_fit
+    from clmscale.fits import fit as fits_fit
 
     if table is not None and law == "trend":
         result = fits_fit.trend_table(table, x_col, y_col, group_col=group_col, higher_is_better=higher_is_better,
@@ -286,7 +286,7 @@ def fit(
 @user_errors
 def report(run_dir: Path) -> None:
     """Write RUN_DIR/report/index.html (self-contained, figures embedded); fits first if needed."""
-    from fits.report import build_report
+    from clmscale.fits.report import build_report
 
     typer.echo(build_report(run_dir))
 
@@ -305,10 +305,10 @@ def demo(
     """
     import time
 
-    from engine.analyze import run_analysis
-    from engine.sweep import run_sweep
-    from fits.fit import fit_run
-    from fits.report import build_report
+    from clmscale.engine.analyze import run_analysis
+    from clmscale.engine.sweep import run_sweep
+    from clmscale.fits.fit import fit_run
+    from clmscale.fits.report import build_report
 
     start = time.monotonic()
     cfg = _load_checked(sweep_file, storage_root)
@@ -345,8 +345,8 @@ def _init_ray(address: str | None):
 @contextlib.contextmanager
 def _console(rd: RunDir, verbose: bool, again: str):
     """engine.console's table around a command's work; Ctrl-C exits 130 with the command that continues."""
-    from engine.console import session
-    from engine.sweep import SweepInterrupted
+    from clmscale.engine.console import session
+    from clmscale.engine.sweep import SweepInterrupted
 
     try:
         with session(rd, verbose=verbose) as console:
@@ -429,7 +429,7 @@ def _load(sweep_file: Path, storage_root: Path | None = None) -> SweepConfig:
 
 def _load_checked(sweep_file: Path, storage_root: Path | None = None) -> SweepConfig:
     """The sweep file, with its downstream tasks checked too: a typo there fails now, not after pretraining."""
-    from engine.tasks import check_tasks
+    from clmscale.engine.tasks import check_tasks
 
     cfg = _load(sweep_file, storage_root)
     check_tasks(cfg.downstream)
@@ -442,7 +442,7 @@ def _yaml_dump(cfg: SweepConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip()
 
 
-def main() -> None:  # pragma: no cover - `python -m engine.cli`
+def main() -> None:  # pragma: no cover - `python -m clmscale.engine.cli`
     app()
 
 

@@ -20,8 +20,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from engine import ladder
-from engine.ladder import Family
+from clmscale.engine import ladder
+from clmscale.engine.ladder import Family
 
 
 class Strict(BaseModel):
@@ -525,7 +525,7 @@ def _unknown_references(cfg: SweepConfig) -> list[ErrorDetails]:
     """Names that point across sections (data.decontaminate -> tasks), as pydantic-style errors."""
     if not isinstance(cfg.data.decontaminate, list):
         return []
-    from engine.tasks import TASKS  # rdkit and pandas: imported only when a list of names needs checking
+    from clmscale.engine.tasks import TASKS  # rdkit and pandas: imported only when a list of names needs checking
 
     known = [*TASKS, *(t.name for t in cfg.downstream.custom)]
     return [ErrorDetails(loc=("data", "decontaminate", i), type="unknown_task", input=name,

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-from engine.rundir import RunDir
+from clmscale.engine.rundir import RunDir
 
 STATUS_EVERY_S = 20.0  # plain output: one status line this often, under the promised 30 s (a live table: every 1 s)
 WORKERS_LOG = "ray-workers"  # logs/ray-workers.log

@@ -26,14 +26,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from engine.ladder import Family
+from clmscale.engine.ladder import Family
 
 if TYPE_CHECKING:
     import ray.data
     from transformers import PreTrainedTokenizerFast
 
-    from engine.config import Trial
-    from engine.rundir import RunDir
+    from clmscale.engine.config import Trial
+    from clmscale.engine.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _collated(
 def _as_tokenizer(tokenizer: PreTrainedTokenizerFast | str | Path) -> PreTrainedTokenizerFast:
     """A tokenizer object, or the directory `engine.tokenizer` saved one to (runs/<sweep>/data/tokenizer/)."""
     if isinstance(tokenizer, (str, Path)):
-        from engine.tokenizer import load_tokenizer
+        from clmscale.engine.tokenizer import load_tokenizer
 
         return load_tokenizer(tokenizer)
     return tokenizer

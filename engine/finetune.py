@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.ladder import Family
-from engine.metrics import HIGHER_IS_BETTER, METRICS, better
-from engine.metrics import scores as metric_scores
-from engine.rundir import head_file
+from clmscale.engine.ladder import Family
+from clmscale.engine.metrics import HIGHER_IS_BETTER, METRICS, better
+from clmscale.engine.metrics import scores as metric_scores
+from clmscale.engine.rundir import head_file
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def load_encoder(checkpoint_dir: Path, *, random_init: bool = False) -> tuple[nn
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer  # slow import, kept off module load
 
-    from engine.models import family_of
+    from clmscale.engine.models import family_of
 
     checkpoint_dir = Path(checkpoint_dir)
     _check_checkpoint(checkpoint_dir, need_weights=not random_init)

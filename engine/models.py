@@ -35,7 +35,7 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from engine.ladder import LADDER, Family, RungShape
+from clmscale.engine.ladder import LADDER, Family, RungShape
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from typing import cast
 import ray
 from ray.tune.search import Searcher
 
-from engine.admission import AdmissionController, Node, TrialNeed, largest_first, nodes_text
+from clmscale.engine.admission import AdmissionController, Node, TrialNeed, largest_first, nodes_text
 
 
 class ScaleUpTimeout(RuntimeError):

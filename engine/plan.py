@@ -64,7 +64,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
-from engine.admission import (
+from clmscale.engine.admission import (
     DATA_CPUS,
     TRIAL_CPU,
     AdmissionController,
@@ -74,8 +74,8 @@ from engine.admission import (
     largest_first,
     trial_need,
 )
-from engine.config import ModelSize, SweepConfig, Trial, expand_grid
-from engine.models import build_config, count_params, flops_per_token
+from clmscale.engine.config import ModelSize, SweepConfig, Trial, expand_grid
+from clmscale.engine.models import build_config, count_params, flops_per_token
 
 GB = 1e9  # memory is quoted in decimal GB, as GPU datasheets do (80 GB = 80e9 bytes)
 
@@ -403,7 +403,7 @@ def peak_flops_per_s(gpu: str | float, *, bf16: bool = True) -> float:
         if not tflops > 0:
             raise ValueError(f"peak TF/s must be positive (got {gpu})")
         return tflops * 1e12
-    from engine.models import PEAK_FLOPS
+    from clmscale.engine.models import PEAK_FLOPS
 
     table = dict(PEAK_FLOPS)
     for name, (bf16_peak, fp32_peak) in table.items():
@@ -511,7 +511,7 @@ def hessian_bytes(
     and about three times the eager-attention activations of one batch for the double backward (an
     assumption: the forward's saved tensors plus the first backward's graph). Batches are taken one
     at a time, so their number does not add."""
-    from engine.hessian import memory_estimate
+    from clmscale.engine.hessian import memory_estimate
 
     n = shape.n_params
     extra = memory_estimate(n, "float32", max_iter, max(top_k, 1), trace_matvecs, n_workers,

@@ -40,9 +40,9 @@ import ray
 from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from engine.config import DataConfig, DownstreamConfig
-from engine.files import sha256_file
-from engine.rundir import (
+from clmscale.engine.config import DataConfig, DownstreamConfig
+from clmscale.engine.files import sha256_file
+from clmscale.engine.rundir import (
     Counts,
     DataDir,
     InputFile,
@@ -54,7 +54,7 @@ from engine.rundir import (
     TaskOverlap,
     TokenizerInfo,
 )
-from engine.tokenizer import build_vocab, count_unk, extend_vocab, smiles_tokens, tokenizer_from_vocab
+from clmscale.engine.tokenizer import build_vocab, count_unk, extend_vocab, smiles_tokens, tokenizer_from_vocab
 
 log = logging.getLogger("clmscale.prepare")
 
@@ -468,7 +468,7 @@ def load_task_molecules(names: Sequence[str], downstream: DownstreamConfig | Non
     checked by sha256); a task that cannot be loaded is a DataError naming it."""
     if not names:
         return {}
-    from engine import tasks  # pandas; only when there are tasks
+    from clmscale.engine import tasks  # pandas; only when there are tasks
 
     custom = {t.name: t for t in downstream.custom} if downstream is not None else {}
     data_dir = downstream.data_dir if downstream is not None else None

@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from engine.config import Strict, SweepConfig, Trial, expand_grid
-from engine.files import (
+from clmscale.engine.config import Strict, SweepConfig, Trial, expand_grid
+from clmscale.engine.files import (
     append_jsonl,
     atomic_path,
     read_jsonl,

@@ -16,7 +16,7 @@ import math
 import time
 from typing import Any
 
-from engine.rundir import ANALYSIS_TABLES, TABLES, RunDir, RunDirLock
+from clmscale.engine.rundir import ANALYSIS_TABLES, TABLES, RunDir, RunDirLock
 
 
 def run_status(rd: RunDir) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def analysis_rows(rd: RunDir) -> list[dict[str, Any]]:
     rows) and still to run; empty before the sweep has written its table."""
     if not rd.has_table("pretrain"):
         return []
-    from engine.analyze import Context, plan_jobs, select_checkpoints  # the analysis' own plan, not a copy
+    from clmscale.engine.analyze import Context, plan_jobs, select_checkpoints  # the analysis' own plan, not a copy
 
     ctx = Context.of(rd)
     counted = rd.counted_checkpoints().checkpoints

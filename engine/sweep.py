@@ -33,10 +33,10 @@ import ray
 import torch
 from ray import tune
 
-from engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Node, trial_need
-from engine.capacity import Ceiling
-from engine.config import Strict, SweepConfig, Trial, expand_grid
-from engine.rundir import TABLES, Manifest, RunDir, TrainResult, TrialDir
+from clmscale.engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Node, trial_need
+from clmscale.engine.capacity import Ceiling
+from clmscale.engine.config import Strict, SweepConfig, Trial, expand_grid
+from clmscale.engine.rundir import TABLES, Manifest, RunDir, TrainResult, TrialDir
 
 log = logging.getLogger("clmscale")
 
@@ -134,14 +134,14 @@ def resolve_auto(trials: list[Trial], nodes: list[Node], cfg: SweepConfig, vocab
     ZeRO 0 when it fits one device, else the smallest stage that fits; the largest micro-batch that
     fits. `nodes`: the cluster grown to its ceiling. Raises SweepError (with the numbers) for a trial
     that fits nowhere."""
-    from engine import plan
+    from clmscale.engine import plan
 
     if not any(plan.needs_choice(t) for t in trials):
         return trials
     gpus = sum(n.gpus for n in nodes)
     gpu_memory = cfg.resources.gpu_memory_gb
     if gpu_memory is None and gpus:
-        from engine.packing import gpu_memory_gb
+        from clmscale.engine.packing import gpu_memory_gb
 
         gpu_memory = gpu_memory_gb()
     resolved = []
@@ -167,7 +167,7 @@ def run_trial(config: dict) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from engine import data
+    from clmscale.engine import data
 
     spec = TrialSpec.model_validate(config["cfg"])  # the grid point: see `run_sweep`
     trial, rd = spec.trial, RunDir(spec.run_dir)
@@ -240,7 +240,7 @@ def _fault_injection(trial_id: str) -> dict[str, str]:
 
     Read on the driver: Ray's worker processes inherit the environment of the cluster, not the driver's.
     """
-    from engine.train import INJECT_NAN_ENV
+    from clmscale.engine.train import INJECT_NAN_ENV
 
     target, _, step = os.environ.get(INJECT_NAN_TRIAL_ENV, "").partition(":")
     return {INJECT_NAN_ENV: step} if target == trial_id else {}
@@ -254,10 +254,10 @@ def train_loop_per_worker(config: dict) -> None:
     """
     from ray.train.torch import get_device
 
-    from engine import data
-    from engine.models import build_config
-    from engine.tokenizer import load_tokenizer
-    from engine.train import train
+    from clmscale.engine import data
+    from clmscale.engine.models import build_config
+    from clmscale.engine.tokenizer import load_tokenizer
+    from clmscale.engine.train import train
 
     spec = TrialSpec.model_validate(config)
     trial, rd = spec.trial, RunDir(spec.run_dir)
@@ -420,9 +420,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     micro-batch it started with. On an autoscaling cluster a trial that fits only the grown cluster
     waits for the nodes the autoscaler is asked for (`engine.packing`).
     """
-    from engine.capacity import ceiling_from_ray
-    from engine.packing import PackingSearcher, ray_nodes
-    from engine.prepare import prepare
+    from clmscale.engine.capacity import ceiling_from_ray
+    from clmscale.engine.packing import PackingSearcher, ray_nodes
+    from clmscale.engine.prepare import prepare
 
     rd = RunDir(cfg.run_dir.resolve())
     check_run_dir(cfg, rd, resume)
@@ -453,7 +453,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
 def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest, nodes: list[Node],
           searcher_class, ceiling: Ceiling | None = None) -> None:
     """Ray Tune over `trials`, admitted by the packing searcher (largest first, by FLOPs within a size)."""
-    from engine.models import build_config, flops_per_token
+    from clmscale.engine.models import build_config, flops_per_token
 
     specs = [
         TrialSpec(trial=t, run_dir=rd.root, budget_tokens=token_budget(t, manifest),
@@ -463,7 +463,7 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
     ]
     costs = [flops_per_token(build_config(t.family, t.size, manifest.tokenizer.vocab_size, cfg.model.max_seq_len),
                              cfg.model.max_seq_len) * s["budget_tokens"] for t, s in zip(trials, specs, strict=True)]
-    from engine.packing import ScaleUpTimeout, ray_nodes, request_resources
+    from clmscale.engine.packing import ScaleUpTimeout, ray_nodes, request_resources
 
     grows = ceiling is not None and ceiling.grows and ceiling.nodes is not None
     try:

@@ -36,9 +36,9 @@ import pandas as pd
 from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from engine.config import CustomTask, DownstreamConfig
-from engine.files import atomic_path, sha256_stream
-from engine.metrics import METRICS
+from clmscale.engine.config import CustomTask, DownstreamConfig
+from clmscale.engine.files import atomic_path, sha256_stream
+from clmscale.engine.metrics import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.tasks import TaskData, scaffold
+from clmscale.engine.tasks import TaskData, scaffold
 
 ECFP4_RADIUS, ECFP4_BITS = 2, 2048
 

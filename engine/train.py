@@ -74,10 +74,10 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from engine.config import LADDER, ResourcesConfig, TrainConfig, Trial
-from engine.files import json_safe
-from engine.ladder import Family
-from engine.models import (
+from clmscale.engine.config import LADDER, ResourcesConfig, TrainConfig, Trial
+from clmscale.engine.files import json_safe
+from clmscale.engine.ladder import Family
+from clmscale.engine.models import (
     SPECIAL_IDS,
     batch_cost,
     build_config,
@@ -90,7 +90,7 @@ from engine.models import (
     n_loss_tokens,
     peak_flops,
 )
-from engine.rundir import DS_TAG, CheckpointInfo, TrainResult, TrialDir
+from clmscale.engine.rundir import DS_TAG, CheckpointInfo, TrainResult, TrialDir
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ engine.files (JSON without NaN) of the engine. The fit stage and the report read
 through engine.rundir.
 """
 
-from fits.comparison import PairedDifference, best_on_validation, paired_difference
-from fits.correlate import proxy_correlations
-from fits.downstream import DownstreamPowerLaw
-from fits.powerlaw import (
+from clmscale.fits.comparison import PairedDifference, best_on_validation, paired_difference
+from clmscale.fits.correlate import proxy_correlations
+from clmscale.fits.downstream import DownstreamPowerLaw
+from clmscale.fits.powerlaw import (
     BacktestResult,
     ChinchillaFit,
     ComputeOptimal,
@@ -20,10 +20,10 @@ from fits.powerlaw import (
     backtest,
     identification,
 )
-from fits.proxies import LeaveOneSizeOut, ProxyTiming, leave_one_size_out, proxy_timing, selection_regret
-from fits.slopes import SlopeEstimate, compute_frontier_mask, fit_slope, pool_inverse_variance
-from fits.taskladder import TaskBacktest, TaskLadder, task_ladder_backtest
-from fits.verdicts import (
+from clmscale.fits.proxies import LeaveOneSizeOut, ProxyTiming, leave_one_size_out, proxy_timing, selection_regret
+from clmscale.fits.slopes import SlopeEstimate, compute_frontier_mask, fit_slope, pool_inverse_variance
+from clmscale.fits.taskladder import TaskBacktest, TaskLadder, task_ladder_backtest
+from clmscale.fits.verdicts import (
     AxisTrend,
     PlateauMargin,
     TrendVerdict,

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from engine.files import json_safe
+from clmscale.engine.files import json_safe
 
 
 def best_on_validation(points: pd.DataFrame, val_col: str = "val_value", higher_is_better: bool = True,

@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from fits.powerlaw import SaturatingPowerLaw, _as_columns, _check_is_fitted, _Estimator
+from clmscale.fits.powerlaw import SaturatingPowerLaw, _as_columns, _check_is_fitted, _Estimator
 
 
 def _usable_rows(owner: str, x: np.ndarray, metric: np.ndarray, bad: np.ndarray, why: str):

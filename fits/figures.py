@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from fits.downstream import format_scale
-from fits.slopes import compute_frontier_mask
+from clmscale.fits.downstream import format_scale
+from clmscale.fits.slopes import compute_frontier_mask
 
 DPI = 110
 MODE_STYLE = {"finetune": ("tab:blue", "o", "fine-tuned"), "probe": ("tab:orange", "s", "linear probe")}

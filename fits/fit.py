@@ -43,16 +43,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.config import FitsConfig
-from engine.files import json_safe
-from engine.rundir import PRETRAINED_MODES, TABLES, RunDir
-from fits.comparison import best_on_validation, paired_difference
-from fits.correlate import LABELS, proxy_correlations
-from fits.downstream import DownstreamPowerLaw, format_scale, format_with_uncertainty
-from fits.powerlaw import ChinchillaFit, LogLogOLS, SaturatingPowerLaw, backtest, identification
-from fits.proxies import LeaveOneSizeOut, leave_one_size_out, proxy_timing, selection_regret
-from fits.taskladder import BOUNDED_METRICS, TaskLadder, task_ladder_backtest
-from fits.verdicts import (
+from clmscale.engine.config import FitsConfig
+from clmscale.engine.files import json_safe
+from clmscale.engine.rundir import PRETRAINED_MODES, TABLES, RunDir
+from clmscale.fits.comparison import best_on_validation, paired_difference
+from clmscale.fits.correlate import LABELS, proxy_correlations
+from clmscale.fits.downstream import DownstreamPowerLaw, format_scale, format_with_uncertainty
+from clmscale.fits.powerlaw import ChinchillaFit, LogLogOLS, SaturatingPowerLaw, backtest, identification
+from clmscale.fits.proxies import LeaveOneSizeOut, leave_one_size_out, proxy_timing, selection_regret
+from clmscale.fits.taskladder import BOUNDED_METRICS, TaskLadder, task_ladder_backtest
+from clmscale.fits.verdicts import (
     CORRECTIONS,
     METRIC_WORDS,
     PLATEAU_MARGINS,

@@ -28,8 +28,8 @@ import pandas as pd
 import statsmodels.api as sm
 from scipy.optimize import minimize
 
-from engine.files import json_safe
-from fits._blas import one_blas_thread
+from clmscale.engine.files import json_safe
+from clmscale.fits._blas import one_blas_thread
 
 # --------------------------------------------------------------------------------------------
 # The log-space Huber fit shared by both saturating laws.

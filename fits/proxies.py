@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.files import json_safe
+from clmscale.engine.files import json_safe
 
 # Measured at the pretrained weights, before any fine-tuning (docs/CONTRACTS.md's result tables).
 BEFORE_FINETUNING = ("pretrain_val_loss", "val_loss", "lambda_max", "trace", "eps_sharpness", "adaptive_sharpness")

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.rundir import RunDir
-from fits import figures
-from fits.downstream import format_scale, format_with_uncertainty
-from fits.fit import AXES, BASELINES, MODES, downstream_anchor, fit_run
+from clmscale.engine.rundir import RunDir
+from clmscale.fits import figures
+from clmscale.fits.downstream import format_scale, format_with_uncertainty
+from clmscale.fits.fit import AXES, BASELINES, MODES, downstream_anchor, fit_run
 
 log = logging.getLogger(__name__)
 

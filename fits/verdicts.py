@@ -28,9 +28,9 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from engine.files import json_safe
-from fits.downstream import format_scale, format_with_uncertainty
-from fits.slopes import METHODS, SlopeEstimate, compute_frontier_mask, fit_slope, pool_inverse_variance
+from clmscale.engine.files import json_safe
+from clmscale.fits.downstream import format_scale, format_with_uncertainty
+from clmscale.fits.slopes import METHODS, SlopeEstimate, compute_frontier_mask, fit_slope, pool_inverse_variance
 
 VERDICTS = ("improving", "degrading", "plateau", "inconclusive")
 POWER = 0.8  # for the minimal detectable slope

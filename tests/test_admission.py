@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import pulled_in
 
-from engine.admission import (
+from clmscale.engine.admission import (
     DATA_CPUS,
     TRIAL_CPU,
     AdmissionController,
@@ -19,7 +19,7 @@ from engine.admission import (
     copies_that_fit,
     trial_need,
 )
-from engine.config import ResourcesConfig
+from clmscale.engine.config import ResourcesConfig
 
 
 def need(gpus_per_worker: float, workers: int = 1, cpus_per_worker: float = 0.25) -> TrialNeed:
@@ -131,7 +131,7 @@ def test_random_grids_never_overcommit_and_nothing_waits_that_fits():
 def test_copies_that_fit_on_one_node_is_the_arithmetic_of_cpus_and_gpus():
     """On one node, how many copies fit is min over CPUs (less Ray Data's) and GPUs: the concurrency the
     sweep used to cap a whole grid at (the one-at-a-time baseline of benchmarks/schedule_occupancy.py)."""
-    from engine.train import smoke_trial
+    from clmscale.engine.train import smoke_trial
 
     nodes = [Node(cpus=16, gpus=4)]
     for workers, cpus, gpus in [(1, 2, 0.25), (1, 4, 0.5), (1, 1, 1.0), (2, 1, 1.0), (4, 3, 1.0), (1, 1, 0.0)]:
@@ -145,4 +145,4 @@ def test_copies_that_fit_on_one_node_is_the_arithmetic_of_cpus_and_gpus():
 
 
 def test_admission_imports_no_ray():
-    assert pulled_in("engine.admission, engine.plan", {"ray"}) == []
+    assert pulled_in("clmscale.engine.admission, clmscale.engine.plan", {"ray"}) == []

@@ -23,9 +23,9 @@ from test_sweep import write_sweep  # pytest puts tests/ on sys.path (rootdir-re
 
 from fixtures.claims import check_claims
 
-from engine.analyze import Context, hessian_job, plan_jobs, run_analysis, select_checkpoints
-from engine.config import SweepConfig, load_sweep
-from engine.rundir import ANALYSIS_TABLES, TABLES, RunDir
+from clmscale.engine.analyze import Context, hessian_job, plan_jobs, run_analysis, select_checkpoints
+from clmscale.engine.config import SweepConfig, load_sweep
+from clmscale.engine.rundir import ANALYSIS_TABLES, TABLES, RunDir
 
 TASK = "freesolv_demo"  # shipped with the package: no download, no ../shared
 DOWNSTREAM = {"tasks": [TASK], "seeds": [0], "modes": ["finetune"], "baselines": False, "epochs": 2,
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def swept(ray_cluster, tmp_path_factory) -> RunDir:
-    from engine.sweep import run_sweep
+    from clmscale.engine.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("analyze")
     cfg = load_sweep(write_sweep(tmp, "an", ["xxs"], [1.5e4], downstream=DOWNSTREAM, analysis=ANALYSIS))
@@ -165,7 +165,7 @@ def test_bad_input_becomes_error_rows_and_the_rest_is_written(swept, tmp_path):
 
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from clmscale.engine.cli import app
 
     result = CliRunner().invoke(app, ["analyze", str(rd.root)])  # ray is initialised: joins the session cluster
     assert result.exit_code == 1 and "freesolve" in result.output  # the failed jobs were retried and failed again
@@ -177,7 +177,7 @@ def test_bad_input_becomes_error_rows_and_the_rest_is_written(swept, tmp_path):
 def test_driver_killed_mid_analysis_then_rerun_loses_and_redoes_nothing(swept, tmp_path, ray_cluster):
     rd = copy_run(swept, tmp_path / "run", analysis={"checkpoints": "all"})
     address = ray_cluster.get_runtime_context().gcs_address
-    driver = subprocess.Popen([sys.executable, "-m", "engine.cli", "analyze", str(rd.root), "--address", address],
+    driver = subprocess.Popen([sys.executable, "-m", "clmscale.engine.cli", "analyze", str(rd.root), "--address", address],
                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -225,7 +225,7 @@ def test_a_corrupt_checkpoint_is_replaced_by_the_one_before_and_recorded(swept, 
 
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from clmscale.engine.cli import app
 
     status = CliRunner().invoke(app, ["status", str(rd.root)])
     assert status.exit_code == 0 and f"event=corrupt_checkpoint checkpoint={final}" in status.output
@@ -235,8 +235,8 @@ def test_a_moved_run_directory_still_analyses_fits_and_reports(analyzed, tmp_pat
     """Tables name checkpoints relative to the run directory: copy it elsewhere, remove the original's
     checkpoints, drop one analysis table, and the copy redoes those jobs from its own files, then fits
     and reports."""
-    from fits.fit import fit_run
-    from fits.report import build_report
+    from clmscale.fits.fit import fit_run
+    from clmscale.fits.report import build_report
 
     moved = RunDir(tmp_path / "elsewhere" / "an")
     shutil.copytree(analyzed.root, moved.root)
@@ -259,7 +259,7 @@ def test_a_moved_run_directory_still_analyses_fits_and_reports(analyzed, tmp_pat
 
 
 def test_the_learning_rate_is_chosen_on_validation_and_flagged_runs_never_win():
-    from engine.analyze import chosen_lr
+    from clmscale.engine.analyze import chosen_lr
 
     search = pd.DataFrame({"lr": [1e-5, 1e-4, 1e-3, 1e-2], "val_value": [0.9, 0.7, 0.6, 0.1],
                            "flag": ["", "", "", "non_finite_loss"], "higher_is_better": False,

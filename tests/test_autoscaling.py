@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Bundle, Node, TrialNeed
-from engine.capacity import UNBOUNDED_CPUS, ceiling, nodes_from_autoscaler_config, nodes_from_totals
+from clmscale.engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Bundle, Node, TrialNeed
+from clmscale.engine.capacity import UNBOUNDED_CPUS, ceiling, nodes_from_autoscaler_config, nodes_from_totals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,9 @@ def test_the_ceiling_comes_from_the_setting_then_the_gcs_then_the_autoscaler_con
 def test_the_shipped_ray_up_cluster_holds_the_paper_sweep_once_grown():
     """cluster/ray-cluster.yaml's GPU workers scale from zero: its head alone refuses the paper sweep's
     trials, its autoscaler limits hold every one of them."""
-    from engine.capacity import Ceiling
-    from engine.config import expand_grid, load_sweep
-    from engine.sweep import SweepError, check_fits
+    from clmscale.engine.capacity import Ceiling
+    from clmscale.engine.config import expand_grid, load_sweep
+    from clmscale.engine.sweep import SweepError, check_fits
 
     nodes = nodes_from_autoscaler_config(yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text()))
     trials = expand_grid(load_sweep(REPO / "sweeps" / "paper.yaml"))
@@ -84,9 +84,9 @@ def test_the_shipped_ray_up_cluster_holds_the_paper_sweep_once_grown():
 def test_a_trial_that_can_never_fit_the_ceiling_is_refused_with_the_numbers(tmp_path):
     from test_sweep import write_sweep
 
-    from engine.capacity import Ceiling
-    from engine.config import expand_grid, load_sweep
-    from engine.sweep import SweepError, check_fits
+    from clmscale.engine.capacity import Ceiling
+    from clmscale.engine.config import expand_grid, load_sweep
+    from clmscale.engine.sweep import SweepError, check_fits
 
     head = [Node(cpus=2, gpus=0, node_id="h")]
     limits = Ceiling(nodes_from_totals(head, {"GPU": 2, "CPU": 6}), "resources.cluster_max")
@@ -102,8 +102,8 @@ def test_a_trial_that_can_never_fit_the_ceiling_is_refused_with_the_numbers(tmp_
 def test_expect_gpus_sets_cluster_max(tmp_path):
     from test_sweep import write_sweep
 
-    from engine.config import load_sweep
-    from engine.sweep import expect_gpus
+    from clmscale.engine.config import load_sweep
+    from clmscale.engine.sweep import expect_gpus
 
     cfg = load_sweep(write_sweep(tmp_path, "g", ["xxs"], [1e4], resources={"workers": 1, "cluster_max": {"CPU": 64}}))
     assert cfg.resources.cluster_max == {"CPU": 64.0}
@@ -156,7 +156,7 @@ class FakeCluster:
 
 
 def _searcher(cluster: FakeCluster, names: list[str], needs: list[TrialNeed], timeout_s: float = 60.0):
-    from engine.packing import PackingSearcher
+    from clmscale.engine.packing import PackingSearcher
 
     return PackingSearcher([{"n": n} for n in names], needs, names, cluster.live(), reserved_cpus=DATA_CPUS,
                            ceiling=[Node(2, 0), Node(2, 1)], live_nodes=cluster.live, request=cluster.request,
@@ -186,7 +186,7 @@ def test_searcher_holds_gpu_trials_asks_the_autoscaler_and_admits_when_the_node_
 
 
 def test_searcher_gives_up_when_the_nodes_never_come_and_nothing_runs():
-    from engine.packing import ScaleUpTimeout
+    from clmscale.engine.packing import ScaleUpTimeout
 
     cluster = FakeCluster(delay_s=float("inf"))
     searcher = _searcher(cluster, ["gpu_a"], [_need(1.0)], timeout_s=30.0)
@@ -236,10 +236,10 @@ def scenario(work: Path) -> None:
     from test_multinode import _free_port, _wait_for
     from test_sweep import write_sweep
 
-    from engine.config import load_sweep
-    from engine.prepare import prepare
-    from engine.rundir import RunDir
-    from engine.sweep import run_sweep
+    from clmscale.engine.config import load_sweep
+    from clmscale.engine.prepare import prepare
+    from clmscale.engine.rundir import RunDir
+    from clmscale.engine.sweep import run_sweep
 
     observed: dict = {"phase": "start"}
     out = work / "observed.json"
@@ -350,7 +350,7 @@ def test_gpu_trials_wait_for_the_autoscaler_then_run_on_the_node_it_adds(tmp_pat
     assert rc == 0, f"scenario exited {rc} in phase {observed.get('phase')}: {observed.get('error')}\n{tail}"
     assert not left, f"processes left behind: {left}"
 
-    from engine.rundir import RunDir
+    from clmscale.engine.rundir import RunDir
 
     assert observed["gpus_at_start"] == 0  # the GPU workers scale from zero
     # held, not started (nor refused), while the autoscaler was asked for both trials' bundles

@@ -19,10 +19,10 @@ import yaml
 from conftest import first_moses
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.config import load_sweep
-from engine.files import sha256_file
-from engine.rundir import RunDir
+from clmscale.engine.cli import app
+from clmscale.engine.config import load_sweep
+from clmscale.engine.files import sha256_file
+from clmscale.engine.rundir import RunDir
 
 RAY_COMMANDS = {"prepare", "sweep"}  # the others never touch Ray
 
@@ -51,7 +51,7 @@ def run_dir(root: Path) -> RunDir:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """corpus.csv (50 MOSES SMILES, columns SMILES and id), sweep.yaml, and runs/t/data prepared in-process."""
-    from engine.prepare import prepare
+    from clmscale.engine.prepare import prepare
 
     root = tmp_path_factory.mktemp("prepared")
     rows = [f"{s},mol{i}\n" for i, s in enumerate(first_moses(50))]

@@ -9,9 +9,9 @@ import pytest
 from conftest import first_moses
 from rdkit import Chem
 
-from engine.baselines import featurize, fit_forest, random_forest_baseline, rdkit_descriptors
-from engine.finetune import FinetuneData, fingerprint_baseline, metric_rows
-from fits._blas import one_blas_thread
+from clmscale.engine.baselines import featurize, fit_forest, random_forest_baseline, rdkit_descriptors
+from clmscale.engine.finetune import FinetuneData, fingerprint_baseline, metric_rows
+from clmscale.fits._blas import one_blas_thread
 
 N_MOLECULES = 900
 N_TREES = 100  # MoleculeNet's 500 would only be slower here

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from fits.comparison import best_on_validation, paired_difference
+from clmscale.fits.comparison import best_on_validation, paired_difference
 
 
 def evaluations(rng, n_checkpoints=20, n_seeds=3, truth=0.8, noise=0.02):

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.config import LADDER, SweepFileError, expand_grid, load_sweep
+from clmscale.engine.cli import app
+from clmscale.engine.config import LADDER, SweepFileError, expand_grid, load_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 

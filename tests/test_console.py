@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from test_sweep import write_sweep
 
-from engine.console import Board, ConsoleHandler, PlainView
-from engine.rundir import RunDir
-from engine.sweep import INJECT_NAN_TRIAL_ENV
+from clmscale.engine.console import Board, ConsoleHandler, PlainView
+from clmscale.engine.rundir import RunDir
+from clmscale.engine.sweep import INJECT_NAN_TRIAL_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_progress_updates_the_table_and_only_events_print():
     handler.emit(_record("ray.tune", logging.ERROR, "Trial task failed for trial a\nTraceback ..."))  # said by sweep.py
     handler.emit(_record("ray.data", logging.ERROR, "Operator failed\nTraceback ..."))
     handler.emit(_record("clmscale", logging.INFO, "[analyze] 1/3", console={"job": "finetune", "ok": True}))
-    handler.emit(_record("engine.prepare", logging.INFO, "prepared 100 molecules"))
+    handler.emit(_record("clmscale.engine.prepare", logging.INFO, "prepared 100 molecules"))
     handler.emit(_record("urllib3", logging.INFO, "connection pool"))
     lines = out.getvalue().splitlines()
     assert [line.split(" ", 1)[1] for line in lines] == ["sweep x: 2 trials", "[b] finished", "prepared 100 molecules"]
@@ -57,7 +57,7 @@ def test_progress_updates_the_table_and_only_events_print():
 
 def _sweep_process(path: Path, address: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`clmscale sweep PATH` in a subprocess whose stdout and stderr are one pipe (not a terminal)."""
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "sweep", str(path), "--address", address],
+    return subprocess.Popen([sys.executable, "-m", "clmscale.engine.cli", "sweep", str(path), "--address", address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=path.parent,
                             env={**os.environ, **(env or {})})  # fmt: skip
 

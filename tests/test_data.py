@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import first_moses
 
-from engine import data
-from engine.tokenizer import build_tokenizer, smiles_tokens
+from clmscale.engine import data
+from clmscale.engine.tokenizer import build_tokenizer, smiles_tokens
 
 MAX_SEQ_LEN = 64
 N_TRAIN = 640  # 20 batches of 32: divisible by 2 workers, so the equal split drops nothing
@@ -295,7 +295,7 @@ def test_ray_train_workers_get_disjoint_streams_covering_the_data(ray_cluster, s
         pickled by value: workers cannot import this test module."""
         import ray.train
 
-        from engine import data
+        from clmscale.engine import data
 
         shard = ray.train.get_dataset_shard("train")
         epochs = []

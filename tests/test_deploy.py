@@ -331,9 +331,9 @@ def starting_resources_kuberay(spec: dict) -> dict[str, float]:
 @pytest.mark.parametrize("cluster", ["ray-cluster.yaml", "kuberay/raycluster.yaml"])
 def test_paper_sweep_fits_the_cluster_it_starts_on(cluster):
     """`clmscale sweep` sizes trials from the resources present at its start and refuses any that cannot fit."""
-    from engine.admission import Node
-    from engine.config import expand_grid, load_sweep
-    from engine.sweep import check_fits
+    from clmscale.engine.admission import Node
+    from clmscale.engine.config import expand_grid, load_sweep
+    from clmscale.engine.sweep import check_fits
 
     if cluster == "ray-cluster.yaml":
         resources = starting_resources_ray_up(ray_cluster())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from engine.config import SweepConfig, _model_of
+from clmscale.engine.config import SweepConfig, _model_of
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS_README = REPO / "sweeps" / "README.md"

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.config import SweepFileError, load_sweep, ray_job_working_copy, with_storage_root
+from clmscale.engine.cli import app
+from clmscale.engine.config import SweepFileError, load_sweep, ray_job_working_copy, with_storage_root
 
 BIN = Path(sys.executable).parent
 JOB_COPY = "session_2026_x/runtime_resources/working_dir_files/_ray_pkg_0123abcd"  # what `ray job submit` runs in

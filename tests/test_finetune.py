@@ -13,7 +13,7 @@ from rdkit import Chem, RDLogger
 from safetensors.torch import load_file
 from transformers import AutoModel, GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM
 
-from engine.finetune import (
+from clmscale.engine.finetune import (
     FinetuneData,
     encode_smiles,
     finetune,
@@ -24,9 +24,9 @@ from engine.finetune import (
     pool,
     select_lr,
 )
-from engine.metrics import mae, mean_prc_auc, mean_roc_auc, prc_auc, rmse, roc_auc
-from engine.tokenizer import build_tokenizer, smiles_tokens
-from fits._blas import one_blas_thread
+from clmscale.engine.metrics import mae, mean_prc_auc, mean_roc_auc, prc_auc, rmse, roc_auc
+from clmscale.engine.tokenizer import build_tokenizer, smiles_tokens
+from clmscale.fits._blas import one_blas_thread
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 VOCAB_SIZE = 64  # room for the ~40 tokens of both files
@@ -312,10 +312,10 @@ def test_task_loss_sharpness_at_the_pretrained_encoder_moves_the_encoder_only(ml
     """analyze's `pretrained_task:<task>` sharpness: the probe head's task loss, perturbed over the encoder alone."""
     import dataclasses
 
-    from engine.analyze import sharpness, task_problem
-    from engine.hessian import spectrum
-    from engine.landscape import loss_at
-    from engine.rundir import head_file
+    from clmscale.engine.analyze import sharpness, task_problem
+    from clmscale.engine.hessian import spectrum
+    from clmscale.engine.landscape import loss_at
+    from clmscale.engine.rundir import head_file
 
     head = tmp_path / "probe.safetensors"
     finetune(mlm_checkpoint, heavy_atoms, mode="finetune", epochs=1, **FAST, freeze_encoder=True, save_to=head)
@@ -430,10 +430,10 @@ def test_encode_smiles_counts_unknown_tokens_and_truncation():
 def test_task_smiles_pass_through_the_corpus_canonicalisation(tmp_path):
     """analyze hands every model-facing job its task SMILES spelled as prepare spells the corpus: canonical,
     with the sweep's isomeric setting; a [C@@H] the corpus never had is then no [UNK] when isomeric is false."""
-    from engine.analyze import Context, _task_split
-    from engine.config import SweepConfig
-    from engine.prepare import canonicalize_chunk
-    from engine.rundir import RunDir
+    from clmscale.engine.analyze import Context, _task_split
+    from clmscale.engine.config import SweepConfig
+    from clmscale.engine.prepare import canonicalize_chunk
+    from clmscale.engine.rundir import RunDir
 
     raw = ["OCC", "[H]OC([H])([H])C([H])([H])[H]", "C(C)(C)O", "OC(C)CC", "N[C@@H](C)C(=O)O", "OCCCC", "C(O)CCCC",
            "OC(C)(C)C", "C(=O)(O)C", "ClCCO"]

@@ -9,10 +9,10 @@ import pytest
 from pydantic import ValidationError
 from scipy import stats
 
-from engine.config import FitsConfig
-from fits.fit import (FitSettings, checkpoint_proxies, fit_run, improvement_p, proxy_groups, smallest_p,
+from clmscale.engine.config import FitsConfig
+from clmscale.fits.fit import (FitSettings, checkpoint_proxies, fit_run, improvement_p, proxy_groups, smallest_p,
                       trend_margin)
-from fits.proxies import LeaveOneSizeOut, leave_one_size_out
+from clmscale.fits.proxies import LeaveOneSizeOut, leave_one_size_out
 from fixtures.make_run import make_run
 
 N_DRAWS = 200
@@ -171,7 +171,7 @@ def test_task_sharpness_joins_the_points_of_its_own_task_and_leaves_the_pretrain
 
 def test_task_sharpness_of_a_run_is_a_predictor_timed_before_fine_tuning(tmp_path):
     """On the fixture run (make_run writes each task's sharpness at the pretrained encoder, each its own values)."""
-    from engine.rundir import RunDir
+    from clmscale.engine.rundir import RunDir
 
     root = make_run(tmp_path / "run")
     inputs = RunDir(root).fit_inputs()
@@ -207,7 +207,7 @@ def trend_entry(task: str, slope: float, *, higher_is_better: bool = True, margi
 
 
 def test_task_scaling_relates_margin_scaled_slopes_to_characteristics():
-    from fits.fit import task_scaling
+    from clmscale.fits.fit import task_scaling
 
     characteristics = pd.DataFrame({"task": ["a", "b", "c", "d"], "task_type": "classification",
                                     "n_molecules": [100, 1000, 10000, 500], "scaffold_diversity": [0.9, 0.5, 0.1, 0.7],

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from conftest import pulled_in
 
-from fits import (ChinchillaFit, DownstreamPowerLaw, LogLogOLS, NotFittedError, SaturatingPowerLaw, backtest,
+from clmscale.fits import (ChinchillaFit, DownstreamPowerLaw, LogLogOLS, NotFittedError, SaturatingPowerLaw, backtest,
                   proxy_correlations)
-from fits.downstream import format_scale, format_with_uncertainty
+from clmscale.fits.downstream import format_scale, format_with_uncertainty
 
 # numerical warnings (overflow, invalid, divide) are failures here: the fits must not produce them
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -176,8 +176,8 @@ def test_estimator_contract(make, data):
 
 def test_fits_import_no_ray_torch_or_the_engine_stages():
     # the estimators stand alone: of engine only its plain file helpers (JSON without NaN) come along
-    unwanted = {"ray", "torch", "pydantic", "engine.config", "engine.rundir", "engine.models", "engine.prepare"}
-    assert pulled_in("fits", unwanted) == []
+    unwanted = {"ray", "torch", "pydantic", "clmscale.engine.config", "clmscale.engine.rundir", "clmscale.engine.models", "clmscale.engine.prepare"}
+    assert pulled_in("clmscale.fits", unwanted) == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def test_engine_step_without_deepspeed_is_skipped_with_the_remedy(monkeypatch):
 def test_script_imports_nothing_the_gpu_image_lacks(smoke):
     """The GPU image has torch and transformers, not ray, pydantic or rdkit; deepspeed (and the pydantic
     it needs) only when .whl is carried, for the engine's step alone."""
-    lazy = "engine.data, engine.hessian, engine.tokenizer"  # what the parts import when they run
+    lazy = "clmscale.engine.data, clmscale.engine.hessian, clmscale.engine.tokenizer"  # what the parts import when they run
     assert pulled_in(f"benchmarks.gpu_readiness, {lazy}", {"ray", "pydantic", "deepspeed", "rdkit"}) == []
     meta = smoke[0]["meta"]
     assert meta["unwanted_modules_after_imports"] == []

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from engine.hessian import (
+from clmscale.engine.hessian import (
     HVPOperator,
     double_backward_safe,
     hutchpp_trace,
@@ -471,7 +471,7 @@ def test_hutchpp_with_a_capped_sketch_spends_the_budget_on_hutchinson(mlp):
 
 def test_sharded_basis_over_two_workers_equals_one(mlp):
     """shard=(rank, 2): each worker stores half of every basis vector; same eigenvalues, eigenvectors, trace."""
-    from engine.hessian import Shard, _Basis
+    from clmscale.engine.hessian import Shard, _Basis
 
     model, batches, _ = mlp
     kwargs = {"top_k": 3, "trace_matvecs": 30, "density_runs": 1, "density_steps": 10, "seed": 7, "n_basis": 8,
@@ -521,7 +521,7 @@ def test_two_gloo_processes_with_a_sharded_basis_equal_one(tmp_path):
 
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(["engine.hessian"])
+    multiprocessing.set_forkserver_preload(["clmscale.engine.hessian"])
     out = tmp_path / "result.json"
     mp.start_processes(_gloo_spectrum_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2,
                        start_method="forkserver")
@@ -596,7 +596,7 @@ def test_lambda_max_half_is_lambda_max_over_the_first_half_of_the_batches(mlp):
 
 
 def test_tf32_sets_and_restores_the_cuda_flag_and_is_a_no_op_on_cpu(mlp):
-    from engine.hessian import tf32_matmuls
+    from clmscale.engine.hessian import tf32_matmuls
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
@@ -614,7 +614,7 @@ def test_tf32_sets_and_restores_the_cuda_flag_and_is_a_no_op_on_cpu(mlp):
 
 
 def test_memory_estimate_is_flat_in_max_iter_and_shards_over_workers():
-    from engine.hessian import memory_estimate
+    from clmscale.engine.hessian import memory_estimate
 
     n = 1_000_000
     short = memory_estimate(n, torch.float32, 30, 5, 30)

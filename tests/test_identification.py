@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from fits import ChinchillaFit, DownstreamPowerLaw, LogLogOLS, SaturatingPowerLaw
-from fits.powerlaw import identification
+from clmscale.fits import ChinchillaFit, DownstreamPowerLaw, LogLogOLS, SaturatingPowerLaw
+from clmscale.fits.powerlaw import identification
 
 TRUTH = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 

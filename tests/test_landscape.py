@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.landscape import (
+from clmscale.engine.landscape import (
     adaptive_sharpness,
     direction_between,
     endpoint_pca,

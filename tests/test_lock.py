@@ -14,8 +14,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.rundir import RunDir, RunDirLocked
+from clmscale.engine.cli import app
+from clmscale.engine.rundir import RunDir, RunDirLocked
 
 ROUNDS = 8
 BARRIER_S = 60  # every wait has a timeout: a broken lock fails the test, never hangs it

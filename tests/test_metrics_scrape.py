@@ -63,8 +63,8 @@ def scenario(work: Path, prometheus: str) -> None:
     from test_multinode import _free_port, _wait_for
     from test_sweep import write_sweep
 
-    from engine.config import load_sweep
-    from engine.sweep import run_sweep
+    from clmscale.engine.config import load_sweep
+    from clmscale.engine.sweep import run_sweep
 
     observed: dict = {"phase": "start", "scraped": {}, "prometheus": None}
     out = work / "observed.json"

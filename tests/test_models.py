@@ -10,9 +10,9 @@ import torch
 from conftest import pulled_in
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.config import LADDER
-from engine.data import collate
-from engine.models import (
+from clmscale.engine.config import LADDER
+from clmscale.engine.data import collate
+from clmscale.engine.models import (
     ZERO_COST,
     batch_cost,
     build_config,
@@ -207,16 +207,16 @@ def test_seeded_init_leaves_global_rng_alone():
 
 def test_models_and_train_import_without_ray_or_rdkit():
     """A GPU box may have neither: the training core must not pull them in."""
-    assert pulled_in("engine.models, engine.train", {"ray", "rdkit"}) == []
+    assert pulled_in("clmscale.engine.models, clmscale.engine.train", {"ray", "rdkit"}) == []
 
 
 def test_ladder_and_flop_formulas_import_without_pydantic_ray_deepspeed_or_rdkit():
     """The GPU image has torch and transformers only (benchmarks/gpu_readiness.py runs there)."""
-    assert pulled_in("engine.ladder, engine.models", {"pydantic", "ray", "deepspeed", "rdkit"}) == []
+    assert pulled_in("clmscale.engine.ladder, clmscale.engine.models", {"pydantic", "ray", "deepspeed", "rdkit"}) == []
 
 
 def test_config_ladder_is_the_plain_table_validated():
-    from engine import ladder
+    from clmscale.engine import ladder
 
     assert list(LADDER) == list(ladder.LADDER)
     for name, rung in ladder.LADDER.items():

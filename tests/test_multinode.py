@@ -58,11 +58,11 @@ def scenario(work: Path) -> None:
     from ray.util.placement_group import placement_group, remove_placement_group
     from test_sweep import write_sweep
 
-    from engine.analyze import run_analysis
-    from engine.config import load_sweep
-    from engine.prepare import prepare
-    from engine.rundir import RunDir
-    from engine.sweep import run_sweep
+    from clmscale.engine.analyze import run_analysis
+    from clmscale.engine.config import load_sweep
+    from clmscale.engine.prepare import prepare
+    from clmscale.engine.rundir import RunDir
+    from clmscale.engine.sweep import run_sweep
 
     observed: dict = {"phase": "start"}
     out = work / "observed.json"
@@ -306,7 +306,7 @@ def test_sweep_survives_a_lost_node_and_analysis_spreads_over_nodes(tmp_path):
     assert rc == 0, f"scenario exited {rc} in phase {observed.get('phase')}: {observed.get('error')}\n{tail}"
     assert not left, f"processes left behind: {left}"
 
-    from engine.rundir import RunDir
+    from clmscale.engine.rundir import RunDir
 
     rd = RunDir(Path(observed["run_dir"]))
     table = rd.read_table("pretrain")

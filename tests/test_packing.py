@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Bundle, Node, TrialNeed
+from clmscale.engine.admission import DATA_CPUS, TRIAL_CPU, AdmissionController, Bundle, Node, TrialNeed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def _need(gpus: float, workers: int = 1) -> TrialNeed:
 def test_searcher_hands_out_what_fits_largest_first_and_releases_on_completion(tmp_path):
     from ray.tune.search import Searcher
 
-    from engine.packing import PackingSearcher
+    from clmscale.engine.packing import PackingSearcher
 
     names = ["quarter", "half", "one", "two", "four"]
     needs = [_need(0.25), _need(0.5), _need(1.0), _need(1.0, 2), _need(1.0, 4)]
@@ -52,7 +52,7 @@ def test_searcher_hands_out_what_fits_largest_first_and_releases_on_completion(t
 
 
 def test_searcher_honours_a_cap_on_concurrent_trials():
-    from engine.packing import PackingSearcher
+    from clmscale.engine.packing import PackingSearcher
 
     names = [f"q{i}" for i in range(4)]
     searcher = PackingSearcher([{"n": n} for n in names], [_need(0.25)] * 4, names, [Node(cpus=4, gpus=4)],
@@ -163,9 +163,9 @@ def mixed_sweeps(work: Path) -> None:
     from test_multinode import _free_port
     from test_sweep import write_sweep
 
-    from engine.config import load_sweep
-    from engine.rundir import RunDir
-    from engine.sweep import run_sweep
+    from clmscale.engine.config import load_sweep
+    from clmscale.engine.rundir import RunDir
+    from clmscale.engine.sweep import run_sweep
 
     observed: dict = {}
     ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -205,7 +205,7 @@ def test_mixed_sweep_packs_real_trials_and_matches_one_at_a_time(tmp_path):
     from safetensors.torch import load_file
     from test_multinode import MARKER, _kill_all
 
-    from engine.rundir import RunDir
+    from clmscale.engine.rundir import RunDir
 
     marker = uuid.uuid4().hex
     ray_tmp = Path(tempfile.mkdtemp(prefix="clm-pk-"))  # short: Ray's socket paths live under it

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from engine.admission import Bundle, Node, TrialNeed
-from engine.config import LADDER, ResourcesConfig, expand_grid, load_sweep
-from engine.plan import (
+from clmscale.engine.admission import Bundle, Node, TrialNeed
+from clmscale.engine.config import LADDER, ResourcesConfig, expand_grid, load_sweep
+from clmscale.engine.plan import (
     GB,
     MEMORY_PARTS,
     PlanError,
@@ -28,7 +28,7 @@ from engine.plan import (
     plan_sweep,
     simulate,
 )
-from engine.train import smoke_trial
+from clmscale.engine.train import smoke_trial
 
 REPO_SWEEPS = __import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps"
 

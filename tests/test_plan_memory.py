@@ -49,8 +49,8 @@ def probe(family: str, rung: str, micro_batch_size: int, seq_len: int, precision
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed  # noqa: F401  (imported before the baseline: its import is not the model's memory)
 
-    from engine.models import build_config
-    from engine.train import smoke_trial, synthetic_batches, train
+    from clmscale.engine.models import build_config
+    from clmscale.engine.train import smoke_trial, synthetic_batches, train
 
     torch.set_num_threads(1)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what engine.train's own group setup sets
@@ -95,8 +95,8 @@ def _measure(case: tuple) -> int:
 
 
 def _predicted(case: tuple) -> float:
-    from engine.config import LADDER
-    from engine.plan import memory_per_device, model_shape
+    from clmscale.engine.config import LADDER
+    from clmscale.engine.plan import memory_per_device, model_shape
 
     family, rung, micro, seq_len, precision = case
     shape = model_shape(family, LADDER[rung], VOCAB, seq_len)

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from rdkit import Chem
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from engine.config import DataConfig
-from engine.prepare import DataError, canonicalize_chunk, prepare
-from engine.rundir import DataDir
-from engine.tokenizer import smiles_tokens
+from clmscale.engine.config import DataConfig
+from clmscale.engine.prepare import DataError, canonicalize_chunk, prepare
+from clmscale.engine.rundir import DataDir
+from clmscale.engine.tokenizer import smiles_tokens
 
 SHARED_MOSES = SHARED_DATA / "pretrain" / "moses" / "test.csv.gz"
 
@@ -428,7 +428,7 @@ def contaminated(tmp_path_factory):
     5 with explicit hydrogens) and D-alanine, the stereoisomer of the task's L-alanine; the task file holds the
     10 molecules plus L-alanine in their canonical forms. Returns (root, data config, downstream config, planted
     {corpus line: task SMILES})."""
-    from engine.config import CustomTask, DownstreamConfig
+    from clmscale.engine.config import CustomTask, DownstreamConfig
 
     root = tmp_path_factory.mktemp("decon")
     moses = first_moses(320)
@@ -507,7 +507,7 @@ def test_decontamination_rerun_is_a_no_op_until_the_task_changes(contaminated, t
 
 
 def test_a_task_that_cannot_be_loaded_is_named(contaminated, tmp_path, monkeypatch):
-    from engine.config import DownstreamConfig
+    from clmscale.engine.config import DownstreamConfig
 
     _, cfg, _, _ = contaminated
     monkeypatch.delenv("CLMSCALE_DATA_DIR", raising=False)
@@ -521,9 +521,9 @@ def test_a_task_that_cannot_be_loaded_is_named(contaminated, tmp_path, monkeypat
 def test_task_tokens_join_the_vocabulary(contaminated, tmp_path):
     """MOSES has no stereo: without the task a [C@@H] is [UNK]; with it, the task's token types have ids of their own,
     appended after the corpus's (whose ids do not move)."""
-    from engine.config import CustomTask, DownstreamConfig
-    from engine.finetune import encode_smiles
-    from engine.tokenizer import load_tokenizer
+    from clmscale.engine.config import CustomTask, DownstreamConfig
+    from clmscale.engine.finetune import encode_smiles
+    from clmscale.engine.tokenizer import load_tokenizer
 
     cfg = DataConfig(corpus=[write_csv(tmp_path / "moses.csv", [(s, "m") for s in first_moses(300)])], val_fraction=0.1)
     stereo = ["C[C@@H](O)c1ccccc1", "N[C@@H](Cc1ccccc1)C(=O)O", "C/C=C/Cl"]

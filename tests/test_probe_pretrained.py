@@ -19,9 +19,9 @@ from conftest import first_moses
 from rdkit import Chem, rdBase
 from transformers import RobertaConfig, RobertaForMaskedLM
 
-from engine.finetune import FinetuneData, finetune
-from engine.tokenizer import build_tokenizer
-from fits._blas import one_blas_thread
+from clmscale.engine.finetune import FinetuneData, finetune
+from clmscale.engine.tokenizer import build_tokenizer
+from clmscale.fits._blas import one_blas_thread
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 N_STEPS, BATCH, LR = 750, 64, 2e-3

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fits.proxies import leave_one_size_out, proxy_timing, selection_regret
+from clmscale.fits.proxies import leave_one_size_out, proxy_timing, selection_regret
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 

@@ -15,10 +15,10 @@ import pytest
 from conftest import pulled_in
 from typer.testing import CliRunner
 
-from engine.cli import app
-from fits.fit import fit_run
-from fits.report import build_report
-from fits.verdicts import VERDICTS
+from clmscale.engine.cli import app
+from clmscale.fits.fit import fit_run
+from clmscale.fits.report import build_report
+from clmscale.fits.verdicts import VERDICTS
 from fixtures.make_run import (DIVERGED, DOWNSTREAM_TRUTH, FAILED, LABEL_SD, TRUTH, VAL_BEST, loss_law,
                                make_run)
 
@@ -402,11 +402,11 @@ def test_fit_table_chinchilla_points():
 
 
 def test_fit_and_report_import_no_ray_or_torch():
-    assert pulled_in("fits.fit, fits.report, fits.figures", {"ray", "torch"}) == []
+    assert pulled_in("clmscale.fits.fit, clmscale.fits.report, clmscale.fits.figures", {"ray", "torch"}) == []
 
 
 def test_faults_the_run_survived_are_listed(tmp_path):
-    from engine.rundir import RunDir
+    from clmscale.engine.rundir import RunDir
 
     rd = RunDir(make_run(tmp_path / "run", only_pretrain=True))
     rd.record_event({"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": "ck/2", "used_instead": "ck/1"})
@@ -419,8 +419,8 @@ def test_faults_the_run_survived_are_listed(tmp_path):
 
 
 def test_inputs_section_shows_the_overlap_table_and_flags_unread_inputs(page):
-    from engine.rundir import Manifest
-    from fits.report import _inputs_html
+    from clmscale.engine.rundir import Manifest
+    from clmscale.fits.report import _inputs_html
 
     assert "No <code>data/manifest.json</code>" in section(page.read_text(encoding="utf-8"), "inputs")
     split = {"n_molecules": 1, "n_tokens": 1}
@@ -477,8 +477,8 @@ def test_task_characteristics_beside_each_tasks_verdicts(fitted, page):
 
 def test_pca_of_finetuned_endpoints_is_one_figure_per_task(fitted, tmp_path):
     """Each task's figure has a panel per checkpoint with the origin and every split seed of that task."""
-    from engine.rundir import RunDir
-    from fits import figures
+    from clmscale.engine.rundir import RunDir
+    from clmscale.fits import figures
 
     pca = RunDir(fitted[0]).read_table("pca")
     mine = pca[(pca["kind"] == "finetuned") & (pca["label"] == "solubility")]

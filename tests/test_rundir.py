@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.files import json_safe
-from engine.rundir import (IDENTITY, TABLES, CheckpointInfo, DataDir, RunDir, TableError, TrainResult, TrialDir,
+from clmscale.engine.files import json_safe
+from clmscale.engine.rundir import (IDENTITY, TABLES, CheckpointInfo, DataDir, RunDir, TableError, TrainResult, TrialDir,
                            counted_checkpoints)
 
 ROOT = Path(__file__).resolve().parents[1]

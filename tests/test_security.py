@@ -143,7 +143,7 @@ def local_cluster_kwargs(init_ray, monkeypatch) -> dict:
 
 
 def test_cli_starts_ray_with_a_local_dashboard(monkeypatch):
-    from engine.cli import _init_ray
+    from clmscale.engine.cli import _init_ray
 
     assert local_cluster_kwargs(_init_ray, monkeypatch).get("dashboard_host") in LOCAL_HOSTS
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.config import load_sweep
-from engine.rundir import TABLES, RunDir, TrainResult
+from clmscale.engine.cli import app
+from clmscale.engine.config import load_sweep
+from clmscale.engine.rundir import TABLES, RunDir, TrainResult
 
 CHECKPOINT = "trials/xxs_10ktok_s0/checkpoints/000000010000"
 

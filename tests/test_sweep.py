@@ -20,8 +20,8 @@ import torch
 import yaml
 from conftest import first_moses
 
-from engine.config import expand_grid, load_sweep
-from engine.rundir import RunDir
+from clmscale.engine.config import expand_grid, load_sweep
+from clmscale.engine.rundir import RunDir
 
 N_SMILES = 3000
 
@@ -52,7 +52,7 @@ def write_sweep(tmp: Path, name: str, sizes: list[str], budgets: list[float], se
 @pytest.fixture(scope="module")
 def grid(ray_cluster, tmp_path_factory):
     """2 rungs x 2 budgets; trial xs_30ktok_s0 gets a NaN loss at step 5."""
-    from engine.sweep import INJECT_NAN_TRIAL_ENV, run_sweep
+    from clmscale.engine.sweep import INJECT_NAN_TRIAL_ENV, run_sweep
 
     tmp = tmp_path_factory.mktemp("grid")
     cfg = load_sweep(write_sweep(tmp, "grid", ["xxs", "xs"], [1.5e4, 3e4]))
@@ -82,8 +82,8 @@ def test_every_trial_lands_in_the_table(grid):
 def test_parameter_counts_are_exact(grid):
     from transformers import AutoModelForMaskedLM
 
-    from engine.models import build_config, count_params
-    from engine.tokenizer import load_tokenizer
+    from clmscale.engine.models import build_config, count_params
+    from clmscale.engine.tokenizer import load_tokenizer
 
     cfg, rd, table = grid
     vocab = len(load_tokenizer(rd.tokenizer))
@@ -108,8 +108,8 @@ def test_training_loss_falls(grid):
 def test_checkpoint_reloads_with_the_same_validation_loss(grid):
     from transformers import AutoModelForMaskedLM
 
-    from engine import data
-    from engine.models import model_inputs
+    from clmscale.engine import data
+    from clmscale.engine.models import model_inputs
 
     cfg, rd, table = grid
     row = table[table["status"] == "finished"].iloc[-1]
@@ -138,7 +138,7 @@ def test_nan_marks_one_trial_diverged_and_the_others_finish(grid):
 def test_status_command(grid):
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from clmscale.engine.cli import app
 
     _, rd, _ = grid
     out = CliRunner().invoke(app, ["status", str(rd.root)])
@@ -148,7 +148,7 @@ def test_status_command(grid):
 
 @pytest.mark.timeout(900)
 def test_a_new_sweep_refuses_a_used_run_dir_and_resume_reruns_nothing(grid):
-    from engine.sweep import SweepError, run_sweep
+    from clmscale.engine.sweep import SweepError, run_sweep
 
     cfg, rd, table = grid
     with pytest.raises(SweepError, match="pass --resume"):
@@ -161,7 +161,7 @@ def test_a_new_sweep_refuses_a_used_run_dir_and_resume_reruns_nothing(grid):
 
 @pytest.mark.timeout(900)
 def test_resume_refuses_another_sweep(grid, tmp_path):
-    from engine.sweep import SweepError, run_sweep
+    from clmscale.engine.sweep import SweepError, run_sweep
 
     cfg, rd, _ = grid
     other = cfg.model_copy(update={"seeds": [7]})
@@ -171,8 +171,8 @@ def test_resume_refuses_another_sweep(grid, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_impossible_resources_fail_before_anything_starts(ray_cluster, tmp_path):
-    from engine.admission import Node
-    from engine.sweep import SweepError, check_fits
+    from clmscale.engine.admission import Node
+    from clmscale.engine.sweep import SweepError, check_fits
 
     cfg = load_sweep(write_sweep(tmp_path, "big", ["xxs"], [1e4]))
     trials = expand_grid(cfg)
@@ -189,7 +189,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     trial finishes from that checkpoint (not from scratch)."""
     from ray.util.state import list_actors
 
-    from engine.sweep import run_sweep
+    from clmscale.engine.sweep import run_sweep
 
     cfg = load_sweep(write_sweep(tmp_path, "kill", ["xxs"], [8e4], checkpoints=4))
     rd = RunDir(cfg.run_dir)
@@ -217,13 +217,13 @@ def test_killed_driver_then_resume_reruns_no_finished_trial(ray_cluster, tmp_pat
     the sweep and leaves the finished trial's files untouched."""
     import ray
 
-    from engine.sweep import run_sweep
+    from clmscale.engine.sweep import run_sweep
 
     path = write_sweep(tmp_path, "driver", ["xxs"], [1.5e4], seeds=(0, 1))
     cfg = load_sweep(path)
     rd = RunDir(cfg.run_dir)
     address = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "sweep", str(path), "--address", address],
+    proc = subprocess.Popen([sys.executable, "-m", "clmscale.engine.cli", "sweep", str(path), "--address", address],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)  # fmt: skip
     try:
         done = _wait_for(lambda: list(rd.trials.glob("*/result.json")), timeout=400)

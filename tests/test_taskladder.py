@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from fits import NotFittedError
-from fits.taskladder import TaskLadder, task_ladder_backtest
+from clmscale.fits import NotFittedError
+from clmscale.fits.taskladder import TaskLadder, task_ladder_backtest
 
 LOSS_TRUTH = {"E": 0.5, "A": 50.0, "alpha": 0.35, "B": 20.0, "beta": 0.3}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.config import CustomTask, DownstreamConfig
-from engine.tasks import (
+from clmscale.engine.config import CustomTask, DownstreamConfig
+from clmscale.engine.tasks import (
     TASKS,
     ChecksumError,
     Split,
@@ -471,7 +471,7 @@ def test_unscorable_split_names_task_part_method_and_seed(tmp_path, caplog):
     with pytest.raises(TaskError, match=r"task 'mine': the test part of the scaffold split with seed 3 .*"
                                         r"'y': only class 0 \(2 molecules\); 'z': only class 0"):  # fmt: skip
         check_split(data, one_class, "scaffold", 3)
-    with caplog.at_level(logging.WARNING, logger="engine.tasks"):
+    with caplog.at_level(logging.WARNING, logger="clmscale.engine.tasks"):
         check_split(data, Split(np.arange(0, 6), np.array([6, 7]), np.array([8, 9])), "random", 0)
     assert "the val part of the random split with seed 0" in caplog.text and "1 of 2 label columns" in caplog.text
     regression = load_task(custom(tmp_path, "smiles,y\nCCO,1\nCCN,\nCCC,2\n", name="r"))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import first_moses
 
-from engine.finetune import morgan_fingerprints
-from engine.tasks import load_task
-from engine.taskstats import (
+from clmscale.engine.finetune import morgan_fingerprints
+from clmscale.engine.tasks import load_task
+from clmscale.engine.taskstats import (
     combine_nearest_neighbours,
     corpus_distance,
     describe_task,
@@ -94,14 +94,14 @@ def test_nearest_neighbours_as_ray_tasks_equal_the_unchunked_search(corpus, ray_
     run while it waits), gives exactly the single-chunk answer; so does one chunk from the driver."""
     import ray
 
-    from engine.analyze import nearest_neighbours
+    from clmscale.engine.analyze import nearest_neighbours
 
     task = corpus[100:110] + load_task("solubility").smiles[:40]
     whole = nearest_neighbour_chunk(task, corpus)
 
     @ray.remote(num_cpus=1)
     def job(task, corpus):
-        from engine.analyze import nearest_neighbours
+        from clmscale.engine.analyze import nearest_neighbours
 
         return nearest_neighbours(task, corpus, chunk=700)  # 5 chunks
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, pre_tokenizers
 
-from engine.tokenizer import SMILES_REGEX, SPECIAL_TOKENS, build_tokenizer, count_unk, load_tokenizer, smiles_tokens
+from clmscale.engine.tokenizer import SMILES_REGEX, SPECIAL_TOKENS, build_tokenizer, count_unk, load_tokenizer, smiles_tokens
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torch
 from conftest import flip_byte
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.config import TrainConfig
-from engine.models import build_config, model_inputs
-from engine.rundir import TrialDir
-from engine.train import INJECT_NAN_ENV, lr_at, milestones, smoke_trial, synthetic_batches, train
+from clmscale.engine.config import TrainConfig
+from clmscale.engine.models import build_config, model_inputs
+from clmscale.engine.rundir import TrialDir
+from clmscale.engine.train import INJECT_NAN_ENV, lr_at, milestones, smoke_trial, synthetic_batches, train
 
 VOCAB, SEQ, MICRO = 40, 32, 4
 BUDGET = 4_000  # tokens: ~20 optimizer steps of 8 sequences
@@ -232,7 +232,7 @@ def _zero3_worker(rank: int, world: int, port: int, trial_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from engine.config import ResourcesConfig
+    from clmscale.engine.config import ResourcesConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))  # what torchrun sets; DeepSpeed asserts LOCAL_RANK
@@ -264,7 +264,7 @@ def test_zero3_two_processes(tmp_path):
         port = s.getsockname()[1]
     # a fork server imports torch, transformers and deepspeed once for both workers (spawn would
     # import them twice, ~10 s each on a busy machine); forking pytest itself would copy its process group
-    multiprocessing.set_forkserver_preload(["engine.train", "deepspeed", "transformers"])
+    multiprocessing.set_forkserver_preload(["clmscale.engine.train", "deepspeed", "transformers"])
     mp.start_processes(_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="forkserver")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "finished" and result["n_tokens"] >= BUDGET // 2
@@ -285,7 +285,7 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
 
 def test_the_loop_reads_the_device_only_at_log_points(tmp_path, monkeypatch):
     """No per-step host read (issue 16): the loss-is-finite check reads the device once per log window."""
-    from engine import train as train_module
+    from clmscale.engine import train as train_module
 
     reads = []
     real = train_module._finite_so_far
@@ -301,7 +301,7 @@ def test_bf16_accumulates_gradients_in_fp32_or_is_refused(tmp_path, monkeypatch)
     import deepspeed
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-    from engine.config import Trial
+    from clmscale.engine.config import Trial
 
     with pytest.raises(ValueError, match=r"smoke_mlm_xxs: bf16 at zero_stage 0 would accumulate gradients in bf16 "
                                          r"over 2 micro-steps .*use zero_stage: 1 or auto"):  # fmt: skip

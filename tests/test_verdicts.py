@@ -11,8 +11,8 @@ import statsmodels.api as sm
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from fits.slopes import _codes, _design, compute_frontier_mask, fit_slope, pool_inverse_variance
-from fits.verdicts import (PLATEAU_MARGINS, adjust_pvalues, axis_trend, correct, judge, plateau_margin,
+from clmscale.fits.slopes import _codes, _design, compute_frontier_mask, fit_slope, pool_inverse_variance
+from clmscale.fits.verdicts import (PLATEAU_MARGINS, adjust_pvalues, axis_trend, correct, judge, plateau_margin,
                            scaling_verdicts, trend_on_table, verdict_counts)
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")

@@ -16,11 +16,11 @@ import torch
 from test_train import BUDGET, MICRO, SEQ, VOCAB, batches, hf_val_loss, records, tokenizer_dir, val_batches  # noqa: F401
 from transformers import AutoModelForMaskedLM
 
-from engine.config import TrainConfig
-from engine.models import build_config, build_model, model_inputs
-from engine.rundir import RunDir, TrialDir, counted_checkpoints
-from engine.sweep import pretrain_rows
-from engine.train import (MAX_EPOCHS, anneals, branch_start, cooldown_lr, data_use, lm_loss, lr_at, milestones,
+from clmscale.engine.config import TrainConfig
+from clmscale.engine.models import build_config, build_model, model_inputs
+from clmscale.engine.rundir import RunDir, TrialDir, counted_checkpoints
+from clmscale.engine.sweep import pretrain_rows
+from clmscale.engine.train import (MAX_EPOCHS, anneals, branch_start, cooldown_lr, data_use, lm_loss, lr_at, milestones,
                           smoke_trial, synthetic_batches, train)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -258,7 +258,7 @@ def test_a_cosine_run_marks_its_last_checkpoint_annealed_and_counts_epochs(tmp_p
         return split  # every pass reads the same molecules, as a real split does
     rd = RunDir(tmp_path / "run")
     folder = rd.trial("smoke_mlm_xxs")
-    with caplog.at_level("WARNING", logger="engine.train"):
+    with caplog.at_level("WARNING", logger="clmscale.engine.train"):
         result, _ = run(folder.path, make=small_epochs, checkpoints=3, train_split_tokens=split_tokens)
 
     infos = result.checkpoints
