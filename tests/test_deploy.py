@@ -197,7 +197,7 @@ def test_dockerfile_base_images_have_fixed_tags(dockerfile):
 def test_dockerfile_copies_the_project_and_its_ignore_file_lets_it_through(dockerfile):
     kind, ins = dockerfile
     sources = [src.rstrip("/") for x in ins if x.keyword == "COPY" for src in x.args.split()[:-1]]
-    for needed in ("pyproject.toml", "README.md", "engine", "fits", "sweeps", "data"):
+    for needed in ("pyproject.toml", "README.md", "clmscale", "engine", "fits", "sweeps", "data"):
         assert needed in sources, f"Dockerfile.{kind}: does not COPY {needed}"
     for src in sources:
         assert (REPO / src).exists(), f"Dockerfile.{kind}: COPY {src}, which is not in the repository"
