@@ -8,7 +8,7 @@
     clmscale analyze  runs/demo             # fine-tuning, Hessians, landscapes as Ray tasks
     clmscale fit      runs/demo             # scaling laws and proxy correlations
     clmscale report   runs/demo             # report/index.html
-    clmscale demo     sweeps/demo.yaml      # all of the above, in order
+    clmscale demo     sweeps/demo.yaml      # all of the above, in order (no file: the shipped demo sweep)
 
 Errors in what the user gave (a sweep file, a corpus, a task, a run directory another driver holds,
 a cluster address that does not answer) print one line and exit 2; set CLMSCALE_DEBUG=1 to see the
@@ -294,13 +294,15 @@ def report(run_dir: Path) -> None:
 @app.command()
 @user_errors
 def demo(
-    sweep_file: Path = typer.Argument(Path("sweeps/demo.yaml")),
+    sweep_file: Path = typer.Argument(None, help="Sweep file; default the demo sweep installed with clmscale."),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
     storage_root: Path = _storage_root_option(),
     verbose: bool = VERBOSE,
 ) -> None:
     """prepare -> sweep -> analyze -> fit -> report on SWEEP_FILE, then print the report's path.
 
+    Without SWEEP_FILE it runs the demo sweep installed with clmscale (its corpus and tasks come with it);
+    results go to ./runs/demo of the current directory, as for any sweep whose storage.root is relative.
     Run it again and it continues where it stopped: finished trials and analysis rows are kept.
     """
     import time
@@ -311,6 +313,7 @@ def demo(
     from clmscale.fits.report import build_report
 
     start = time.monotonic()
+    sweep_file = sweep_file or shipped_sweep("demo.yaml")
     cfg = _load_checked(sweep_file, storage_root)
     rd = RunDir(cfg.run_dir)
     with _driver(rd, f"clmscale demo {sweep_file}"), \
@@ -324,6 +327,14 @@ def demo(
     _say_tables(rd, tables)
     typer.echo(f"Ray's output: {rd.logs}/")
     typer.echo(f"demo finished in {time.monotonic() - start:.0f} s; open the report: {path.resolve()}")
+
+
+def shipped_sweep(name: str) -> Path:
+    """An example sweep file installed with clmscale: sweeps/ in the repository, clmscale/sweeps/ in a wheel.
+    Its corpus path is relative to the file, so it finds the shipped data beside it either way."""
+    from importlib.resources import files
+
+    return Path(str(files("clmscale.sweeps") / name))
 
 
 def _init_ray(address: str | None):
