@@ -25,7 +25,14 @@ from scipy.special import expit
 
 from clmscale.engine.files import json_safe
 from clmscale.fits.downstream import format_scale
-from clmscale.fits.powerlaw import ChinchillaFit, SaturatingPowerLaw, _as_columns, _check_is_fitted, _Estimator, identification
+from clmscale.fits.powerlaw import (
+    ChinchillaFit,
+    SaturatingPowerLaw,
+    _as_columns,
+    _check_is_fitted,
+    _Estimator,
+    identification,
+)
 
 LOSS_LAWS = {
     "chinchilla": "L(N, D) = E + A/N^alpha + B/D^beta",
