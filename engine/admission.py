@@ -349,5 +349,7 @@ def _bundles_text(need: TrialNeed) -> str:
     if not need.bundles:
         return "no worker bundles"
     b = need.bundles[0]
-    return (f"{len(need.bundles)} worker bundle(s) of {b.cpus:g} CPUs / {b.gpus:g} GPUs"
-            f" + {need.trial_cpus:g} CPU for the trial actor")
+    return (
+        f"{len(need.bundles)} worker bundle(s) of {b.cpus:g} CPUs / {b.gpus:g} GPUs"
+        f" + {need.trial_cpus:g} CPU for the trial actor"
+    )

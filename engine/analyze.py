@@ -75,8 +75,12 @@ class CheckpointRef:
 
     @classmethod
     def of(cls, row: dict) -> CheckpointRef:
-        return cls(path=str(row["checkpoint"]), trial_id=str(row["trial_id"]), tokens=float(row["tokens"]),
-                   rung=str(row["rung"]))
+        return cls(
+            path=str(row["checkpoint"]),
+            trial_id=str(row["trial_id"]),
+            tokens=float(row["tokens"]),
+            rung=str(row["rung"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,9 @@ class Job:
     workers: int = 1  # >1: the job only waits on a Ray Train worker group of that size (see distributed_spectrum)
 
 
-def _job(table: str, fn: Callable[..., list[dict]], identity: dict, after: tuple = (), workers: int = 1,
-         **args: Any) -> Job:
+def _job(
+    table: str, fn: Callable[..., list[dict]], identity: dict, after: tuple = (), workers: int = 1, **args: Any
+) -> Job:
     """A job whose key is read from its identity and arguments: the one place keys are built."""
     fields = {**identity, **{k: v for k, v in args.items() if k != "ck"}}
     return Job(table, tuple(fields[c] for c in TABLES[table].key), fn, args, identity, after, workers)
@@ -104,8 +109,9 @@ def select_checkpoints(counted: pd.DataFrame, which: str) -> pd.DataFrame:
     return counted.sort_values(["n_params", "tokens"]).reset_index(drop=True)
 
 
-def sound_checkpoints(rd: RunDir, counted: pd.DataFrame, selected: pd.DataFrame,
-                      corrupt: Callable[[str], list[str]]) -> pd.DataFrame:
+def sound_checkpoints(
+    rd: RunDir, counted: pd.DataFrame, selected: pd.DataFrame, corrupt: Callable[[str], list[str]]
+) -> pd.DataFrame:
     """`selected`, with each checkpoint whose weights fail their sha256 check (`corrupt(path)`, the
     files that fail) replaced by the latest sound counted checkpoint of the same trial before it, and
     the event recorded. With none before it, the checkpoint stays, so its jobs fail with the loader's
@@ -117,12 +123,27 @@ def sound_checkpoints(rd: RunDir, counted: pd.DataFrame, selected: pd.DataFrame,
             keep.append(ck)
             continue
         earlier = counted[(counted["trial_id"] == ck["trial_id"]) & (counted["tokens"] < ck["tokens"])]
-        used = next((r for r in earlier.sort_values("tokens", ascending=False).to_dict("records")
-                     if not corrupt(r["checkpoint"])), None)
-        log.warning(f"[analyze] {ck['checkpoint']}: {', '.join(bad)} fail the sha256 check; "
-                    + (f"using {used['checkpoint']} instead" if used else "and no sound checkpoint comes before it"))
-        rd.record_event({"stage": "analyze", "event": "corrupt_checkpoint", "checkpoint": ck["checkpoint"],
-                         "files": bad, "used_instead": used["checkpoint"] if used else None})
+        used = next(
+            (
+                r
+                for r in earlier.sort_values("tokens", ascending=False).to_dict("records")
+                if not corrupt(r["checkpoint"])
+            ),
+            None,
+        )
+        log.warning(
+            f"[analyze] {ck['checkpoint']}: {', '.join(bad)} fail the sha256 check; "
+            + (f"using {used['checkpoint']} instead" if used else "and no sound checkpoint comes before it")
+        )
+        rd.record_event(
+            {
+                "stage": "analyze",
+                "event": "corrupt_checkpoint",
+                "checkpoint": ck["checkpoint"],
+                "files": bad,
+                "used_instead": used["checkpoint"] if used else None,
+            }
+        )
         if used is None:
             keep.append(ck)
         elif used["checkpoint"] not in chosen:
@@ -156,8 +177,9 @@ def _task_jobs(ctx: Context) -> Iterator[Job]:
 def _lr_search(ctx: Context, ck: CheckpointRef, identity: dict, task: str, mode: str) -> list[Job]:
     """One fine-tuning run per learning rate on the first split and fine-tuning seed (no test numbers):
     the grid spreads over the cluster, and `_chosen_lr` picks from its rows on validation."""
-    return [_job("lr_search", lr_search_job, identity, ck=ck, task=task, mode=mode, lr=lr)
-            for lr in ctx.cfg.downstream.lrs]
+    return [
+        _job("lr_search", lr_search_job, identity, ck=ck, task=task, mode=mode, lr=lr) for lr in ctx.cfg.downstream.lrs
+    ]
 
 
 def _searched(jobs: list[Job]) -> tuple:
@@ -174,9 +196,18 @@ def _finetune_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator[
                 for mode in ds.modes:
                     # the weights later jobs read: every split seed's, at the first fine-tuning seed
                     save = mode == "finetune" and finetune_seed == ds.finetune_seeds[0]
-                    yield _job("finetune", finetune_job, identity, _searched(search) if mode == "finetune" else (),
-                               ck=ck, task=task, split_seed=split_seed, finetune_seed=finetune_seed, mode=mode,
-                               save=save)
+                    yield _job(
+                        "finetune",
+                        finetune_job,
+                        identity,
+                        _searched(search) if mode == "finetune" else (),
+                        ck=ck,
+                        task=task,
+                        split_seed=split_seed,
+                        finetune_seed=finetune_seed,
+                        mode=mode,
+                        save=save,
+                    )
 
 
 def _first_finetune(ctx: Context, ck: CheckpointRef, task: str) -> tuple:
@@ -197,11 +228,17 @@ def _hessian_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator[J
     yield _job("hessian", hessian_job, identity, workers=an.hessian_workers, ck=ck, loss="pretrain")
     for task in ctx.cfg.downstream.tasks if an.hessian_pretrained_task else []:
         # the task loss at the pretrained weights: measurable before any fine-tuning, so a candidate proxy
-        yield _job("hessian", hessian_job, identity, workers=an.hessian_workers, ck=ck,
-                   loss=f"pretrained_task:{task}")
+        yield _job("hessian", hessian_job, identity, workers=an.hessian_workers, ck=ck, loss=f"pretrained_task:{task}")
     for task in _tuned_tasks(ctx) if an.hessian_finetune else []:
-        yield _job("hessian", hessian_job, identity, _first_finetune(ctx, ck, task), an.hessian_workers, ck=ck,
-                   loss=f"finetune:{task}")
+        yield _job(
+            "hessian",
+            hessian_job,
+            identity,
+            _first_finetune(ctx, ck, task),
+            an.hessian_workers,
+            ck=ck,
+            loss=f"finetune:{task}",
+        )
 
 
 def _landscape_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator[Job]:
@@ -214,8 +251,15 @@ def _landscape_jobs(ctx: Context, ck: CheckpointRef, identity: dict) -> Iterator
         loss = f"pretrained_task:{task}"
         yield _job("landscape", task_sharpness_job, identity, (("hessian", (ck.path, loss)),), ck=ck, surface=loss)
     for task in _tuned_tasks(ctx):
-        yield _job("landscape", pt_to_ft_job, identity, _first_finetune(ctx, ck, task), ck=ck,
-                   surface=f"pt_to_ft:{task}", task=task)
+        yield _job(
+            "landscape",
+            pt_to_ft_job,
+            identity,
+            _first_finetune(ctx, ck, task),
+            ck=ck,
+            surface=f"pt_to_ft:{task}",
+            task=task,
+        )
 
 
 def _baseline_jobs(ctx: Context, checkpoints: pd.DataFrame) -> Iterator[Job]:
@@ -233,16 +277,37 @@ def _baseline_jobs(ctx: Context, checkpoints: pd.DataFrame) -> Iterator[Job]:
                 yield from search
                 for split_seed in ds.seeds:
                     for finetune_seed in ds.finetune_seeds:
-                        yield _job("finetune", finetune_job, identity, _searched(search), ck=ck, task=task,
-                                   split_seed=split_seed, finetune_seed=finetune_seed, mode="random_init", save=False)
-    no_scale = {k: np.nan for k in IDENTITY} | {"checkpoint": "", "trial_id": "", "rung": "",
-                                                 "pretrain_val_loss": np.nan}
+                        yield _job(
+                            "finetune",
+                            finetune_job,
+                            identity,
+                            _searched(search),
+                            ck=ck,
+                            task=task,
+                            split_seed=split_seed,
+                            finetune_seed=finetune_seed,
+                            mode="random_init",
+                            save=False,
+                        )
+    no_scale = {k: np.nan for k in IDENTITY} | {
+        "checkpoint": "",
+        "trial_id": "",
+        "rung": "",
+        "pretrain_val_loss": np.nan,
+    }
     for mode in [b for b in ds.baselines if b != "random_init"]:
         for task in ds.tasks:
             for split_seed in ds.seeds:
                 for finetune_seed in ds.finetune_seeds if mode != "morgan_fp" else ds.finetune_seeds[:1]:
-                    yield _job("finetune", feature_baseline_job, no_scale, task=task, split_seed=split_seed,
-                               finetune_seed=finetune_seed, mode=mode)
+                    yield _job(
+                        "finetune",
+                        feature_baseline_job,
+                        no_scale,
+                        task=task,
+                        split_seed=split_seed,
+                        finetune_seed=finetune_seed,
+                        mode=mode,
+                    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +317,15 @@ def _baseline_jobs(ctx: Context, checkpoints: pd.DataFrame) -> Iterator[Job]:
 def _finetune_settings(ctx: Context) -> dict[str, Any]:
     """The fine-tuning protocol of the sweep file, as finetune() keywords."""
     ds = ctx.cfg.downstream
-    return {"epochs": ds.epochs, "patience": ds.patience, "batch_size": ds.batch_size, "pooling": ds.pooling,
-            "warmup_fraction": ds.warmup_fraction, "lr_schedule": ds.lr_schedule, "weight_decay": ds.weight_decay}
+    return {
+        "epochs": ds.epochs,
+        "patience": ds.patience,
+        "batch_size": ds.batch_size,
+        "pooling": ds.pooling,
+        "warmup_fraction": ds.warmup_fraction,
+        "lr_schedule": ds.lr_schedule,
+        "weight_decay": ds.weight_decay,
+    }
 
 
 def lr_search_job(ctx: Context, ck: CheckpointRef, task: str, mode: str, lr: float) -> list[dict]:
@@ -261,13 +333,31 @@ def lr_search_job(ctx: Context, ck: CheckpointRef, task: str, mode: str, lr: flo
 
     ds = ctx.cfg.downstream
     data = _task_split(ctx, task, ds.seeds[0])
-    result = finetune.finetune(ctx.rd.path(ck.path), data, mode="finetune", lr=lr, split_seed=ds.seeds[0],
-                               finetune_seed=ds.finetune_seeds[0], random_init=mode == "random_init",
-                               **_finetune_settings(ctx))
+    result = finetune.finetune(
+        ctx.rd.path(ck.path),
+        data,
+        mode="finetune",
+        lr=lr,
+        split_seed=ds.seeds[0],
+        finetune_seed=ds.finetune_seeds[0],
+        random_init=mode == "random_init",
+        **_finetune_settings(ctx),
+    )
     # the validation metric only: the test split is read once, at the chosen learning rate
-    return [{"lr": lr, "split_seed": ds.seeds[0], "finetune_seed": ds.finetune_seeds[0], "metric": result["metric"],
-             "higher_is_better": result["higher_is_better"], "val_value": result["val"], "flag": result["flag"],
-             "best_epoch": result["best_epoch"], "n_epochs": result["n_epochs"], "wall_time_s": result["wall_s"]}]
+    return [
+        {
+            "lr": lr,
+            "split_seed": ds.seeds[0],
+            "finetune_seed": ds.finetune_seeds[0],
+            "metric": result["metric"],
+            "higher_is_better": result["higher_is_better"],
+            "val_value": result["val"],
+            "flag": result["flag"],
+            "best_epoch": result["best_epoch"],
+            "n_epochs": result["n_epochs"],
+            "wall_time_s": result["wall_s"],
+        }
+    ]
 
 
 def chosen_lr(search: pd.DataFrame, grid: list[float]) -> float:
@@ -285,8 +375,9 @@ def chosen_lr(search: pd.DataFrame, grid: list[float]) -> float:
     return float(ok.sort_values(["val_value", "lr"], ascending=[not higher, True])["lr"].iloc[0])
 
 
-def finetune_job(ctx: Context, ck: CheckpointRef, task: str, split_seed: int, finetune_seed: int, mode: str,
-                 save: bool) -> list[dict]:
+def finetune_job(
+    ctx: Context, ck: CheckpointRef, task: str, split_seed: int, finetune_seed: int, mode: str, save: bool
+) -> list[dict]:
     from clmscale.engine import finetune
 
     ds = ctx.cfg.downstream
@@ -297,12 +388,19 @@ def finetune_job(ctx: Context, ck: CheckpointRef, task: str, split_seed: int, fi
         lr = ds.lrs[0]  # unused by the probe, which fits a linear model with its own penalty search
     else:
         search = ctx.rd.read_table("lr_search")
-        lr = chosen_lr(search[(search["checkpoint"] == ck.path) & (search["task"] == task) & (search["mode"] == mode)],
-                       ds.lrs)
+        lr = chosen_lr(
+            search[(search["checkpoint"] == ck.path) & (search["task"] == task) & (search["mode"] == mode)], ds.lrs
+        )
     result = finetune.finetune(
-        ctx.rd.path(ck.path), data, mode="probe" if mode == "probe" else "finetune", lr=lr, split_seed=split_seed,
-        finetune_seed=finetune_seed, random_init=mode == "random_init",
-        save_to=ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, split_seed) if save else None, **settings,
+        ctx.rd.path(ck.path),
+        data,
+        mode="probe" if mode == "probe" else "finetune",
+        lr=lr,
+        split_seed=split_seed,
+        finetune_seed=finetune_seed,
+        random_init=mode == "random_init",
+        save_to=ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, split_seed) if save else None,
+        **settings,
     )
     return _finetune_rows(ctx, data, mode, result)
 
@@ -315,9 +413,13 @@ def feature_baseline_job(ctx: Context, task: str, split_seed: int, finetune_seed
         result = finetune.fingerprint_baseline(data, split_seed=split_seed)
     else:
         # the mode is a config Baseline, so ecfp4_rf or rdkit2d_rf here; featurize refuses any other name
-        result = baselines.random_forest_baseline(data, features=mode.removesuffix("_rf"),  # type: ignore[arg-type]
-                                                  split_seed=split_seed, seed=finetune_seed,
-                                                  n_trees=ctx.cfg.downstream.n_trees)
+        result = baselines.random_forest_baseline(
+            data,
+            features=mode.removesuffix("_rf"),  # type: ignore[arg-type]
+            split_seed=split_seed,
+            seed=finetune_seed,
+            n_trees=ctx.cfg.downstream.n_trees,
+        )
     return _finetune_rows(ctx, data, mode, {**result, "finetune_seed": finetune_seed})
 
 
@@ -332,7 +434,10 @@ def _task_split(ctx: Context, task: str, split_seed: int):
         smiles=canonical_smiles(loaded.smiles, ctx.cfg.data.isomeric, what=f"task {loaded.name!r}"),
         labels=loaded.labels,
         task_type=loaded.task_type,
-        n_classes=loaded.n_classes, split=split, name=loaded.name, primary_metric=loaded.primary_metric,
+        n_classes=loaded.n_classes,
+        split=split,
+        name=loaded.name,
+        primary_metric=loaded.primary_metric,
     )
 
 
@@ -351,13 +456,24 @@ def _finetune_rows(ctx: Context, data, mode: str, result: dict) -> list[dict]:
 
     train = data.labels[data.split[0]]
     label_sd = float(np.nanmean(np.nanstd(train, axis=0, ddof=1))) if data.task_type == "regression" else np.nan
-    common = {"task": data.name, "split": ctx.cfg.downstream.split, "split_seed": result["split_seed"],
-              "finetune_seed": result.get("finetune_seed"), "mode": mode, "label_sd": label_sd,
-              "task_val_loss": result.get("val_loss", np.nan), "lr": result.get("lr"), "flag": result.get("flag", ""),
-              "best_epoch": result.get("best_epoch"), "n_epochs": result.get("n_epochs"),
-              "pooling": result.get("pooling"), "probe_layer": result.get("probe_layer"),
-              "unk_fraction": result.get("unk_fraction"), "truncated_fraction": result.get("truncated_fraction"),
-              "wall_time_s": result["wall_s"]}
+    common = {
+        "task": data.name,
+        "split": ctx.cfg.downstream.split,
+        "split_seed": result["split_seed"],
+        "finetune_seed": result.get("finetune_seed"),
+        "mode": mode,
+        "label_sd": label_sd,
+        "task_val_loss": result.get("val_loss", np.nan),
+        "lr": result.get("lr"),
+        "flag": result.get("flag", ""),
+        "best_epoch": result.get("best_epoch"),
+        "n_epochs": result.get("n_epochs"),
+        "pooling": result.get("pooling"),
+        "probe_layer": result.get("probe_layer"),
+        "unk_fraction": result.get("unk_fraction"),
+        "truncated_fraction": result.get("truncated_fraction"),
+        "wall_time_s": result["wall_s"],
+    }
     return [{**common, **row} for row in metric_rows(result)]
 
 
@@ -375,8 +491,9 @@ def task_characteristics_job(ctx: Context, task: str) -> list[dict]:
 
     loaded, _ = _loaded_split(ctx, task, ctx.cfg.downstream.seeds[0])
     record = taskstats.task_characteristics(loaded)
-    corpus = taskstats.sample_corpus(data.read_smiles(ctx.rd.shard_paths("train")), ctx.cfg.analysis.corpus_sample,
-                                     seed=0)
+    corpus = taskstats.sample_corpus(
+        data.read_smiles(ctx.rd.shard_paths("train")), ctx.cfg.analysis.corpus_sample, seed=0
+    )
     nearest = nearest_neighbours(list(loaded.smiles), corpus)
     distance = taskstats.corpus_distance(nearest, similar_at=0.4)
     distance["fraction_nn_unrelated"] = distance.pop("fraction_nn_tanimoto_below_0.4")
@@ -399,8 +516,7 @@ def nearest_neighbours(task_smiles: list[str], corpus: list[str], chunk: int = N
 
     chunks = [corpus[i : i + chunk] for i in range(0, len(corpus), chunk)]  # none: combine says so
     if not ray.is_initialized():
-        return taskstats.combine_nearest_neighbours([taskstats.nearest_neighbour_chunk(task_smiles, c)
-                                                     for c in chunks])
+        return taskstats.combine_nearest_neighbours([taskstats.nearest_neighbour_chunk(task_smiles, c) for c in chunks])
     one_chunk = ray.remote(taskstats.nearest_neighbour_chunk).options(num_cpus=1, max_retries=1)
     task_ref = ray.put(task_smiles)  # once, not once per chunk
     pending = [one_chunk.remote(task_ref, c) for c in chunks]  # type: ignore[arg-type]  # Ray resolves the ref
@@ -410,8 +526,9 @@ def nearest_neighbours(task_smiles: list[str], corpus: list[str], chunk: int = N
         if not finished:
             for ref in pending:
                 ray.cancel(ref)
-            raise TimeoutError(f"no nearest-neighbour chunk finished in {NN_TIMEOUT_S} s "
-                               f"({len(parts)} of {len(pending)} done)")
+            raise TimeoutError(
+                f"no nearest-neighbour chunk finished in {NN_TIMEOUT_S} s ({len(parts)} of {len(pending)} done)"
+            )
         parts[finished[0]] = ray.get(finished[0])
     return taskstats.combine_nearest_neighbours([parts[r] for r in pending])
 
@@ -429,9 +546,13 @@ def _pretrained(ctx: Context, ck: CheckpointRef, device: str = "cpu"):
     model = models.load_pretrained(ctx.rd.path(ck.path))
     models.use_eager_attention(model)
     model.eval().to(device)
-    batches = data.trial_validation_batches(ctx.rd, ctx.trials[ck.trial_id], ctx.cfg.model.max_seq_len,
-                                            n_batches=ctx.cfg.analysis.hessian_batches,
-                                            tokenizer=ctx.rd.path(ck.path))
+    batches = data.trial_validation_batches(
+        ctx.rd,
+        ctx.trials[ck.trial_id],
+        ctx.cfg.model.max_seq_len,
+        n_batches=ctx.cfg.analysis.hessian_batches,
+        tokenizer=ctx.rd.path(ck.path),
+    )
     rows = ctx.cfg.analysis.hessian_micro_batch
     pieces = [{k: v[i : i + rows] for k, v in b.items()} for b in batches for i in range(0, len(b["input_ids"]), rows)]
     return model, [{k: v.to(device) for k, v in p.items()} for p in pieces]
@@ -473,26 +594,53 @@ def hessian_problem(ctx: Context, ck: CheckpointRef, loss: str, device: str = "c
         return HessianProblem(model, pretraining_loss, batches, lambda b: float(n_loss_tokens(b["labels"], family)))
     kind, task = loss.split(":", 1)
     pretrained = kind == "pretrained_task"
-    weights = (ctx.rd.probe_head(ck.trial_id, ck.tokens, task) if pretrained
-               else ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, ds.seeds[0]))
-    return task_problem(ctx.rd.path(ck.path), _task_split(ctx, task, ds.seeds[0]), weights,
-                        pretrained_encoder=pretrained, n_batches=an.hessian_batches, batch_size=ds.batch_size,
-                        sample_seed=an.hessian_sample_seed, device=device)
+    weights = (
+        ctx.rd.probe_head(ck.trial_id, ck.tokens, task)
+        if pretrained
+        else ctx.rd.finetuned_weights(ck.trial_id, ck.tokens, task, ds.seeds[0])
+    )
+    return task_problem(
+        ctx.rd.path(ck.path),
+        _task_split(ctx, task, ds.seeds[0]),
+        weights,
+        pretrained_encoder=pretrained,
+        n_batches=an.hessian_batches,
+        batch_size=ds.batch_size,
+        sample_seed=an.hessian_sample_seed,
+        device=device,
+    )
 
 
-def task_problem(checkpoint_dir: Path, data, weights: Path, *, pretrained_encoder: bool, n_batches: int,
-                 batch_size: int, sample_seed: int | None, device: str = "cpu") -> HessianProblem:
+def task_problem(
+    checkpoint_dir: Path,
+    data,
+    weights: Path,
+    *,
+    pretrained_encoder: bool,
+    n_batches: int,
+    batch_size: int,
+    sample_seed: int | None,
+    device: str = "cpu",
+) -> HessianProblem:
     """A task loss (`engine.finetune.finetuning_loss`) weighted by labelled entries: at the fine-tuned encoder
     + head saved at `weights`, over both; or (pretrained_encoder) at the checkpoint's own encoder with the
     probe head saved at `weights`, over the encoder's parameters, the head held fixed."""
     from clmscale.engine import finetune
 
     model, loss_fn, batches = finetune.finetuning_loss(
-        checkpoint_dir, data, weights, n_batches=n_batches, batch_size=batch_size, device=device,
-        sample_seed=sample_seed, pretrained_encoder=pretrained_encoder)
+        checkpoint_dir,
+        data,
+        weights,
+        n_batches=n_batches,
+        batch_size=batch_size,
+        device=device,
+        sample_seed=sample_seed,
+        pretrained_encoder=pretrained_encoder,
+    )
     names = [n for n, _ in model.named_parameters() if n.startswith("encoder.")] if pretrained_encoder else None
-    return HessianProblem(model, loss_fn, batches, lambda b: float(finetune.n_labelled(b["labels"], data.n_classes)),
-                          names)
+    return HessianProblem(
+        model, loss_fn, batches, lambda b: float(finetune.n_labelled(b["labels"], data.n_classes)), names
+    )
 
 
 def probe_head(ctx: Context, ck: CheckpointRef, task: str) -> None:
@@ -507,8 +655,17 @@ def probe_head(ctx: Context, ck: CheckpointRef, task: str) -> None:
     if head_file(path).exists():
         return
     data = _task_split(ctx, task, ds.seeds[0])
-    finetune.finetune(ctx.rd.path(ck.path), data, mode="finetune", lr=max(ds.lrs), split_seed=ds.seeds[0],
-                      finetune_seed=ds.finetune_seeds[0], freeze_encoder=True, save_to=path, **_finetune_settings(ctx))
+    finetune.finetune(
+        ctx.rd.path(ck.path),
+        data,
+        mode="finetune",
+        lr=max(ds.lrs),
+        split_seed=ds.seeds[0],
+        finetune_seed=ds.finetune_seeds[0],
+        freeze_encoder=True,
+        save_to=path,
+        **_finetune_settings(ctx),
+    )
 
 
 def hessian_job(ctx: Context, ck: CheckpointRef, loss: str) -> list[dict]:
@@ -525,8 +682,14 @@ def hessian_job(ctx: Context, ck: CheckpointRef, loss: str) -> list[dict]:
     return [{"loss_value": record.pop("loss"), **record}]
 
 
-def _spectrum_record(ctx: Context, ck: CheckpointRef, loss: str, device: str, share: tuple[int, int] = (0, 1),
-                     all_reduce: Callable | None = None) -> dict:
+def _spectrum_record(
+    ctx: Context,
+    ck: CheckpointRef,
+    loss: str,
+    device: str,
+    share: tuple[int, int] = (0, 1),
+    all_reduce: Callable | None = None,
+) -> dict:
     """spectrum(...).to_record() on this worker's share (rank, world) of the batches."""
     from clmscale.engine.hessian import spectrum
 
@@ -534,13 +697,26 @@ def _spectrum_record(ctx: Context, ck: CheckpointRef, loss: str, device: str, sh
     problem = hessian_problem(ctx, ck, loss, device)
     rank, world = share
     if len(problem.batches) < world:
-        raise ValueError(f"Hessian of {loss}: {len(problem.batches)} batches cannot be shared by {world} workers "
-                         "(analysis.hessian_workers must not exceed the batches there are)")
+        raise ValueError(
+            f"Hessian of {loss}: {len(problem.batches)} batches cannot be shared by {world} workers "
+            "(analysis.hessian_workers must not exceed the batches there are)"
+        )
     # each worker holds every world-th batch and its slice of every stored Lanczos vector (no replication)
-    spec = spectrum(problem.model, problem.loss_fn, problem.batches[rank::world], all_reduce=all_reduce,
-                    count_fn=problem.count_fn, param_names=problem.param_names, shard=share if world > 1 else None,
-                    top_k=an.hessian_top_k, max_iter=an.hessian_max_iter, trace_matvecs=an.trace_matvecs,
-                    density_runs=an.density_runs, tf32=an.hessian_tf32, seed=0)
+    spec = spectrum(
+        problem.model,
+        problem.loss_fn,
+        problem.batches[rank::world],
+        all_reduce=all_reduce,
+        count_fn=problem.count_fn,
+        param_names=problem.param_names,
+        shard=share if world > 1 else None,
+        top_k=an.hessian_top_k,
+        max_iter=an.hessian_max_iter,
+        trace_matvecs=an.trace_matvecs,
+        density_runs=an.density_runs,
+        tf32=an.hessian_tf32,
+        seed=0,
+    )
     return {**spec.to_record(), "n_batches": len(problem.batches), "n_workers": world}
 
 
@@ -571,8 +747,9 @@ def distributed_spectrum(ctx: Context, ck: CheckpointRef, loss: str, n_workers: 
     trainer = TorchTrainer(
         _spectrum_worker,
         train_loop_config={"ctx": ctx, "ck": ck, "loss": loss},
-        scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=n_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage)),
     )
@@ -598,8 +775,14 @@ def _spectrum_worker(config: dict) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    record = _spectrum_record(config["ctx"], config["ck"], config["loss"], str(get_device()), share=(rank, world),
-                              all_reduce=torch_distributed_sum)
+    record = _spectrum_record(
+        config["ctx"],
+        config["ck"],
+        config["loss"],
+        str(get_device()),
+        share=(rank, world),
+        all_reduce=torch_distributed_sum,
+    )
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
@@ -615,20 +798,37 @@ def landscape_job(ctx: Context, ck: CheckpointRef, surface: str) -> list[dict]:
     model, batches = _pretrained(ctx, ck)
     weights = _token_weights(model, batches)  # the pretraining loss' own per-token mean over the batches
     rows = []
-    grid_1d = landscape.surface_1d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
-                                   span=an.landscape_span, seed=0, weights=weights)
-    rows += [{"kind": "1d", "alpha": a, "beta": 0.0, "loss": v}
-             for a, v in zip(grid_1d.alphas, grid_1d.losses, strict=True)]
+    grid_1d = landscape.surface_1d(
+        model,
+        pretraining_loss,
+        batches,
+        resolution=an.landscape_resolution,
+        span=an.landscape_span,
+        seed=0,
+        weights=weights,
+    )
+    rows += [
+        {"kind": "1d", "alpha": a, "beta": 0.0, "loss": v} for a, v in zip(grid_1d.alphas, grid_1d.losses, strict=True)
+    ]
     if an.landscape_2d:
-        grid = landscape.surface_2d(model, pretraining_loss, batches, resolution=an.landscape_resolution,
-                                    span=an.landscape_span, seed=0, weights=weights)
+        grid = landscape.surface_2d(
+            model,
+            pretraining_loss,
+            batches,
+            resolution=an.landscape_resolution,
+            span=an.landscape_span,
+            seed=0,
+            weights=weights,
+        )
         rows += [{"kind": "2d", "alpha": a, "beta": b, "loss": v} for a, b, v in grid.points()]
     # radii relative to each tensor's norm, so sharpness does not grow with N by construction
     sharp = {
-        "eps_sharpness": landscape.relative_sharpness(model, pretraining_loss, batches, rho=an.sharpness_rho,
-                                                      n_steps=an.sharpness_steps, seed=0, weights=weights),
-        "adaptive_sharpness": landscape.adaptive_sharpness(model, pretraining_loss, batches, rho=an.adaptive_rho,
-                                                           n_steps=an.sharpness_steps, seed=0, weights=weights),
+        "eps_sharpness": landscape.relative_sharpness(
+            model, pretraining_loss, batches, rho=an.sharpness_rho, n_steps=an.sharpness_steps, seed=0, weights=weights
+        ),
+        "adaptive_sharpness": landscape.adaptive_sharpness(
+            model, pretraining_loss, batches, rho=an.adaptive_rho, n_steps=an.sharpness_steps, seed=0, weights=weights
+        ),
     }
     return [{**r, **sharp} for r in rows]
 
@@ -640,8 +840,14 @@ def task_sharpness_job(ctx: Context, ck: CheckpointRef, surface: str) -> list[di
     probe_head(ctx, ck, surface.split(":", 1)[1])  # fitted once: the Hessian job's, when it ran first
     problem = hessian_problem(ctx, ck, surface, _device())
     an = ctx.cfg.analysis
-    return [{"kind": "sharpness", "alpha": 0.0, "beta": 0.0,
-             **sharpness(problem, rho=an.sharpness_rho, adaptive_rho=an.adaptive_rho, n_steps=an.sharpness_steps)}]
+    return [
+        {
+            "kind": "sharpness",
+            "alpha": 0.0,
+            "beta": 0.0,
+            **sharpness(problem, rho=an.sharpness_rho, adaptive_rho=an.adaptive_rho, n_steps=an.sharpness_steps),
+        }
+    ]
 
 
 def sharpness(problem: HessianProblem, *, rho: float, adaptive_rho: float, n_steps: int) -> dict[str, float]:
@@ -654,10 +860,12 @@ def sharpness(problem: HessianProblem, *, rho: float, adaptive_rho: float, n_ste
     common: dict[str, Any] = {"n_steps": n_steps, "seed": 0, "param_names": problem.param_names, "weights": weights}
     return {
         "loss": landscape.loss_at(problem.model, problem.loss_fn, problem.batches, weights=weights),
-        "eps_sharpness": landscape.relative_sharpness(problem.model, problem.loss_fn, problem.batches, rho=rho,
-                                                      **common),
-        "adaptive_sharpness": landscape.adaptive_sharpness(problem.model, problem.loss_fn, problem.batches,
-                                                           rho=adaptive_rho, **common),
+        "eps_sharpness": landscape.relative_sharpness(
+            problem.model, problem.loss_fn, problem.batches, rho=rho, **common
+        ),
+        "adaptive_sharpness": landscape.adaptive_sharpness(
+            problem.model, problem.loss_fn, problem.batches, rho=adaptive_rho, **common
+        ),
     }
 
 
@@ -679,11 +887,18 @@ def pt_to_ft_job(ctx: Context, ck: CheckpointRef, surface: str, task: str) -> li
     target = {f"{model.base_model_prefix}.{k}": v for k, v in load_file(finetuned).items()}
     if not any(name in target for name, _ in model.named_parameters()):
         raise ValueError(f"{finetuned}: no parameter names in common with {ck.path}")
-    line = landscape.surface_along(model, pretraining_loss, batches, target,
-                                   resolution=ctx.cfg.analysis.landscape_resolution,
-                                   weights=_token_weights(model, batches))
-    return [{"kind": f"pt_to_ft:{task}", "alpha": a, "beta": 0.0, "loss": v}
-            for a, v in zip(line.alphas, line.losses, strict=True)]
+    line = landscape.surface_along(
+        model,
+        pretraining_loss,
+        batches,
+        target,
+        resolution=ctx.cfg.analysis.landscape_resolution,
+        weights=_token_weights(model, batches),
+    )
+    return [
+        {"kind": f"pt_to_ft:{task}", "alpha": a, "beta": 0.0, "loss": v}
+        for a, v in zip(line.alphas, line.losses, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,8 +919,10 @@ def run_analysis(run_dir: Path | RunDir, *, data_dir: Path | None = None) -> dic
     done = {(name, tuple(r)) for name, t in tables.items() for r in t[list(TABLES[name].key)].itertuples(index=False)}
     todo = [j for j in jobs if (j.table, j.key) not in done]
     to_run = {table: sum(j.table == table for j in todo) for table in dict.fromkeys(j.table for j in todo)}
-    log.info(f"analyze {ctx.cfg.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run",
-             extra={"console": {"jobs": to_run}})  # engine.console's table
+    log.info(
+        f"analyze {ctx.cfg.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run",
+        extra={"console": {"jobs": to_run}},
+    )  # engine.console's table
     if todo:
         if not ray.is_initialized():
             ray.init()
@@ -715,8 +932,14 @@ def run_analysis(run_dir: Path | RunDir, *, data_dir: Path | None = None) -> dic
     return tables
 
 
-def parameter_space(rd: RunDir, counted: pd.DataFrame, checkpoints: pd.DataFrame, tasks: list[str],
-                    seeds: list[int], corrupt: Callable[[str], list[str]]) -> pd.DataFrame:
+def parameter_space(
+    rd: RunDir,
+    counted: pd.DataFrame,
+    checkpoints: pd.DataFrame,
+    tasks: list[str],
+    seeds: list[int],
+    corrupt: Callable[[str], list[str]],
+) -> pd.DataFrame:
     """PCA of each trial's checkpoint trajectory, and of each checkpoint's fine-tuned endpoints (every task
     and split seed) together with the pretrained weights they started from, so a task's direction can be
     told from seed scatter.
@@ -729,28 +952,42 @@ def parameter_space(rd: RunDir, counted: pd.DataFrame, checkpoints: pd.DataFrame
 
     from clmscale.engine.landscape import endpoint_pca, parameter_pca
 
-
     rows = []
     for trial_id, group in counted.groupby("trial_id"):
         group = group.sort_values("tokens")
         # a corrupt one is left out
         sound = [(p, t) for p, t in zip(group["checkpoint"], group["tokens"], strict=True) if not corrupt(p)]
         if len(sound) >= 2:
-            pca = parameter_pca([load_file(TrialDir.weights(rd.path(p))) for p, _ in sound],
-                                labels=[t for _, t in sound])
+            pca = parameter_pca(
+                [load_file(TrialDir.weights(rd.path(p))) for p, _ in sound], labels=[t for _, t in sound]
+            )
             rows += _pca_rows(pca, "trajectory", str(trial_id))
     for row in checkpoints.to_dict("records"):
         ck = CheckpointRef.of(row)
-        found = [({"task": t, "split_seed": s}, f) for t in tasks for s in seeds
-                 if (f := rd.finetuned_weights(ck.trial_id, ck.tokens, t, s)).exists()]
+        found = [
+            ({"task": t, "split_seed": s}, f)
+            for t in tasks
+            for s in seeds
+            if (f := rd.finetuned_weights(ck.trial_id, ck.tokens, t, s)).exists()
+        ]
         if len(found) >= 2:
             origin = _encoder_keys(load_file(TrialDir.weights(rd.path(ck.path))))
             pca = endpoint_pca(origin, [load_file(f) for _, f in found], [label for label, _ in found])
             ratio = list(pca.explained_variance_ratio) + [0.0]
-            rows += [{"kind": "finetuned", "group": ck.path, "label": "pretrained" if r["origin"] else r["task"],
-                      "split_seed": None if r["origin"] else r["split_seed"], "pc1": r["pc1"], "pc2": r.get("pc2", 0.0),
-                      "distance_from_origin": r["distance_from_origin"], "explained_1": ratio[0],
-                      "explained_2": ratio[1]} for r in pca.records]
+            rows += [
+                {
+                    "kind": "finetuned",
+                    "group": ck.path,
+                    "label": "pretrained" if r["origin"] else r["task"],
+                    "split_seed": None if r["origin"] else r["split_seed"],
+                    "pc1": r["pc1"],
+                    "pc2": r.get("pc2", 0.0),
+                    "distance_from_origin": r["distance_from_origin"],
+                    "explained_1": ratio[0],
+                    "explained_2": ratio[1],
+                }
+                for r in pca.records
+            ]
     table = pd.DataFrame(rows, columns=list(TABLES["pca"].columns))
     rd.write_table("pca", table)
     return table
@@ -760,13 +997,23 @@ def _encoder_keys(weights: dict) -> dict:
     """A pretraining checkpoint's tensors under the names its encoder has in AutoModel (the fine-tuned
     files' names): the LM model's base prefix dropped; its LM head is then unshared and left out."""
     prefixes = ("roberta.", "transformer.")
-    return {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in weights.items()}
+    return {next((k[len(p) :] for p in prefixes if k.startswith(p)), k): v for k, v in weights.items()}
 
 
 def _pca_rows(pca, kind: str, group: str) -> list[dict]:
     ratio = list(pca.explained_variance_ratio) + [0.0]
-    return [{"kind": kind, "group": group, "label": str(r["label"]), "pc1": r["pc1"], "pc2": r.get("pc2", 0.0),
-             "explained_1": ratio[0], "explained_2": ratio[1]} for r in pca.records]
+    return [
+        {
+            "kind": kind,
+            "group": group,
+            "label": str(r["label"]),
+            "pc1": r["pc1"],
+            "pc2": r.get("pc2", 0.0),
+            "explained_1": ratio[0],
+            "explained_2": ratio[1],
+        }
+        for r in pca.records
+    ]
 
 
 def _run_jobs(ctx: Context, todo: list[Job], done: set, tables: dict[str, pd.DataFrame]) -> None:
@@ -803,8 +1050,11 @@ def _run_jobs(ctx: Context, todo: list[Job], done: set, tables: dict[str, pd.Dat
             rows = [{"status": "error", "error": rows}]
         _append(ctx.rd, tables, job, rows)
         n_done += 1
-        log.info(f"[analyze] {n_done}/{len(todo)} {job.table} {_show(job.key)} {_summary(rows)} "
-                 f"({time.monotonic() - start:.0f}s)", extra={"console": {"job": job.table, "ok": ok}})
+        log.info(
+            f"[analyze] {n_done}/{len(todo)} {job.table} {_show(job.key)} {_summary(rows)} "
+            f"({time.monotonic() - start:.0f}s)",
+            extra={"console": {"job": job.table, "ok": ok}},
+        )
 
 
 def _run_one(fn: Callable[..., list[dict]], ctx: Context, args: dict) -> tuple[bool, Any]:
@@ -825,8 +1075,9 @@ def _append(rd: RunDir, tables: dict[str, pd.DataFrame], job: Job, rows: list[di
     key = dict(zip(TABLES[job.table].key, job.key, strict=True))
     new = pd.DataFrame([{**job.identity, "status": "ok", "error": "", **r, **key} for r in rows])
     old = tables[job.table]
-    table = check_columns(job.table, pd.concat([old, new], ignore_index=True) if len(old) else new,
-                          rd.table_path(job.table))
+    table = check_columns(
+        job.table, pd.concat([old, new], ignore_index=True) if len(old) else new, rd.table_path(job.table)
+    )
     rd.write_table(job.table, table)
     tables[job.table] = table
 

@@ -68,8 +68,9 @@ def featurize(smiles: Sequence[str], features: Features) -> np.ndarray:
     raise ValueError(f"features must be 'ecfp4' or 'rdkit2d' (got {features!r})")
 
 
-def fit_forest(features: np.ndarray, data: FinetuneData, *, seed: int, n_trees: int = N_TREES,
-               n_jobs: int = 1) -> dict[str, Any]:
+def fit_forest(
+    features: np.ndarray, data: FinetuneData, *, seed: int, n_trees: int = N_TREES, n_jobs: int = 1
+) -> dict[str, Any]:
     """Random forests fitted on the train rows; {"val", "test" (primary metric), "metrics"} like `fit_linear`.
 
     Classification scores are the forest's probability of class 1 per column (multi-class: of
@@ -102,8 +103,9 @@ def fit_forest(features: np.ndarray, data: FinetuneData, *, seed: int, n_trees: 
     return split_metrics(data, predictions)
 
 
-def random_forest_baseline(data: FinetuneData, *, features: Features, split_seed: int, seed: int,
-                           n_trees: int = N_TREES, n_jobs: int = 1) -> dict[str, Any]:
+def random_forest_baseline(
+    data: FinetuneData, *, features: Features, split_seed: int, seed: int, n_trees: int = N_TREES, n_jobs: int = 1
+) -> dict[str, Any]:
     """A results row for ECFP4 or RDKit-2D + random forest on `data`'s split; mode "ecfp4_rf" / "rdkit2d_rf".
 
     `split_seed` is recorded (it made data.split); `seed` seeds the forest (bootstrap rows, feature

@@ -96,10 +96,14 @@ def _node(resources: Mapping[str, float]) -> Node:
     return Node(cpus=float(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0)))
 
 
-def ceiling(now: Sequence[Node], cluster_max: Mapping[str, float] | None, *,
-            source: str = "resources.cluster_max / --expect-gpus",
-            cluster_config: Sequence[tuple[Mapping[str, float], int]] | None = None,
-            bootstrap_config: Path | None = None) -> Ceiling:
+def ceiling(
+    now: Sequence[Node],
+    cluster_max: Mapping[str, float] | None,
+    *,
+    source: str = "resources.cluster_max / --expect-gpus",
+    cluster_config: Sequence[tuple[Mapping[str, float], int]] | None = None,
+    bootstrap_config: Path | None = None,
+) -> Ceiling:
     """The ceiling from what is known, first found first (see the module's docstring)."""
     if cluster_max is not None:
         return Ceiling(nodes_from_totals(now, cluster_max), source)

@@ -64,9 +64,12 @@ def user_errors(fn):
 
 
 def _storage_root_option() -> Any:  # typer.Option(...) returns an OptionInfo, typed as Any by typer
-    return typer.Option(None, "--storage-root",
-                        help=f"Replaces the sweep file's storage.root (also {STORAGE_ROOT_ENV}); inside `ray job "
-                        "submit --working-dir` it must be absolute: a path every node shares.")
+    return typer.Option(
+        None,
+        "--storage-root",
+        help=f"Replaces the sweep file's storage.root (also {STORAGE_ROOT_ENV}); inside `ray job "
+        "submit --working-dir` it must be absolute: a path every node shares.",
+    )
 
 
 @app.command()
@@ -112,10 +115,17 @@ def plan(
         manifest = rd.manifest()
         vocab_size = vocab_size or manifest.tokenizer.vocab_size
         tokens_per_epoch = manifest.counts.train.n_tokens + 2 * manifest.counts.train.n_molecules  # sweep.epoch_tokens
-    result = planner.plan_sweep(cfg, gpus=gpus, gpu_memory_gb=gpu_memory, mfu=mfu,
-                                peak_flops=planner.peak_flops_per_s(gpu), vocab_size=vocab_size or 512,
-                                tokens_per_epoch=tokens_per_epoch, gpus_per_node=gpus_per_node,
-                                cpus_per_node=cpus_per_node)
+    result = planner.plan_sweep(
+        cfg,
+        gpus=gpus,
+        gpu_memory_gb=gpu_memory,
+        mfu=mfu,
+        peak_flops=planner.peak_flops_per_s(gpu),
+        vocab_size=vocab_size or 512,
+        tokens_per_epoch=tokens_per_epoch,
+        gpus_per_node=gpus_per_node,
+        cpus_per_node=cpus_per_node,
+    )
     typer.echo(planner.format_plan(result))
 
 
@@ -128,6 +138,7 @@ def prepare(
 ) -> None:
     """Turn the sweep's corpus into canonical, deduplicated shards, a manifest and a tokenizer."""
     from clmscale.engine.prepare import prepare as run_prepare
+
     cfg = _load(sweep_file, storage_root)
     data = RunDir(cfg.run_dir).data
     with _driver(RunDir(cfg.run_dir), f"clmscale prepare {sweep_file}"):
@@ -146,8 +157,12 @@ def prepare(
     )
 
 
-VERBOSE = typer.Option(False, "--verbose", help="Print Ray's own output (progress bars, every report) as Ray does; "
-                       "by default it goes to RUN_DIR/logs/ and the console shows one table.")
+VERBOSE = typer.Option(
+    False,
+    "--verbose",
+    help="Print Ray's own output (progress bars, every report) as Ray does; "
+    "by default it goes to RUN_DIR/logs/ and the console shows one table.",
+)
 
 
 @app.command()
@@ -156,10 +171,12 @@ def sweep(
     sweep_file: Path,
     resume: bool = typer.Option(False, help="Continue an interrupted sweep in the same run directory."),
     address: str = typer.Option(
-        None, help="Ray cluster address; default: the one `ray start` made, else a new local one."),
+        None, help="Ray cluster address; default: the one `ray start` made, else a new local one."
+    ),
     storage_root: Path = _storage_root_option(),
     expect_gpus: int = typer.Option(
-        None, min=0, help="GPUs an autoscaling cluster can grow to (resources.cluster_max GPU)."),
+        None, min=0, help="GPUs an autoscaling cluster can grow to (resources.cluster_max GPU)."
+    ),
     verbose: bool = VERBOSE,
 ) -> None:
     """Run the pretraining grid on Ray Tune (prepare first if needed); results/pretrain.parquet."""
@@ -167,8 +184,10 @@ def sweep(
 
     cfg = sweep_mod.expect_gpus(_load_checked(sweep_file, storage_root), expect_gpus)
     rd = RunDir(cfg.run_dir)
-    with _driver(rd, f"clmscale sweep {sweep_file}"), \
-            _console(rd, verbose, f"clmscale sweep {sweep_file} --resume") as console:
+    with (
+        _driver(rd, f"clmscale sweep {sweep_file}"),
+        _console(rd, verbose, f"clmscale sweep {sweep_file} --resume") as console,
+    ):
         console.ray_started(_init_ray(address))
         table = sweep_mod.run_sweep(cfg, resume=resume)
         tables = None
@@ -203,7 +222,8 @@ def status(
 def analyze(
     run_dir: Path,
     data_dir: Path = typer.Option(
-        None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."),
+        None, help="Folder with the MoleculeNet CSVs (else CLMSCALE_DATA_DIR, else download)."
+    ),
     address: str = typer.Option(None, help="Ray cluster address; default as for `sweep`."),
     verbose: bool = VERBOSE,
 ) -> None:
@@ -212,8 +232,10 @@ def analyze(
 
     rd = RunDir(run_dir)
     rd.config()  # a run directory (else the error says so), not a typo the lock or logs/ would create
-    with _driver(rd, f"clmscale analyze {run_dir}"), \
-            _console(rd, verbose, f"clmscale analyze {run_dir}  (finished jobs are kept)") as console:
+    with (
+        _driver(rd, f"clmscale analyze {run_dir}"),
+        _console(rd, verbose, f"clmscale analyze {run_dir}  (finished jobs are kept)") as console,
+    ):
         console.ray_started(_init_ray(address))
         tables = run_analysis(run_dir, data_dir=data_dir)
     if _say_tables(rd, tables):
@@ -238,24 +260,37 @@ def _say_tables(rd: RunDir, tables: dict) -> int:
 def fit(
     run_dir: Path = typer.Argument(None, help="Run directory to fit (not needed with --table)."),
     table: Path = typer.Option(None, help="Fit one law to this CSV or Parquet table instead of a run directory."),
-    law: str = typer.Option("chinchilla", help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ), power (A·x^k)"
-                                               " or trend (the verdict on y per decade of x)."),
+    law: str = typer.Option(
+        "chinchilla",
+        help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ), power (A·x^k)"
+        " or trend (the verdict on y per decade of x).",
+    ),
     n_col: str = typer.Option("N", help="With --table: parameter-count column."),
     d_col: str = typer.Option("D", help="With --table: token-count column."),
     y_col: str = typer.Option("loss", help="With --table: loss column."),
     x_col: str = typer.Option(
-        "C", help="With --table and --law compute/power/trend: the scale column (log10 for trend)."),
+        "C", help="With --table and --law compute/power/trend: the scale column (log10 for trend)."
+    ),
     bootstrap: int = typer.Option(
-        None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."),
+        None, min=0, help="Bootstrap resamples; default: sweep.yaml's fits.n_bootstrap, or 1000 with --table."
+    ),
     group_col: str = typer.Option(
-        None, help="With --law trend: the independent unit (a run); its rows are resampled together."),
+        None, help="With --law trend: the independent unit (a run); its rows are resampled together."
+    ),
     higher_is_better: bool = typer.Option(
-        True, "--higher-is-better/--lower-is-better", help="With --law trend: the direction in which y improves."),
-    margin: float = typer.Option(None, help="With --law trend: the plateau margin, y units per decade of x"
-                                            " (default: the metric's, for roc_auc / prc_auc)."),
-    method: str = typer.Option(None, help="With --law trend: the slope's interval, one of cluster_jackknife"
-                                          " (default with --group-col), cluster, cluster_bootstrap, mixedlm, iid"
-                                          " (default without)."),
+        True, "--higher-is-better/--lower-is-better", help="With --law trend: the direction in which y improves."
+    ),
+    margin: float = typer.Option(
+        None,
+        help="With --law trend: the plateau margin, y units per decade of x"
+        " (default: the metric's, for roc_auc / prc_auc).",
+    ),
+    method: str = typer.Option(
+        None,
+        help="With --law trend: the slope's interval, one of cluster_jackknife"
+        " (default with --group-col), cluster, cluster_bootstrap, mixedlm, iid"
+        " (default without).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="With --table: print the fit as JSON."),
 ) -> None:
     """Fit scaling laws, downstream trends and proxy correlations in RUN_DIR (results/fits.json), or one law to --table."""  # noqa: E501  typer's command list keeps a docstring's line breaks
@@ -264,13 +299,21 @@ def fit(
     from clmscale.fits import fit as fits_fit
 
     if table is not None and law == "trend":
-        result = fits_fit.trend_table(table, x_col, y_col, group_col=group_col, higher_is_better=higher_is_better,
-                                      margin=margin, method=method)
+        result = fits_fit.trend_table(
+            table, x_col, y_col, group_col=group_col, higher_is_better=higher_is_better, margin=margin, method=method
+        )
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else result["sentence"])
         return
     if table is not None:
-        result = fits_fit.fit_table(table, law, n_col=n_col, d_col=d_col, y_col=y_col, x_col=x_col,
-                                    bootstrap=1000 if bootstrap is None else bootstrap)
+        result = fits_fit.fit_table(
+            table,
+            law,
+            n_col=n_col,
+            d_col=d_col,
+            y_col=y_col,
+            x_col=x_col,
+            bootstrap=1000 if bootstrap is None else bootstrap,
+        )
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else fits_fit.format_fit(result))
         return
     if run_dir is None:
@@ -316,8 +359,10 @@ def demo(
     sweep_file = sweep_file or shipped_sweep("demo.yaml")
     cfg = _load_checked(sweep_file, storage_root)
     rd = RunDir(cfg.run_dir)
-    with _driver(rd, f"clmscale demo {sweep_file}"), \
-            _console(rd, verbose, f"clmscale demo {sweep_file}  (it continues where it stopped)") as console:
+    with (
+        _driver(rd, f"clmscale demo {sweep_file}"),
+        _console(rd, verbose, f"clmscale demo {sweep_file}  (it continues where it stopped)") as console,
+    ):
         console.ray_started(_init_ray(address))
         table = run_sweep(cfg, resume=rd.tune.exists())
         console.line(f"{len(table)} checkpoints in {rd.table_path('pretrain')}")
@@ -387,8 +432,10 @@ def _check_cluster_answers(address: str | None) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=GCS_TIMEOUT_S).close()
     except OSError as err:
-        raise ValueError(f"no Ray cluster answers at {address} (from {source}) within {GCS_TIMEOUT_S:g} s "
-                         f"({err.strerror or err}); start it there, or {hint}") from None
+        raise ValueError(
+            f"no Ray cluster answers at {address} (from {source}) within {GCS_TIMEOUT_S:g} s "
+            f"({err.strerror or err}); start it there, or {hint}"
+        ) from None
 
 
 def _recorded_address_file() -> Path:

@@ -355,8 +355,10 @@ class AnalysisConfig(Strict):
     @model_validator(mode="after")
     def _workers_have_batches(self) -> AnalysisConfig:
         if self.hessian_workers > self.hessian_batches:
-            raise ValueError(f"hessian_workers ({self.hessian_workers}) must not exceed hessian_batches "
-                             f"({self.hessian_batches}): each worker needs a batch of its own")
+            raise ValueError(
+                f"hessian_workers ({self.hessian_workers}) must not exceed hessian_batches "
+                f"({self.hessian_batches}): each worker needs a batch of its own"
+            )
         return self
 
 
@@ -528,9 +530,16 @@ def _unknown_references(cfg: SweepConfig) -> list[ErrorDetails]:
     from clmscale.engine.tasks import TASKS  # rdkit and pandas: imported only when a list of names needs checking
 
     known = [*TASKS, *(t.name for t in cfg.downstream.custom)]
-    return [ErrorDetails(loc=("data", "decontaminate", i), type="unknown_task", input=name,
-                         msg=_unknown("task", name, known) + " (registry tasks or downstream.custom names)")
-            for i, name in enumerate(cfg.data.decontaminate) if name not in known]
+    return [
+        ErrorDetails(
+            loc=("data", "decontaminate", i),
+            type="unknown_task",
+            input=name,
+            msg=_unknown("task", name, known) + " (registry tasks or downstream.custom names)",
+        )
+        for i, name in enumerate(cfg.data.decontaminate)
+        if name not in known
+    ]
 
 
 def _resolve_paths(cfg: SweepConfig, base: Path) -> SweepConfig:
@@ -544,8 +553,9 @@ def _resolve_paths(cfg: SweepConfig, base: Path) -> SweepConfig:
     return cfg.model_copy(update={"data": data, "downstream": cfg.downstream.model_copy(update={"custom": custom})})
 
 
-def with_storage_root(cfg: SweepConfig, root: Path | str | None, *, cwd: Path | None = None,
-                      source: str = "the sweep file") -> SweepConfig:
+def with_storage_root(
+    cfg: SweepConfig, root: Path | str | None, *, cwd: Path | None = None, source: str = "the sweep file"
+) -> SweepConfig:
     """`cfg` with `storage.root` replaced by `root` (from --storage-root or CLMSCALE_STORAGE_ROOT, named by
     `source`) when one is given, checked for where it lands.
 
@@ -560,7 +570,8 @@ def with_storage_root(cfg: SweepConfig, root: Path | str | None, *, cwd: Path | 
         raise SweepFileError(
             f"{source}: storage.root={cfg.storage.root} is relative, and this runs inside a Ray job whose working "
             f"directory is Ray's temporary copy ({copy}), deleted with the cluster's session; pass an absolute "
-            "path that every node shares: --storage-root /shared/runs or CLMSCALE_STORAGE_ROOT=/shared/runs")
+            "path that every node shares: --storage-root /shared/runs or CLMSCALE_STORAGE_ROOT=/shared/runs"
+        )
     return cfg
 
 

@@ -103,8 +103,14 @@ class Board:
             for col in ("trial", "state", "tokens", "loss", "tokens/s", "ETA"):
                 t.add_column(col, justify="left" if col in ("trial", "state") else "right")
             for trial_id, r in trials:
-                t.add_row(trial_id, r["state"], _tokens(r), _num(r.get("loss"), ".4f"),
-                          _num(r.get("tokens_per_s"), ",.0f"), _eta(r))
+                t.add_row(
+                    trial_id,
+                    r["state"],
+                    _tokens(r),
+                    _num(r.get("loss"), ".4f"),
+                    _num(r.get("tokens_per_s"), ",.0f"),
+                    _eta(r),
+                )
             parts.append(t)
         jobs = self._job_rows()
         if jobs:
@@ -129,14 +135,22 @@ class Board:
             for _, r in trials:
                 counts[r["state"]] = counts.get(r["state"], 0) + 1
             parts.append("trials " + ", ".join(f"{n} {state}" for state, n in counts.items()))
-            running = [f"{t} {_tokens(r)} loss {_num(r.get('loss'), '.4f')} {_num(r.get('tokens_per_s'), ',.0f')} "
-                       f"tok/s ETA {_eta(r)}" for t, r in trials if r["state"] == "running"]
+            running = [
+                f"{t} {_tokens(r)} loss {_num(r.get('loss'), '.4f')} {_num(r.get('tokens_per_s'), ',.0f')} "
+                f"tok/s ETA {_eta(r)}"
+                for t, r in trials
+                if r["state"] == "running"
+            ]
             parts += running[:4] + ([f"+{len(running) - 4} more running"] if len(running) > 4 else [])
         jobs = self._job_rows()
         if jobs:
-            parts.append("analysis " + ", ".join(
-                f"{table} {done}/{total}" + (f" ({failed} failed)" if failed else "")
-                for table, (done, failed, total) in jobs))
+            parts.append(
+                "analysis "
+                + ", ".join(
+                    f"{table} {done}/{total}" + (f" ({failed} failed)" if failed else "")
+                    for table, (done, failed, total) in jobs
+                )
+            )
         return f"status +{self.elapsed()}: " + (" | ".join(parts) if parts else "starting")
 
 
@@ -177,8 +191,9 @@ def _eta(r: dict[str, Any]) -> str:
 class PlainView:
     """Event lines as they come (errors on stderr), and the status line every `every_s` seconds."""
 
-    def __init__(self, board: Board, every_s: float = STATUS_EVERY_S, out: TextIO | None = None,
-                 err: TextIO | None = None):
+    def __init__(
+        self, board: Board, every_s: float = STATUS_EVERY_S, out: TextIO | None = None, err: TextIO | None = None
+    ):
         self.board, self.every_s = board, every_s
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self._stop = threading.Event()
@@ -218,8 +233,9 @@ class LiveView:
         self.live = Live(get_renderable=board.table, console=Console(), refresh_per_second=1, transient=False)
 
     def line(self, text: str, error: bool = False) -> None:
-        self.live.console.print(text, style="bold red" if error else None, markup=False, highlight=False,
-                                soft_wrap=True)
+        self.live.console.print(
+            text, style="bold red" if error else None, markup=False, highlight=False, soft_wrap=True
+        )
 
     def start(self) -> None:
         self.live.start()
@@ -295,8 +311,9 @@ class Session:
         try:
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
         except ImportError:  # Ray moved it: its printer stays, so nothing is lost from the console
-            logging.getLogger("clmscale").warning("Ray's worker output stays on the console (this Ray has no "
-                                                  "global_worker_stdstream_dispatcher)")
+            logging.getLogger("clmscale").warning(
+                "Ray's worker output stays on the console (this Ray has no global_worker_stdstream_dispatcher)"
+            )
             return
         self._workers_file = self.rd.open_log(WORKERS_LOG)
         if not self.verbose:
@@ -310,8 +327,10 @@ class Session:
             return
         resources, dashboard = ray.cluster_resources(), getattr(context, "dashboard_url", None)
         where = f", dashboard http://{dashboard}" if dashboard else ""
-        self.line(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs{where}; "
-                  f"its output goes to {self.rd.logs}/" + (" and here" if self.verbose else ""))
+        self.line(
+            f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs{where}; "
+            f"its output goes to {self.rd.logs}/" + (" and here" if self.verbose else "")
+        )
 
     def _write_worker_lines(self, data: dict[str, Any]) -> None:
         """One batch of a worker's lines, as Ray prints them: '(<actor or task> pid=.., ip=..) line'."""
@@ -341,8 +360,9 @@ class Session:
 
 
 @contextmanager
-def session(rd: RunDir, *, verbose: bool = False, live: bool | None = None,
-            every_s: float = STATUS_EVERY_S) -> Iterator[Session]:
+def session(
+    rd: RunDir, *, verbose: bool = False, live: bool | None = None, every_s: float = STATUS_EVERY_S
+) -> Iterator[Session]:
     """The console around a command's work (see the module docstring). `live`: a redrawn table; default:
     when stdout is a terminal. Logging is put back as it was on the way out."""
     import ray  # noqa: F401 - its import sets up the "ray" logger, which is rerouted here

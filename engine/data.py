@@ -335,17 +335,27 @@ def validation_batches(
     return batches
 
 
-def trial_validation_batches(rd: RunDir, trial: Trial, max_seq_len: int, *, n_batches: int | None = None,
-                             tokenizer: PreTrainedTokenizerFast | str | Path | None = None) -> list[Batch]:
+def trial_validation_batches(
+    rd: RunDir,
+    trial: Trial,
+    max_seq_len: int,
+    *,
+    n_batches: int | None = None,
+    tokenizer: PreTrainedTokenizerFast | str | Path | None = None,
+) -> list[Batch]:
     """The fixed validation batches a trial is scored on: its own micro-batch size, masking and packing
     (rung overrides applied), the first `n_batches` (default `train.val_batches`) of them. The sweep's
     val_loss and the analysis' Hessians and landscapes of a checkpoint read the same tokens."""
     assert trial.train.micro_batch_size != "auto"  # a started trial's settings are concrete (trial.json)
     return validation_batches(
-        rd.shard_paths("val"), tokenizer if tokenizer is not None else rd.tokenizer, family=trial.family,
+        rd.shard_paths("val"),
+        tokenizer if tokenizer is not None else rd.tokenizer,
+        family=trial.family,
         n_batches=trial.train.val_batches if n_batches is None else n_batches,
-        micro_batch_size=trial.train.micro_batch_size, max_seq_len=max_seq_len,
-        mlm_probability=trial.train.mlm_probability, packing=trial.train.packing,
+        micro_batch_size=trial.train.micro_batch_size,
+        max_seq_len=max_seq_len,
+        mlm_probability=trial.train.mlm_probability,
+        packing=trial.train.packing,
     )
 
 
@@ -369,8 +379,16 @@ def trial_validation_batches(rd: RunDir, trial: Trial, max_seq_len: int, *, n_ba
 BATCH_COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
-def _make_batches(batch: dict[str, np.ndarray], tokenizer, family: Family, micro_batch_size: int,
-                  max_seq_len: int, seed: int, mlm_probability: float, packing: bool) -> dict[str, np.ndarray]:
+def _make_batches(
+    batch: dict[str, np.ndarray],
+    tokenizer,
+    family: Family,
+    micro_batch_size: int,
+    max_seq_len: int,
+    seed: int,
+    mlm_probability: float,
+    packing: bool,
+) -> dict[str, np.ndarray]:
     """map_batches body: SMILES -> whole micro-batches, one per output row (flattened, with its shape)."""
     from ray.data import DataContext
 
@@ -429,9 +447,15 @@ def train_dataset(
         _make_batches,  # type: ignore[arg-type]  # its extra arguments arrive through fn_kwargs
         batch_format="numpy",
         batch_size=per_call,
-        fn_kwargs={"tokenizer": tokenizer, "family": family, "micro_batch_size": micro_batch_size,
-                   "max_seq_len": max_seq_len, "seed": seed, "mlm_probability": mlm_probability,
-                   "packing": packing},  # fmt: skip
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "family": family,
+            "micro_batch_size": micro_batch_size,
+            "max_seq_len": max_seq_len,
+            "seed": seed,
+            "mlm_probability": mlm_probability,
+            "packing": packing,
+        },  # fmt: skip
     )
 
 

@@ -97,5 +97,3 @@ def sha256_stream(f: IO[bytes]) -> str:
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return sha256_stream(f)
-
-

@@ -63,7 +63,10 @@ FLAGS = ("best_epoch_0", "non_finite_loss")  # "" for a run with neither
 
 SPLIT_NAMES = ("train", "val", "test")
 WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 L2_GRID = tuple(10.0**p for p in range(-2, 5))  # penalties tried on the validation split, per linear fit
 
@@ -147,7 +150,8 @@ def _validate(data: FinetuneData) -> None:
         shared = np.intersect1d(a, b)
         if shared.size:
             raise ValueError(
-                f"{name}: the {a_name} and {b_name} splits share {shared.size} molecules (e.g. row {shared[0]})")
+                f"{name}: the {a_name} and {b_name} splits share {shared.size} molecules (e.g. row {shared[0]})"
+            )
     for split_name, idx in zip(SPLIT_NAMES, data.split, strict=True):
         part = labels[idx]
         if np.isnan(part).all():
@@ -222,8 +226,9 @@ def n_labelled(labels: torch.Tensor, n_classes: int | None = None) -> int:
     return int((observed[:, 0] if n_classes is not None else observed).sum())
 
 
-def masked_loss(outputs: torch.Tensor, labels: torch.Tensor, task_type: TaskType,
-                n_classes: int | None = None) -> torch.Tensor:
+def masked_loss(
+    outputs: torch.Tensor, labels: torch.Tensor, task_type: TaskType, n_classes: int | None = None
+) -> torch.Tensor:
     """Mean loss over the labelled entries; NaN labels give neither loss nor gradient.
 
     outputs (B, k) logits or standardised values, multi-class (B, C); labels (B, k) with NaN for missing.
@@ -273,7 +278,10 @@ def load_encoder(checkpoint_dir: Path, *, random_init: bool = False) -> tuple[nn
     if family == "mlm" and pad_id is not None and pad_id != tokenizer.pad_token_id:
         log.warning(
             "%s: config.pad_token_id=%s but the tokenizer pads with %s; RoBERTa derives positions from "
-            "pad_token_id, so positions will be off", checkpoint_dir, pad_id, tokenizer.pad_token_id,
+            "pad_token_id, so positions will be off",
+            checkpoint_dir,
+            pad_id,
+            tokenizer.pad_token_id,
         )
     return encoder, tokenizer, family
 
@@ -289,9 +297,7 @@ def _check_checkpoint(checkpoint_dir: Path, need_weights: bool) -> None:
     if not (checkpoint_dir / "tokenizer.json").is_file():
         missing.append("tokenizer.json")
     if missing:
-        raise FileNotFoundError(
-            f"{checkpoint_dir}: not a save_pretrained checkpoint, missing {', '.join(missing)}"
-        )
+        raise FileNotFoundError(f"{checkpoint_dir}: not a save_pretrained checkpoint, missing {', '.join(missing)}")
 
 
 def max_positions(config: Any) -> int:
@@ -474,8 +480,9 @@ def finetune(
                             weight_decay=weight_decay)  # fmt: skip
             result.update(lr=lr, warmup_fraction=warmup_fraction, lr_schedule=lr_schedule, weight_decay=weight_decay)
             if save_to is not None:
-                result["weights_path"] = str(_save_finetuned(model, Path(save_to), checkpoint_dir, data, finetune_seed,
-                                                             head_only=freeze_encoder))
+                result["weights_path"] = str(
+                    _save_finetuned(model, Path(save_to), checkpoint_dir, data, finetune_seed, head_only=freeze_encoder)
+                )
     return result_row(
         data, mode, result, split_seed, t0, finetune_seed=finetune_seed,
         checkpoint_dir=str(checkpoint_dir), random_init=random_init, unk_fraction=unk_fraction,
@@ -492,8 +499,9 @@ def _seeds(split_seed: int | None, finetune_seed: int | None, seed: int | None) 
     return split_seed, finetune_seed
 
 
-def result_row(data: FinetuneData, mode: str, fit: dict[str, Any], split_seed: int, t0: float,
-               **extra: Any) -> dict[str, Any]:
+def result_row(
+    data: FinetuneData, mode: str, fit: dict[str, Any], split_seed: int, t0: float, **extra: Any
+) -> dict[str, Any]:
     """One row of results/finetune: the same keys for every mode and baseline.
 
     `metric`, `val` and `test` are the primary metric's; `metrics` holds every metric of the task
@@ -560,9 +568,22 @@ def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _train(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], epochs: int, patience: int, lr: float,
-           batch_size: int, seed: int, pad_id: int, device: torch.device, *, warmup_fraction: float,
-           lr_schedule: LrSchedule, weight_decay: float) -> dict[str, Any]:
+def _train(
+    model: EncoderWithHead,
+    data: FinetuneData,
+    ids: list[list[int]],
+    epochs: int,
+    patience: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    device: torch.device,
+    *,
+    warmup_fraction: float,
+    lr_schedule: LrSchedule,
+    weight_decay: float,
+) -> dict[str, Any]:
     train_idx, val_idx, _ = data.split
     mean, std = _label_scale(data)
     targets = torch.from_numpy((data.labels - mean) / std)  # (n, k); NaN stays NaN
@@ -594,8 +615,9 @@ def _train(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], epo
             y = targets[rows].to(device)
             if torch.isnan(y).all():
                 continue  # nothing labelled in this batch (sparse multi-task labels)
-            loss = masked_loss(model(input_ids.to(device), attention_mask.to(device)), y, data.task_type,
-                               data.n_classes)
+            loss = masked_loss(
+                model(input_ids.to(device), attention_mask.to(device)), y, data.task_type, data.n_classes
+            )
             losses.append(loss.item())  # note: a device sync per step; negligible next to the backward pass
             if not math.isfinite(losses[-1]):
                 non_finite = True
@@ -682,12 +704,23 @@ def _label_scale(data: FinetuneData) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def _predict(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], idx: np.ndarray, batch_size: int,
-             pad_id: int, device: torch.device, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def _predict(
+    model: EncoderWithHead,
+    data: FinetuneData,
+    ids: list[list[int]],
+    idx: np.ndarray,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    mean: np.ndarray,
+    std: np.ndarray,
+) -> np.ndarray:
     """Predictions in label units for rows idx: logits (binary), probabilities (multi-class) or values."""
     model.eval()
-    outputs = [model(input_ids.to(device), attention_mask.to(device)).float().cpu()
-               for _, input_ids, attention_mask in _batches(ids, idx, batch_size, pad_id)]
+    outputs = [
+        model(input_ids.to(device), attention_mask.to(device)).float().cpu()
+        for _, input_ids, attention_mask in _batches(ids, idx, batch_size, pad_id)
+    ]
     out = torch.cat(outputs).numpy().astype(np.float64)  # (n, n_outputs)
     if data.n_classes is not None:
         return scipy.special.softmax(out, axis=1)
@@ -698,8 +731,9 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, data: FinetuneData, seed: int,
-                    head_only: bool = False) -> Path:
+def _save_finetuned(
+    model: EncoderWithHead, path: Path, checkpoint_dir: Path, data: FinetuneData, seed: int, head_only: bool = False
+) -> Path:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -713,8 +747,15 @@ def _save_finetuned(model: EncoderWithHead, path: Path, checkpoint_dir: Path, da
 
 
 def finetuning_loss(
-    checkpoint_dir: Path, data: FinetuneData, weights: Path, *, n_batches: int, batch_size: int,
-    device: str | torch.device = "cpu", sample_seed: int | None = None, pretrained_encoder: bool = False,
+    checkpoint_dir: Path,
+    data: FinetuneData,
+    weights: Path,
+    *,
+    n_batches: int,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    sample_seed: int | None = None,
+    pretrained_encoder: bool = False,
 ) -> tuple[EncoderWithHead, Any, list[dict[str, torch.Tensor]]]:
     """The fine-tuning loss at the fine-tuned weights, in the form `engine.hessian.spectrum` takes.
 
@@ -748,18 +789,31 @@ def finetuning_loss(
         if len(batches) == n_batches:
             break
         if not torch.isnan(targets[rows]).all():
-            batches.append({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-                            "labels": targets[rows].to(device)})
+            batches.append(
+                {
+                    "input_ids": input_ids.to(device),
+                    "attention_mask": attention_mask.to(device),
+                    "labels": targets[rows].to(device),
+                }
+            )
 
     def loss_fn(m: EncoderWithHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return masked_loss(m(batch["input_ids"], batch["attention_mask"]), batch["labels"], data.task_type,
-                           data.n_classes)
+        return masked_loss(
+            m(batch["input_ids"], batch["attention_mask"]), batch["labels"], data.task_type, data.n_classes
+        )
 
     return model, loss_fn, batches
 
 
-def _probe(model: EncoderWithHead, data: FinetuneData, ids: list[list[int]], batch_size: int, pad_id: int,
-           device: torch.device, probe_layer: Literal["last", "best"] | int) -> dict[str, Any]:
+def _probe(
+    model: EncoderWithHead,
+    data: FinetuneData,
+    ids: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    probe_layer: Literal["last", "best"] | int,
+) -> dict[str, Any]:
     """A linear probe on pooled hidden states: the last layer, a given one, or each in turn and the best on val."""
     model.requires_grad_(False)
     model.eval()
@@ -808,8 +862,11 @@ def fit_linear(features: np.ndarray, data: FinetuneData, l2_grid: Sequence[float
     for l2, predictions in zip(l2_grid, _linear_path(features, data, l2_grid), strict=True):
         val = task_metric(data, val_idx, predictions[val_idx])
         if better(data.primary_metric, val, best["val"]):
-            best = {**split_metrics(data, predictions), "l2": l2,
-                    "val_loss": task_loss(data, val_idx, predictions[val_idx])}
+            best = {
+                **split_metrics(data, predictions),
+                "l2": l2,
+                "val_loss": task_loss(data, val_idx, predictions[val_idx]),
+            }
     if "l2" not in best:
         raise ValueError(f"{data.name}: no penalty in {l2_grid} gave a finite validation metric")
     return best
@@ -911,8 +968,9 @@ def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int =
     return out
 
 
-def fingerprint_baseline(data: FinetuneData, *, split_seed: int | None = None, radius: int = 2, n_bits: int = 2048,
-                         seed: int | None = None) -> dict[str, Any]:
+def fingerprint_baseline(
+    data: FinetuneData, *, split_seed: int | None = None, radius: int = 2, n_bits: int = 2048, seed: int | None = None
+) -> dict[str, Any]:
     """The no-pretraining baseline: the probe's linear model on Morgan fingerprints instead of embeddings.
 
     The fit is deterministic (L-BFGS from zeros, closed-form ridge), so there is no fitting seed;

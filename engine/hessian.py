@@ -99,7 +99,8 @@ def double_backward_safe(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             log.warning(
                 "%s kept attn_implementation=%r (it cannot switch at runtime); double backward "
                 "works only if that kernel is twice differentiable",
-                type(model).__name__, config._attn_implementation,
+                type(model).__name__,
+                config._attn_implementation,
             )
     try:
         with sdpa_kernel(SDPBackend.MATH):
@@ -228,8 +229,13 @@ class HVPOperator:
         if keep_np.shape != (len(self.batches),):
             raise ValueError(f"keep has {keep_np.size} entries for {len(self.batches)} batches")
         return HVPOperator(
-            self.model, self.loss_fn, self.batches, weights=self.raw_weights * keep_np,
-            param_names=self.param_names, all_reduce=self.all_reduce, tf32=self.tf32,
+            self.model,
+            self.loss_fn,
+            self.batches,
+            weights=self.raw_weights * keep_np,
+            param_names=self.param_names,
+            all_reduce=self.all_reduce,
+            tf32=self.tf32,
         )
 
     def _loss(self, batch: Any) -> torch.Tensor:
@@ -275,16 +281,16 @@ class HVPOperator:
             for batch, w in zip(self.batches, self.batch_weights, strict=True):
                 if w == 0:
                     continue
-                grads = torch.autograd.grad(
-                    self._loss(batch), self.params, create_graph=True, materialize_grads=True
-                )
+                grads = torch.autograd.grad(self._loss(batch), self.params, create_graph=True, materialize_grads=True)
                 # a gradient with no graph is constant in θ: its rows of H are zero
                 live = [(g, u) for g, u in zip(grads, vs, strict=True) if g.requires_grad]
                 if not live:
                     continue
                 hv = torch.autograd.grad(
-                    [g for g, _ in live], self.params,
-                    grad_outputs=[u for _, u in live], materialize_grads=True,
+                    [g for g, _ in live],
+                    self.params,
+                    grad_outputs=[u for _, u in live],
+                    materialize_grads=True,
                 )
                 del grads, live
                 self._accumulate(out, hv, w)
@@ -351,8 +357,16 @@ class _Basis:
     Rows live on `storage_device` (default: the vectors' device); full vectors handed in and out
     live on `device`. With one worker and rows on `device`, a row is itself a full vector."""
 
-    def __init__(self, capacity: int, dim: int, *, dtype: torch.dtype, device: torch.device,
-                 storage_device: torch.device | str | None = None, shard: Shard = Shard()):
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        storage_device: torch.device | str | None = None,
+        shard: Shard = Shard(),
+    ):
         self.dim, self.shard, self.device = dim, shard, torch.device(device)
         self.lo, self.hi = shard.bounds(dim)
         self.separate = storage_device is not None  # rows kept apart from the working vectors (e.g. on the host)
@@ -364,18 +378,18 @@ class _Basis:
     def _local(self, w: torch.Tensor) -> torch.Tensor:
         """w's slice where the rows are: a view of w, or a copy on the storage device."""
         if self.separate:
-            return w[self.lo:self.hi].to(self.rows.device, copy=True)
-        return w[self.lo:self.hi]
+            return w[self.lo : self.hi].to(self.rows.device, copy=True)
+        return w[self.lo : self.hi]
 
     def _reassemble(self, w: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """w with its slice replaced by `local` (a view of it, or a copy on the storage device) and
         the other workers' slices filled in."""
-        if local.data_ptr() != w[self.lo:self.hi].data_ptr():
-            w[self.lo:self.hi].copy_(local)
+        if local.data_ptr() != w[self.lo : self.hi].data_ptr():
+            w[self.lo : self.hi].copy_(local)
         if self.shard.world == 1:
             return w
         w[: self.lo].zero_()
-        w[self.hi:].zero_()
+        w[self.hi :].zero_()
         return self.shard.sum(w)  # each entry comes from exactly one worker, so the sum is exact
 
     def project_out(self, w: torch.Tensor, passes: int = 2) -> torch.Tensor:
@@ -391,7 +405,7 @@ class _Basis:
 
     def append(self, v: torch.Tensor) -> torch.Tensor:
         """Store unit vector v; returns the full vector to use next (the stored row when it is one)."""
-        self.rows[self.n].copy_(v[self.lo:self.hi])
+        self.rows[self.n].copy_(v[self.lo : self.hi])
         self.n += 1
         return self.rows[self.n - 1] if self.holds_full_vectors else v
 
@@ -399,8 +413,8 @@ class _Basis:
         if self.holds_full_vectors:
             return self.rows[i]
         w = torch.zeros(self.dim, dtype=self.rows.dtype, device=self.device)
-        w[self.lo:self.hi].copy_(self.rows[i])
-        return self._reassemble(w, w[self.lo:self.hi])
+        w[self.lo : self.hi].copy_(self.rows[i])
+        return self._reassemble(w, w[self.lo : self.hi])
 
     def rotate(self, S: np.ndarray) -> None:
         """rows[:l] = Sᵀ rows[:n] for S (n, l) with orthonormal columns: the basis becomes the Ritz
@@ -409,14 +423,14 @@ class _Basis:
         St = torch.from_numpy(np.ascontiguousarray(S.T)).to(self.rows)  # (l, n)
         block = max(1, ROTATE_BLOCK_NUMEL // n)
         for start in range(0, self.rows.shape[1], block):
-            self.rows[:n_keep, start:start + block] = St @ self.rows[:n, start:start + block]
+            self.rows[:n_keep, start : start + block] = St @ self.rows[:n, start : start + block]
         self.n = n_keep
 
     def combine(self, S: np.ndarray) -> torch.Tensor:
         """Sᵀ V as full vectors (l, dim) on `device`: the Ritz vectors, reassembled."""
         St = torch.from_numpy(np.ascontiguousarray(S.T)).to(self.rows)
         out = torch.zeros(S.shape[1], self.dim, dtype=self.rows.dtype, device=self.device)
-        out[:, self.lo:self.hi] = (St @ self.rows[: S.shape[0]]).to(self.device)
+        out[:, self.lo : self.hi] = (St @ self.rows[: S.shape[0]]).to(self.device)
         return self.shard.sum(out)
 
 
@@ -722,9 +736,7 @@ def hutchpp_trace(
 # spectral density by stochastic Lanczos quadrature
 
 
-def _lanczos_three_term(
-    matvec: MatVec, v: torch.Tensor, n_steps: int, shard: Shard
-) -> tuple[np.ndarray, np.ndarray]:
+def _lanczos_three_term(matvec: MatVec, v: torch.Tensor, n_steps: int, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
     """T's diagonal and off-diagonal from n_steps of plain Lanczos: three vectors, no basis.
 
     Stops early when β vanishes (the Krylov space is invariant: the quadrature is then exact)."""
@@ -788,9 +800,7 @@ def slq_density(
     nodes, weights = [], []
     n_matvecs = 0
     for _ in range(n_runs):
-        alphas, betas = _lanczos_three_term(
-            matvec, _rademacher(dim, generator, dtype), min(n_steps, dim), shard
-        )
+        alphas, betas = _lanczos_three_term(matvec, _rademacher(dim, generator, dtype), min(n_steps, dim), shard)
         n_matvecs += len(alphas)
         theta, S = scipy.linalg.eigh_tridiagonal(alphas, betas)
         nodes.append(theta)
@@ -807,9 +817,7 @@ def slq_density(
         z = (grid[:, None] - theta[None, :]) / sigma  # (n_grid, n_nodes)
         density += (np.exp(-0.5 * z**2) @ tau) / (sigma * np.sqrt(2 * np.pi))
     density /= n_runs
-    return SpectralDensity(
-        grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma, n_matvecs=n_matvecs
-    )
+    return SpectralDensity(grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma, n_matvecs=n_matvecs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,8 +850,9 @@ def memory_estimate(
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if n_params < 1 or n_workers < 1 or max_iter < 1 or top_k < 1:
-        raise ValueError(f"n_params={n_params}, n_workers={n_workers}, max_iter={max_iter}, top_k={top_k} "
-                         "must all be >= 1")
+        raise ValueError(
+            f"n_params={n_params}, n_workers={n_workers}, max_iter={max_iter}, top_k={top_k} must all be >= 1"
+        )
     vec = torch.promote_types(dtype, torch.float32).itemsize
     par = dtype.itemsize
     full = n_params * vec  # one full-length vector
@@ -996,9 +1005,7 @@ def spectrum(
     independent streams. Extra memory: `memory_estimate`.
     """
     start = time.perf_counter()
-    seed_eigen, seed_trace, seed_density, seed_half = (
-        int(s) for s in np.random.SeedSequence(seed).generate_state(4)
-    )
+    seed_eigen, seed_trace, seed_density, seed_half = (int(s) for s in np.random.SeedSequence(seed).generate_state(4))
     rank, world = (0, 1) if shard is None else shard
     vectors = Shard(rank, world, all_reduce if world > 1 else None)
     was_training = model.training
@@ -1006,8 +1013,14 @@ def spectrum(
     try:
         with double_backward_safe(model):
             op = HVPOperator(
-                model, loss_fn, batches, weights=weights, count_fn=count_fn, param_names=param_names,
-                all_reduce=all_reduce, tf32=tf32,
+                model,
+                loss_fn,
+                batches,
+                weights=weights,
+                count_fn=count_fn,
+                param_names=param_names,
+                all_reduce=all_reduce,
+                tf32=tf32,
             )
             if vector_dtype is None:
                 vector_dtype = torch.promote_types(op.params[0].dtype, torch.float32)
@@ -1016,8 +1029,16 @@ def spectrum(
             grad_norm = float(grad.norm())
             del grad  # dim-sized: not kept through the estimators
             eig = lanczos(
-                op.matvec, op.dim, top_k, which=which, tol=tol, max_iter=max_iter, seed=seed_eigen,
-                return_eigenvectors=return_eigenvectors, n_basis=n_basis, storage_device=storage_device,
+                op.matvec,
+                op.dim,
+                top_k,
+                which=which,
+                tol=tol,
+                max_iter=max_iter,
+                seed=seed_eigen,
+                return_eigenvectors=return_eigenvectors,
+                n_basis=n_basis,
+                storage_device=storage_device,
                 **common,
             )
             half, n_half = None, 0
@@ -1026,19 +1047,37 @@ def spectrum(
                 if n_half > 0:
                     half_op = op.restricted(keep)
                     half = lanczos(
-                        half_op.matvec, op.dim, 1, which=which, tol=tol, max_iter=max_iter, seed=seed_half,
-                        n_basis=n_basis, storage_device=storage_device, **common,
+                        half_op.matvec,
+                        op.dim,
+                        1,
+                        which=which,
+                        tol=tol,
+                        max_iter=max_iter,
+                        seed=seed_half,
+                        n_basis=n_basis,
+                        storage_device=storage_device,
+                        **common,
                     )
             trace = None
             if trace_matvecs > 0:
                 trace = hutchpp_trace(
-                    op.matvec, op.dim, trace_matvecs, seed=seed_trace, n_sketch=eig.n_basis,
-                    storage_device=storage_device, **common,
+                    op.matvec,
+                    op.dim,
+                    trace_matvecs,
+                    seed=seed_trace,
+                    n_sketch=eig.n_basis,
+                    storage_device=storage_device,
+                    **common,
                 )
             density = None
             if density_runs > 0:
                 density = slq_density(
-                    op.matvec, op.dim, n_runs=density_runs, n_steps=density_steps, seed=seed_density, **common,
+                    op.matvec,
+                    op.dim,
+                    n_runs=density_runs,
+                    n_steps=density_steps,
+                    seed=seed_density,
+                    **common,
                 )
     finally:
         model.train(was_training)
@@ -1070,9 +1109,7 @@ def spectrum(
     )
 
 
-def _first_half(
-    op: HVPOperator, batch_index: Sequence[int] | None, rank: int, world: int
-) -> tuple[list[bool], int]:
+def _first_half(op: HVPOperator, batch_index: Sequence[int] | None, rank: int, world: int) -> tuple[list[bool], int]:
     """Which local batches are among the first half (by global index) of all workers' batches, and
     how many batches that half holds in all; (…, 0) when there are fewer than 2 batches."""
     n_local = len(op.batches)

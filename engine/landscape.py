@@ -38,9 +38,7 @@ Direction = dict[str, torch.Tensor]  # parameter name -> offset with that parame
 # directions
 
 
-def _named_trainable(
-    model: torch.nn.Module, param_names: Iterable[str] | None
-) -> dict[str, torch.nn.Parameter]:
+def _named_trainable(model: torch.nn.Module, param_names: Iterable[str] | None) -> dict[str, torch.nn.Parameter]:
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if param_names is None:
         return named
@@ -138,9 +136,7 @@ def direction_between(
 
 
 @contextlib.contextmanager
-def _displaced(
-    model: torch.nn.Module, names: Iterable[str]
-) -> Iterator[Callable[[Mapping[str, torch.Tensor]], None]]:
+def _displaced(model: torch.nn.Module, names: Iterable[str]) -> Iterator[Callable[[Mapping[str, torch.Tensor]], None]]:
     """Yield place(offset) that sets θ_n = θ0_n + offset_n; θ0 is restored bit-for-bit on exit.
 
     Each placement starts from the saved θ0, never from the last point, so a grid walk does not
@@ -193,8 +189,9 @@ def _mean_loss(model: torch.nn.Module, loss_fn: LossFn, batches: list, weights: 
         return sum(w * float(loss_fn(model, b)) for b, w in zip(batches, weights, strict=True))
 
 
-def loss_at(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
-            weights: Sequence[float] | None = None) -> float:
+def loss_at(
+    model: torch.nn.Module, loss_fn: LossFn, batches: Iterable[Any], *, weights: Sequence[float] | None = None
+) -> float:
     """The loss at the weights as every surface and sharpness here measures it (weighted mean, eval mode)."""
     batches = list(batches)
     with _eval_mode(model):
@@ -202,7 +199,10 @@ def loss_at(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable[Any], *,
 
 
 def _mean_loss_and_grad(
-    model: torch.nn.Module, loss_fn: LossFn, batches: list, weights: list[float],
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: list,
+    weights: list[float],
     params: Mapping[str, torch.nn.Parameter],
 ) -> tuple[float, dict[str, torch.Tensor]]:
     loss = 0.0
@@ -249,7 +249,8 @@ class LossSurface2D:
         """(alpha, beta, loss) for every grid point, alpha-major."""
         return [
             (float(a), float(b), float(self.losses[i, j]))
-            for i, a in enumerate(self.alphas) for j, b in enumerate(self.betas)
+            for i, a in enumerate(self.alphas)
+            for j, b in enumerate(self.betas)
         ]
 
     def records(self) -> list[dict[str, float]]:
@@ -351,8 +352,12 @@ def surface_along(
     start = {n: p for n, p in model.named_parameters() if p.requires_grad}
     shared = [n for n in start if n in target]
     return surface_1d(
-        model, loss_fn, batches, direction_between(start, target, param_names=shared),
-        alphas=alphas, weights=weights,
+        model,
+        loss_fn,
+        batches,
+        direction_between(start, target, param_names=shared),
+        alphas=alphas,
+        weights=weights,
     )
 
 
@@ -408,8 +413,10 @@ def _ascent(
                 if g_norm == 0:
                     if generator is None:
                         break
-                    g_u = {n: torch.randn(g.shape, generator=generator, dtype=torch.float64).to(g.device)
-                           for n, g in g_u.items()}
+                    g_u = {
+                        n: torch.randn(g.shape, generator=generator, dtype=torch.float64).to(g.device)
+                        for n, g in g_u.items()
+                    }
                     g_norm = float(torch.sqrt(torch.as_tensor(sum((g**2).sum() for g in g_u.values()))))
                 u = {n: u[n] + step_size * radius * g_u[n] / g_norm for n in u}
                 u_norm = float(torch.sqrt(torch.as_tensor(sum((x**2).sum() for x in u.values()))))
@@ -462,8 +469,17 @@ def eps_sharpness(
         start_norm = float(torch.sqrt(torch.as_tensor(sum((x**2).sum() for x in start.values()))))
         start = {n: x * (radius * 0.5 / start_norm) for n, x in start.items()}  # inside the ball
     loss0, worst = _ascent(
-        model, loss_fn, batches, w, params, scale, radius, norm, n_steps,
-        2.5 / n_steps if step_size is None else step_size, start,
+        model,
+        loss_fn,
+        batches,
+        w,
+        params,
+        scale,
+        radius,
+        norm,
+        n_steps,
+        2.5 / n_steps if step_size is None else step_size,
+        start,
     )
     return (worst - loss0) / (1 + loss0)
 
@@ -502,8 +518,17 @@ def relative_sharpness(
         r = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device)
         start[n] = r * (0.5 * rho / max(float(r.norm()), 1e-300))
     loss0, worst = _ascent(
-        model, loss_fn, batches, w, params, scale, rho, "tensor_ball", n_steps,
-        0.5 if step_size is None else step_size, start,
+        model,
+        loss_fn,
+        batches,
+        w,
+        params,
+        scale,
+        rho,
+        "tensor_ball",
+        n_steps,
+        0.5 if step_size is None else step_size,
+        start,
     )
     return worst - loss0
 
@@ -548,7 +573,17 @@ def adaptive_sharpness(
     if step_size is None:
         step_size = 1.0 if n_steps == 1 else 0.5
     loss0, worst = _ascent(
-        model, loss_fn, batches, w, params, scale, rho, norm, n_steps, step_size, start=None,
+        model,
+        loss_fn,
+        batches,
+        w,
+        params,
+        scale,
+        rho,
+        norm,
+        n_steps,
+        step_size,
+        start=None,
         generator=torch.Generator().manual_seed(seed),
     )
     return worst - loss0
@@ -659,8 +694,18 @@ def endpoint_pca(
     records = []
     for i, record in enumerate(pca.records):
         point = start if i == 0 else _as_float_arrays(endpoints[i - 1])
-        distance = 0.0 if i == 0 else float(np.sqrt(sum(
-            float(((point[k].detach().double().cpu() - start[k].detach().double().cpu()) ** 2).sum()) for k in names)))
+        distance = (
+            0.0
+            if i == 0
+            else float(
+                np.sqrt(
+                    sum(
+                        float(((point[k].detach().double().cpu() - start[k].detach().double().cpu()) ** 2).sum())
+                        for k in names
+                    )
+                )
+            )
+        )
         extra = {"origin": True} if i == 0 else {"origin": False, **labels[i - 1]}
         records.append({**extra, **{k: v for k, v in record.items() if k != "label"},
                         "distance_from_origin": distance})  # fmt: skip

@@ -55,8 +55,12 @@ def prc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(average_precision_score(positive.astype(np.int64), scores))
 
 
-def _mean_over_columns(metric: Callable[[np.ndarray, np.ndarray], float], labels: np.ndarray,
-                       predictions: np.ndarray, n_classes: int | None) -> float:
+def _mean_over_columns(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    n_classes: int | None,
+) -> float:
     """Mean of a binary metric over label columns, NaN labels skipped; multi-class: macro one-vs-rest."""
     if n_classes is not None:
         y = labels[:, 0]
@@ -115,8 +119,9 @@ def score(metric: str, labels: np.ndarray, predictions: np.ndarray, n_classes: i
     raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(HIGHER_IS_BETTER)}")
 
 
-def scores(task_type: str, labels: np.ndarray, predictions: np.ndarray,
-           n_classes: int | None = None) -> dict[str, float]:
+def scores(
+    task_type: str, labels: np.ndarray, predictions: np.ndarray, n_classes: int | None = None
+) -> dict[str, float]:
     """Every metric of the task type, by name."""
     return {m: score(m, labels, predictions, n_classes) for m in METRICS[task_type]}
 

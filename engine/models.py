@@ -289,7 +289,8 @@ def peak_flops_of(device_name: str, bf16: bool) -> float:
     """
     words = _words(device_name)
     matches = [
-        key for key in PEAK_FLOPS
+        key
+        for key in PEAK_FLOPS
         if any(words[i : i + len(k)] == k for k in [_words(key)] for i in range(len(words) - len(k) + 1))
     ]
     if not matches:
@@ -339,7 +340,6 @@ def rung_table(
             }
         )
     return rows
-
 
 
 def load_pretrained(checkpoint_dir) -> PreTrainedModel:

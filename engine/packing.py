@@ -169,8 +169,11 @@ class PackingSearcher(Searcher):
         """What Tune's experiment checkpoint keeps of the searcher: the trials still waiting and those
         running, as JSON for a person to read. There is no `restore`: `clmscale sweep --resume` builds
         a new searcher over the trials whose folders hold no result (engine.sweep.run_sweep)."""
-        state = {"pending": [str(k) for k in self._ledger.pending], "running": sorted(self._live.values()),
-                 "ready": list(self._ready)}
+        state = {
+            "pending": [str(k) for k in self._ledger.pending],
+            "running": sorted(self._live.values()),
+            "ready": list(self._ready),
+        }
         Path(checkpoint_path).write_text(json.dumps(state, indent=1))
 
 

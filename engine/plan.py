@@ -311,9 +311,16 @@ def choose(
         return [2**k for k in range(int(math.log2(per_worker)), -1, -1) if per_worker % 2**k == 0] if per_worker else []
 
     def estimate(stage: int, workers: int, mb: int) -> MemoryEstimate:
-        return memory_per_device(shape, micro_batch_size=mb, zero_stage=stage, world_size=workers, bf16=bf16,
-                                 device="cuda" if on_gpu else "cpu", overhead_bytes=overhead_bytes,
-                                 fragmentation=fragmentation)
+        return memory_per_device(
+            shape,
+            micro_batch_size=mb,
+            zero_stage=stage,
+            world_size=workers,
+            bf16=bf16,
+            device="cuda" if on_gpu else "cpu",
+            overhead_bytes=overhead_bytes,
+            fragmentation=fragmentation,
+        )
 
     smallest: tuple[int, int, int, MemoryEstimate] | None = None  # the least memory tried, for the error
     worker_counts = [r.workers] + (list(range(r.workers + 1, max_workers + 1)) if stage_auto else [])
@@ -364,8 +371,9 @@ def _parts_text(mem: MemoryEstimate) -> str:
 
 def apply_choice(trial: Trial, choice: Choice) -> Trial:
     """The trial with its auto fields made concrete, validated again (batch splits over workers)."""
-    train = trial.train.model_copy(update={"zero_stage": choice.zero_stage,
-                                           "micro_batch_size": choice.micro_batch_size})
+    train = trial.train.model_copy(
+        update={"zero_stage": choice.zero_stage, "micro_batch_size": choice.micro_batch_size}
+    )
     resources = trial.resources.model_copy(update={"workers": choice.workers})
     rest = trial.model_dump(exclude={"train", "resources"})
     return Trial.model_validate({**rest, "train": train.model_dump(), "resources": resources.model_dump()})
@@ -386,8 +394,10 @@ def budget_tokens_of(trial: Trial, tokens_per_epoch: int | None) -> int:
     if trial.budget_tokens is not None:
         return trial.budget_tokens
     if tokens_per_epoch is None:
-        raise PlanError(f"trial {trial.trial_id}: the budget is {trial.budget_epochs:g} epochs; run prepare first "
-                        f"(the manifest has the train split's tokens) or give tokens per epoch")
+        raise PlanError(
+            f"trial {trial.trial_id}: the budget is {trial.budget_epochs:g} epochs; run prepare first "
+            f"(the manifest has the train split's tokens) or give tokens per epoch"
+        )
     assert trial.budget_epochs is not None  # Trial's validator: one of the two budgets
     return int(trial.budget_epochs * tokens_per_epoch)
 
@@ -458,8 +468,9 @@ def simulate(
         ledger.add(i, need, largest_first(need, h) if packed else (float(i),))
     limit = None
     if not packed:
-        limit = concurrency or min((copies_that_fit(n, nodes, reserved_cpus, limit=len(needs)) for n in needs),
-                                   default=1)
+        limit = concurrency or min(
+            (copies_that_fit(n, nodes, reserved_cpus, limit=len(needs)) for n in needs), default=1
+        )
     start, end = [math.nan] * len(needs), [math.nan] * len(needs)
     running: list[tuple[float, int]] = []
     now = 0.0
@@ -514,8 +525,9 @@ def hessian_bytes(
     from clmscale.engine.hessian import memory_estimate
 
     n = shape.n_params
-    extra = memory_estimate(n, "float32", max_iter, max(top_k, 1), trace_matvecs, n_workers,
-                            density_runs=density_runs)["peak_bytes"]
+    extra = memory_estimate(n, "float32", max_iter, max(top_k, 1), trace_matvecs, n_workers, density_runs=density_runs)[
+        "peak_bytes"
+    ]
     act = activation_bytes(shape, micro_batch_size, bytes_per_value=4, attention="eager")
     return 4 * n + extra + 3 * act.saved + act.transient
 
@@ -584,8 +596,9 @@ def plan_sweep(
     trials = list(expand_grid(cfg) if trials is None else trials)
     rows, needs = [], []
     for trial in trials:
-        choice = choose(trial, gpus, gpu_memory_gb, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                        cpu_memory_gb=cpu_memory_gb)
+        choice = choose(
+            trial, gpus, gpu_memory_gb, vocab_size=vocab_size, max_seq_len=max_seq_len, cpu_memory_gb=cpu_memory_gb
+        )
         concrete = apply_choice(trial, choice)
         tokens = budget_tokens_of(trial, tokens_per_epoch)
         flops = trial_flops(trial, vocab_size=vocab_size, max_seq_len=max_seq_len, budget_tokens=tokens)
@@ -594,8 +607,10 @@ def plan_sweep(
         need = trial_need(concrete.resources, trial_cpus)
         ledger = AdmissionController(nodes, reserved_cpus)
         if not ledger.fits_empty(need):
-            raise PlanError(f"trial {trial.trial_id}: needs {need.gpus:g} GPUs and {need.cpus:g} CPUs, but the "
-                            f"cluster is {ledger.capacity_text()}")
+            raise PlanError(
+                f"trial {trial.trial_id}: needs {need.gpus:g} GPUs and {need.cpus:g} CPUs, but the "
+                f"cluster is {ledger.capacity_text()}"
+            )
         needs.append(need)
         n_params = model_shape(trial.family, trial.size, vocab_size, max_seq_len).n_params
         rows.append(TrialPlan(trial.trial_id, trial.size.name, n_params, tokens, flops, choice, need.gpus, hours,
@@ -657,8 +672,9 @@ def format_plan(plan: SweepPlan) -> str:
         + (f"; packed is {serial / packed:.2f}x faster" if packed > 0 else ""),
     ]
     if plan.hessian_bytes:
-        lines.append(f"# Hessian job per rung, per worker of {plan.hessian_workers} (fixed Lanczos basis, sliced over "
-                     "the workers; pieces of analysis.hessian_micro_batch rows): "
-                     + ", ".join(f"{rung} {b / GB:.3g} GB" for rung, b in plan.hessian_bytes.items()))
+        lines.append(
+            f"# Hessian job per rung, per worker of {plan.hessian_workers} (fixed Lanczos basis, sliced over "
+            "the workers; pieces of analysis.hessian_micro_batch rows): "
+            + ", ".join(f"{rung} {b / GB:.3g} GB" for rung, b in plan.hessian_bytes.items())
+        )
     return "\n".join(lines)
-

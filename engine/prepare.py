@@ -103,8 +103,9 @@ def canonical_smiles(smiles: Sequence[str], isomeric: bool = True, what: str = "
     bad = [(i, s, c.error) for i, (s, c) in enumerate(zip(smiles, out, strict=True)) if c.smiles is None]
     if bad:
         i, s, error = bad[0]
-        raise ValueError(f"{what}: {len(bad)} SMILES cannot be canonicalised as the corpus was, "
-                         f"e.g. molecule {i}: {s!r}: {error}")
+        raise ValueError(
+            f"{what}: {len(bad)} SMILES cannot be canonicalised as the corpus was, e.g. molecule {i}: {s!r}: {error}"
+        )
     return [c.smiles for c in out if c.smiles is not None]
 
 
@@ -318,7 +319,9 @@ def _canonicalize_on_ray(
             if not ready:
                 log.warning(
                     "no chunk finished in %.0f s (%d running); free cluster resources: %s",
-                    stall_warning_s, len(running), ray.available_resources(),
+                    stall_warning_s,
+                    len(running),
+                    ray.available_resources(),
                 )
             for ref in ready:
                 finished[running.pop(ref)] = ref
@@ -342,7 +345,11 @@ def log_progress(p: Progress) -> None:
     rate = p.n_done / p.elapsed_s if p.elapsed_s > 0 else 0.0
     log.info(
         "canonicalised %s SMILES in %d chunks (%s invalid, %s duplicates), %.0f mol/s",
-        f"{p.n_done:,}", p.n_chunks, f"{p.n_invalid:,}", f"{p.n_duplicate:,}", rate,
+        f"{p.n_done:,}",
+        p.n_chunks,
+        f"{p.n_invalid:,}",
+        f"{p.n_duplicate:,}",
+        rate,
     )
 
 
@@ -370,8 +377,9 @@ def prepare(
     inputs = [_describe_input(p) for p in cfg.corpus]
     vocab_tasks, decon_tasks = task_roles(cfg, downstream)
     run = _canonicalize_on_ray if parallel else _canonicalize_serial
-    molecules = load_task_molecules([*dict.fromkeys([*vocab_tasks, *decon_tasks])], downstream, cfg.isomeric, run,
-                                    chunk_rows)
+    molecules = load_task_molecules(
+        [*dict.fromkeys([*vocab_tasks, *decon_tasks])], downstream, cfg.isomeric, run, chunk_rows
+    )
     options = cfg.model_dump(mode="json", exclude={"corpus"})
     # the task molecule sets as read: a changed task file makes a different preparation
     options["task_molecules"] = {name: m.sha256 for name, m in molecules.items()}
@@ -410,12 +418,19 @@ def prepare(
         rdkit_version=rdBase.rdkitVersion,
         counts=tally.counts(splits),
         shards=shards,
-        tokenizer=TokenizerInfo(path=data.tokenizer.name, vocab_size=len(tokenizer),
-                                n_unk=count_unk(tokenizer, (c.smiles for c in splits["val"] if c.smiles is not None)),
-                                tasks=list(vocab_tasks),
-                                task_tokens=list(vocab)[len(corpus_vocab):]),
-        decontamination={name: TaskOverlap(task_molecules=len(molecules[name].keys(cfg.decontaminate_key)),
-                                           removed=tally.removed.get(name, 0)) for name in decon_tasks},
+        tokenizer=TokenizerInfo(
+            path=data.tokenizer.name,
+            vocab_size=len(tokenizer),
+            n_unk=count_unk(tokenizer, (c.smiles for c in splits["val"] if c.smiles is not None)),
+            tasks=list(vocab_tasks),
+            task_tokens=list(vocab)[len(corpus_vocab) :],
+        ),
+        decontamination={
+            name: TaskOverlap(
+                task_molecules=len(molecules[name].keys(cfg.decontaminate_key)), removed=tally.removed.get(name, 0)
+            )
+            for name in decon_tasks
+        },
         decontamination_key=cfg.decontaminate_key if decon_tasks else None,
     )
     data.write_manifest(manifest)
@@ -423,9 +438,18 @@ def prepare(
     log.info(
         "%s: kept %s of %s SMILES (%s invalid, %s duplicates, %s task molecules, %s filtered): %s train / %s val, "
         "vocab %d (%d token types from the tasks only), %d [UNK] in val",
-        data.path, f"{c.n_kept:,}", f"{c.n_in:,}", f"{c.n_invalid:,}", f"{c.n_duplicate:,}",
-        f"{c.n_decontaminated:,}", f"{c.n_filtered:,}", f"{c.train.n_molecules:,}", f"{c.val.n_molecules:,}",
-        manifest.tokenizer.vocab_size, len(manifest.tokenizer.task_tokens), manifest.tokenizer.n_unk,
+        data.path,
+        f"{c.n_kept:,}",
+        f"{c.n_in:,}",
+        f"{c.n_invalid:,}",
+        f"{c.n_duplicate:,}",
+        f"{c.n_decontaminated:,}",
+        f"{c.n_filtered:,}",
+        f"{c.train.n_molecules:,}",
+        f"{c.val.n_molecules:,}",
+        manifest.tokenizer.vocab_size,
+        len(manifest.tokenizer.task_tokens),
+        manifest.tokenizer.n_unk,
     )
     return manifest
 
@@ -460,9 +484,13 @@ def task_roles(cfg: DataConfig, downstream: DownstreamConfig | None) -> tuple[li
     return vocab, list(cfg.decontaminate or [])
 
 
-def load_task_molecules(names: Sequence[str], downstream: DownstreamConfig | None, isomeric: bool,
-                        run: Callable[..., Iterator[tuple[Chunk, list[Canonical]]]] = _canonicalize_serial,
-                        chunk_rows: int = 2_000) -> dict[str, TaskMolecules]:
+def load_task_molecules(
+    names: Sequence[str],
+    downstream: DownstreamConfig | None,
+    isomeric: bool,
+    run: Callable[..., Iterator[tuple[Chunk, list[Canonical]]]] = _canonicalize_serial,
+    chunk_rows: int = 2_000,
+) -> dict[str, TaskMolecules]:
     """Each task's SMILES (all splits, no max_molecules cap) canonicalised with InChIKeys by `run` (Ray tasks or
     in-process). Task files are found as analyze finds them (data_dir, CLMSCALE_DATA_DIR, the cache, else a download
     checked by sha256); a task that cannot be loaded is a DataError naming it."""
@@ -477,17 +505,25 @@ def load_task_molecules(names: Sequence[str], downstream: DownstreamConfig | Non
         try:
             loaded.append(tasks.load_task(custom.get(name, name), data_dir=data_dir))
         except (ValueError, OSError) as err:  # TaskError is a ValueError
-            raise DataError(f"task {name!r} is read at prepare (decontamination, vocabulary) but cannot be loaded: "
-                            f"{err}") from None
-    chunks = (Chunk(i, list(range(start, min(start + chunk_rows, len(t)))), t.smiles[start : start + chunk_rows])
-              for i, t in enumerate(loaded) for start in range(0, len(t), chunk_rows))
+            raise DataError(
+                f"task {name!r} is read at prepare (decontamination, vocabulary) but cannot be loaded: {err}"
+            ) from None
+    chunks = (
+        Chunk(i, list(range(start, min(start + chunk_rows, len(t)))), t.smiles[start : start + chunk_rows])
+        for i, t in enumerate(loaded)
+        for start in range(0, len(t), chunk_rows)
+    )
     smiles: list[list[str]] = [[] for _ in loaded]
     keys: list[list[str]] = [[] for _ in loaded]
     for chunk, canonical in run(chunks, isomeric, False, True):
         for raw, c in zip(chunk.smiles, canonical, strict=True):
             if c.smiles is None:  # the loader keeps what RDKit parses; e.g. a SMILES with a space inside
-                log.warning("task %s: %r cannot be canonicalised as the corpus is (%s); left out",
-                            names[chunk.file_index], raw, c.error)
+                log.warning(
+                    "task %s: %r cannot be canonicalised as the corpus is (%s); left out",
+                    names[chunk.file_index],
+                    raw,
+                    c.error,
+                )
                 continue
             smiles[chunk.file_index].append(c.smiles)
             keys[chunk.file_index].append(c.inchikey or "")
@@ -530,19 +566,31 @@ class Tally:
     def counts(self, splits: dict[Split, list[Canonical]]) -> Counts:
         """Counts add up: n_in = n_invalid + n_duplicate + n_decontaminated + n_filtered + n_kept (= train + val)."""
         n_filtered = self.n_heavy + self.n_long
-        per_split = {split: SplitCounts(n_molecules=len(rows), n_tokens=sum(c.n_tokens for c in rows))
-                     for split, rows in splits.items()}
-        counts = Counts(n_in=self.n_in, n_invalid=self.n_invalid, n_duplicate=self.n_duplicate,
-                        n_decontaminated=self.n_decontaminated, n_filtered=n_filtered,
-                        n_filtered_heavy_atoms=self.n_heavy, n_filtered_tokens=self.n_long,
-                        n_kept=self.n_in - self.n_invalid - self.n_duplicate - self.n_decontaminated - n_filtered,
-                        **per_split)
+        per_split = {
+            split: SplitCounts(n_molecules=len(rows), n_tokens=sum(c.n_tokens for c in rows))
+            for split, rows in splits.items()
+        }
+        counts = Counts(
+            n_in=self.n_in,
+            n_invalid=self.n_invalid,
+            n_duplicate=self.n_duplicate,
+            n_decontaminated=self.n_decontaminated,
+            n_filtered=n_filtered,
+            n_filtered_heavy_atoms=self.n_heavy,
+            n_filtered_tokens=self.n_long,
+            n_kept=self.n_in - self.n_invalid - self.n_duplicate - self.n_decontaminated - n_filtered,
+            **per_split,
+        )
         assert counts.n_kept == counts.train.n_molecules + counts.val.n_molecules
         return counts
 
 
-def _tally(results: Iterable[tuple[Chunk, list[Canonical]]], cfg: DataConfig,
-           progress: Callable[[Progress], None], contaminants: dict[str, list[str]] | None = None) -> Tally:
+def _tally(
+    results: Iterable[tuple[Chunk, list[Canonical]]],
+    cfg: DataConfig,
+    progress: Callable[[Progress], None],
+    contaminants: dict[str, list[str]] | None = None,
+) -> Tally:
     """Exact duplicates dropped (first occurrence wins), then task molecules (`contaminants`: key -> tasks, keys
     as `cfg.decontaminate_key`), then the size filters, chunk by chunk in order."""
     tally = Tally(files=", ".join(str(p) for p in cfg.corpus))
@@ -567,8 +615,14 @@ def _tally(results: Iterable[tuple[Chunk, list[Canonical]]], cfg: DataConfig,
                     names = contaminants[key]  # type: ignore[index]
                     tally.n_decontaminated += 1
                     tally.removed.update(names)
-                    tally.rejects.append((source, line, raw, f"decontaminated: a molecule of task {', '.join(names)} "
-                                                             f"({cfg.decontaminate_key} {key})"))
+                    tally.rejects.append(
+                        (
+                            source,
+                            line,
+                            raw,
+                            f"decontaminated: a molecule of task {', '.join(names)} ({cfg.decontaminate_key} {key})",
+                        )
+                    )
                 elif cfg.max_heavy_atoms is not None and c.n_heavy_atoms > cfg.max_heavy_atoms:
                     tally.n_heavy += 1
                     reason = f"filtered: {c.n_heavy_atoms} heavy atoms > max_heavy_atoms {cfg.max_heavy_atoms}"
@@ -605,18 +659,25 @@ def _check_tally(tally: Tally, cfg: DataConfig, data: DataDir) -> None:
             f" (see {data.rejects_path})"
         )
     if n_invalid:
-        log.warning("%s invalid SMILES of %s (%.2f%%), all in %s", f"{n_invalid:,}", f"{n_in:,}",
-                    100 * n_invalid / n_in, data.rejects_path)
+        log.warning(
+            "%s invalid SMILES of %s (%.2f%%), all in %s",
+            f"{n_invalid:,}",
+            f"{n_in:,}",
+            100 * n_invalid / n_in,
+            data.rejects_path,
+        )
     if not tally.kept:
         which = [f"decontaminate (task molecules) removed {tally.n_decontaminated:,}"] if tally.n_decontaminated else []
         which += [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {tally.n_heavy:,}"] if tally.n_heavy else []
         which += [f"max_tokens={cfg.max_tokens} removed {tally.n_long:,}"] if tally.n_long else []
         n_unique = n_in - n_invalid - tally.n_duplicate
         raise DataError(
-            f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules")
+            f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules"
+        )
     if len(tally.kept) < 2:
         raise DataError(
-            f"{files}: only {len(tally.kept)} molecule left after cleaning; need at least 2 for a train/val split")
+            f"{files}: only {len(tally.kept)} molecule left after cleaning; need at least 2 for a train/val split"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,8 +812,10 @@ def _damage(manifest: Manifest, data: DataDir) -> str | None:
             return f"{shard.path} is missing ({name} lists it)"
         digest = sha256_file(path)
         if digest != shard.sha256:
-            return (f"{shard.path} has sha256 {digest[:16]}..., {name} records {shard.sha256[:16]}..."
-                    " (changed since prepare)")
+            return (
+                f"{shard.path} has sha256 {digest[:16]}..., {name} records {shard.sha256[:16]}..."
+                " (changed since prepare)"
+            )
     if not data.has_tokenizer():
         return f"{manifest.tokenizer.path}/ is missing"
     return None

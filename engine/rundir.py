@@ -177,8 +177,10 @@ class DataDir:
     def write_rejects(self, rows: Iterable[tuple[str, int, str, str]]) -> None:
         """rejects.csv: file, line (1-based), smiles, reason."""
         # backslashreplace: a rejected string may hold characters UTF-8 cannot encode (lone surrogates)
-        with atomic_path(self.rejects_path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
-                                                         errors="backslashreplace") as f:
+        with (
+            atomic_path(self.rejects_path) as tmp,
+            open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f,
+        ):
             writer = csv.writer(f)
             writer.writerow(["file", "line", "smiles", "reason"])
             writer.writerows(rows)
@@ -190,9 +192,11 @@ class DataDir:
     def is_output(path: Path) -> bool:
         """A file or folder that prepare writes here (an earlier prepare's output, safe to clear)."""
         name = Path(path).name
-        return (name in ("manifest.json", "rejects.csv", "tokenizer")
-                or name.startswith((".manifest.json.", ".rejects.csv."))  # an atomic writer's temporary file
-                or (name.endswith(".parquet") and name.startswith(("train-", "val-"))))
+        return (
+            name in ("manifest.json", "rejects.csv", "tokenizer")
+            or name.startswith((".manifest.json.", ".rejects.csv."))  # an atomic writer's temporary file
+            or (name.endswith(".parquet") and name.startswith(("train-", "val-")))
+        )
 
     def clear_outputs(self) -> None:
         for p in self.entries():
@@ -249,11 +253,18 @@ class TrainResult:
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TrainResult:
         """The dataclass from its JSON form (nulls back to NaN where the field is a float)."""
-        values: dict[str, Any] = {k: (math.nan if v is None and k in _FLOATS[cls] else v) for k, v in record.items()
-                                  if k != "checkpoints"}
-        checkpoints = [CheckpointInfo(**{k: (math.nan if v is None and k in _FLOATS[CheckpointInfo] else v)  # type: ignore[arg-type]  # JSON: Any per field
-                                         for k, v in c.items()})
-                       for c in record.get("checkpoints") or []]
+        values: dict[str, Any] = {
+            k: (math.nan if v is None and k in _FLOATS[cls] else v) for k, v in record.items() if k != "checkpoints"
+        }
+        checkpoints = [
+            CheckpointInfo(
+                **{
+                    k: (math.nan if v is None and k in _FLOATS[CheckpointInfo] else v)  # type: ignore[arg-type]  # JSON: Any per field
+                    for k, v in c.items()
+                }
+            )
+            for c in record.get("checkpoints") or []
+        ]
         return cls(**values, checkpoints=checkpoints)
 
 
@@ -465,8 +476,15 @@ class TrialDir:
             kept = path.with_name(f"{path.name}.corrupt")
             shutil.rmtree(kept, ignore_errors=True)  # an older copy set aside from the same milestone
             path.rename(kept)
-            events.append({"event": "corrupt_checkpoint", "checkpoint": path.name, "files": bad, "kept_as": kept.name,
-                           "resumed_from": found[-1].name if found else None})
+            events.append(
+                {
+                    "event": "corrupt_checkpoint",
+                    "checkpoint": path.name,
+                    "files": bad,
+                    "kept_as": kept.name,
+                    "resumed_from": found[-1].name if found else None,
+                }
+            )
         return found, events
 
 
@@ -500,24 +518,81 @@ MEASURED = ("status", "error", "node_id")  # analysis rows: ok / error, the mess
 
 TABLES: dict[str, Table] = {
     "pretrain": Table(
-        columns=("checkpoint", "trial_id", "family", "rung", "seed", "n_params", "n_params_non_embedding",
-                 "budget_tokens", "tokens", "flops", "annealed", "epochs", "unique_tokens", "tokens_spent",
-                 "flops_spent", "step", "train_loss", "val_loss", "wall_time_s", "tokens_per_s", "mfu", "status",
-                 "warning"),
+        columns=(
+            "checkpoint",
+            "trial_id",
+            "family",
+            "rung",
+            "seed",
+            "n_params",
+            "n_params_non_embedding",
+            "budget_tokens",
+            "tokens",
+            "flops",
+            "annealed",
+            "epochs",
+            "unique_tokens",
+            "tokens_spent",
+            "flops_spent",
+            "step",
+            "train_loss",
+            "val_loss",
+            "wall_time_s",
+            "tokens_per_s",
+            "mfu",
+            "status",
+            "warning",
+        ),
         required=IDENTITY + ("val_loss", "status"),
     ),
     "finetune": Table(
-        columns=IDENTITY + ("pretrain_val_loss", "task", "split", "split_seed", "finetune_seed", "mode", "metric",
-                            "primary", "higher_is_better", "value", "val_value", "label_sd", "task_val_loss", "lr",
-                            "flag", "best_epoch", "n_epochs", "pooling", "probe_layer", "unk_fraction",
-                            "truncated_fraction", "wall_time_s") + MEASURED,
+        columns=IDENTITY
+        + (
+            "pretrain_val_loss",
+            "task",
+            "split",
+            "split_seed",
+            "finetune_seed",
+            "mode",
+            "metric",
+            "primary",
+            "higher_is_better",
+            "value",
+            "val_value",
+            "label_sd",
+            "task_val_loss",
+            "lr",
+            "flag",
+            "best_epoch",
+            "n_epochs",
+            "pooling",
+            "probe_layer",
+            "unk_fraction",
+            "truncated_fraction",
+            "wall_time_s",
+        )
+        + MEASURED,
         required=("checkpoint", "trial_id", "task", "split_seed", "mode", "status"),
         key=("checkpoint", "task", "split_seed", "finetune_seed", "mode"),
     ),
     "lr_search": Table(
-        columns=IDENTITY + ("pretrain_val_loss", "task", "mode", "lr", "split_seed", "finetune_seed", "metric",
-                            "higher_is_better",
-                            "val_value", "flag", "best_epoch", "n_epochs", "wall_time_s") + MEASURED,
+        columns=IDENTITY
+        + (
+            "pretrain_val_loss",
+            "task",
+            "mode",
+            "lr",
+            "split_seed",
+            "finetune_seed",
+            "metric",
+            "higher_is_better",
+            "val_value",
+            "flag",
+            "best_epoch",
+            "n_epochs",
+            "wall_time_s",
+        )
+        + MEASURED,
         required=("checkpoint", "task", "mode", "lr", "status"),
         key=("checkpoint", "task", "mode", "lr"),
     ),
@@ -527,32 +602,87 @@ TABLES: dict[str, Table] = {
         key=("task", "split_seed"),
     ),
     "tasks": Table(
-        columns=("task", "task_type", "n_molecules", "n_labels", "n_classes", "missing_fraction", "n_scaffolds",
-                 "scaffold_diversity", "largest_scaffold_fraction", "acyclic_fraction", "positive_fraction",
-                 "class_fractions", "min_positive_fraction", "label_sd", "label_iqr", "max_label_sd",
-                 "nn_tanimoto_mean", "nn_tanimoto_median", "nn_tanimoto_q10", "nn_tanimoto_q90",
-                 "fraction_nn_tanimoto_1", "fraction_nn_unrelated", "n_corpus_sample") + MEASURED,
+        columns=(
+            "task",
+            "task_type",
+            "n_molecules",
+            "n_labels",
+            "n_classes",
+            "missing_fraction",
+            "n_scaffolds",
+            "scaffold_diversity",
+            "largest_scaffold_fraction",
+            "acyclic_fraction",
+            "positive_fraction",
+            "class_fractions",
+            "min_positive_fraction",
+            "label_sd",
+            "label_iqr",
+            "max_label_sd",
+            "nn_tanimoto_mean",
+            "nn_tanimoto_median",
+            "nn_tanimoto_q10",
+            "nn_tanimoto_q90",
+            "fraction_nn_tanimoto_1",
+            "fraction_nn_unrelated",
+            "n_corpus_sample",
+        )
+        + MEASURED,
         required=("task", "status"),
         key=("task",),
     ),
     "hessian": Table(
-        columns=IDENTITY + ("pretrain_val_loss", "loss", "lambda_max", "eigenvalues", "eigenvalue_residuals",
-                            "converged", "lambda_max_half", "lambda_max_half_rel_diff", "lambda_max_half_converged",
-                            "n_batches_half", "trace", "trace_stderr", "density_grid", "density", "n_matvecs",
-                            "n_matvecs_half", "n_workers", "n_batches", "weight_total", "n_basis", "tf32",
-                            "hessian_dim", "loss_value", "grad_norm", "wall_time_s") + MEASURED,
+        columns=IDENTITY
+        + (
+            "pretrain_val_loss",
+            "loss",
+            "lambda_max",
+            "eigenvalues",
+            "eigenvalue_residuals",
+            "converged",
+            "lambda_max_half",
+            "lambda_max_half_rel_diff",
+            "lambda_max_half_converged",
+            "n_batches_half",
+            "trace",
+            "trace_stderr",
+            "density_grid",
+            "density",
+            "n_matvecs",
+            "n_matvecs_half",
+            "n_workers",
+            "n_batches",
+            "weight_total",
+            "n_basis",
+            "tf32",
+            "hessian_dim",
+            "loss_value",
+            "grad_norm",
+            "wall_time_s",
+        )
+        + MEASURED,
         required=("checkpoint", "trial_id", "loss", "status"),
         key=("checkpoint", "loss"),
     ),
     "landscape": Table(
-        columns=IDENTITY + ("pretrain_val_loss", "surface", "kind", "alpha", "beta", "loss", "eps_sharpness",
-                            "adaptive_sharpness") + MEASURED,
+        columns=IDENTITY
+        + ("pretrain_val_loss", "surface", "kind", "alpha", "beta", "loss", "eps_sharpness", "adaptive_sharpness")
+        + MEASURED,
         required=("checkpoint", "trial_id", "surface", "status"),
         key=("checkpoint", "surface"),
     ),
     "pca": Table(
-        columns=("kind", "group", "label", "split_seed", "pc1", "pc2", "distance_from_origin", "explained_1",
-                 "explained_2"),
+        columns=(
+            "kind",
+            "group",
+            "label",
+            "split_seed",
+            "pc1",
+            "pc2",
+            "distance_from_origin",
+            "explained_1",
+            "explained_2",
+        ),
         required=("kind", "group", "label", "pc1", "pc2"),
     ),
     "fits": Table(
@@ -577,8 +707,10 @@ def check_columns(name: str, table: pd.DataFrame, where: Path | str) -> pd.DataF
     schema = TABLES[name]
     unknown = [c for c in table.columns if c not in schema.columns]
     if unknown:
-        raise TableError(f"{where}: column(s) {unknown} are not in the {name} table's schema "
-                         f"(engine/rundir.py TABLES, docs/CONTRACTS.md)")
+        raise TableError(
+            f"{where}: column(s) {unknown} are not in the {name} table's schema "
+            f"(engine/rundir.py TABLES, docs/CONTRACTS.md)"
+        )
     if len(table.columns):
         missing = [c for c in schema.required if c not in table.columns]
         if missing:
@@ -619,18 +751,36 @@ def counted_checkpoints(pretrain: pd.DataFrame, annealed_only: bool = False) -> 
     for trial_id, rows in pretrain[not_finished].groupby("trial_id", sort=True, dropna=False):
         status = rows["status"].iloc[0]
         finite = rows[np.isfinite(rows["val_loss"].to_numpy(float))].sort_values("tokens")
-        last = (f" after {float(finite['tokens'].iloc[-1]):,.0f} tokens; last finite validation loss "
-                f"{finite['val_loss'].iloc[-1]:.3f} nats/token" if len(finite) else "")
-        excluded.append({"table": "pretrain", "trial_id": str(trial_id), "status": str(status), "n_rows": len(rows),
-                         "reason": f"{status}{last}"})
+        last = (
+            f" after {float(finite['tokens'].iloc[-1]):,.0f} tokens; last finite validation loss "
+            f"{finite['val_loss'].iloc[-1]:.3f} nats/token"
+            if len(finite)
+            else ""
+        )
+        excluded.append(
+            {
+                "table": "pretrain",
+                "trial_id": str(trial_id),
+                "status": str(status),
+                "n_rows": len(rows),
+                "reason": f"{status}{last}",
+            }
+        )
     kept = pretrain[~not_finished]
     scale = kept[["n_params_non_embedding", "tokens", "val_loss"]].to_numpy(float)
     has_weights = kept["checkpoint"].fillna("").astype(str).str.len().to_numpy() > 0
     usable = np.isfinite(scale).all(axis=1) & (scale[:, :2] > 0).all(axis=1) & has_weights
     for row in kept[~usable].to_dict("records"):
-        excluded.append({"table": "pretrain", "trial_id": str(row["trial_id"]), "status": "finished", "n_rows": 1,
-                         "reason": f"checkpoint at tokens={row['tokens']} has val_loss={row['val_loss']}, "
-                                   f"n_params_non_embedding={row['n_params_non_embedding']}; left out"})
+        excluded.append(
+            {
+                "table": "pretrain",
+                "trial_id": str(row["trial_id"]),
+                "status": "finished",
+                "n_rows": 1,
+                "reason": f"checkpoint at tokens={row['tokens']} has val_loss={row['val_loss']}, "
+                f"n_params_non_embedding={row['n_params_non_embedding']}; left out",
+            }
+        )
     checkpoints = kept[usable].sort_values(["n_params", "tokens"], kind="stable").reset_index(drop=True)
     if not annealed_only:
         return Counted(checkpoints, excluded)
@@ -641,11 +791,18 @@ def counted_checkpoints(pretrain: pd.DataFrame, annealed_only: bool = False) -> 
     for trial_id, rows in trajectory.groupby("trial_id", sort=True):
         n_unknown = int(unknown[rows.index].sum())
         tokens = ", ".join(f"{float(t):,.0f}" for t in rows["tokens"])
-        reason = (f"{len(rows)} checkpoint(s) not annealed (tokens {tokens}): mid-schedule, trajectory only"
-                  + (f"; {n_unknown} without an annealed value (pretrain table written before that column)"
-                     if n_unknown else ""))
-        excluded.append({"table": "pretrain", "trial_id": str(trial_id), "status": "finished", "n_rows": len(rows),
-                         "reason": reason})
+        reason = f"{len(rows)} checkpoint(s) not annealed (tokens {tokens}): mid-schedule, trajectory only" + (
+            f"; {n_unknown} without an annealed value (pretrain table written before that column)" if n_unknown else ""
+        )
+        excluded.append(
+            {
+                "table": "pretrain",
+                "trial_id": str(trial_id),
+                "status": "finished",
+                "n_rows": len(rows),
+                "reason": reason,
+            }
+        )
     return Counted(checkpoints[annealed].reset_index(drop=True), excluded, trajectory)
 
 
@@ -661,25 +818,49 @@ def usable_measurements(table: pd.DataFrame, kind: str, left_out_trials: set[str
     if kind == "finetune":
         table = table[table["primary"].fillna(True).astype(bool)]
         flagged = (table["flag"].fillna("").astype(str) != "").to_numpy() & (table["status"] == "ok").to_numpy()
-        for (trial_id, task, mode, flag), rows in table[flagged].groupby(["trial_id", "task", "mode", "flag"],
-                                                                          sort=True, dropna=False):
-            excluded.append({"table": kind, "trial_id": "" if pd.isna(trial_id) else str(trial_id), "status": "flagged",
-                             "n_rows": len(rows), "reason": f"{task} {mode}: {len(rows)} run(s) flagged {flag} "
-                             "(the selected weights are the untrained head, or the loss diverged); left out of means"})
+        for (trial_id, task, mode, flag), rows in table[flagged].groupby(
+            ["trial_id", "task", "mode", "flag"], sort=True, dropna=False
+        ):
+            excluded.append(
+                {
+                    "table": kind,
+                    "trial_id": "" if pd.isna(trial_id) else str(trial_id),
+                    "status": "flagged",
+                    "n_rows": len(rows),
+                    "reason": f"{task} {mode}: {len(rows)} run(s) flagged {flag} "
+                    "(the selected weights are the untrained head, or the loss diverged); left out of means",
+                }
+            )
         table = table[~flagged]
     failed = (table["status"] != "ok").to_numpy()
     if failed.any():
-        described = table[failed].assign(_what=[_measurement(kind, row) for row in table[failed].to_dict("records")],
-                                         _error=table.loc[failed, "error"].fillna(""))
-        for (trial_id, what, error), rows in described.groupby(["trial_id", "_what", "_error"], sort=True,
-                                                                dropna=False):
-            excluded.append({"table": kind, "trial_id": "" if pd.isna(trial_id) else str(trial_id), "status": "error",
-                             "n_rows": len(rows), "reason": f"{what}: {error or 'no error message'}"})
+        described = table[failed].assign(
+            _what=[_measurement(kind, row) for row in table[failed].to_dict("records")],
+            _error=table.loc[failed, "error"].fillna(""),
+        )
+        for (trial_id, what, error), rows in described.groupby(
+            ["trial_id", "_what", "_error"], sort=True, dropna=False
+        ):
+            excluded.append(
+                {
+                    "table": kind,
+                    "trial_id": "" if pd.isna(trial_id) else str(trial_id),
+                    "status": "error",
+                    "n_rows": len(rows),
+                    "reason": f"{what}: {error or 'no error message'}",
+                }
+            )
     from_left_out = table["trial_id"].isin(left_out_trials).to_numpy()
     for trial_id, rows in table[from_left_out & ~failed].groupby("trial_id", sort=True):
-        excluded.append({"table": kind, "trial_id": str(trial_id), "status": "left out", "n_rows": len(rows),
-                         "reason": f"{len(rows)} {kind} row(s) measured on checkpoints of a trial that did not "
-                                   "finish; left out"})
+        excluded.append(
+            {
+                "table": kind,
+                "trial_id": str(trial_id),
+                "status": "left out",
+                "n_rows": len(rows),
+                "reason": f"{len(rows)} {kind} row(s) measured on checkpoints of a trial that did not finish; left out",
+            }
+        )
     return table[~failed & ~from_left_out].reset_index(drop=True), excluded
 
 
@@ -688,10 +869,17 @@ def usable_task_characteristics(table: pd.DataFrame) -> tuple[pd.DataFrame, list
     if table.empty:
         return table.reset_index(drop=True), []
     ok = (table["status"] == "ok").to_numpy()
-    excluded = [{"table": "tasks", "trial_id": "", "status": "error", "n_rows": len(rows),
-                 "reason": f"characteristics of {task}: {rows['error'].fillna('').iloc[-1] or 'no error message'}"}
-                for task, rows in table[~ok].groupby("task", sort=True)
-                if task not in set(table.loc[ok, "task"])]
+    excluded = [
+        {
+            "table": "tasks",
+            "trial_id": "",
+            "status": "error",
+            "n_rows": len(rows),
+            "reason": f"characteristics of {task}: {rows['error'].fillna('').iloc[-1] or 'no error message'}",
+        }
+        for task, rows in table[~ok].groupby("task", sort=True)
+        if task not in set(table.loc[ok, "task"])
+    ]
     kept = table[ok].drop_duplicates("task", keep="last").sort_values("task").reset_index(drop=True)
     return kept, excluded
 
@@ -719,11 +907,23 @@ def downstream_points(finetune: pd.DataFrame, checkpoints: pd.DataFrame) -> pd.D
     rows = rows[[(t, float(d)) in counted for t, d in zip(rows["trial_id"], rows["tokens"], strict=True)]]
     if rows.empty:
         return pd.DataFrame()
-    first = {name: (name, "first") for name in ("metric", "higher_is_better", "rung", "n_params",
-                                                "n_params_non_embedding", "flops", "pretrain_val_loss")}
-    points = (rows.groupby(["task", "mode", "trial_id", "tokens"], sort=True)
-              .agg(mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "size"), **first)
-              .reset_index())
+    first = {
+        name: (name, "first")
+        for name in (
+            "metric",
+            "higher_is_better",
+            "rung",
+            "n_params",
+            "n_params_non_embedding",
+            "flops",
+            "pretrain_val_loss",
+        )
+    }
+    points = (
+        rows.groupby(["task", "mode", "trial_id", "tokens"], sort=True)
+        .agg(mean=("value", "mean"), sd=("value", "std"), n_seeds=("value", "size"), **first)
+        .reset_index()
+    )
     losses = checkpoints[["trial_id", "tokens", "val_loss"]].astype({"tokens": float})
     points = points.astype({"tokens": float}).merge(losses, on=["trial_id", "tokens"], how="left")
     points["pretrain_val_loss"] = points["pretrain_val_loss"].astype(float).fillna(points.pop("val_loss"))
@@ -807,8 +1007,15 @@ class RunDirLock:
     and Ctrl-C included.
     """
 
-    def __init__(self, path: Path, command: str, *, heartbeat_s: float = LOCK_HEARTBEAT_S,
-                 stale_s: float = LOCK_STALE_S, wait_s: float = 5.0):
+    def __init__(
+        self,
+        path: Path,
+        command: str,
+        *,
+        heartbeat_s: float = LOCK_HEARTBEAT_S,
+        stale_s: float = LOCK_STALE_S,
+        wait_s: float = 5.0,
+    ):
         self.path, self.command = Path(path), command
         self.heartbeat_s, self.stale_s, self.wait_s = heartbeat_s, stale_s, wait_s
         self.holder: LockHolder | None = None
@@ -828,17 +1035,21 @@ class RunDirLock:
             if current is not None:
                 seen = current
                 if (reason := self.stale_reason(current)) is None:
-                    raise RunDirLocked(f"{self.path.parent} is in use by {current.describe()}, whose heartbeat is "
-                                       f"{time.time() - current.heartbeat:.0f} s old; one driver per run directory: "
-                                       "wait for it to finish, or stop it")
+                    raise RunDirLocked(
+                        f"{self.path.parent} is in use by {current.describe()}, whose heartbeat is "
+                        f"{time.time() - current.heartbeat:.0f} s old; one driver per run directory: "
+                        "wait for it to finish, or stop it"
+                    )
                 if self._take_over(current, reason):
                     break
             elif self._age(self.path) > self.stale_s and self._take_over(None, "its lock file is unreadable"):
                 break  # a driver that died between creating its lock file and writing it
             if time.monotonic() > deadline:
                 who = seen.describe() if seen else "another driver"
-                raise RunDirLocked(f"{self.path.parent} is in use by {who}: its lock {self.path} did not come free "
-                                   f"in {self.wait_s:g} s")
+                raise RunDirLocked(
+                    f"{self.path.parent} is in use by {who}: its lock {self.path} did not come free "
+                    f"in {self.wait_s:g} s"
+                )
             time.sleep(0.05)  # being written, or being taken over by another driver: look again
         self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeat, name=f"lock {self.path}", daemon=True)
@@ -862,9 +1073,14 @@ class RunDirLock:
     # ---- inside ------------------------------------------------------------------------------------
     def _create(self) -> bool:
         now = time.time()
-        holder = LockHolder(pid=os.getpid(), host=socket.gethostname(), command=self.command,
-                            since=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)), heartbeat=now,
-                            token=os.urandom(8).hex())
+        holder = LockHolder(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            command=self.command,
+            since=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
+            heartbeat=now,
+            token=os.urandom(8).hex(),
+        )
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -906,8 +1122,10 @@ class RunDirLock:
             current = _read_holder(self.path)
             if (current.token if current else None) != (stale.token if stale else None):
                 return False  # it changed hands meanwhile: the caller looks again
-            log.warning(f"{self.path}: taking over the lock of "
-                        f"{stale.describe() if stale else 'a driver that died while taking it'}: {reason}")
+            log.warning(
+                f"{self.path}: taking over the lock of "
+                f"{stale.describe() if stale else 'a driver that died while taking it'}: {reason}"
+            )
             self.path.unlink(missing_ok=True)
             return self._create()
         finally:
@@ -920,13 +1138,14 @@ class RunDirLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             if not self._still_mine():
-                log.error(f"{self.path}: this driver lost its lock (taken over as stale); another driver may now "
-                          "write the run directory")
+                log.error(
+                    f"{self.path}: this driver lost its lock (taken over as stale); another driver may now "
+                    "write the run directory"
+                )
                 return
             assert self.holder is not None  # _still_mine checked it
             self.holder = dataclasses.replace(self.holder, heartbeat=time.time())
             write_text_atomic(self.path, json.dumps(dataclasses.asdict(self.holder)))
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1061,8 +1280,9 @@ class RunDir:
     def pretrain(self) -> pd.DataFrame:
         """results/pretrain.parquet, which every later stage starts from."""
         if not self.has_table("pretrain"):
-            raise FileNotFoundError(f"{self.table_path('pretrain')}: no pretraining results; "
-                                    "run `clmscale sweep` first")
+            raise FileNotFoundError(
+                f"{self.table_path('pretrain')}: no pretraining results; run `clmscale sweep` first"
+            )
         return self.read_table("pretrain")
 
     def counted_checkpoints(self) -> Counted:
@@ -1088,10 +1308,18 @@ class RunDir:
         pretrain = tables["pretrain"]
         left_out = pretrain[pretrain["trial_id"].isin(counted.left_out_trials)]
         left_out = left_out[np.isfinite(left_out[["flops", "val_loss"]].to_numpy(float)).all(axis=1)]
-        return FitInputs(config=cfg, tables=tables, present=present, checkpoints=counted.checkpoints,
-                         trajectory=counted.trajectory, left_out=left_out, measured=measured,
-                         points=downstream_points(measured["finetune"], counted.checkpoints), excluded=excluded,
-                         characteristics=characteristics)
+        return FitInputs(
+            config=cfg,
+            tables=tables,
+            present=present,
+            checkpoints=counted.checkpoints,
+            trajectory=counted.trajectory,
+            left_out=left_out,
+            measured=measured,
+            points=downstream_points(measured["finetune"], counted.checkpoints),
+            excluded=excluded,
+            characteristics=characteristics,
+        )
 
     # ---- analysis/ ------------------------------------------------------------------------------
     @property
@@ -1168,8 +1396,11 @@ class RunDir:
         from its metrics.jsonl (with the trial id), as one list of dicts."""
         events = read_jsonl(self.events)
         for folder in sorted(self.trials.glob("*/")):
-            events += [{"stage": "sweep", "trial_id": folder.name, **r} for r in TrialDir(folder).metrics()
-                       if r.get("event") in ("resumed", "corrupt_checkpoint")]
+            events += [
+                {"stage": "sweep", "trial_id": folder.name, **r}
+                for r in TrialDir(folder).metrics()
+                if r.get("event") in ("resumed", "corrupt_checkpoint")
+            ]
         return events
 
 

@@ -24,12 +24,26 @@ def run_status(rd: RunDir) -> dict[str, Any]:
     rd.config()  # raises "not a run directory" for a wrong path
     holder = rd.lock_holder()
     stale = RunDirLock(rd.lock_path, "status").stale_reason(holder) if holder else None
-    driver = None if holder is None else {
-        "command": holder.command, "pid": holder.pid, "host": holder.host, "since": holder.since,
-        "heartbeat_age_s": max(0.0, time.time() - holder.heartbeat), "alive": stale is None, "stale_reason": stale}
-    return {"run_dir": str(rd.root), "driver": driver,
-            "trials": trial_rows(rd, driver_alive=bool(driver and driver["alive"])),
-            "analysis": analysis_rows(rd), "faults": rd.fault_events()}
+    driver = (
+        None
+        if holder is None
+        else {
+            "command": holder.command,
+            "pid": holder.pid,
+            "host": holder.host,
+            "since": holder.since,
+            "heartbeat_age_s": max(0.0, time.time() - holder.heartbeat),
+            "alive": stale is None,
+            "stale_reason": stale,
+        }
+    )
+    return {
+        "run_dir": str(rd.root),
+        "driver": driver,
+        "trials": trial_rows(rd, driver_alive=bool(driver and driver["alive"])),
+        "analysis": analysis_rows(rd),
+        "faults": rd.fault_events(),
+    }
 
 
 def trial_rows(rd: RunDir, driver_alive: bool) -> list[dict[str, Any]]:
@@ -57,8 +71,18 @@ def trial_rows(rd: RunDir, driver_alive: bool) -> list[dict[str, Any]]:
             eta = (budget - tokens) / speed if driver_alive and speed and budget else None
         else:
             state, tokens, loss, eta = "pending", 0, None, None
-        rows.append({"trial_id": trial_id, "state": state, "tokens": tokens, "budget_tokens": budget,
-                     "loss": loss, "tokens_per_s": speed, "eta_s": eta, "restarts": restarts})
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "state": state,
+                "tokens": tokens,
+                "budget_tokens": budget,
+                "loss": loss,
+                "tokens_per_s": speed,
+                "eta_s": eta,
+                "restarts": restarts,
+            }
+        )
     return rows
 
 
@@ -82,8 +106,15 @@ def analysis_rows(rd: RunDir) -> list[dict[str, Any]]:
         ok = {tuple(k) for k in table[table["status"] == "ok"][keys].itertuples(index=False)}
         error = {tuple(k) for k in table[table["status"] == "error"][keys].itertuples(index=False)} - ok
         done, failed = len(planned & ok), len(planned & error)
-        rows.append({"table": name, "planned": len(planned), "done": done, "failed": failed,
-                     "to_run": len(planned) - done - failed})
+        rows.append(
+            {
+                "table": name,
+                "planned": len(planned),
+                "done": done,
+                "failed": failed,
+                "to_run": len(planned) - done - failed,
+            }
+        )
     return rows
 
 
@@ -97,17 +128,40 @@ def format_status(status: dict[str, Any]) -> str:
     order = ("finished", "diverged", "running", "stopped", "pending")
     counts = {s: n for s in order if (n := sum(t["state"] == s for t in trials))}
     lines.append(f"Trials: {len(trials)} ({', '.join(f'{n} {s}' for s, n in counts.items())})")
-    lines += _table([{"trial": t["trial_id"], "state": t["state"],
-                      "tokens": f"{_count(t['tokens'])}/{_count(t['budget_tokens'])}",
-                      "loss": _number(t["loss"], "{:.4f}"), "tokens/s": _number(t["tokens_per_s"], "{:,.0f}"),
-                      "ETA": _duration(t["eta_s"]), "restarts": str(t["restarts"])} for t in trials])
+    lines += _table(
+        [
+            {
+                "trial": t["trial_id"],
+                "state": t["state"],
+                "tokens": f"{_count(t['tokens'])}/{_count(t['budget_tokens'])}",
+                "loss": _number(t["loss"], "{:.4f}"),
+                "tokens/s": _number(t["tokens_per_s"], "{:,.0f}"),
+                "ETA": _duration(t["eta_s"]),
+                "restarts": str(t["restarts"]),
+            }
+            for t in trials
+        ]
+    )
     jobs = status["analysis"]
     if jobs:
         total = {k: sum(r[k] for r in jobs) for k in ("planned", "done", "failed", "to_run")}
-        lines += ["", f"Analysis: {total['done']}/{total['planned']} jobs done, {total['failed']} failed, "
-                      f"{total['to_run']} to run"]
-        lines += _table([{"table": r["table"], "done": str(r["done"]), "failed": str(r["failed"]),
-                          "to run": str(r["to_run"]), "planned": str(r["planned"])} for r in jobs])
+        lines += [
+            "",
+            f"Analysis: {total['done']}/{total['planned']} jobs done, {total['failed']} failed, "
+            f"{total['to_run']} to run",
+        ]
+        lines += _table(
+            [
+                {
+                    "table": r["table"],
+                    "done": str(r["done"]),
+                    "failed": str(r["failed"]),
+                    "to run": str(r["to_run"]),
+                    "planned": str(r["planned"]),
+                }
+                for r in jobs
+            ]
+        )
     else:
         lines += ["", "Analysis: not started (no results/pretrain.parquet yet)"]
     if status["faults"]:

@@ -116,8 +116,12 @@ def check_fits(trials: list[Trial], nodes: list[Node], ceiling: Ceiling | None =
                 f"but the cluster has {where} ({t.resources.workers} worker(s) of "
                 f"{t.resources.cpus_per_worker:g} CPUs and {t.resources.gpus_per_worker:g} GPUs); lower "
                 "resources.workers, cpus_per_worker or gpus_per_worker"
-                + ("" if ceiling is not None and ceiling.grows else
-                   ", or, on an autoscaling cluster, give what it can grow to: resources.cluster_max or --expect-gpus")
+                + (
+                    ""
+                    if ceiling is not None and ceiling.grows
+                    else ", or, on an autoscaling cluster, give what it can grow to: "
+                    "resources.cluster_max or --expect-gpus"
+                )
             )
 
 
@@ -347,8 +351,13 @@ class ProgressLine(tune.Callback):
         if now - self._last.get(trial_id, 0.0) < self.every_s:
             return
         self._last[trial_id] = now
-        progress = {"trial": trial_id, "tokens": result.get("n_tokens", 0), "budget": result.get("budget_tokens"),
-                    "loss": result.get("train_loss"), "tokens_per_s": result.get("tokens_per_s")}
+        progress = {
+            "trial": trial_id,
+            "tokens": result.get("n_tokens", 0),
+            "budget": result.get("budget_tokens"),
+            "loss": result.get("train_loss"),
+            "tokens_per_s": result.get("tokens_per_s"),
+        }
         log.info(progress_text(trial_id, result), extra={"console": progress})
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -363,17 +372,24 @@ class ProgressLine(tune.Callback):
             log.warning(f"[{trial_id}] ended without a result")
             return
         state = result.status
-        text = (f"[{trial_id}] {state}: {result.n_tokens:.3g} tokens, loss {result.train_loss:.4f}, "
-                f"{len(result.checkpoints)} checkpoints, {result.wall_s:.0f} s")
+        text = (
+            f"[{trial_id}] {state}: {result.n_tokens:.3g} tokens, loss {result.train_loss:.4f}, "
+            f"{len(result.checkpoints)} checkpoints, {result.wall_s:.0f} s"
+        )
         (log.warning if state == "diverged" else log.info)(
-            text, extra={"console": {"trial": trial_id, "state": state, "tokens": result.n_tokens,
-                                     "loss": result.train_loss}})
+            text,
+            extra={
+                "console": {"trial": trial_id, "state": state, "tokens": result.n_tokens, "loss": result.train_loss}
+            },
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.n_ended += 1
         trial_id = _trial_name(trial)
-        log.error(f"[{trial_id}] failed: {_last_error_line(trial)} (traceback in {trial.local_path})",
-                  extra={"console": {"trial": trial_id, "state": "failed"}})
+        log.error(
+            f"[{trial_id}] failed: {_last_error_line(trial)} (traceback in {trial.local_path})",
+            extra={"console": {"trial": trial_id, "state": "failed"}},
+        )
 
 
 RAY_WRAPPERS = ("RayTaskError", "WorkerGroupError", "TrainingFailedError", "TuneError", "RayActorError")
@@ -439,10 +455,16 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     trials = resolve_auto(trials, list(ceiling.nodes or nodes), cfg, manifest.tokenizer.vocab_size)
     check_fits(trials, nodes, ceiling)  # auto may have raised a trial's workers
     todo = [t for t in trials if rd.trial(t.trial_id).result() is None]
-    log.info(f"sweep {cfg.name}: {len(trials)} trials ({len(trials) - len(todo)} already ended), packed onto "
-             f"{ceiling.text(nodes)}, in {rd.root}",
-             extra={"console": {"trials": [t.trial_id for t in trials],
-                                "ended": sorted({t.trial_id for t in trials} - {t.trial_id for t in todo})}})
+    log.info(
+        f"sweep {cfg.name}: {len(trials)} trials ({len(trials) - len(todo)} already ended), packed onto "
+        f"{ceiling.text(nodes)}, in {rd.root}",
+        extra={
+            "console": {
+                "trials": [t.trial_id for t in trials],
+                "ended": sorted({t.trial_id for t in trials} - {t.trial_id for t in todo}),
+            }
+        },
+    )
     if todo:
         _tune(cfg, rd, todo, manifest, nodes, PackingSearcher, ceiling)
     table = collect_pretrain_table(rd, trials)
@@ -450,19 +472,37 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     return table
 
 
-def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest, nodes: list[Node],
-          searcher_class, ceiling: Ceiling | None = None) -> None:
+def _tune(
+    cfg: SweepConfig,
+    rd: RunDir,
+    trials: list[Trial],
+    manifest: Manifest,
+    nodes: list[Node],
+    searcher_class,
+    ceiling: Ceiling | None = None,
+) -> None:
     """Ray Tune over `trials`, admitted by the packing searcher (largest first, by FLOPs within a size)."""
     from clmscale.engine.models import build_config, flops_per_token
 
     specs = [
-        TrialSpec(trial=t, run_dir=rd.root, budget_tokens=token_budget(t, manifest),
-                  train_split_tokens=epoch_tokens(manifest), max_seq_len=cfg.model.max_seq_len,
-                  dropout=cfg.model.dropout, worker_env=_fault_injection(t.trial_id)).model_dump(mode="json")
+        TrialSpec(
+            trial=t,
+            run_dir=rd.root,
+            budget_tokens=token_budget(t, manifest),
+            train_split_tokens=epoch_tokens(manifest),
+            max_seq_len=cfg.model.max_seq_len,
+            dropout=cfg.model.dropout,
+            worker_env=_fault_injection(t.trial_id),
+        ).model_dump(mode="json")
         for t in trials
     ]
-    costs = [flops_per_token(build_config(t.family, t.size, manifest.tokenizer.vocab_size, cfg.model.max_seq_len),
-                             cfg.model.max_seq_len) * s["budget_tokens"] for t, s in zip(trials, specs, strict=True)]
+    costs = [
+        flops_per_token(
+            build_config(t.family, t.size, manifest.tokenizer.vocab_size, cfg.model.max_seq_len), cfg.model.max_seq_len
+        )
+        * s["budget_tokens"]
+        for t, s in zip(trials, specs, strict=True)
+    ]
     from clmscale.engine.packing import ScaleUpTimeout, ray_nodes, request_resources
 
     grows = ceiling is not None and ceiling.grows and ceiling.nodes is not None
@@ -482,8 +522,11 @@ def _tune(cfg: SweepConfig, rd: RunDir, trials: list[Trial], manifest: Manifest,
         tune.with_resources(run_trial, {"cpu": TRIAL_CPU}),
         param_space={},  # the grid comes from the searcher
         tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=len(specs), max_concurrent_trials=len(specs),
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            search_alg=searcher,
+            num_samples=len(specs),
+            max_concurrent_trials=len(specs),
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -522,22 +565,59 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
     """The pretrain.parquet rows of one ended trial: one per checkpoint (paths relative to the run
     directory), or one without a checkpoint for a trial that diverged before its first milestone.
     `annealed` says which rows are (N, D) points (wsd: all; cosine / constant_cooldown: the last)."""
-    base = {"trial_id": trial.trial_id, "family": trial.family, "rung": trial.size.name, "seed": trial.seed,
-            "n_params": result.n_params, "n_params_non_embedding": result.n_params_non_embedding,
-            "budget_tokens": result.budget_tokens, "status": result.status}
+    base = {
+        "trial_id": trial.trial_id,
+        "family": trial.family,
+        "rung": trial.size.name,
+        "seed": trial.seed,
+        "n_params": result.n_params,
+        "n_params_non_embedding": result.n_params_non_embedding,
+        "budget_tokens": result.budget_tokens,
+        "status": result.status,
+    }
     if not result.checkpoints:
-        return [{**base, "checkpoint": None, "tokens": result.n_tokens, "flops": result.flops, "annealed": False,
-                 "epochs": result.epochs, "unique_tokens": result.unique_tokens, "tokens_spent": result.tokens_spent,
-                 "flops_spent": result.flops_spent, "step": result.n_steps, "train_loss": math.nan,
-                 "val_loss": math.nan, "wall_time_s": result.wall_s, "tokens_per_s": math.nan, "mfu": math.nan,
-                 "warning": ""}]
+        return [
+            {
+                **base,
+                "checkpoint": None,
+                "tokens": result.n_tokens,
+                "flops": result.flops,
+                "annealed": False,
+                "epochs": result.epochs,
+                "unique_tokens": result.unique_tokens,
+                "tokens_spent": result.tokens_spent,
+                "flops_spent": result.flops_spent,
+                "step": result.n_steps,
+                "train_loss": math.nan,
+                "val_loss": math.nan,
+                "wall_time_s": result.wall_s,
+                "tokens_per_s": math.nan,
+                "mfu": math.nan,
+                "warning": "",
+            }
+        ]
     folder = rd.trial(trial.trial_id)
-    return [{**base, "checkpoint": rd.relative(folder.path / ck.path), "tokens": ck.n_tokens, "flops": ck.flops,
-             "annealed": ck.annealed, "epochs": ck.epochs, "unique_tokens": ck.unique_tokens,
-             "tokens_spent": ck.tokens_spent, "flops_spent": ck.flops_spent, "step": ck.step,
-             "train_loss": ck.train_loss, "val_loss": ck.val_loss, "wall_time_s": ck.wall_s,
-             "tokens_per_s": ck.tokens_per_s, "mfu": ck.mfu, "warning": ck.warning}
-            for ck in result.checkpoints]
+    return [
+        {
+            **base,
+            "checkpoint": rd.relative(folder.path / ck.path),
+            "tokens": ck.n_tokens,
+            "flops": ck.flops,
+            "annealed": ck.annealed,
+            "epochs": ck.epochs,
+            "unique_tokens": ck.unique_tokens,
+            "tokens_spent": ck.tokens_spent,
+            "flops_spent": ck.flops_spent,
+            "step": ck.step,
+            "train_loss": ck.train_loss,
+            "val_loss": ck.val_loss,
+            "wall_time_s": ck.wall_s,
+            "tokens_per_s": ck.tokens_per_s,
+            "mfu": ck.mfu,
+            "warning": ck.warning,
+        }
+        for ck in result.checkpoints
+    ]
 
 
 def collect_pretrain_table(rd: RunDir, trials: list[Trial]) -> pd.DataFrame:
@@ -550,4 +630,3 @@ def collect_pretrain_table(rd: RunDir, trials: list[Trial]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=list(TABLES["pretrain"].columns))
     rd.write_table("pretrain", table)
     return table
-

@@ -29,9 +29,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 # Schwaller et al. 2019; `\\` is one literal backslash (a SMILES bond), `\%[0-9]{2}` a two-digit ring closure.
-SMILES_REGEX = (
-    r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|\/|:|~|@|\?|>|\*|\$|\%[0-9]{2}|[0-9])"
-)
+SMILES_REGEX = r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|\/|:|~|@|\?|>|\*|\$|\%[0-9]{2}|[0-9])"
 _SMILES_RE = re.compile(SMILES_REGEX)
 
 # In this id order (docs/CONTRACTS.md): PAD=0, UNK=1, CLS=2, SEP=3, MASK=4, BOS=5, EOS=6.

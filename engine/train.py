@@ -150,8 +150,14 @@ def data_use(n_tokens: int, train_split_tokens: int | None) -> tuple[float, floa
     if not train_split_tokens:
         return math.nan, math.nan, ""
     epochs = n_tokens / train_split_tokens
-    warning = (f"{epochs:.2f} epochs over the train split ({train_split_tokens:,} tokens): past {MAX_EPOCHS:g}, "
-               "repeated tokens are worth less than new ones (Muennighoff et al. 2023)") if epochs > MAX_EPOCHS else ""
+    warning = (
+        (
+            f"{epochs:.2f} epochs over the train split ({train_split_tokens:,} tokens): past {MAX_EPOCHS:g}, "
+            "repeated tokens are worth less than new ones (Muennighoff et al. 2023)"
+        )
+        if epochs > MAX_EPOCHS
+        else ""
+    )
     return epochs, float(min(n_tokens, train_split_tokens)), warning
 
 
@@ -161,8 +167,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, family: str) -> torch.Te
     predicts the next token, so its labels shift left by one, as the HF models do inside."""
     if family == "clm":
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                             ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
+    )
 
 
 def log_metrics(metrics: dict) -> None:
@@ -271,9 +278,11 @@ def train(
     """
     cfg = trial.train
     if cfg.zero_stage == "auto" or cfg.micro_batch_size == "auto":
-        raise ValueError(f"trial {trial.trial_id}: zero_stage and micro_batch_size must be concrete here (got "
-                         f"{cfg.zero_stage!r}, {cfg.micro_batch_size!r}); engine.plan.choose resolves auto,"
-                         " as the sweep does")
+        raise ValueError(
+            f"trial {trial.trial_id}: zero_stage and micro_batch_size must be concrete here (got "
+            f"{cfg.zero_stage!r}, {cfg.micro_batch_size!r}); engine.plan.choose resolves auto,"
+            " as the sweep does"
+        )
     folder = trial_dir if isinstance(trial_dir, TrialDir) else TrialDir(Path(trial_dir))
     budget = budget_tokens if budget_tokens is not None else trial.budget_tokens
     if budget is None or budget <= 0:
@@ -306,12 +315,20 @@ def train(
         )
     deepspeed = _import_deepspeed(device)
     run = _Run(
-        trial_id=trial.trial_id, cfg=cfg, model_config=model_config, family=family_of(model_config), budget=budget,
-        milestones=tuple(milestones(budget, cfg.checkpoints)), train_split_tokens=train_split_tokens,
-        grad_accum=grad_accum, world=world, rank=rank,
+        trial_id=trial.trial_id,
+        cfg=cfg,
+        model_config=model_config,
+        family=family_of(model_config),
+        budget=budget,
+        milestones=tuple(milestones(budget, cfg.checkpoints)),
+        train_split_tokens=train_split_tokens,
+        grad_accum=grad_accum,
+        world=world,
+        rank=rank,
         manual_clip=cfg.zero_stage == 0 and not bf16,
         flops_per_token=flops_per_token(model_config, max_seq_len_of(model_config)),
-        peak=peak_flops(device, bf16) * world, pad_id=model_config.pad_token_id,
+        peak=peak_flops(device, bf16) * world,
+        pad_id=model_config.pad_token_id,
         inject_nan_at=int(os.environ.get(INJECT_NAN_ENV, "0") or 0),
         fixed_width=max_seq_len_of(model_config) if cfg.compile else 0,
     )
@@ -325,12 +342,20 @@ def train(
         state = _resume(engine, folder, run)
         if rank == 0:
             _record_restart(folder, trial.trial_id, state)
-        loop = _Loop(engine=engine, run=run, state=state, folder=folder, make_batches=make_batches,
-                     val_batches=val_batches, hf_copy=hf_copy, report=report,
-                     stream=_micro_batches(make_batches, state.epoch, state.n_consumed),
-                     window=_Window(torch.zeros(N_STATS, dtype=torch.float64, device=engine.device),
-                                    time.perf_counter()),
-                     wall_before=state.wall_s, t_start=time.perf_counter())
+        loop = _Loop(
+            engine=engine,
+            run=run,
+            state=state,
+            folder=folder,
+            make_batches=make_batches,
+            val_batches=val_batches,
+            hf_copy=hf_copy,
+            report=report,
+            stream=_micro_batches(make_batches, state.epoch, state.n_consumed),
+            window=_Window(torch.zeros(N_STATS, dtype=torch.float64, device=engine.device), time.perf_counter()),
+            wall_before=state.wall_s,
+            t_start=time.perf_counter(),
+        )
         cleanup.callback(lambda: loop.stream.close())  # ends the data pass (Ray Data: the split's epoch)
         engine.train()
         finished = _wsd_schedule(loop) if cfg.schedule == "wsd" else _decay_schedule(loop)
@@ -417,8 +442,12 @@ def _wsd_schedule(loop: _Loop) -> bool:
         # at least one step, even when the step that reached the branch's start also passed its milestone
         end = max(milestone, branch_from + 1)
         # B023: _steps_until calls the schedule only before it returns, within this iteration
-        if not _steps_until(loop, end, lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),  # noqa: B023
-                            branch=milestone):
+        if not _steps_until(
+            loop,
+            end,
+            lambda n: cooldown_lr((n - branch_from) / length, peak, run.cfg),  # noqa: B023
+            branch=milestone,
+        ):
             return False
         _save_checkpoint(loop, milestone, annealed=anneals(run.cfg), optimizer_state=False)
         state.done_branches.add(milestone)
@@ -489,8 +518,9 @@ def _log(loop: _Loop, record: dict) -> None:
     loop.window.reset()  # after any save: its time is not training time
 
 
-def _accumulation_step(engine, run: _Run, state: RunState,
-                       stream: Iterator[tuple[int, int, dict]]) -> tuple[torch.Tensor, int]:
+def _accumulation_step(
+    engine, run: _Run, state: RunState, stream: Iterator[tuple[int, int, dict]]
+) -> tuple[torch.Tensor, int]:
     """Forward and backward of grad_accum micro-batches (DeepSpeed counts them; the caller steps at the
     boundary). Returns this worker's `N_STATS` sums on the device, as float64 (tokens, loss sum, loss
     tokens, FLOPs of the padded batches and of the molecules alone: `engine.models.batch_cost`), and its
@@ -640,8 +670,9 @@ def _record_restart(folder: TrialDir, trial_id: str, state: RunState) -> None:
     for event in state.set_aside:  # after the truncation, which would drop them
         folder.append_metrics({"trial_id": trial_id, **event})
     if state.step:  # the record of a restart (worker failure, --resume): `status` and the tests read it
-        folder.append_metrics({"trial_id": trial_id, "event": "resumed", "step": state.step,
-                               "n_tokens": state.n_tokens})
+        folder.append_metrics(
+            {"trial_id": trial_id, "event": "resumed", "step": state.step, "n_tokens": state.n_tokens}
+        )
 
 
 def max_seq_len_of(config: PreTrainedConfig) -> int:
@@ -825,8 +856,9 @@ def _save_checkpoint(loop: _Loop, milestone: int, *, annealed: bool, optimizer_s
     )
     if loop.hf_copy is not None:  # rank 0's
         loop.hf_copy.save(path, params)
-        folder.write_trainer_state(path, _trainer_state(run, state, record, positions, milestone)
-                                   | {"checkpoint": asdict(info)})
+        folder.write_trainer_state(
+            path, _trainer_state(run, state, record, positions, milestone) | {"checkpoint": asdict(info)}
+        )
         folder.seal(path)  # every rank's files are on disk: each saved its part before the all_gather
     _barrier()
     if warning:
@@ -980,8 +1012,13 @@ def _resume(engine, folder: TrialDir, run: _Run) -> RunState:
             back_to = f"stable/{stable[-1].name}" if stable else None  # what a wsd run resumes from
             events = [e | {"resumed_from": back_to} for e in events] + stable_events
         for event in events:
-            logger.warning("%s: %d file(s) fail the sha256 check (%s); set aside as %s", event["checkpoint"],
-                           len(event["files"]), ", ".join(event["files"][:3]), event["kept_as"])
+            logger.warning(
+                "%s: %d file(s) fail the sha256 check (%s); set aside as %s",
+                event["checkpoint"],
+                len(event["files"]),
+                ", ".join(event["files"][:3]),
+                event["kept_as"],
+            )
         decision = [(found, stable, events)]
     dist.broadcast_object_list(decision, src=0)
     found, stable, events = decision[0]
@@ -1006,8 +1043,9 @@ def _resume(engine, folder: TrialDir, run: _Run) -> RunState:
     )
 
 
-def _resume_wsd(engine, folder: TrialDir, run: _Run, found: list[Path], stable: list[Path],
-                events: list[dict]) -> RunState:
+def _resume_wsd(
+    engine, folder: TrialDir, run: _Run, found: list[Path], stable: list[Path], events: list[dict]
+) -> RunState:
     """wsd: back to the latest stable state S (milestone m). Every branch before m is done (S exists
     only once the one before was sealed); m's is done if its checkpoint is sound. Without a stable
     state the run starts over, rewriting its checkpoints as it goes (they come out the same)."""
@@ -1022,12 +1060,22 @@ def _resume_wsd(engine, folder: TrialDir, run: _Run, found: list[Path], stable: 
     done = {c.milestone for c in infos if c.milestone is not None}  # all of them, by the filter above
     lost = [m for m in run.milestones if m < milestone and m not in done]
     if lost:  # their stable states are gone: a run from scratch would be needed to redo them
-        logger.warning("trial %s: the checkpoints of milestones %s are missing and cannot be redone from "
-                       "stable/%s; the result goes without them", run.trial_id, lost, path.name)
+        logger.warning(
+            "trial %s: the checkpoints of milestones %s are missing and cannot be redone from "
+            "stable/%s; the result goes without them",
+            run.trial_id,
+            lost,
+            path.name,
+        )
     own = next((c for c in infos if c.milestone == milestone), None)  # this stable state's branch, if done
     position = saved["data_position"][run.rank]
-    logger.info("resuming from %s (step %d, %d tokens; its branch %s)", path, saved["step"], saved["n_tokens"],
-                "done" if own else "to run")
+    logger.info(
+        "resuming from %s (step %d, %d tokens; its branch %s)",
+        path,
+        saved["step"],
+        saved["n_tokens"],
+        "done" if own else "to run",
+    )
     return RunState(
         step=saved["step"],
         n_tokens=saved["n_tokens"],
@@ -1056,8 +1104,9 @@ def _checked_trainer_state(folder: TrialDir, path: Path, run: _Run) -> dict:
             f"this run has {run.budget}; the learning-rate schedule would differ"
         )
     if saved.get("schedule") not in (None, run.cfg.schedule):
-        raise ValueError(f"{path}: checkpoint belongs to a run with schedule {saved['schedule']}, "
-                         f"this run has {run.cfg.schedule}")
+        raise ValueError(
+            f"{path}: checkpoint belongs to a run with schedule {saved['schedule']}, this run has {run.cfg.schedule}"
+        )
     return saved
 
 

@@ -20,9 +20,13 @@ from scipy import stats
 from clmscale.engine.files import json_safe
 
 
-def best_on_validation(points: pd.DataFrame, val_col: str = "val_value", higher_is_better: bool = True,
-                       group_cols: Sequence[str] = ("task",),
-                       checkpoint_cols: Sequence[str] = ("mode", "trial_id", "tokens")) -> pd.DataFrame:
+def best_on_validation(
+    points: pd.DataFrame,
+    val_col: str = "val_value",
+    higher_is_better: bool = True,
+    group_cols: Sequence[str] = ("task",),
+    checkpoint_cols: Sequence[str] = ("mode", "trial_id", "tokens"),
+) -> pd.DataFrame:
     """Per group, the checkpoint whose mean validation metric over split seeds is best; one row per group
     with checkpoint_cols and the validation mean. Rows: one per checkpoint × split seed (or per checkpoint)."""
     missing = [c for c in (val_col, *group_cols, *checkpoint_cols) if c not in points.columns]
@@ -41,6 +45,7 @@ def best_on_validation(points: pd.DataFrame, val_col: str = "val_value", higher_
 @dataclasses.dataclass(frozen=True)
 class PairedDifference:
     """Test metric of the pick minus the baseline's, per shared split seed, in the metric's improving sense."""
+
     mean: float  # > 0: the pick is better (higher_is_better aware)
     ci: tuple[float, float]
     se: float
@@ -55,30 +60,53 @@ class PairedDifference:
         return json_safe({"status": "skipped" if self.reason else "ok", **dataclasses.asdict(self)})
 
 
-def paired_difference(pick: pd.DataFrame, baseline: pd.DataFrame, on: str = "split_seed", value_col: str = "value",
-                      higher_is_better: bool = True, level: float = 0.95) -> PairedDifference:
+def paired_difference(
+    pick: pd.DataFrame,
+    baseline: pd.DataFrame,
+    on: str = "split_seed",
+    value_col: str = "value",
+    higher_is_better: bool = True,
+    level: float = 0.95,
+) -> PairedDifference:
     """Paired t interval of pick − baseline over the split seeds both have (several rows per seed are averaged)."""
     for name, frame in (("pick", pick), ("baseline", baseline)):
         missing = [c for c in (on, value_col) if c not in frame.columns]
         if missing:
             raise ValueError(f"paired_difference: {name} has no column(s) {missing}; it has {list(frame.columns)}")
-    per_seed = [frame.assign(_v=pd.to_numeric(frame[value_col], errors="coerce")).groupby(on)["_v"].mean()
-                for frame in (pick, baseline)]
+    per_seed = [
+        frame.assign(_v=pd.to_numeric(frame[value_col], errors="coerce")).groupby(on)["_v"].mean()
+        for frame in (pick, baseline)
+    ]
     paired = pd.concat(per_seed, axis=1, keys=["pick", "baseline"]).dropna()
     sign = 1.0 if higher_is_better else -1.0
     differences = sign * (paired["pick"] - paired["baseline"]).to_numpy(float)
     n = differences.size
     nan = math.nan
     if n < 2:
-        return PairedDifference(mean=float(differences.mean()) if n else nan, ci=(nan, nan), se=nan, df=nan, p=nan,
-                                n_pairs=n, level=level, finding="no clear difference",
-                                reason=f"{n} split seed(s) shared by the pick and the baseline; a paired interval "
-                                       "needs at least 2")
+        return PairedDifference(
+            mean=float(differences.mean()) if n else nan,
+            ci=(nan, nan),
+            se=nan,
+            df=nan,
+            p=nan,
+            n_pairs=n,
+            level=level,
+            finding="no clear difference",
+            reason=f"{n} split seed(s) shared by the pick and the baseline; a paired interval needs at least 2",
+        )
     mean, se, df = float(differences.mean()), float(differences.std(ddof=1) / math.sqrt(n)), float(n - 1)
     if se == 0:
-        return PairedDifference(mean=mean, ci=(mean, mean), se=0.0, df=df, p=nan, n_pairs=n, level=level,
-                                finding="better" if mean > 0 else "worse" if mean < 0 else "no clear difference",
-                                reason="" if mean != 0 else "identical on every split seed")
+        return PairedDifference(
+            mean=mean,
+            ci=(mean, mean),
+            se=0.0,
+            df=df,
+            p=nan,
+            n_pairs=n,
+            level=level,
+            finding="better" if mean > 0 else "worse" if mean < 0 else "no clear difference",
+            reason="" if mean != 0 else "identical on every split seed",
+        )
     half = float(stats.t.ppf(0.5 + level / 2, df) * se)
     p = float(2 * stats.t.sf(abs(mean) / se, df))
     lo, hi = mean - half, mean + half

@@ -20,27 +20,45 @@ import pandas as pd
 from scipy import stats
 
 # Words for the column names of docs/CONTRACTS.md's result tables; anything else is shown as its column name.
-LABELS = types.MappingProxyType({
-    "n_params": "parameter count N",
-    "n_params_non_embedding": "non-embedding parameter count",
-    "tokens": "token count D",
-    "flops": "compute C",
-    "pretrain_val_loss": "pretraining loss",
-    "val_loss": "pretraining loss",
-    "lambda_max": "Hessian λmax",
-    "trace": "Hessian trace",
-    "ft_lambda_max": "fine-tuning-loss Hessian λmax",
-    "ft_trace": "fine-tuning-loss Hessian trace",
-    "eps_sharpness": "ε-sharpness",
-    "adaptive_sharpness": "adaptive sharpness",
-    "roc_auc": "ROC-AUC",
-    "rmse": "RMSE",
-})
+LABELS = types.MappingProxyType(
+    {
+        "n_params": "parameter count N",
+        "n_params_non_embedding": "non-embedding parameter count",
+        "tokens": "token count D",
+        "flops": "compute C",
+        "pretrain_val_loss": "pretraining loss",
+        "val_loss": "pretraining loss",
+        "lambda_max": "Hessian λmax",
+        "trace": "Hessian trace",
+        "ft_lambda_max": "fine-tuning-loss Hessian λmax",
+        "ft_trace": "fine-tuning-loss Hessian trace",
+        "eps_sharpness": "ε-sharpness",
+        "adaptive_sharpness": "adaptive sharpness",
+        "roc_auc": "ROC-AUC",
+        "rmse": "RMSE",
+    }
+)
 
 # ci_lo/ci_hi: bootstrap percentile interval of spearman; p: Spearman's p value; partial_*: the partial Spearman
 # given loss, its interval and t-test p (n − 3 df); n / n_partial: rows used; reason: why a value is NaN.
-COLUMNS = ["task", "metric", "proxy", "n", "spearman", "ci_lo", "ci_hi", "kendall", "p", "partial_given_loss",
-           "partial_ci_lo", "partial_ci_hi", "partial_p", "n_partial", "ci_level", "reason"]
+COLUMNS = [
+    "task",
+    "metric",
+    "proxy",
+    "n",
+    "spearman",
+    "ci_lo",
+    "ci_hi",
+    "kendall",
+    "p",
+    "partial_given_loss",
+    "partial_ci_lo",
+    "partial_ci_hi",
+    "partial_p",
+    "n_partial",
+    "ci_level",
+    "reason",
+]
 
 # Below this share of its rank variance left after regressing out loss ranks, a proxy counts as a function
 # of loss (exact monotone transforms leave ~1e-30 from rounding, not 0).
@@ -61,8 +79,9 @@ def _residual_ranks(ranks: np.ndarray, loss_ranks: np.ndarray) -> np.ndarray:
     ranks = ranks - ranks.mean(axis=1, keepdims=True)
     loss_ranks = loss_ranks - loss_ranks.mean(axis=1, keepdims=True)
     ss_loss = (loss_ranks * loss_ranks).sum(axis=1, keepdims=True)
-    slope = np.divide((ranks * loss_ranks).sum(axis=1, keepdims=True), ss_loss,
-                      out=np.full(ss_loss.shape, np.nan), where=ss_loss > 0)
+    slope = np.divide(
+        (ranks * loss_ranks).sum(axis=1, keepdims=True), ss_loss, out=np.full(ss_loss.shape, np.nan), where=ss_loss > 0
+    )
     residual = ranks - slope * loss_ranks
     ss_total = (ranks * ranks).sum(axis=1)
     left = (residual * residual).sum(axis=1) > _NOTHING_LEFT * ss_total
@@ -93,8 +112,15 @@ def _percentile_ci(samples: np.ndarray, ci_level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _one_pair(frame: pd.DataFrame, metric: str, proxy: str, loss_column: str | None, n_bootstrap: int,
-              ci_level: float, rng: np.random.Generator) -> dict:
+def _one_pair(
+    frame: pd.DataFrame,
+    metric: str,
+    proxy: str,
+    loss_column: str | None,
+    n_bootstrap: int,
+    ci_level: float,
+    rng: np.random.Generator,
+) -> dict:
     """One output row: correlations of metric with proxy, plus the partial given loss, or NaN and a reason."""
     row: dict[str, Any] = {name: math.nan for name in COLUMNS}
     reasons = []
@@ -122,11 +148,23 @@ def _one_pair(frame: pd.DataFrame, metric: str, proxy: str, loss_column: str | N
     return {**row, "reason": reason}
 
 
-def _partial_given_loss(frame: pd.DataFrame, metric: str, proxy: str, loss_column: str | None, n_bootstrap: int,
-                        ci_level: float, rng: np.random.Generator) -> tuple[dict, str]:
+def _partial_given_loss(
+    frame: pd.DataFrame,
+    metric: str,
+    proxy: str,
+    loss_column: str | None,
+    n_bootstrap: int,
+    ci_level: float,
+    rng: np.random.Generator,
+) -> tuple[dict, str]:
     """Partial Spearman of metric and proxy given loss, with interval and p; or NaNs and the reason why not."""
-    empty = {"partial_given_loss": math.nan, "partial_ci_lo": math.nan, "partial_ci_hi": math.nan,
-             "partial_p": math.nan, "n_partial": 0}
+    empty = {
+        "partial_given_loss": math.nan,
+        "partial_ci_lo": math.nan,
+        "partial_ci_hi": math.nan,
+        "partial_p": math.nan,
+        "n_partial": 0,
+    }
     if loss_column is None:
         return empty, "no loss column given"
     if proxy == loss_column:
@@ -144,21 +182,34 @@ def _partial_given_loss(frame: pd.DataFrame, metric: str, proxy: str, loss_colum
     if not np.isfinite(partial):
         proxy_left = _residual_ranks(stats.rankdata(proxy_values)[None, :], stats.rankdata(loss_values)[None, :])
         what = proxy if np.isnan(proxy_left).all() else metric
-        return {**empty, "n_partial": n}, (f"{what} is a monotone function of {loss_column}: nothing is left after "
-                                           f"removing {loss_column}")
+        return {**empty, "n_partial": n}, (
+            f"{what} is a monotone function of {loss_column}: nothing is left after removing {loss_column}"
+        )
     resamples = rng.integers(0, n, size=(n_bootstrap, n))
     _, partial_samples = _rank_correlations(metric_values, proxy_values, loss_values, resamples)
     lo, hi = _percentile_ci(partial_samples, ci_level)
     # t test of a partial correlation with one conditioning variable: n − 3 degrees of freedom
     t = partial * math.sqrt((n - 3) / max(1 - partial**2, 1e-300))
     p = float(2 * stats.t.sf(abs(t), df=n - 3))
-    return {"partial_given_loss": float(partial), "partial_ci_lo": lo, "partial_ci_hi": hi, "partial_p": p,
-            "n_partial": n}, ""
+    return {
+        "partial_given_loss": float(partial),
+        "partial_ci_lo": lo,
+        "partial_ci_hi": hi,
+        "partial_p": p,
+        "n_partial": n,
+    }, ""
 
 
-def proxy_correlations(table: pd.DataFrame, metric: str, proxies, task_column: str | None = "task",
-                       loss_column: str | None = "pretrain_val_loss", n_bootstrap: int = 1000,
-                       ci_level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def proxy_correlations(
+    table: pd.DataFrame,
+    metric: str,
+    proxies,
+    task_column: str | None = "task",
+    loss_column: str | None = "pretrain_val_loss",
+    n_bootstrap: int = 1000,
+    ci_level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Rank correlations of `metric` with each proxy column, per task, with bootstrap intervals.
 
     One row per (task, proxy) with the columns in COLUMNS. A pair that cannot be computed (too few finite

@@ -20,8 +20,11 @@ def _usable_rows(owner: str, x: np.ndarray, metric: np.ndarray, bad: np.ndarray,
     if bad.any():
         rows = np.flatnonzero(bad)
         shown = "; ".join(f"x={float(x[row])!r}, metric={float(metric[row])!r} at row {row}" for row in rows[:10])
-        warnings.warn(f"{owner}: dropped {rows.size} of {x.size} rows {why}: rows {rows.tolist()} ({shown})",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{owner}: dropped {rows.size} of {x.size} rows {why}: rows {rows.tolist()} ({shown})",
+            UserWarning,
+            stacklevel=3,
+        )
     return x[~bad], metric[~bad]
 
 
@@ -40,8 +43,16 @@ class DownstreamPowerLaw(_Estimator):
     formula = "metric = best_possible -/+ (E + A * x^(-gamma))"
     param_names = ("asymptote", "A", "gamma")
 
-    def __init__(self, higher_is_better=True, best_possible=None, huber_delta=1e-3, n_bootstrap=1000, seed=0,
-                 n_jobs=None, ci_level=0.95):
+    def __init__(
+        self,
+        higher_is_better=True,
+        best_possible=None,
+        huber_delta=1e-3,
+        n_bootstrap=1000,
+        seed=0,
+        n_jobs=None,
+        ci_level=0.95,
+    ):
         self.higher_is_better = higher_is_better
         self.best_possible = best_possible
         self.huber_delta = huber_delta
@@ -67,10 +78,16 @@ class DownstreamPowerLaw(_Estimator):
         columns = _as_columns(owner, x=x, metric=metric)
         x, metric = columns["x"], columns["metric"]
         bad = ~(np.isfinite(x) & (x > 0) & np.isfinite(metric) & (self._gap(metric) > 0))
-        x, metric = _usable_rows(owner, x, metric, bad,
-                                 f"with x <= 0, a non-finite value, or metric at best_possible={self._best()}")
-        law = SaturatingPowerLaw(huber_delta=self.huber_delta, n_bootstrap=self.n_bootstrap, seed=self.seed,
-                                 n_jobs=self.n_jobs, ci_level=self.ci_level)
+        x, metric = _usable_rows(
+            owner, x, metric, bad, f"with x <= 0, a non-finite value, or metric at best_possible={self._best()}"
+        )
+        law = SaturatingPowerLaw(
+            huber_delta=self.huber_delta,
+            n_bootstrap=self.n_bootstrap,
+            seed=self.seed,
+            n_jobs=self.n_jobs,
+            ci_level=self.ci_level,
+        )
         law.fit(x, self._gap(metric))
         self.law_ = law
         self.asymptote_ = float(self._metric(law.E_))

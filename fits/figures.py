@@ -27,8 +27,10 @@ from clmscale.fits.slopes import compute_frontier_mask
 
 DPI = 110
 MODE_STYLE = {"finetune": ("tab:blue", "o", "fine-tuned"), "probe": ("tab:orange", "s", "linear probe")}
-BASELINE_STYLE = {"morgan_fp": ("tab:green", "--", "Morgan fingerprints"),
-                  "random_init": ("tab:red", ":", "random init, fine-tuned")}
+BASELINE_STYLE = {
+    "morgan_fp": ("tab:green", "--", "Morgan fingerprints"),
+    "random_init": ("tab:red", ":", "random init, fine-tuned"),
+}
 MAX_PANELS = 12  # small multiples beyond this are cut, and the caption says so
 
 
@@ -50,8 +52,11 @@ def _save(figure: Figure, out: Path) -> Path:
 
 def _rung_colors(points: pd.DataFrame) -> dict[str, tuple]:
     """One colour per rung, dark (small) to light (large), from viridis without its pale yellow end."""
-    order = (points.groupby("rung")["n_params_non_embedding"].first().sort_values().index.tolist()
-             if "rung" in points.columns and len(points) else [])
+    order = (
+        points.groupby("rung")["n_params_non_embedding"].first().sort_values().index.tolist()
+        if "rung" in points.columns and len(points)
+        else []
+    )
     cmap = matplotlib.colormaps["viridis"]
     return {rung: cmap(0.85 * i / max(len(order) - 1, 1)) for i, rung in enumerate(order)}
 
@@ -110,8 +115,14 @@ def loss_vs_compute(points: pd.DataFrame, left_out: pd.DataFrame, fits: dict, ou
             # this rung's own FLOPs per (N·D), so the fitted curve lands on its points
             per_param_token = float(np.median(rows["flops"] / (rows["n_params_non_embedding"] * rows["tokens"])))
             tokens = np.logspace(math.log10(rows["tokens"].min() / 2), math.log10(rows["tokens"].max() * 2), 60)
-            ax.plot(per_param_token * n_params * tokens, _chinchilla(law["params"], n_params, tokens), "--",
-                    color=color, lw=1, alpha=0.8)
+            ax.plot(
+                per_param_token * n_params * tokens,
+                _chinchilla(law["params"], n_params, tokens),
+                "--",
+                color=color,
+                lw=1,
+                alpha=0.8,
+            )
     if not left_out.empty:
         ax.scatter(left_out["flops"], left_out["val_loss"], marker="x", color="0.4", s=50, zorder=3)
         handles.append(Line2D([], [], color="0.4", marker="x", ls="", label="did not finish (left out of fits)"))
@@ -128,8 +139,9 @@ def loss_vs_compute(points: pd.DataFrame, left_out: pd.DataFrame, fits: dict, ou
         flops = np.logspace(math.log10(points["flops"].min()), math.log10(points["flops"].max() * 10), 60)
         p = saturating["params"]
         ax.plot(flops, p["E"] + p["A"] * flops ** -p["gamma"], ":", color="tab:red", lw=2)
-        handles.append(Line2D([], [], color="tab:red", ls=":", lw=2,
-                              label=r"$L(C) = E + A\,C^{-\gamma}$ on frontier points"))
+        handles.append(
+            Line2D([], [], color="tab:red", ls=":", lw=2, label=r"$L(C) = E + A\,C^{-\gamma}$ on frontier points")
+        )
     elif saturating is not None and _ok(saturating):
         handles.append(Line2D([], [], color="none", label="L(C) = E + A·C^−γ: not identified, not drawn"))
     xlim = (points["flops"].min() / 2, points["flops"].max() * 12)
@@ -146,8 +158,11 @@ def loss_vs_compute(points: pd.DataFrame, left_out: pd.DataFrame, fits: dict, ou
 
 
 def _chinchilla(params: dict, n_params, tokens):
-    return params["E"] + params["A"] / np.asarray(n_params) ** params["alpha"] + params["B"] / np.asarray(
-        tokens) ** params["beta"]
+    return (
+        params["E"]
+        + params["A"] / np.asarray(n_params) ** params["alpha"]
+        + params["B"] / np.asarray(tokens) ** params["beta"]
+    )
 
 
 def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
@@ -159,34 +174,51 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
     surface_ax, frontier_ax = figure.subplots(1, 2, width_ratios=[1.15, 1])
     n_lo, n_hi = points["n_params_non_embedding"].min() / 4, points["n_params_non_embedding"].max() * 10
     d_lo, d_hi = points["tokens"].min() / 4, points["tokens"].max() * 10
-    n_grid, d_grid = np.meshgrid(np.logspace(math.log10(n_lo), math.log10(n_hi), 120),
-                                 np.logspace(math.log10(d_lo), math.log10(d_hi), 120))
+    n_grid, d_grid = np.meshgrid(
+        np.logspace(math.log10(n_lo), math.log10(n_hi), 120), np.logspace(math.log10(d_lo), math.log10(d_hi), 120)
+    )
     loss = _chinchilla(law["params"], n_grid, d_grid)
     levels = np.quantile(loss, np.linspace(0, 1, 14))
     filled = surface_ax.contourf(n_grid, d_grid, loss, levels=levels, cmap="viridis_r")
     lines = surface_ax.contour(n_grid, d_grid, loss, levels=levels[1::2], colors="white", linewidths=0.6)
     surface_ax.clabel(lines, fmt="%.2f", fontsize=7)
-    surface_ax.scatter(points["n_params_non_embedding"], points["tokens"], c=points["val_loss"], cmap="viridis_r",
-                       norm=filled.norm, edgecolors="black", s=45, zorder=3, label="measured checkpoints")
+    surface_ax.scatter(
+        points["n_params_non_embedding"],
+        points["tokens"],
+        c=points["val_loss"],
+        cmap="viridis_r",
+        norm=filled.norm,
+        edgecolors="black",
+        s=45,
+        zorder=3,
+        label="measured checkpoints",
+    )
     frontier = law.get("frontier", {})
     if _ok(frontier):
-        surface_ax.plot(frontier["n_params"], frontier["n_tokens"], color="tab:red", lw=2,
-                        label="compute-optimal N*, D*")
+        surface_ax.plot(
+            frontier["n_params"], frontier["n_tokens"], color="tab:red", lw=2, label="compute-optimal N*, D*"
+        )
     _log_axis(surface_ax, (n_lo, n_hi), "x")
     _log_axis(surface_ax, (d_lo, d_hi), "y")
     identified = "" if law.get("identified", True) else ", not identified from this grid"
-    surface_ax.set(xlim=(n_lo, n_hi), ylim=(d_lo, d_hi), xlabel="non-embedding parameters N",
-                   ylabel="training tokens D", title=f"Fitted L(N, D) (nats/token{identified})")
+    surface_ax.set(
+        xlim=(n_lo, n_hi),
+        ylim=(d_lo, d_hi),
+        xlabel="non-embedding parameters N",
+        ylabel="training tokens D",
+        title=f"Fitted L(N, D) (nats/token{identified})",
+    )
     surface_ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     figure.colorbar(filled, ax=surface_ax, label="fitted loss (nats/token)", format="%.2f")
     if not _ok(frontier):
         frontier_ax.axis("off")
         lines = ["No compute-optimal allocation: L(N, D) is not identified from this grid.", ""]
-        lines += [textwrap.fill(f"• {p['parameter']}: {p['problem']}", 62, subsequent_indent="  ")
-                  for p in law["identification"]["problems"]]
+        lines += [
+            textwrap.fill(f"• {p['parameter']}: {p['problem']}", 62, subsequent_indent="  ")
+            for p in law["identification"]["problems"]
+        ]
         lines += ["", textwrap.fill(f"What would identify it: {law['identification']['what_would_identify']}.", 62)]
-        frontier_ax.text(0.0, 1.0, "\n".join(lines), transform=frontier_ax.transAxes, va="top", ha="left",
-                         fontsize=8.5)
+        frontier_ax.text(0.0, 1.0, "\n".join(lines), transform=frontier_ax.transAxes, va="top", ha="left", fontsize=8.5)
         return _save(figure, out)
 
     flops = np.asarray(frontier["flops"], float)
@@ -198,9 +230,12 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
         frontier_ax.axvspan(measured.min(), measured.max(), color="0.85", label="compute range of this sweep")
     _log_axis(frontier_ax, flops, "x")
     _log_axis(frontier_ax, np.concatenate([frontier["n_params"], frontier["n_tokens"]]), "y")
-    frontier_ax.set(xlabel="training compute C (FLOPs)", ylabel="parameters or tokens",
-                    title=rf"Compute-optimal allocation: $N^* \propto C^{{{frontier['n_params_exponent']:.2f}}}$, "
-                          rf"$D^* \propto C^{{{frontier['n_tokens_exponent']:.2f}}}$")
+    frontier_ax.set(
+        xlabel="training compute C (FLOPs)",
+        ylabel="parameters or tokens",
+        title=rf"Compute-optimal allocation: $N^* \propto C^{{{frontier['n_params_exponent']:.2f}}}$, "
+        rf"$D^* \propto C^{{{frontier['n_tokens_exponent']:.2f}}}$",
+    )
     frontier_ax.title.set_fontsize(10)
     frontier_ax.grid(True, which="major", alpha=0.3)
     frontier_ax.legend(fontsize=8, loc="upper left")
@@ -217,8 +252,7 @@ DOWNSTREAM_AXES = (  # verdict key, x column, column held fixed, axis label, hel
     ("c", "flops", None, "pretraining compute C (FLOPs)", None),
 )
 AXIS_TITLES = {"n": "N at fixed D", "d": "D at fixed N", "c": "C along the compute frontier"}
-VERDICT_COLORS = {"improving": "tab:green", "degrading": "tab:red", "plateau": "tab:purple",
-                  "inconclusive": "0.45"}
+VERDICT_COLORS = {"improving": "tab:green", "degrading": "tab:red", "plateau": "tab:purple", "inconclusive": "0.45"}
 HELD_STYLES = ("-", "--", ":", "-.")
 
 
@@ -238,8 +272,11 @@ def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, entries: lis
     axes = figure.subplots(1, 4, width_ratios=[1, 1, 1, 1.15])
     for ax in axes[1:3]:
         ax.sharey(axes[0])
-    baselines = {mode: rows.loc[(rows["task"] == task) & (rows["mode"] == mode), "value"].dropna()
-                 for mode in BASELINE_STYLE} if not rows.empty else {}
+    baselines = (
+        {mode: rows.loc[(rows["task"] == task) & (rows["mode"] == mode), "value"].dropna() for mode in BASELINE_STYLE}
+        if not rows.empty
+        else {}
+    )
     held_handles: dict[str, Line2D] = {}
     # strict=False: the fourth axis holds the slope intervals, drawn below
     for ax, (key, column, held, xlabel, held_symbol) in zip(axes, DOWNSTREAM_AXES, strict=False):
@@ -263,18 +300,27 @@ def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, entries: lis
                 ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.08)
         if usable.any():
             _log_axis(ax, x[usable], "x")
-        said = [f"{MODE_STYLE.get(mode, ('', '', mode))[2]}: "
-                + (v[key]["verdict"] if v[key]["status"] == "ok" else "not testable")
-                for mode, v in verdicts.items() if key in v]
+        said = [
+            f"{MODE_STYLE.get(mode, ('', '', mode))[2]}: "
+            + (v[key]["verdict"] if v[key]["status"] == "ok" else "not testable")
+            for mode, v in verdicts.items()
+            if key in v
+        ]
         ax.set_title("\n".join([AXIS_TITLES[key], *said]), fontsize=9.5)
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"{label} on the test split ({'higher' if higher_is_better else 'lower'} is better)")
     _slope_intervals(axes[3], verdicts, label)
-    handles = [Line2D([], [], color=MODE_STYLE[m][0], marker=MODE_STYLE[m][1], ls="", label=MODE_STYLE[m][2])
-               for m in MODE_STYLE if m in set(mine["mode"])]
-    handles += [Line2D([], [], color=BASELINE_STYLE[m][0], ls=BASELINE_STYLE[m][1], lw=1.8, label=BASELINE_STYLE[m][2])
-                for m, values in baselines.items() if not values.empty]
+    handles = [
+        Line2D([], [], color=MODE_STYLE[m][0], marker=MODE_STYLE[m][1], ls="", label=MODE_STYLE[m][2])
+        for m in MODE_STYLE
+        if m in set(mine["mode"])
+    ]
+    handles += [
+        Line2D([], [], color=BASELINE_STYLE[m][0], ls=BASELINE_STYLE[m][1], lw=1.8, label=BASELINE_STYLE[m][2])
+        for m, values in baselines.items()
+        if not values.empty
+    ]
     handles += list(held_handles.values())[:6]
     handles.append(Line2D([], [], color="0.3", marker="o", mfc="none", ls="", label="off the compute frontier"))
     figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False, fontsize=8.5)
@@ -282,15 +328,25 @@ def downstream(task: str, points: pd.DataFrame, rows: pd.DataFrame, entries: lis
     return _save(figure, out)
 
 
-def _held_lines(ax, group: pd.DataFrame, column: str, held: str, symbol: str, color, marker,
-                handles: dict[str, Line2D]) -> None:
+def _held_lines(
+    ax, group: pd.DataFrame, column: str, held: str, symbol: str, color, marker, handles: dict[str, Line2D]
+) -> None:
     """One line per value of the held-fixed column (values within 2 % are one, as fits.verdicts groups them)."""
     key = np.round(np.log10(group[held].to_numpy(float)) / math.log10(1.02))
     for i, (_, line) in enumerate(sorted(group.groupby(key), key=lambda item: item[0])):
         line = line.sort_values(column)
         style = HELD_STYLES[i % len(HELD_STYLES)]
-        ax.errorbar(line[column], line["mean"], yerr=line["sd"].fillna(0), fmt=marker + style, color=color,
-                    capsize=3, ms=5, lw=1, alpha=0.9)
+        ax.errorbar(
+            line[column],
+            line["mean"],
+            yerr=line["sd"].fillna(0),
+            fmt=marker + style,
+            color=color,
+            capsize=3,
+            ms=5,
+            lw=1,
+            alpha=0.9,
+        )
         text = f"{symbol} = {format_scale(float(line[held].median()))}"
         handles.setdefault(f"{symbol}{i}", Line2D([], [], color="0.3", ls=style, lw=1, label=text))
 
@@ -299,8 +355,16 @@ def _frontier_points(ax, group: pd.DataFrame, color, marker) -> None:
     """Checkpoints on the compute frontier (lowest pretraining loss at their C) filled and joined; the rest hollow."""
     on = compute_frontier_mask(group, "flops", "pretrain_val_loss", ("trial_id", "tokens"))
     frontier = group[on].sort_values("flops")
-    ax.errorbar(frontier["flops"], frontier["mean"], yerr=frontier["sd"].fillna(0), fmt=marker + "-", color=color,
-                capsize=3, ms=5, lw=1)
+    ax.errorbar(
+        frontier["flops"],
+        frontier["mean"],
+        yerr=frontier["sd"].fillna(0),
+        fmt=marker + "-",
+        color=color,
+        capsize=3,
+        ms=5,
+        lw=1,
+    )
     rest = group[~on]
     ax.scatter(rest["flops"], rest["mean"], marker=marker, facecolors="none", edgecolors=color, s=28, alpha=0.7)
 
@@ -322,12 +386,21 @@ def _slope_intervals(ax, verdicts: dict[str, dict], label: str) -> None:
         ax.add_patch(matplotlib.patches.Rectangle((-margin, y - 0.35), 2 * margin, 0.7, color="0.88", lw=0))
         color = VERDICT_COLORS[v["verdict"]]
         ax.errorbar([v["slope"]], [y], xerr=[[v["slope"] - lo], [hi - v["slope"]]], fmt="o", color=color, capsize=4)
-        ax.annotate(v["verdict"], (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
-                    textcoords="offset points", va="center", fontsize=8.5, color=color)
+        ax.annotate(
+            v["verdict"],
+            (1.0, y),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8.5,
+            color=color,
+        )
         extent = max(extent, abs(lo), abs(hi), margin)
     ax.axvline(0, color="0.3", lw=0.8)
-    ax.set_yticks(range(len(rows)), [f"{MODE_STYLE.get(m, ('', '', m))[2]}\n{AXIS_TITLES[k]}" for m, k, _ in rows],
-                  fontsize=7.5)
+    ax.set_yticks(
+        range(len(rows)), [f"{MODE_STYLE.get(m, ('', '', m))[2]}\n{AXIS_TITLES[k]}" for m, k, _ in rows], fontsize=7.5
+    )
     ax.set_ylim(len(rows) - 0.5, -0.5)
     if extent > 0:
         ax.set_xlim(-1.15 * extent, 1.15 * extent)
@@ -363,12 +436,18 @@ def hessian(rows: pd.DataFrame, out: Path) -> Path:
         for i, (tokens, group) in enumerate(rows.groupby("tokens", sort=True)):
             group = group.sort_values("n_params_non_embedding")
             color = token_cmap(0.85 * i / max(len(token_values) - 1, 1))
-            by_size.plot(group["n_params_non_embedding"], group[column], "o-", color=color,
-                         label=f"D = {format_scale(tokens)}")
+            by_size.plot(
+                group["n_params_non_embedding"], group[column], "o-", color=color, label=f"D = {format_scale(tokens)}"
+            )
         for rung, group in sorted(rows.groupby("rung"), key=lambda item: item[1]["n_params_non_embedding"].iloc[0]):
             group = group.sort_values("tokens")
-            by_tokens.plot(group["tokens"], group[column], "o-", color=colors[rung],
-                           label=_rung_label(rung, group["n_params_non_embedding"].iloc[0]))
+            by_tokens.plot(
+                group["tokens"],
+                group[column],
+                "o-",
+                color=colors[rung],
+                label=_rung_label(rung, group["n_params_non_embedding"].iloc[0]),
+            )
         _log_axis(by_size, rows["n_params_non_embedding"], "x")
         _log_axis(by_tokens, rows["tokens"], "x")
         by_size.set(xlabel="non-embedding parameters N", ylabel=f"Hessian {what}", title=f"{what} against model size")
@@ -402,11 +481,19 @@ def landscape_1d(rows: pd.DataFrame, out: Path) -> Path:
     for (rung, tokens), curve in rows.groupby(["rung", "tokens"], sort=False):
         curve = curve.sort_values("alpha")
         center = curve["loss"].iloc[int(np.argmin(np.abs(curve["alpha"].to_numpy(float))))]
-        ax.plot(curve["alpha"], curve["loss"] - center, styles[token_values.index(tokens) % len(styles)],
-                color=colors[rung], lw=1.5, label=_checkpoint_label(curve.iloc[0]))
-    ax.set(xlabel="step α along a random filter-normalised direction",
-           ylabel="loss − loss at the weights (nats/token)",
-           title="1-D loss slices: a narrower bowl is a sharper minimum")
+        ax.plot(
+            curve["alpha"],
+            curve["loss"] - center,
+            styles[token_values.index(tokens) % len(styles)],
+            color=colors[rung],
+            lw=1.5,
+            label=_checkpoint_label(curve.iloc[0]),
+        )
+    ax.set(
+        xlabel="step α along a random filter-normalised direction",
+        ylabel="loss − loss at the weights (nats/token)",
+        title="1-D loss slices: a narrower bowl is a sharper minimum",
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(figure, out)
@@ -428,9 +515,13 @@ def landscape_2d(rows: pd.DataFrame, out: Path) -> Path:
     ax.contour(grid.columns, grid.index, grid.to_numpy(), levels=7, colors="white", linewidths=0.5)
     ax.plot([0], [0], marker="*", color="cyan", ms=14, mec="black", ls="")
     figure.colorbar(filled, ax=ax, label="pretraining loss (nats/token)", format="%.2f")
-    ax.set(xlabel="α (random direction 1)", ylabel="β (random direction 2)", aspect="equal",
-           title=f"2-D loss surface around {_checkpoint_label(largest)}\n(N = "
-                 f"{format_scale(float(largest['n_params_non_embedding']))}; ★ = the trained weights)")
+    ax.set(
+        xlabel="α (random direction 1)",
+        ylabel="β (random direction 2)",
+        aspect="equal",
+        title=f"2-D loss surface around {_checkpoint_label(largest)}\n(N = "
+        f"{format_scale(float(largest['n_params_non_embedding']))}; ★ = the trained weights)",
+    )
     ax.title.set_fontsize(10)
     return _save(figure, out)
 
@@ -451,12 +542,25 @@ def landscape_pt_to_ft(rows: pd.DataFrame, out: Path) -> Path:
     for ax, kind in zip(axes, tasks, strict=True):
         for (rung, tokens), line in rows[rows["kind"] == kind].groupby(["rung", "tokens"], sort=False):
             line = line.sort_values("alpha")
-            ax.plot(line["alpha"], line["loss"], styles[token_values.index(tokens) % len(styles)], color=colors[rung],
-                    lw=1.5, label=_checkpoint_label(line.iloc[0]))
+            ax.plot(
+                line["alpha"],
+                line["loss"],
+                styles[token_values.index(tokens) % len(styles)],
+                color=colors[rung],
+                lw=1.5,
+                label=_checkpoint_label(line.iloc[0]),
+            )
         for x, text in ((0, "pretrained"), (1, "fine-tuned")):
             ax.axvline(x, color="0.5", ls=":", lw=1)
-            ax.annotate(text, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -12),
-                        textcoords="offset points", fontsize=8, color="0.3")
+            ax.annotate(
+                text,
+                (x, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -12),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.3",
+            )
         ax.set(xlabel="α along pretrained → fine-tuned", title=f"fine-tuned on {kind.split(':', 1)[1]}")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("pretraining loss (nats/token)")
@@ -480,8 +584,13 @@ def _short_group(group: str) -> str:
     return str(group)
 
 
-def pca(rows: pd.DataFrame, kind: str, out: Path, order: dict[str, int] | None = None,
-        left_out: frozenset[str] = frozenset()) -> Path:
+def pca(
+    rows: pd.DataFrame,
+    kind: str,
+    out: Path,
+    order: dict[str, int] | None = None,
+    left_out: frozenset[str] = frozenset(),
+) -> Path:
     """Small multiples, one per group: a run's checkpoint trajectory, or a checkpoint's fine-tuned endpoints.
 
     order: {group: rank} (smallest model first); left_out: groups from trials that did not finish, marked so.
@@ -502,8 +611,10 @@ def pca(rows: pd.DataFrame, kind: str, out: Path, order: dict[str, int] | None =
             points = points.assign(_order=pd.to_numeric(points["label"], errors="coerce")).sort_values("_order")
             ax.plot(points["pc1"], points["pc2"], "-", color="0.6", lw=1, zorder=1)
             ax.scatter(points["pc1"], points["pc2"], c=np.arange(len(points)), cmap="viridis", s=40, zorder=2)
-            labels = [format_scale(v) if np.isfinite(v) else str(t)
-                      for v, t in zip(points["_order"], points["label"], strict=True)]
+            labels = [
+                format_scale(v) if np.isfinite(v) else str(t)
+                for v, t in zip(points["_order"], points["label"], strict=True)
+            ]
         else:
             ax.scatter(points["pc1"], points["pc2"], color="tab:blue", s=40)
             labels = points["label"].astype(str).tolist()
@@ -515,17 +626,25 @@ def pca(rows: pd.DataFrame, kind: str, out: Path, order: dict[str, int] | None =
         ax.set_title(_short_group(group) + (" (did not finish)" if group in left_out else ""), fontsize=9)
         ax.tick_params(labelsize=7)
         ax.margins(0.2)
-    for ax in axes[len(groups):]:
+    for ax in axes[len(groups) :]:
         ax.set_visible(False)
-    what = "checkpoint trajectory of each run (labels: tokens seen)" if kind == "trajectory" else \
-        "pretrained and fine-tuned weights of each checkpoint (labels: task)"
+    what = (
+        "checkpoint trajectory of each run (labels: tokens seen)"
+        if kind == "trajectory"
+        else "pretrained and fine-tuned weights of each checkpoint (labels: task)"
+    )
     shown = f" (the first {len(groups)} of {n_groups})" if n_groups > len(groups) else ""
     figure.suptitle(f"Parameter-space PCA: {what}{shown}", fontsize=11)
     return _save(figure, out)
 
 
-def pca_finetuned(rows: pd.DataFrame, task: str, out: Path, order: dict[str, int] | None = None,
-                  left_out: frozenset[str] = frozenset()) -> Path:
+def pca_finetuned(
+    rows: pd.DataFrame,
+    task: str,
+    out: Path,
+    order: dict[str, int] | None = None,
+    left_out: frozenset[str] = frozenset(),
+) -> Path:
     """One task's figure: a panel per pretrained checkpoint, with its pretrained weights (★, the origin) and the
     task's fine-tuned endpoints, one per split seed (labelled), on that checkpoint's first two principal
     components; the other tasks' endpoints faint, so a task's direction can be told from its seed scatter."""
@@ -549,8 +668,9 @@ def pca_finetuned(rows: pd.DataFrame, task: str, out: Path, order: dict[str, int
         ax.scatter(others["pc1"], others["pc2"], color="0.8", s=18, label="other tasks")
         ax.scatter(seeds["pc1"], seeds["pc2"], color="tab:blue", s=40, label=f"{task}, one per split seed")
         ax.scatter(origin["pc1"], origin["pc2"], color="black", marker="*", s=120, label="pretrained (origin)")
-        for x, y, seed in zip(seeds["pc1"], seeds["pc2"], seeds.get("split_seed", pd.Series(index=seeds.index)),
-                              strict=True):
+        for x, y, seed in zip(
+            seeds["pc1"], seeds["pc2"], seeds.get("split_seed", pd.Series(index=seeds.index)), strict=True
+        ):
             if pd.notna(seed):
                 ax.annotate(f"seed {int(seed)}", (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
         explained = points[["explained_1", "explained_2"]].iloc[0].to_numpy(float)
@@ -559,7 +679,7 @@ def pca_finetuned(rows: pd.DataFrame, task: str, out: Path, order: dict[str, int
         ax.set_title(_short_group(group) + (" (did not finish)" if group in left_out else ""), fontsize=9)
         ax.tick_params(labelsize=7)
         ax.margins(0.2)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_visible(False)
     handles = {label: handle for handle, label in zip(*axes[0].get_legend_handles_labels(), strict=True)}
     figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=3, fontsize=8, frameon=False)
@@ -585,8 +705,11 @@ def task_scaling(section: dict, out: Path) -> Path:
     n_rows = math.ceil(len(columns) / n_cols)
     figure = _figure(3.6 * n_cols + 0.4, 3.0 * n_rows + 0.6)
     axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False).ravel())
-    intervals = {(record["task"], mode): values["n_slope_in_margins_ci"]
-                 for record in section["tasks"] for mode, values in record["modes"].items()}
+    intervals = {
+        (record["task"], mode): values["n_slope_in_margins_ci"]
+        for record in section["tasks"]
+        for mode, values in record["modes"].items()
+    }
     for ax, column in zip(axes, columns, strict=False):  # the grid may have spare axes
         for row in (r for r in relation if r["characteristic"] == column):
             color, marker, label = MODE_STYLE.get(row["mode"], ("0.3", "o", row["mode"]))
@@ -598,9 +721,14 @@ def task_scaling(section: dict, out: Path) -> Path:
                 ax.annotate(task, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
             rho = f"ρ = {row['spearman']:.2f} over {row['n_tasks']} tasks" if row["spearman"] is not None else ""
             if rho:
-                ax.annotate(f"{label}: {rho}", (0.02, 0.97 - 0.08 * list(MODE_STYLE).index(row["mode"])
-                                                  if row["mode"] in MODE_STYLE else 0.97),
-                            xycoords="axes fraction", va="top", fontsize=7, color=color)
+                ax.annotate(
+                    f"{label}: {rho}",
+                    (0.02, 0.97 - 0.08 * list(MODE_STYLE).index(row["mode"]) if row["mode"] in MODE_STYLE else 0.97),
+                    xycoords="axes fraction",
+                    va="top",
+                    fontsize=7,
+                    color=color,
+                )
         ax.axhspan(-1, 1, color="0.9", zorder=0)
         ax.axhline(0, color="0.5", lw=0.8)
         if column == "n_molecules":  # sizes span decades
@@ -609,7 +737,7 @@ def task_scaling(section: dict, out: Path) -> Path:
         ax.tick_params(labelsize=7)
         ax.margins(0.25)
         ax.grid(True, alpha=0.3)
-    for ax in axes[len(columns):]:
+    for ax in axes[len(columns) :]:
         ax.set_visible(False)
     for ax in axes[::n_cols]:
         ax.set_ylabel("N slope per decade\n(plateau margins; > 0 improves)", fontsize=8)
@@ -617,4 +745,3 @@ def task_scaling(section: dict, out: Path) -> Path:
     figure.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8, frameon=False)
     figure.suptitle("Per-task scaling against task characteristics (descriptive)", fontsize=11)
     return _save(figure, out)
-

@@ -70,8 +70,12 @@ from clmscale.fits.verdicts import (
 log = logging.getLogger(__name__)
 
 MODES = {"finetune": "fine-tuned", "probe": "linear probe"}
-BASELINES = {"morgan_fp": "Morgan fingerprints", "ecfp4_rf": "ECFP4 + random forest",
-             "rdkit2d_rf": "RDKit 2D descriptors + random forest", "random_init": "random-init model"}
+BASELINES = {
+    "morgan_fp": "Morgan fingerprints",
+    "ecfp4_rf": "ECFP4 + random forest",
+    "rdkit2d_rf": "RDKit 2D descriptors + random forest",
+    "random_init": "random-init model",
+}
 # the three axes of a downstream trend: (symbol, words, column, what is held fixed)
 AXES = {
     "n": ("N", "non-embedding parameters", "n_params_non_embedding", "N at fixed D"),
@@ -81,17 +85,32 @@ AXES = {
 PER_PARAM = "_per_param"  # a Hessian trace divided by hessian_dim: comparable across model sizes
 SCALE_PROXIES = ("n_params", "tokens", "flops")
 SHARPNESS = ("eps_sharpness", "adaptive_sharpness")  # landscape.parquet's sharpness columns
-PROXIES = (*SCALE_PROXIES, "pretrain_val_loss", "lambda_max", "trace", "trace_per_param", *SHARPNESS,
-           "pt_task_lambda_max", "pt_task_trace", "pt_task_trace_per_param", "pt_task_eps_sharpness",
-           "pt_task_adaptive_sharpness", "ft_lambda_max", "ft_trace", "ft_trace_per_param")
-PROXY_LABELS = {**LABELS,
-                "trace_per_param": "Hessian trace per parameter",
-                "pt_task_lambda_max": "task-loss Hessian λmax at the pretrained weights",
-                "pt_task_trace": "task-loss Hessian trace at the pretrained weights",
-                "pt_task_trace_per_param": "task-loss Hessian trace per parameter at the pretrained weights",
-                "pt_task_eps_sharpness": "task-loss ε-sharpness at the pretrained weights",
-                "pt_task_adaptive_sharpness": "task-loss adaptive sharpness at the pretrained weights",
-                "ft_trace_per_param": "fine-tuning-loss Hessian trace per parameter"}
+PROXIES = (
+    *SCALE_PROXIES,
+    "pretrain_val_loss",
+    "lambda_max",
+    "trace",
+    "trace_per_param",
+    *SHARPNESS,
+    "pt_task_lambda_max",
+    "pt_task_trace",
+    "pt_task_trace_per_param",
+    "pt_task_eps_sharpness",
+    "pt_task_adaptive_sharpness",
+    "ft_lambda_max",
+    "ft_trace",
+    "ft_trace_per_param",
+)
+PROXY_LABELS = {
+    **LABELS,
+    "trace_per_param": "Hessian trace per parameter",
+    "pt_task_lambda_max": "task-loss Hessian λmax at the pretrained weights",
+    "pt_task_trace": "task-loss Hessian trace at the pretrained weights",
+    "pt_task_trace_per_param": "task-loss Hessian trace per parameter at the pretrained weights",
+    "pt_task_eps_sharpness": "task-loss ε-sharpness at the pretrained weights",
+    "pt_task_adaptive_sharpness": "task-loss adaptive sharpness at the pretrained weights",
+    "ft_trace_per_param": "fine-tuning-loss Hessian trace per parameter",
+}
 # A proxy picks the checkpoint where it is lowest: lower pretraining loss, and flatter (lower curvature or
 # sharpness) as the flat-minima hypothesis has it. Fixed in advance: a direction read off the test split (or
 # off the validation metric of the very checkpoints it then picks among) would be selection on the outcome.
@@ -109,6 +128,7 @@ FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError, np.linalg.LinAlgError)
 @dataclasses.dataclass(frozen=True)
 class FitSettings:
     """FitsConfig plus the knobs that only change run time."""
+
     huber_delta: float
     n_bootstrap: int
     seed: int
@@ -164,13 +184,23 @@ def _fitted(estimator, *data) -> dict:
     except FIT_ERRORS as err:
         return {**skipped(f"{type(err).__name__}: {err}"), "warnings": notes}
     found = identification(estimator)
-    return {"status": "ok", **estimator.to_dict(), "identified": found.identified,
-            "identification": {**found.to_dict(), "sentence": found.sentence(estimator.formula)}, "warnings": notes}
+    return {
+        "status": "ok",
+        **estimator.to_dict(),
+        "identified": found.identified,
+        "identification": {**found.to_dict(), "sentence": found.sentence(estimator.formula)},
+        "warnings": notes,
+    }
 
 
 def _chinchilla(s: FitSettings, n_bootstrap: int | None = None) -> ChinchillaFit:
-    return ChinchillaFit(huber_delta=s.huber_delta, n_bootstrap=s.n_bootstrap if n_bootstrap is None else n_bootstrap,
-                         seed=s.seed, n_jobs=s.n_jobs, n_starts=s.n_starts)
+    return ChinchillaFit(
+        huber_delta=s.huber_delta,
+        n_bootstrap=s.n_bootstrap if n_bootstrap is None else n_bootstrap,
+        seed=s.seed,
+        n_jobs=s.n_jobs,
+        n_starts=s.n_starts,
+    )
 
 
 def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
@@ -179,11 +209,14 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     n, d, loss = (points[name].to_numpy(float) for name in ("n_params_non_embedding", "tokens", "val_loss"))
     n_distinct = len(set(zip(n, d, strict=True)))
     if n_distinct < MIN_LAW_POINTS:
-        return skipped(f"{n_distinct} distinct (N, D) points; L(N, D) has 5 parameters and needs at least "
-                       f"{MIN_LAW_POINTS}")
+        return skipped(
+            f"{n_distinct} distinct (N, D) points; L(N, D) has 5 parameters and needs at least {MIN_LAW_POINTS}"
+        )
     if np.unique(n).size < 2 or np.unique(d).size < 2:
-        return skipped(f"{np.unique(n).size} model size(s) and {np.unique(d).size} token count(s): "
-                       "L(N, D) needs at least 2 of each")
+        return skipped(
+            f"{np.unique(n).size} model size(s) and {np.unique(d).size} token count(s): "
+            "L(N, D) needs at least 2 of each"
+        )
     law = _chinchilla(s)
     result = _fitted(law, n, d, loss)
     if result["status"] != "ok":
@@ -192,9 +225,11 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     if result["identified"]:
         result["frontier"] = {"status": "ok", **result["frontier"], **_frontier(law, points)}
     else:
-        result["frontier"] = skipped("L(N, D) is not identified from this grid, so no compute-optimal allocation "
-                                     f"is derived from it; what would identify it: "
-                                     f"{result['identification']['what_would_identify']}")
+        result["frontier"] = skipped(
+            "L(N, D) is not identified from this grid, so no compute-optimal allocation "
+            f"is derived from it; what would identify it: "
+            f"{result['identification']['what_would_identify']}"
+        )
     return result
 
 
@@ -212,8 +247,13 @@ def _frontier(law: ChinchillaFit, points: pd.DataFrame) -> dict:
     measured = per_param_token * n * d
     grid = np.logspace(math.log10(measured.min()), math.log10(measured.max()) + FRONTIER_DECADES_BEYOND, 25)
     curve = law.frontier(grid, flops_per_param_token=per_param_token)
-    out = {"flops_per_param_token": per_param_token, "flops": curve.flops, "n_params": curve.n_params,
-           "n_tokens": curve.n_tokens, "loss": curve.loss}
+    out = {
+        "flops_per_param_token": per_param_token,
+        "flops": curve.flops,
+        "n_params": curve.n_params,
+        "n_tokens": curve.n_tokens,
+        "loss": curve.loss,
+    }
     samples = law.bootstrap_.dropna()
     if len(samples) >= 2:
         tail = 100 * (1 - law.ci_level) / 2
@@ -230,25 +270,40 @@ def backtest_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     n = points["n_params_non_embedding"].to_numpy(float)
     rungs = np.unique(n)
     if rungs.size - s.holdout_rungs < 2:
-        return skipped(f"{rungs.size} model size(s): holding out the {s.holdout_rungs} largest leaves fewer than 2 "
-                       "to fit")
+        return skipped(
+            f"{rungs.size} model size(s): holding out the {s.holdout_rungs} largest leaves fewer than 2 to fit"
+        )
     train = points[n < rungs[-s.holdout_rungs]]
     n_distinct = len(set(zip(train["n_params_non_embedding"], train["tokens"], strict=True)))
     if n_distinct < MIN_LAW_POINTS:
-        return skipped(f"without the {s.holdout_rungs} largest rung(s) {n_distinct} distinct (N, D) points are "
-                       f"left; L(N, D) needs at least {MIN_LAW_POINTS}")
+        return skipped(
+            f"without the {s.holdout_rungs} largest rung(s) {n_distinct} distinct (N, D) points are "
+            f"left; L(N, D) needs at least {MIN_LAW_POINTS}"
+        )
     notes: list[str] = []
     try:
         with _kept_warnings(notes, "backtest"):
-            result = backtest(n, points["tokens"], points["val_loss"], n_holdout_rungs=s.holdout_rungs,
-                              estimator=_chinchilla(s, n_bootstrap=0))
+            result = backtest(
+                n,
+                points["tokens"],
+                points["val_loss"],
+                n_holdout_rungs=s.holdout_rungs,
+                estimator=_chinchilla(s, n_bootstrap=0),
+            )
     except FIT_ERRORS as err:
         return {**skipped(f"{type(err).__name__}: {err}"), "warnings": notes}
-    return {"status": "ok", "holdout_rungs": s.holdout_rungs, "holdout_n_params": list(result.holdout_n_params),
-            "n_train": result.n_train, "n_holdout": result.n_holdout,
-            "mean_abs_relative_error": result.mean_abs_relative_error,
-            "max_abs_relative_error": result.max_abs_relative_error, "params": result.fit.params_,
-            "points": result.points.to_dict("records"), "warnings": notes}
+    return {
+        "status": "ok",
+        "holdout_rungs": s.holdout_rungs,
+        "holdout_n_params": list(result.holdout_n_params),
+        "n_train": result.n_train,
+        "n_holdout": result.n_holdout,
+        "mean_abs_relative_error": result.mean_abs_relative_error,
+        "max_abs_relative_error": result.max_abs_relative_error,
+        "params": result.fit.params_,
+        "points": result.points.to_dict("records"),
+        "warnings": notes,
+    }
 
 
 def compute_frontier(points: pd.DataFrame) -> pd.DataFrame:
@@ -264,20 +319,33 @@ def fit_compute_law(points: pd.DataFrame, s: FitSettings) -> dict:
     if with_flops.empty:
         return skipped("no checkpoint has a recorded FLOP count")
     frontier = compute_frontier(with_flops)
-    out = {"status": "ok", "n_points": len(with_flops),
-           "frontier_points": frontier[["trial_id", "rung", "n_params_non_embedding", "tokens", "flops",
-                                        "val_loss"]].to_dict("records")}
+    out = {
+        "status": "ok",
+        "n_points": len(with_flops),
+        "frontier_points": frontier[
+            ["trial_id", "rung", "n_params_non_embedding", "tokens", "flops", "val_loss"]
+        ].to_dict("records"),
+    }
     for which, data in (("frontier", frontier), ("all", with_flops)):
         flops, loss = data["flops"].to_numpy(float), data["val_loss"].to_numpy(float)
         n_x = np.unique(flops).size
         out[f"saturating_{which}"] = (
-            _fitted(SaturatingPowerLaw(huber_delta=s.huber_delta, n_bootstrap=s.n_bootstrap, seed=s.seed,
-                                       n_jobs=s.n_jobs), flops, loss)
-            if n_x >= MIN_CURVE_POINTS else
-            skipped(f"{n_x} distinct C on the {which} points; E + A·C^(−γ) needs at least {MIN_CURVE_POINTS}"))
-        out[f"loglog_{which}"] = (_fitted(LogLogOLS(), flops, loss) if len(data) >= 3 and n_x >= 2 else
-                                  skipped(f"{len(data)} {which} point(s) at {n_x} distinct C; a log-log line with an "
-                                          "interval needs 3 points at 2 or more C"))
+            _fitted(
+                SaturatingPowerLaw(huber_delta=s.huber_delta, n_bootstrap=s.n_bootstrap, seed=s.seed, n_jobs=s.n_jobs),
+                flops,
+                loss,
+            )
+            if n_x >= MIN_CURVE_POINTS
+            else skipped(f"{n_x} distinct C on the {which} points; E + A·C^(−γ) needs at least {MIN_CURVE_POINTS}")
+        )
+        out[f"loglog_{which}"] = (
+            _fitted(LogLogOLS(), flops, loss)
+            if len(data) >= 3 and n_x >= 2
+            else skipped(
+                f"{len(data)} {which} point(s) at {n_x} distinct C; a log-log line with an "
+                "interval needs 3 points at 2 or more C"
+            )
+        )
     return out
 
 
@@ -309,9 +377,11 @@ def trend_margin(metric: str, label_sd: float | None, s: FitSettings) -> tuple[P
         return dataclasses.replace(chosen, source=f"fits.plateau_margin.{metric} = {override:g} per decade"), ""
     if metric in PLATEAU_MARGINS and PLATEAU_MARGINS[metric][1] == "label_sd" and label_sd is None:
         fraction = PLATEAU_MARGINS[metric][0]
-        return None, (f"the task's label sd is unknown (no finite label_sd in finetune.parquet), and the "
-                      f"{metric_label(metric)} margin is {fraction:g} × label sd per decade; set "
-                      f"fits.plateau_margin.{metric} to test it")
+        return None, (
+            f"the task's label sd is unknown (no finite label_sd in finetune.parquet), and the "
+            f"{metric_label(metric)} margin is {fraction:g} × label sd per decade; set "
+            f"fits.plateau_margin.{metric} to test it"
+        )
     try:
         return plateau_margin(metric, label_sd=label_sd), ""
     except ValueError as err:
@@ -326,9 +396,24 @@ def _label_sd(rows: pd.DataFrame) -> float | None:
 
 def _not_testable(verdict: TrendVerdict, reason: str) -> TrendVerdict:
     nan = math.nan
-    return dataclasses.replace(verdict, verdict="inconclusive", raw_verdict="inconclusive", reason=reason, slope=nan,
-                               ci=(nan, nan), se=nan, p_zero=nan, p_improving=nan, p_degrading=nan, p_tost=nan,
-                               p_verdict=nan, min_detectable_slope=nan, settle="", margin=nan, margin_source="")
+    return dataclasses.replace(
+        verdict,
+        verdict="inconclusive",
+        raw_verdict="inconclusive",
+        reason=reason,
+        slope=nan,
+        ci=(nan, nan),
+        se=nan,
+        p_zero=nan,
+        p_improving=nan,
+        p_degrading=nan,
+        p_tost=nan,
+        p_verdict=nan,
+        min_detectable_slope=nan,
+        settle="",
+        margin=nan,
+        margin_source="",
+    )
 
 
 def _subject(task: str, mode: str, metric: str) -> str:
@@ -339,8 +424,13 @@ def downstream_trends(rows: pd.DataFrame, points: pd.DataFrame, s: FitSettings) 
     """Per (task, mode): the verdicts along N at fixed D, D at fixed N and C along the compute frontier, from the
     per-seed rows (runs as clusters, split seeds as blocks), corrected together; and the family's summary."""
     if rows.empty:
-        return [], {"correction": s.correction, "correction_name": CORRECTIONS[s.correction], "n_tests": 0,
-                    "level": s.level, "counts": verdict_counts([])}
+        return [], {
+            "correction": s.correction,
+            "correction_name": CORRECTIONS[s.correction],
+            "n_tests": 0,
+            "level": s.level,
+            "counts": verdict_counts([]),
+        }
     built: list[tuple[dict, dict[str, AxisTrend]]] = []
     for (task, mode), group in rows.groupby(["task", "mode"], sort=True):
         metric = str(group["metric"].iloc[0])
@@ -350,23 +440,49 @@ def downstream_trends(rows: pd.DataFrame, points: pd.DataFrame, s: FitSettings) 
         frame = group.rename(columns={column: symbol for symbol, _, column, _ in AXES.values()})
         notes: list[str] = []
         with _kept_warnings(notes, f"trend {task} {mode}"):
-            axes = scaling_verdicts(frame, y_col="value", higher_is_better=higher_is_better,
-                                    margin=margin if margin is not None else 1.0, n_col="N", d_col="D", c_col="C",
-                                    loss_col="pretrain_val_loss", run_col="trial_id", block_col="split_seed",
-                                    method=s.slope_method, level=s.level, seed=s.seed)
+            axes = scaling_verdicts(
+                frame,
+                y_col="value",
+                higher_is_better=higher_is_better,
+                margin=margin if margin is not None else 1.0,
+                n_col="N",
+                d_col="D",
+                c_col="C",
+                loss_col="pretrain_val_loss",
+                run_col="trial_id",
+                block_col="split_seed",
+                method=s.slope_method,
+                level=s.level,
+                seed=s.seed,
+            )
         if margin is None:
-            axes = {key: dataclasses.replace(trend, combined=_not_testable(trend.combined, margin_reason),
-                                             per_stratum=tuple((value, _not_testable(v, margin_reason))
-                                                               for value, v in trend.per_stratum))
-                    for key, trend in axes.items()}
+            axes = {
+                key: dataclasses.replace(
+                    trend,
+                    combined=_not_testable(trend.combined, margin_reason),
+                    per_stratum=tuple((value, _not_testable(v, margin_reason)) for value, v in trend.per_stratum),
+                )
+                for key, trend in axes.items()
+            }
         mine = points[(points["task"] == task) & (points["mode"] == mode)] if not points.empty else points
-        entry = {"task": task, "mode": mode, "metric": metric, "metric_label": metric_label(metric),
-                 "higher_is_better": higher_is_better, "n_checkpoints": len(mine),
-                 "n_runs": int(group["trial_id"].nunique()), "n_split_seeds": int(group["split_seed"].nunique()),
-                 "label_sd": label_sd,
-                 "margin": ({"per_decade": margin.per_decade, "source": margin.source} if margin is not None
-                            else skipped(margin_reason)),
-                 "power_law": _downstream_laws(mine, higher_is_better, s), "warnings": notes}
+        entry = {
+            "task": task,
+            "mode": mode,
+            "metric": metric,
+            "metric_label": metric_label(metric),
+            "higher_is_better": higher_is_better,
+            "n_checkpoints": len(mine),
+            "n_runs": int(group["trial_id"].nunique()),
+            "n_split_seeds": int(group["split_seed"].nunique()),
+            "label_sd": label_sd,
+            "margin": (
+                {"per_decade": margin.per_decade, "source": margin.source}
+                if margin is not None
+                else skipped(margin_reason)
+            ),
+            "power_law": _downstream_laws(mine, higher_is_better, s),
+            "warnings": notes,
+        }
         built.append((entry, axes))
     family = correct([trend.combined for _, axes in built for trend in axes.values()], s.correction)
     corrected = iter(family)
@@ -376,14 +492,21 @@ def downstream_trends(rows: pd.DataFrame, points: pd.DataFrame, s: FitSettings) 
         for key, trend in axes.items():
             verdict = next(corrected)
             entry["verdicts"][key] = {
-                **verdict.to_dict(), "combine": trend.combine, "axis_words": AXES[key][3],
+                **verdict.to_dict(),
+                "combine": trend.combine,
+                "axis_words": AXES[key][3],
                 "sentence": verdict.sentence(_subject(entry["task"], entry["mode"], entry["metric"]), AXES[key][0]),
-                "per_stratum": [{"value": value, **v.to_dict()} for value, v in trend.per_stratum]}
+                "per_stratum": [{"value": value, **v.to_dict()} for value, v in trend.per_stratum],
+            }
         entries.append(entry)
-    summary = {"correction": s.correction, "correction_name": CORRECTIONS[s.correction],
-               "n_tests": sum(v.testable for v in family), "level": s.level, "counts": verdict_counts(family),
-               "per_stratum": "each held-fixed value alone, uncorrected and descriptive; the combined slope is the "
-                              "test"}
+    summary = {
+        "correction": s.correction,
+        "correction_name": CORRECTIONS[s.correction],
+        "n_tests": sum(v.testable for v in family),
+        "level": s.level,
+        "counts": verdict_counts(family),
+        "per_stratum": "each held-fixed value alone, uncorrected and descriptive; the combined slope is the test",
+    }
     return entries, summary
 
 
@@ -393,11 +516,21 @@ def _downstream_laws(points: pd.DataFrame, higher_is_better: bool, s: FitSetting
     for x in ("n_params_non_embedding", "flops"):
         scale = points[x].to_numpy(float) if not points.empty else np.array([])
         n_x = np.unique(scale[np.isfinite(scale) & (scale > 0)]).size
-        out[x] = (_fitted(DownstreamPowerLaw(higher_is_better=higher_is_better, huber_delta=s.huber_delta,
-                                             n_bootstrap=s.n_bootstrap, seed=s.seed, n_jobs=s.n_jobs), scale,
-                          points["mean"].to_numpy(float))
-                  if n_x >= MIN_CURVE_POINTS else
-                  skipped(f"{n_x} distinct {x}; the saturating law needs at least {MIN_CURVE_POINTS}"))
+        out[x] = (
+            _fitted(
+                DownstreamPowerLaw(
+                    higher_is_better=higher_is_better,
+                    huber_delta=s.huber_delta,
+                    n_bootstrap=s.n_bootstrap,
+                    seed=s.seed,
+                    n_jobs=s.n_jobs,
+                ),
+                scale,
+                points["mean"].to_numpy(float),
+            )
+            if n_x >= MIN_CURVE_POINTS
+            else skipped(f"{n_x} distinct {x}; the saturating law needs at least {MIN_CURVE_POINTS}")
+        )
     return out
 
 
@@ -410,8 +543,11 @@ def _spread(values: pd.Series) -> dict | None:
     values = values[np.isfinite(values.to_numpy(float))]
     if values.empty:
         return None
-    return {"mean": float(values.mean()), "sd": float(values.std()) if len(values) > 1 else math.nan,
-            "n": int(len(values))}
+    return {
+        "mean": float(values.mean()),
+        "sd": float(values.std()) if len(values) > 1 else math.nan,
+        "n": int(len(values)),
+    }
 
 
 def baselines(finetune: pd.DataFrame, rows: pd.DataFrame, s: FitSettings) -> tuple[list[dict], dict]:
@@ -423,20 +559,29 @@ def baselines(finetune: pd.DataFrame, rows: pd.DataFrame, s: FitSettings) -> tup
     for task, task_rows in finetune.groupby("task", sort=True):
         metric = str(task_rows["metric"].iloc[0])
         higher_is_better = bool(task_rows["higher_is_better"].iloc[0])
-        entry = {"task": task, "metric": metric, "metric_label": metric_label(metric),
-                 "higher_is_better": higher_is_better, "comparisons": {}}
+        entry = {
+            "task": task,
+            "metric": metric,
+            "metric_label": metric_label(metric),
+            "higher_is_better": higher_is_better,
+            "comparisons": {},
+        }
         for mode in BASELINES:
             entry[mode] = _spread(task_rows.loc[task_rows["mode"] == mode, "value"])
         random_init = task_rows[task_rows["mode"] == "random_init"]
         if entry["random_init"] is not None:
-            entry["random_init"]["per_rung"] = {str(rung): _spread(group["value"])
-                                                for rung, group in random_init.groupby("rung", sort=False)}
+            entry["random_init"]["per_rung"] = {
+                str(rung): _spread(group["value"]) for rung, group in random_init.groupby("rung", sort=False)
+            }
         pretrained = rows[rows["task"] == task] if not rows.empty else rows
         entry["best_pretrained"] = _best_on_validation(pretrained, higher_is_better)
         best = entry["best_pretrained"]
         if best["status"] == "ok":
-            pick = pretrained[(pretrained["mode"] == best["mode"]) & (pretrained["trial_id"] == best["trial_id"])
-                              & (pretrained["tokens"] == best["tokens"])]
+            pick = pretrained[
+                (pretrained["mode"] == best["mode"])
+                & (pretrained["trial_id"] == best["trial_id"])
+                & (pretrained["tokens"] == best["tokens"])
+            ]
             for mode, words in BASELINES.items():
                 against = task_rows[task_rows["mode"] == mode]
                 if mode == "random_init" and (against["rung"] == best["rung"]).any():
@@ -444,8 +589,9 @@ def baselines(finetune: pd.DataFrame, rows: pd.DataFrame, s: FitSettings) -> tup
                 if against.empty:
                     entry["comparisons"][mode] = {**skipped(f"no {words} rows for {task}"), "against": words}
                     continue
-                difference = paired_difference(pick, against, on="split_seed", value_col="value",
-                                               higher_is_better=higher_is_better, level=s.level)
+                difference = paired_difference(
+                    pick, against, on="split_seed", value_col="value", higher_is_better=higher_is_better, level=s.level
+                )
                 entry["comparisons"][mode] = {**difference.to_dict(), "against": words}
         entries.append(entry)
     tests = [c for e in entries for c in e["comparisons"].values() if c["status"] == "ok"]
@@ -454,8 +600,10 @@ def baselines(finetune: pd.DataFrame, rows: pd.DataFrame, s: FitSettings) -> tup
     for comparison, p_adjusted in zip(tests, adjusted, strict=True):
         comparison["raw_finding"] = comparison["finding"]
         if np.isfinite(p_adjusted):
-            comparison.update(p_adjusted=float(p_adjusted),
-                              correction=f"{CORRECTIONS[s.correction]} over {n_tests} baseline comparisons")
+            comparison.update(
+                p_adjusted=float(p_adjusted),
+                correction=f"{CORRECTIONS[s.correction]} over {n_tests} baseline comparisons",
+            )
             if not p_adjusted < 1 - s.level:
                 comparison["finding"] = "no clear difference"
     for entry in entries:
@@ -466,18 +614,32 @@ def baselines(finetune: pd.DataFrame, rows: pd.DataFrame, s: FitSettings) -> tup
 def _best_on_validation(pretrained: pd.DataFrame, higher_is_better: bool) -> dict:
     if pretrained.empty:
         return skipped("no pretrained checkpoint was evaluated on this task")
-    picks = best_on_validation(pretrained, val_col="val_value", higher_is_better=higher_is_better,
-                               group_cols=("task",), checkpoint_cols=("mode", "trial_id", "tokens"))
+    picks = best_on_validation(
+        pretrained,
+        val_col="val_value",
+        higher_is_better=higher_is_better,
+        group_cols=("task",),
+        checkpoint_cols=("mode", "trial_id", "tokens"),
+    )
     if picks.empty:
-        return skipped("no finite validation metric (val_value), so no checkpoint can be chosen without the test "
-                       "split")
+        return skipped("no finite validation metric (val_value), so no checkpoint can be chosen without the test split")
     pick = picks.iloc[0]
-    rows = pretrained[(pretrained["mode"] == pick["mode"]) & (pretrained["trial_id"] == pick["trial_id"])
-                      & (pretrained["tokens"] == pick["tokens"])]
-    return {"status": "ok", "chosen_on": "validation", "mode": pick["mode"], "trial_id": pick["trial_id"],
-            "rung": rows["rung"].iloc[0], "tokens": float(pick["tokens"]), "val_mean": float(pick["val_mean"]),
-            "test": _spread(rows["value"]),
-            "n_candidates": int(pretrained.groupby(["mode", "trial_id", "tokens"]).ngroups)}
+    rows = pretrained[
+        (pretrained["mode"] == pick["mode"])
+        & (pretrained["trial_id"] == pick["trial_id"])
+        & (pretrained["tokens"] == pick["tokens"])
+    ]
+    return {
+        "status": "ok",
+        "chosen_on": "validation",
+        "mode": pick["mode"],
+        "trial_id": pick["trial_id"],
+        "rung": rows["rung"].iloc[0],
+        "tokens": float(pick["tokens"]),
+        "val_mean": float(pick["val_mean"]),
+        "test": _spread(rows["value"]),
+        "n_candidates": int(pretrained.groupby(["mode", "trial_id", "tokens"]).ngroups),
+    }
 
 
 FINDING_WORDS = {"better": "beats", "worse": "is worse than", "no clear difference": "shows no clear difference from"}
@@ -488,9 +650,11 @@ def _baseline_sentence(entry: dict) -> str:
     task, label, best = entry["task"], entry["metric_label"], entry["best_pretrained"]
     if best["status"] != "ok":
         return f"Not compared with the baselines: {task}: {best['reason']}."
-    picked = (f"the checkpoint chosen on validation ({MODES.get(best['mode'], best['mode'])}, {best['rung']}, "
-              f"{format_scale(best['tokens'])} tokens, best of {best['n_candidates']}) reaches test {label} "
-              f"{_mean_sd(best['test'])}")
+    picked = (
+        f"the checkpoint chosen on validation ({MODES.get(best['mode'], best['mode'])}, {best['rung']}, "
+        f"{format_scale(best['tokens'])} tokens, best of {best['n_candidates']}) reaches test {label} "
+        f"{_mean_sd(best['test'])}"
+    )
     clauses, head = [], None
     for mode, comparison in entry["comparisons"].items():
         if comparison["status"] != "ok":
@@ -500,13 +664,21 @@ def _baseline_sentence(entry: dict) -> str:
         lo, hi = comparison["ci"]
         level = round(100 * comparison["level"])
         interval = f", {level} % CI {_number(lo, 3)}…{_number(hi, 3)}" if lo is not None else ""
-        corrected = (f"; {comparison['correction']}, adjusted p = {comparison['p_adjusted']:.2g}"
-                     if comparison.get("correction") else "")
-        before = (f"; {comparison['raw_finding']} before the correction"
-                  if comparison.get("raw_finding", comparison["finding"]) != comparison["finding"] else "")
-        clauses.append(f"{comparison['against']} reach {_mean_sd(entry[mode])}, a paired difference of "
-                       f"{_number(comparison['mean'], 3)} per split seed{interval} ({comparison['n_pairs']} seeds"
-                       f"{corrected}{before})")
+        corrected = (
+            f"; {comparison['correction']}, adjusted p = {comparison['p_adjusted']:.2g}"
+            if comparison.get("correction")
+            else ""
+        )
+        before = (
+            f"; {comparison['raw_finding']} before the correction"
+            if comparison.get("raw_finding", comparison["finding"]) != comparison["finding"]
+            else ""
+        )
+        clauses.append(
+            f"{comparison['against']} reach {_mean_sd(entry[mode])}, a paired difference of "
+            f"{_number(comparison['mean'], 3)} per split seed{interval} ({comparison['n_pairs']} seeds"
+            f"{corrected}{before})"
+        )
     head = head or f"Not compared with the baselines on {task}"
     return f"{head}: {picked}; " + "; ".join(clauses) + " (a difference > 0 favours pretraining)."
 
@@ -540,7 +712,7 @@ def checkpoint_proxies(points: pd.DataFrame, hessian: pd.DataFrame, landscape: p
         measured.append(rows[rows["loss"] == "pretrain"].groupby(keys, sort=False)[values].first().reset_index())
         for prefix, tag in (("pretrained_task:", "pt_task_"), ("finetune:", "ft_")):
             mine = rows[rows["loss"].astype(str).str.startswith(prefix)]
-            mine = mine.assign(task=mine["loss"].astype(str).str[len(prefix):])
+            mine = mine.assign(task=mine["loss"].astype(str).str[len(prefix) :])
             mine = mine.rename(columns={name: tag + name for name in values})
             measured.append(mine.groupby([*keys, "task"], sort=False)[[tag + n for n in values]].first().reset_index())
     if not landscape.empty:
@@ -552,7 +724,7 @@ def checkpoint_proxies(points: pd.DataFrame, hessian: pd.DataFrame, landscape: p
         if columns and surface is not None:
             prefix, tag = "pretrained_task:", "pt_task_"
             mine = landscape[surface.str.startswith(prefix)]
-            mine = mine.assign(task=mine["surface"].astype(str).str[len(prefix):])
+            mine = mine.assign(task=mine["surface"].astype(str).str[len(prefix) :])
             mine = mine.rename(columns={name: tag + name for name in columns})
             measured.append(mine.groupby([*keys, "task"], sort=False)[[tag + n for n in columns]].first().reset_index())
     for table in measured:
@@ -596,35 +768,68 @@ def fit_proxies(table: pd.DataFrame, s: FitSettings) -> dict:
         metric = str(group["metric"].iloc[0])
         higher_is_better = bool(group["higher_is_better"].iloc[0])
         frame = group.rename(columns={"mean": metric}) if metric not in group.columns else group
-        result = proxy_correlations(frame, metric, present, task_column="task", loss_column="pretrain_val_loss",
-                                    n_bootstrap=s.n_bootstrap, ci_level=s.level, seed=s.seed)
+        result = proxy_correlations(
+            frame,
+            metric,
+            present,
+            task_column="task",
+            loss_column="pretrain_val_loss",
+            n_bootstrap=s.n_bootstrap,
+            ci_level=s.level,
+            seed=s.seed,
+        )
         result.insert(1, "mode", mode)
         result["timing"] = [next(g for g, names in groups.items() if p in names) for p in result["proxy"]]
         correlations += result.to_dict("records")
         for proxy in predictors:
             found = leave_one_size_out(group, "mean", proxy, level=s.level, n_bootstrap=PROXY_BOOTSTRAP, seed=s.seed)
-            prediction.append({"task": task, "mode": mode, "metric": metric, **found.to_dict(),
-                               "p": improvement_p(found, seed=s.seed), "test": "sign-flip over held-out sizes",
-                               "smallest_possible_p": smallest_p(found.n_sizes) if not found.reason else None})
+            prediction.append(
+                {
+                    "task": task,
+                    "mode": mode,
+                    "metric": metric,
+                    **found.to_dict(),
+                    "p": improvement_p(found, seed=s.seed),
+                    "test": "sign-flip over held-out sizes",
+                    "smallest_possible_p": smallest_p(found.n_sizes) if not found.reason else None,
+                }
+            )
         regret.append(_regret(group, task, mode, metric, higher_is_better, predictors))
     adjusted = adjust_pvalues([row["p"] if row["p"] is not None else math.nan for row in prediction], s.correction)
     n_tests = int(np.isfinite(adjusted).sum())
     for row, p_adjusted in zip(prediction, adjusted, strict=True):
         row["interval_finding"] = row["finding"]  # read off the bootstrap interval: descriptive (improvement_p)
         if np.isfinite(p_adjusted):
-            row.update(p_adjusted=float(p_adjusted),
-                       correction=f"{CORRECTIONS[s.correction]} over {n_tests} proxy prediction tests")
+            row.update(
+                p_adjusted=float(p_adjusted),
+                correction=f"{CORRECTIONS[s.correction]} over {n_tests} proxy prediction tests",
+            )
             mean_per_size = np.mean([size["rmse_loss"] - size["rmse_loss_proxy"] for size in row["per_size"]])
-            row["finding"] = ("no clear difference" if not p_adjusted < 1 - s.level else
-                              "better" if mean_per_size > 0 else "worse")
-    return json_safe({
-        "status": "ok", "proxies": present, "timing": groups, "predictors": predictors, "select_by": SELECT_BY,
-        "not_measured": [name for name in PROXIES if name not in present],
-        "labels": {name: PROXY_LABELS.get(name, name) for name in PROXIES},
-        "prediction_tests": {"correction": s.correction, "correction_name": CORRECTIONS[s.correction],
-                             "n_tests": n_tests, "level": s.level, "test": "sign-flip over held-out sizes",
-                             "interval": f"percentile bootstrap over held-out sizes, {PROXY_BOOTSTRAP} resamples"},
-        "prediction": prediction, "regret": regret, "correlations": correlations})
+            row["finding"] = (
+                "no clear difference" if not p_adjusted < 1 - s.level else "better" if mean_per_size > 0 else "worse"
+            )
+    return json_safe(
+        {
+            "status": "ok",
+            "proxies": present,
+            "timing": groups,
+            "predictors": predictors,
+            "select_by": SELECT_BY,
+            "not_measured": [name for name in PROXIES if name not in present],
+            "labels": {name: PROXY_LABELS.get(name, name) for name in PROXIES},
+            "prediction_tests": {
+                "correction": s.correction,
+                "correction_name": CORRECTIONS[s.correction],
+                "n_tests": n_tests,
+                "level": s.level,
+                "test": "sign-flip over held-out sizes",
+                "interval": f"percentile bootstrap over held-out sizes, {PROXY_BOOTSTRAP} resamples",
+            },
+            "prediction": prediction,
+            "regret": regret,
+            "correlations": correlations,
+        }
+    )
 
 
 def improvement_p(result: LeaveOneSizeOut, seed: int = 0, n_exact_max: int = 16, n_random: int = 20_000) -> float:
@@ -652,16 +857,25 @@ def smallest_p(n_sizes: int) -> float:
     return min(1.0, 2.0 ** (1 - n_sizes))
 
 
-def _regret(group: pd.DataFrame, task: str, mode: str, metric: str, higher_is_better: bool,
-            predictors: list[str]) -> dict:
+def _regret(
+    group: pd.DataFrame, task: str, mode: str, metric: str, higher_is_better: bool, predictors: list[str]
+) -> dict:
     """Selection regret of one (task, mode): validation, pretraining loss and each predictor, metric units."""
     selectors = {name: SELECT_BY for name in ("pretrain_val_loss", *predictors)}
-    picks = selection_regret(group, test_col="mean", val_col="val_mean", selectors=selectors,
-                             higher_is_better=higher_is_better)
+    picks = selection_regret(
+        group, test_col="mean", val_col="val_mean", selectors=selectors, higher_is_better=higher_is_better
+    )
     rows = picks.drop(columns="group").to_dict("records")
-    return {"task": task, "mode": mode, "metric": metric, "metric_label": metric_label(metric),
-            "higher_is_better": higher_is_better, "n_checkpoints": len(group),
-            "test_best": rows[0]["test_best"] if rows else None, "selectors": rows}
+    return {
+        "task": task,
+        "mode": mode,
+        "metric": metric,
+        "metric_label": metric_label(metric),
+        "higher_is_better": higher_is_better,
+        "n_checkpoints": len(group),
+        "test_best": rows[0]["test_best"] if rows else None,
+        "selectors": rows,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,8 +888,10 @@ def task_ladders(table: pd.DataFrame, s: FitSettings) -> dict:
     if table.empty:
         return skipped("no downstream results")
     if not np.isfinite(table["task_val_loss"].to_numpy(float)).any():
-        return skipped("finetune.parquet has no task_val_loss (the fine-tuned or probed model's validation loss), "
-                       "which step 1 of the ladder fits")
+        return skipped(
+            "finetune.parquet has no task_val_loss (the fine-tuned or probed model's validation loss), "
+            "which step 1 of the ladder fits"
+        )
     if s.holdout_rungs == 0:
         return skipped("fits.holdout_rungs is 0")
     entries = []
@@ -685,21 +901,40 @@ def task_ladders(table: pd.DataFrame, s: FitSettings) -> dict:
         usable = group[np.isfinite(group[["task_val_loss", "mean"]].to_numpy(float)).all(axis=1)]
         n_sizes = usable["n_params_non_embedding"].nunique()
         if n_sizes < s.holdout_rungs + 2:
-            entries.append({**where, **skipped(f"{n_sizes} model size(s) with a task loss; holding out the "
-                                               f"{s.holdout_rungs} largest must leave 2 to fit")})
+            entries.append(
+                {
+                    **where,
+                    **skipped(
+                        f"{n_sizes} model size(s) with a task loss; holding out the "
+                        f"{s.holdout_rungs} largest must leave 2 to fit"
+                    ),
+                }
+            )
             continue
         notes: list[str] = []
         ladder = TaskLadder(metric_range=BOUNDED_METRICS.get(metric), huber_delta=s.huber_delta, seed=s.seed)
         try:
             with _kept_warnings(notes, f"task ladder {task} {mode}"):
-                result = task_ladder_backtest(usable["n_params_non_embedding"], usable["tokens"],
-                                              usable["task_val_loss"], usable["mean"],
-                                              n_holdout_rungs=s.holdout_rungs, estimator=ladder)
+                result = task_ladder_backtest(
+                    usable["n_params_non_embedding"],
+                    usable["tokens"],
+                    usable["task_val_loss"],
+                    usable["mean"],
+                    n_holdout_rungs=s.holdout_rungs,
+                    estimator=ladder,
+                )
         except FIT_ERRORS as err:
             entries.append({**where, **skipped(f"{type(err).__name__}: {err}"), "warnings": notes})
             continue
-        entries.append({**where, "status": "ok", **result.to_dict(), "warnings": notes,
-                        "sentence": result.sentence(_subject(task, mode, metric), metric_label(metric))})
+        entries.append(
+            {
+                **where,
+                "status": "ok",
+                **result.to_dict(),
+                "warnings": notes,
+                "sentence": result.sentence(_subject(task, mode, metric), metric_label(metric)),
+            }
+        )
     return {"status": "ok", "holdout_rungs": s.holdout_rungs, "entries": json_safe(entries)}
 
 
@@ -729,9 +964,11 @@ def _level(result: dict) -> str:
 
 def _not_identified(what: str, result: dict) -> str:
     problems = "; ".join(f"{p['parameter']}: {p['problem']}" for p in result["identification"]["problems"])
-    return (f"Not identified from this grid: {what} ({problems}). What would identify it: "
-            f"{result['identification']['what_would_identify']}. No exponent or derived number of it is stated "
-            "as a finding.")
+    return (
+        f"Not identified from this grid: {what} ({problems}). What would identify it: "
+        f"{result['identification']['what_would_identify']}. No exponent or derived number of it is stated "
+        "as a finding."
+    )
 
 
 def _law_findings(fits: dict) -> list[tuple[str, str]]:
@@ -740,54 +977,88 @@ def _law_findings(fits: dict) -> list[tuple[str, str]]:
     if law["status"] != "ok":
         out.append((f"L(N, D) was not fitted: {law['reason']}.", "laws"))
     elif not law["identified"]:
-        out.append((_not_identified(f"L(N, D) = E + A/N^α + B/D^β on {law['n_points']} checkpoints of "
-                                    f"{law['n_rungs']} model sizes", law), "loss_surface"))
+        out.append(
+            (
+                _not_identified(
+                    f"L(N, D) = E + A/N^α + B/D^β on {law['n_points']} checkpoints of {law['n_rungs']} model sizes", law
+                ),
+                "loss_surface",
+            )
+        )
     else:
         n_boot = law["hyperparameters"]["n_bootstrap"]
         intervals = f"{_level(law)} bootstrap intervals over {n_boot} resamples" if n_boot else "no bootstrap"
-        out.append((f"Identified from this grid: pretraining loss follows L(N, D) = E + A/N^α + B/D^β over "
-                    f"{law['n_points']} checkpoints of {law['n_rungs']} model sizes with "
-                    f"α = {_estimate(law, 'alpha')}, β = {_estimate(law, 'beta')} and irreducible loss "
-                    f"E = {_estimate(law, 'E')} nats/token "
-                    f"({intervals}).", "laws"))
+        out.append(
+            (
+                f"Identified from this grid: pretraining loss follows L(N, D) = E + A/N^α + B/D^β over "
+                f"{law['n_points']} checkpoints of {law['n_rungs']} model sizes with "
+                f"α = {_estimate(law, 'alpha')}, β = {_estimate(law, 'beta')} and irreducible loss "
+                f"E = {_estimate(law, 'E')} nats/token "
+                f"({intervals}).",
+                "laws",
+            )
+        )
         frontier = law["frontier"]
         a_ci, b_ci = frontier.get("n_params_exponent_ci"), frontier.get("n_tokens_exponent_ci")
-        a = _number(frontier["n_params_exponent"], 2) + (f" [{_number(a_ci[0], 2)}, {_number(a_ci[1], 2)}]"
-                                                         if a_ci else "")
-        b = _number(frontier["n_tokens_exponent"], 2) + (f" [{_number(b_ci[0], 2)}, {_number(b_ci[1], 2)}]"
-                                                         if b_ci else "")
+        a = _number(frontier["n_params_exponent"], 2) + (
+            f" [{_number(a_ci[0], 2)}, {_number(a_ci[1], 2)}]" if a_ci else ""
+        )
+        b = _number(frontier["n_tokens_exponent"], 2) + (
+            f" [{_number(b_ci[0], 2)}, {_number(b_ci[1], 2)}]" if b_ci else ""
+        )
         out.append((f"For a fixed compute budget C the fit puts N* ∝ C^{a} and D* ∝ C^{b}.", "loss_surface"))
     test = fits["loss_law_backtest"]
     if test["status"] == "ok":
         sizes = ", ".join(format_scale(n) for n in test["holdout_n_params"])
         which = "largest model size" if test["holdout_rungs"] == 1 else f"{test['holdout_rungs']} largest model sizes"
-        out.append((f"Back-test: refitted without the {which} (N = {sizes}), L(N, D) predicts the {test['n_holdout']} "
-                    f"held-out losses to within {test['mean_abs_relative_error']:.1%} on average (at most "
-                    f"{test['max_abs_relative_error']:.1%}).", "laws"))
+        out.append(
+            (
+                f"Back-test: refitted without the {which} (N = {sizes}), L(N, D) predicts the {test['n_holdout']} "
+                f"held-out losses to within {test['mean_abs_relative_error']:.1%} on average (at most "
+                f"{test['max_abs_relative_error']:.1%}).",
+                "laws",
+            )
+        )
     elif law["status"] == "ok":
         out.append((f"No extrapolation back-test: {test['reason']}.", "laws"))
     compute = fits["compute_law"]
     if compute["status"] == "ok":
         fit = compute["saturating_frontier"]
         if fit["status"] == "ok" and fit["identified"]:
-            out.append((f"Identified from this grid: along the compute frontier ({fit['n_points']} checkpoints), "
-                        f"L(C) = E + A·C^−γ with γ = {_estimate(fit, 'gamma')} and E = {_estimate(fit, 'E')} "
-                        "nats/token.", "laws"))
+            out.append(
+                (
+                    f"Identified from this grid: along the compute frontier ({fit['n_points']} checkpoints), "
+                    f"L(C) = E + A·C^−γ with γ = {_estimate(fit, 'gamma')} and E = {_estimate(fit, 'E')} "
+                    "nats/token.",
+                    "laws",
+                )
+            )
         elif fit["status"] == "ok":
-            out.append((_not_identified(f"L(C) = E + A·C^−γ on the {fit['n_points']} compute-frontier checkpoints",
-                                        fit), "laws"))
+            out.append(
+                (
+                    _not_identified(f"L(C) = E + A·C^−γ on the {fit['n_points']} compute-frontier checkpoints", fit),
+                    "laws",
+                )
+            )
         fit = compute["loglog_frontier"]
         if fit["status"] == "ok" and fit["identified"]:
-            out.append((f"A pure power law L ∝ C^k on the same points gives k = {_estimate(fit, 'k')} "
-                        f"(R² = {_number(fit['r_squared'], 3)}).", "laws"))
+            out.append(
+                (
+                    f"A pure power law L ∝ C^k on the same points gives k = {_estimate(fit, 'k')} "
+                    f"(R² = {_number(fit['r_squared'], 3)}).",
+                    "laws",
+                )
+            )
     return out
 
 
 def _clause(verdict: dict) -> str:
     """'fine-tuned, N at fixed D: slope +0.01 ± 0.05 per decade, margin ±0.04, detectable ±0.09'."""
     half = (verdict["ci"][1] - verdict["ci"][0]) / 2
-    text = (f"slope {format_with_uncertainty(verdict['slope'], half)} per decade, margin ±{verdict['margin']:.2g}, "
-            f"detectable ±{verdict['min_detectable_slope']:.2g}")
+    text = (
+        f"slope {format_with_uncertainty(verdict['slope'], half)} per decade, margin ±{verdict['margin']:.2g}, "
+        f"detectable ±{verdict['min_detectable_slope']:.2g}"
+    )
     factor = (verdict["min_detectable_slope"] / verdict["margin"]) ** 2
     text += f", ~{factor:.0f}× the runs to settle" if factor > 1.5 else ", a few more runs to settle"
     if verdict["raw_verdict"] != verdict["verdict"]:
@@ -801,23 +1072,38 @@ def _downstream_findings(fits: dict) -> list[tuple[str, str]]:
         return [("No downstream trends: finetune.parquet has no pretrained-checkpoint results.", "downstream")]
     counts = tests["counts"]
     n_all = sum(counts.values())
-    out = [(f"Downstream trends, one axis at a time (N at fixed D, D at fixed N, C along the compute frontier; "
+    out = [
+        (
+            f"Downstream trends, one axis at a time (N at fixed D, D at fixed N, C along the compute frontier; "
             f"run-level intervals): {counts['improving']} improving, {counts['degrading']} degrading, "
             f"{counts['plateau']} plateau, {counts['inconclusive']} inconclusive, {counts['not testable']} could not "
             f"be tested, of {n_all} ({tests['correction_name']} over {tests['n_tests']} trend tests at "
-            f"{round(100 * tests['level'])} %).", "trends")]
+            f"{round(100 * tests['level'])} %).",
+            "trends",
+        )
+    ]
     for entry in entries:  # the definite verdicts: each is a claim
         for verdict in entry["verdicts"].values():
             if verdict["status"] == "ok" and verdict["verdict"] != "inconclusive":
                 out.append((verdict["sentence"], downstream_anchor(entry["task"])))
     for task in dict.fromkeys(entry["task"] for entry in entries):  # inconclusive: one line per task
-        clauses = [f"{MODES.get(entry['mode'], entry['mode'])}, {AXES[key][3]}: {_clause(verdict)}"
-                   for entry in entries if entry["task"] == task for key, verdict in entry["verdicts"].items()
-                   if verdict["status"] == "ok" and verdict["verdict"] == "inconclusive"]
+        clauses = [
+            f"{MODES.get(entry['mode'], entry['mode'])}, {AXES[key][3]}: {_clause(verdict)}"
+            for entry in entries
+            if entry["task"] == task
+            for key, verdict in entry["verdicts"].items()
+            if verdict["status"] == "ok" and verdict["verdict"] == "inconclusive"
+        ]
         if clauses:
             label = next(e["metric_label"] for e in entries if e["task"] == task)
-            out.append((f"Inconclusive (the interval neither excludes 0 nor lies inside the margin): {task} {label}: "
-                        + "; ".join(clauses) + ".", downstream_anchor(task)))
+            out.append(
+                (
+                    f"Inconclusive (the interval neither excludes 0 nor lies inside the margin): {task} {label}: "
+                    + "; ".join(clauses)
+                    + ".",
+                    downstream_anchor(task),
+                )
+            )
     untested: dict[str, dict[str, list[str]]] = {}  # reason: {task (mode): axes}
     for entry in entries:
         for key, verdict in entry["verdicts"].items():
@@ -826,9 +1112,14 @@ def _downstream_findings(fits: dict) -> list[tuple[str, str]]:
                 untested.setdefault(verdict["reason"], {}).setdefault(who, []).append(AXES[key][3])
     if untested:
         n_untested = sum(len(axes) for which in untested.values() for axes in which.values())
-        listed = "; ".join(", ".join(f"{who} {'all three axes' if len(axes) == len(AXES) else ' and '.join(axes)}"
-                                     for who, axes in which.items()) + f": {reason}"
-                           for reason, which in untested.items())
+        listed = "; ".join(
+            ", ".join(
+                f"{who} {'all three axes' if len(axes) == len(AXES) else ' and '.join(axes)}"
+                for who, axes in which.items()
+            )
+            + f": {reason}"
+            for reason, which in untested.items()
+        )
         out.append((f"Could not be tested: {n_untested} trends ({listed}).", "trends"))
     return out
 
@@ -857,30 +1148,50 @@ def _proxy_findings(proxies: dict) -> list[tuple[str, str]]:
             continue
         better = [row for row in powered if row["finding"] == "better"]
         worse = [row for row in powered if row["finding"] == "worse"]
-        rmse = (f"RMSE {_range([r['rmse_loss'] for r in powered])} from loss alone, "
-                f"{_range([r['rmse_loss_proxy'] for r in powered])} with it")
+        rmse = (
+            f"RMSE {_range([r['rmse_loss'] for r in powered])} from loss alone, "
+            f"{_range([r['rmse_loss_proxy'] for r in powered])} with it"
+        )
         if better:
-            pairs = ", ".join(f"{row['task']} ({MODES.get(row['mode'], row['mode'])}): RMSE {row['rmse_loss']:.3g} → "
-                              f"{row['rmse_loss_proxy']:.3g}, adjusted p = {row['p_adjusted']:.2g}" for row in better)
-            head = (f"Adds to pretraining loss: {labels[proxy]} predicts held-out model sizes better than loss alone "
-                    f"in {len(better)} of {len(powered)} task/mode pairs ({pairs}; {corrected})")
+            pairs = ", ".join(
+                f"{row['task']} ({MODES.get(row['mode'], row['mode'])}): RMSE {row['rmse_loss']:.3g} → "
+                f"{row['rmse_loss_proxy']:.3g}, adjusted p = {row['p_adjusted']:.2g}"
+                for row in better
+            )
+            head = (
+                f"Adds to pretraining loss: {labels[proxy]} predicts held-out model sizes better than loss alone "
+                f"in {len(better)} of {len(powered)} task/mode pairs ({pairs}; {corrected})"
+            )
         elif worse:
-            head = (f"Hurts prediction: loss + {labels[proxy]} predicts held-out model sizes worse than loss alone "
-                    f"in {len(worse)} of {len(powered)} task/mode pairs ({rmse}; {corrected})")
+            head = (
+                f"Hurts prediction: loss + {labels[proxy]} predicts held-out model sizes worse than loss alone "
+                f"in {len(worse)} of {len(powered)} task/mode pairs ({rmse}; {corrected})"
+            )
         else:
-            head = (f"No clear difference: loss + {labels[proxy]} against loss alone on held-out model sizes in "
-                    f"{len(powered)} task/mode pairs ({rmse}; {corrected}): no evidence either way that it adds to "
-                    "pretraining loss")
+            head = (
+                f"No clear difference: loss + {labels[proxy]} against loss alone on held-out model sizes in "
+                f"{len(powered)} task/mode pairs ({rmse}; {corrected}): no evidence either way that it adds to "
+                "pretraining loss"
+            )
         out.append((head + ".", "proxy-prediction"))
     for n_sizes, names in unpowered.items():
-        out.append((f"Could not be tested with {n_sizes} model sizes: whether {', '.join(names)} add to "
-                    f"pretraining loss in predicting a held-out size (the sign-flip test over sizes cannot go below "
-                    f"p = {smallest_p(n_sizes):.2g}; 6 or more sizes are needed); their prediction errors are in "
-                    "the proxy table.", "proxy-prediction"))
+        out.append(
+            (
+                f"Could not be tested with {n_sizes} model sizes: whether {', '.join(names)} add to "
+                f"pretraining loss in predicting a held-out size (the sign-flip test over sizes cannot go below "
+                f"p = {smallest_p(n_sizes):.2g}; 6 or more sizes are needed); their prediction errors are in "
+                "the proxy table.",
+                "proxy-prediction",
+            )
+        )
     if untested:
         listed = "; ".join(f"{', '.join(which)}: {reason}" for reason, which in untested.items())
-        out.append((f"Could not be tested: {sum(map(len, untested.values()))} proxy predictions ({listed}).",
-                    "proxy-prediction"))
+        out.append(
+            (
+                f"Could not be tested: {sum(map(len, untested.values()))} proxy predictions ({listed}).",
+                "proxy-prediction",
+            )
+        )
     selectors: dict[str, list[float]] = {}  # selector: regrets over task/mode pairs
     for group in proxies["regret"]:
         for pick in group["selectors"]:
@@ -889,14 +1200,24 @@ def _proxy_findings(proxies: dict) -> list[tuple[str, str]]:
     if selectors:
         words = {"validation": "the validation metric", **labels}
         listed = ", ".join(f"{words.get(name, name)} {_range(values)}" for name, values in selectors.items())
-        out.append((f"Selection regret, metric units below the test-best checkpoint, when one checkpoint per task "
-                    f"and mode is picked by each quantity (where it is best: the validation metric; where it is "
-                    f"lowest: the others), over {len(proxies['regret'])} task/mode pairs: {listed}.", "proxy-regret"))
+        out.append(
+            (
+                f"Selection regret, metric units below the test-best checkpoint, when one checkpoint per task "
+                f"and mode is picked by each quantity (where it is best: the validation metric; where it is "
+                f"lowest: the others), over {len(proxies['regret'])} task/mode pairs: {listed}.",
+                "proxy-regret",
+            )
+        )
     descriptive = proxies["timing"]["descriptive"]
     if descriptive:
-        out.append((f"Descriptive only (measured at the fine-tuned weights, so they cannot predict before "
-                    f"fine-tuning): {', '.join(labels[p] for p in descriptive)}; their rank correlations are in the "
-                    "proxy table.", "proxy-correlations"))
+        out.append(
+            (
+                f"Descriptive only (measured at the fine-tuned weights, so they cannot predict before "
+                f"fine-tuning): {', '.join(labels[p] for p in descriptive)}; their rank correlations are in the "
+                "proxy table.",
+                "proxy-correlations",
+            )
+        )
     missing = [p for p in proxies["not_measured"] if p not in SCALE_PROXIES]
     if missing:
         out.append((f"Not measured in this run: {', '.join(labels[p] for p in missing)}.", "proxy-correlations"))
@@ -915,11 +1236,20 @@ def _ladder_findings(ladder: dict) -> list[tuple[str, str]]:
     if ladder["status"] != "ok":
         return [(f"No task ladder: {ladder['reason']}.", "task-ladder")]
     out = [(entry["sentence"] + ".", "task-ladder") for entry in ladder["entries"] if entry["status"] == "ok"]
-    untested = [f"{e['task']} ({MODES.get(e['mode'], e['mode'])}): {e['reason']}" for e in ladder["entries"]
-                if e["status"] != "ok"]
+    untested = [
+        f"{e['task']} ({MODES.get(e['mode'], e['mode'])}): {e['reason']}"
+        for e in ladder["entries"]
+        if e["status"] != "ok"
+    ]
     if untested:
-        out.append((f"Task ladder could not be back-tested for {len(untested)} task/mode pair(s): "
-                    + "; ".join(untested) + ".", "task-ladder"))
+        out.append(
+            (
+                f"Task ladder could not be back-tested for {len(untested)} task/mode pair(s): "
+                + "; ".join(untested)
+                + ".",
+                "task-ladder",
+            )
+        )
     return out
 
 
@@ -942,9 +1272,14 @@ def _excluded_findings(excluded: list[dict]) -> list[tuple[str, str]]:
 
 def findings(fits: dict) -> list[tuple[str, str]]:
     """(sentence, report anchor) pairs, from the JSON-ready fits dict."""
-    return (_law_findings(fits) + _downstream_findings(fits) + [(e["sentence"], "baselines") for e in fits["baselines"]]
-            + _proxy_findings(fits["proxies"]) + _ladder_findings(fits["task_ladder"])
-            + _excluded_findings(fits["excluded"]))
+    return (
+        _law_findings(fits)
+        + _downstream_findings(fits)
+        + [(e["sentence"], "baselines") for e in fits["baselines"]]
+        + _proxy_findings(fits["proxies"])
+        + _ladder_findings(fits["task_ladder"])
+        + _excluded_findings(fits["excluded"])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -996,28 +1331,51 @@ def task_scaling(characteristics: pd.DataFrame, trends: list[dict]) -> dict:
         if row is not None:
             counts = {key: _scalar(row.get(key)) for key in ("n_molecules", "n_labels", "n_classes", "n_scaffolds")}
             record.update({key: None if value is None else int(value) for key, value in counts.items()})
-            record.update({key: _scalar(row.get(key)) for key in (*TASK_CHARACTERISTICS, "nn_tanimoto_median",
-                                                                  "max_label_sd")})
+            record.update(
+                {key: _scalar(row.get(key)) for key in (*TASK_CHARACTERISTICS, "nn_tanimoto_median", "max_label_sd")}
+            )
             record["task_type"] = row.get("task_type")
         record["modes"] = {}
         for entry in (e for e in trends if e["task"] == name):
             slope, ci = _scaled_n_slope(entry)
             record["modes"][entry["mode"]] = {
-                "metric": entry["metric"], "higher_is_better": entry["higher_is_better"],
-                "n_slope_in_margins": slope, "n_slope_in_margins_ci": ci,
-                "verdicts": {key: {"verdict": v.get("verdict"), "status": v["status"], "reason": v.get("reason"),
-                                   "slope": v.get("slope"), "ci": v.get("ci"), "margin": v.get("margin")}
-                             for key, v in entry["verdicts"].items()}}
+                "metric": entry["metric"],
+                "higher_is_better": entry["higher_is_better"],
+                "n_slope_in_margins": slope,
+                "n_slope_in_margins_ci": ci,
+                "verdicts": {
+                    key: {
+                        "verdict": v.get("verdict"),
+                        "status": v["status"],
+                        "reason": v.get("reason"),
+                        "slope": v.get("slope"),
+                        "ci": v.get("ci"),
+                        "margin": v.get("margin"),
+                    }
+                    for key, v in entry["verdicts"].items()
+                },
+            }
         tasks.append(record)
     relation = []
     for mode in sorted({mode for record in tasks for mode in record["modes"]}):
         for column, (words, _) in TASK_CHARACTERISTICS.items():
-            pairs = [(record["task"], record[column], record["modes"][mode]["n_slope_in_margins"])
-                     for record in tasks if record["measured"] and mode in record["modes"]]
+            pairs = [
+                (record["task"], record[column], record["modes"][mode]["n_slope_in_margins"])
+                for record in tasks
+                if record["measured"] and mode in record["modes"]
+            ]
             pairs = [(task, x, y) for task, x, y in pairs if x is not None and y is not None]
-            out = {"mode": mode, "characteristic": column, "words": words, "n_tasks": len(pairs),
-                   "tasks": [task for task, _, _ in pairs], "x": [x for _, x, _ in pairs],
-                   "n_slope_in_margins": [y for _, _, y in pairs], "spearman": None, "reason": ""}
+            out = {
+                "mode": mode,
+                "characteristic": column,
+                "words": words,
+                "n_tasks": len(pairs),
+                "tasks": [task for task, _, _ in pairs],
+                "x": [x for _, x, _ in pairs],
+                "n_slope_in_margins": [y for _, _, y in pairs],
+                "spearman": None,
+                "reason": "",
+            }
             xs, ys = np.array(out["x"], float), np.array(out["n_slope_in_margins"], float)
             if len(pairs) < MIN_RELATION_TASKS:
                 out["reason"] = f"{len(pairs)} task(s) with both values; a rank correlation needs {MIN_RELATION_TASKS}"
@@ -1026,18 +1384,23 @@ def task_scaling(characteristics: pd.DataFrame, trends: list[dict]) -> dict:
             else:
                 out["spearman"] = float(pd.Series(xs).rank().corr(pd.Series(ys).rank()))
             relation.append(out)
-    return {"status": "ok", "descriptive": "few tasks, not a sample: rank correlations describe, no p-values",
-            "slope": "N at fixed D, per decade, signed so > 0 is improvement, in units of the task's plateau margin",
-            "characteristics": {column: words for column, (words, _) in TASK_CHARACTERISTICS.items()},
-            "tasks": tasks, "relation": relation}
+    return {
+        "status": "ok",
+        "descriptive": "few tasks, not a sample: rank correlations describe, no p-values",
+        "slope": "N at fixed D, per decade, signed so > 0 is improvement, in units of the task's plateau margin",
+        "characteristics": {column: words for column, (words, _) in TASK_CHARACTERISTICS.items()},
+        "tasks": tasks,
+        "relation": relation,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # the stage
 
 
-def fit_run(run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: int | None = None,
-            n_starts: int = 100) -> dict:
+def fit_run(
+    run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: int | None = None, n_starts: int = 100
+) -> dict:
     """Fit everything in run_dir/results; write results/fits.json and results/fits.parquet; return the JSON dict.
 
     n_bootstrap: overrides sweep.yaml's fits.n_bootstrap (0 skips the law intervals). n_jobs: bootstrap processes.
@@ -1048,12 +1411,20 @@ def fit_run(run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: i
     checkpoints, points = inputs.checkpoints, inputs.points
     rows = pretrained_rows(inputs.measured["finetune"], checkpoints)
     per_checkpoint = checkpoint_table(rows, points)
-    log.info("fit %s: %d checkpoints, %d downstream points, %d bootstrap resamples", inputs.config.name,
-             len(checkpoints), len(points), s.n_bootstrap)
+    log.info(
+        "fit %s: %d checkpoints, %d downstream points, %d bootstrap resamples",
+        inputs.config.name,
+        len(checkpoints),
+        len(points),
+        s.n_bootstrap,
+    )
     trends, trend_tests = downstream_trends(rows, points, s)
     compared, baseline_tests = baselines(inputs.measured["finetune"], rows, s)
-    proxies = (fit_proxies(checkpoint_proxies(per_checkpoint, inputs.measured["hessian"], inputs.measured["landscape"]),
-                           s) if not per_checkpoint.empty else skipped("no downstream results"))
+    proxies = (
+        fit_proxies(checkpoint_proxies(per_checkpoint, inputs.measured["hessian"], inputs.measured["landscape"]), s)
+        if not per_checkpoint.empty
+        else skipped("no downstream results")
+    )
     fits = {
         "run": inputs.config.name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -1086,8 +1457,18 @@ def fit_run(run_dir: Path | RunDir, *, n_bootstrap: int | None = None, n_jobs: i
 
 def _row(what, parameter="", estimate=None, ci=(None, None), n_points=None, task="", mode="", x="", note="") -> dict:
     lo, hi = ci if ci is not None else (None, None)
-    return {"what": what, "task": task, "mode": mode, "x": x, "parameter": parameter, "estimate": estimate,
-            "ci_lo": lo, "ci_hi": hi, "n_points": n_points, "note": note}
+    return {
+        "what": what,
+        "task": task,
+        "mode": mode,
+        "x": x,
+        "parameter": parameter,
+        "estimate": estimate,
+        "ci_lo": lo,
+        "ci_hi": hi,
+        "n_points": n_points,
+        "note": note,
+    }
 
 
 def _fit_rows(what: str, result: dict, **where) -> list[dict]:
@@ -1095,33 +1476,53 @@ def _fit_rows(what: str, result: dict, **where) -> list[dict]:
     says whether the grid identifies the law."""
     if result["status"] != "ok":
         return [_row(what, note=f"skipped: {result['reason']}", **where)]
-    note = "identified" if result.get("identified", True) else "not identified: " + "; ".join(
-        f"{p['parameter']}: {p['problem']}" for p in result["identification"]["problems"])
-    return [_row(what, name, value, result.get("ci", {}).get(name), result.get("n_points"), note=note, **where)
-            for name, value in result["params"].items()]
+    note = (
+        "identified"
+        if result.get("identified", True)
+        else "not identified: "
+        + "; ".join(f"{p['parameter']}: {p['problem']}" for p in result["identification"]["problems"])
+    )
+    return [
+        _row(what, name, value, result.get("ci", {}).get(name), result.get("n_points"), note=note, **where)
+        for name, value in result["params"].items()
+    ]
 
 
 def loss_law_rows(law: dict) -> list[dict]:
     rows = _fit_rows("loss_law", law)
     if law["status"] == "ok" and law["frontier"]["status"] == "ok":
         frontier = law["frontier"]
-        rows += [_row("loss_law_frontier", name, frontier[name], frontier.get(f"{name}_ci"), law["n_points"],
-                      note="N* ∝ C^a, D* ∝ C^b") for name in ("n_params_exponent", "n_tokens_exponent")]
+        rows += [
+            _row(
+                "loss_law_frontier",
+                name,
+                frontier[name],
+                frontier.get(f"{name}_ci"),
+                law["n_points"],
+                note="N* ∝ C^a, D* ∝ C^b",
+            )
+            for name in ("n_params_exponent", "n_tokens_exponent")
+        ]
     return rows
 
 
 def backtest_rows(test: dict) -> list[dict]:
     if test["status"] != "ok":
         return [_row("loss_law_backtest", note=f"skipped: {test['reason']}")]
-    return [_row("loss_law_backtest", name, test[name], n_points=test["n_holdout"])
-            for name in ("mean_abs_relative_error", "max_abs_relative_error")]
+    return [
+        _row("loss_law_backtest", name, test[name], n_points=test["n_holdout"])
+        for name in ("mean_abs_relative_error", "max_abs_relative_error")
+    ]
 
 
 def compute_law_rows(compute: dict) -> list[dict]:
     if compute["status"] != "ok":
         return [_row("compute_law", note=f"skipped: {compute['reason']}")]
-    return [row for key in ("saturating_frontier", "saturating_all", "loglog_frontier", "loglog_all")
-            for row in _fit_rows(f"compute_law_{key}", compute[key], x="flops")]
+    return [
+        row
+        for key in ("saturating_frontier", "saturating_all", "loglog_frontier", "loglog_all")
+        for row in _fit_rows(f"compute_law_{key}", compute[key], x="flops")
+    ]
 
 
 def downstream_rows(entries: list[dict]) -> list[dict]:
@@ -1136,10 +1537,15 @@ def downstream_rows(entries: list[dict]) -> list[dict]:
                 rows.append(_row("downstream_trend", note=f"not testable: {v['reason']}", x=x, **where))
                 continue
             note = f"{v['verdict']}; {v['held_fixed']}; {v['correction']}"
-            rows.append(_row("downstream_trend", "slope_per_decade", v["slope"], v["ci"], v["n_points"], x=x,
-                             note=note, **where))
-            rows += [_row("downstream_trend", name, v[name], n_points=v["n_points"], x=x, note=note, **where)
-                     for name in ("margin", "min_detectable_slope", "p_verdict", "p_adjusted")]
+            rows.append(
+                _row(
+                    "downstream_trend", "slope_per_decade", v["slope"], v["ci"], v["n_points"], x=x, note=note, **where
+                )
+            )
+            rows += [
+                _row("downstream_trend", name, v[name], n_points=v["n_points"], x=x, note=note, **where)
+                for name in ("margin", "min_detectable_slope", "p_verdict", "p_adjusted")
+            ]
         for x, result in entry["power_law"].items():
             rows += _fit_rows("downstream_law", result, x=x, **where)
     return rows
@@ -1152,20 +1558,47 @@ def baseline_rows(entries: list[dict]) -> list[dict]:
             spread = entry[mode]
             if spread is not None:
                 sd = spread["sd"] if spread["sd"] is not None else math.nan
-                rows.append(_row("baseline", entry["metric"], spread["mean"],
-                                 (spread["mean"] - sd, spread["mean"] + sd), spread["n"], task=entry["task"], mode=mode,
-                                 note="interval: mean ± 1 sd over split seeds"))
+                rows.append(
+                    _row(
+                        "baseline",
+                        entry["metric"],
+                        spread["mean"],
+                        (spread["mean"] - sd, spread["mean"] + sd),
+                        spread["n"],
+                        task=entry["task"],
+                        mode=mode,
+                        note="interval: mean ± 1 sd over split seeds",
+                    )
+                )
         best = entry["best_pretrained"]
         if best["status"] == "ok" and best["test"] is not None:
-            rows.append(_row("best_pretrained", entry["metric"], best["test"]["mean"], n_points=best["test"]["n"],
-                             task=entry["task"], mode=best["mode"], x=f"{best['trial_id']}@{best['tokens']:.0f}",
-                             note=f"chosen on validation (mean {best['val_mean']:.4g}); test mean over split seeds"))
+            rows.append(
+                _row(
+                    "best_pretrained",
+                    entry["metric"],
+                    best["test"]["mean"],
+                    n_points=best["test"]["n"],
+                    task=entry["task"],
+                    mode=best["mode"],
+                    x=f"{best['trial_id']}@{best['tokens']:.0f}",
+                    note=f"chosen on validation (mean {best['val_mean']:.4g}); test mean over split seeds",
+                )
+            )
         for mode, comparison in entry["comparisons"].items():
             if comparison["status"] == "ok":
-                rows.append(_row("baseline_comparison", "paired_difference", comparison["mean"], comparison["ci"],
-                                 comparison["n_pairs"], task=entry["task"], mode=mode,
-                                 note=f"{comparison['finding']}; p = {comparison['p']}, adjusted "
-                                      f"{comparison.get('p_adjusted')} ({comparison.get('correction', '')})"))
+                rows.append(
+                    _row(
+                        "baseline_comparison",
+                        "paired_difference",
+                        comparison["mean"],
+                        comparison["ci"],
+                        comparison["n_pairs"],
+                        task=entry["task"],
+                        mode=mode,
+                        note=f"{comparison['finding']}; p = {comparison['p']}, adjusted "
+                        f"{comparison.get('p_adjusted')} ({comparison.get('correction', '')})",
+                    )
+                )
     return rows
 
 
@@ -1174,27 +1607,60 @@ def proxy_rows(proxies: dict) -> list[dict]:
         return []
     rows = []
     for row in proxies["correlations"]:
-        where = {"task": row["task"], "mode": row["mode"], "x": row["proxy"],
-                 "note": f"descriptive ({row['timing']}){'; ' + row['reason'] if row['reason'] else ''}"}
-        rows.append(_row("proxy_correlation", "spearman", row["spearman"], (row["ci_lo"], row["ci_hi"]), row["n"],
-                         **where))
-        rows.append(_row("proxy_correlation", "partial_given_loss", row["partial_given_loss"],
-                         (row["partial_ci_lo"], row["partial_ci_hi"]), row["n_partial"], **where))
+        where = {
+            "task": row["task"],
+            "mode": row["mode"],
+            "x": row["proxy"],
+            "note": f"descriptive ({row['timing']}){'; ' + row['reason'] if row['reason'] else ''}",
+        }
+        rows.append(
+            _row("proxy_correlation", "spearman", row["spearman"], (row["ci_lo"], row["ci_hi"]), row["n"], **where)
+        )
+        rows.append(
+            _row(
+                "proxy_correlation",
+                "partial_given_loss",
+                row["partial_given_loss"],
+                (row["partial_ci_lo"], row["partial_ci_hi"]),
+                row["n_partial"],
+                **where,
+            )
+        )
     for row in proxies["prediction"]:
         where = {"task": row["task"], "mode": row["mode"], "x": row["proxy"]}
         if row["status"] != "ok":
             rows.append(_row("proxy_prediction", note=f"not testable: {row['reason']}", **where))
             continue
         note = f"{row['finding']}; p = {row['p']:.3g}, adjusted {row.get('p_adjusted')} ({row.get('correction', '')})"
-        rows += [_row("proxy_prediction", name, row[name], n_points=row["n_points"], note=note, **where)
-                 for name in ("rmse_loss", "rmse_loss_proxy")]
-        rows.append(_row("proxy_prediction", "improvement", row["improvement"], row["improvement_ci"],
-                         row["n_points"], note=note, **where))
+        rows += [
+            _row("proxy_prediction", name, row[name], n_points=row["n_points"], note=note, **where)
+            for name in ("rmse_loss", "rmse_loss_proxy")
+        ]
+        rows.append(
+            _row(
+                "proxy_prediction",
+                "improvement",
+                row["improvement"],
+                row["improvement_ci"],
+                row["n_points"],
+                note=note,
+                **where,
+            )
+        )
     for group in proxies["regret"]:
-        rows += [_row("selection_regret", pick["selector"], pick["regret"], n_points=pick["n_candidates"],
-                      task=group["task"], mode=group["mode"], x=pick["column"],
-                      note=f"picks the {pick['direction']}; regret against the test-best, metric units")
-                 for pick in group["selectors"]]
+        rows += [
+            _row(
+                "selection_regret",
+                pick["selector"],
+                pick["regret"],
+                n_points=pick["n_candidates"],
+                task=group["task"],
+                mode=group["mode"],
+                x=pick["column"],
+                note=f"picks the {pick['direction']}; regret against the test-best, metric units",
+            )
+            for pick in group["selectors"]
+        ]
     return rows
 
 
@@ -1207,10 +1673,22 @@ def ladder_rows(ladder: dict) -> list[dict]:
         if entry["status"] != "ok":
             rows.append(_row("task_ladder_backtest", note=f"skipped: {entry['reason']}", **where))
             continue
-        rows += [_row("task_ladder_backtest", name, entry[name], n_points=entry["n_holdout"],
-                      note=f"{entry['fit']['loss_law']} law, {entry['fit']['link']} link", **where)
-                 for name in ("mean_abs_error", "max_abs_error", "link_only_mean_abs_error",
-                              "task_loss_mean_abs_relative_error")]
+        rows += [
+            _row(
+                "task_ladder_backtest",
+                name,
+                entry[name],
+                n_points=entry["n_holdout"],
+                note=f"{entry['fit']['loss_law']} law, {entry['fit']['link']} link",
+                **where,
+            )
+            for name in (
+                "mean_abs_error",
+                "max_abs_error",
+                "link_only_mean_abs_error",
+                "task_loss_mean_abs_relative_error",
+            )
+        ]
     return rows
 
 
@@ -1218,17 +1696,32 @@ def task_scaling_rows(section: dict) -> list[dict]:
     """Per (mode, characteristic): Spearman's rho over tasks of the margin-scaled N slope (descriptive)."""
     if section.get("status") != "ok":
         return []
-    return [_row("task_scaling", "spearman", row["spearman"], n_points=row["n_tasks"], mode=row["mode"],
-                 x=row["characteristic"], note="descriptive, over tasks; " + (row["reason"] or "no p-value"))
-            for row in section["relation"]]
+    return [
+        _row(
+            "task_scaling",
+            "spearman",
+            row["spearman"],
+            n_points=row["n_tasks"],
+            mode=row["mode"],
+            x=row["characteristic"],
+            note="descriptive, over tasks; " + (row["reason"] or "no p-value"),
+        )
+        for row in section["relation"]
+    ]
 
 
 def fits_table(fits: dict) -> pd.DataFrame:
     """fits.json in long format: one row per estimated quantity (what, task, mode, x, parameter, estimate, CI)."""
-    rows = (loss_law_rows(fits["loss_law"]) + backtest_rows(fits["loss_law_backtest"])
-            + compute_law_rows(fits["compute_law"]) + downstream_rows(fits["downstream"])
-            + baseline_rows(fits["baselines"]) + proxy_rows(fits["proxies"]) + ladder_rows(fits["task_ladder"])
-            + task_scaling_rows(fits.get("task_characteristics", {})))
+    rows = (
+        loss_law_rows(fits["loss_law"])
+        + backtest_rows(fits["loss_law_backtest"])
+        + compute_law_rows(fits["compute_law"])
+        + downstream_rows(fits["downstream"])
+        + baseline_rows(fits["baselines"])
+        + proxy_rows(fits["proxies"])
+        + ladder_rows(fits["task_ladder"])
+        + task_scaling_rows(fits.get("task_characteristics", {}))
+    )
     table = pd.DataFrame(rows, columns=list(TABLES["fits"].columns))
     for name in ("estimate", "ci_lo", "ci_hi", "n_points"):
         table[name] = pd.to_numeric(table[name], errors="coerce").astype(float)
@@ -1267,24 +1760,41 @@ def _check_columns(path: Path, table: pd.DataFrame, wanted: dict[str, str]) -> N
             raise ValueError(f"{path}: no column '{column}' ({option}); the columns are {available}")
 
 
-def fit_table(path: Path, law: str = "chinchilla", *, n_col: str = "N", d_col: str = "D", y_col: str = "loss",
-              x_col: str = "C", bootstrap: int = 1000, huber_delta: float = 1e-3, seed: int = 0,
-              n_jobs: int | None = None, n_starts: int = 100) -> dict:
+def fit_table(
+    path: Path,
+    law: str = "chinchilla",
+    *,
+    n_col: str = "N",
+    d_col: str = "D",
+    y_col: str = "loss",
+    x_col: str = "C",
+    bootstrap: int = 1000,
+    huber_delta: float = 1e-3,
+    seed: int = 0,
+    n_jobs: int | None = None,
+    n_starts: int = 100,
+) -> dict:
     """Fit one law (see LAWS; "trend" is `trend_table`) to columns of a CSV or Parquet table; the summary dict
     with intervals, identification and warnings."""
     if law not in LAWS or law == "trend":
-        raise ValueError(f"unknown law '{law}'; expected one of {', '.join(name for name in LAWS if name != 'trend')}"
-                         + (" (trend: see trend_table)" if law == "trend" else ""))
+        raise ValueError(
+            f"unknown law '{law}'; expected one of {', '.join(name for name in LAWS if name != 'trend')}"
+            + (" (trend: see trend_table)" if law == "trend" else "")
+        )
     table = read_table(path)
-    wanted = {"--n-col": n_col, "--d-col": d_col, "--y-col": y_col} if law == "chinchilla" else \
-        {"--x-col": x_col, "--y-col": y_col}
+    wanted = (
+        {"--n-col": n_col, "--d-col": d_col, "--y-col": y_col}
+        if law == "chinchilla"
+        else {"--x-col": x_col, "--y-col": y_col}
+    )
     _check_columns(path, table, wanted)
     values = {column: pd.to_numeric(table[column], errors="coerce").to_numpy(float) for column in wanted.values()}
     estimator: ChinchillaFit | SaturatingPowerLaw | LogLogOLS
     data: tuple[np.ndarray, ...]
     if law == "chinchilla":
-        estimator = ChinchillaFit(huber_delta=huber_delta, n_bootstrap=bootstrap, seed=seed, n_jobs=n_jobs,
-                                  n_starts=n_starts)
+        estimator = ChinchillaFit(
+            huber_delta=huber_delta, n_bootstrap=bootstrap, seed=seed, n_jobs=n_jobs, n_starts=n_starts
+        )
         data = (values[n_col], values[d_col], values[y_col])
     elif law == "compute":
         estimator = SaturatingPowerLaw(huber_delta=huber_delta, n_bootstrap=bootstrap, seed=seed, n_jobs=n_jobs)
@@ -1296,28 +1806,56 @@ def fit_table(path: Path, law: str = "chinchilla", *, n_col: str = "N", d_col: s
     with _kept_warnings(notes, type(estimator).__name__):
         estimator.fit(*data)
     found = identification(estimator)
-    return json_safe({"table": str(path), "law_name": law, "columns": {k.strip("-"): v for k, v in wanted.items()},
-                      "n_rows": len(table), **estimator.to_dict(), "identified": found.identified,
-                      "identification_sentence": found.sentence(estimator.formula), "warnings": notes})
+    return json_safe(
+        {
+            "table": str(path),
+            "law_name": law,
+            "columns": {k.strip("-"): v for k, v in wanted.items()},
+            "n_rows": len(table),
+            **estimator.to_dict(),
+            "identified": found.identified,
+            "identification_sentence": found.sentence(estimator.formula),
+            "warnings": notes,
+        }
+    )
 
 
-def trend_table(path: Path, x_col: str, y_col: str, *, group_col: str | None = None, higher_is_better: bool = True,
-                margin: float | None = None, method: str | None = None) -> dict:
+def trend_table(
+    path: Path,
+    x_col: str,
+    y_col: str,
+    *,
+    group_col: str | None = None,
+    higher_is_better: bool = True,
+    margin: float | None = None,
+    method: str | None = None,
+) -> dict:
     """fits.verdicts.trend_on_table on a CSV or Parquet table: the slope of y_col per decade of x_col (log10), its
     interval, the margin, the minimal detectable slope and the verdict. group_col: the independent unit (a run);
     method: the interval (fits.slopes.METHODS; default the cluster jackknife with group_col, else OLS)."""
     table = read_table(path)
-    _check_columns(path, table, {"--x-col": x_col, "--y-col": y_col,
-                                 **({"--group-col": group_col} if group_col is not None else {})})
+    _check_columns(
+        path,
+        table,
+        {"--x-col": x_col, "--y-col": y_col, **({"--group-col": group_col} if group_col is not None else {})},
+    )
     if margin is None and y_col not in PLATEAU_MARGINS:
-        raise ValueError(f"{path}: no default plateau margin for '{y_col}' (defaults exist for "
-                         f"{', '.join(sorted(PLATEAU_MARGINS))}); give --margin M in {y_col} units per decade of "
-                         f"{x_col}")
+        raise ValueError(
+            f"{path}: no default plateau margin for '{y_col}' (defaults exist for "
+            f"{', '.join(sorted(PLATEAU_MARGINS))}); give --margin M in {y_col} units per decade of "
+            f"{x_col}"
+        )
     if margin is None and PLATEAU_MARGINS[y_col][1] == "label_sd":
-        raise ValueError(f"{path}: the default {metric_label(y_col)} margin is a fraction of the task's label sd, "
-                         f"which a table does not carry; give --margin M in {y_col} units per decade of {x_col}")
-    return {"table": str(path), **trend_on_table(table, x_col, y_col, group_col=group_col,
-                                                 higher_is_better=higher_is_better, margin=margin, method=method)}
+        raise ValueError(
+            f"{path}: the default {metric_label(y_col)} margin is a fraction of the task's label sd, "
+            f"which a table does not carry; give --margin M in {y_col} units per decade of {x_col}"
+        )
+    return {
+        "table": str(path),
+        **trend_on_table(
+            table, x_col, y_col, group_col=group_col, higher_is_better=higher_is_better, margin=margin, method=method
+        ),
+    }
 
 
 def format_fit(result: dict) -> str:
@@ -1330,8 +1868,9 @@ def format_fit(result: dict) -> str:
         lines.append(f"  {name:>6s} = {value:.4g}{interval}")
     if "frontier" in result and result["identified"]:
         frontier = result["frontier"]
-        lines.append(f"  compute-optimal: N* ∝ C^{frontier['n_params_exponent']:.3f}, "
-                     f"D* ∝ C^{frontier['n_tokens_exponent']:.3f}")
+        lines.append(
+            f"  compute-optimal: N* ∝ C^{frontier['n_params_exponent']:.3f}, D* ∝ C^{frontier['n_tokens_exponent']:.3f}"
+        )
     if "r_squared" in result:
         lines.append(f"  R² = {result['r_squared']:.4f}")
     lines.append(f"  {result['identification_sentence']}")

@@ -41,13 +41,15 @@ CHINCHILLA_PARAMS = ("a", "b", "e", "alpha", "beta")  # a = log A, b = log B, e 
 SATURATING_PARAMS = ("a", "e", "gamma")  # a = log A, e = log E
 
 # Epoch AI's initialisation grid (6·6·5·5·5 = 4500 points).
-CHINCHILLA_INIT_GRID = types.MappingProxyType({
-    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
-    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
-    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
-})
+CHINCHILLA_INIT_GRID = types.MappingProxyType(
+    {
+        "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+        "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+        "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+        "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+        "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+    }
+)
 
 # scipy's L-BFGS-B stops when the decrease of f is below ftol·max(|f|, 1). The summed Huber loss is
 # ~1e-3, so the default ftol (2.2e-9) acts as a loose absolute test: a bootstrap refit started at the
@@ -87,8 +89,9 @@ def huber_logsumexp_loss(theta: np.ndarray, design: np.ndarray, log_y: np.ndarra
     return loss, gradient
 
 
-def _fit_from_grid(owner: str, grid_points: np.ndarray, design, log_y: np.ndarray, huber_delta: float,
-                   n_starts: int | None) -> tuple[np.ndarray, float, np.ndarray]:
+def _fit_from_grid(
+    owner: str, grid_points: np.ndarray, design, log_y: np.ndarray, huber_delta: float, n_starts: int | None
+) -> tuple[np.ndarray, float, np.ndarray]:
     """Screen the grid, run L-BFGS-B from the best starts, keep the best; warn if it did not converge.
 
     Returns the best parameters, its objective, and the screened starts (best first)."""
@@ -98,8 +101,11 @@ def _fit_from_grid(owner: str, grid_points: np.ndarray, design, log_y: np.ndarra
     if not np.all(np.isfinite(theta)):
         raise RuntimeError(f"{owner}: every L-BFGS-B run from {len(starts)} starting points diverged")
     if not converged:
-        warnings.warn(f"{owner}: the best L-BFGS-B run stopped before convergence (loss {objective:.4g})",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{owner}: the best L-BFGS-B run stopped before convergence (loss {objective:.4g})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return theta, objective, starts
 
 
@@ -124,8 +130,9 @@ def _minimize_from_starts(starts: np.ndarray, design: np.ndarray, log_y: np.ndar
     return best.x, float(best.fun), bool(best.success)
 
 
-def _refit_resample(theta_hat: np.ndarray, extra_starts: np.ndarray, design: np.ndarray, log_y: np.ndarray,
-                    delta: float) -> np.ndarray:
+def _refit_resample(
+    theta_hat: np.ndarray, extra_starts: np.ndarray, design: np.ndarray, log_y: np.ndarray, delta: float
+) -> np.ndarray:
     """One bootstrap refit: polish from the point estimate; extra grid starts may still find a lower basin."""
     args = (design, log_y, delta)
     run = minimize(huber_logsumexp_loss, theta_hat, args=args, jac=True, method="L-BFGS-B", options=POLISH_OPTIONS)
@@ -137,8 +144,15 @@ def _refit_resample(theta_hat: np.ndarray, extra_starts: np.ndarray, design: np.
     return np.full(theta_hat.size, np.nan) if theta is None else theta
 
 
-def _bootstrap_chunk(design_fn: Callable, columns: tuple, log_y: np.ndarray, delta: float, theta_hat: np.ndarray,
-                     extra_starts: np.ndarray, resamples: np.ndarray) -> np.ndarray:
+def _bootstrap_chunk(
+    design_fn: Callable,
+    columns: tuple,
+    log_y: np.ndarray,
+    delta: float,
+    theta_hat: np.ndarray,
+    extra_starts: np.ndarray,
+    resamples: np.ndarray,
+) -> np.ndarray:
     """Refit one chunk of bootstrap resamples (rows of point indices). Runs in a worker process."""
     thetas = np.empty((len(resamples), theta_hat.size))
     with one_blas_thread():
@@ -148,8 +162,17 @@ def _bootstrap_chunk(design_fn: Callable, columns: tuple, log_y: np.ndarray, del
     return thetas
 
 
-def _bootstrap(design_fn: Callable, columns: tuple, log_y: np.ndarray, delta: float, theta_hat: np.ndarray,
-               extra_starts: np.ndarray, n_bootstrap: int, seed: int, n_jobs: int | None) -> np.ndarray:
+def _bootstrap(
+    design_fn: Callable,
+    columns: tuple,
+    log_y: np.ndarray,
+    delta: float,
+    theta_hat: np.ndarray,
+    extra_starts: np.ndarray,
+    n_bootstrap: int,
+    seed: int,
+    n_jobs: int | None,
+) -> np.ndarray:
     """Refit n_bootstrap resamples of the points; (n_bootstrap, n_parameters), NaN rows for failed refits.
 
     All resamples are drawn up front from `seed`, so the result does not depend on n_jobs.
@@ -170,8 +193,12 @@ def _bootstrap_summary(samples: pd.DataFrame, ci_level: float, owner: str):
     """Percentile intervals and standard errors per column; warns when some refits failed."""
     n_failed = int(samples.isna().any(axis=1).sum())
     if n_failed:
-        warnings.warn(f"{owner}: {n_failed} of {len(samples)} bootstrap refits failed (non-finite); "
-                      f"intervals use the other {len(samples) - n_failed}.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{owner}: {n_failed} of {len(samples)} bootstrap refits failed (non-finite); "
+            f"intervals use the other {len(samples) - n_failed}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     ok = samples.dropna()
     tail = 100 * (1 - ci_level) / 2
     ci, se = {}, {}
@@ -201,8 +228,9 @@ def _as_columns(owner: str, **columns) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _drop_invalid_rows(owner: str, arrays: dict[str, np.ndarray], min_points: int,
-                       parameter_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _drop_invalid_rows(
+    owner: str, arrays: dict[str, np.ndarray], min_points: int, parameter_names: tuple[str, ...]
+) -> dict[str, np.ndarray]:
     """Drop rows where any field is non-positive or not finite (log space needs > 0), warning with the rows."""
     bad = np.zeros(next(iter(arrays.values())).size, dtype=bool)
     reasons = []  # (row, text)
@@ -213,13 +241,19 @@ def _drop_invalid_rows(owner: str, arrays: dict[str, np.ndarray], min_points: in
     if bad.any():
         rows = np.flatnonzero(bad).tolist()
         shown = "; ".join(text for _, text in sorted(reasons)[:10]) + ("; …" if len(reasons) > 10 else "")
-        warnings.warn(f"{owner}: dropped {len(rows)} of {bad.size} rows with non-positive or non-finite values: "
-                      f"rows {rows} ({shown})", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{owner}: dropped {len(rows)} of {bad.size} rows with non-positive or non-finite values: "
+            f"rows {rows} ({shown})",
+            UserWarning,
+            stacklevel=3,
+        )
     kept = {name: array[~bad] for name, array in arrays.items()}
     n_kept = int((~bad).sum())
     if n_kept < min_points:
-        raise ValueError(f"{owner}: need at least {min_points} points, one per parameter {parameter_names}; "
-                         f"got {n_kept} valid of {bad.size}")
+        raise ValueError(
+            f"{owner}: need at least {min_points} points, one per parameter {parameter_names}; "
+            f"got {n_kept} valid of {bad.size}"
+        )
     return kept
 
 
@@ -239,8 +273,10 @@ def _check_hyperparameters(owner: str, huber_delta: float, n_bootstrap: int, ci_
 
 def _check_is_fitted(estimator, attribute: str) -> None:
     if not hasattr(estimator, attribute):
-        raise NotFittedError(f"This {type(estimator).__name__} instance is not fitted yet. Call 'fit' with "
-                             "appropriate arguments before using this estimator.")
+        raise NotFittedError(
+            f"This {type(estimator).__name__} instance is not fitted yet. Call 'fit' with "
+            "appropriate arguments before using this estimator."
+        )
 
 
 class _Estimator:
@@ -255,8 +291,9 @@ class _Estimator:
 
     def get_params(self) -> dict:
         """The hyperparameters passed to __init__, by name."""
-        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
-                if name != "self"}
+        return {
+            name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
@@ -264,16 +301,18 @@ class _Estimator:
     def to_dict(self) -> dict:
         """JSON-ready summary: law, hyperparameters, parameters, intervals, standard errors."""
         _check_is_fitted(self, "params_")
-        return json_safe({
-            "estimator": type(self).__name__,
-            "law": self.formula,
-            "hyperparameters": self.get_params(),
-            "params": self.params_,
-            "ci": {name: list(bounds) for name, bounds in self.ci_.items()},
-            "se": self.se_,
-            "n_points": self.n_points_,
-            **self._extra_summary(),
-        })
+        return json_safe(
+            {
+                "estimator": type(self).__name__,
+                "law": self.formula,
+                "hyperparameters": self.get_params(),
+                "params": self.params_,
+                "ci": {name: list(bounds) for name, bounds in self.ci_.items()},
+                "se": self.se_,
+                "n_points": self.n_points_,
+                **self._extra_summary(),
+            }
+        )
 
     def _extra_summary(self) -> dict:
         return {}
@@ -281,8 +320,10 @@ class _Estimator:
 
 def _grid_summary(**columns: np.ndarray) -> dict[str, dict]:
     """Range and number of distinct values of each fitted column: what identification judges the law against."""
-    return {name: {"min": float(values.min()), "max": float(values.max()), "n_distinct": int(np.unique(values).size)}
-            for name, values in columns.items()}
+    return {
+        name: {"min": float(values.min()), "max": float(values.max()), "n_distinct": int(np.unique(values).size)}
+        for name, values in columns.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +332,7 @@ def _grid_summary(**columns: np.ndarray) -> dict[str, dict]:
 
 class ComputeOptimal(NamedTuple):
     """The compute-optimal allocation along C = flops_per_param_token·N·D."""
+
     flops: np.ndarray
     n_params: np.ndarray
     n_tokens: np.ndarray
@@ -317,8 +359,17 @@ class ChinchillaFit(_Estimator):
     alpha_: float
     beta_: float
 
-    def __init__(self, huber_delta=1e-3, n_bootstrap=1000, seed=0, n_jobs=None, n_starts=100,
-                 n_bootstrap_starts=1, ci_level=0.95, init_grid=None):
+    def __init__(
+        self,
+        huber_delta=1e-3,
+        n_bootstrap=1000,
+        seed=0,
+        n_jobs=None,
+        n_starts=100,
+        n_bootstrap_starts=1,
+        ci_level=0.95,
+        init_grid=None,
+    ):
         self.huber_delta = huber_delta
         self.n_bootstrap = n_bootstrap
         self.seed = seed
@@ -352,9 +403,21 @@ class ChinchillaFit(_Estimator):
         self.grid_ = _grid_summary(n_params=columns["n_params"], n_tokens=columns["n_tokens"], loss=columns["loss"])
 
         extra_starts = starts[: max(self.n_bootstrap_starts - 1, 0)]
-        thetas = (_bootstrap(_chinchilla_design, (log_n, log_d), log_loss, self.huber_delta, theta, extra_starts,
-                             self.n_bootstrap, self.seed, self.n_jobs)
-                  if self.n_bootstrap > 0 else np.empty((0, len(CHINCHILLA_PARAMS))))
+        thetas = (
+            _bootstrap(
+                _chinchilla_design,
+                (log_n, log_d),
+                log_loss,
+                self.huber_delta,
+                theta,
+                extra_starts,
+                self.n_bootstrap,
+                self.seed,
+                self.n_jobs,
+            )
+            if self.n_bootstrap > 0
+            else np.empty((0, len(CHINCHILLA_PARAMS)))
+        )
         self.bootstrap_ = pd.DataFrame([self._named(row) for row in thetas], columns=list(self.param_names))
         self.ci_, self.se_, self.n_bootstrap_failed_ = _bootstrap_summary(self.bootstrap_, self.ci_level, owner)
         return self
@@ -363,9 +426,13 @@ class ChinchillaFit(_Estimator):
     def _named(theta: np.ndarray) -> dict[str, float]:
         """Log-space optimiser vector → {E, A, B, alpha, beta}."""
         log_space = dict(zip(CHINCHILLA_PARAMS, theta, strict=True))
-        return {"E": float(np.exp(log_space["e"])), "A": float(np.exp(log_space["a"])),
-                "B": float(np.exp(log_space["b"])), "alpha": float(log_space["alpha"]),
-                "beta": float(log_space["beta"])}
+        return {
+            "E": float(np.exp(log_space["e"])),
+            "A": float(np.exp(log_space["a"])),
+            "B": float(np.exp(log_space["b"])),
+            "alpha": float(log_space["alpha"]),
+            "beta": float(log_space["beta"]),
+        }
 
     def predict(self, n_params, n_tokens) -> np.ndarray:
         """Predicted loss at each (N, D)."""
@@ -392,8 +459,13 @@ class ChinchillaFit(_Estimator):
     def _extra_summary(self) -> dict:
         alpha, beta = self.params_["alpha"], self.params_["beta"]
         exponents = {"n_params_exponent": beta / (alpha + beta), "n_tokens_exponent": alpha / (alpha + beta)}
-        return {"frontier": exponents, "huber_loss": self.huber_loss_, "n_bootstrap_failed": self.n_bootstrap_failed_,
-                "grid": self.grid_, "identification": identification(self).to_dict()}
+        return {
+            "frontier": exponents,
+            "huber_loss": self.huber_loss_,
+            "n_bootstrap_failed": self.n_bootstrap_failed_,
+            "grid": self.grid_,
+            "identification": identification(self).to_dict(),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,8 +484,9 @@ class SaturatingPowerLaw(_Estimator):
     gamma_grid = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
     floor_fractions = (0.01, 0.25, 0.5, 0.75, 0.9, 0.97)  # E / min(y)
 
-    def __init__(self, huber_delta=1e-3, n_bootstrap=1000, seed=0, n_jobs=None, n_starts=20,
-                 n_bootstrap_starts=1, ci_level=0.95):
+    def __init__(
+        self, huber_delta=1e-3, n_bootstrap=1000, seed=0, n_jobs=None, n_starts=20, n_bootstrap_starts=1, ci_level=0.95
+    ):
         self.huber_delta = huber_delta
         self.n_bootstrap = n_bootstrap
         self.seed = seed
@@ -440,9 +513,21 @@ class SaturatingPowerLaw(_Estimator):
         self.grid_ = _grid_summary(x=columns["x"], y=columns["y"])
 
         extra_starts = starts[: max(self.n_bootstrap_starts - 1, 0)]
-        thetas = (_bootstrap(_saturating_design, (log_x,), log_y, self.huber_delta, theta, extra_starts,
-                             self.n_bootstrap, self.seed, self.n_jobs)
-                  if self.n_bootstrap > 0 else np.empty((0, len(SATURATING_PARAMS))))
+        thetas = (
+            _bootstrap(
+                _saturating_design,
+                (log_x,),
+                log_y,
+                self.huber_delta,
+                theta,
+                extra_starts,
+                self.n_bootstrap,
+                self.seed,
+                self.n_jobs,
+            )
+            if self.n_bootstrap > 0
+            else np.empty((0, len(SATURATING_PARAMS)))
+        )
         self.bootstrap_ = pd.DataFrame([self._named(row) for row in thetas], columns=list(self.param_names))
         self.ci_, self.se_, self.n_bootstrap_failed_ = _bootstrap_summary(self.bootstrap_, self.ci_level, owner)
         return self
@@ -461,16 +546,23 @@ class SaturatingPowerLaw(_Estimator):
     @staticmethod
     def _named(theta: np.ndarray) -> dict[str, float]:
         log_space = dict(zip(SATURATING_PARAMS, theta, strict=True))
-        return {"E": float(np.exp(log_space["e"])), "A": float(np.exp(log_space["a"])),
-                "gamma": float(log_space["gamma"])}
+        return {
+            "E": float(np.exp(log_space["e"])),
+            "A": float(np.exp(log_space["a"])),
+            "gamma": float(log_space["gamma"]),
+        }
 
     def predict(self, x) -> np.ndarray:
         _check_is_fitted(self, "params_")
         return self.E_ + self.A_ * np.asarray(x, float) ** (-self.gamma_)
 
     def _extra_summary(self) -> dict:
-        return {"huber_loss": self.huber_loss_, "n_bootstrap_failed": self.n_bootstrap_failed_, "grid": self.grid_,
-                "identification": identification(self).to_dict()}
+        return {
+            "huber_loss": self.huber_loss_,
+            "n_bootstrap_failed": self.n_bootstrap_failed_,
+            "grid": self.grid_,
+            "identification": identification(self).to_dict(),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,6 +609,7 @@ class LogLogOLS(_Estimator):
 @dataclasses.dataclass(frozen=True)
 class BacktestResult:
     """Per-point and summary relative errors ((predicted − observed) / observed) on the held-out rungs."""
+
     points: pd.DataFrame  # n_params, n_tokens, loss, predicted, relative_error
     mean_abs_relative_error: float
     max_abs_relative_error: float
@@ -536,8 +629,10 @@ def backtest(n_params, n_tokens, loss, n_holdout_rungs=1, estimator=None) -> Bac
     columns = _drop_invalid_rows(owner, columns, len(CHINCHILLA_PARAMS), CHINCHILLA_PARAMS)
     rungs = np.unique(columns["n_params"])
     if not 1 <= n_holdout_rungs < rungs.size:
-        raise ValueError(f"{owner}: n_holdout_rungs={n_holdout_rungs} must be between 1 and the number of "
-                         f"model sizes minus one ({rungs.size - 1})")
+        raise ValueError(
+            f"{owner}: n_holdout_rungs={n_holdout_rungs} must be between 1 and the number of "
+            f"model sizes minus one ({rungs.size - 1})"
+        )
     held_out_sizes = rungs[-n_holdout_rungs:]
     held_out = np.isin(columns["n_params"], held_out_sizes)
     template = ChinchillaFit(n_bootstrap=0) if estimator is None else estimator
@@ -548,10 +643,15 @@ def backtest(n_params, n_tokens, loss, n_holdout_rungs=1, estimator=None) -> Bac
     points["predicted"] = law.predict(points["n_params"].to_numpy(), points["n_tokens"].to_numpy())
     points["relative_error"] = (points["predicted"] - points["loss"]) / points["loss"]
     abs_error = points["relative_error"].abs()
-    return BacktestResult(points=points, mean_abs_relative_error=float(abs_error.mean()),
-                          max_abs_relative_error=float(abs_error.max()), n_train=int((~held_out).sum()),
-                          n_holdout=int(held_out.sum()), holdout_n_params=tuple(float(n) for n in held_out_sizes),
-                          fit=law)
+    return BacktestResult(
+        points=points,
+        mean_abs_relative_error=float(abs_error.mean()),
+        max_abs_relative_error=float(abs_error.max()),
+        n_train=int((~held_out).sum()),
+        n_holdout=int(held_out.sum()),
+        holdout_n_params=tuple(float(n) for n in held_out_sizes),
+        fit=law,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,17 +667,20 @@ AT_BOUND = 1e-3  # a floor or a term below 0.1 % of the lowest observed value ha
 SPAN_RATIO = 10.0  # hi / lo above this: the interval spans more than an order of magnitude
 FLAT_WIDTH = 1e-3  # relative interval width below this, while another parameter's is FLAT_CONTRAST× wider:
 FLAT_CONTRAST = 100.0  # the bootstrap refits did not move the parameter (a flat direction, as the demo's E)
-ADVICE = types.MappingProxyType({
-    "floor": "a wider range of scales (larger rungs and budgets), so that the curve bends toward its floor",
-    "n_params": "more model sizes (at least 3, better 5 or more) over a wider range of N",
-    "n_tokens": "more token budgets (at least 3) over a wider range of D",
-    "x": "more points over a wider range of x",
-})
+ADVICE = types.MappingProxyType(
+    {
+        "floor": "a wider range of scales (larger rungs and budgets), so that the curve bends toward its floor",
+        "n_params": "more model sizes (at least 3, better 5 or more) over a wider range of N",
+        "n_tokens": "more token budgets (at least 3) over a wider range of D",
+        "x": "more points over a wider range of x",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Identification:
     """Whether a fitted law is pinned by its grid; problems name the parameter, what is wrong, value and interval."""
+
     identified: bool
     problems: tuple[dict, ...]
     what_would_identify: str
@@ -587,11 +690,15 @@ class Identification:
 
     def sentence(self, law: str = "the law") -> str:
         if self.identified:
-            return (f"{law[0].upper() + law[1:]} is identified: no parameter at a bound, every interval within an "
-                    "order of magnitude.")
+            return (
+                f"{law[0].upper() + law[1:]} is identified: no parameter at a bound, every interval within an "
+                "order of magnitude."
+            )
         listed = "; ".join(f"{p['parameter']}: {p['problem']}" for p in self.problems)
-        return (f"{law[0].upper() + law[1:]} is not identified from this grid ({listed}). What would identify it: "
-                f"{self.what_would_identify}.")
+        return (
+            f"{law[0].upper() + law[1:]} is not identified from this grid ({listed}). What would identify it: "
+            f"{self.what_would_identify}."
+        )
 
 
 def identification(law) -> Identification:
@@ -599,8 +706,9 @@ def identification(law) -> Identification:
     _check_is_fitted(law, "params_")
     if hasattr(law, "law_") and hasattr(law, "asymptote_"):  # DownstreamPowerLaw: judge its gap law
         inner = identification(law.law_)
-        renamed = tuple({**p, "parameter": "asymptote" if p["parameter"] == "E" else p["parameter"]}
-                        for p in inner.problems)
+        renamed = tuple(
+            {**p, "parameter": "asymptote" if p["parameter"] == "E" else p["parameter"]} for p in inner.problems
+        )
         return dataclasses.replace(inner, problems=renamed)
     if isinstance(law, ChinchillaFit):
         terms = {"n_params": ("A", "alpha", "N", 3), "n_tokens": ("B", "beta", "D", 3)}
@@ -615,28 +723,47 @@ def identification(law) -> Identification:
     problems: list[tuple[str, str, str]] = []  # (parameter, problem, advice key)
     E = law.params_["E"]
     if E < AT_BOUND * floor_of:
-        problems.append(("E", f"at its lower bound 0 (E = {E:.2g}, below 0.1 % of the lowest value "
-                              f"{floor_of:.3g})", "floor"))
+        problems.append(
+            ("E", f"at its lower bound 0 (E = {E:.2g}, below 0.1 % of the lowest value {floor_of:.3g})", "floor")
+        )
     elif E > (1 - AT_BOUND) * floor_of:
         problems.append(("E", f"at its upper bound, the lowest observed value {floor_of:.3g}", "floor"))
     for column, (amplitude, exponent, symbol, n_needed) in terms.items():
         grid = law.grid_[column]
         if grid["n_distinct"] < n_needed:
-            problems.append((f"{amplitude}, {exponent}", f"only {grid['n_distinct']} distinct {symbol}; the "
-                                                         f"{symbol} term needs at least {n_needed}", column))
+            problems.append(
+                (
+                    f"{amplitude}, {exponent}",
+                    f"only {grid['n_distinct']} distinct {symbol}; the {symbol} term needs at least {n_needed}",
+                    column,
+                )
+            )
         value = law.params_[exponent]
         if value < AT_BOUND:
-            problems.append((exponent, f"at its lower bound 0 ({exponent} = {value:.2g}): the {symbol} term is a "
-                                       "constant, inseparable from E", column))
+            problems.append(
+                (
+                    exponent,
+                    f"at its lower bound 0 ({exponent} = {value:.2g}): the {symbol} term is a "
+                    "constant, inseparable from E",
+                    column,
+                )
+            )
         term_at_grid = law.params_[amplitude] * grid["min"] ** -value
         if term_at_grid < AT_BOUND * floor_of:
-            problems.append((amplitude, f"the {symbol} term is below 0.1 % of the lowest value across the grid "
-                                        f"({term_at_grid:.2g})", column))
+            problems.append(
+                (
+                    amplitude,
+                    f"the {symbol} term is below 0.1 % of the lowest value across the grid ({term_at_grid:.2g})",
+                    column,
+                )
+            )
         problems += _interval_problems(law, exponent, column, exponent_like=True)
         problems += _term_interval_problems(law, amplitude, exponent, grid, symbol, column)
     problems += _interval_problems(law, "E", "floor", exponent_like=False)
-    problems += _flat_directions(law, {"E": "floor", **{a: c for c, (a, _, _, _) in terms.items()},
-                                       **{e: c for c, (_, e, _, _) in terms.items()}})
+    problems += _flat_directions(
+        law,
+        {"E": "floor", **{a: c for c, (a, _, _, _) in terms.items()}, **{e: c for c, (_, e, _, _) in terms.items()}},
+    )
     return _identification(problems)
 
 
@@ -658,8 +785,9 @@ def _interval_problems(law, name: str, advice: str, exponent_like: bool) -> list
     return []
 
 
-def _term_interval_problems(law, amplitude: str, exponent: str, grid: dict, symbol: str,
-                            advice: str) -> list[tuple[str, str, str]]:
+def _term_interval_problems(
+    law, amplitude: str, exponent: str, grid: dict, symbol: str, advice: str
+) -> list[tuple[str, str, str]]:
     """An amplitude is judged by its term at the grid's geometric middle (A itself is the term at x = 1, far off
     any grid, and its interval is wide even for a well-pinned law)."""
     samples = getattr(law, "bootstrap_", pd.DataFrame()).dropna()
@@ -670,8 +798,14 @@ def _term_interval_problems(law, amplitude: str, exponent: str, grid: dict, symb
     tail = 100 * (1 - law.ci_level) / 2
     lo, hi = np.percentile(term, [tail, 100 - tail])
     if lo > 0 and hi / lo > SPAN_RATIO:
-        return [(amplitude, f"the {symbol} term at the grid's middle has interval {lo:.3g}…{hi:.3g}, more than an "
-                            "order of magnitude", advice)]
+        return [
+            (
+                amplitude,
+                f"the {symbol} term at the grid's middle has interval {lo:.3g}…{hi:.3g}, more than an "
+                "order of magnitude",
+                advice,
+            )
+        ]
     return []
 
 
@@ -687,16 +821,21 @@ def _flat_directions(law, advice: dict[str, str]) -> list[tuple[str, str, str]]:
     for name, width in widths.items():
         others = [w for other, w in widths.items() if other != name]
         if width < FLAT_WIDTH and others and max(others) > FLAT_CONTRAST * max(width, 1e-300):
-            out.append((name, f"its bootstrap interval barely moved (relative width {width:.1g}, another "
-                              f"parameter's is {max(others):.2g}): a direction the data do not pin", advice[name]))
+            out.append(
+                (
+                    name,
+                    f"its bootstrap interval barely moved (relative width {width:.1g}, another "
+                    f"parameter's is {max(others):.2g}): a direction the data do not pin",
+                    advice[name],
+                )
+            )
     return out
 
 
 def _identify_loglog(law: LogLogOLS) -> Identification:
     problems = []
     if law.grid_["x"]["n_distinct"] < 3:
-        problems.append(("k", f"only {law.grid_['x']['n_distinct']} distinct x; a line with an interval needs 3",
-                         "x"))
+        problems.append(("k", f"only {law.grid_['x']['n_distinct']} distinct x; a line with an interval needs 3", "x"))
     lo, hi = law.ci_["k"]
     if lo <= 0 <= hi:
         problems.append(("k", f"its interval {lo:.3g}…{hi:.3g} crosses 0", "x"))
@@ -707,6 +846,8 @@ def _identify_loglog(law: LogLogOLS) -> Identification:
 
 def _identification(problems: list[tuple[str, str, str]]) -> Identification:
     advice = list(dict.fromkeys(ADVICE[key] for _, _, key in problems))
-    return Identification(identified=not problems,
-                          problems=tuple({"parameter": name, "problem": text} for name, text, _ in problems),
-                          what_would_identify="; ".join(advice))
+    return Identification(
+        identified=not problems,
+        problems=tuple({"parameter": name, "problem": text} for name, text, _ in problems),
+        what_would_identify="; ".join(advice),
+    )

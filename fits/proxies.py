@@ -60,11 +60,13 @@ def proxy_timing(columns: Sequence[str]) -> ProxyTiming:
 # (b) Leave one size out
 
 
-FINDINGS = types.MappingProxyType({
-    "better": "loss + proxy predicts held-out sizes better than loss alone",
-    "worse": "loss alone predicts held-out sizes better than loss + proxy",
-    "no clear difference": "no clear difference between loss + proxy and loss alone on held-out sizes",
-})
+FINDINGS = types.MappingProxyType(
+    {
+        "better": "loss + proxy predicts held-out sizes better than loss alone",
+        "worse": "loss alone predicts held-out sizes better than loss + proxy",
+        "no clear difference": "no clear difference between loss + proxy and loss alone on held-out sizes",
+    }
+)
 MIN_SIZES = 3  # each fit needs two other sizes at least, and a held-out one
 
 
@@ -75,6 +77,7 @@ class LeaveOneSizeOut:
     improvement = rmse_loss − rmse_loss_proxy (> 0: the proxy helps), with a percentile bootstrap interval
     over held-out sizes; finding is a key of FINDINGS read from that interval.
     """
+
     metric: str
     proxy: str
     rmse_loss: float
@@ -97,10 +100,12 @@ class LeaveOneSizeOut:
         if self.reason:
             return f"Not testable: whether {proxy_words} predicts {subject} on held-out sizes: {self.reason}."
         level = f"{round(100 * self.level)} %"
-        return (f"{FINDINGS[self.finding].capitalize()} ({proxy_words}, {subject}): RMSE {self.rmse_loss:.3g} "
-                f"from loss alone, {self.rmse_loss_proxy:.3g} with {proxy_words}; improvement "
-                f"{self.improvement:+.3g}, {level} CI {self.improvement_ci[0]:+.3g}…{self.improvement_ci[1]:+.3g} "
-                f"over {self.n_sizes} held-out sizes ({self.n_points} checkpoints)")
+        return (
+            f"{FINDINGS[self.finding].capitalize()} ({proxy_words}, {subject}): RMSE {self.rmse_loss:.3g} "
+            f"from loss alone, {self.rmse_loss_proxy:.3g} with {proxy_words}; improvement "
+            f"{self.improvement:+.3g}, {level} CI {self.improvement_ci[0]:+.3g}…{self.improvement_ci[1]:+.3g} "
+            f"over {self.n_sizes} held-out sizes ({self.n_points} checkpoints)"
+        )
 
 
 def _ols_predict(train: np.ndarray, y: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -112,10 +117,17 @@ def _ols_predict(train: np.ndarray, y: np.ndarray, test: np.ndarray) -> np.ndarr
     return np.column_stack([np.ones(len(test)), (test - centre) / spread]) @ coefficients
 
 
-def leave_one_size_out(table: pd.DataFrame, metric_col: str, proxy_col: str,
-                       size_col: str = "n_params_non_embedding", loss_col: str = "pretrain_val_loss",
-                       log_positive: bool = True, level: float = 0.95, n_bootstrap: int = 2000,
-                       seed: int = 0) -> LeaveOneSizeOut:
+def leave_one_size_out(
+    table: pd.DataFrame,
+    metric_col: str,
+    proxy_col: str,
+    size_col: str = "n_params_non_embedding",
+    loss_col: str = "pretrain_val_loss",
+    log_positive: bool = True,
+    level: float = 0.95,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> LeaveOneSizeOut:
     """Predict each size's metric from the other sizes, from loss alone and from loss + proxy (docstring (b)).
 
     Rows: one per checkpoint (the metric averaged over split seeds). log_positive: a proxy that is positive
@@ -131,13 +143,25 @@ def leave_one_size_out(table: pd.DataFrame, metric_col: str, proxy_col: str,
     proxy = np.log10(proxy) if transform == "log10" else proxy
     distinct = np.unique(sizes)
     empty: dict[str, Any] = {
-        "metric": metric_col, "proxy": proxy_col, "rmse_loss": math.nan, "rmse_loss_proxy": math.nan,
-        "improvement": math.nan, "improvement_ci": (math.nan, math.nan), "level": level,
-        "finding": "no clear difference", "n_sizes": int(distinct.size), "n_points": int(sizes.size),
-        "proxy_transform": transform, "per_size": ()}
+        "metric": metric_col,
+        "proxy": proxy_col,
+        "rmse_loss": math.nan,
+        "rmse_loss_proxy": math.nan,
+        "improvement": math.nan,
+        "improvement_ci": (math.nan, math.nan),
+        "level": level,
+        "finding": "no clear difference",
+        "n_sizes": int(distinct.size),
+        "n_points": int(sizes.size),
+        "proxy_transform": transform,
+        "per_size": (),
+    }
     if distinct.size < MIN_SIZES:
-        return LeaveOneSizeOut(**empty, reason=f"{distinct.size} size(s) with finite {metric_col}, {loss_col} and "
-                                               f"{proxy_col}; leaving one out needs at least {MIN_SIZES}")
+        return LeaveOneSizeOut(
+            **empty,
+            reason=f"{distinct.size} size(s) with finite {metric_col}, {loss_col} and "
+            f"{proxy_col}; leaving one out needs at least {MIN_SIZES}",
+        )
     if proxy_col == loss_col:
         return LeaveOneSizeOut(**empty, reason="the proxy is the loss column itself")
     squared: dict[str, list[np.ndarray]] = {"loss": [], "loss_proxy": []}  # per held-out size: squared errors
@@ -145,27 +169,44 @@ def leave_one_size_out(table: pd.DataFrame, metric_col: str, proxy_col: str,
     for size in distinct:
         held = sizes == size
         if (~held).sum() < 4:  # three coefficients and one residual
-            return LeaveOneSizeOut(**empty, reason=f"without size {size:g} only {(~held).sum()} checkpoints are left; "
-                                                   "loss + proxy needs at least 4")
+            return LeaveOneSizeOut(
+                **empty,
+                reason=f"without size {size:g} only {(~held).sum()} checkpoints are left; "
+                "loss + proxy needs at least 4",
+            )
         train_loss, train_both = loss[~held, None], np.column_stack([loss[~held], proxy[~held]])
         errors_loss = _ols_predict(train_loss, metric[~held], loss[held, None]) - metric[held]
         errors_both = _ols_predict(train_both, metric[~held], np.column_stack([loss[held], proxy[held]])) - metric[held]
         squared["loss"].append(errors_loss**2)
         squared["loss_proxy"].append(errors_both**2)
-        per_size.append({"size": float(size), "n_points": int(held.sum()),
-                         "rmse_loss": float(np.sqrt(np.mean(errors_loss**2))),
-                         "rmse_loss_proxy": float(np.sqrt(np.mean(errors_both**2)))})
+        per_size.append(
+            {
+                "size": float(size),
+                "n_points": int(held.sum()),
+                "rmse_loss": float(np.sqrt(np.mean(errors_loss**2))),
+                "rmse_loss_proxy": float(np.sqrt(np.mean(errors_both**2))),
+            }
+        )
     rmse = {name: float(np.sqrt(np.mean(np.concatenate(parts)))) for name, parts in squared.items()}
     improvement = rmse["loss"] - rmse["loss_proxy"]
     ci = _improvement_interval(squared, level, n_bootstrap, seed)
     finding = "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no clear difference"
-    return LeaveOneSizeOut(**{**empty, "rmse_loss": rmse["loss"], "rmse_loss_proxy": rmse["loss_proxy"],
-                              "improvement": improvement, "improvement_ci": ci, "finding": finding,
-                              "per_size": tuple(per_size)})
+    return LeaveOneSizeOut(
+        **{
+            **empty,
+            "rmse_loss": rmse["loss"],
+            "rmse_loss_proxy": rmse["loss_proxy"],
+            "improvement": improvement,
+            "improvement_ci": ci,
+            "finding": finding,
+            "per_size": tuple(per_size),
+        }
+    )
 
 
-def _improvement_interval(squared: dict[str, list[np.ndarray]], level: float, n_bootstrap: int,
-                          seed: int) -> tuple[float, float]:
+def _improvement_interval(
+    squared: dict[str, list[np.ndarray]], level: float, n_bootstrap: int, seed: int
+) -> tuple[float, float]:
     """Percentile interval of RMSE(loss) − RMSE(loss + proxy) over resampled held-out sizes (the unit)."""
     sums = {name: np.array([part.sum() for part in parts]) for name, parts in squared.items()}
     counts = np.array([part.size for part in squared["loss"]])
@@ -182,13 +223,28 @@ def _improvement_interval(squared: dict[str, list[np.ndarray]], level: float, n_
 # (c) Selection regret
 
 
-REGRET_COLUMNS = ["group", "selector", "column", "direction", "picked", "picked_test", "test_best", "regret",
-                  "n_candidates"]
+REGRET_COLUMNS = [
+    "group",
+    "selector",
+    "column",
+    "direction",
+    "picked",
+    "picked_test",
+    "test_best",
+    "regret",
+    "n_candidates",
+]
 
 
-def selection_regret(table: pd.DataFrame, test_col: str = "value", val_col: str = "val_value",
-                     selectors: Mapping[str, str] | None = None, higher_is_better: bool = True,
-                     group_cols: Sequence[str] = (), id_cols: Sequence[str] = ("trial_id", "tokens")) -> pd.DataFrame:
+def selection_regret(
+    table: pd.DataFrame,
+    test_col: str = "value",
+    val_col: str = "val_value",
+    selectors: Mapping[str, str] | None = None,
+    higher_is_better: bool = True,
+    group_cols: Sequence[str] = (),
+    id_cols: Sequence[str] = ("trial_id", "tokens"),
+) -> pd.DataFrame:
     """Regret of picking one checkpoint per group by each selector, against the test-best (docstring (c)).
 
     selectors: {column: "min" or "max"}; default {"pretrain_val_loss": "min"}. The validation metric
@@ -221,14 +277,19 @@ def selection_regret(table: pd.DataFrame, test_col: str = "value", val_col: str 
         for name, (column, way) in choices.items():
             score = pd.to_numeric(frame[column], errors="coerce")
             usable = score[np.isfinite(score.to_numpy(float))]
-            row = {"group": group, "selector": name, "column": column, "direction": way, "test_best": best,
-                   "n_candidates": int(usable.size)}
+            row = {
+                "group": group,
+                "selector": name,
+                "column": column,
+                "direction": way,
+                "test_best": best,
+                "n_candidates": int(usable.size),
+            }
             if usable.empty:
                 rows.append({**row, "picked": None, "picked_test": math.nan, "regret": math.nan})
                 continue
             index = usable.idxmax() if way == "max" else usable.idxmin()
             picked_test = float(test[index])
             picked = {c: json_safe(frame.at[index, c]) for c in id_cols if c in frame.columns}
-            rows.append({**row, "picked": picked, "picked_test": picked_test,
-                         "regret": sign * (best - picked_test)})
+            rows.append({**row, "picked": picked, "picked_test": picked_test, "regret": sign * (best - picked_test)})
     return pd.DataFrame(rows, columns=REGRET_COLUMNS)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Figure:
     """One figure of the page: its file name, title, what to look for, and how to draw it."""
+
     name: str
     title: str
     caption: str
@@ -48,10 +49,16 @@ def build_report(run_dir: Path, **fit_options) -> Path:
         fit_run(rd, **fit_options)
     fits = rd.fits()
     inputs = rd.fit_inputs()
-    cfg, tables, checkpoints, measured, points = (inputs.config, inputs.tables, inputs.checkpoints, inputs.measured,
-                                                  inputs.points)
-    tasks = sorted(measured["finetune"]["task"].unique()) if not measured["finetune"].empty else list(
-        cfg.downstream.tasks)
+    cfg, tables, checkpoints, measured, points = (
+        inputs.config,
+        inputs.tables,
+        inputs.checkpoints,
+        inputs.measured,
+        inputs.points,
+    )
+    tasks = (
+        sorted(measured["finetune"]["task"].unique()) if not measured["finetune"].empty else list(cfg.downstream.tasks)
+    )
 
     pretrain = tables["pretrain"]
     ladder = pretrain.sort_values(["n_params_non_embedding", "budget_tokens", "tokens"])
@@ -60,8 +67,9 @@ def build_report(run_dir: Path, **fit_options) -> Path:
         for value in ladder[key].dropna():
             order.setdefault(str(value), len(order))
     left_out = pretrain["trial_id"].isin(inputs.left_out_trials)
-    left_out_groups = frozenset(inputs.left_out_trials) | frozenset(str(c) for c in pretrain.loc[left_out, "checkpoint"]
-                                                                    .dropna())
+    left_out_groups = frozenset(inputs.left_out_trials) | frozenset(
+        str(c) for c in pretrain.loc[left_out, "checkpoint"].dropna()
+    )
     pca_view = {"order": order, "left_out": left_out_groups}
     sections = _figures(checkpoints, inputs.left_out, fits, points, measured, tables["pca"], tasks, pca_view)
     rd.report.mkdir(parents=True, exist_ok=True)
@@ -97,7 +105,8 @@ def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view
         mine = [entry for entry in entries if entry["task"] == task]
         sentences = [verdict["sentence"] for entry in mine for verdict in entry.get("verdicts", {}).values()]
         downstream[task] = Figure(
-            downstream_anchor(task), f"{task}: does downstream performance follow scale?",
+            downstream_anchor(task),
+            f"{task}: does downstream performance follow scale?",
             "One axis at a time. Left: the test metric against model size N, one line per token budget D (held "
             "fixed; line style); middle: against D, one line per N; right of those: against compute C, where filled "
             "points joined by a line are the compute frontier (no cheaper checkpoint has a lower pretraining loss) "
@@ -107,79 +116,113 @@ def _figures(checkpoints, left_out, fits, points, measured, pca, tasks, pca_view
             "against the grey band of ± the plateau margin: a bar inside the band is a plateau, a bar clear of 0 "
             "(and not inside the band) is improving or degrading, anything else is inconclusive. Look for: which "
             "verdicts the grid supports, and how far an inconclusive bar is from fitting inside its band.",
-            functools.partial(figures.downstream, task, points, measured["finetune"], mine), sentences)
+            functools.partial(figures.downstream, task, points, measured["finetune"], mine),
+            sentences,
+        )
     law = fits.get("loss_law", {})
     surface_caption = (
         "Left: contours of the fitted loss; dots are the measured checkpoints on the same colour scale, so a dot "
         "that stands out from its background is poorly fitted. Red: the compute-optimal model size and token count. "
         "Right: how the fit would split a larger compute budget between parameters and tokens; outside the grey band "
-        "it is extrapolating." if law.get("frontier", {}).get("status") == "ok" else
-        "Left: contours of the fitted loss; dots are the measured checkpoints on the same colour scale, so a dot "
+        "it is extrapolating."
+        if law.get("frontier", {}).get("status") == "ok"
+        else "Left: contours of the fitted loss; dots are the measured checkpoints on the same colour scale, so a dot "
         "that stands out from its background is poorly fitted. Right: why no compute-optimal allocation is drawn: "
-        "the grid does not identify the law, so nothing derived from it is a finding.")
+        "the grid does not identify the law, so nothing derived from it is a finding."
+    )
     return {
         "pretraining": [
-            Figure("loss_vs_compute", "Pretraining loss against compute",
-                   "Each point is a saved checkpoint and lines join the checkpoints of one training run; colours are "
-                   "model sizes. Dashed: the fitted L(N, D) at each size; black: the lowest loss the fit predicts for "
-                   "each compute budget; red dotted: a one-variable L(C) fitted to the best checkpoint at each "
-                   "compute. "
-                   "Look for: larger models reaching lower loss at the same compute, and whether the frontier is "
-                   "still falling at the right edge.",
-                   lambda out: figures.loss_vs_compute(checkpoints, left_out, fits, out)),
-            Figure("loss_surface", "The fitted L(N, D) and the compute-optimal frontier", surface_caption,
-                   lambda out: figures.loss_surface(checkpoints, fits, out)),
+            Figure(
+                "loss_vs_compute",
+                "Pretraining loss against compute",
+                "Each point is a saved checkpoint and lines join the checkpoints of one training run; colours are "
+                "model sizes. Dashed: the fitted L(N, D) at each size; black: the lowest loss the fit predicts for "
+                "each compute budget; red dotted: a one-variable L(C) fitted to the best checkpoint at each "
+                "compute. "
+                "Look for: larger models reaching lower loss at the same compute, and whether the frontier is "
+                "still falling at the right edge.",
+                lambda out: figures.loss_vs_compute(checkpoints, left_out, fits, out),
+            ),
+            Figure(
+                "loss_surface",
+                "The fitted L(N, D) and the compute-optimal frontier",
+                surface_caption,
+                lambda out: figures.loss_surface(checkpoints, fits, out),
+            ),
         ],
         "downstream": list(downstream.values()),
         "hessian": [
-            Figure("hessian", "Curvature of the pretraining loss",
-                   "Largest Hessian eigenvalue λmax (how sharp the steepest direction is), the trace (total "
-                   "curvature) and, where hessian_dim was recorded, the trace per parameter (comparable across sizes) "
-                   "of the pretraining loss on fixed validation batches, against model size (coloured by tokens seen) "
-                   "and against tokens seen (coloured by model size). Look for: whether curvature "
-                   "grows or shrinks with scale; the proxy table says whether it tells you anything about downstream "
-                   "performance that pretraining loss does not.",
-                   lambda out: figures.hessian(measured["hessian"], out)),
+            Figure(
+                "hessian",
+                "Curvature of the pretraining loss",
+                "Largest Hessian eigenvalue λmax (how sharp the steepest direction is), the trace (total "
+                "curvature) and, where hessian_dim was recorded, the trace per parameter (comparable across sizes) "
+                "of the pretraining loss on fixed validation batches, against model size (coloured by tokens seen) "
+                "and against tokens seen (coloured by model size). Look for: whether curvature "
+                "grows or shrinks with scale; the proxy table says whether it tells you anything about downstream "
+                "performance that pretraining loss does not.",
+                lambda out: figures.hessian(measured["hessian"], out),
+            ),
         ],
         "landscape": [
-            Figure("landscape_1d", "1-D loss slices",
-                   "Loss along one random direction (filter-normalised, so models of different size are comparable), "
-                   "minus the loss at the trained weights. Look for: narrower bowls (sharper minima) as models grow.",
-                   lambda out: figures.landscape_1d(landscape, out)),
-            Figure("landscape_2d", "2-D loss surface of the largest checkpoint",
-                   "Loss on a plane spanned by two random filter-normalised directions through the trained weights "
-                   "(★). Look for: round, wide basins (flat) versus elongated or narrow ones (sharp).",
-                   lambda out: figures.landscape_2d(landscape, out)),
-            Figure("landscape_pt_to_ft", "From pretrained to fine-tuned weights",
-                   "Pretraining loss on the straight line from the pretrained weights (α = 0) to the weights after "
-                   "fine-tuning (α = 1), and a half step beyond either end. Look for: a barrier between the two "
-                   "(fine-tuning left the pretraining basin) or a smooth slope (it stayed nearby).",
-                   lambda out: figures.landscape_pt_to_ft(landscape, out)),
+            Figure(
+                "landscape_1d",
+                "1-D loss slices",
+                "Loss along one random direction (filter-normalised, so models of different size are comparable), "
+                "minus the loss at the trained weights. Look for: narrower bowls (sharper minima) as models grow.",
+                lambda out: figures.landscape_1d(landscape, out),
+            ),
+            Figure(
+                "landscape_2d",
+                "2-D loss surface of the largest checkpoint",
+                "Loss on a plane spanned by two random filter-normalised directions through the trained weights "
+                "(★). Look for: round, wide basins (flat) versus elongated or narrow ones (sharp).",
+                lambda out: figures.landscape_2d(landscape, out),
+            ),
+            Figure(
+                "landscape_pt_to_ft",
+                "From pretrained to fine-tuned weights",
+                "Pretraining loss on the straight line from the pretrained weights (α = 0) to the weights after "
+                "fine-tuning (α = 1), and a half step beyond either end. Look for: a barrier between the two "
+                "(fine-tuning left the pretraining basin) or a smooth slope (it stayed nearby).",
+                lambda out: figures.landscape_pt_to_ft(landscape, out),
+            ),
         ],
         "tasks": [
-            Figure("task_scaling", "Per-task scaling against task characteristics",
-                   "One panel per characteristic of results/tasks.parquet; each point is one task and mode: its "
-                   "slope along N at fixed D, per decade, signed so that up is improvement and divided by that task's "
-                   "plateau margin (so tasks scored in different metrics share one scale), with its 95 % run-level "
-                   "interval. "
-                   "Grey: ± one margin. Descriptive: a handful of tasks is not a sample, so no line is fitted and no "
-                   "p-value is given; ρ (Spearman, over tasks) is printed only from three tasks on.",
-                   lambda out: figures.task_scaling(fits.get("task_characteristics", {}), out)),
+            Figure(
+                "task_scaling",
+                "Per-task scaling against task characteristics",
+                "One panel per characteristic of results/tasks.parquet; each point is one task and mode: its "
+                "slope along N at fixed D, per decade, signed so that up is improvement and divided by that task's "
+                "plateau margin (so tasks scored in different metrics share one scale), with its 95 % run-level "
+                "interval. "
+                "Grey: ± one margin. Descriptive: a handful of tasks is not a sample, so no line is fitted and no "
+                "p-value is given; ρ (Spearman, over tasks) is printed only from three tasks on.",
+                lambda out: figures.task_scaling(fits.get("task_characteristics", {}), out),
+            ),
         ],
         "pca": [
-            Figure("pca_trajectory", "Training trajectories in parameter space",
-                   "Each panel is one training run, projected on the first two principal components of its own "
-                   "checkpoints (labels: tokens seen). Look for: long straight paths (still moving) versus paths "
-                   "that curl up (settling).",
-                   lambda out: figures.pca(pca, "trajectory", out, **pca_view)),
-            *(Figure(f"pca_finetuned_{downstream_anchor(task).removeprefix('downstream_')}",
-                     f"{task}: where fine-tuning moves the weights",
-                     "Each panel is one pretrained checkpoint (★, the origin) with its fine-tuned versions on this "
-                     "task, one per split seed, on the first two principal components of that checkpoint's "
-                     "endpoints (every task and split seed; the other tasks' endpoints in grey). Look for: seeds "
-                     "that land together, away from the origin (a task direction), versus scatter as wide as the "
-                     "distance moved (seed noise).",
-                     functools.partial(figures.pca_finetuned, pca, task, **pca_view)) for task in tasks),
+            Figure(
+                "pca_trajectory",
+                "Training trajectories in parameter space",
+                "Each panel is one training run, projected on the first two principal components of its own "
+                "checkpoints (labels: tokens seen). Look for: long straight paths (still moving) versus paths "
+                "that curl up (settling).",
+                lambda out: figures.pca(pca, "trajectory", out, **pca_view),
+            ),
+            *(
+                Figure(
+                    f"pca_finetuned_{downstream_anchor(task).removeprefix('downstream_')}",
+                    f"{task}: where fine-tuning moves the weights",
+                    "Each panel is one pretrained checkpoint (★, the origin) with its fine-tuned versions on this "
+                    "task, one per split seed, on the first two principal components of that checkpoint's "
+                    "endpoints (every task and split seed; the other tasks' endpoints in grey). Look for: seeds "
+                    "that land together, away from the origin (a task direction), versus scatter as wide as the "
+                    "distance moved (seed noise).",
+                    functools.partial(figures.pca_finetuned, pca, task, **pca_view),
+                )
+                for task in tasks
+            ),
         ],
     }
 
@@ -225,8 +268,12 @@ def _interval(lo, hi) -> str:
 
 def _table(header: list[str], rows: list[list], numeric: frozenset[int] | set[int] = frozenset()) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
-                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>" for i, c in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -235,10 +282,12 @@ def _figure_html(figure: Figure) -> str:
         return f'<h3 id="{_e(figure.name)}">{_e(figure.title)}</h3><p class="note">No figure: {_e(figure.note)}.</p>'
     data = base64.b64encode(figure.path.read_bytes()).decode("ascii")
     sentences = "".join(f"<li>{_e(sentence)}</li>" for sentence in figure.sentences)
-    return (f'<figure id="{_e(figure.name)}"><h3>{_e(figure.title)}</h3>'
-            f'<img alt="{_e(figure.title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(figure.caption)}{'<ul>' + sentences + '</ul>' if sentences else ''}</figcaption>"
-            "</figure>")
+    return (
+        f'<figure id="{_e(figure.name)}"><h3>{_e(figure.title)}</h3>'
+        f'<img alt="{_e(figure.title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{_e(figure.caption)}{'<ul>' + sentences + '</ul>' if sentences else ''}</figcaption>"
+        "</figure>"
+    )
 
 
 def _findings_html(fits: dict) -> str:
@@ -247,17 +296,37 @@ def _findings_html(fits: dict) -> str:
     if not texts:
         return "<li>No findings: nothing could be fitted.</li>"
     links = links if len(links) == len(texts) else [""] * len(texts)
-    return "".join(f'<li>{_e(text)} <a href="#{_e(link)}">({_e(ANCHOR_WORDS.get(link, "figure"))})</a></li>'
-                   if link else f"<li>{_e(text)}</li>" for text, link in zip(texts, links, strict=True))
+    return "".join(
+        f'<li>{_e(text)} <a href="#{_e(link)}">({_e(ANCHOR_WORDS.get(link, "figure"))})</a></li>'
+        if link
+        else f"<li>{_e(text)}</li>"
+        for text, link in zip(texts, links, strict=True)
+    )
 
 
-ANCHOR_WORDS = {"laws": "table", "trends": "table", "baselines": "table", "proxy-prediction": "table",
-                "proxy-regret": "table", "proxy-correlations": "table", "task-ladder": "table", "excluded": "list",
-                "downstream": "section", "proxies": "section"}
+ANCHOR_WORDS = {
+    "laws": "table",
+    "trends": "table",
+    "baselines": "table",
+    "proxy-prediction": "table",
+    "proxy-regret": "table",
+    "proxy-correlations": "table",
+    "task-ladder": "table",
+    "excluded": "list",
+    "downstream": "section",
+    "proxies": "section",
+}
 
 
-def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], tasks: list[str],
-          checkpoints: pd.DataFrame, inputs_html: str = "") -> str:
+def _page(
+    name: str,
+    rd: RunDir,
+    fits: dict,
+    sections: dict[str, list[Figure]],
+    tasks: list[str],
+    checkpoints: pd.DataFrame,
+    inputs_html: str = "",
+) -> str:
     n_trials = checkpoints["trial_id"].nunique() if not checkpoints.empty else 0
     n_rungs = checkpoints["rung"].nunique() if not checkpoints.empty else 0
     built = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -271,21 +340,40 @@ def _page(name: str, rd: RunDir, fits: dict, sections: dict[str, list[Figure]], 
         "<p>The question: as a chemical language model grows in parameters N, training tokens D and compute C, its "
         "pretraining loss falls. Does property prediction after fine-tuning follow? The findings below are written "
         "from the measured numbers only, verdict first; each links to the figure or table it rests on.</p>",
-        '<section id="findings"><h2>Findings</h2><ul>', _findings_html(fits), "</ul></section>",
-        '<section id="inputs"><h2>Corpus and task inputs</h2>', inputs_html, "</section>",
+        '<section id="findings"><h2>Findings</h2><ul>',
+        _findings_html(fits),
+        "</ul></section>",
+        '<section id="inputs"><h2>Corpus and task inputs</h2>',
+        inputs_html,
+        "</section>",
         '<section id="pretraining"><h2>Pretraining loss</h2>',
-        *(_figure_html(f) for f in sections["pretraining"]), _law_tables(fits), "</section>",
+        *(_figure_html(f) for f in sections["pretraining"]),
+        _law_tables(fits),
+        "</section>",
         '<section id="downstream"><h2>Downstream property prediction</h2>',
-        _baseline_html(fits), *(_figure_html(f) for f in sections["downstream"]), _trend_table(fits),
-        _tasks_html(fits), *(_figure_html(f) for f in sections["tasks"]), _ladder_html(fits), "</section>",
-        '<section id="proxies"><h2>What predicts downstream performance?</h2>', _proxy_html(fits), "</section>",
-        '<section id="hessian"><h2>Hessian spectrum</h2>', *(_figure_html(f) for f in sections["hessian"]),
+        _baseline_html(fits),
+        *(_figure_html(f) for f in sections["downstream"]),
+        _trend_table(fits),
+        _tasks_html(fits),
+        *(_figure_html(f) for f in sections["tasks"]),
+        _ladder_html(fits),
         "</section>",
-        '<section id="landscape"><h2>Loss landscape</h2>', *(_figure_html(f) for f in sections["landscape"]),
+        '<section id="proxies"><h2>What predicts downstream performance?</h2>',
+        _proxy_html(fits),
         "</section>",
-        '<section id="pca"><h2>Parameter space</h2>', *(_figure_html(f) for f in sections["pca"]), "</section>",
+        '<section id="hessian"><h2>Hessian spectrum</h2>',
+        *(_figure_html(f) for f in sections["hessian"]),
+        "</section>",
+        '<section id="landscape"><h2>Loss landscape</h2>',
+        *(_figure_html(f) for f in sections["landscape"]),
+        "</section>",
+        '<section id="pca"><h2>Parameter space</h2>',
+        *(_figure_html(f) for f in sections["pca"]),
+        "</section>",
         '<section id="excluded"><h2>Left out: diverged trials and failed measurements</h2>',
-        _excluded_html(fits), _events_html(rd), "</section>",
+        _excluded_html(fits),
+        _events_html(rd),
+        "</section>",
         '<section id="config"><h2>Sweep configuration</h2><p>The resolved <code>sweep.yaml</code> of this run:</p>',
         f"<pre>{_e(rd.config_text())}</pre></section>",
         "</body></html>",
@@ -301,12 +389,22 @@ def _fit_rows(what: str, result: dict) -> list[list]:
     if not result or result.get("status") != "ok":
         return [[what, "skipped", (result or {}).get("reason", "not fitted"), "", "", ""]]
     found = result.get("identification", {})
-    identified = "yes" if result.get("identified", True) else "no: " + "; ".join(
-        f"{p['parameter']}: {p['problem']}" for p in found.get("problems", []))
-    return [[what if i == 0 else "", GREEK.get(name, name), _number(value),
-             _interval(*result.get("ci", {}).get(name, (None, None))), result.get("n_points", ""),
-             identified if i == 0 else ""]
-            for i, (name, value) in enumerate(result["params"].items())]
+    identified = (
+        "yes"
+        if result.get("identified", True)
+        else "no: " + "; ".join(f"{p['parameter']}: {p['problem']}" for p in found.get("problems", []))
+    )
+    return [
+        [
+            what if i == 0 else "",
+            GREEK.get(name, name),
+            _number(value),
+            _interval(*result.get("ci", {}).get(name, (None, None))),
+            result.get("n_points", ""),
+            identified if i == 0 else "",
+        ]
+        for i, (name, value) in enumerate(result["params"].items())
+    ]
 
 
 def _law_tables(fits: dict) -> str:
@@ -316,24 +414,35 @@ def _law_tables(fits: dict) -> str:
         rows += _fit_rows("L(C) = E + A·C^−γ, compute frontier", compute.get("saturating_frontier"))
         rows += _fit_rows("L(C) = E + A·C^−γ, all checkpoints", compute.get("saturating_all"))
         rows += _fit_rows("L = A·C^k, compute frontier", compute.get("loglog_frontier"))
-    table = _table(["law", "parameter", "estimate", "95 % interval", "points", "identified from this grid"], rows,
-                   numeric={2, 3, 4})
+    table = _table(
+        ["law", "parameter", "estimate", "95 % interval", "points", "identified from this grid"],
+        rows,
+        numeric={2, 3, 4},
+    )
     test = fits.get("loss_law_backtest", {})
     if test.get("status") == "ok":
         sizes = ", ".join(format_scale(n) for n in test["holdout_n_params"])
-        back = (f"Back-test: fitted without N = {sizes}, the law predicts those {test['n_holdout']} checkpoints with "
-                f"a mean absolute relative error of {test['mean_abs_relative_error']:.1%} (largest "
-                f"{test['max_abs_relative_error']:.1%}).")
+        back = (
+            f"Back-test: fitted without N = {sizes}, the law predicts those {test['n_holdout']} checkpoints with "
+            f"a mean absolute relative error of {test['mean_abs_relative_error']:.1%} (largest "
+            f"{test['max_abs_relative_error']:.1%})."
+        )
     else:
         back = f"Back-test skipped: {test.get('reason', 'not run')}."
     unpinned = [row[0] for row in rows if row[0] and row[-1].startswith("no")]
-    note = (f"<p>Not identified from this grid: {_e(', '.join(unpinned))}. Their parameters are listed so that the "
-            "fit can be checked, not as findings: a parameter at its bound, or an interval spanning more than an "
-            "order of magnitude, means the grid cannot pin it, and nothing derived from such a law (exponents, the "
-            "compute-optimal frontier) is stated or drawn.</p>" if unpinned else "")
-    return (f'<h3 id="laws">Fitted laws</h3><p>Loss in nats/token, N in non-embedding parameters, D in tokens, C in '
-            f"FLOPs; intervals are bootstrap percentiles (OLS t intervals for A·C^k).</p>{table}{note}"
-            f"<p>{_e(back)}</p>")
+    note = (
+        f"<p>Not identified from this grid: {_e(', '.join(unpinned))}. Their parameters are listed so that the "
+        "fit can be checked, not as findings: a parameter at its bound, or an interval spanning more than an "
+        "order of magnitude, means the grid cannot pin it, and nothing derived from such a law (exponents, the "
+        "compute-optimal frontier) is stated or drawn.</p>"
+        if unpinned
+        else ""
+    )
+    return (
+        f'<h3 id="laws">Fitted laws</h3><p>Loss in nats/token, N in non-embedding parameters, D in tokens, C in '
+        f"FLOPs; intervals are bootstrap percentiles (OLS t intervals for A·C^k).</p>{table}{note}"
+        f"<p>{_e(back)}</p>"
+    )
 
 
 def _moleculenet_table(entries: list[dict]) -> str:
@@ -342,10 +451,18 @@ def _moleculenet_table(entries: list[dict]) -> str:
     rows = []
     for entry in entries:
         best = entry["best_pretrained"]
-        rows.append([entry["task"], entry["metric_label"], _mean_sd(best["test"]) if best["status"] == "ok" else "–",
-                     *(_mean_sd(entry[mode]) if entry.get(mode) else "–" for mode in BASELINES)])
-    return "<p>Test metric, mean ± sd over split and fine-tuning seeds, as MoleculeNet lays its tables out:</p>" + \
-        _table(header, rows)
+        rows.append(
+            [
+                entry["task"],
+                entry["metric_label"],
+                _mean_sd(best["test"]) if best["status"] == "ok" else "–",
+                *(_mean_sd(entry[mode]) if entry.get(mode) else "–" for mode in BASELINES),
+            ]
+        )
+    return (
+        "<p>Test metric, mean ± sd over split and fine-tuning seeds, as MoleculeNet lays its tables out:</p>"
+        + _table(header, rows)
+    )
 
 
 def _baseline_html(fits: dict) -> str:
@@ -360,29 +477,47 @@ def _baseline_html(fits: dict) -> str:
         if best["status"] != "ok":
             rows.append(cells + [best["reason"], "", "", "", ""])
             continue
-        cells += [f"{MODES.get(best['mode'], best['mode'])}, {best['rung']}, {format_scale(best['tokens'])} tokens "
-                  f"(of {best['n_candidates']})", _number(best["val_mean"]), _mean_sd(best["test"])]
+        cells += [
+            f"{MODES.get(best['mode'], best['mode'])}, {best['rung']}, {format_scale(best['tokens'])} tokens "
+            f"(of {best['n_candidates']})",
+            _number(best["val_mean"]),
+            _mean_sd(best["test"]),
+        ]
         for mode in BASELINES:
             comparison = entry["comparisons"].get(mode)
             if comparison is None or comparison["status"] != "ok":
                 cells.append(comparison["reason"] if comparison else "–")
                 continue
             adjusted = comparison.get("p_adjusted")
-            cells.append(f"{_mean_sd(entry[mode])}; difference {_signed(comparison['mean'])} "
-                         f"{_interval(*comparison['ci'])}, p = {_p(comparison['p'])}, adjusted {_p(adjusted)}: "
-                         f"{comparison['finding']}")
+            cells.append(
+                f"{_mean_sd(entry[mode])}; difference {_signed(comparison['mean'])} "
+                f"{_interval(*comparison['ci'])}, p = {_p(comparison['p'])}, adjusted {_p(adjusted)}: "
+                f"{comparison['finding']}"
+            )
         rows.append(cells)
-    table = _table(["task", "metric", "checkpoint chosen on validation", "validation mean", "test (reported)",
-                    *(f"{words}: test, paired difference" for words in BASELINES.values())], rows, numeric={3})
+    table = _table(
+        [
+            "task",
+            "metric",
+            "checkpoint chosen on validation",
+            "validation mean",
+            "test (reported)",
+            *(f"{words}: test, paired difference" for words in BASELINES.values()),
+        ],
+        rows,
+        numeric={3},
+    )
     tests = fits.get("baseline_tests", {})
     table = _moleculenet_table(entries) + table
     sentences = "".join(f"<li>{_e(entry['sentence'])}</li>" for entry in entries)
-    return ('<h3 id="baselines">Against the baselines</h3><p>The pretrained checkpoint (any mode) with the best mean '
-            "validation metric over split seeds is chosen without looking at the test split, then reported on test. "
-            "Each comparison is the paired difference pick − baseline on the split seeds both saw (> 0 favours "
-            "pretraining), with its t interval over seeds; "
-            f"{_e(tests.get('correction_name', 'Holm'))} over the {tests.get('n_tests', 0)} comparisons.</p>"
-            f"{table}<ul>{sentences}</ul>")
+    return (
+        '<h3 id="baselines">Against the baselines</h3><p>The pretrained checkpoint (any mode) with the best mean '
+        "validation metric over split seeds is chosen without looking at the test split, then reported on test. "
+        "Each comparison is the paired difference pick − baseline on the split seeds both saw (> 0 favours "
+        "pretraining), with its t interval over seeds; "
+        f"{_e(tests.get('correction_name', 'Holm'))} over the {tests.get('n_tests', 0)} comparisons.</p>"
+        f"{table}<ul>{sentences}</ul>"
+    )
 
 
 def _mean_sd(spread: dict | None) -> str:
@@ -411,24 +546,50 @@ def _trend_table(fits: dict) -> str:
                 continue
             half = (v["ci"][1] - v["ci"][0]) / 2
             changed = f" ({v['raw_verdict']} before the correction)" if v["raw_verdict"] != v["verdict"] else ""
-            rows.append(who + [v["verdict"] + changed, format_with_uncertainty(v["slope"], half), _interval(*v["ci"]),
-                               f"±{v['margin']:.3g} ({v['margin_source']})", f"±{v['min_detectable_slope']:.2g}",
-                               _p(v["p_verdict"]), _p(v["p_adjusted"]), f"{v['n_runs']} / {v['n_points']}"])
+            rows.append(
+                who
+                + [
+                    v["verdict"] + changed,
+                    format_with_uncertainty(v["slope"], half),
+                    _interval(*v["ci"]),
+                    f"±{v['margin']:.3g} ({v['margin_source']})",
+                    f"±{v['min_detectable_slope']:.2g}",
+                    _p(v["p_verdict"]),
+                    _p(v["p_adjusted"]),
+                    f"{v['n_runs']} / {v['n_points']}",
+                ]
+            )
     if not rows:
         return ""
     tests = fits.get("trend_tests", {})
-    return ('<h3 id="trends">Trends, one axis at a time</h3><p>The slope of the test metric per decade of one scale '
-            "axis, with the others held fixed (N at fixed D: one intercept per token budget; D at fixed N: one per "
-            "model size) or along the compute frontier for C. Intervals are run-level (a cluster jackknife over "
-            "training runs, split seeds as paired blocks), at 95 %. Four verdicts: <b>plateau</b> when the whole "
-            "interval lies inside ± the margin (two one-sided tests), <b>improving</b> or <b>degrading</b> when it "
-            "excludes 0 (and is not inside the margin), <b>inconclusive</b> otherwise, with the smallest slope the "
-            "grid could detect (80 % power). The p on which each verdict rests is shown raw and after "
-            f"{_e(tests.get('correction_name', 'Holm'))} over the {tests.get('n_tests', 0)} trend tests of this "
-            "run; a definite verdict whose adjusted p fails becomes inconclusive.</p>"
-            + _table(["task", "mode", "axis (held fixed)", "verdict", "slope per decade", "95 % interval",
-                      "plateau margin", "detectable (80 %)", "p", "adjusted p", "runs / points"], rows,
-                     numeric={4, 5, 7, 8, 9}))
+    return (
+        '<h3 id="trends">Trends, one axis at a time</h3><p>The slope of the test metric per decade of one scale '
+        "axis, with the others held fixed (N at fixed D: one intercept per token budget; D at fixed N: one per "
+        "model size) or along the compute frontier for C. Intervals are run-level (a cluster jackknife over "
+        "training runs, split seeds as paired blocks), at 95 %. Four verdicts: <b>plateau</b> when the whole "
+        "interval lies inside ± the margin (two one-sided tests), <b>improving</b> or <b>degrading</b> when it "
+        "excludes 0 (and is not inside the margin), <b>inconclusive</b> otherwise, with the smallest slope the "
+        "grid could detect (80 % power). The p on which each verdict rests is shown raw and after "
+        f"{_e(tests.get('correction_name', 'Holm'))} over the {tests.get('n_tests', 0)} trend tests of this "
+        "run; a definite verdict whose adjusted p fails becomes inconclusive.</p>"
+        + _table(
+            [
+                "task",
+                "mode",
+                "axis (held fixed)",
+                "verdict",
+                "slope per decade",
+                "95 % interval",
+                "plateau margin",
+                "detectable (80 %)",
+                "p",
+                "adjusted p",
+                "runs / points",
+            ],
+            rows,
+            numeric={4, 5, 7, 8, 9},
+        )
+    )
 
 
 def _verdict_cell(mode: dict) -> str:
@@ -465,45 +626,81 @@ def _tasks_html(fits: dict) -> str:
     rows = []
     for r in section["tasks"]:
         if r["measured"]:
-            cells = [r["task"], r.get("task_type") or "–", _count(r.get("n_molecules")), _count(r.get("n_labels")),
-                     f"{_number(r.get('scaffold_diversity'))} ({_count(r.get('n_scaffolds'))} scaffolds)",
-                     _balance(r),
-                     f"{_number(r.get('nn_tanimoto_mean'))} (median {_number(r.get('nn_tanimoto_median'))})",
-                     _number(r.get("fraction_nn_unrelated"))]
+            cells = [
+                r["task"],
+                r.get("task_type") or "–",
+                _count(r.get("n_molecules")),
+                _count(r.get("n_labels")),
+                f"{_number(r.get('scaffold_diversity'))} ({_count(r.get('n_scaffolds'))} scaffolds)",
+                _balance(r),
+                f"{_number(r.get('nn_tanimoto_mean'))} (median {_number(r.get('nn_tanimoto_median'))})",
+                _number(r.get("fraction_nn_unrelated")),
+            ]
         else:
             cells = [r["task"], "not measured", "", "", "", "", "", ""]
         rows.append(cells + [_verdict_cell(r["modes"][m]) if m in r["modes"] else "–" for m in modes])
-    table = _table(["task", "type", "molecules", "labels", "scaffolds per molecule", "balance or spread",
-                    "nearest-neighbour Tanimoto to the corpus", "share below 0.4",
-                    *(f"{MODES.get(m, m)}: verdict, slope per decade [95 %]" for m in modes)], rows,
-                   numeric={2, 3, 6, 7})
-    relation = [[MODES.get(row["mode"], row["mode"]), row["words"], row["n_tasks"],
-                 ", ".join(f"{task} ({_number(x)}: {_signed(y)})" for task, x, y in
-                           sorted(zip(row["tasks"], row["x"], row["n_slope_in_margins"], strict=True),
-                                  key=lambda t: t[1])),
-                 _number(row["spearman"]) if row["spearman"] is not None else row["reason"]]
-                for row in section["relation"]]
-    return (head + "<p>Each task's characteristics (results/tasks.parquet: size, label balance or spread, Bemis–Murcko "
-            "scaffold diversity, and the nearest-neighbour ECFP4 Tanimoto of its molecules to a sample of the "
-            "pretraining corpus) beside its verdicts along N, D and C (slopes in the task's metric per decade, the "
-            "Holm-corrected verdicts of the trend table).</p>" + table
-            + "<p>Does how a task scales go with what it is? Per mode and characteristic, the tasks ordered by the "
-            "characteristic, each with its N slope per decade in units of its plateau margin (signed so that > 0 "
-            "is improvement). <b>Descriptive only</b>: the tasks are few and chosen, not sampled, so no p-value or "
-            "interval is given; Spearman's ρ over tasks is shown from three tasks on.</p>"
-            + _table(["mode", "characteristic", "tasks", "tasks by characteristic (value: scaled N slope)", "ρ"],
-                     relation, numeric={2}))
+    table = _table(
+        [
+            "task",
+            "type",
+            "molecules",
+            "labels",
+            "scaffolds per molecule",
+            "balance or spread",
+            "nearest-neighbour Tanimoto to the corpus",
+            "share below 0.4",
+            *(f"{MODES.get(m, m)}: verdict, slope per decade [95 %]" for m in modes),
+        ],
+        rows,
+        numeric={2, 3, 6, 7},
+    )
+    relation = [
+        [
+            MODES.get(row["mode"], row["mode"]),
+            row["words"],
+            row["n_tasks"],
+            ", ".join(
+                f"{task} ({_number(x)}: {_signed(y)})"
+                for task, x, y in sorted(
+                    zip(row["tasks"], row["x"], row["n_slope_in_margins"], strict=True), key=lambda t: t[1]
+                )
+            ),
+            _number(row["spearman"]) if row["spearman"] is not None else row["reason"],
+        ]
+        for row in section["relation"]
+    ]
+    return (
+        head + "<p>Each task's characteristics (results/tasks.parquet: size, label balance or spread, Bemis–Murcko "
+        "scaffold diversity, and the nearest-neighbour ECFP4 Tanimoto of its molecules to a sample of the "
+        "pretraining corpus) beside its verdicts along N, D and C (slopes in the task's metric per decade, the "
+        "Holm-corrected verdicts of the trend table).</p>"
+        + table
+        + "<p>Does how a task scales go with what it is? Per mode and characteristic, the tasks ordered by the "
+        "characteristic, each with its N slope per decade in units of its plateau margin (signed so that > 0 "
+        "is improvement). <b>Descriptive only</b>: the tasks are few and chosen, not sampled, so no p-value or "
+        "interval is given; Spearman's ρ over tasks is shown from three tasks on.</p>"
+        + _table(
+            ["mode", "characteristic", "tasks", "tasks by characteristic (value: scaled N slope)", "ρ"],
+            relation,
+            numeric={2},
+        )
+    )
 
 
 def _ladder_html(fits: dict) -> str:
     ladder, law = fits.get("task_ladder", {}), fits.get("loss_law_backtest", {})
-    beside = (f"{law['mean_abs_relative_error']:.1%}" if law.get("status") == "ok" else
-              f"not run ({law.get('reason', 'no back-test')})")
-    head = ('<h3 id="task-ladder">Predicting the largest rung of each task (task ladder)</h3><p>The two-step method of '
-            "Bhagia et al. 2024: the task loss (validation loss of the fine-tuned or probed model) as a function of N "
-            "and D, then a monotone link from task loss to the metric, both fitted without the largest rung(s) and "
-            f"used to predict them. The pretraining-loss law's own back-test error on the same rungs is {_e(beside)} "
-            "(relative); compare it with the task loss' relative error (step 1).</p>")
+    beside = (
+        f"{law['mean_abs_relative_error']:.1%}"
+        if law.get("status") == "ok"
+        else f"not run ({law.get('reason', 'no back-test')})"
+    )
+    head = (
+        '<h3 id="task-ladder">Predicting the largest rung of each task (task ladder)</h3><p>The two-step method of '
+        "Bhagia et al. 2024: the task loss (validation loss of the fine-tuned or probed model) as a function of N "
+        "and D, then a monotone link from task loss to the metric, both fitted without the largest rung(s) and "
+        f"used to predict them. The pretraining-loss law's own back-test error on the same rungs is {_e(beside)} "
+        "(relative); compare it with the task loss' relative error (step 1).</p>"
+    )
     if ladder.get("status") != "ok":
         return head + f'<p class="note">No task ladder: {_e(ladder.get("reason", "not run"))}.</p>'
     rows = []
@@ -512,14 +709,31 @@ def _ladder_html(fits: dict) -> str:
         if e["status"] != "ok":
             rows.append(who + ["skipped: " + e["reason"], "", "", "", "", ""])
             continue
-        rows.append(who + [f"{e['fit']['loss_law']}, {e['fit']['link']} link",
-                           ", ".join(format_scale(n) for n in e["holdout_n_params"]),
-                           f"{_number(e['mean_abs_error'])} (max {_number(e['max_abs_error'])}) {e['metric_label']}",
-                           f"{e['task_loss_mean_abs_relative_error']:.1%}", beside,
-                           f"{_number(e['link_only_mean_abs_error'])}"])
-    return head + _table(["task", "mode", "task-loss law, link", "held-out N", "metric error (both steps)",
-                          "task-loss error (step 1)", "pretraining-loss law error", "link alone (step 2)"], rows,
-                         numeric={4, 5, 6, 7})
+        rows.append(
+            who
+            + [
+                f"{e['fit']['loss_law']}, {e['fit']['link']} link",
+                ", ".join(format_scale(n) for n in e["holdout_n_params"]),
+                f"{_number(e['mean_abs_error'])} (max {_number(e['max_abs_error'])}) {e['metric_label']}",
+                f"{e['task_loss_mean_abs_relative_error']:.1%}",
+                beside,
+                f"{_number(e['link_only_mean_abs_error'])}",
+            ]
+        )
+    return head + _table(
+        [
+            "task",
+            "mode",
+            "task-loss law, link",
+            "held-out N",
+            "metric error (both steps)",
+            "task-loss error (step 1)",
+            "pretraining-loss law error",
+            "link alone (step 2)",
+        ],
+        rows,
+        numeric={4, 5, 6, 7},
+    )
 
 
 def _proxy_html(fits: dict) -> str:
@@ -528,29 +742,58 @@ def _proxy_html(fits: dict) -> str:
         return f'<p class="note">No proxy evaluation: {_e(proxies.get("reason", "not fitted"))}.</p>'
     labels, tests = proxies["labels"], proxies["prediction_tests"]
     timing = {name: group for group, names in proxies["timing"].items() for name in names}
-    prediction = [[row["task"], MODES.get(row["mode"], row["mode"]), labels.get(row["proxy"], row["proxy"])]
-                  + (["not testable: " + row["reason"], "", "", "", "", ""] if row["status"] != "ok" else
-                     [_number(row["rmse_loss"]), _number(row["rmse_loss_proxy"]),
-                      f"{_signed(row['improvement'])} {_interval(*row['improvement_ci'])}",
-                      f"{_p(row['p'])} (≥ {_p(row['smallest_possible_p'])})", _p(row.get("p_adjusted")),
-                      row["finding"]])
-                  for row in proxies["prediction"]]
+    prediction = [
+        [row["task"], MODES.get(row["mode"], row["mode"]), labels.get(row["proxy"], row["proxy"])]
+        + (
+            ["not testable: " + row["reason"], "", "", "", "", ""]
+            if row["status"] != "ok"
+            else [
+                _number(row["rmse_loss"]),
+                _number(row["rmse_loss_proxy"]),
+                f"{_signed(row['improvement'])} {_interval(*row['improvement_ci'])}",
+                f"{_p(row['p'])} (≥ {_p(row['smallest_possible_p'])})",
+                _p(row.get("p_adjusted")),
+                row["finding"],
+            ]
+        )
+        for row in proxies["prediction"]
+    ]
     words = {"validation": "validation metric", **labels}
     regret = []
     for group in proxies["regret"]:
         for pick in group["selectors"]:
             picked = pick["picked"] or {}
-            regret.append([group["task"], MODES.get(group["mode"], group["mode"]),
-                           words.get(pick["selector"], pick["selector"]),
-                           "highest" if pick["selector"] == "validation" and group["higher_is_better"] else
-                           "lowest" if pick["selector"] != "validation" or not group["higher_is_better"] else "",
-                           f"{picked.get('trial_id', '–')} @ {_number(picked.get('tokens'))}",
-                           _number(pick["picked_test"]), _number(pick["test_best"]), _number(pick["regret"])])
-    correlations = [[row["task"], MODES.get(row["mode"], row["mode"]), labels.get(row["proxy"], row["proxy"]),
-                     TIMING_WORDS[timing.get(row["proxy"], "scale")], row["n"], _number(row["spearman"]),
-                     _interval(row["ci_lo"], row["ci_hi"]), _number(row["partial_given_loss"]),
-                     _interval(row["partial_ci_lo"], row["partial_ci_hi"]), row["reason"] or ""]
-                    for row in proxies["correlations"]]
+            regret.append(
+                [
+                    group["task"],
+                    MODES.get(group["mode"], group["mode"]),
+                    words.get(pick["selector"], pick["selector"]),
+                    "highest"
+                    if pick["selector"] == "validation" and group["higher_is_better"]
+                    else "lowest"
+                    if pick["selector"] != "validation" or not group["higher_is_better"]
+                    else "",
+                    f"{picked.get('trial_id', '–')} @ {_number(picked.get('tokens'))}",
+                    _number(pick["picked_test"]),
+                    _number(pick["test_best"]),
+                    _number(pick["regret"]),
+                ]
+            )
+    correlations = [
+        [
+            row["task"],
+            MODES.get(row["mode"], row["mode"]),
+            labels.get(row["proxy"], row["proxy"]),
+            TIMING_WORDS[timing.get(row["proxy"], "scale")],
+            row["n"],
+            _number(row["spearman"]),
+            _interval(row["ci_lo"], row["ci_hi"]),
+            _number(row["partial_given_loss"]),
+            _interval(row["partial_ci_lo"], row["partial_ci_hi"]),
+            row["reason"] or "",
+        ]
+        for row in proxies["correlations"]
+    ]
     missing = [labels.get(m, m) for m in proxies.get("not_measured", [])]
     note = f"<p>Not measured in this run: {_e(', '.join(missing))}.</p>" if missing else ""
     return (
@@ -564,24 +807,58 @@ def _proxy_html(fits: dict) -> str:
         "in metric units; improvement = the first − the second, with a percentile bootstrap interval over held-out "
         "sizes (descriptive). The test is a sign-flip test over held-out sizes (its smallest possible p, with k "
         f"sizes 2·2^−k, in brackets), {_e(tests['correction_name'])} over the {tests['n_tests']} tests.</p>"
-        + _table(["task", "mode", "proxy", "RMSE, loss alone", "RMSE, loss + proxy", "improvement (95 %)", "p",
-                  "adjusted p", "finding"], prediction, numeric={3, 4, 5, 6, 7})
+        + _table(
+            [
+                "task",
+                "mode",
+                "proxy",
+                "RMSE, loss alone",
+                "RMSE, loss + proxy",
+                "improvement (95 %)",
+                "p",
+                "adjusted p",
+                "finding",
+            ],
+            prediction,
+            numeric={3, 4, 5, 6, 7},
+        )
         + '<h3 id="proxy-regret">Selection regret</h3><p>One checkpoint per task and mode picked by each quantity '
-          "(the proxies where they are lowest, fixed in advance: lower loss, flatter minima), scored by how far its "
-          "test metric falls short of the best test metric among the candidates (metric units; the test-best is an "
-          "oracle used only for scoring).</p>"
-        + _table(["task", "mode", "picked by", "where it is", "picked checkpoint", "its test metric", "test-best",
-                  "regret"], regret, numeric={5, 6, 7})
+        "(the proxies where they are lowest, fixed in advance: lower loss, flatter minima), scored by how far its "
+        "test metric falls short of the best test metric among the candidates (metric units; the test-best is an "
+        "oracle used only for scoring).</p>"
+        + _table(
+            ["task", "mode", "picked by", "where it is", "picked checkpoint", "its test metric", "test-best", "regret"],
+            regret,
+            numeric={5, 6, 7},
+        )
         + '<h3 id="proxy-correlations">Rank correlations (descriptive)</h3><p>Spearman ρ of each quantity with the '
-          "test metric across checkpoints, and the partial ρ given pretraining loss, with bootstrap intervals over "
-          "checkpoints. Checkpoints of one run are not independent, so these describe; they are not tests.</p>"
+        "test metric across checkpoints, and the partial ρ given pretraining loss, with bootstrap intervals over "
+        "checkpoints. Checkpoints of one run are not independent, so these describe; they are not tests.</p>"
         + note
-        + _table(["task", "mode", "quantity", "measured", "n", "ρ", "95 % interval", "partial ρ | loss",
-                  "95 % interval", "note"], correlations, numeric={4, 5, 6, 7, 8}))
+        + _table(
+            [
+                "task",
+                "mode",
+                "quantity",
+                "measured",
+                "n",
+                "ρ",
+                "95 % interval",
+                "partial ρ | loss",
+                "95 % interval",
+                "note",
+            ],
+            correlations,
+            numeric={4, 5, 6, 7, 8},
+        )
+    )
 
 
-TIMING_WORDS = {"before_finetuning": "before fine-tuning", "descriptive": "after fine-tuning (descriptive)",
-                "scale": "scale axis"}
+TIMING_WORDS = {
+    "before_finetuning": "before fine-tuning",
+    "descriptive": "after fine-tuning (descriptive)",
+    "scale": "scale axis",
+}
 
 
 INPUT_FLAG = 0.01  # a task whose [UNK] or truncated share is above this is flagged in the report
@@ -595,30 +872,43 @@ def _inputs_html(manifest, finetune: pd.DataFrame) -> str:
     elif not manifest.decontamination:
         off = manifest.options.get("decontaminate") is False
         why = "data.decontaminate: false" if off else "no task to clean against"
-        parts = [f"<p>The corpus was not decontaminated ({why}): downstream molecules may have been seen in "
-                 "pretraining.</p>"]
+        parts = [
+            f"<p>The corpus was not decontaminated ({why}): downstream molecules may have been seen in pretraining.</p>"
+        ]
     else:
         key = {"inchikey": "the same InChIKey", "connectivity": "the same InChIKey connectivity layer (any stereo)"}
         rows = [[task, o.task_molecules, o.removed] for task, o in manifest.decontamination.items()]
-        parts = [f"<h3>Decontamination</h3><p>Corpus molecules with {key.get(manifest.decontamination_key or '', '?')} "
-                 f"as a task molecule (any split) were removed before the train/validation split: "
-                 f"{manifest.counts.n_decontaminated:,} in all (listed in <code>data/rejects.csv</code>).</p>",
-                 _table(["task", "task molecules", "removed from corpus"], rows, numeric={1, 2})]
+        parts = [
+            f"<h3>Decontamination</h3><p>Corpus molecules with {key.get(manifest.decontamination_key or '', '?')} "
+            f"as a task molecule (any split) were removed before the train/validation split: "
+            f"{manifest.counts.n_decontaminated:,} in all (listed in <code>data/rejects.csv</code>).</p>",
+            _table(["task", "task molecules", "removed from corpus"], rows, numeric={1, 2}),
+        ]
     if manifest is not None and manifest.tokenizer.task_tokens:
-        parts.append(f"<p>Token types only the tasks have, added to the vocabulary after the corpus's (no labels "
-                     f"involved): {_e(' '.join(manifest.tokenizer.task_tokens))}.</p>")
+        parts.append(
+            f"<p>Token types only the tasks have, added to the vocabulary after the corpus's (no labels "
+            f"involved): {_e(' '.join(manifest.tokenizer.task_tokens))}.</p>"
+        )
     read = finetune[(finetune["status"] == "ok") & finetune["mode"].isin(["finetune", "probe", "random_init"])]
     shares = []
     for task, group in read.groupby("task", sort=True):
         unk, cut = (pd.to_numeric(group[c], errors="coerce").max() for c in ("unk_fraction", "truncated_fraction"))
         flagged = [what for what, v in (("[UNK]", unk), ("truncated", cut)) if pd.notna(v) and v > INPUT_FLAG]
-        shares.append([task, _percent(unk), _percent(cut),
-                       f"flagged: {' and '.join(flagged)} above {INPUT_FLAG:.0%}" if flagged else ""])
+        shares.append(
+            [
+                task,
+                _percent(unk),
+                _percent(cut),
+                f"flagged: {' and '.join(flagged)} above {INPUT_FLAG:.0%}" if flagged else "",
+            ]
+        )
     if shares:
-        parts.append("<h3>Task inputs as the models read them</h3><p>Largest share over checkpoints and seeds of "
-                     "the task's tokens read as [UNK], and of its molecules cut to the model's length; task SMILES "
-                     "are canonicalised as the corpus was before tokenisation.</p>"
-                     + _table(["task", "[UNK] tokens", "truncated molecules", "flag"], shares, numeric={1, 2}))
+        parts.append(
+            "<h3>Task inputs as the models read them</h3><p>Largest share over checkpoints and seeds of "
+            "the task's tokens read as [UNK], and of its molecules cut to the model's length; task SMILES "
+            "are canonicalised as the corpus was before tokenisation.</p>"
+            + _table(["task", "[UNK] tokens", "truncated molecules", "flag"], shares, numeric={1, 2})
+        )
     return "\n".join(parts)
 
 
@@ -631,9 +921,15 @@ def _events_html(rd: RunDir) -> str:
     events = rd.fault_events()
     if not events:
         return "<p>No faults were recorded: no restarts and no corrupt checkpoints.</p>"
-    rows = [[e.get("stage", ""), e.get("trial_id", "–"), e.get("event", ""),
-             ", ".join(f"{k}: {v}" for k, v in e.items() if k not in ("stage", "trial_id", "event", "time"))]
-            for e in events]
+    rows = [
+        [
+            e.get("stage", ""),
+            e.get("trial_id", "–"),
+            e.get("event", ""),
+            ", ".join(f"{k}: {v}" for k, v in e.items() if k not in ("stage", "trial_id", "event", "time")),
+        ]
+        for e in events
+    ]
     return "<h3>Faults handled</h3>" + _table(["stage", "trial", "event", "details"], rows)
 
 

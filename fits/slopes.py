@@ -30,14 +30,16 @@ import pandas as pd
 import statsmodels.api as sm
 from scipy import stats
 
-METHODS = types.MappingProxyType({
-    "cluster_jackknife": "cluster jackknife over runs (CRV3)",
-    "cluster": "cluster-robust standard error over runs (CRV1)",
-    "cluster_bootstrap": "cluster bootstrap over runs",
-    "mixedlm": "mixed model with a random intercept per run",
-    "iid": "OLS treating every row as independent",
-    "inverse_variance": "inverse-variance pooling of independent strata",
-})
+METHODS = types.MappingProxyType(
+    {
+        "cluster_jackknife": "cluster jackknife over runs (CRV3)",
+        "cluster": "cluster-robust standard error over runs (CRV1)",
+        "cluster_bootstrap": "cluster bootstrap over runs",
+        "mixedlm": "mixed model with a random intercept per run",
+        "iid": "OLS treating every row as independent",
+        "inverse_variance": "inverse-variance pooling of independent strata",
+    }
+)
 MIN_RUNS = 3  # a run-level interval from 2 runs has 1 df (t quantile 12.7): no use to anyone
 _ESTIMABLE_TOL = 1e-8  # how far the slope's unit vector may sit outside the row space of X'X
 
@@ -48,6 +50,7 @@ class SlopeEstimate:
 
     reason: non-empty when the slope could not be tested (then slope, se and df are NaN).
     """
+
     slope: float  # y units per decade of x
     se: float
     df: float  # for t quantiles: G − 1 for the run-level methods, n − p for iid
@@ -139,17 +142,26 @@ def _codes(table: pd.DataFrame, column: str | None) -> np.ndarray:
     return pd.factorize(table[column].astype(str), sort=True)[0]
 
 
-def fit_slope(table: pd.DataFrame, x_col: str, y_col: str, run_col: str | None = None,
-              block_col: str | None = None, stratum_col: str | None = None, method: str = "cluster_jackknife",
-              n_bootstrap: int = 2000, seed: int = 0) -> SlopeEstimate:
+def fit_slope(
+    table: pd.DataFrame,
+    x_col: str,
+    y_col: str,
+    run_col: str | None = None,
+    block_col: str | None = None,
+    stratum_col: str | None = None,
+    method: str = "cluster_jackknife",
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> SlopeEstimate:
     """Slope of y_col per decade of x_col with seed blocks and stratum intercepts; interval by `method`.
 
     run_col None means every row is its own unit (then only method="iid" applies, and it is used).
     A slope the data cannot test (too few runs, x constant within every stratum) comes back with a reason.
     """
     if method not in METHODS or method == "inverse_variance":
-        raise ValueError(f"fit_slope: method must be one of {[m for m in METHODS if m != 'inverse_variance']}, "
-                         f"got {method!r}")
+        raise ValueError(
+            f"fit_slope: method must be one of {[m for m in METHODS if m != 'inverse_variance']}, got {method!r}"
+        )
     wanted = [name for name in (x_col, y_col, run_col, block_col, stratum_col) if name is not None]
     missing = [name for name in wanted if name not in table.columns]
     if missing:
@@ -166,12 +178,20 @@ def fit_slope(table: pd.DataFrame, x_col: str, y_col: str, run_col: str | None =
     run_ids = tuple(sorted(rows[run_col].astype(str).unique())) if run_col is not None else ()
     blocks, strata = _codes(rows, block_col), _codes(rows, stratum_col)
     counts: dict[str, Any] = {
-        "n_points": len(rows), "n_runs": int(np.unique(runs).size), "n_blocks": int(np.unique(blocks).size),
-        "n_strata": int(np.unique(strata).size), "x_decades": float(np.ptp(log_x)) if len(rows) else math.nan,
-        "run_ids": run_ids, "n_dropped": n_dropped}
+        "n_points": len(rows),
+        "n_runs": int(np.unique(runs).size),
+        "n_blocks": int(np.unique(blocks).size),
+        "n_strata": int(np.unique(strata).size),
+        "x_decades": float(np.ptp(log_x)) if len(rows) else math.nan,
+        "run_ids": run_ids,
+        "n_dropped": n_dropped,
+    }
     if len(rows) < 3:
-        return _not_testable(method, f"{len(rows)} usable rows (finite {y_col}, positive {x_col}); a slope with an "
-                                     "interval needs at least 3", **counts)
+        return _not_testable(
+            method,
+            f"{len(rows)} usable rows (finite {y_col}, positive {x_col}); a slope with an interval needs at least 3",
+            **counts,
+        )
     design = _design(log_x, blocks, strata)
     xtx, xty = _cluster_sums(design, y, runs)
     (slope,) = _weighted_slopes(xtx, xty, np.ones((1, xtx.shape[0])))
@@ -179,8 +199,11 @@ def fit_slope(table: pd.DataFrame, x_col: str, y_col: str, run_col: str | None =
         held = f" within any {stratum_col}" if stratum_col else ""
         return _not_testable(method, f"{x_col} does not vary{held}, so its slope is not identified", **counts)
     if method != "iid" and counts["n_runs"] < MIN_RUNS:
-        return _not_testable(method, f"{counts['n_runs']} run(s) ({', '.join(run_ids)}); a run-level interval "
-                                     f"needs at least {MIN_RUNS}", **counts)
+        return _not_testable(
+            method,
+            f"{counts['n_runs']} run(s) ({', '.join(run_ids)}); a run-level interval needs at least {MIN_RUNS}",
+            **counts,
+        )
     se, df, reason = _standard_error(method, design, y, runs, xtx, xty, float(slope), n_bootstrap, seed)
     if reason:
         return _not_testable(method, reason, **counts)
@@ -194,8 +217,11 @@ def _standard_error(method, design, y, runs, xtx, xty, slope, n_bootstrap, seed)
         result = sm.OLS(y, design).fit()
         if result.df_resid < 1:
             n_coefficients = round(len(y) - result.df_resid)
-            return (math.nan, math.nan,
-                    f"{len(y)} rows for {n_coefficients} coefficients: no residual degrees of freedom")
+            return (
+                math.nan,
+                math.nan,
+                f"{len(y)} rows for {n_coefficients} coefficients: no residual degrees of freedom",
+            )
         return float(result.bse[1]), float(result.df_resid), ""
     if method == "cluster":
         result = sm.OLS(y, design).fit(cov_type="cluster", cov_kwds={"groups": runs}, use_t=True)
@@ -203,9 +229,15 @@ def _standard_error(method, design, y, runs, xtx, xty, slope, n_bootstrap, seed)
     if method == "cluster_jackknife":
         leave_one_out = _weighted_slopes(xtx, xty, 1.0 - np.eye(n_runs))
         if not np.all(np.isfinite(leave_one_out)):
-            return math.nan, math.nan, (f"leaving out one run leaves x without variation (runs at position "
-                                        f"{np.flatnonzero(~np.isfinite(leave_one_out)).tolist()}): the slope rests "
-                                        "on a single run")
+            return (
+                math.nan,
+                math.nan,
+                (
+                    f"leaving out one run leaves x without variation (runs at position "
+                    f"{np.flatnonzero(~np.isfinite(leave_one_out)).tolist()}): the slope rests "
+                    "on a single run"
+                ),
+            )
         variance = (n_runs - 1) / n_runs * float(np.sum((leave_one_out - slope) ** 2))
         return math.sqrt(variance), float(n_runs - 1), ""
     if method == "cluster_bootstrap":
@@ -231,7 +263,8 @@ def _mixedlm_error(design: np.ndarray, y: np.ndarray, runs: np.ndarray) -> tuple
         warnings.simplefilter("always")
         try:
             result = sm.MixedLM((y - y.mean()) / scale, design[:, keep], groups=runs).fit(
-                reml=True, method=["powell", "lbfgs"])
+                reml=True, method=["powell", "lbfgs"]
+            )
         except (ValueError, np.linalg.LinAlgError) as err:
             return math.nan, math.nan, f"MixedLM failed: {err}"
     if not result.converged:
@@ -259,27 +292,42 @@ def pool_inverse_variance(estimates: Sequence[SlopeEstimate]) -> SlopeEstimate:
     for index, estimate in enumerate(usable):
         for run in estimate.run_ids:
             if run in seen:
-                return _not_testable("inverse_variance", f"run {run} stands behind strata {seen[run]} and {index}; "
-                                                         "inverse-variance pooling needs independent strata")
+                return _not_testable(
+                    "inverse_variance",
+                    f"run {run} stands behind strata {seen[run]} and {index}; "
+                    "inverse-variance pooling needs independent strata",
+                )
             seen[run] = index
     weights = np.array([1 / e.se**2 for e in usable])
     slopes = np.array([e.slope for e in usable])
     total = weights.sum()
     df = total**2 / np.sum(weights**2 / np.array([e.df for e in usable]))
     x_decades = max(e.x_decades for e in usable)
-    return SlopeEstimate(slope=float(weights @ slopes / total), se=float(1 / math.sqrt(total)), df=float(df),
-                         method="inverse_variance", n_points=sum(e.n_points for e in usable),
-                         n_runs=sum(e.n_runs for e in usable), n_blocks=max(e.n_blocks for e in usable),
-                         n_strata=len(usable), x_decades=x_decades,
-                         run_ids=tuple(sorted(seen)), n_dropped=sum(e.n_dropped for e in estimates))
+    return SlopeEstimate(
+        slope=float(weights @ slopes / total),
+        se=float(1 / math.sqrt(total)),
+        df=float(df),
+        method="inverse_variance",
+        n_points=sum(e.n_points for e in usable),
+        n_runs=sum(e.n_runs for e in usable),
+        n_blocks=max(e.n_blocks for e in usable),
+        n_strata=len(usable),
+        x_decades=x_decades,
+        run_ids=tuple(sorted(seen)),
+        n_dropped=sum(e.n_dropped for e in estimates),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Which checkpoints lie on the compute frontier
 
 
-def compute_frontier_mask(table: pd.DataFrame, flops_col: str = "flops", loss_col: str = "pretrain_val_loss",
-                          checkpoint_cols: Sequence[str] = ("trial_id", "tokens")) -> np.ndarray:
+def compute_frontier_mask(
+    table: pd.DataFrame,
+    flops_col: str = "flops",
+    loss_col: str = "pretrain_val_loss",
+    checkpoint_cols: Sequence[str] = ("trial_id", "tokens"),
+) -> np.ndarray:
     """True on rows of checkpoints that no cheaper checkpoint beats on pretraining loss (the lower envelope).
 
     Every row of a frontier checkpoint (all its split seeds) is marked; rows without finite C or loss are not.

@@ -53,9 +53,12 @@ def _usable(owner: str, columns: dict[str, np.ndarray]) -> tuple[np.ndarray, ...
     positive = [columns[name] for name in ("n_params", "n_tokens", "task_loss")]
     valid = np.all([np.isfinite(v) & (v > 0) for v in positive], axis=0) & np.isfinite(columns["metric"])
     if not valid.all():
-        warnings.warn(f"{owner}: dropped {int((~valid).sum())} of {valid.size} rows with a non-positive or "
-                      f"non-finite N, D or task loss, or a non-finite metric: rows {np.flatnonzero(~valid).tolist()}",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{owner}: dropped {int((~valid).sum())} of {valid.size} rows with a non-positive or "
+            f"non-finite N, D or task loss, or a non-finite metric: rows {np.flatnonzero(~valid).tolist()}",
+            UserWarning,
+            stacklevel=3,
+        )
     if valid.sum() < 3:
         raise ValueError(f"{owner}: need at least 3 usable checkpoints, got {int(valid.sum())} of {valid.size}")
     return tuple(columns[name][valid] for name in ("n_params", "n_tokens", "task_loss", "metric"))
@@ -118,11 +121,15 @@ class TaskLadder(_Estimator):
             found = identification(law)
             if found.identified:
                 return "chinchilla", f"{n_sizes} sizes × {n_budgets} budgets identify L(N, D)", law
-            reasons.append("L(N, D) was not identified (" + "; ".join(f"{p['parameter']}: {p['problem']}"
-                                                                       for p in found.problems) + ")")
+            reasons.append(
+                "L(N, D) was not identified ("
+                + "; ".join(f"{p['parameter']}: {p['problem']}" for p in found.problems)
+                + ")"
+            )
         else:
-            reasons.append(f"{n_sizes} sizes, {n_budgets} budgets, {n_points} distinct points: L(N, D) needs at "
-                           "least 3, 3 and 6")
+            reasons.append(
+                f"{n_sizes} sizes, {n_budgets} budgets, {n_points} distinct points: L(N, D) needs at least 3, 3 and 6"
+            )
         if n_budgets >= 2:
             if n_sizes < 2:
                 raise ValueError(f"{owner}: one model size; a task loss law needs at least 2")
@@ -139,11 +146,13 @@ class TaskLadder(_Estimator):
 
     def _fit_named(self, name: str, n: np.ndarray, d: np.ndarray, loss: np.ndarray):
         if name == "chinchilla":
-            return ChinchillaFit(huber_delta=self.huber_delta, n_bootstrap=0, seed=self.seed, n_jobs=1,
-                                 n_starts=self.n_starts).fit(n, d, loss)
+            return ChinchillaFit(
+                huber_delta=self.huber_delta, n_bootstrap=0, seed=self.seed, n_jobs=1, n_starts=self.n_starts
+            ).fit(n, d, loss)
         if name == "saturating_n":
-            return SaturatingPowerLaw(huber_delta=self.huber_delta, n_bootstrap=0, seed=self.seed, n_jobs=1,
-                                      n_starts=self.n_starts).fit(n, loss)
+            return SaturatingPowerLaw(
+                huber_delta=self.huber_delta, n_bootstrap=0, seed=self.seed, n_jobs=1, n_starts=self.n_starts
+            ).fit(n, loss)
         if name == "loglinear_nd":
             return _loglinear([np.log(n), np.log(d)], np.log(loss))
         return _loglinear([np.log(n)], np.log(loss))
@@ -167,8 +176,7 @@ class TaskLadder(_Estimator):
     def _fit_link(self, owner: str, loss: np.ndarray, metric: np.ndarray) -> tuple[str, dict]:
         link = self.link
         if link == "auto":
-            link = ("sigmoid" if self.metric_range is not None else
-                    "loglinear" if np.all(metric > 0) else "linear")
+            link = "sigmoid" if self.metric_range is not None else "loglinear" if np.all(metric > 0) else "linear"
         if link == "sigmoid":
             if self.metric_range is None:
                 raise ValueError(f"{owner}: the sigmoid link needs metric_range=(lowest, highest)")
@@ -199,15 +207,29 @@ class TaskLadder(_Estimator):
     def to_dict(self) -> dict:
         _check_is_fitted(self, "params_")
         law = self.loss_fit_
-        loss_law = ({"params": law.params_, "identification": identification(law).to_dict()}
-                    if hasattr(law, "params_") else {"coefficients": list(law)})
-        return json_safe({
-            "estimator": type(self).__name__, "law": self.formula, "hyperparameters": self.get_params(),
-            "loss_law": self.loss_law_, "loss_law_formula": LOSS_LAWS[self.loss_law_],
-            "loss_law_reason": self.loss_law_reason_, "loss_law_fit": loss_law, "link": self.link_,
-            "link_formula": LINKS[self.link_], "link_params": self.link_params_, "n_points": self.n_points_,
-            "n_rungs": self.n_rungs_, "link_rmse": self.link_rmse_, "loss_rmse_relative": self.loss_rmse_relative_,
-        })
+        loss_law = (
+            {"params": law.params_, "identification": identification(law).to_dict()}
+            if hasattr(law, "params_")
+            else {"coefficients": list(law)}
+        )
+        return json_safe(
+            {
+                "estimator": type(self).__name__,
+                "law": self.formula,
+                "hyperparameters": self.get_params(),
+                "loss_law": self.loss_law_,
+                "loss_law_formula": LOSS_LAWS[self.loss_law_],
+                "loss_law_reason": self.loss_law_reason_,
+                "loss_law_fit": loss_law,
+                "link": self.link_,
+                "link_formula": LINKS[self.link_],
+                "link_params": self.link_params_,
+                "n_points": self.n_points_,
+                "n_rungs": self.n_rungs_,
+                "link_rmse": self.link_rmse_,
+                "loss_rmse_relative": self.loss_rmse_relative_,
+            }
+        )
 
 
 def _fit_sigmoid(loss: np.ndarray, metric: np.ndarray, lowest: float, highest: float) -> dict:
@@ -217,8 +239,9 @@ def _fit_sigmoid(loss: np.ndarray, metric: np.ndarray, lowest: float, highest: f
     top − b may be negative (a metric that rises with loss): the link is monotone in either direction.
     """
     if not lowest < highest:
-        raise ValueError(f"TaskLadder: metric_range must be (lowest, highest) with lowest < highest, got "
-                         f"{(lowest, highest)}")
+        raise ValueError(
+            f"TaskLadder: metric_range must be (lowest, highest) with lowest < highest, got {(lowest, highest)}"
+        )
     spread = max(float(np.ptp(loss)), 1e-12)
 
     def residual(theta):
@@ -231,15 +254,17 @@ def _fit_sigmoid(loss: np.ndarray, metric: np.ndarray, lowest: float, highest: f
     for scale in (1.0, 4.0, 16.0):
         for centre in np.quantile(loss, [0.1, 0.5, 0.9]):
             start = [b0, top0, math.log(scale / spread), float(centre)]
-            fit = least_squares(residual, start, bounds=([lowest, lowest, -np.inf, -np.inf],
-                                                         [highest, highest, np.inf, np.inf]))
+            fit = least_squares(
+                residual, start, bounds=([lowest, lowest, -np.inf, -np.inf], [highest, highest, np.inf, np.inf])
+            )
             if best is None or fit.cost < best.cost:
                 best = fit
     assert best is not None  # the loops above ran
     b, top, log_k, centre = best.x
     if not best.success:
-        warnings.warn(f"TaskLadder: the sigmoid link stopped before convergence ({best.message})", RuntimeWarning,
-                      stacklevel=4)
+        warnings.warn(
+            f"TaskLadder: the sigmoid link stopped before convergence ({best.message})", RuntimeWarning, stacklevel=4
+        )
     return {"b": float(b), "a": float(top - b), "k": float(math.exp(log_k)), "L0": float(centre)}
 
 
@@ -254,6 +279,7 @@ class TaskBacktest:
     points: n_params, n_tokens, task_loss, predicted_task_loss, metric, predicted_metric, link_only (the link
     applied to the measured task loss), error (predicted_metric − metric).
     """
+
     points: pd.DataFrame
     mean_abs_error: float  # both steps, metric units
     max_abs_error: float
@@ -265,31 +291,42 @@ class TaskBacktest:
     fit: TaskLadder
 
     def to_dict(self) -> dict:
-        return json_safe({
-            "mean_abs_error": self.mean_abs_error, "max_abs_error": self.max_abs_error,
-            "link_only_mean_abs_error": self.link_only_mean_abs_error,
-            "task_loss_mean_abs_relative_error": self.task_loss_mean_abs_relative_error, "n_train": self.n_train,
-            "n_holdout": self.n_holdout, "holdout_n_params": list(self.holdout_n_params),
-            "points": self.points.to_dict("records"), "fit": self.fit.to_dict()})
+        return json_safe(
+            {
+                "mean_abs_error": self.mean_abs_error,
+                "max_abs_error": self.max_abs_error,
+                "link_only_mean_abs_error": self.link_only_mean_abs_error,
+                "task_loss_mean_abs_relative_error": self.task_loss_mean_abs_relative_error,
+                "n_train": self.n_train,
+                "n_holdout": self.n_holdout,
+                "holdout_n_params": list(self.holdout_n_params),
+                "points": self.points.to_dict("records"),
+                "fit": self.fit.to_dict(),
+            }
+        )
 
     def sentence(self, subject: str, metric_words: str) -> str:
         sizes = ", ".join(format_scale(n) for n in self.holdout_n_params)
-        return (f"{subject}: predicted from the smaller rungs, the largest ({sizes} parameters) is off by "
-                f"{self.mean_abs_error:.3g} {metric_words} on average (max "
-                f"{self.max_abs_error:.3g}; task loss off by {100 * self.task_loss_mean_abs_relative_error:.1f} %, the "
-                f"link alone by {self.link_only_mean_abs_error:.3g}; {self.fit.loss_law_} law, {self.fit.link_} link)")
+        return (
+            f"{subject}: predicted from the smaller rungs, the largest ({sizes} parameters) is off by "
+            f"{self.mean_abs_error:.3g} {metric_words} on average (max "
+            f"{self.max_abs_error:.3g}; task loss off by {100 * self.task_loss_mean_abs_relative_error:.1f} %, the "
+            f"link alone by {self.link_only_mean_abs_error:.3g}; {self.fit.loss_law_} law, {self.fit.link_} link)"
+        )
 
 
-def task_ladder_backtest(n_params, n_tokens, task_loss, metric, n_holdout_rungs: int = 1,
-                         estimator: TaskLadder | None = None) -> TaskBacktest:
+def task_ladder_backtest(
+    n_params, n_tokens, task_loss, metric, n_holdout_rungs: int = 1, estimator: TaskLadder | None = None
+) -> TaskBacktest:
     """Fit the two steps without the n_holdout_rungs largest sizes, then predict the held-out checkpoints."""
     owner = "task_ladder_backtest"
     columns = _as_columns(owner, n_params=n_params, n_tokens=n_tokens, task_loss=task_loss, metric=metric)
     columns = dict(zip(("n_params", "n_tokens", "task_loss", "metric"), _usable(owner, columns), strict=True))
     rungs = np.unique(columns["n_params"])
     if not 1 <= n_holdout_rungs <= rungs.size - 2:
-        raise ValueError(f"{owner}: n_holdout_rungs={n_holdout_rungs} must leave at least 2 of the {rungs.size} "
-                         "model sizes to fit")
+        raise ValueError(
+            f"{owner}: n_holdout_rungs={n_holdout_rungs} must leave at least 2 of the {rungs.size} model sizes to fit"
+        )
     held_out_sizes = rungs[-n_holdout_rungs:]
     held = np.isin(columns["n_params"], held_out_sizes)
     template = estimator if estimator is not None else TaskLadder()
@@ -301,9 +338,14 @@ def task_ladder_backtest(n_params, n_tokens, task_loss, metric, n_holdout_rungs:
     points["link_only"] = ladder.predict_from_loss(points["task_loss"])
     points["error"] = points["predicted_metric"] - points["metric"]
     relative = ((points["predicted_task_loss"] - points["task_loss"]) / points["task_loss"]).abs()
-    return TaskBacktest(points=points, mean_abs_error=float(points["error"].abs().mean()),
-                        max_abs_error=float(points["error"].abs().max()),
-                        link_only_mean_abs_error=float((points["link_only"] - points["metric"]).abs().mean()),
-                        task_loss_mean_abs_relative_error=float(relative.mean()), n_train=int((~held).sum()),
-                        n_holdout=int(held.sum()), holdout_n_params=tuple(float(n) for n in held_out_sizes),
-                        fit=ladder)
+    return TaskBacktest(
+        points=points,
+        mean_abs_error=float(points["error"].abs().mean()),
+        max_abs_error=float(points["error"].abs().max()),
+        link_only_mean_abs_error=float((points["link_only"] - points["metric"]).abs().mean()),
+        task_loss_mean_abs_relative_error=float(relative.mean()),
+        n_train=int((~held).sum()),
+        n_holdout=int(held.sum()),
+        holdout_n_params=tuple(float(n) for n in held_out_sizes),
+        fit=ladder,
+    )

@@ -44,12 +44,14 @@ POWER = 0.8  # for the minimal detectable slope
 # RMSE and MAE: 0.02 × the task's label sd per decade. Predicting the mean scores RMSE ≈ label sd, so this
 #   is 2 % of the no-skill error per decade, about what 0.01 is on ROC-AUC's useful range of 0.5 (0.5–1);
 #   scaling by the label sd makes one margin serve ESOL (log mol/L) and FreeSolv (kcal/mol) alike.
-PLATEAU_MARGINS = types.MappingProxyType({
-    "roc_auc": (0.01, "absolute"),
-    "prc_auc": (0.01, "absolute"),
-    "rmse": (0.02, "label_sd"),
-    "mae": (0.02, "label_sd"),
-})
+PLATEAU_MARGINS = types.MappingProxyType(
+    {
+        "roc_auc": (0.01, "absolute"),
+        "prc_auc": (0.01, "absolute"),
+        "rmse": (0.02, "label_sd"),
+        "mae": (0.02, "label_sd"),
+    }
+)
 METRIC_WORDS = types.MappingProxyType({"roc_auc": "ROC-AUC", "prc_auc": "PRC-AUC", "rmse": "RMSE", "mae": "MAE"})
 
 
@@ -66,21 +68,27 @@ def plateau_margin(metric: str, label_sd: float | None = None, margin: float | N
     """
     if margin is not None:
         if not (math.isfinite(margin) and margin > 0):
-            raise ValueError(f"plateau_margin: margin must be a positive number (metric units per decade), got "
-                             f"{margin!r}")
+            raise ValueError(
+                f"plateau_margin: margin must be a positive number (metric units per decade), got {margin!r}"
+            )
         return PlateauMargin(float(margin), "given")
     if metric not in PLATEAU_MARGINS:
-        raise ValueError(f"plateau_margin: no default margin for metric {metric!r} (defaults exist for "
-                         f"{sorted(PLATEAU_MARGINS)}); give one in metric units per decade (fits.plateau_margin)")
+        raise ValueError(
+            f"plateau_margin: no default margin for metric {metric!r} (defaults exist for "
+            f"{sorted(PLATEAU_MARGINS)}); give one in metric units per decade (fits.plateau_margin)"
+        )
     value, basis = PLATEAU_MARGINS[metric]
     words = METRIC_WORDS.get(metric, metric)
     if basis == "absolute":
         return PlateauMargin(value, f"default for {words}: {value:g} per decade")
     if label_sd is None or not (math.isfinite(label_sd) and label_sd > 0):
-        raise ValueError(f"plateau_margin: the {words} margin is {value:g} × the task's label sd, and label_sd="
-                         f"{label_sd!r} is not a positive number")
-    return PlateauMargin(value * float(label_sd), f"default for {words}: {value:g} × label sd ({label_sd:.3g}) "
-                                                  "per decade")
+        raise ValueError(
+            f"plateau_margin: the {words} margin is {value:g} × the task's label sd, and label_sd="
+            f"{label_sd!r} is not a positive number"
+        )
+    return PlateauMargin(
+        value * float(label_sd), f"default for {words}: {value:g} × label sd ({label_sd:.3g}) per decade"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,6 +104,7 @@ class TrendVerdict:
     scale of 1 − level (two-sided p against 0 for improving/degrading, 2·p_tost for plateau, the smaller of
     the two for inconclusive), so that `correct` can adjust one p per trend.
     """
+
     verdict: str
     slope: float
     ci: tuple[float, float]
@@ -143,14 +152,19 @@ class TrendVerdict:
         half = (self.ci[1] - self.ci[0]) / 2
         level = f"{round(100 * self.level)} %"
         lo, hi = (_like(end, half) for end in self.ci)
-        numbers = (f"slope {format_with_uncertainty(self.slope, half)} per decade of {x_words} "
-                   f"({format_scale(self.x_range[0])}–{format_scale(self.x_range[1])}), {level} CI {lo}…{hi}, "
-                   f"margin ±{self.margin:.3g}")
+        numbers = (
+            f"slope {format_with_uncertainty(self.slope, half)} per decade of {x_words} "
+            f"({format_scale(self.x_range[0])}–{format_scale(self.x_range[1])}), {level} CI {lo}…{hi}, "
+            f"margin ±{self.margin:.3g}"
+        )
         behind = f"{self.n_runs} runs, {self.n_points} points, {self.method_description}"
         corrected = f"; {self.correction}, adjusted p = {self.p_adjusted:.2g}" if self.correction else ""
-        head = {"improving": "Improving", "degrading": "Degrading",
-                "plateau": f"Plateau (flat within ±{self.margin:.3g} per decade)",
-                "inconclusive": "Inconclusive"}[self.verdict]
+        head = {
+            "improving": "Improving",
+            "degrading": "Degrading",
+            "plateau": f"Plateau (flat within ±{self.margin:.3g} per decade)",
+            "inconclusive": "Inconclusive",
+        }[self.verdict]
         tail = ""
         if self.verdict == "inconclusive":
             tail = f"; the grid detects slopes of ±{self.min_detectable_slope:.2g} per decade (80 % power)"
@@ -163,24 +177,53 @@ def _like(value: float, half_width: float) -> str:
     return format_with_uncertainty(value, half_width).split(" ± ")[0]
 
 
-def judge(estimate: SlopeEstimate, margin: PlateauMargin | float, higher_is_better: bool = True,
-          x_grows_with_scale: bool = True, level: float = 0.95, axis: str = "", held_fixed: str = "",
-          x_range: tuple[float, float] = (math.nan, math.nan)) -> TrendVerdict:
+def judge(
+    estimate: SlopeEstimate,
+    margin: PlateauMargin | float,
+    higher_is_better: bool = True,
+    x_grows_with_scale: bool = True,
+    level: float = 0.95,
+    axis: str = "",
+    held_fixed: str = "",
+    x_range: tuple[float, float] = (math.nan, math.nan),
+) -> TrendVerdict:
     """Read a run-level slope as improving / degrading / plateau / inconclusive (module docstring)."""
     if not 0.5 < level < 1:
         raise ValueError(f"judge: level must be in (0.5, 1), got {level!r}")
     margin = margin if isinstance(margin, PlateauMargin) else PlateauMargin(float(margin), "given")
-    common: dict[str, Any] = {"level": level, "margin": margin.per_decade, "margin_source": margin.source,
-                              "n_points": estimate.n_points, "n_runs": estimate.n_runs, "method": estimate.method,
-                              "axis": axis, "held_fixed": held_fixed, "higher_is_better": higher_is_better,
-                              "x_grows_with_scale": x_grows_with_scale, "x_range": x_range}
+    common: dict[str, Any] = {
+        "level": level,
+        "margin": margin.per_decade,
+        "margin_source": margin.source,
+        "n_points": estimate.n_points,
+        "n_runs": estimate.n_runs,
+        "method": estimate.method,
+        "axis": axis,
+        "held_fixed": held_fixed,
+        "higher_is_better": higher_is_better,
+        "x_grows_with_scale": x_grows_with_scale,
+        "x_range": x_range,
+    }
     if not estimate.testable or not estimate.se > 0:
         nan = math.nan
         reason = estimate.reason or f"the slope's standard error is {estimate.se!r}"
-        return TrendVerdict(verdict="inconclusive", slope=nan, ci=(nan, nan), se=nan, df=nan, p_zero=nan,
-                            p_improving=nan, p_degrading=nan, p_tost=nan, p_verdict=nan, min_detectable_slope=nan,
-                            method_description=METHODS[estimate.method], reason=reason,
-                            raw_verdict="inconclusive", **common)
+        return TrendVerdict(
+            verdict="inconclusive",
+            slope=nan,
+            ci=(nan, nan),
+            se=nan,
+            df=nan,
+            p_zero=nan,
+            p_improving=nan,
+            p_degrading=nan,
+            p_tost=nan,
+            p_verdict=nan,
+            min_detectable_slope=nan,
+            method_description=METHODS[estimate.method],
+            reason=reason,
+            raw_verdict="inconclusive",
+            **common,
+        )
     alpha = (1 - level) / 2
     slope, se, df, m = estimate.slope, estimate.se, estimate.df, margin.per_decade
     sign = (1 if higher_is_better else -1) * (1 if x_grows_with_scale else -1)  # +: this slope means "better"
@@ -196,23 +239,40 @@ def judge(estimate: SlopeEstimate, margin: PlateauMargin | float, higher_is_bett
         verdict, p_verdict = "inconclusive", min(p_zero, 2 * p_tost, 1.0)
     mds = float((stats.t.ppf(1 - alpha, df) + stats.t.ppf(POWER, df)) * se)
     settle = _what_would_settle(mds, m, estimate) if verdict == "inconclusive" else ""
-    return TrendVerdict(verdict=verdict, slope=slope, ci=estimate.ci(level), se=se, df=df, p_zero=p_zero,
-                        p_improving=p_improving, p_degrading=p_degrading, p_tost=p_tost, p_verdict=p_verdict,
-                        min_detectable_slope=mds, method_description=estimate.description, settle=settle,
-                        raw_verdict=verdict, **common)
+    return TrendVerdict(
+        verdict=verdict,
+        slope=slope,
+        ci=estimate.ci(level),
+        se=se,
+        df=df,
+        p_zero=p_zero,
+        p_improving=p_improving,
+        p_degrading=p_degrading,
+        p_tost=p_tost,
+        p_verdict=p_verdict,
+        min_detectable_slope=mds,
+        method_description=estimate.description,
+        settle=settle,
+        raw_verdict=verdict,
+        **common,
+    )
 
 
 def _what_would_settle(mds: float, margin: float, estimate: SlopeEstimate) -> str:
     """The standard error falls as 1/√(runs) and as 1/(decades spanned): how much more would make MDS ≤ margin."""
     factor = (mds / margin) ** 2
     if factor <= 1:
-        return ("the grid could detect a slope of the margin's size, yet the interval straddles a margin end: "
-                "a few more runs would settle it")
+        return (
+            "the grid could detect a slope of the margin's size, yet the interval straddles a margin end: "
+            "a few more runs would settle it"
+        )
     runs = math.ceil(factor * estimate.n_runs)
     wider = math.sqrt(factor) * estimate.x_decades
-    return (f"to detect ±{margin:.3g} per decade it would take ~{factor:.0f}× the runs (~{runs} instead of "
-            f"{estimate.n_runs}, e.g. more seeds) at these scales, or scales spanning ~{wider:.1f} decades instead "
-            f"of {estimate.x_decades:.1f}")
+    return (
+        f"to detect ±{margin:.3g} per decade it would take ~{factor:.0f}× the runs (~{runs} instead of "
+        f"{estimate.n_runs}, e.g. more seeds) at these scales, or scales spanning ~{wider:.1f} decades instead "
+        f"of {estimate.x_decades:.1f}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,10 +318,12 @@ def correct(verdicts: Sequence[TrendVerdict], method: str = "holm") -> list[Tren
         settle = verdict.settle
         if final != "inconclusive" and not p_adj < 1 - verdict.level:
             final = "inconclusive"
-            settle = (f"{verdict.raw_verdict} before the correction (p = {verdict.p_verdict:.2g}); not definite "
-                      f"after {words}")
-        out.append(dataclasses.replace(verdict, verdict=final, p_adjusted=float(p_adj), correction=words,
-                                       settle=settle))
+            settle = (
+                f"{verdict.raw_verdict} before the correction (p = {verdict.p_verdict:.2g}); not definite after {words}"
+            )
+        out.append(
+            dataclasses.replace(verdict, verdict=final, p_adjusted=float(p_adj), correction=words, settle=settle)
+        )
     return out
 
 
@@ -272,6 +334,7 @@ def correct(verdicts: Sequence[TrendVerdict], method: str = "holm") -> list[Tren
 @dataclasses.dataclass(frozen=True)
 class AxisTrend:
     """The verdict along one axis, combined over the held-fixed strata, and one per stratum."""
+
     axis: str
     held_fixed: str
     combined: TrendVerdict
@@ -279,9 +342,15 @@ class AxisTrend:
     combine: str  # "stratified" (one slope, an intercept per stratum, runs as clusters) or "inverse_variance"
 
     def to_dict(self) -> dict:
-        return json_safe({"axis": self.axis, "held_fixed": self.held_fixed, "combine": self.combine,
-                            "combined": self.combined.to_dict(),
-                            "per_stratum": [{"value": value, **v.to_dict()} for value, v in self.per_stratum]})
+        return json_safe(
+            {
+                "axis": self.axis,
+                "held_fixed": self.held_fixed,
+                "combine": self.combine,
+                "combined": self.combined.to_dict(),
+                "per_stratum": [{"value": value, **v.to_dict()} for value, v in self.per_stratum],
+            }
+        )
 
 
 def _strata(values: np.ndarray, rtol: float) -> np.ndarray:
@@ -299,12 +368,24 @@ def _strata(values: np.ndarray, rtol: float) -> np.ndarray:
     return labels
 
 
-def axis_trend(table: pd.DataFrame, x_col: str, y_col: str = "value", stratum_col: str | None = None,
-               higher_is_better: bool = True, margin: PlateauMargin | float = 0.01, x_grows_with_scale: bool = True,
-               run_col: str | None = "trial_id", block_col: str | None = "split_seed",
-               method: str = "cluster_jackknife", combine: str = "stratified", level: float = 0.95,
-               stratum_rtol: float = 0.02, held_fixed_words: str | None = None, n_bootstrap: int = 2000,
-               seed: int = 0) -> AxisTrend:
+def axis_trend(
+    table: pd.DataFrame,
+    x_col: str,
+    y_col: str = "value",
+    stratum_col: str | None = None,
+    higher_is_better: bool = True,
+    margin: PlateauMargin | float = 0.01,
+    x_grows_with_scale: bool = True,
+    run_col: str | None = "trial_id",
+    block_col: str | None = "split_seed",
+    method: str = "cluster_jackknife",
+    combine: str = "stratified",
+    level: float = 0.95,
+    stratum_rtol: float = 0.02,
+    held_fixed_words: str | None = None,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> AxisTrend:
     """The slope of y_col per decade of x_col at fixed stratum_col, per stratum and combined.
 
     combine="stratified": one slope with an intercept per stratum, clustered by run, so a run seen in several
@@ -323,15 +404,29 @@ def axis_trend(table: pd.DataFrame, x_col: str, y_col: str = "value", stratum_co
         frame["_stratum"] = _strata(pd.to_numeric(frame[stratum_col], errors="coerce").to_numpy(float), stratum_rtol)
         frame = frame[np.isfinite(frame["_stratum"].to_numpy(float))]
         n_strata_words = f"{frame['_stratum'].nunique()} values"
-    held = held_fixed_words if held_fixed_words is not None else (
-        f"{stratum_col} held fixed ({n_strata_words})" if stratum_col else "")
+    held = (
+        held_fixed_words
+        if held_fixed_words is not None
+        else (f"{stratum_col} held fixed ({n_strata_words})" if stratum_col else "")
+    )
     x_values = pd.to_numeric(frame[x_col], errors="coerce").to_numpy(float)
     positive = x_values[np.isfinite(x_values) & (x_values > 0)]
     x_range = (float(positive.min()), float(positive.max())) if positive.size else (math.nan, math.nan)
-    common: dict[str, Any] = {"higher_is_better": higher_is_better, "x_grows_with_scale": x_grows_with_scale,
-                              "level": level, "axis": x_col}
-    fit: dict[str, Any] = {"x_col": x_col, "y_col": y_col, "run_col": run_col, "block_col": block_col,
-                           "method": method, "n_bootstrap": n_bootstrap, "seed": seed}
+    common: dict[str, Any] = {
+        "higher_is_better": higher_is_better,
+        "x_grows_with_scale": x_grows_with_scale,
+        "level": level,
+        "axis": x_col,
+    }
+    fit: dict[str, Any] = {
+        "x_col": x_col,
+        "y_col": y_col,
+        "run_col": run_col,
+        "block_col": block_col,
+        "method": method,
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+    }
 
     per_stratum, estimates = [], []
     if stratum_col is not None:
@@ -341,34 +436,74 @@ def axis_trend(table: pd.DataFrame, x_col: str, y_col: str = "value", stratum_co
             xs = pd.to_numeric(rows[x_col], errors="coerce").to_numpy(float)
             xs = xs[np.isfinite(xs) & (xs > 0)]
             rng = (float(xs.min()), float(xs.max())) if xs.size else (math.nan, math.nan)
-            per_stratum.append((float(value), judge(estimate, margin, held_fixed=f"{stratum_col} held at "
-                                                    f"{format_scale(float(value))}", x_range=rng, **common)))
+            per_stratum.append(
+                (
+                    float(value),
+                    judge(
+                        estimate,
+                        margin,
+                        held_fixed=f"{stratum_col} held at {format_scale(float(value))}",
+                        x_range=rng,
+                        **common,
+                    ),
+                )
+            )
     if combine == "inverse_variance" and stratum_col is not None:
         combined = pool_inverse_variance(estimates)
     else:
         combined = fit_slope(frame, stratum_col="_stratum" if stratum_col is not None else None, **fit)
     verdict = judge(combined, margin, held_fixed=held, x_range=x_range, **common)
-    return AxisTrend(axis=x_col, held_fixed=held, combined=verdict, per_stratum=tuple(per_stratum),
-                     combine=combine if stratum_col is not None else "none")
+    return AxisTrend(
+        axis=x_col,
+        held_fixed=held,
+        combined=verdict,
+        per_stratum=tuple(per_stratum),
+        combine=combine if stratum_col is not None else "none",
+    )
 
 
-def scaling_verdicts(table: pd.DataFrame, y_col: str = "value", higher_is_better: bool = True,
-                     margin: PlateauMargin | float = 0.01, n_col: str = "n_params_non_embedding",
-                     d_col: str = "tokens", c_col: str = "flops", loss_col: str = "pretrain_val_loss",
-                     run_col: str = "trial_id", block_col: str | None = "split_seed",
-                     method: str = "cluster_jackknife", combine: str = "stratified", level: float = 0.95,
-                     n_bootstrap: int = 2000, seed: int = 0) -> dict[str, AxisTrend]:
+def scaling_verdicts(
+    table: pd.DataFrame,
+    y_col: str = "value",
+    higher_is_better: bool = True,
+    margin: PlateauMargin | float = 0.01,
+    n_col: str = "n_params_non_embedding",
+    d_col: str = "tokens",
+    c_col: str = "flops",
+    loss_col: str = "pretrain_val_loss",
+    run_col: str = "trial_id",
+    block_col: str | None = "split_seed",
+    method: str = "cluster_jackknife",
+    combine: str = "stratified",
+    level: float = 0.95,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> dict[str, AxisTrend]:
     """N at fixed D, D at fixed N, and C along the compute frontier (checkpoints no cheaper one beats on
     pretraining loss), for one task and mode; keys "n", "d", "c". Rows: one per checkpoint × split seed."""
-    shared: dict[str, Any] = {"y_col": y_col, "higher_is_better": higher_is_better, "margin": margin,
-                              "run_col": run_col, "block_col": block_col, "method": method, "level": level,
-                              "n_bootstrap": n_bootstrap, "seed": seed}
-    out = {"n": axis_trend(table, n_col, stratum_col=d_col, combine=combine, **shared),
-           "d": axis_trend(table, d_col, stratum_col=n_col, combine=combine, **shared)}
+    shared: dict[str, Any] = {
+        "y_col": y_col,
+        "higher_is_better": higher_is_better,
+        "margin": margin,
+        "run_col": run_col,
+        "block_col": block_col,
+        "method": method,
+        "level": level,
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+    }
+    out = {
+        "n": axis_trend(table, n_col, stratum_col=d_col, combine=combine, **shared),
+        "d": axis_trend(table, d_col, stratum_col=n_col, combine=combine, **shared),
+    }
     if c_col in table.columns and loss_col in table.columns:
         frontier = table[compute_frontier_mask(table, c_col, loss_col, (run_col, d_col))]
-        out["c"] = axis_trend(frontier, c_col, held_fixed_words="along the compute frontier (the lowest "
-                                                                "pretraining loss at each C)", **shared)
+        out["c"] = axis_trend(
+            frontier,
+            c_col,
+            held_fixed_words="along the compute frontier (the lowest pretraining loss at each C)",
+            **shared,
+        )
     return out
 
 
@@ -376,10 +511,20 @@ def scaling_verdicts(table: pd.DataFrame, y_col: str = "value", higher_is_better
 # The same verdict on any table
 
 
-def trend_on_table(table: pd.DataFrame, x_col: str, y_col: str, group_col: str | None = None,
-                   higher_is_better: bool = True, margin: float | None = None, x_grows_with_scale: bool = True,
-                   block_col: str | None = None, level: float = 0.95, method: str | None = None,
-                   metric: str | None = None, label_sd: float | None = None) -> dict:
+def trend_on_table(
+    table: pd.DataFrame,
+    x_col: str,
+    y_col: str,
+    group_col: str | None = None,
+    higher_is_better: bool = True,
+    margin: float | None = None,
+    x_grows_with_scale: bool = True,
+    block_col: str | None = None,
+    level: float = 0.95,
+    method: str | None = None,
+    metric: str | None = None,
+    label_sd: float | None = None,
+) -> dict:
     """The verdict of y_col per decade of x_col (log10) on a user's table, as JSON-ready values.
 
     group_col: the independent unit (a run); rows of one group are resampled together (cluster jackknife).
@@ -388,20 +533,47 @@ def trend_on_table(table: pd.DataFrame, x_col: str, y_col: str, group_col: str |
     """
     chosen = plateau_margin(metric or y_col, label_sd=label_sd, margin=margin)
     method = method or ("cluster_jackknife" if group_col is not None else "iid")
-    trend = axis_trend(table, x_col, y_col=y_col, higher_is_better=higher_is_better, margin=chosen,
-                       x_grows_with_scale=x_grows_with_scale, run_col=group_col, block_col=block_col,
-                       method=method, level=level)
+    trend = axis_trend(
+        table,
+        x_col,
+        y_col=y_col,
+        higher_is_better=higher_is_better,
+        margin=chosen,
+        x_grows_with_scale=x_grows_with_scale,
+        run_col=group_col,
+        block_col=block_col,
+        method=method,
+        level=level,
+    )
     verdict = trend.combined
-    return json_safe({
-        "status": "ok" if verdict.testable else "skipped", "verdict": verdict.verdict, "x_col": x_col,
-        "y_col": y_col, "group_col": group_col, "slope_per_decade": verdict.slope, "ci": list(verdict.ci),
-        "level": level, "se": verdict.se, "df": verdict.df, "margin": verdict.margin,
-        "margin_source": verdict.margin_source, "min_detectable_slope": verdict.min_detectable_slope,
-        "p_zero": verdict.p_zero, "p_improving": verdict.p_improving, "p_degrading": verdict.p_degrading,
-        "p_tost": verdict.p_tost, "n_points": verdict.n_points, "n_groups": verdict.n_runs,
-        "method": verdict.method, "method_description": verdict.method_description, "settle": verdict.settle,
-        "reason": verdict.reason, "sentence": verdict.sentence(y_col, x_col),
-    })
+    return json_safe(
+        {
+            "status": "ok" if verdict.testable else "skipped",
+            "verdict": verdict.verdict,
+            "x_col": x_col,
+            "y_col": y_col,
+            "group_col": group_col,
+            "slope_per_decade": verdict.slope,
+            "ci": list(verdict.ci),
+            "level": level,
+            "se": verdict.se,
+            "df": verdict.df,
+            "margin": verdict.margin,
+            "margin_source": verdict.margin_source,
+            "min_detectable_slope": verdict.min_detectable_slope,
+            "p_zero": verdict.p_zero,
+            "p_improving": verdict.p_improving,
+            "p_degrading": verdict.p_degrading,
+            "p_tost": verdict.p_tost,
+            "n_points": verdict.n_points,
+            "n_groups": verdict.n_runs,
+            "method": verdict.method,
+            "method_description": verdict.method_description,
+            "settle": verdict.settle,
+            "reason": verdict.reason,
+            "sentence": verdict.sentence(y_col, x_col),
+        }
+    )
 
 
 def verdict_counts(verdicts: Mapping[str, TrendVerdict] | Sequence[TrendVerdict]) -> dict[str, int]:

@@ -27,7 +27,6 @@ def test_ruff_check():
     _run("ruff", "check", "engine", "fits", timeout=120)
 
 
-@pytest.mark.xfail(strict=True, reason="ruff format lands in one commit after the open branches merge")
 def test_ruff_format():
     _run("ruff", "format", "--check", "engine", "fits", timeout=120)
 
