@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -320,35 +317,16 @@ def _gpu_nodes(ray) -> list[str]:
 @pytest.mark.slow  # 4-6 min on the shared 2-core machine
 @pytest.mark.timeout(SCENARIO_TIMEOUT_S + 120)
 def test_gpu_trials_wait_for_the_autoscaler_then_run_on_the_node_it_adds(tmp_path):
-    from test_multinode import MARKER, _kill_all
+    from test_multinode import run_scenario
 
-    marker = uuid.uuid4().hex
-    ray_tmp = Path(tempfile.mkdtemp(prefix="clm-as-"))  # short: Ray's socket paths live under it
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, MARKER: marker, "RAY_TMPDIR": str(ray_tmp), "HOME": str(home),
-           "RAY_AUTH_MODE": "disabled",  # a loopback-only test cluster; no token under the temporary HOME
-           "RAY_ENABLE_AUTO_CONNECT": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "scenario.log"
-    start = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=SCENARIO_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            left = _kill_all(proc, marker, ray_tmp)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    wall = time.monotonic() - start
-    tail = log.read_text(errors="replace")[-6000:]
-    observed = json.loads((tmp_path / "observed.json").read_text()) if (tmp_path / "observed.json").exists() else {}
-    print(json.dumps({**observed, "test_wall_s": wall}, indent=1))
-    assert rc == 0, f"scenario exited {rc} in phase {observed.get('phase')}: {observed.get('error')}\n{tail}"
-    assert not left, f"processes left behind: {left}"
+    outcome = run_scenario(__file__, tmp_path, prefix="clm-as-", timeout_s=SCENARIO_TIMEOUT_S, tests_on_path=True,
+                           env={"HOME": str(home),
+                                "RAY_AUTH_MODE": "disabled",  # a loopback-only test cluster; no token under HOME
+                                "RAY_USAGE_STATS_ENABLED": "0"})
+    outcome.check()
+    observed = outcome.observed
 
     from clmscale.engine.rundir import RunDir
 

@@ -19,11 +19,9 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -183,31 +181,13 @@ def _query(api: str, query: str) -> list:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
     """Runs the scenario once (with prometheus where found); its observations."""
-    from test_multinode import MARKER, _kill_all
+    from test_multinode import run_scenario
 
     work = tmp_path_factory.mktemp("metrics")
-    marker = uuid.uuid4().hex
-    ray_tmp = Path(tempfile.mkdtemp(prefix="clm-me-"))  # short: Ray's socket paths live under it
-    env = {**os.environ, MARKER: marker, "RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_AUTO_CONNECT": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
-    env.pop("RAY_ADDRESS", None)
-    log = work / "scenario.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, __file__, str(work), prometheus_binary() or ""], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=SCENARIO_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            left = _kill_all(proc, marker, ray_tmp)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    observed = json.loads((work / "observed.json").read_text()) if (work / "observed.json").exists() else {}
-    print(json.dumps(observed, indent=1))
-    tail = log.read_text(errors="replace")[-6000:]
-    assert rc == 0, f"scenario exited {rc} in phase {observed.get('phase')}: {observed.get('error')}\n{tail}"
-    assert not left, f"processes left behind: {left}"
-    return observed
+    outcome = run_scenario(__file__, work, prometheus_binary() or "", prefix="clm-me-", timeout_s=SCENARIO_TIMEOUT_S,
+                           tests_on_path=True)
+    outcome.check()
+    return outcome.observed
 
 
 @pytest.mark.slow  # ~2 min on the 2-core machine

@@ -20,6 +20,7 @@ by process tree, by an environment marker, and by files open under its temp dir)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -225,6 +226,54 @@ def _wait_for(probe, timeout: float, alive=lambda: True, what: str = "it", every
 # the test, in the pytest process
 
 
+@dataclasses.dataclass
+class Outcome:
+    """How a scenario subprocess ended: its exit code (None: killed at the timeout), what it wrote to
+    WORK/observed.json, the tail of its log, the pids still alive after the cleanup, its wall time."""
+
+    rc: int | None
+    observed: dict
+    log_tail: str
+    left: list[int]
+    wall_s: float
+
+    def check(self, what: str = "scenario") -> None:
+        seen = self.observed
+        phase = f" in phase {seen.get('phase')}: {seen.get('error')}" if "phase" in seen else ""
+        assert self.rc == 0, f"{what} exited {self.rc}{phase}\n{self.log_tail}"
+        assert not self.left, f"processes left behind: {self.left}"
+
+
+def run_scenario(script: str, work: Path, *args: str, prefix: str, timeout_s: float,
+                 env: dict[str, str] | None = None, tests_on_path: bool = False) -> Outcome:
+    """`python script WORK ARGS` in a session of its own, with its own Ray temp dir (RAY_TMPDIR: the
+    cluster's address file and sockets land there, not in /tmp/ray), no Ray auto-connect and no
+    RAY_ADDRESS, so it starts its own cluster and never touches the session's. When it ends, or at the
+    timeout, every process it started is killed (`_kill_all`). `env` adds to or overrides the variables."""
+    marker = uuid.uuid4().hex
+    ray_tmp = Path(tempfile.mkdtemp(prefix=prefix))  # short: Ray's socket paths live under it
+    paths = [str(REPO), *([str(REPO / "tests")] if tests_on_path else []), os.environ.get("PYTHONPATH")]
+    full = {**os.environ, MARKER: marker, "RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_AUTO_CONNECT": "0",
+            "PYTHONPATH": os.pathsep.join(filter(None, paths)), **(env or {})}
+    full.pop("RAY_ADDRESS", None)
+    log = work / "scenario.log"
+    start = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, script, str(work), *args], cwd=REPO, env=full, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            left = _kill_all(proc, marker, ray_tmp)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    wall = time.monotonic() - start
+    observed = json.loads((work / "observed.json").read_text()) if (work / "observed.json").exists() else {}
+    print(json.dumps({**observed, "test_wall_s": wall}, indent=1))
+    return Outcome(rc, observed, log.read_text(errors="replace")[-6000:], left, wall)
+
+
 def _kill_all(proc: subprocess.Popen, marker: str, ray_tmp: Path) -> list[int]:
     """SIGKILL the scenario and every process it started; the pids still alive 30 s later.
 
@@ -281,30 +330,9 @@ def _marked_pids(marker: str) -> list[int]:
 @pytest.mark.slow  # ~3 min on the 2-core machine (3.5 min with another test session running)
 @pytest.mark.timeout(SCENARIO_TIMEOUT_S + 120)
 def test_sweep_survives_a_lost_node_and_analysis_spreads_over_nodes(tmp_path):
-    marker = uuid.uuid4().hex
-    ray_tmp = Path(tempfile.mkdtemp(prefix="clm-mn-"))  # short: Ray's socket paths live under it
-    env = {**os.environ, MARKER: marker, "RAY_TMPDIR": str(ray_tmp),  # the cluster's address file too
-           "RAY_ENABLE_AUTO_CONNECT": "0",  # no stray ray.init after the cluster is gone
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "scenario.log"
-    start = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=SCENARIO_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            left = _kill_all(proc, marker, ray_tmp)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    wall = time.monotonic() - start
-    tail = log.read_text(errors="replace")[-6000:]
-    observed = json.loads((tmp_path / "observed.json").read_text()) if (tmp_path / "observed.json").exists() else {}
-    print(json.dumps({**observed, "test_wall_s": wall}, indent=1))
-    assert rc == 0, f"scenario exited {rc} in phase {observed.get('phase')}: {observed.get('error')}\n{tail}"
-    assert not left, f"processes left behind: {left}"
+    outcome = run_scenario(__file__, tmp_path, prefix="clm-mn-", timeout_s=SCENARIO_TIMEOUT_S)
+    outcome.check()
+    observed = outcome.observed
 
     from clmscale.engine.rundir import RunDir
 

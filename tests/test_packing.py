@@ -197,37 +197,14 @@ def test_mixed_sweep_packs_real_trials_and_matches_one_at_a_time(tmp_path):
     """Real trials (Ray Train + DeepSpeed on CPU) of 0.25, 0.5, 1 and 2 logical GPUs: packed, they all
     train at once; their losses and weights are bit-identical to the same grid run one trial at a time
     (CPU training is deterministic: each trial's batches, masks and seeds come from its own config)."""
-    import shutil
-    import tempfile
-    import time
-    import uuid
-
     from safetensors.torch import load_file
-    from test_multinode import MARKER, _kill_all
+    from test_multinode import run_scenario
 
     from clmscale.engine.rundir import RunDir
 
-    marker = uuid.uuid4().hex
-    ray_tmp = Path(tempfile.mkdtemp(prefix="clm-pk-"))  # short: Ray's socket paths live under it
-    env = {**os.environ, MARKER: marker, "RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_AUTO_CONNECT": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "scenario.log"
-    start = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            rc = proc.wait(timeout=MIXED_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            left = _kill_all(proc, marker, ray_tmp)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    observed = json.loads((tmp_path / "observed.json").read_text()) if (tmp_path / "observed.json").exists() else {}
-    print(json.dumps({**observed, "test_wall_s": time.monotonic() - start}, indent=1))
-    assert rc == 0, f"the sweeps exited {rc} after {observed}\n{log.read_text(errors='replace')[-6000:]}"
-    assert not left, f"processes left behind: {left}"
+    outcome = run_scenario(__file__, tmp_path, prefix="clm-pk-", timeout_s=MIXED_TIMEOUT_S)
+    outcome.check("the sweeps")
+    observed = outcome.observed
 
     packed, serial = (RunDir(Path(observed[m]["run_dir"])) for m in ("packed", "serial"))
     trials = sorted(f"{n}_10ktok_s0" for n in SHAPES)
