@@ -227,16 +227,14 @@ def autoscaler_config(gcs_address: str) -> dict:
 def scenario(work: Path) -> None:
     """Autoscaling head up, the sweep (GPU trials, no GPU yet), the GPU node's arrival and departure
     watched from here; observations to work/observed.json."""
-    import threading
 
     import ray
-    from test_multinode import _free_port, _wait_for
+    from test_multinode import _free_port, _wait_for, sweep_in_background
     from test_sweep import write_sweep
 
     from clmscale.engine.config import load_sweep
     from clmscale.engine.prepare import prepare
     from clmscale.engine.rundir import RunDir
-    from clmscale.engine.sweep import run_sweep
 
     observed: dict = {"phase": "start"}
     out = work / "observed.json"
@@ -265,15 +263,7 @@ def scenario(work: Path) -> None:
                                                 "max_failures": 1, "scale_up_timeout_s": 180}))  # fmt: skip
         rd = RunDir(cfg.run_dir)
         prepare(cfg.data, rd.data)  # on the head's CPUs; run_sweep then finds it done
-        outcome: dict = {}
-
-        def sweep() -> None:
-            try:
-                outcome["table"] = run_sweep(cfg)
-            except BaseException as err:  # noqa: BLE001 - reported in observed.json
-                outcome["error"] = repr(err)
-
-        runner = threading.Thread(target=sweep, daemon=True)
+        runner, outcome = sweep_in_background(cfg)
         t_sweep = time.monotonic()
         runner.start()
         asked = _wait_for(_asked_for_gpus, timeout=120, alive=runner.is_alive, what="a request for GPUs", every=0.5)

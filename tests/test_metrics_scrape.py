@@ -55,14 +55,12 @@ def prometheus_binary() -> str | None:
 
 
 def scenario(work: Path, prometheus: str) -> None:
-    import threading
 
     import ray
-    from test_multinode import _free_port, _wait_for
+    from test_multinode import _free_port, _wait_for, sweep_in_background
     from test_sweep import write_sweep
 
     from clmscale.engine.config import load_sweep
-    from clmscale.engine.sweep import run_sweep
 
     observed: dict = {"phase": "start", "scraped": {}, "prometheus": None}
     out = work / "observed.json"
@@ -106,15 +104,7 @@ def scenario(work: Path, prometheus: str) -> None:
             save(prometheus_pid=prom.pid, api=api)
 
         cfg = load_sweep(write_sweep(work, "metrics", ["xxs"], [1.5e4], checkpoints=1))
-        outcome: dict = {}
-
-        def sweep() -> None:
-            try:
-                outcome["table"] = run_sweep(cfg)
-            except BaseException as err:  # noqa: BLE001 - reported in observed.json
-                outcome["error"] = repr(err)
-
-        runner = threading.Thread(target=sweep, daemon=True)
+        runner, outcome = sweep_in_background(cfg)
         runner.start()
         deadline = time.monotonic() + 360
         while runner.is_alive() and time.monotonic() < deadline:  # scrape while the trial reports

@@ -63,7 +63,6 @@ def scenario(work: Path) -> None:
     from clmscale.engine.config import load_sweep
     from clmscale.engine.prepare import prepare
     from clmscale.engine.rundir import RunDir
-    from clmscale.engine.sweep import run_sweep
 
     observed: dict = {"phase": "start"}
     out = work / "observed.json"
@@ -98,15 +97,7 @@ def scenario(work: Path) -> None:
         # max_failures is 0). So hold every worker node's CPUs until Tune has placed them on the head.
         hold = placement_group([{"CPU": WORKER_CPUS}] * len(workers), strategy="STRICT_SPREAD")
         ray.get(hold.ready(), timeout=60)
-        outcome: dict = {}
-
-        def sweep() -> None:
-            try:
-                outcome["table"] = run_sweep(cfg)
-            except BaseException as err:  # noqa: BLE001 - reported in observed.json
-                outcome["error"] = repr(err)
-
-        runner = threading.Thread(target=sweep, daemon=True)
+        runner, outcome = sweep_in_background(cfg)
         runner.start()
         t_sweep = time.monotonic()
         trial_actors = _wait_for(lambda: _actor_nodes("ImplicitFunc", len(TRIALS)), timeout=120,
@@ -208,6 +199,21 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def sweep_in_background(cfg) -> tuple[threading.Thread, dict]:
+    """A thread that runs `run_sweep(cfg)` (not started) and the dict it fills: "table", or "error"."""
+    from clmscale.engine.sweep import run_sweep
+
+    outcome: dict = {}
+
+    def sweep() -> None:
+        try:
+            outcome["table"] = run_sweep(cfg)
+        except BaseException as err:  # noqa: BLE001 - reported in observed.json
+            outcome["error"] = repr(err)
+
+    return threading.Thread(target=sweep, daemon=True), outcome
 
 
 def _wait_for(probe, timeout: float, alive=lambda: True, what: str = "it", every: float = 0.2):

@@ -19,6 +19,7 @@ from clmscale.engine.cli import app
 from clmscale.fits.fit import fit_run
 from clmscale.fits.report import build_report
 from clmscale.fits.verdicts import VERDICTS
+from fixtures.claims import FRONTIER_WORDS, all_verdicts
 from fixtures.make_run import (DIVERGED, DOWNSTREAM_TRUTH, FAILED, LABEL_SD, TRUTH, VAL_BEST, loss_law,
                                make_run)
 
@@ -29,7 +30,6 @@ FIGURES = ["loss_vs_compute", "loss_surface", "downstream_freesolv_demo", "downs
            "task_scaling", "landscape_1d", "landscape_2d", "landscape_pt_to_ft", "pca_trajectory",
            "pca_finetuned_freesolv_demo", "pca_finetuned_solubility"]
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
-FRONTIER_WORDS = re.compile(r"N\* ∝|D\* ∝|compute-optimal allocation", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +55,6 @@ def section(html: str, name: str) -> str:
     match = re.search(rf'<section id="{name}">(.*?)</section>', html, re.DOTALL)
     assert match, f"no section {name}"
     return match.group(1)
-
-
-def all_verdicts(fits: dict):
-    """(task, mode, axis, verdict dict, combined?) for every combined and per-stratum verdict in fits.json."""
-    for entry in fits["downstream"]:
-        for key, verdict in entry["verdicts"].items():
-            yield entry, key, verdict, True
-            for stratum in verdict["per_stratum"]:
-                yield entry, key, stratum, False
 
 
 # --------------------------------------------------------------------------------------------
