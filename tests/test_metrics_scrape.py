@@ -81,9 +81,11 @@ def scenario(work: Path, prometheus: str) -> None:
         endpoint = f"http://127.0.0.1:{metrics_port}/metrics"
         _wait_for(lambda: _get(endpoint), timeout=60, what=f"Ray's metrics endpoint {endpoint}", every=1.0)
         discovery = temp_dir / "prom_metrics_service_discovery.json"
-        targets = _wait_for(lambda: _targets(discovery), timeout=60, what=f"targets in {discovery}", every=1.0)
+        # Ray writes the file in steps (its own fixed ports first): wait until the node's export port is listed
+        exported = f":{metrics_port}"
+        targets = _wait_for(lambda: [t for t in _targets(discovery) if t.endswith(exported)] and _targets(discovery),
+                            timeout=60, what=f"the export port {metrics_port} in {discovery}", every=1.0)
         save(phase="ray", endpoint=endpoint, discovery=str(discovery), targets=targets)
-        assert any(t.endswith(f":{metrics_port}") for t in targets), targets  # the node's export port
 
         if prometheus:
             prom_port = _free_port()
