@@ -143,7 +143,8 @@ def test_status_command(grid):
     _, rd, _ = grid
     out = CliRunner().invoke(app, ["status", str(rd.root)])
     assert out.exit_code == 0, out.output
-    assert "diverged" in out.output and out.output.count("finished") == 3
+    assert "Trials: 4 (3 finished, 1 diverged)" in out.output  # the summary line, then one row per trial
+    assert out.output.count("finished") == 1 + 3 and out.output.count("diverged") == 1 + 1
 
 
 @pytest.mark.timeout(900)
