@@ -56,6 +56,7 @@ from clmscale.fits.verdicts import (
     CORRECTIONS,
     METRIC_WORDS,
     PLATEAU_MARGINS,
+    UNTESTED,
     AxisTrend,
     PlateauMargin,
     TrendVerdict,
@@ -395,25 +396,7 @@ def _label_sd(rows: pd.DataFrame) -> float | None:
 
 
 def _not_testable(verdict: TrendVerdict, reason: str) -> TrendVerdict:
-    nan = math.nan
-    return dataclasses.replace(
-        verdict,
-        verdict="inconclusive",
-        raw_verdict="inconclusive",
-        reason=reason,
-        slope=nan,
-        ci=(nan, nan),
-        se=nan,
-        p_zero=nan,
-        p_improving=nan,
-        p_degrading=nan,
-        p_tost=nan,
-        p_verdict=nan,
-        min_detectable_slope=nan,
-        settle="",
-        margin=nan,
-        margin_source="",
-    )
+    return dataclasses.replace(verdict, **UNTESTED, reason=reason, settle="", margin=math.nan, margin_source="")
 
 
 def _subject(task: str, mode: str, metric: str) -> str:

@@ -94,6 +94,13 @@ def plateau_margin(metric: str, label_sd: float | None = None, margin: float | N
 # --------------------------------------------------------------------------------------------
 # One verdict
 
+# the fields of a verdict whose slope could not be tested: no numbers, and "inconclusive"
+UNTESTED = types.MappingProxyType({
+    "verdict": "inconclusive", "raw_verdict": "inconclusive", "slope": math.nan, "ci": (math.nan, math.nan),
+    "se": math.nan, "p_zero": math.nan, "p_improving": math.nan, "p_degrading": math.nan, "p_tost": math.nan,
+    "p_verdict": math.nan, "min_detectable_slope": math.nan,
+})  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class TrendVerdict:
@@ -205,24 +212,9 @@ def judge(
         "x_range": x_range,
     }
     if not estimate.testable or not estimate.se > 0:
-        nan = math.nan
         reason = estimate.reason or f"the slope's standard error is {estimate.se!r}"
         return TrendVerdict(
-            verdict="inconclusive",
-            slope=nan,
-            ci=(nan, nan),
-            se=nan,
-            df=nan,
-            p_zero=nan,
-            p_improving=nan,
-            p_degrading=nan,
-            p_tost=nan,
-            p_verdict=nan,
-            min_detectable_slope=nan,
-            method_description=METHODS[estimate.method],
-            reason=reason,
-            raw_verdict="inconclusive",
-            **common,
+            **UNTESTED, df=math.nan, method_description=METHODS[estimate.method], reason=reason, **common
         )
     alpha = (1 - level) / 2
     slope, se, df, m = estimate.slope, estimate.se, estimate.df, margin.per_decade
