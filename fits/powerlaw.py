@@ -288,6 +288,8 @@ class _Estimator:
     ci_: dict[str, tuple[float, ...]]
     se_: dict[str, float]
     n_points_: int
+    bootstrap_: pd.DataFrame
+    n_bootstrap_failed_: int
 
     def get_params(self) -> dict:
         """The hyperparameters passed to __init__, by name."""
@@ -316,6 +318,22 @@ class _Estimator:
 
     def _extra_summary(self) -> dict:
         return {}
+
+
+def _set_bootstrap(
+    est: Any, owner: str, design, columns: tuple, log_y: np.ndarray, theta: np.ndarray, starts: np.ndarray
+) -> None:
+    """A fitted law's resamples and their summary: est.bootstrap_ (one row per resample), ci_, se_ and
+    n_bootstrap_failed_. Each refit is polished from `theta` and from the n_bootstrap_starts - 1 best of
+    the screened `starts`; with n_bootstrap 0 the table is empty."""
+    thetas = (
+        _bootstrap(design, columns, log_y, est.huber_delta, theta, starts[: max(est.n_bootstrap_starts - 1, 0)],
+                   est.n_bootstrap, est.seed, est.n_jobs)
+        if est.n_bootstrap > 0
+        else np.empty((0, len(est.param_names)))
+    )  # fmt: skip
+    est.bootstrap_ = pd.DataFrame([est._named(row) for row in thetas], columns=list(est.param_names))
+    est.ci_, est.se_, est.n_bootstrap_failed_ = _bootstrap_summary(est.bootstrap_, est.ci_level, owner)
 
 
 def _grid_summary(**columns: np.ndarray) -> dict[str, dict]:
@@ -402,24 +420,7 @@ class ChinchillaFit(_Estimator):
         self.n_points_ = int(log_loss.size)
         self.grid_ = _grid_summary(n_params=columns["n_params"], n_tokens=columns["n_tokens"], loss=columns["loss"])
 
-        extra_starts = starts[: max(self.n_bootstrap_starts - 1, 0)]
-        thetas = (
-            _bootstrap(
-                _chinchilla_design,
-                (log_n, log_d),
-                log_loss,
-                self.huber_delta,
-                theta,
-                extra_starts,
-                self.n_bootstrap,
-                self.seed,
-                self.n_jobs,
-            )
-            if self.n_bootstrap > 0
-            else np.empty((0, len(CHINCHILLA_PARAMS)))
-        )
-        self.bootstrap_ = pd.DataFrame([self._named(row) for row in thetas], columns=list(self.param_names))
-        self.ci_, self.se_, self.n_bootstrap_failed_ = _bootstrap_summary(self.bootstrap_, self.ci_level, owner)
+        _set_bootstrap(self, owner, _chinchilla_design, (log_n, log_d), log_loss, theta, starts)
         return self
 
     @staticmethod
@@ -512,24 +513,7 @@ class SaturatingPowerLaw(_Estimator):
         self.n_points_ = int(log_y.size)
         self.grid_ = _grid_summary(x=columns["x"], y=columns["y"])
 
-        extra_starts = starts[: max(self.n_bootstrap_starts - 1, 0)]
-        thetas = (
-            _bootstrap(
-                _saturating_design,
-                (log_x,),
-                log_y,
-                self.huber_delta,
-                theta,
-                extra_starts,
-                self.n_bootstrap,
-                self.seed,
-                self.n_jobs,
-            )
-            if self.n_bootstrap > 0
-            else np.empty((0, len(SATURATING_PARAMS)))
-        )
-        self.bootstrap_ = pd.DataFrame([self._named(row) for row in thetas], columns=list(self.param_names))
-        self.ci_, self.se_, self.n_bootstrap_failed_ = _bootstrap_summary(self.bootstrap_, self.ci_level, owner)
+        _set_bootstrap(self, owner, _saturating_design, (log_x,), log_y, theta, starts)
         return self
 
     def _data_grid(self, log_x: np.ndarray, log_y: np.ndarray) -> np.ndarray:

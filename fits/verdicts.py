@@ -95,7 +95,7 @@ def plateau_margin(metric: str, label_sd: float | None = None, margin: float | N
 # One verdict
 
 # the fields of a verdict whose slope could not be tested: no numbers, and "inconclusive"
-UNTESTED = types.MappingProxyType({
+UNTESTED: Mapping[str, Any] = types.MappingProxyType({
     "verdict": "inconclusive", "raw_verdict": "inconclusive", "slope": math.nan, "ci": (math.nan, math.nan),
     "se": math.nan, "p_zero": math.nan, "p_improving": math.nan, "p_degrading": math.nan, "p_tost": math.nan,
     "p_verdict": math.nan, "min_detectable_slope": math.nan,
