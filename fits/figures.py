@@ -573,6 +573,16 @@ def landscape_pt_to_ft(rows: pd.DataFrame, out: Path) -> Path:
 # parameter-space PCA
 
 
+def _pca_panel(ax, points: pd.DataFrame, group: str, left_out) -> None:
+    """Axis labels with each component's share of the variance, and the checkpoint as the panel's title."""
+    explained = points[["explained_1", "explained_2"]].iloc[0].to_numpy(float)
+    ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)", fontsize=8)
+    ax.set_ylabel(f"PC2 ({explained[1]:.0%})", fontsize=8)
+    ax.set_title(_short_group(group) + (" (did not finish)" if group in left_out else ""), fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.margins(0.2)
+
+
 def _short_group(group: str) -> str:
     """'…/trials/xs_100ktok_s0/checkpoints/100000' → 'xs_100ktok_s0 @ 10⁵'; anything else as it is."""
     parts = Path(str(group)).parts
@@ -620,12 +630,7 @@ def pca(
             labels = points["label"].astype(str).tolist()
         for x, y, text in zip(points["pc1"], points["pc2"], labels, strict=True):
             ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
-        explained = points[["explained_1", "explained_2"]].iloc[0].to_numpy(float)
-        ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)", fontsize=8)
-        ax.set_ylabel(f"PC2 ({explained[1]:.0%})", fontsize=8)
-        ax.set_title(_short_group(group) + (" (did not finish)" if group in left_out else ""), fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.margins(0.2)
+        _pca_panel(ax, points, group, left_out)
     for ax in axes[len(groups) :]:
         ax.set_visible(False)
     what = (
@@ -673,12 +678,7 @@ def pca_finetuned(
         ):
             if pd.notna(seed):
                 ax.annotate(f"seed {int(seed)}", (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
-        explained = points[["explained_1", "explained_2"]].iloc[0].to_numpy(float)
-        ax.set_xlabel(f"PC1 ({explained[0]:.0%} of variance)", fontsize=8)
-        ax.set_ylabel(f"PC2 ({explained[1]:.0%})", fontsize=8)
-        ax.set_title(_short_group(group) + (" (did not finish)" if group in left_out else ""), fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.margins(0.2)
+        _pca_panel(ax, points, group, left_out)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
     handles = {label: handle for handle, label in zip(*axes[0].get_legend_handles_labels(), strict=True)}
