@@ -194,8 +194,8 @@ def test_the_branches_leave_the_stable_run_alone(wsd, tmp_path):
               if r.get("phase") == "stable" and r["step"] <= last["step"]}
     reference = {r["step"]: {k: r[k] for k in keys} for r in records(tmp_path) if "event" not in r}
     assert stable == reference  # bit for bit: no tolerance
-    ds_state = torch.load(Path(trial_dir) / last["stable_state"] / "state" / "ds" / "mp_rank_00_model_states.pt",
-                          weights_only=True)["module"]
+    states = Path(trial_dir) / last["stable_state"] / "state" / "ds" / "mp_rank_00_model_states.pt"
+    ds_state = torch.load(states, weights_only=True)["module"]
     model = AutoModelForMaskedLM.from_pretrained(TrialDir(tmp_path).checkpoints()[-1])
     for name, value in model.state_dict().items():
         if name in ds_state:  # tied weights are saved once
