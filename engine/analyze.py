@@ -798,28 +798,18 @@ def landscape_job(ctx: Context, ck: CheckpointRef, surface: str) -> list[dict]:
     model, batches = _pretrained(ctx, ck)
     weights = _token_weights(model, batches)  # the pretraining loss' own per-token mean over the batches
     rows = []
-    grid_1d = landscape.surface_1d(
-        model,
-        pretraining_loss,
-        batches,
-        resolution=an.landscape_resolution,
-        span=an.landscape_span,
-        seed=0,
-        weights=weights,
-    )
+    surface_settings: dict[str, Any] = {
+        "resolution": an.landscape_resolution,
+        "span": an.landscape_span,
+        "seed": 0,
+        "weights": weights,
+    }
+    grid_1d = landscape.surface_1d(model, pretraining_loss, batches, **surface_settings)
     rows += [
         {"kind": "1d", "alpha": a, "beta": 0.0, "loss": v} for a, v in zip(grid_1d.alphas, grid_1d.losses, strict=True)
     ]
     if an.landscape_2d:
-        grid = landscape.surface_2d(
-            model,
-            pretraining_loss,
-            batches,
-            resolution=an.landscape_resolution,
-            span=an.landscape_span,
-            seed=0,
-            weights=weights,
-        )
+        grid = landscape.surface_2d(model, pretraining_loss, batches, **surface_settings)
         rows += [{"kind": "2d", "alpha": a, "beta": b, "loss": v} for a, b, v in grid.points()]
     # radii relative to each tensor's norm, so sharpness does not grow with N by construction
     sharp = {

@@ -505,12 +505,13 @@ def _tune(
     ]
     from clmscale.engine.packing import ScaleUpTimeout, ray_nodes, request_resources
 
-    grows = ceiling is not None and ceiling.grows and ceiling.nodes is not None
+    grown = ceiling.nodes if ceiling is not None and ceiling.grows else None  # what an autoscaler may add up to
+    grows = grown is not None
     try:
         searcher = searcher_class([{"cfg": s} for s in specs], [trial_need(t.resources, TRIAL_CPU) for t in trials],
                                   [t.trial_id for t in trials], nodes, reserved_cpus=DATA_CPUS, costs=costs,
                                   max_concurrent=cfg.resources.max_concurrent_trials,
-                                  ceiling=ceiling.nodes if grows and ceiling else None, live_nodes=ray_nodes,
+                                  ceiling=grown, live_nodes=ray_nodes,
                                   request=request_resources if grows else None,
                                   scale_up_timeout_s=cfg.resources.scale_up_timeout_s)  # fmt: skip
     except ValueError as err:
