@@ -579,7 +579,7 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
         "n_params": result.n_params,
         "n_params_non_embedding": result.n_params_non_embedding,
         "budget_tokens": result.budget_tokens,
-        "unique_molecules": trial.unique_molecules or rd.manifest().counts.train.n_molecules,
+        "unique_molecules": trial.unique_molecules or _train_molecules(rd),
         "status": result.status,
     }
     if not result.checkpoints:
@@ -625,6 +625,11 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
         }
         for ck in result.checkpoints
     ]
+
+
+def _train_molecules(rd: RunDir) -> int | None:
+    """The train split's size, from the manifest; None for a run directory without one (standalone training)."""
+    return rd.manifest().counts.train.n_molecules if rd.data.has_manifest() else None
 
 
 def collect_pretrain_table(rd: RunDir, trials: list[Trial]) -> pd.DataFrame:
