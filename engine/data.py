@@ -287,6 +287,7 @@ def local_batches(
     packing: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    n_molecules: int | None = None,
 ) -> Iterator[Batch]:
     """One epoch of batches without Ray: the standalone loop, or one rank of a torch.distributed run.
 
@@ -295,11 +296,12 @@ def local_batches(
     of the epoch dropped), so ranks are disjoint and, without packing, run the same number of steps. With
     packing the number of rows per rank can differ by one batch: stop the loop on a step count.
     Call it again with epoch + 1 for the next epoch. The SMILES column is held in memory; tokens are not.
+    `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) (got rank: {rank} and world_size: {world_size})")
     tokenizer = _as_tokenizer(tokenizer)
-    smiles = read_smiles(shard_paths)
+    smiles = read_smiles(shard_paths)[:n_molecules]
     order = np.random.default_rng([seed, epoch]).permutation(len(smiles)) if shuffle else np.arange(len(smiles))
     per_rank = len(smiles) // world_size
     mine = [smiles[i] for i in order[rank : per_rank * world_size : world_size]]
@@ -413,26 +415,29 @@ def train_dataset(
     mlm_probability: float = 0.15,
     packing: bool = False,
     shuffle: bool = True,
+    n_molecules: int | None = None,
 ) -> ray.data.Dataset:
     """The training stream for Ray Train: read -> shuffle per epoch -> encode + collate, one batch per row.
 
     Pass it as `datasets={"train": ds}` to a TorchTrainer; workers read their shard with `worker_batches`.
-    Sets `preserve_order` on the current DataContext: Train V2 copies the driver's DataContext when the
-    trainer is built, and with it the split deals batches in stream order, so a rerun repeats every batch.
+    Sets `engine.raydata`'s settings on the current DataContext (Train V2 copies the driver's DataContext when
+    the trainer is built): batches in stream order, so a rerun repeats every batch, and a scheduling loop that
+    does not spin while the trainer holds the stream back.
     Ray Data needs CPUs left over by the train workers (notes/ray-deepspeed-on-cpu.md), or it stalls.
+    `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules); with
+    `preserve_order` the limit takes the same ones at every pass.
     """
     import ray.data
-    from ray.data import DataContext, RandomSeedConfig
+    from ray.data import RandomSeedConfig
+
+    from clmscale.engine import raydata
 
     tokenizer = _as_tokenizer(tokenizer)
     _wrap_ids(tokenizer, family)  # fail here, on the driver, not inside a Ray task
-    context = DataContext.get_current()
-    context.execution_options.preserve_order = True
-    # ray 2.60's default Parquet path ("datasource v2") starts 32 footer-reader actors, each a process
-    # wanting a whole CPU, at every pass: minutes of start-up per epoch on a small node. Our shards are
-    # few and their sizes known (manifest.json), so the plain path is used.
-    context.use_datasource_v2 = False
+    raydata.configure()
     ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([SMILES_COLUMN])
+    if n_molecules is not None:
+        ds = ds.limit(n_molecules)
     if shuffle:
         # a full shuffle of short SMILES strings is cheap next to training; block order alone would
         # keep each shard's row groups together
