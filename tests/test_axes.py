@@ -227,7 +227,7 @@ def test_new_families_fine_tune_and_probe(trained, task_type):
 
 
 def test_fit_with_two_families_gives_two_laws(tmp_path):
-    from clmscale.fits.fit import fit_run
+    from clmscale.fits.fit import _excluded_findings, fit_run
 
     llama_truth = {"A": 30.0, "alpha": 0.25}
     root = make_run(tmp_path / "run", families={"mlm": {}, "llama": llama_truth})
@@ -245,7 +245,8 @@ def test_fit_with_two_families_gives_two_laws(tmp_path):
     assert fits["trend_tests"]["n_tests"] == sum(
         v.get("status", "ok") == "ok" and v["p_verdict"] is not None for e in trends for v in e["verdicts"].values()
     )
-    assert all(text.startswith("[family=") for text in fits["findings"] if "diverged" not in text)
+    unlabelled = [text for text in fits["findings"] if not text.startswith("[family=")]
+    assert unlabelled == [text for text, _ in _excluded_findings(fits["excluded"])]  # the run's, not an arm's
     table = RunDir(root).read_table("fits")
     assert set(table.loc[table["what"] == "loss_law", "arm"]) == {"family=llama", "family=mlm, mlm_probability=0.15"}
 
