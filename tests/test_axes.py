@@ -178,7 +178,9 @@ def test_pretrain_rows_record_family_and_masking_ratio(trained):
     from clmscale.engine.sweep import pretrain_rows
 
     rd, results = trained
-    rows = pd.DataFrame([row for trial, result, _ in results.values() for row in pretrain_rows(rd, trial, result)])
+    # unique_molecules given, as budget.unique_molecules would: otherwise the row reads prepare's manifest
+    rows = pd.DataFrame([row for trial, result, _ in results.values()
+                         for row in pretrain_rows(rd, trial.model_copy(update={"unique_molecules": 1000}), result)])
     rd.write_table("pretrain", rows)  # the schema accepts the columns
     table = rd.read_table("pretrain").set_index("trial_id")
     assert table.loc["xxs_100ktok_s0_modernbert_m0.4", "family"] == "modernbert"
