@@ -129,7 +129,7 @@ def model_shape(family: Family, size: ModelSize, vocab_size: int, max_seq_len: i
         f = size.ffn_dim
         positions = config.max_position_embeddings if family == "mlm" else config.n_positions
         layer = 4 * d * d + 2 * d * f + 9 * d + f
-        small = (d, d, d, d, f, d, d, d, d, d, d, d, d)  # biases and LayerNorms
+        small: tuple[int, ...] = (d, d, d, d, f, d, d, d, d, d, d, d, d)  # biases and LayerNorms
     else:  # RoPE (no position table), bias-free gated MLP of width g, two norm weights per layer
         f = glu_dim(size.ffn_dim)
         positions = 0

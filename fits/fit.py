@@ -39,6 +39,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -1447,7 +1448,7 @@ def fit_run(
         len(points),
         s.n_bootstrap,
     )
-    fits = {
+    fits: dict[str, Any] = {
         "run": inputs.config.name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": dataclasses.asdict(s),
