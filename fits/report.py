@@ -410,7 +410,7 @@ def _page(
         '<section id="inputs"><h2>Corpus and task inputs</h2>',
         inputs_html,
         "</section>",
-        _axes_html(fits),
+        *([_axes_html(fits)] if fits.get("arms") else []),  # a run without axes reads as it always did
         '<section id="pretraining"><h2>Pretraining loss</h2>',
         *_faceted(
             "pretraining",
@@ -428,7 +428,8 @@ def _page(
             lambda f: [
                 _suffix_anchors(_baseline_html(f.fits), f.slug),
                 *(_figure_html(x) for x in f.sections["downstream"]),
-                _suffix_anchors(_trend_table(f.fits) + _tasks_html(f.fits), f.slug),
+                _suffix_anchors(_trend_table(f.fits), f.slug),
+                _suffix_anchors(_tasks_html(f.fits), f.slug),
                 *(_figure_html(x) for x in f.sections["tasks"]),
                 _suffix_anchors(_ladder_html(f.fits), f.slug),
             ],
