@@ -195,7 +195,7 @@ def run_trial(config: dict) -> None:
         family=trial.family,
         micro_batch_size=trial.train.micro_batch_size,
         max_seq_len=spec.max_seq_len,
-        mlm_probability=trial.train.mlm_probability,
+        mlm_probability=trial.mlm_probability or 0.0,  # None: a clm family, which masks nothing
         packing=trial.train.packing,
         seed=trial.seed if trial.train.seed_data else 0,
     )
@@ -574,6 +574,7 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
     base = {
         "trial_id": trial.trial_id,
         "family": trial.family,
+        "mlm_probability": math.nan if trial.mlm_probability is None else trial.mlm_probability,
         "rung": trial.size.name,
         "seed": trial.seed,
         "n_params": result.n_params,
