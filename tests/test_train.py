@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,8 +46,14 @@ def run(tmp: Path, family: str = "mlm", make=None, tokenizer_dir=None, **overrid
     config = build_config(family, trial.size, VOCAB, SEQ)
     reports = []
     result = train(
-        trial, tmp, make or batches(family), val_batches(family), config,
-        tokenizer_dir=tokenizer_dir, report=reports.append, device="cpu",
+        trial,
+        tmp,
+        make or batches(family),
+        val_batches(family),
+        config,
+        tokenizer_dir=tokenizer_dir,
+        report=reports.append,
+        device="cpu",
     )
     return result, reports
 
@@ -195,7 +204,9 @@ def test_resume_equals_uninterrupted(stage0, tmp_path, tokenizer_dir):
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "state/rank_00000.pt"])
-def test_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(stage0, tmp_path, tokenizer_dir, damaged):
+def test_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    stage0, tmp_path, tokenizer_dir, damaged
+):
     reference_dir, reference, _ = stage0
     shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
     first, last = TrialDir(tmp_path).checkpoints()
@@ -206,8 +217,16 @@ def test_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before
     result, _ = run(tmp_path, tokenizer_dir=tokenizer_dir)
 
     events = [r for r in records(tmp_path) if r.get("event") == "corrupt_checkpoint"]
-    assert events == [{"trial_id": events[0]["trial_id"], "event": "corrupt_checkpoint", "checkpoint": last.name,
-                       "files": [damaged], "kept_as": f"{last.name}.corrupt", "resumed_from": first.name}]
+    assert events == [
+        {
+            "trial_id": events[0]["trial_id"],
+            "event": "corrupt_checkpoint",
+            "checkpoint": last.name,
+            "files": [damaged],
+            "kept_as": f"{last.name}.corrupt",
+            "resumed_from": first.name,
+        }
+    ]
     assert TrialDir.verify(tmp_path / "checkpoints" / f"{last.name}.corrupt") == [damaged]  # kept, not deleted
     assert TrialDir(tmp_path).checkpoints() == [first, last] and TrialDir.verify(last) == []  # the milestone redone
     assert (last / "model.safetensors").read_bytes() == good  # exactly as the run without the fault
@@ -234,8 +253,9 @@ def _zero3_worker(rank: int, world: int, port: int, trial_dir: str) -> None:
 
     from clmscale.engine.config import ResourcesConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))  # what torchrun sets; DeepSpeed asserts LOCAL_RANK
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )  # what torchrun sets; DeepSpeed asserts LOCAL_RANK
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     trial = smoke_trial("mlm", "xxs", BUDGET // 2, zero_stage=3, precision="fp32", checkpoints=1)
@@ -274,6 +294,25 @@ def test_zero3_two_processes(tmp_path):
     assert hf_val_loss(model, "mlm") == pytest.approx(result["val_loss"], rel=1e-5)
 
 
+ONE_PROCESS_GROUP = """
+import os, subprocess, sys, torch, torch.distributed as dist
+from clmscale.engine.train import _init_process_group
+_init_process_group(torch.device("cpu"))
+t = torch.ones(2); dist.all_reduce(t)
+assert dist.get_world_size() == 1 and t.tolist() == [1.0, 1.0]
+assert "MASTER_PORT" not in os.environ, os.environ["MASTER_PORT"]
+if len(sys.argv) == 1:  # a child started while this group lives makes its own (CI: gpu_readiness after test_axes)
+    subprocess.run([sys.executable, __file__, "child"], check=True, timeout=60)
+"""
+
+
+def test_one_process_group_claims_no_port_a_child_could_inherit(tmp_path):
+    script = tmp_path / "group.py"
+    script.write_text(ONE_PROCESS_GROUP)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120, env=env)
+
+
 def test_compiled_training_follows_the_eager_run(tmp_path):
     """train.compile: the model under torch.compile, every batch padded to max_seq_len (one shape). The
     padding carries no label and no attention, so the losses follow the eager run's closely."""
@@ -307,8 +346,13 @@ def test_bf16_accumulates_gradients_in_fp32_or_is_refused(tmp_path, monkeypatch)
                                          r"over 2 micro-steps .*use zero_stage: 1 or auto"):  # fmt: skip
         smoke_trial("mlm", "xxs", BUDGET, batch_size=2 * MICRO, micro_batch_size=MICRO, precision="bf16")
     two = smoke_trial("mlm", "xxs", BUDGET, batch_size=2 * MICRO, micro_batch_size=MICRO, precision="fp32")
-    two = Trial.model_validate({**two.model_dump(), "train": {**two.train.model_dump(), "precision": "bf16"},
-                                "resources": {**two.resources.model_dump(), "workers": 2}})  # one micro-step each
+    two = Trial.model_validate(
+        {
+            **two.model_dump(),
+            "train": {**two.train.model_dump(), "precision": "bf16"},
+            "resources": {**two.resources.model_dump(), "workers": 2},
+        }
+    )  # one micro-step each
     config = build_config("mlm", two.size, VOCAB, SEQ)
     with pytest.raises(ValueError, match=r"bf16 on cpu at zero_stage 0 .* over 2 micro-steps of 1 worker"):
         train(two, tmp_path / "refused", batches("mlm"), val_batches("mlm"), config, device="cpu")
