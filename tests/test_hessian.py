@@ -59,15 +59,9 @@ def make_roberta(attn_implementation="eager"):
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     cfg = RobertaConfig(
-        vocab_size=30,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=12,
-        type_vocab_size=1,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=12, type_vocab_size=1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         attn_implementation=attn_implementation,
     )
     with torch.random.fork_rng():
@@ -95,11 +89,8 @@ def mlm_loss(model, batch):
 # the dense RoBERTa reference is over the LM head only (334 parameters): a full 3,278² reference
 # takes ~25 s on two shared cores; test_lanczos_on_full_roberta_... still uses every parameter
 ROBERTA_HEAD = [
-    "lm_head.bias",
-    "lm_head.dense.weight",
-    "lm_head.dense.bias",
-    "lm_head.layer_norm.weight",
-    "lm_head.layer_norm.bias",
+    "lm_head.bias", "lm_head.dense.weight", "lm_head.dense.bias",
+    "lm_head.layer_norm.weight", "lm_head.layer_norm.bias",
 ]
 
 
@@ -221,11 +212,8 @@ def test_two_workers_with_summing_all_reduce_equal_one_worker(mlp):
     def worker(rank):
         local = copy.deepcopy(model)
         op = HVPOperator(
-            local,
-            mlp_loss,
-            [batches[i] for i in shards[rank]],
-            weights=[weights[i] for i in shards[rank]],
-            all_reduce=reduce.hook(rank),
+            local, mlp_loss, [batches[i] for i in shards[rank]],
+            weights=[weights[i] for i in shards[rank]], all_reduce=reduce.hook(rank),
         )
         return op.matvec(v), op.loss_and_grad()
 
@@ -243,7 +231,8 @@ def test_spectrum_split_over_two_workers_matches_one(mlp):
 
     def worker(rank):
         local = copy.deepcopy(model)
-        return spectrum(local, mlp_loss, batches[2 * rank : 2 * rank + 2], all_reduce=reduce.hook(rank), **kwargs)
+        return spectrum(local, mlp_loss, batches[2 * rank: 2 * rank + 2],
+                        all_reduce=reduce.hook(rank), **kwargs)
 
     for got in run_workers(worker, 2):
         np.testing.assert_allclose(got.eigenvalues, expected.eigenvalues, rtol=1e-9)
@@ -405,9 +394,8 @@ def test_spectrum_in_bfloat16_and_float32_is_close_to_float64(mlp):
     expected = top(np.linalg.eigvalsh(H), 1)[0]
     for dtype, rtol in [(torch.float32, 1e-3), (torch.bfloat16, 5e-2)]:
         model = make_mlp(dtype)
-        result = spectrum(
-            model, mlp_loss, mlp_batches(dtype=dtype), top_k=1, tol=1e-3, max_iter=40, trace_matvecs=0, density_runs=0
-        )
+        result = spectrum(model, mlp_loss, mlp_batches(dtype=dtype), top_k=1, tol=1e-3,
+                          max_iter=40, trace_matvecs=0, density_runs=0)
         assert result.eigenvalues[0] == pytest.approx(expected, rel=rtol), dtype
 
 
@@ -490,22 +478,14 @@ def test_sharded_basis_over_two_workers_equals_one(mlp):
     from clmscale.engine.hessian import Shard, _Basis
 
     model, batches, _ = mlp
-    kwargs = {
-        "top_k": 3,
-        "trace_matvecs": 30,
-        "density_runs": 1,
-        "density_steps": 10,
-        "seed": 7,
-        "n_basis": 8,
-        "return_eigenvectors": True,
-    }
+    kwargs = {"top_k": 3, "trace_matvecs": 30, "density_runs": 1, "density_steps": 10, "seed": 7, "n_basis": 8,
+                  "return_eigenvectors": True}
     expected = spectrum(copy.deepcopy(model), mlp_loss, batches, **kwargs)
     reduce = ThreadSum(2)
 
     def worker(rank):
-        return spectrum(
-            copy.deepcopy(model), mlp_loss, batches[rank::2], all_reduce=reduce.hook(rank), shard=(rank, 2), **kwargs
-        )
+        return spectrum(copy.deepcopy(model), mlp_loss, batches[rank::2], all_reduce=reduce.hook(rank),
+                        shard=(rank, 2), **kwargs)
 
     for got in run_workers(worker, 2):
         np.testing.assert_allclose(got.eigenvalues, expected.eigenvalues, rtol=1e-9)
@@ -516,7 +496,8 @@ def test_sharded_basis_over_two_workers_equals_one(mlp):
     on_host = spectrum(copy.deepcopy(model), mlp_loss, batches, storage_device="cpu", **kwargs)  # rows kept apart
     np.testing.assert_allclose(on_host.eigenvalues, expected.eigenvalues, rtol=1e-12)
     assert on_host.trace == pytest.approx(expected.trace, rel=1e-12)
-    half = _Basis(8, 114, dtype=torch.float64, device=torch.device("cpu"), shard=Shard(1, 2, reduce.hook(1)))
+    half = _Basis(8, 114, dtype=torch.float64, device=torch.device("cpu"),
+                  shard=Shard(1, 2, reduce.hook(1)))
     assert tuple(half.rows.shape) == (8, 57)  # what each worker stores
 
 
@@ -528,18 +509,9 @@ def _gloo_spectrum_worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     try:
-        result = spectrum(
-            make_mlp(),
-            mlp_loss,
-            mlp_batches()[rank::world],
-            top_k=3,
-            n_basis=8,
-            trace_matvecs=0,
-            density_runs=0,
-            seed=3,
-            all_reduce=torch_distributed_sum,
-            shard=(rank, world),
-        )
+        result = spectrum(make_mlp(), mlp_loss, mlp_batches()[rank::world], top_k=3, n_basis=8,
+                          trace_matvecs=0, density_runs=0, seed=3, all_reduce=torch_distributed_sum,
+                          shard=(rank, world))
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -555,13 +527,11 @@ def test_two_gloo_processes_with_a_sharded_basis_equal_one(tmp_path):
 
     multiprocessing.set_forkserver_preload(["clmscale.engine.hessian"])
     out = tmp_path / "result.json"
-    mp.start_processes(
-        _gloo_spectrum_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, start_method="forkserver"
-    )
+    mp.start_processes(_gloo_spectrum_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2,
+                       start_method="forkserver")
     got = json.loads(out.read_text())
-    expected = spectrum(
-        make_mlp(), mlp_loss, mlp_batches(), top_k=3, n_basis=8, trace_matvecs=0, density_runs=0, seed=3
-    )
+    expected = spectrum(make_mlp(), mlp_loss, mlp_batches(), top_k=3, n_basis=8, trace_matvecs=0,
+                        density_runs=0, seed=3)
     np.testing.assert_allclose(got["eigenvalues"], expected.eigenvalues, rtol=1e-9)
     assert got["half"] == pytest.approx(expected.lambda_max_half, rel=1e-9)
 
@@ -604,11 +574,8 @@ def test_token_weighted_batches_equal_one_concatenated_batch():
     v = torch.randn(weighted.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     np.testing.assert_allclose(weighted.matvec(v).numpy(), single.matvec(v).numpy(), rtol=1e-9, atol=1e-12)
     kwargs = {"top_k": 3, "param_names": ROBERTA_HEAD, "trace_matvecs": 0, "density_runs": 0, "half_batches": False}
-    np.testing.assert_allclose(
-        spectrum(model, mlm_loss, batches, count_fn=n_labelled, **kwargs).eigenvalues,
-        spectrum(model, mlm_loss, joined, **kwargs).eigenvalues,
-        rtol=1e-8,
-    )
+    np.testing.assert_allclose(spectrum(model, mlm_loss, batches, count_fn=n_labelled, **kwargs).eigenvalues,
+                               spectrum(model, mlm_loss, joined, **kwargs).eigenvalues, rtol=1e-8)
     with pytest.raises(ValueError, match="not both"):
         HVPOperator(model, mlm_loss, batches, weights=[1, 1, 1], count_fn=n_labelled)
 
@@ -623,8 +590,7 @@ def test_lambda_max_half_is_lambda_max_over_the_first_half_of_the_batches(mlp):
     assert full.lambda_max_half != pytest.approx(full.eigenvalues[0], rel=1e-3)  # the batches differ
     record = full.to_record()
     assert record["lambda_max_half_rel_diff"] == pytest.approx(
-        (first_half.eigenvalues[0] - full.eigenvalues[0]) / abs(full.eigenvalues[0]), rel=1e-5
-    )
+        (first_half.eigenvalues[0] - full.eigenvalues[0]) / abs(full.eigenvalues[0]), rel=1e-5)
     one = spectrum(model, mlp_loss, batches[:1], top_k=1, **kwargs).to_record()
     assert one["lambda_max_half"] is None and one["lambda_max_half_rel_diff"] is None
 

@@ -46,14 +46,8 @@ def run(tmp: Path, family: str = "mlm", make=None, tokenizer_dir=None, **overrid
     config = build_config(family, trial.size, VOCAB, SEQ)
     reports = []
     result = train(
-        trial,
-        tmp,
-        make or batches(family),
-        val_batches(family),
-        config,
-        tokenizer_dir=tokenizer_dir,
-        report=reports.append,
-        device="cpu",
+        trial, tmp, make or batches(family), val_batches(family), config,
+        tokenizer_dir=tokenizer_dir, report=reports.append, device="cpu",
     )
     return result, reports
 
@@ -204,9 +198,7 @@ def test_resume_equals_uninterrupted(stage0, tmp_path, tokenizer_dir):
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "state/rank_00000.pt"])
-def test_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
-    stage0, tmp_path, tokenizer_dir, damaged
-):
+def test_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(stage0, tmp_path, tokenizer_dir, damaged):
     reference_dir, reference, _ = stage0
     shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
     first, last = TrialDir(tmp_path).checkpoints()
@@ -217,16 +209,8 @@ def test_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before
     result, _ = run(tmp_path, tokenizer_dir=tokenizer_dir)
 
     events = [r for r in records(tmp_path) if r.get("event") == "corrupt_checkpoint"]
-    assert events == [
-        {
-            "trial_id": events[0]["trial_id"],
-            "event": "corrupt_checkpoint",
-            "checkpoint": last.name,
-            "files": [damaged],
-            "kept_as": f"{last.name}.corrupt",
-            "resumed_from": first.name,
-        }
-    ]
+    assert events == [{"trial_id": events[0]["trial_id"], "event": "corrupt_checkpoint", "checkpoint": last.name,
+                       "files": [damaged], "kept_as": f"{last.name}.corrupt", "resumed_from": first.name}]
     assert TrialDir.verify(tmp_path / "checkpoints" / f"{last.name}.corrupt") == [damaged]  # kept, not deleted
     assert TrialDir(tmp_path).checkpoints() == [first, last] and TrialDir.verify(last) == []  # the milestone redone
     assert (last / "model.safetensors").read_bytes() == good  # exactly as the run without the fault
@@ -253,9 +237,8 @@ def _zero3_worker(rank: int, world: int, port: int, trial_dir: str) -> None:
 
     from clmscale.engine.config import ResourcesConfig
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
-    )  # what torchrun sets; DeepSpeed asserts LOCAL_RANK
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))  # what torchrun sets; DeepSpeed asserts LOCAL_RANK
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     trial = smoke_trial("mlm", "xxs", BUDGET // 2, zero_stage=3, precision="fp32", checkpoints=1)
@@ -346,13 +329,8 @@ def test_bf16_accumulates_gradients_in_fp32_or_is_refused(tmp_path, monkeypatch)
                                          r"over 2 micro-steps .*use zero_stage: 1 or auto"):  # fmt: skip
         smoke_trial("mlm", "xxs", BUDGET, batch_size=2 * MICRO, micro_batch_size=MICRO, precision="bf16")
     two = smoke_trial("mlm", "xxs", BUDGET, batch_size=2 * MICRO, micro_batch_size=MICRO, precision="fp32")
-    two = Trial.model_validate(
-        {
-            **two.model_dump(),
-            "train": {**two.train.model_dump(), "precision": "bf16"},
-            "resources": {**two.resources.model_dump(), "workers": 2},
-        }
-    )  # one micro-step each
+    two = Trial.model_validate({**two.model_dump(), "train": {**two.train.model_dump(), "precision": "bf16"},
+                                "resources": {**two.resources.model_dump(), "workers": 2}})  # one micro-step each
     config = build_config("mlm", two.size, VOCAB, SEQ)
     with pytest.raises(ValueError, match=r"bf16 on cpu at zero_stage 0 .* over 2 micro-steps of 1 worker"):
         train(two, tmp_path / "refused", batches("mlm"), val_batches("mlm"), config, device="cpu")
