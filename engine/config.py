@@ -119,10 +119,20 @@ class RungOverrides(Strict):
     workers: int | None = Field(None, gt=0)
     gpus_per_worker: float | None = Field(None, ge=0)  # e.g. 0.25: four tiny trials share a GPU
     cpus_per_worker: float | None = Field(None, gt=0)
+    # this rung's token budgets in place of budget.tokens: e.g. small rungs trained long enough to flatten
+    # (an isoFLOP-style design); only with budget.tokens
+    tokens: list[BigInt] | None = None
+
+    @field_validator("tokens")
+    @classmethod
+    def _distinct_positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) <= 0 or len(set(value)) != len(value)):
+            raise ValueError(f"tokens must be a non-empty list of distinct positive budgets (got {value})")
+        return value
 
     def split(self) -> tuple[dict, dict]:
-        """(train updates, resources updates): the fields that are set, by section."""
-        set_ = {k: v for k, v in self.model_dump().items() if v is not None}
+        """(train updates, resources updates): the training and resource fields that are set, by section."""
+        set_ = {k: v for k, v in self.model_dump(exclude={"tokens"}).items() if v is not None}
         res = {k: set_.pop(k) for k in ("workers", "gpus_per_worker", "cpus_per_worker") if k in set_}
         return set_, res
 
@@ -520,7 +530,8 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
     Trial ids read `<rung>[_u<unique>]_<budget>_s<seed>[_<family>][_m<ratio>]`: the unique-data tag only with
     budget.unique_molecules; the family and masking-ratio tags only when that axis is a list of several values.
     A grid without these axes keeps the ids it always had, so its run directories resume. The masking ratio is
-    an axis of the mlm families only: a clm or llama trial is one trial whatever the list holds, without `_m`."""
+    an axis of the mlm families only: a clm or llama trial is one trial whatever the list holds, without `_m`.
+    A rung's `overrides.tokens` replaces budget.tokens for that rung."""
     problem = axis_problem(cfg)
     if problem is not None:
         raise ValueError(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}")
@@ -532,10 +543,11 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
         family_tag = f"_{family}" if len(families) > 1 else ""
         masked = objective(family) == "mlm"
         for size in cfg.model.rungs():
-            train_update, resources_update = cfg.model.overrides.get(size.name, RungOverrides()).split()
+            override = cfg.model.overrides.get(size.name, RungOverrides())
+            train_update, resources_update = override.split()
             resources = ResourcesConfig.model_validate({**cfg.resources.model_dump(), **resources_update})
             for unique in uniques:
-                for budget in cfg.budget.tokens or cfg.budget.epochs or []:
+                for budget in override.tokens or cfg.budget.tokens or cfg.budget.epochs or []:
                     for seed in cfg.seeds:
                         for ratio in ratios if masked else ratios[:1]:
                             train = TrainConfig.model_validate(
@@ -561,7 +573,20 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
 
 
 def axis_problem(cfg: SweepConfig) -> ErrorDetails | None:
-    """A masking-ratio list in a grid with no mlm family (mlm, modernbert): it would vary nothing."""
+    """A masking-ratio list in a grid with no mlm family (mlm, modernbert): it would vary nothing. A rung's own
+    token budgets in a grid whose budgets are in epochs: the two cannot mix."""
+    if cfg.budget.epochs is not None:
+        for name, override in cfg.model.overrides.items():
+            if override.tokens is not None:
+                return ErrorDetails(
+                    loc=("model", "overrides", name, "tokens"),
+                    type="budget_unit",
+                    input=override.tokens,
+                    msg=(
+                        f"rung {name} has its own token budgets, but this grid's budgets are in epochs "
+                        "(budget.epochs); give budget.tokens, or leave the rung's tokens out"
+                    ),
+                )
     if isinstance(cfg.train.mlm_probability, list) and all(objective(f) == "clm" for f in cfg.model.families()):
         return ErrorDetails(
             loc=("train", "mlm_probability"),

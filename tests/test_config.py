@@ -88,6 +88,20 @@ def test_grid_order_and_overrides(tmp_path):
     assert trials[0].size == LADDER["xxs"] and trials[0].budget_tokens == 100_000
 
 
+def test_a_rung_may_have_its_own_token_budgets(tmp_path):
+    text = MINIMAL.replace("sizes: [xxs, xs]", "sizes: [xxs, xs]\n  overrides: {xxs: {tokens: [4e5, 8e5, 1.6e6]}}")
+    trials = expand_grid(load_sweep(write(tmp_path, text.replace("seeds: [0, 1]", "seeds: [0]"))))
+    assert [t.trial_id for t in trials] == ["xxs_400ktok_s0", "xxs_800ktok_s0", "xxs_1.6Mtok_s0", "xs_100ktok_s0",
+                                            "xs_200ktok_s0"]  # fmt: skip
+    assert [t.budget_tokens for t in trials][:3] == [400_000, 800_000, 1_600_000]
+    assert trials[0].train == load_sweep(write(tmp_path, MINIMAL)).train  # tokens is no training setting
+    epochs = text.replace("tokens: [1e5, 2e5]", "epochs: [1]")
+    with pytest.raises(SweepFileError, match=r"model.overrides.xxs.tokens.*budgets are in epochs"):
+        load_sweep(write(tmp_path, epochs))
+    with pytest.raises(SweepFileError, match="distinct positive"):
+        load_sweep(write(tmp_path, text.replace("[4e5, 8e5, 1.6e6]", "[4e5, 4e5]")))
+
+
 def test_explicit_dims_and_epoch_budgets(tmp_path):
     text = MINIMAL.replace("[xxs, xs]", "[{name: tiny, n_layer: 1, d_model: 8, n_head: 2}]").replace(
         "tokens: [1e5, 2e5]", "epochs: [0.5, 2]"
