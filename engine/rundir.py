@@ -185,6 +185,28 @@ class DataDir:
             writer.writerow(["file", "line", "smiles", "reason"])
             writer.writerows(rows)
 
+    @property
+    def rejects_parts(self) -> Path:
+        """Where prepare's workers write rejects.csv in parts before the driver joins them (an output, cleared)."""
+        return self.path / ".rejects.csv.parts"
+
+    def write_rejects_part(self, index: int, rows: Iterable[tuple[str, int, str, str]]) -> None:
+        """Part `index` of rejects.csv, without the header (a worker writes it; `join_rejects` joins the parts)."""
+        self.rejects_parts.mkdir(parents=True, exist_ok=True)
+        path = self.rejects_parts / f"part-{index:06d}.csv"
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            csv.writer(f).writerows(rows)
+
+    def join_rejects(self, n_parts: int) -> None:
+        """rejects.csv: the header, then parts 0 .. n_parts-1 copied in order (streamed: no part is held whole)."""
+        with atomic_path(self.rejects_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
+            csv.writer(out).writerow(["file", "line", "smiles", "reason"])
+            out.flush()
+            for k in range(n_parts):
+                with open(self.rejects_parts / f"part-{k:06d}.csv", encoding="utf-8") as part:
+                    shutil.copyfileobj(part, out)
+        shutil.rmtree(self.rejects_parts, ignore_errors=True)
+
     def entries(self) -> list[Path]:
         return sorted(self.path.iterdir()) if self.path.is_dir() else []
 
