@@ -114,7 +114,7 @@ def plan(
     if rd.data.has_manifest():
         manifest = rd.manifest()
         vocab_size = vocab_size or manifest.tokenizer.vocab_size
-        tokens_per_epoch = manifest.counts.train.n_tokens + 2 * manifest.counts.train.n_molecules  # sweep.epoch_tokens
+        tokens_per_epoch = {n: rd.data.pass_tokens(n) for n in [None, *(cfg.budget.unique_molecules or [])]}
     result = planner.plan_sweep(
         cfg,
         gpus=gpus,

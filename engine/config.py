@@ -160,10 +160,15 @@ class ModelConfig(Strict):
 
 
 class BudgetConfig(Strict):
-    """How long each run trains: a list of token budgets, or a list of epochs over the train split."""
+    """How long each run trains: a list of token budgets, or a list of epochs over the train split.
+
+    `unique_molecules` adds the unique data as an axis of its own: each run draws from the first n molecules
+    of the train split (written in a seeded random order, so each smaller set is a random subset nested in
+    every larger one), and its epochs are passes over that subset (Muennighoff et al. 2023)."""
 
     tokens: list[BigInt] | None = None
     epochs: list[float] | None = None
+    unique_molecules: list[BigInt] | None = None  # None: the whole train split
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BudgetConfig:
@@ -173,6 +178,13 @@ class BudgetConfig(Strict):
         if not values or any(v <= 0 for v in values):
             raise ValueError(f"budgets must be a non-empty list of positive numbers (got {values})")
         return self
+
+    @field_validator("unique_molecules")
+    @classmethod
+    def _distinct_positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) <= 0 or len(set(value)) != len(value)):
+            raise ValueError(f"unique_molecules must be a non-empty list of distinct positive counts (got {value})")
+        return sorted(value) if value is not None else None
 
 
 class TrainConfig(Strict):
@@ -369,6 +381,9 @@ class FitsConfig(Strict):
     # only annealed checkpoints (a wsd branch end, a schedule's last) are (N, D) points: a mid-schedule
     # one sits at a high learning rate and overstates the loss at its D; false fits them all
     annealed_only: bool = True
+    # tokens: D is the tokens seen (Hoffmann et al.); effective: D' discounts repeated tokens, with R* fitted
+    # (Muennighoff et al. 2023, fits.powerlaw.DataConstrainedFit): for grids whose points repeat their data
+    data_law: Literal["tokens", "effective"] = "tokens"
     seed: int = 0
     # equivalence margin of a downstream "plateau", metric -> metric units per decade of scale; a metric not
     # listed keeps its default (fits.verdicts.PLATEAU_MARGINS; the README gives each default's reason)
@@ -413,6 +428,7 @@ class Trial(Strict):
     size: ModelSize
     budget_tokens: BigInt | None  # set when the budget is in tokens
     budget_epochs: float | None  # set when it is in epochs (tokens known after prepare)
+    unique_molecules: BigInt | None = None  # the first n train molecules (budget.unique_molecules); None: all
     seed: int
     train: TrainConfig
     resources: ResourcesConfig
@@ -452,28 +468,35 @@ class Trial(Strict):
 
 
 def expand_grid(cfg: SweepConfig) -> list[Trial]:
-    """Sizes x budgets x seeds, in that nesting order (smallest rung first)."""
+    """Sizes x unique data x budgets x seeds, in that nesting order (smallest rung first).
+
+    Trial ids read `<rung>[_u<unique>]_<budget>_s<seed>`: the unique-data tag only with budget.unique_molecules,
+    so the ids of a grid without that axis are as they always were (its run directories resume)."""
     trials = []
+    in_tokens = cfg.budget.tokens is not None
     for size in cfg.model.rungs():
         train_update, resources_update = cfg.model.overrides.get(size.name, RungOverrides()).split()
         train = TrainConfig.model_validate({**cfg.train.model_dump(), **train_update})
         resources = ResourcesConfig.model_validate({**cfg.resources.model_dump(), **resources_update})
-        for budget in cfg.budget.tokens or cfg.budget.epochs or []:
-            for seed in cfg.seeds:
-                in_tokens = cfg.budget.tokens is not None
-                tag = f"{_short(budget)}tok" if in_tokens else f"{budget:g}ep"
-                trials.append(
-                    Trial(
-                        trial_id=f"{size.name}_{tag}_s{seed}",
-                        family=cfg.model.family,
-                        size=size,
-                        budget_tokens=budget if in_tokens else None,
-                        budget_epochs=None if in_tokens else budget,
-                        seed=seed,
-                        train=train,
-                        resources=resources,
+        uniques: list[int | None] = list(cfg.budget.unique_molecules) if cfg.budget.unique_molecules else [None]
+        for unique in uniques:
+            for budget in cfg.budget.tokens or cfg.budget.epochs or []:
+                for seed in cfg.seeds:
+                    tag = f"{_short(budget)}tok" if in_tokens else f"{budget:g}ep"
+                    data_tag = "" if unique is None else f"_u{_short(unique)}"
+                    trials.append(
+                        Trial(
+                            trial_id=f"{size.name}{data_tag}_{tag}_s{seed}",
+                            family=cfg.model.family,
+                            size=size,
+                            budget_tokens=budget if in_tokens else None,
+                            budget_epochs=None if in_tokens else budget,
+                            unique_molecules=unique,
+                            seed=seed,
+                            train=train,
+                            resources=resources,
+                        )
                     )
-                )
     return trials
 
 

@@ -321,15 +321,16 @@ def read_ids(shard_paths: Sequence[str | Path], tokenizer: PreTrainedTokenizerFa
 
 
 def _molecules(
-    shard_paths: Sequence[str | Path], tokenizer, family: Family, max_seq_len: int
+    shard_paths: Sequence[str | Path], tokenizer, family: Family, max_seq_len: int, n_molecules: int | None = None
 ) -> tuple[int, Callable[[Sequence[int]], Iterator[Sequence[int]]]]:
     """(number of molecules, a function from molecule indices to their wrapped token ids): read from the shards'
-    `ids` column when prepare wrote one, else encoded from the SMILES."""
+    `ids` column when prepare wrote one, else encoded from the SMILES. `n_molecules`: only the first n."""
     ids = read_ids(shard_paths, tokenizer)
     if ids is not None:
         open_id, close_id = _wrap_ids(tokenizer, family)
-        return len(ids), lambda indices: ids.wrapped(indices, open_id, close_id, max_seq_len)
-    smiles = read_smiles(shard_paths)
+        n = len(ids) if n_molecules is None else min(len(ids), n_molecules)
+        return n, lambda indices: ids.wrapped(indices, open_id, close_id, max_seq_len)
+    smiles = read_smiles(shard_paths)[:n_molecules]
     return len(smiles), lambda indices: _encoded([smiles[i] for i in indices], tokenizer, family, max_seq_len)
 
 
@@ -346,6 +347,7 @@ def local_batches(
     packing: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    n_molecules: int | None = None,
 ) -> Iterator[Batch]:
     """One epoch of batches without Ray: the standalone loop, or one rank of a torch.distributed run.
 
@@ -355,11 +357,12 @@ def local_batches(
     packing the number of rows per rank can differ by one batch: stop the loop on a step count.
     Call it again with epoch + 1 for the next epoch. The shards' token ids are read, not encoded again (shards
     without an `ids` column: their SMILES are held and encoded per batch).
+    `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) (got rank: {rank} and world_size: {world_size})")
     tokenizer = _as_tokenizer(tokenizer)
-    n, molecules = _molecules(shard_paths, tokenizer, family, max_seq_len)
+    n, molecules = _molecules(shard_paths, tokenizer, family, max_seq_len, n_molecules)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     per_rank = n // world_size
     seqs = molecules(order[rank : per_rank * world_size : world_size])
@@ -480,30 +483,33 @@ def train_dataset(
     mlm_probability: float = 0.15,
     packing: bool = False,
     shuffle: bool = True,
+    n_molecules: int | None = None,
 ) -> ray.data.Dataset:
     """The training stream for Ray Train: read -> shuffle per epoch -> (encode) + collate, one batch per row.
 
     Shards with prepare's `ids` column are read as token ids and only wrapped and collated; older shards are encoded.
 
     Pass it as `datasets={"train": ds}` to a TorchTrainer; workers read their shard with `worker_batches`.
-    Sets `preserve_order` on the current DataContext: Train V2 copies the driver's DataContext when the
-    trainer is built, and with it the split deals batches in stream order, so a rerun repeats every batch.
+    Sets `engine.raydata`'s settings on the current DataContext (Train V2 copies the driver's DataContext when
+    the trainer is built): batches in stream order, so a rerun repeats every batch, and a scheduling loop that
+    does not spin while the trainer holds the stream back.
     Ray Data needs CPUs left over by the train workers (notes/ray-deepspeed-on-cpu.md), or it stalls.
+    `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules); with
+    `preserve_order` the limit takes the same ones at every pass.
     """
     import ray.data
-    from ray.data import DataContext, RandomSeedConfig
+    from ray.data import RandomSeedConfig
+
+    from clmscale.engine import raydata
 
     tokenizer = _as_tokenizer(tokenizer)
     _wrap_ids(tokenizer, family)  # fail here, on the driver, not inside a Ray task
-    context = DataContext.get_current()
-    context.execution_options.preserve_order = True
-    # ray 2.60's default Parquet path ("datasource v2") starts 32 footer-reader actors, each a process
-    # wanting a whole CPU, at every pass: minutes of start-up per epoch on a small node. Our shards are
-    # few and their sizes known (manifest.json), so the plain path is used.
-    context.use_datasource_v2 = False
+    raydata.configure()
     # the token ids when prepare wrote them (every shard of one prepare has them), else the SMILES to encode
     column = IDS_COLUMN if shard_paths and IDS_COLUMN in pq.read_schema(shard_paths[0]).names else SMILES_COLUMN
     ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([column])
+    if n_molecules is not None:
+        ds = ds.limit(n_molecules)
     if shuffle:
         # a full shuffle of short SMILES strings is cheap next to training; block order alone would
         # keep each shard's row groups together

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -389,10 +389,13 @@ def trial_flops(trial: Trial, *, vocab_size: int, max_seq_len: int, budget_token
     return flops_per_token(config, max_seq_len) * budget_tokens
 
 
-def budget_tokens_of(trial: Trial, tokens_per_epoch: int | None) -> int:
-    """Tokens the trial trains on; an epoch budget needs the train split's token count (after prepare)."""
+def budget_tokens_of(trial: Trial, tokens_per_epoch: int | Mapping[int | None, int] | None) -> int:
+    """Tokens the trial trains on; an epoch budget needs the train split's token count (after prepare), or,
+    with budget.unique_molecules, a mapping from each unique count (None: the whole split) to its tokens."""
     if trial.budget_tokens is not None:
         return trial.budget_tokens
+    if isinstance(tokens_per_epoch, Mapping):
+        tokens_per_epoch = tokens_per_epoch.get(trial.unique_molecules)
     if tokens_per_epoch is None:
         raise PlanError(
             f"trial {trial.trial_id}: the budget is {trial.budget_epochs:g} epochs; run prepare first "
@@ -577,7 +580,7 @@ def plan_sweep(
     mfu: float = 0.4,
     peak_flops: float,
     vocab_size: int,
-    tokens_per_epoch: int | None = None,
+    tokens_per_epoch: int | Mapping[int | None, int] | None = None,
     gpus_per_node: int | None = None,
     cpus_per_node: float | None = None,
     cpu_memory_gb: float | None = None,

@@ -171,6 +171,28 @@ class DataDir:
     def shard_paths(self, split: Split) -> list[Path]:
         return self.manifest().shard_paths(self.path, split)
 
+    def pass_tokens(self, n_molecules: int | None = None) -> int:
+        """Tokens of one pass over the first n_molecules of the train split in shard order (None: all of it),
+        as training counts them: 2 special tokens per molecule. The train split is written in a seeded random
+        order, so the first n are a random subset, nested in every larger one (`budget.unique_molecules`)."""
+        train = self.manifest().counts.train
+        if n_molecules is None:
+            return train.n_tokens + 2 * train.n_molecules
+        if not 0 < n_molecules <= train.n_molecules:
+            raise ValueError(
+                f"budget.unique_molecules: {n_molecules:,} molecules asked for, but the train split of "
+                f"{self.manifest_path} has {train.n_molecules:,}"
+            )
+        import pyarrow.parquet as pq
+
+        tokens, left = 0, n_molecules
+        for path in self.shard_paths("train"):
+            counts = pq.read_table(path, columns=["n_tokens"]).column("n_tokens").to_numpy()[:left]
+            tokens, left = tokens + int(counts.sum()), left - counts.size
+            if left == 0:
+                break
+        return tokens + 2 * n_molecules
+
     def shard(self, split: Split, index: int) -> Path:
         return self.path / f"{split}-{index:05d}.parquet"
 
@@ -554,6 +576,7 @@ TABLES: dict[str, Table] = {
             "annealed",
             "epochs",
             "unique_tokens",
+            "unique_molecules",
             "tokens_spent",
             "flops_spent",
             "step",

@@ -59,7 +59,7 @@ class TrialSpec(Strict):
     trial: Trial
     run_dir: Path
     budget_tokens: int  # in tokens, after epochs were converted with the manifest
-    train_split_tokens: int  # one pass over the train split, specials included: epochs and unique tokens
+    train_split_tokens: int  # one pass over the molecules it draws from, specials included: epochs, unique tokens
     max_seq_len: int
     dropout: float
     worker_env: dict[str, str] = {}  # extra environment of the Train workers (fault injection in tests)
@@ -84,18 +84,21 @@ def check_run_dir(cfg: SweepConfig, rd: RunDir, resume: bool) -> None:
         raise SweepError(f"nothing to resume in {rd.root}: no sweep.yaml there")
 
 
-def epoch_tokens(manifest: Manifest) -> int:
-    """Tokens of one pass over the train split, as training counts them: 2 special tokens per molecule."""
-    split = manifest.counts.train
-    return split.n_tokens + 2 * split.n_molecules
+def pass_tokens(rd: RunDir, trial: Trial) -> int:
+    """Tokens of one pass over the molecules the trial draws from (its `unique_molecules`, or the whole train
+    split), 2 special tokens per molecule included; a SweepError when the split has fewer molecules."""
+    try:
+        return rd.data.pass_tokens(trial.unique_molecules)
+    except ValueError as err:
+        raise SweepError(f"{rd.sweep_yaml}: trial {trial.trial_id}: {err}") from None
 
 
-def token_budget(trial: Trial, manifest: Manifest) -> int:
-    """Tokens the trial trains on: given, or epochs x the train split's tokens incl. 2 specials each."""
+def token_budget(trial: Trial, epoch_tokens: int) -> int:
+    """Tokens the trial trains on: given, or epochs x `epoch_tokens` (one pass over its molecules)."""
     if trial.budget_tokens is not None:
         return trial.budget_tokens
     assert trial.budget_epochs is not None  # Trial has one of the two
-    return int(trial.budget_epochs * epoch_tokens(manifest))
+    return int(trial.budget_epochs * epoch_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +190,7 @@ def run_trial(config: dict) -> None:
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     train_ds = data.train_dataset(
         shard_paths=rd.shard_paths("train"),
+        n_molecules=trial.unique_molecules,
         tokenizer=rd.tokenizer,
         family=trial.family,
         micro_batch_size=trial.train.micro_batch_size,
@@ -484,17 +488,18 @@ def _tune(
     """Ray Tune over `trials`, admitted by the packing searcher (largest first, by FLOPs within a size)."""
     from clmscale.engine.models import build_config, flops_per_token
 
+    epoch_tokens = [pass_tokens(rd, t) for t in trials]
     specs = [
         TrialSpec(
             trial=t,
             run_dir=rd.root,
-            budget_tokens=token_budget(t, manifest),
-            train_split_tokens=epoch_tokens(manifest),
+            budget_tokens=token_budget(t, tokens),
+            train_split_tokens=tokens,
             max_seq_len=cfg.model.max_seq_len,
             dropout=cfg.model.dropout,
             worker_env=_fault_injection(t.trial_id),
         ).model_dump(mode="json")
-        for t in trials
+        for t, tokens in zip(trials, epoch_tokens, strict=True)
     ]
     costs = [
         flops_per_token(
@@ -574,6 +579,7 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
         "n_params": result.n_params,
         "n_params_non_embedding": result.n_params_non_embedding,
         "budget_tokens": result.budget_tokens,
+        "unique_molecules": trial.unique_molecules or rd.manifest().counts.train.n_molecules,
         "status": result.status,
     }
     if not result.checkpoints:

@@ -201,6 +201,8 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
     _log_axis(surface_ax, (n_lo, n_hi), "x")
     _log_axis(surface_ax, (d_lo, d_hi), "y")
     identified = "" if law.get("identified", True) else ", not identified from this grid"
+    if "R_star" in law["params"]:  # the data-constrained law, drawn where no token repeats (D' = D)
+        identified += ", unrepeated data"
     surface_ax.set(
         xlim=(n_lo, n_hi),
         ylim=(d_lo, d_hi),

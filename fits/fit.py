@@ -49,7 +49,14 @@ from clmscale.engine.rundir import PRETRAINED_MODES, TABLES, RunDir
 from clmscale.fits.comparison import best_on_validation, paired_difference
 from clmscale.fits.correlate import LABELS, proxy_correlations
 from clmscale.fits.downstream import DownstreamPowerLaw, format_scale, format_with_uncertainty
-from clmscale.fits.powerlaw import ChinchillaFit, LogLogOLS, SaturatingPowerLaw, backtest, identification
+from clmscale.fits.powerlaw import (
+    ChinchillaFit,
+    DataConstrainedFit,
+    LogLogOLS,
+    SaturatingPowerLaw,
+    backtest,
+    identification,
+)
 from clmscale.fits.proxies import LeaveOneSizeOut, leave_one_size_out, proxy_timing, selection_regret
 from clmscale.fits.taskladder import BOUNDED_METRICS, TaskLadder, task_ladder_backtest
 from clmscale.fits.verdicts import (
@@ -135,6 +142,7 @@ class FitSettings:
     seed: int
     holdout_rungs: int
     annealed_only: bool = True  # recorded here; RunDir.fit_inputs applies it
+    data_law: str = "tokens"  # tokens: L(N, D); effective: L(N, D') with repeated data discounted
     plateau_margin: dict[str, float] = dataclasses.field(default_factory=dict)  # metric -> margin per decade
     slope_method: str = "cluster_jackknife"  # a key of fits.slopes.METHODS: the run-level interval of a slope
     n_jobs: int | None = None  # bootstrap processes; None: one per CPU
@@ -195,7 +203,9 @@ def _fitted(estimator, *data) -> dict:
 
 
 def _chinchilla(s: FitSettings, n_bootstrap: int | None = None) -> ChinchillaFit:
-    return ChinchillaFit(
+    """The L(N, D) estimator of `fits.data_law`: ChinchillaFit, or DataConstrainedFit for `effective`."""
+    law = DataConstrainedFit if s.data_law == "effective" else ChinchillaFit
+    return law(
         huber_delta=s.huber_delta,
         n_bootstrap=s.n_bootstrap if n_bootstrap is None else n_bootstrap,
         seed=s.seed,
@@ -204,10 +214,18 @@ def _chinchilla(s: FitSettings, n_bootstrap: int | None = None) -> ChinchillaFit
     )
 
 
+def _law_data(points: pd.DataFrame, s: FitSettings) -> tuple[np.ndarray, ...]:
+    """(N, D, loss), and each point's unique tokens when the law is the data-constrained one."""
+    names = ("n_params_non_embedding", "tokens", "val_loss") + (("unique_tokens",) if s.data_law == "effective" else ())
+    return tuple(points[name].to_numpy(float) for name in names)
+
+
 def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
-    """L(N, D) on (n_params_non_embedding, tokens, val_loss) of every usable checkpoint; N*(C), D*(C) only when
-    the grid identifies the law (a frontier derived from an unpinned law is not a number to print)."""
-    n, d, loss = (points[name].to_numpy(float) for name in ("n_params_non_embedding", "tokens", "val_loss"))
+    """L(N, D) on (n_params_non_embedding, tokens, val_loss) of every usable checkpoint (with unique_tokens for
+    fits.data_law: effective); N*(C), D*(C) only when the grid identifies the law (a frontier derived from an
+    unpinned law is not a number to print)."""
+    data = _law_data(points, s)
+    n, d = data[0], data[1]
     n_distinct = len(set(zip(n, d, strict=True)))
     if n_distinct < MIN_LAW_POINTS:
         return skipped(
@@ -219,7 +237,7 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
             "L(N, D) needs at least 2 of each"
         )
     law = _chinchilla(s)
-    result = _fitted(law, n, d, loss)
+    result = _fitted(law, *data)
     if result["status"] != "ok":
         return result
     result.update(n_distinct_points=n_distinct, n_rungs=int(np.unique(n).size))
@@ -284,12 +302,14 @@ def backtest_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     notes: list[str] = []
     try:
         with _kept_warnings(notes, "backtest"):
+            _, d, loss, *unique = _law_data(points, s)
             result = backtest(
                 n,
-                points["tokens"],
-                points["val_loss"],
+                d,
+                loss,
                 n_holdout_rungs=s.holdout_rungs,
                 estimator=_chinchilla(s, n_bootstrap=0),
+                unique_tokens=unique[0] if unique else None,
             )
     except FIT_ERRORS as err:
         return {**skipped(f"{type(err).__name__}: {err}"), "warnings": notes}

@@ -76,17 +76,26 @@ def _saturating_design(log_x: np.ndarray) -> np.ndarray:
     return np.concatenate([np.column_stack([t[name] for name in SATURATING_PARAMS]) for t in (term_x, term_e)])
 
 
-def huber_logsumexp_loss(theta: np.ndarray, design: np.ndarray, log_y: np.ndarray, delta: float):
-    """Summed Huber loss of logsumexp(terms) − log y, and its gradient in theta (for L-BFGS-B, jac=True)."""
-    terms = (design @ theta).reshape(-1, log_y.size)  # (K, n)
+def _huber_logsumexp(terms: np.ndarray, log_y: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
+    """Summed Huber loss of logsumexp(terms) − log y over the n points, and its gradient in each term (K, n)."""
     top = terms.max(axis=0)
     weights = np.exp(terms - top)  # softmax numerators, ≤ 1: no overflow
     total = weights.sum(axis=0)
     residual = top + np.log(total) - log_y
     clipped = np.clip(residual, -delta, delta)  # Huber'(r)
     loss = float(clipped @ (residual - 0.5 * clipped))  # r²/2 inside ±δ, δ(|r| − δ/2) outside
-    gradient = design.T @ (weights * (clipped / total)).ravel()
-    return loss, gradient
+    return loss, weights * (clipped / total)
+
+
+def huber_logsumexp_loss(theta: np.ndarray, design, log_y: np.ndarray, delta: float):
+    """Summed Huber loss of logsumexp(terms) − log y, and its gradient in theta (for L-BFGS-B, jac=True).
+
+    design: a design matrix (K·n, n_parameters) whose rows are linear terms, or an `_EffectiveDataDesign`
+    (the data-constrained law, whose D term is not linear in its parameters)."""
+    if isinstance(design, _EffectiveDataDesign):
+        return design.loss(theta, log_y, delta)
+    loss, d_terms = _huber_logsumexp((design @ theta).reshape(-1, log_y.size), log_y, delta)
+    return loss, design.T @ d_terms.ravel()
 
 
 def _fit_from_grid(
@@ -370,7 +379,7 @@ class ChinchillaFit(_Estimator):
     """
 
     formula = "L(N, D) = E + A / N^alpha + B / D^beta"
-    param_names = ("E", "A", "B", "alpha", "beta")
+    param_names: tuple[str, ...] = ("E", "A", "B", "alpha", "beta")
     E_: float  # fit sets one attribute per name in param_names
     A_: float
     B_: float
@@ -467,6 +476,112 @@ class ChinchillaFit(_Estimator):
             "grid": self.grid_,
             "identification": identification(self).to_dict(),
         }
+
+
+# --------------------------------------------------------------------------------------------
+# L(N, D) with repeated data: D replaced by the effective data D' of Muennighoff et al. 2023
+#
+# "Scaling Data-Constrained Language Models" (arXiv:2305.16264, eq. 5): with U unique tokens seen
+# D / U times, the R = D / U − 1 repetitions are worth U·R*·(1 − e^(−R/R*)) fresh tokens, so
+# D' = U + U·R*·(1 − e^(−R/R*)): repeated tokens lose value with a half-life set by R*, and D' → D as
+# R* → ∞. Their fit gave R* ≈ 15 for English text. Only the data term is made effective (their N' term
+# matters for models too large for their data, which a grid of rungs seldom trains).
+
+LOG_R_STAR_BOUNDS = (-10.0, 30.0)  # log R*: beyond these D' no longer moves (all repeats worthless / as good as new)
+R_STAR_INIT = (1.0, 4.0, 15.0, 60.0)  # Muennighoff et al.'s 15.4 and a decade around it
+
+
+class _EffectiveDataDesign:
+    """The terms a − α·log N, b − β·log D'(R*) and e of the data-constrained law; θ = (a, b, e, α, β, log R*)."""
+
+    def __init__(self, log_n_params: np.ndarray, unique_tokens: np.ndarray, n_tokens: np.ndarray):
+        self.log_n_params = log_n_params
+        self.unique = np.minimum(
+            unique_tokens, n_tokens
+        )  # U_D = min(U, D): a point inside its first epoch repeats nothing
+        self.repeats = n_tokens / self.unique - 1  # R_D ≥ 0
+
+    def log_tokens(self, log_r_star: float) -> tuple[np.ndarray, np.ndarray]:
+        """log D' and its derivative in log R*."""
+        r_star = math.exp(min(max(log_r_star, LOG_R_STAR_BOUNDS[0]), LOG_R_STAR_BOUNDS[1]))
+        x = self.repeats / r_star
+        kept = -np.expm1(-x)  # 1 − e^(−R/R*)
+        effective = self.unique * (1 + r_star * kept)
+        d_effective = self.unique * r_star * (kept - x * np.exp(-x))  # dD'/d log R*
+        inside = LOG_R_STAR_BOUNDS[0] < log_r_star < LOG_R_STAR_BOUNDS[1]
+        return np.log(effective), (d_effective / effective if inside else np.zeros_like(effective))
+
+    def loss(self, theta: np.ndarray, log_y: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
+        linear, log_r_star = theta[:5], float(theta[5])
+        log_effective, d_log_effective = self.log_tokens(log_r_star)
+        design = _chinchilla_design(self.log_n_params, log_effective)
+        loss, d_terms = _huber_logsumexp((design @ linear).reshape(-1, log_y.size), log_y, delta)
+        beta = linear[CHINCHILLA_PARAMS.index("beta")]
+        return loss, np.append(design.T @ d_terms.ravel(), d_terms[1] @ (-beta * d_log_effective))
+
+
+class DataConstrainedFit(ChinchillaFit):
+    """L(N, D, U) = E + A/N^α + B/D'^β with D' the effective data of Muennighoff et al. 2023 (eq. 5).
+
+    fit(n_params, n_tokens, loss, unique_tokens): unique_tokens is each point's unique data U (the tokens of
+    the train set it drew from; epochs = D / U). R* (the repetitions after which repeated data has lost
+    1 − 1/e of its value) is fitted with the other five; it is identified only by points that repeat their
+    data, and by more than one unique size. Starting grid: ChinchillaFit's crossed with R_STAR_INIT.
+    `frontier` is the compute-optimal allocation with unlimited unique data (D' = D).
+    """
+
+    formula = "L(N, D, U) = E + A / N^alpha + B / D'^beta, D' = U + U R* (1 - exp(-(D/U - 1) / R*))"
+    param_names = ("E", "A", "B", "alpha", "beta", "R_star")
+    R_star_: float
+
+    def fit(self, n_params, n_tokens, loss, unique_tokens) -> DataConstrainedFit:  # type: ignore[override]
+        """Fit to one point per (N, D, U); rows with non-positive or NaN values are dropped."""
+        owner = "DataConstrainedFit.fit"
+        names = (*CHINCHILLA_PARAMS, "log_R_star")
+        _check_hyperparameters(owner, self.huber_delta, self.n_bootstrap, self.ci_level)
+        columns = _as_columns(owner, n_params=n_params, n_tokens=n_tokens, loss=loss, unique_tokens=unique_tokens)
+        columns = _drop_invalid_rows(owner, columns, len(names), names)
+        log_n, log_loss = np.log(columns["n_params"]), np.log(columns["loss"])
+        data = (log_n, columns["unique_tokens"], columns["n_tokens"])
+
+        grid = CHINCHILLA_INIT_GRID if self.init_grid is None else self.init_grid
+        axes = [np.asarray(grid[name], float) for name in CHINCHILLA_PARAMS] + [np.log(R_STAR_INIT)]
+        grid_points = np.array(list(itertools.product(*axes)))
+        design = _EffectiveDataDesign(*data)
+        theta, objective, starts = _fit_from_grid(owner, grid_points, design, log_loss, self.huber_delta, self.n_starts)
+
+        self.params_ = self._named(theta)
+        for name, value in self.params_.items():
+            setattr(self, f"{name}_", value)
+        self.huber_loss_ = objective
+        self.n_points_ = int(log_loss.size)
+        epochs = columns["n_tokens"] / columns["unique_tokens"]
+        self.grid_ = _grid_summary(
+            n_params=columns["n_params"],
+            n_tokens=columns["n_tokens"],
+            loss=columns["loss"],
+            unique_tokens=columns["unique_tokens"],
+            epochs=epochs,
+        )
+        _set_bootstrap(self, owner, _EffectiveDataDesign, data, log_loss, theta, starts)
+        return self
+
+    @staticmethod
+    def _named(theta: np.ndarray) -> dict[str, float]:
+        log_r_star = min(max(float(theta[5]), LOG_R_STAR_BOUNDS[0]), LOG_R_STAR_BOUNDS[1])
+        return {**ChinchillaFit._named(theta[:5]), "R_star": math.exp(log_r_star)}
+
+    def effective_tokens(self, n_tokens, unique_tokens) -> np.ndarray:
+        """D' at each (D, U) under the fitted R*."""
+        _check_is_fitted(self, "params_")
+        n_tokens, unique_tokens = np.broadcast_arrays(np.asarray(n_tokens, float), np.asarray(unique_tokens, float))
+        design = _EffectiveDataDesign(np.zeros(n_tokens.shape), unique_tokens, n_tokens)
+        return np.exp(design.log_tokens(math.log(self.R_star_))[0])
+
+    def predict(self, n_params, n_tokens, unique_tokens=None) -> np.ndarray:
+        """Predicted loss at each (N, D, U); unique_tokens None: no repetition (D' = D)."""
+        tokens = n_tokens if unique_tokens is None else self.effective_tokens(n_tokens, unique_tokens)
+        return super().predict(n_params, tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,13 +718,17 @@ class BacktestResult:
     fit: ChinchillaFit
 
 
-def backtest(n_params, n_tokens, loss, n_holdout_rungs=1, estimator=None) -> BacktestResult:
+def backtest(n_params, n_tokens, loss, n_holdout_rungs=1, estimator=None, unique_tokens=None) -> BacktestResult:
     """Fit L(N, D) without the n_holdout_rungs largest model sizes, then predict the points held out.
 
-    estimator: an unfitted ChinchillaFit whose hyperparameters are copied; default ChinchillaFit(n_bootstrap=0).
+    estimator: an unfitted ChinchillaFit (or DataConstrainedFit, which needs unique_tokens) whose
+    hyperparameters are copied; default ChinchillaFit(n_bootstrap=0).
     """
     owner = "backtest"
-    columns = _as_columns(owner, n_params=n_params, n_tokens=n_tokens, loss=loss)
+    data = {"n_params": n_params, "n_tokens": n_tokens, "loss": loss}
+    if unique_tokens is not None:
+        data["unique_tokens"] = unique_tokens
+    columns = _as_columns(owner, **data)
     columns = _drop_invalid_rows(owner, columns, len(CHINCHILLA_PARAMS), CHINCHILLA_PARAMS)
     rungs = np.unique(columns["n_params"])
     if not 1 <= n_holdout_rungs < rungs.size:
@@ -621,10 +740,10 @@ def backtest(n_params, n_tokens, loss, n_holdout_rungs=1, estimator=None) -> Bac
     held_out = np.isin(columns["n_params"], held_out_sizes)
     template = ChinchillaFit(n_bootstrap=0) if estimator is None else estimator
     law = type(template)(**template.get_params())  # a fresh copy, so the caller's estimator is untouched
-    law.fit(*(columns[name][~held_out] for name in ("n_params", "n_tokens", "loss")))
+    law.fit(*(values[~held_out] for values in columns.values()))
 
-    points = pd.DataFrame({name: columns[name][held_out] for name in ("n_params", "n_tokens", "loss")})
-    points["predicted"] = law.predict(points["n_params"].to_numpy(), points["n_tokens"].to_numpy())
+    points = pd.DataFrame({name: values[held_out] for name, values in columns.items()})
+    points["predicted"] = law.predict(*(points[name].to_numpy() for name in columns if name != "loss"))
     points["relative_error"] = (points["predicted"] - points["loss"]) / points["loss"]
     abs_error = points["relative_error"].abs()
     return BacktestResult(
@@ -657,6 +776,7 @@ ADVICE = types.MappingProxyType(
         "n_params": "more model sizes (at least 3, better 5 or more) over a wider range of N",
         "n_tokens": "more token budgets (at least 3) over a wider range of D",
         "x": "more points over a wider range of x",
+        "repeats": "points that repeat their data (a budget.unique_molecules axis with budgets of several epochs)",
     }
 )
 
@@ -744,11 +864,27 @@ def identification(law) -> Identification:
         problems += _interval_problems(law, exponent, column, exponent_like=True)
         problems += _term_interval_problems(law, amplitude, exponent, grid, symbol, column)
     problems += _interval_problems(law, "E", "floor", exponent_like=False)
-    problems += _flat_directions(
-        law,
-        {"E": "floor", **{a: c for c, (a, _, _, _) in terms.items()}, **{e: c for c, (_, e, _, _) in terms.items()}},
-    )
+    advice = {
+        "E": "floor",
+        **{a: c for c, (a, _, _, _) in terms.items()},
+        **{e: c for c, (_, e, _, _) in terms.items()},
+    }
+    if isinstance(law, DataConstrainedFit):
+        problems += _repeat_problems(law)
+        advice["R_star"] = "repeats"
+    problems += _flat_directions(law, advice)
     return _identification(problems)
+
+
+def _repeat_problems(law: DataConstrainedFit) -> list[tuple[str, str, str]]:
+    """R* needs points past their first epoch, and is at a bound when D' stops moving with it."""
+    epochs = law.grid_["epochs"]
+    if epochs["max"] <= 1:
+        return [("R_star", f"no point repeats its data (at most {epochs['max']:.2g} epochs)", "repeats")]
+    log_r_star = math.log(law.params_["R_star"])
+    if not LOG_R_STAR_BOUNDS[0] + 1 < log_r_star < LOG_R_STAR_BOUNDS[1] - 1:
+        return [("R_star", f"at a bound of its range (R* = {law.params_['R_star']:.3g})", "repeats")]
+    return _interval_problems(law, "R_star", "repeats", exponent_like=False)
 
 
 def _interval(law, name: str) -> tuple[float, float] | None:

@@ -409,7 +409,13 @@ def _fit_rows(what: str, result: dict) -> list[list]:
 
 def _law_tables(fits: dict) -> str:
     law, compute = fits.get("loss_law", {}), fits.get("compute_law", {})
-    rows = _fit_rows("L(N, D) = E + A/N^α + B/D^β", law)
+    effective = "R_star" in law.get("params", {})
+    rows = _fit_rows(
+        "L(N, D, U) = E + A/N^α + B/D′^β, D′ = U + U·R*·(1 − e^(−(D/U − 1)/R*))"
+        if effective
+        else "L(N, D) = E + A/N^α + B/D^β",
+        law,
+    )
     if compute.get("status") == "ok":
         rows += _fit_rows("L(C) = E + A·C^−γ, compute frontier", compute.get("saturating_frontier"))
         rows += _fit_rows("L(C) = E + A·C^−γ, all checkpoints", compute.get("saturating_all"))

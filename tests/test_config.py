@@ -29,12 +29,38 @@ seeds: [0, 1]
 """
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "small.yaml"])
 def test_shipped_sweeps_validate(name):
     cfg = load_sweep(SWEEPS / name)
     trials = expand_grid(cfg)
     assert len(trials) == len(cfg.model.sizes) * len(cfg.budget.tokens) * len(cfg.seeds)
     assert len({t.trial_id for t in trials}) == len(trials)
+
+
+def test_small_study_is_laid_out_to_identify_its_law():
+    """sweeps/small.yaml (issue 14): >= 5 rungs from ~1e4 to a few 1e6 non-embedding parameters, wsd with >= 4
+    milestones, the 100k shipped MOSES molecules, two downstream tasks."""
+    from clmscale.engine.models import build_config, count_params
+
+    cfg = load_sweep(SWEEPS / "small.yaml")
+    sizes = [count_params(build_config("mlm", s, 64, cfg.model.max_seq_len)).non_embedding for s in cfg.model.rungs()]
+    assert len(sizes) >= 5 and 5e3 <= min(sizes) <= 2e4 and 1e6 <= max(sizes) <= 1e7
+    assert cfg.train.schedule == "wsd" and cfg.train.checkpoints >= 4
+    assert cfg.data.max_molecules is None and [p.name for p in cfg.data.corpus] == ["moses_100k.csv.gz"]
+    assert len(cfg.downstream.tasks) == 2
+
+
+def test_unique_data_is_a_grid_axis_with_tagged_ids(tmp_path):
+    text = MINIMAL.replace("tokens: [1e5, 2e5]", "epochs: [1, 4]\n  unique_molecules: [3e4, 1e4]").replace(
+        "seeds: [0, 1]", "seeds: [0]"
+    )
+    trials = expand_grid(load_sweep(write(tmp_path, text)))
+    assert [t.trial_id for t in trials[:4]] == ["xxs_u10k_1ep_s0", "xxs_u10k_4ep_s0", "xxs_u30k_1ep_s0", "xxs_u30k_4ep_s0"]
+    assert [t.unique_molecules for t in trials[:4]] == [10_000, 10_000, 30_000, 30_000]
+    assert all(t.unique_molecules is None for t in expand_grid(load_sweep(write(tmp_path, MINIMAL))))
+    for bad in ("[1e4, 1e4]", "[0]", "[]"):
+        with pytest.raises(SweepFileError, match="unique_molecules"):
+            load_sweep(write(tmp_path, MINIMAL.replace("tokens: [1e5, 2e5]", f"tokens: [1e5]\n  unique_molecules: {bad}")))
 
 
 def test_demo_corpus_path_is_relative_to_the_sweep_file():

@@ -275,6 +275,23 @@ def test_ray_dataset_reshuffles_per_pass_and_repeats_per_run(ray_cluster, shards
     assert all(torch.equal(a[k], b[k]) for a, b in zip(run[0], rerun) for k in a)
 
 
+@pytest.mark.timeout(180)
+def test_a_unique_data_budget_reads_the_first_molecules_of_the_split_at_every_pass(ray_cluster, shards, tokenizer):
+    """budget.unique_molecules: both paths draw from the first n molecules in shard order (across the
+    shard boundary here), every pass, reshuffled; a smaller budget is a prefix of a larger."""
+    n = N_TRAIN // 2 + 100
+    first = sorted(tuple(s) for s in data.encode(data.read_smiles(shards["train"])[:n], tokenizer, "clm", MAX_SEQ_LEN))
+    ds = data.train_dataset(shards["train"], tokenizer, "clm", 16, MAX_SEQ_LEN, seed=1, n_molecules=n)
+    passes = [real_rows_of(data.worker_batches(ds, epoch)) for epoch in range(2)]
+    assert sorted(passes[0]) == sorted(passes[1]) == first and passes[0] != passes[1]
+    local = real_rows_of(data.local_batches(shards["train"], tokenizer, "clm", 16, MAX_SEQ_LEN, 1, 0, n_molecules=n))
+    assert sorted(local) == first
+
+
+def real_rows_of(batches) -> list[tuple[int, ...]]:
+    return [row for batch in batches for row in real_rows(batch)]
+
+
 @pytest.mark.timeout(120)
 def test_ray_dataset_packs_like_the_plain_path(ray_cluster, shards, tokenizer):
     common = {"family": "clm", "micro_batch_size": 8, "max_seq_len": 2 * MAX_SEQ_LEN, "seed": 0, "packing": True}
@@ -321,3 +338,22 @@ def test_ray_train_workers_get_disjoint_streams_covering_the_data(ray_cluster, s
         assert len(rank0) == len(rank1) == N_TRAIN // 2  # the equal split
         assert sorted(rank0 + rank1) == expected  # disjoint and complete (the counts match exactly)
     assert streams[0][0] != streams[0][1]  # reshuffled between epochs
+
+
+def test_the_stream_s_scheduling_loop_backs_off_instead_of_spinning():
+    """engine.raydata.IdleBackoff: a step right after the last one sleeps; one after a wait does not."""
+    import time
+
+    from ray.data import DataContext
+
+    from clmscale.engine import raydata
+
+    assert raydata.IdleBackoff in raydata.configure(DataContext()).custom_execution_callback_classes
+    backoff = raydata.IdleBackoff()
+    start = time.perf_counter()
+    backoff.on_execution_step(None)  # returns at once after __init__: a spinning loop
+    assert time.perf_counter() - start >= raydata.BACKOFF_S
+    time.sleep(2 * raydata.FAST_STEP_S)  # a step that waited on a task
+    start = time.perf_counter()
+    backoff.on_execution_step(None)
+    assert time.perf_counter() - start < raydata.BACKOFF_S

@@ -1,5 +1,6 @@
 """fits/: laws recovered from synthetic data, intervals that cover, Epoch AI's Chinchilla points, edge cases."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import pandas as pd
 import pytest
 from conftest import pulled_in
 
-from clmscale.fits import (ChinchillaFit, DownstreamPowerLaw, LogLogOLS, NotFittedError, SaturatingPowerLaw, backtest,
-                  proxy_correlations)
+from clmscale.fits import (ChinchillaFit, DataConstrainedFit, DownstreamPowerLaw, LogLogOLS, NotFittedError,
+                           SaturatingPowerLaw, backtest, identification, proxy_correlations)
 from clmscale.fits.downstream import format_scale, format_with_uncertainty
 
 # numerical warnings (overflow, invalid, divide) are failures here: the fits must not produce them
@@ -271,3 +272,92 @@ def test_proxy_correlations():
 def test_proxy_correlations_names_missing_columns():
     with pytest.raises(ValueError, match=r"no column\(s\) \['sharpness'\]"):
         proxy_correlations(checkpoint_table(), "roc_auc", ["sharpness"])
+
+
+# --------------------------------------------------------------------------------------------
+# L(N, D, U): repeated data discounted (Muennighoff et al. 2023)
+
+R_STAR = 5.0  # the truth's half-life of repeated data, in repetitions
+
+
+def repeated_grid(noise=0.002, seed=0, epochs=(0.5, 1, 2, 4, 8, 16, 32)):
+    """5 model sizes x 2 unique-data sizes x the epochs, D = epochs x U, loss from TRUTH at D' with R_STAR."""
+    n_params, unique, passes = (g.ravel() for g in np.meshgrid(np.logspace(7, 10, 5), [1e9, 1e10], epochs))
+    n_tokens = passes * unique
+    seen = np.minimum(unique, n_tokens)
+    effective = seen * (1 + R_STAR * (1 - np.exp(-(n_tokens / seen - 1) / R_STAR)))
+    rng = np.random.default_rng(seed)
+    loss = chinchilla_law(n_params, effective, **TRUTH) * np.exp(rng.normal(0, noise, n_params.size))
+    return n_params, n_tokens, loss, unique
+
+
+def test_effective_data_gradient_is_exact():
+    from scipy.optimize import check_grad
+
+    from clmscale.fits.powerlaw import _EffectiveDataDesign, huber_logsumexp_loss
+
+    n_params, n_tokens, loss, unique = repeated_grid()
+    design = _EffectiveDataDesign(np.log(n_params), unique, n_tokens)
+    theta = np.array([6.0, 6.0, 0.5, 0.34, 0.28, np.log(3.0)])
+    for delta in (1e-3, 10.0):  # both sides of the Huber kink
+        error = check_grad(lambda t: huber_logsumexp_loss(t, design, np.log(loss), delta)[0],
+                           lambda t: huber_logsumexp_loss(t, design, np.log(loss), delta)[1], theta)
+        assert error < 1e-5 * np.linalg.norm(huber_logsumexp_loss(theta, design, np.log(loss), delta)[1]) + 1e-7
+
+
+def test_data_constrained_law_recovers_r_star_where_the_tokens_law_is_biased():
+    data = repeated_grid(seed=3)
+    law = DataConstrainedFit(n_bootstrap=100, n_jobs=2, n_starts=20).fit(*data)
+    assert law.R_star_ == pytest.approx(R_STAR, rel=0.25)
+    for name in ("alpha", "beta"):
+        assert law.params_[name] == pytest.approx(TRUTH[name], rel=0.05), name
+    lo, hi = law.ci_["R_star"]
+    assert lo <= R_STAR <= hi
+    assert identification(law).identified, identification(law).problems
+    # the same points read with D = tokens seen: repeats count in full, the fit is worse where data repeat
+    tokens_law = ChinchillaFit(n_bootstrap=0, n_starts=20).fit(*data[:3])
+    assert tokens_law.huber_loss_ > 5 * law.huber_loss_
+    # a point 32 epochs in is predicted from its D' (no repetition: D' = D)
+    assert law.predict(1e9, 32e9, 1e9) > law.predict(1e9, 32e9)
+    assert law.effective_tokens(32e9, 1e9) < 32e9 and law.effective_tokens(0.5e9, 1e9) == pytest.approx(0.5e9)
+    # and back-tested on the largest rung as the tokens law is
+    test = backtest(*data[:3], estimator=DataConstrainedFit(n_bootstrap=0, n_starts=20), unique_tokens=data[3])
+    assert test.mean_abs_relative_error < 0.01 and "unique_tokens" in test.points
+
+
+def test_r_star_is_not_identified_without_repeats():
+    n_params, n_tokens, loss, unique = repeated_grid(epochs=(0.125, 0.25, 0.5, 1))
+    law = DataConstrainedFit(n_bootstrap=20, n_jobs=1, n_starts=10).fit(n_params, n_tokens, loss, unique)
+    found = identification(law)
+    assert not found.identified
+    assert any(p["parameter"] == "R_star" and "repeats" in p["problem"] for p in found.problems)
+    assert "unique_molecules" in found.what_would_identify
+
+
+def test_r_star_interval_covers_the_truth():
+    """20 noisy draws of the repeated grid (1 % noise): the 95 % interval of R* should hold it ~19 times;
+    fewer than 15 has probability 3e-4 at exact 95 % coverage."""
+    covered = 0
+    for simulation in range(20):
+        data = repeated_grid(noise=0.01, seed=100 + simulation)
+        law = DataConstrainedFit(n_bootstrap=40, n_jobs=1, n_starts=5, seed=simulation).fit(*data)
+        lo, hi = law.ci_["R_star"]
+        covered += lo <= R_STAR <= hi
+    assert covered >= 15, covered
+
+
+def test_fit_stage_uses_the_effective_data_law_when_asked():
+    from clmscale.fits.fit import FitSettings, backtest_loss_law, fit_loss_law
+
+    n_params, n_tokens, loss, unique = repeated_grid(seed=5)
+    points = pd.DataFrame({"n_params_non_embedding": n_params, "tokens": n_tokens, "val_loss": loss,
+                           "unique_tokens": np.minimum(unique, n_tokens), "flops": 6 * n_params * n_tokens})
+    settings = FitSettings(huber_delta=1e-3, n_bootstrap=30, seed=0, holdout_rungs=1, n_jobs=1, n_starts=10,
+                           data_law="effective")
+    law = fit_loss_law(points, settings)
+    assert law["status"] == "ok" and law["estimator"] == "DataConstrainedFit"
+    assert law["params"]["R_star"] == pytest.approx(R_STAR, rel=0.3)
+    test = backtest_loss_law(points, settings)
+    assert test["status"] == "ok" and test["mean_abs_relative_error"] < 0.01
+    tokens_only = fit_loss_law(points, dataclasses.replace(settings, data_law="tokens"))
+    assert tokens_only["estimator"] == "ChinchillaFit" and "R_star" not in tokens_only["params"]
