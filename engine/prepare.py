@@ -1065,7 +1065,7 @@ class _OnRay:
         records = ray.data.from_items([{"group": g} for g in range(len(groups))]).map_batches(
             _read_group,  # type: ignore[arg-type]  # its extra arguments arrive through fn_kwargs
             batch_size=1,
-            num_cpus=READ_CPUS,  # not the canonicaliser's: a different request keeps the two from fusing
+            num_cpus=READ_CPUS,  # not the canonicaliser's 1: a different request keeps the two from fusing
             fn_kwargs={
                 "groups": groups,
                 "paths": paths,
@@ -1091,7 +1091,7 @@ class _OnRay:
 
     def per_block(self, fn: Callable[..., pa.Table], **kwargs) -> pa.Table:
         out = self.classified.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)  # type: ignore[arg-type]
-        return pa.concat_tables(ray.get(out.to_arrow_refs()))
+        return pa.concat_tables(ray.get(out.to_arrow_refs(), timeout=RAY_TIMEOUT_S))
 
     def large_groups(self, limit: float) -> list[int]:
         """Scaffold groups (by split hash) of more than `limit` kept molecules: Ray Data's groupby and count; only
@@ -1101,7 +1101,8 @@ class _OnRay:
         large = counts.map_batches(
             lambda t: t.filter(pc.greater(t.column("count()"), limit)), batch_format="pyarrow", batch_size=None
         )
-        return sorted(int(h) for t in ray.get(large.to_arrow_refs()) for h in t.column("split_hash").to_pylist())
+        tables = ray.get(large.to_arrow_refs(), timeout=RAY_TIMEOUT_S)
+        return sorted(int(h) for t in tables for h in t.column("split_hash").to_pylist())
 
     def sorted_blocks(self, fn: Callable[..., pa.Table], keys: list[str], **kwargs) -> tuple[list, list[int]]:
         ds = self.classified.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)  # type: ignore[arg-type]
@@ -1115,7 +1116,7 @@ class _OnRay:
 
 
 PARTITION_ROWS = 200_000  # records per hash partition: one partition is one block (far below 128 MiB)
-READ_CPUS = 0.5
+READ_CPUS = 0.0  # a reader streams its file for the whole pass: holding a CPU it would idle a canonicaliser slot
 RAY_TIMEOUT_S = 3600.0  # one wait on the cluster's write tasks; a hang becomes an error
 
 
