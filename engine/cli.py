@@ -262,11 +262,12 @@ def fit(
     table: Path = typer.Option(None, help="Fit one law to this CSV or Parquet table instead of a run directory."),
     law: str = typer.Option(
         "chinchilla",
-        help="With --table: chinchilla (L(N, D)), compute (E + A·x^-γ), power (A·x^k)"
-        " or trend (the verdict on y per decade of x).",
+        help="With --table: chinchilla (L(N, D)), effective (L(N, D, U), repeated data discounted),"
+        " compute (E + A·x^-γ), power (A·x^k) or trend (the verdict on y per decade of x).",
     ),
     n_col: str = typer.Option("N", help="With --table: parameter-count column."),
     d_col: str = typer.Option("D", help="With --table: token-count column."),
+    u_col: str = typer.Option("U", help="With --law effective: the unique-token column (D / U = epochs)."),
     y_col: str = typer.Option("loss", help="With --table: loss column."),
     x_col: str = typer.Option(
         "C", help="With --table and --law compute/power/trend: the scale column (log10 for trend)."
@@ -312,6 +313,7 @@ def fit(
             d_col=d_col,
             y_col=y_col,
             x_col=x_col,
+            u_col=u_col,
             bootstrap=1000 if bootstrap is None else bootstrap,
         )
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else fits_fit.format_fit(result))

@@ -620,6 +620,8 @@ def power_iteration(
     """
     if not 1 <= k <= dim:
         raise ValueError(f"k={k} must be in [1, dim={dim}]")
+    if max_iter < 1:
+        raise ValueError(f"max_iter={max_iter} must be at least 1: each eigenvalue needs one Hessian-vector product")
     generator = _generator(seed, device)
     found: list[torch.Tensor] = []
     eigenvalues: list[float] = []

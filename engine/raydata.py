@@ -24,7 +24,9 @@ from ray.data import DataContext
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 FAST_STEP_S = 0.002  # a scheduling step this short did not block in ray.wait: nothing was running
-BACKOFF_S = 0.01  # the pause after it; next to a batch's training step (tens of ms and up) it costs nothing
+BACKOFF_S = (
+    0.05  # the pause after it: the output queue holds several blocks of batches, so a refill 50 ms late starves nothing
+)
 
 
 class IdleBackoff(ExecutionCallback):

@@ -1737,6 +1737,7 @@ def fits_table(fits: dict) -> pd.DataFrame:
 
 LAWS = {
     "chinchilla": "L(N, D) = E + A/N^alpha + B/D^beta (Huber fit in log space, bootstrap intervals)",
+    "effective": "L(N, D, U) with D' discounting repeated tokens, R* fitted (Muennighoff et al. 2023)",
     "compute": "y = E + A·x^(−gamma), e.g. L(C) (Huber fit in log space, bootstrap intervals)",
     "power": "y = A·x^k (OLS on log-log axes, t intervals)",
     "trend": "the slope of y per decade of x, read as improving / degrading / plateau / inconclusive",
@@ -1771,6 +1772,7 @@ def fit_table(
     d_col: str = "D",
     y_col: str = "loss",
     x_col: str = "C",
+    u_col: str = "U",
     bootstrap: int = 1000,
     huber_delta: float = 1e-3,
     seed: int = 0,
@@ -1786,19 +1788,19 @@ def fit_table(
         )
     table = read_table(path)
     wanted = (
-        {"--n-col": n_col, "--d-col": d_col, "--y-col": y_col}
-        if law == "chinchilla"
+        {"--n-col": n_col, "--d-col": d_col, "--y-col": y_col, **({"--u-col": u_col} if law == "effective" else {})}
+        if law in ("chinchilla", "effective")
         else {"--x-col": x_col, "--y-col": y_col}
     )
     _check_columns(path, table, wanted)
     values = {column: pd.to_numeric(table[column], errors="coerce").to_numpy(float) for column in wanted.values()}
     estimator: ChinchillaFit | SaturatingPowerLaw | LogLogOLS
     data: tuple[np.ndarray, ...]
-    if law == "chinchilla":
-        estimator = ChinchillaFit(
+    if law in ("chinchilla", "effective"):
+        estimator = (DataConstrainedFit if law == "effective" else ChinchillaFit)(
             huber_delta=huber_delta, n_bootstrap=bootstrap, seed=seed, n_jobs=n_jobs, n_starts=n_starts
         )
-        data = (values[n_col], values[d_col], values[y_col])
+        data = (values[n_col], values[d_col], values[y_col]) + ((values[u_col],) if law == "effective" else ())
     elif law == "compute":
         estimator = SaturatingPowerLaw(huber_delta=huber_delta, n_bootstrap=bootstrap, seed=seed, n_jobs=n_jobs)
         data = (values[x_col], values[y_col])

@@ -414,22 +414,30 @@ class ChinchillaFit(_Estimator):
         columns = _drop_invalid_rows(owner, columns, len(CHINCHILLA_PARAMS), CHINCHILLA_PARAMS)
         log_n, log_d, log_loss = (np.log(columns[name]) for name in ("n_params", "n_tokens", "loss"))
 
+        grid = _grid_summary(n_params=columns["n_params"], n_tokens=columns["n_tokens"], loss=columns["loss"])
+        return self._fit_law(owner, self._init_axes(owner), _chinchilla_design, (log_n, log_d), log_loss, grid)
+
+    def _init_axes(self, owner: str) -> list[np.ndarray]:
+        """The starting values of each of CHINCHILLA_PARAMS, from init_grid (default CHINCHILLA_INIT_GRID)."""
         grid = CHINCHILLA_INIT_GRID if self.init_grid is None else self.init_grid
         missing = set(CHINCHILLA_PARAMS) - set(grid)
         if missing:
             raise ValueError(f"{owner}: init_grid lacks values for {sorted(missing)}; it has {sorted(grid)}")
-        grid_points = np.array(list(itertools.product(*(np.asarray(grid[name], float) for name in CHINCHILLA_PARAMS))))
-        design = _chinchilla_design(log_n, log_d)
-        theta, objective, starts = _fit_from_grid(owner, grid_points, design, log_loss, self.huber_delta, self.n_starts)
+        return [np.asarray(grid[name], float) for name in CHINCHILLA_PARAMS]
 
+    def _fit_law(self, owner: str, axes: list, design_fn, data: tuple, log_loss: np.ndarray, grid: dict):
+        """Fit from the product of the starting `axes` with the design design_fn(*data), set the fitted
+        attributes (grid_ is `grid`, the summary identification judges against), then bootstrap."""
+        grid_points = np.array(list(itertools.product(*axes)))
+        design = design_fn(*data)
+        theta, objective, starts = _fit_from_grid(owner, grid_points, design, log_loss, self.huber_delta, self.n_starts)
         self.params_ = self._named(theta)
         for name, value in self.params_.items():
             setattr(self, f"{name}_", value)
         self.huber_loss_ = objective
         self.n_points_ = int(log_loss.size)
-        self.grid_ = _grid_summary(n_params=columns["n_params"], n_tokens=columns["n_tokens"], loss=columns["loss"])
-
-        _set_bootstrap(self, owner, _chinchilla_design, (log_n, log_d), log_loss, theta, starts)
+        self.grid_ = grid
+        _set_bootstrap(self, owner, design_fn, data, log_loss, theta, starts)
         return self
 
     @staticmethod
@@ -543,28 +551,15 @@ class DataConstrainedFit(ChinchillaFit):
         columns = _drop_invalid_rows(owner, columns, len(names), names)
         log_n, log_loss = np.log(columns["n_params"]), np.log(columns["loss"])
         data = (log_n, columns["unique_tokens"], columns["n_tokens"])
-
-        grid = CHINCHILLA_INIT_GRID if self.init_grid is None else self.init_grid
-        axes = [np.asarray(grid[name], float) for name in CHINCHILLA_PARAMS] + [np.log(R_STAR_INIT)]
-        grid_points = np.array(list(itertools.product(*axes)))
-        design = _EffectiveDataDesign(*data)
-        theta, objective, starts = _fit_from_grid(owner, grid_points, design, log_loss, self.huber_delta, self.n_starts)
-
-        self.params_ = self._named(theta)
-        for name, value in self.params_.items():
-            setattr(self, f"{name}_", value)
-        self.huber_loss_ = objective
-        self.n_points_ = int(log_loss.size)
-        epochs = columns["n_tokens"] / columns["unique_tokens"]
-        self.grid_ = _grid_summary(
+        axes = [*self._init_axes(owner), np.log(R_STAR_INIT)]
+        grid = _grid_summary(
             n_params=columns["n_params"],
             n_tokens=columns["n_tokens"],
             loss=columns["loss"],
             unique_tokens=columns["unique_tokens"],
-            epochs=epochs,
+            epochs=columns["n_tokens"] / columns["unique_tokens"],
         )
-        _set_bootstrap(self, owner, _EffectiveDataDesign, data, log_loss, theta, starts)
-        return self
+        return self._fit_law(owner, axes, _EffectiveDataDesign, data, log_loss, grid)
 
     @staticmethod
     def _named(theta: np.ndarray) -> dict[str, float]:

@@ -361,3 +361,19 @@ def test_fit_stage_uses_the_effective_data_law_when_asked():
     assert test["status"] == "ok" and test["mean_abs_relative_error"] < 0.01
     tokens_only = fit_loss_law(points, dataclasses.replace(settings, data_law="tokens"))
     assert tokens_only["estimator"] == "ChinchillaFit" and "R_star" not in tokens_only["params"]
+
+
+def test_cli_fits_the_effective_law_to_a_table_and_names_a_missing_column(tmp_path):
+    from typer.testing import CliRunner
+
+    from clmscale.engine.cli import app
+
+    n_params, n_tokens, loss, unique = repeated_grid(seed=7)
+    path = tmp_path / "points.csv"
+    pd.DataFrame({"N": n_params, "D": n_tokens, "loss": loss, "U": unique}).to_csv(path, index=False)
+    result = CliRunner().invoke(app, ["fit", "--table", str(path), "--law", "effective", "--bootstrap", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    fitted = json.loads(result.output)
+    assert fitted["estimator"] == "DataConstrainedFit" and fitted["params"]["R_star"] == pytest.approx(R_STAR, rel=0.3)
+    missing = CliRunner().invoke(app, ["fit", "--table", str(path), "--law", "effective", "--u-col", "unique"])
+    assert missing.exit_code == 2 and "unique" in missing.output

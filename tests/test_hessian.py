@@ -630,3 +630,8 @@ def test_memory_estimate_is_flat_in_max_iter_and_shards_over_workers():
     assert few["n_basis"] == 8 and few["trace_bytes"] == few["density_bytes"] == 0
     host = memory_estimate(n, torch.float32, 120, 5, 30, storage="host")
     assert host["lanczos_bytes"] == n * 4 and host["host_bytes"] == 21 * n * 4
+
+
+def test_power_iteration_without_iterations_is_an_error_naming_max_iter():
+    with pytest.raises(ValueError, match="max_iter=0 must be at least 1"):
+        power_iteration(lambda v: v, dim=4, k=1, max_iter=0)
