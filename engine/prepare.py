@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -208,7 +209,14 @@ def read_corpus(path: Path, smiles_column: str | None = None) -> Iterator[tuple[
                     yield from _read_delimited(f, path, "," if kind == "csv" else "\t", smiles_column)
     except DataError:
         raise
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error, pa.ArrowException) as err:
+    except (
+        OSError,
+        EOFError,
+        UnicodeDecodeError,
+        csv.Error,
+        pa.ArrowException,
+        zlib.error,
+    ) as err:  # zlib: a bad member
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path}: cannot read as {what}: {reason}") from err
 
