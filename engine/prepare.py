@@ -436,13 +436,11 @@ def prepare(
                 else _Local(cfg, paths, rules, bool(decon_tasks), chunk_rows, progress)
             )
             return _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks, names, progress, t0)
-    except DataError:
-        raise
-    except Exception as err:
+    except Exception as err:  # a DataError raised in a Ray task arrives wrapped (RayTaskError(DataError))
         found = _data_error_in(err)
-        if found is None:
+        if found is None or found is err:
             raise
-        raise DataError(str(found)) from None
+        raise DataError(str(found).splitlines()[0]) from None  # Ray appends its retry advice on later lines
 
 
 def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks, names, progress, t0) -> Manifest:
@@ -577,14 +575,15 @@ def _data_context(parallel: bool, workers: int | None) -> Iterator[None]:
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    before = (context.execution_options.preserve_order, context.execution_options.resource_limits.cpu)
-    context.execution_options.preserve_order = True  # blocks come back in the order the sort made
+    options = context.execution_options
+    before = (options.preserve_order, options.resource_limits)
+    options.preserve_order = True  # blocks come back in the order the sort made
     if workers is not None:
-        context.execution_options.resource_limits.cpu = workers
+        options.resource_limits = options.resource_limits.copy(cpu=workers)
     try:
         yield
     finally:
-        context.execution_options.preserve_order, context.execution_options.resource_limits.cpu = before
+        options.preserve_order, options.resource_limits = before
 
 
 def _check_counts(t: dict[str, int], cfg: DataConfig, data: DataDir, names: list[str], first_invalid: list) -> None:
