@@ -22,7 +22,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -290,7 +290,7 @@ class TokenIds:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def wrapped(self, indices: Iterable[int], open_id: int, close_id: int, max_seq_len: int) -> Iterator[np.ndarray]:
+    def wrapped(self, indices: Iterable[int], open_id: int, close_id: int, max_seq_len: int) -> Iterator[Any]:
         """Molecules `indices` as `encode` gives them: [open, body cut to max_seq_len - 2, close], int64."""
         body = max_seq_len - 2
         for i in indices:
@@ -322,7 +322,7 @@ def read_ids(shard_paths: Sequence[str | Path], tokenizer: PreTrainedTokenizerFa
 
 def _molecules(
     shard_paths: Sequence[str | Path], tokenizer, family: Family, max_seq_len: int, n_molecules: int | None = None
-) -> tuple[int, Callable[[Sequence[int]], Iterator[Sequence[int]]]]:
+) -> tuple[int, Callable[[Any], Iterator[Any]]]:
     """(number of molecules, a function from molecule indices to their wrapped token ids): read from the shards'
     `ids` column when prepare wrote one, else encoded from the SMILES. `n_molecules`: only the first n."""
     ids = read_ids(shard_paths, tokenizer)

@@ -807,7 +807,9 @@ def classify_partition(block: pa.Table, rules: Rules) -> pa.Table:
     cols = block.select(["file", "line", "raw", "smiles", "error", "n_heavy_atoms", "n_tokens", "scaffold",
                          "inchikey"]).to_pydict()  # fmt: skip
     n = block.num_rows
-    status, reason, tasks = ["kept"] * n, [None] * n, [None] * n
+    status: list[str] = ["kept"] * n
+    reason: list[str | None] = [None] * n
+    tasks: list[str | None] = [None] * n
     raw: list[str | None] = [None] * n
     smiles: list[str | None] = [None] * n
     hash_of: list[str] = [""] * n
@@ -1097,7 +1099,7 @@ class _OnRay:
                  self.n_blocks)  # fmt: skip
 
     def per_block(self, fn: Callable[..., pa.Table], **kwargs) -> pa.Table:
-        out = self.classified.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)  # type: ignore[arg-type]
+        out = self.classified.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
         return pa.concat_tables(ray.get(out.to_arrow_refs(), timeout=RAY_TIMEOUT_S))
 
     def large_groups(self, limit: float) -> list[int]:
@@ -1112,7 +1114,7 @@ class _OnRay:
         return sorted(int(h) for t in tables for h in t.column("split_hash").to_pylist())
 
     def sorted_blocks(self, fn: Callable[..., pa.Table], keys: list[str], **kwargs) -> tuple[list, list[int]]:
-        ds = self.classified.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)  # type: ignore[arg-type]
+        ds = self.classified.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
         refs = ds.sort(keys).to_arrow_refs()
         sizes = ray.get([_num_rows.remote(r) for r in refs], timeout=RAY_TIMEOUT_S)
         return refs, sizes
