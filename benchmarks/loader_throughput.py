@@ -3,7 +3,8 @@
 The same molecules as two sets of Parquet shards: `smiles` only (what prepare wrote before token ids), and prepare's
 own shards (`smiles`, `n_tokens`, `ids`, written by `engine.prepare.shard_table`). The same micro-batch size and
 max_seq_len everywhere; real (non-padding) tokens are counted, special tokens included. Per loader: tokens/s (wall)
-and tokens per CPU-second (CPU time of every process of this session: the driver, and for Ray its workers too).
+and tokens per CPU-second (CPU time of this process for the local loaders; of every process of this session, the
+driver and Ray's workers, for the Ray ones: run it alone in its session).
   bare ids     pyarrow read of the `ids` column, then per micro-batch the wrapped ids padded into one int64 array:
                the floor any loader of these shards pays (no shuffle, no masking).
   local ids    `data.local_batches` on the pre-tokenised shards: shuffle, wrap, collate, MLM masking.
@@ -82,13 +83,14 @@ def session_cpu_s() -> float:
     return total
 
 
-def timed(batches) -> tuple[int, float, float]:
-    """(tokens, wall seconds, CPU seconds of the session)."""
-    start, cpu = time.perf_counter(), session_cpu_s()
+def timed(batches, cpu_clock=time.process_time) -> tuple[int, float, float]:
+    """(tokens, wall seconds, CPU seconds): of this process for the local loaders (other work in the session does
+    not count), of the whole session (`session_cpu_s`: the driver and Ray's workers) for the Ray ones."""
+    start, cpu = time.perf_counter(), cpu_clock()
     n_tokens = 0
     for batch in batches:
         n_tokens += int(batch["attention_mask"].sum())
-    return n_tokens, time.perf_counter() - start, session_cpu_s() - cpu
+    return n_tokens, time.perf_counter() - start, cpu_clock() - cpu
 
 
 def main() -> None:
@@ -127,7 +129,7 @@ def main() -> None:
             for name, paths in (("ray ids", ids), ("ray encode", plain)):
                 ds = data.train_dataset(paths, tokenizer, seed=0, **common)
                 timed(data.worker_batches(ds, epoch=0))  # pass 1: pipeline start-up
-                results[name] = timed(data.worker_batches(ds, epoch=1))
+                results[name] = timed(data.worker_batches(ds, epoch=1), session_cpu_s)
             ray.shutdown()
 
     print(f"{len(smiles)} molecules, {args.family}, micro_batch_size={args.micro_batch_size}, "
