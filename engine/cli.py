@@ -80,12 +80,15 @@ def validate(sweep_file: Path, storage_root: Path = _storage_root_option()) -> N
     trials = expand_grid(cfg)
     typer.echo(f"# {sweep_file}: valid; run dir {cfg.run_dir}")
     typer.echo(_yaml_dump(cfg))
-    typer.echo(f"# {len(trials)} trials (rung x budget x seed)")
+    axes = [name for name, n in (("family", len(cfg.model.families())),
+                                 ("mlm_probability", len(cfg.train.mlm_probabilities()))) if n > 1]  # fmt: skip
+    typer.echo(f"# {len(trials)} trials (rung x budget x seed{''.join(f' x {a}' for a in axes)})")
     for t in trials:
         s = t.size
         budget = f"{t.budget_tokens:.3g} tokens" if t.budget_tokens else f"{t.budget_epochs:g} epochs"
+        masking = f" mask={t.mlm_probability:g}" if "mlm_probability" in axes and t.mlm_probability is not None else ""
         typer.echo(
-            f"{t.trial_id:24s} {t.family} layers={s.n_layer:<3d} d_model={s.d_model:<5d} heads={s.n_head:<3d} "
+            f"{t.trial_id:24s} {t.family}{masking} layers={s.n_layer:<3d} d_model={s.d_model:<5d} heads={s.n_head:<3d} "
             f"{budget:>16s} seed={t.seed} lr={t.train.lr:g} batch={t.train.batch_size} "
             f"zero={t.train.zero_stage} workers={t.resources.workers} gpus/worker={t.resources.gpus_per_worker:g}"
         )

@@ -4,7 +4,8 @@ Every section is a frozen pydantic model with `extra="forbid"`, so a typo is an 
 silently ignored setting. `load_sweep(path)` parses the YAML, validates it and, on failure, raises
 `SweepFileError` naming the file, the YAML line and the field (with a "did you mean" for typos).
 `expand_grid(cfg)` turns the validated file into the list of pretraining trials
-(sizes x budgets x seeds), each with its per-rung overrides applied.
+(sizes x budgets x seeds, and families x masking ratios where those are lists), each with its per-rung
+overrides applied.
 
 Derived quantities (parameter counts, FLOPs, token budgets from epochs) are computed elsewhere
 from these fields; nothing here stores a copy of something that can be derived.
@@ -21,7 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import ErrorDetails
 
 from clmscale.engine import ladder
-from clmscale.engine.ladder import Family
+from clmscale.engine.ladder import Family, objective
 
 
 class Strict(BaseModel):
@@ -126,12 +127,31 @@ class RungOverrides(Strict):
         return set_, res
 
 
+def _distinct(values: list) -> None:
+    """An axis given as a list: at least one value, none twice (a repeated value would repeat trial ids)."""
+    if not values:
+        raise ValueError("a list needs at least one value")
+    if len(set(values)) != len(values):
+        raise ValueError(f"values repeat (got {values})")
+
+
 class ModelConfig(Strict):
-    family: Family = "mlm"
+    # mlm (RoBERTa), clm (GPT-2), llama (Llama decoder), modernbert (ModernBERT encoder); a list makes it an axis
+    family: Family | list[Family] = "mlm"
     sizes: list[str | ModelSize] = Field(min_length=1)
     max_seq_len: int = Field(128, gt=4)  # tokens incl. special tokens; longer SMILES are cut
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # 0: scaling-law runs are single-epoch-ish
     overrides: dict[str, RungOverrides] = {}
+
+    @field_validator("family")
+    @classmethod
+    def _distinct_families(cls, family: Family | list[Family]) -> Family | list[Family]:
+        if isinstance(family, list):
+            _distinct(family)
+        return family
+
+    def families(self) -> list[Family]:
+        return self.family if isinstance(self.family, list) else [self.family]
 
     @field_validator("sizes")
     @classmethod
@@ -209,13 +229,24 @@ class TrainConfig(Strict):
     # auto: 0 when the trial fits one device (on one worker any stage is pure overhead), else the
     # smallest stage that fits (engine.plan.choose, at the sweep's start)
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    # share of tokens masked (80 % [MASK], 10 % random, 10 % kept) in the mlm families; a list makes it an axis
+    mlm_probability: Annotated[float, Field(gt=0, lt=1)] | list[Annotated[float, Field(gt=0, lt=1)]] = 0.15
     packing: bool = False  # pack several SMILES per sequence instead of padding each
     compile: bool = False  # torch.compile the model (batches padded to max_seq_len: one shape); off until measured
     checkpoints: int = Field(4, ge=1)  # log-spaced token milestones per run, the last at the budget
     log_every_steps: int = Field(10, gt=0)
     val_batches: int = Field(4, gt=0)  # fixed validation batches, the same for every run
     seed_data: bool = True  # True: the trial seed also shuffles the data; False: only the init
+
+    @field_validator("mlm_probability")
+    @classmethod
+    def _distinct_ratios(cls, value: float | list[float]) -> float | list[float]:
+        if isinstance(value, list):
+            _distinct(value)
+        return value
+
+    def mlm_probabilities(self) -> list[float]:
+        return self.mlm_probability if isinstance(self.mlm_probability, list) else [self.mlm_probability]
 
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainConfig:
@@ -421,7 +452,8 @@ class SweepConfig(Strict):
 
 
 class Trial(Strict):
-    """One pretraining run: a rung, a budget and a seed, with that rung's overrides applied."""
+    """One pretraining run: a family, a rung, a budget and a seed (and a masking ratio for the mlm families), with
+    that rung's overrides applied; `train.mlm_probability` is one number here."""
 
     trial_id: str
     family: Family
@@ -432,6 +464,20 @@ class Trial(Strict):
     seed: int
     train: TrainConfig
     resources: ResourcesConfig
+
+    @model_validator(mode="after")
+    def _one_masking_ratio(self) -> Trial:
+        if isinstance(self.train.mlm_probability, list):
+            raise ValueError(
+                f"{self.trial_id}: train.mlm_probability must be one number in a trial "
+                f"(got {self.train.mlm_probability})"
+            )
+        return self
+
+    @property
+    def mlm_probability(self) -> float | None:
+        """The masking ratio this trial trains with; None for the clm families, which mask nothing."""
+        return float(self.train.mlm_probability) if objective(self.family) == "mlm" else None  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> Trial:
@@ -468,36 +514,66 @@ class Trial(Strict):
 
 
 def expand_grid(cfg: SweepConfig) -> list[Trial]:
-    """Sizes x unique data x budgets x seeds, in that nesting order (smallest rung first).
+    """Families x sizes x unique data x budgets x seeds x masking ratios, in that nesting order (smallest rung
+    first).
 
-    Trial ids read `<rung>[_u<unique>]_<budget>_s<seed>`: the unique-data tag only with budget.unique_molecules,
-    so the ids of a grid without that axis are as they always were (its run directories resume)."""
-    trials = []
+    Trial ids read `<rung>[_u<unique>]_<budget>_s<seed>[_<family>][_m<ratio>]`: the unique-data tag only with
+    budget.unique_molecules; the family and masking-ratio tags only when that axis is a list of several values.
+    A grid without these axes keeps the ids it always had, so its run directories resume. The masking ratio is
+    an axis of the mlm families only: a clm or llama trial is one trial whatever the list holds, without `_m`."""
+    problem = axis_problem(cfg)
+    if problem is not None:
+        raise ValueError(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}")
+    families, ratios = cfg.model.families(), cfg.train.mlm_probabilities()
     in_tokens = cfg.budget.tokens is not None
-    for size in cfg.model.rungs():
-        train_update, resources_update = cfg.model.overrides.get(size.name, RungOverrides()).split()
-        train = TrainConfig.model_validate({**cfg.train.model_dump(), **train_update})
-        resources = ResourcesConfig.model_validate({**cfg.resources.model_dump(), **resources_update})
-        uniques: list[int | None] = list(cfg.budget.unique_molecules) if cfg.budget.unique_molecules else [None]
-        for unique in uniques:
-            for budget in cfg.budget.tokens or cfg.budget.epochs or []:
-                for seed in cfg.seeds:
-                    tag = f"{_short(budget)}tok" if in_tokens else f"{budget:g}ep"
-                    data_tag = "" if unique is None else f"_u{_short(unique)}"
-                    trials.append(
-                        Trial(
-                            trial_id=f"{size.name}{data_tag}_{tag}_s{seed}",
-                            family=cfg.model.family,
-                            size=size,
-                            budget_tokens=budget if in_tokens else None,
-                            budget_epochs=None if in_tokens else budget,
-                            unique_molecules=unique,
-                            seed=seed,
-                            train=train,
-                            resources=resources,
-                        )
-                    )
+    uniques: list[int | None] = list(cfg.budget.unique_molecules) if cfg.budget.unique_molecules else [None]
+    trials = []
+    for family in families:
+        family_tag = f"_{family}" if len(families) > 1 else ""
+        masked = objective(family) == "mlm"
+        for size in cfg.model.rungs():
+            train_update, resources_update = cfg.model.overrides.get(size.name, RungOverrides()).split()
+            resources = ResourcesConfig.model_validate({**cfg.resources.model_dump(), **resources_update})
+            for unique in uniques:
+                for budget in cfg.budget.tokens or cfg.budget.epochs or []:
+                    for seed in cfg.seeds:
+                        for ratio in ratios if masked else ratios[:1]:
+                            train = TrainConfig.model_validate(
+                                {**cfg.train.model_dump(), **train_update, "mlm_probability": ratio}
+                            )
+                            tag = f"{_short(budget)}tok" if in_tokens else f"{budget:g}ep"
+                            data_tag = "" if unique is None else f"_u{_short(unique)}"
+                            ratio_tag = f"_m{ratio:g}" if masked and len(ratios) > 1 else ""
+                            trials.append(
+                                Trial(
+                                    trial_id=f"{size.name}{data_tag}_{tag}_s{seed}{family_tag}{ratio_tag}",
+                                    family=family,
+                                    size=size,
+                                    budget_tokens=budget if in_tokens else None,
+                                    budget_epochs=None if in_tokens else budget,
+                                    unique_molecules=unique,
+                                    seed=seed,
+                                    train=train,
+                                    resources=resources,
+                                )
+                            )
     return trials
+
+
+def axis_problem(cfg: SweepConfig) -> ErrorDetails | None:
+    """A masking-ratio list in a grid with no mlm family (mlm, modernbert): it would vary nothing."""
+    if isinstance(cfg.train.mlm_probability, list) and all(objective(f) == "clm" for f in cfg.model.families()):
+        return ErrorDetails(
+            loc=("train", "mlm_probability"),
+            type="axis_without_effect",
+            input=cfg.train.mlm_probability,
+            msg=(
+                f"a list of masking ratios ({cfg.train.mlm_probability}) makes an axis of the mlm families only, and "
+                f"model.family is {cfg.model.family} (next-token prediction masks nothing); give one number or add "
+                "an mlm family (mlm, modernbert)"
+            ),
+        )
+    return None
 
 
 def _short(n: float) -> str:
@@ -540,6 +616,9 @@ def load_sweep(path: str | Path) -> SweepConfig:
         lines = _line_index(node)
         raise SweepFileError("\n".join(_describe(path, e, lines) for e in err.errors())) from None
     problems = _unknown_references(cfg)
+    axis = axis_problem(cfg)
+    if axis is not None:
+        problems.append(axis)
     if problems:
         lines = _line_index(node)
         raise SweepFileError("\n".join(_describe(path, e, lines) for e in problems))

@@ -1,8 +1,9 @@
 """SMILES shards -> token ids -> training batches, locally or through Ray Data into Ray Train workers.
 
 The story, top to bottom:
-  encode    SMILES -> token ids, wrapped per family (mlm `[CLS] … [SEP]`, clm `[BOS] … [EOS]`), truncated;
-            shards from prepare carry the ids already (`ids` column), so the training paths only wrap them.
+  encode    SMILES -> token ids, wrapped per objective (mlm, modernbert `[CLS] … [SEP]`; clm, llama
+            `[BOS] … [EOS]`), truncated; shards from prepare carry the ids already (`ids` column), so the
+            training paths only wrap them.
   collate   token ids -> one batch dict (docs/CONTRACTS.md): padding, MLM masking or CLM labels, packing.
   local_batches / validation_batches   the plain path: pyarrow + numpy, no Ray (standalone or torch.distributed).
   train_dataset / worker_batches       the Ray path: Ray Data reads, shuffles, encodes and collates on its
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from clmscale.engine.ladder import Family
+from clmscale.engine.ladder import Family, objective
 
 if TYPE_CHECKING:
     import ray.data
@@ -55,12 +56,10 @@ IDS_COLUMN = "ids"  # prepare's token ids per molecule, no special tokens (uint8
 
 
 def _wrap_ids(tokenizer: PreTrainedTokenizerFast, family: Family) -> tuple[int, int]:
-    names = {"mlm": ("cls_token_id", "sep_token_id"), "clm": ("bos_token_id", "eos_token_id")}
-    if family not in names:
-        raise ValueError(f"family must be 'mlm' or 'clm' (got {family!r})")
-    ids = tuple(getattr(tokenizer, name) for name in names[family])
+    names = {"mlm": ("cls_token_id", "sep_token_id"), "clm": ("bos_token_id", "eos_token_id")}[objective(family)]
+    ids = tuple(getattr(tokenizer, name) for name in names)
     if None in ids:
-        raise ValueError(f"tokenizer has no {' / '.join(names[family])}: build it with engine.tokenizer")
+        raise ValueError(f"tokenizer has no {' / '.join(names)}: build it with engine.tokenizer")
     return ids
 
 
@@ -149,8 +148,7 @@ def collate(
     by a causal model and has no labels, so dropping the mask is safe. Bidirectional models have no such
     path, so packed mlm rows attend across molecules; masking and labels stay per token and are correct.
     """
-    if family not in ("mlm", "clm"):
-        raise ValueError(f"family must be 'mlm' or 'clm' (got {family!r})")
+    masked = objective(family) == "mlm"  # llama collates as clm, modernbert as mlm
     if not ids:
         raise ValueError("collate needs at least one sequence")
     if packing and max_seq_len is None:
@@ -172,7 +170,7 @@ def collate(
         position_ids[real] = offsets
         batch["position_ids"] = position_ids
 
-    if family == "mlm":
+    if masked:
         batch["input_ids"], batch["labels"] = _mask_tokens(
             input_ids, real, special_ids, mask_id, vocab_size, mlm_probability, rng
         )
@@ -415,7 +413,7 @@ def trial_validation_batches(
         n_batches=trial.train.val_batches if n_batches is None else n_batches,
         micro_batch_size=trial.train.micro_batch_size,
         max_seq_len=max_seq_len,
-        mlm_probability=trial.train.mlm_probability,
+        mlm_probability=trial.mlm_probability or 0.0,  # None: a clm family, which masks nothing
         packing=trial.train.packing,
     )
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clmscale.engine.ladder import Family
+from clmscale.engine.ladder import Family, objective
 from clmscale.engine.metrics import HIGHER_IS_BETTER, METRICS, better
 from clmscale.engine.metrics import scores as metric_scores
 from clmscale.engine.rundir import head_file
@@ -253,10 +253,11 @@ def masked_loss(
 
 
 def load_encoder(checkpoint_dir: Path, *, random_init: bool = False) -> tuple[nn.Module, Any, Family]:
-    """The checkpoint's encoder (no LM head), its tokenizer and its family ("mlm" or "clm").
+    """The checkpoint's encoder (no LM head), its tokenizer and its family (engine.ladder.Family).
 
-    `AutoModel` gives RobertaModel for a RobertaForMaskedLM checkpoint and GPT2Model for a
-    GPT2LMHeadModel one. random_init: the same config with fresh weights (seed the RNG first).
+    `AutoModel` gives RobertaModel for a RobertaForMaskedLM checkpoint, GPT2Model for GPT2LMHeadModel,
+    LlamaModel for LlamaForCausalLM and ModernBertModel for ModernBertForMaskedLM. random_init: the
+    same config with fresh weights (seed the RNG first).
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer  # slow import, kept off module load
 
@@ -266,7 +267,7 @@ def load_encoder(checkpoint_dir: Path, *, random_init: bool = False) -> tuple[nn
     _check_checkpoint(checkpoint_dir, need_weights=not random_init)
     config = AutoConfig.from_pretrained(checkpoint_dir)
     family = family_of(config)
-    # [CLS] is pooled by us, not by RoBERTa's tanh pooler
+    # [CLS] is pooled by us, not by RoBERTa's tanh pooler (the other families have none)
     kwargs: dict[str, Any] = {"add_pooling_layer": False} if family == "mlm" else {}
     kwargs["dtype"] = torch.float32  # a bf16 pretraining checkpoint is fine-tuned in fp32, like its linear head
     if random_init:
@@ -322,12 +323,13 @@ def encode_smiles(tokenizer: Any, smiles: Sequence[str], family: Family, max_len
     """Token ids per molecule wrapped as in pretraining (CONTRACTS.md), the fraction of [UNK] tokens and the
     fraction of molecules cut short. `smiles` should already be the corpus's canonical form (engine.analyze
     passes them through engine.prepare.canonical_smiles), the spelling the model was pretrained on."""
-    if family == "mlm":
+    masked = objective(family) == "mlm"
+    if masked:
         first, last = tokenizer.cls_token_id, tokenizer.sep_token_id
     else:
         first, last = tokenizer.bos_token_id, tokenizer.eos_token_id
     if first is None or last is None:
-        wanted = "[CLS]/[SEP]" if family == "mlm" else "[BOS]/[EOS]"
+        wanted = "[CLS]/[SEP]" if masked else "[BOS]/[EOS]"
         raise ValueError(f"the tokenizer has no {wanted} tokens, which a {family} model was pretrained with")
     encodings = tokenizer.backend_tokenizer.encode_batch(list(smiles), add_special_tokens=False)
     ids, n_truncated, n_unk, n_tokens = [], 0, 0, 0
@@ -375,9 +377,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling = 
 def _check_pooling(pooling: str, family: Family) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))} (got {pooling!r})")
-    if pooling == "cls" and family == "clm":
+    if pooling == "cls" and objective(family) == "clm":
         raise ValueError("pooling 'cls' reads the first token, which under causal attention has seen only [BOS]; "
-                         "use 'mean' or 'last' for a clm checkpoint")  # fmt: skip
+                         f"use 'mean' or 'last' for a {family} checkpoint")  # fmt: skip
 
 
 class EncoderWithHead(nn.Module):

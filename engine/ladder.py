@@ -11,7 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-Family = Literal["mlm", "clm"]  # mlm: RoBERTa-style encoder; clm: GPT-2-style decoder
+# mlm: RoBERTa encoder; clm: GPT-2 decoder; llama: Llama decoder (RoPE, SwiGLU, RMSNorm, no bias);
+# modernbert: ModernBERT encoder (RoPE, GeGLU, bias-free LayerNorms)
+Family = Literal["mlm", "clm", "llama", "modernbert"]
+Objective = Literal["mlm", "clm"]  # masked-token prediction (encoders) or next-token prediction (decoders)
+FAMILIES: tuple[Family, ...] = ("mlm", "clm", "llama", "modernbert")
+OBJECTIVES: dict[str, Objective] = {"mlm": "mlm", "clm": "clm", "llama": "clm", "modernbert": "mlm"}
+
+
+def objective(family: str) -> Objective:
+    """What a family is trained on: everything that branches on mlm / clm (data collation, the loss, special
+    tokens, pooling) asks this, so llama goes where clm goes and modernbert where mlm goes."""
+    if family not in OBJECTIVES:
+        raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} (got {family!r})")
+    return OBJECTIVES[family]
 
 
 class RungShape(Protocol):

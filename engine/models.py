@@ -1,16 +1,22 @@
 """The model ladder: a rung becomes a transformers config, a parameter count and a FLOP rate.
 
-mlm rungs are RoBERTa encoders (`RobertaForMaskedLM`), clm rungs GPT-2 decoders (`GPT2LMHeadModel`);
-both tie the output projection to the token embedding, so every checkpoint loads with
-`AutoModelForMaskedLM` / `AutoModelForCausalLM.from_pretrained(dir)`. GPT-2 rather than Llama for
-clm: learned positions and LayerNorm, the same block as the RoBERTa encoder apart from the causal
-mask, so the two families differ in the objective and little else.
+mlm rungs are RoBERTa encoders (`RobertaForMaskedLM`), clm rungs GPT-2 decoders (`GPT2LMHeadModel`):
+learned positions and LayerNorm, the same block apart from the causal mask, so the two differ in the
+objective and little else. llama rungs are Llama decoders (`LlamaForCausalLM`: RoPE, SwiGLU, RMSNorm, no
+bias) and modernbert rungs ModernBERT encoders (`ModernBertForMaskedLM`: RoPE, GeGLU, bias-free
+LayerNorms, every layer global attention: SMILES fit in any local window ModernBERT would use). llama
+is trained like clm and modernbert like mlm (`ladder.objective`). Every family ties the output
+projection to the token embedding, so every checkpoint loads with `AutoModelForMaskedLM` /
+`AutoModelForCausalLM.from_pretrained(dir)`. The gated MLPs of llama and modernbert get an inner width
+of 2/3 of the rung's d_ff, rounded up to a multiple of 8 (`glu_dim`, as LLaMA does), so their three
+matrices hold about the two of a GELU MLP of the same rung.
 
 Parameter counts follow `PreTrainedModel.num_parameters` exactly:
     N       every trainable tensor once (tied weights once);
     N_non   N minus every `nn.Embedding` table: token, position and RoBERTa's one-row token-type
-            table. That is Kaplan et al. (2020)'s N; the tied output projection is the token table,
-            so it is excluded too, while the MLM head's dense + LayerNorm + vocabulary bias are kept.
+            table (llama and modernbert have only the token table: RoPE has no parameters). That is
+            Kaplan et al. (2020)'s N; the tied output projection is the token table, so it is excluded
+            too, while the MLM heads' dense + LayerNorm + vocabulary bias are kept.
 FLOPs and MFU (`flops_per_token`, `sequence_flops`, `batch_cost`, `peak_flops`, `mfu`) are here too.
 This module never imports ray, rdkit, pydantic or deepspeed: the rung table comes from engine/ladder.py,
 and a size is anything with `n_layer`, `d_model`, `n_head` and `ffn_dim`, so a GPU box with torch and
@@ -29,13 +35,17 @@ import torch
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
     PreTrainedConfig,
     PreTrainedModel,
     RobertaConfig,
     RobertaForMaskedLM,
 )
 
-from clmscale.engine.ladder import LADDER, Family, RungShape
+from clmscale.engine.ladder import FAMILIES, LADDER, Family, RungShape, objective
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,20 @@ SPECIAL_IDS: dict[str, dict[str, int]] = {
     "mlm": {"pad_token_id": PAD_ID, "bos_token_id": 2, "eos_token_id": 3},
     "clm": {"pad_token_id": PAD_ID, "bos_token_id": 5, "eos_token_id": 6},
 }
+MODEL_TYPES: dict[str, Family] = {"roberta": "mlm", "gpt2": "clm", "llama": "llama", "modernbert": "modernbert"}
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "mlm": RobertaForMaskedLM,
+    "clm": GPT2LMHeadModel,
+    "llama": LlamaForCausalLM,
+    "modernbert": ModernBertForMaskedLM,
+}
+ROPE_THETA = 10_000.0  # RoFormer's and Llama 2's base; SMILES are far shorter than any context it was tuned for
+
+
+def glu_dim(ffn_dim: int) -> int:
+    """Inner width of a gated MLP (llama, modernbert): 2/3 of the rung's d_ff rounded up to a multiple of 8, so
+    its three d x d_glu matrices hold about what the two d x d_ff matrices of a GELU MLP do (LLaMA's rule)."""
+    return 8 * -(-2 * ffn_dim // 24)  # ceil(2 d_ff / 3 / 8) * 8
 
 
 def build_config(
@@ -60,9 +84,11 @@ def build_config(
     dropout: float = 0.0,
     attn_implementation: str = "sdpa",
 ) -> PreTrainedConfig:
-    """A `RobertaConfig` (mlm) or `GPT2Config` (clm) for one rung; bos/eos default to the family's ids."""
-    bos = SPECIAL_IDS[family]["bos_token_id"] if bos_token_id is None else bos_token_id
-    eos = SPECIAL_IDS[family]["eos_token_id"] if eos_token_id is None else eos_token_id
+    """A `RobertaConfig` (mlm), `GPT2Config` (clm), `LlamaConfig` (llama) or `ModernBertConfig` (modernbert) for
+    one rung; bos/eos default to the ids of the family's objective ([CLS]/[SEP] or [BOS]/[EOS])."""
+    ids = SPECIAL_IDS[objective(family)]
+    bos = ids["bos_token_id"] if bos_token_id is None else bos_token_id
+    eos = ids["eos_token_id"] if eos_token_id is None else eos_token_id
     if family == "mlm":
         return RobertaConfig(
             vocab_size=vocab_size,
@@ -104,23 +130,79 @@ def build_config(
             # accepted at runtime (PreTrainedConfig's kwargs), absent from v5's generated signature
             attn_implementation=attn_implementation,  # type: ignore[call-arg]
         )
-    raise ValueError(f"family must be 'mlm' or 'clm' (got {family!r})")
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=size.d_model,
+            intermediate_size=glu_dim(size.ffn_dim),
+            num_hidden_layers=size.n_layer,
+            num_attention_heads=size.n_head,
+            num_key_value_heads=size.n_head,  # full multi-head attention: no grouped queries at these widths
+            hidden_act="silu",  # SwiGLU
+            max_position_embeddings=max_seq_len,
+            rms_norm_eps=1e-5,
+            attention_bias=False,
+            mlp_bias=False,
+            attention_dropout=dropout,
+            rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+            pad_token_id=pad_token_id,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            tie_word_embeddings=True,
+            use_cache=False,
+            attn_implementation=attn_implementation,  # type: ignore[call-arg]
+        )
+    if family == "modernbert":
+        return ModernBertConfig(
+            vocab_size=vocab_size,
+            hidden_size=size.d_model,
+            intermediate_size=glu_dim(size.ffn_dim),
+            num_hidden_layers=size.n_layer,
+            num_attention_heads=size.n_head,
+            hidden_activation="gelu",  # GeGLU
+            max_position_embeddings=max_seq_len,
+            norm_eps=1e-5,
+            norm_bias=False,
+            attention_bias=False,
+            mlp_bias=False,
+            decoder_bias=True,  # the vocabulary bias, as RoBERTa's MLM head has
+            classifier_bias=False,
+            # every layer global: ModernBERT's local layers (128-token windows) exist for long documents, and a
+            # local window as long as the sequence would cost the same as global attention
+            layer_types=["full_attention"] * size.n_layer,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": ROPE_THETA},
+                "sliding_attention": {"rope_type": "default", "rope_theta": ROPE_THETA},
+            },
+            attention_dropout=dropout,
+            embedding_dropout=dropout,
+            mlp_dropout=dropout,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            cls_token_id=bos,
+            sep_token_id=eos,
+            tie_word_embeddings=True,
+            attn_implementation=attn_implementation,  # type: ignore[call-arg]
+        )
+    raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} (got {family!r})")
 
 
 def family_of(config: PreTrainedConfig) -> Family:
-    if config.model_type == "roberta":
-        return "mlm"
-    if config.model_type == "gpt2":
-        return "clm"
-    raise ValueError(f"expected a roberta (mlm) or gpt2 (clm) config (got model_type {config.model_type!r})")
+    if config.model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"expected a {', '.join(f'{t} ({f})' for t, f in MODEL_TYPES.items())} config "
+            f"(got model_type {config.model_type!r})"
+        )
+    return MODEL_TYPES[config.model_type]
 
 
 def build_model(config: PreTrainedConfig, seed: int = 0) -> PreTrainedModel:
     """A freshly initialised model; the seed drives the init without touching the caller's RNG."""
-    cls = RobertaForMaskedLM if family_of(config) == "mlm" else GPT2LMHeadModel
+    cls = MODEL_CLASSES[family_of(config)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(config)  # type: ignore[arg-type]  # family_of(config) chose the class of this config
+        return cls(config)
 
 
 def use_eager_attention(model: PreTrainedModel) -> PreTrainedModel:
@@ -131,9 +213,9 @@ def use_eager_attention(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def n_loss_tokens(labels: torch.Tensor, family: Family) -> torch.Tensor:
-    """Positions that carry loss (the denominator of the model's mean loss): clm models shift labels
+    """Positions that carry loss (the denominator of the model's mean loss): clm and llama models shift labels
     left by one inside the model, so the first position never counts."""
-    if family == "clm":
+    if objective(family) == "clm":
         labels = labels[:, 1:]
     return (labels != -100).sum()
 
@@ -143,17 +225,20 @@ def model_inputs(batch: dict[str, torch.Tensor], config: PreTrainedConfig) -> di
 
     Packed batches carry `position_ids` that restart at 0 for every molecule (engine/data.py).
     mlm: RoBERTa numbers positions from pad_token_id + 1 (row pad_token_id of its table is the
-    untrained padding row), so they are shifted by that. clm: the attention mask is dropped, because
-    only with `attention_mask=None` does GPT-2 read the restarts as molecule boundaries and keep
-    attention within each molecule (transformers' masking_utils.find_packed_sequence_indices);
-    trailing padding becomes one more "molecule" without labels.
+    untrained padding row), so they are shifted by that; modernbert's RoPE takes them as they are.
+    clm and llama: the attention mask is dropped, because only with `attention_mask=None` does a
+    transformers decoder read the restarts as molecule boundaries and keep attention within each
+    molecule (transformers' masking_utils.find_packed_sequence_indices); trailing padding becomes one
+    more "molecule" without labels.
     """
     inputs: dict[str, torch.Tensor] = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
     if "position_ids" in batch:
-        if family_of(config) == "mlm":
+        family = family_of(config)
+        if family == "mlm":
             inputs["position_ids"] = batch["position_ids"] + config.pad_token_id + 1
         else:
             inputs["position_ids"] = batch["position_ids"]
+        if objective(family) == "clm":
             inputs.pop("attention_mask", None)
     return inputs
 
@@ -171,7 +256,21 @@ class ParamCount:
 def count_params(config: PreTrainedConfig) -> ParamCount:
     """Closed-form parameter count of the model `build_model(config)` would build (no model needed)."""
     d, n_layer, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    if family_of(config) == "mlm":
+    family = family_of(config)
+    if family == "llama":
+        # q, k, v, o without bias: 4 d^2; SwiGLU gate, up, down: 3 d d_glu; two RMSNorm weights: 2d
+        per_layer = 4 * d * d + 3 * d * config.intermediate_size + 2 * d
+        non_embedding = n_layer * per_layer + d  # + the final RMSNorm; lm_head is tied
+        return ParamCount(total=non_embedding + vocab * d, non_embedding=non_embedding)
+    if family == "modernbert":
+        # Wqkv and Wo without bias: 4 d^2; GeGLU Wi (d -> 2 d_glu) and Wo: 3 d d_glu; bias-free LayerNorms
+        # before attention (none in layer 0, which reads the normed embeddings) and before the MLP: d each
+        per_layer = 4 * d * d + 3 * d * config.intermediate_size + 2 * d
+        # embedding norm d, final norm d; head: dense d^2 (no bias), norm d; decoder: tied weight + vocabulary bias
+        other = d + d + d * d + d + vocab - d  # - d: layer 0 has no attention norm
+        non_embedding = n_layer * per_layer + other
+        return ParamCount(total=non_embedding + vocab * d, non_embedding=non_embedding)
+    if family == "mlm":
         d_ff = config.intermediate_size
         # q, k, v, out: 4 (d^2 + d); two LayerNorms: 4d; MLP: 2 d d_ff + d_ff + d
         per_layer = 4 * d * d + 2 * d * d_ff + 9 * d + d_ff
@@ -347,5 +446,5 @@ def load_pretrained(checkpoint_dir) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     config = AutoConfig.from_pretrained(checkpoint_dir)
-    cls = AutoModelForMaskedLM if family_of(config) == "mlm" else AutoModelForCausalLM
+    cls = AutoModelForMaskedLM if objective(family_of(config)) == "mlm" else AutoModelForCausalLM
     return cls.from_pretrained(checkpoint_dir, dtype=torch.float32)

@@ -45,6 +45,9 @@ keep q, k, v, the output and a float32 log-sum-exp, no s² matrix), e bytes per 
                     inputs and the attention LayerNorm's output; 2f: GELU input and output
     GPT-2 layer     e·s·b·(9h + 5f) + ...: gelu_new is a Python composite that keeps x, tanh(.),
                     0.5x and 1 + tanh(.), plus its output
+    llama and modernbert layers   e·s·b·(9h + 4g), g the gated width (engine.models.glu_dim): the
+                    gate and up projections, the activation's output and the product. Not yet
+                    measured: the RoBERTa and GPT-2 counts are, these are read off the modules
     eager attention + e·b·a·s² per layer (the softmax output), no log-sum-exp
     head            4h (mlm: dense, GELU, LayerNorm, decoder inputs) or 2h (clm: ln_f, lm_head)
                     + the float32 log-softmax 4·s·b·V; transients: logits and their gradient
@@ -75,7 +78,8 @@ from clmscale.engine.admission import (
     trial_need,
 )
 from clmscale.engine.config import ModelSize, SweepConfig, Trial, expand_grid
-from clmscale.engine.models import build_config, count_params, flops_per_token
+from clmscale.engine.ladder import Family, objective
+from clmscale.engine.models import build_config, count_params, flops_per_token, glu_dim
 
 GB = 1e9  # memory is quoted in decimal GB, as GPU datasheets do (80 GB = 80e9 bytes)
 
@@ -105,7 +109,7 @@ class PlanError(ValueError):
 class ModelShape:
     """The numbers the memory model needs about one rung, as engine.models builds it."""
 
-    family: Literal["mlm", "clm"]
+    family: Family
     n_layer: int
     d_model: int
     n_head: int
@@ -118,12 +122,20 @@ class ModelShape:
     persistent_params: int  # elements in tensors under PERSISTENCE_THRESHOLD (ZeRO-3 keeps them whole)
 
 
-def model_shape(family: Literal["mlm", "clm"], size: ModelSize, vocab_size: int, max_seq_len: int) -> ModelShape:
+def model_shape(family: Family, size: ModelSize, vocab_size: int, max_seq_len: int) -> ModelShape:
     config = build_config(family, size, vocab_size, max_seq_len)
-    d, f = size.d_model, size.ffn_dim
-    positions = config.max_position_embeddings if family == "mlm" else config.n_positions
-    layer = 4 * d * d + 2 * d * f + 9 * d + f
-    small_per_layer = sum(n for n in (d, d, d, d, f, d, d, d, d, d, d, d, d) if n < PERSISTENCE_THRESHOLD)
+    d = size.d_model
+    if family in ("mlm", "clm"):
+        f = size.ffn_dim
+        positions = config.max_position_embeddings if family == "mlm" else config.n_positions
+        layer = 4 * d * d + 2 * d * f + 9 * d + f
+        small: tuple[int, ...] = (d, d, d, d, f, d, d, d, d, d, d, d, d)  # biases and LayerNorms
+    else:  # RoPE (no position table), bias-free gated MLP of width g, two norm weights per layer
+        f = glu_dim(size.ffn_dim)
+        positions = 0
+        layer = 4 * d * d + 3 * d * f + 2 * d
+        small = (d, d)
+    small_per_layer = sum(n for n in small if n < PERSISTENCE_THRESHOLD)
     return ModelShape(
         family=family, n_layer=size.n_layer, d_model=d, n_head=size.n_head, d_ff=f, vocab_size=vocab_size,
         seq_len=max_seq_len, n_params=count_params(config).total,
@@ -145,10 +157,11 @@ def activation_bytes(
     b, s, h, f, a, n_layer, vocab = (micro_batch_size, shape.seq_len, shape.d_model, shape.d_ff, shape.n_head,
                                      shape.n_layer, shape.vocab_size)  # fmt: skip
     e, tokens = bytes_per_value, micro_batch_size * shape.seq_len
-    gelu = 2 if shape.family == "mlm" else 5  # nn.functional.gelu vs transformers' NewGELUActivation
+    # nn.functional.gelu, transformers' NewGELUActivation, or a gated MLP's gate, up, activation and product
+    gelu = {"mlm": 2, "clm": 5}.get(shape.family, 4)
     attn = e * b * a * s * s if attention == "eager" else 4 * b * a * s
     per_layer = e * tokens * (9 * h + gelu * f) + 16 * tokens + attn
-    if shape.family == "mlm":
+    if objective(shape.family) == "mlm":
         # LayerNorm input; ids, mask, labels, positions, types
         embeddings = e * tokens * h + 8 * tokens + 5 * 8 * tokens
         head = 4 * e * tokens * h

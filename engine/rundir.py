@@ -566,6 +566,7 @@ TABLES: dict[str, Table] = {
             "checkpoint",
             "trial_id",
             "family",
+            "mlm_probability",
             "rung",
             "seed",
             "n_params",
@@ -731,7 +732,7 @@ TABLES: dict[str, Table] = {
         required=("kind", "group", "label", "pc1", "pc2"),
     ),
     "fits": Table(
-        columns=("what", "task", "mode", "x", "parameter", "estimate", "ci_lo", "ci_hi", "n_points", "note"),
+        columns=("arm", "what", "task", "mode", "x", "parameter", "estimate", "ci_lo", "ci_hi", "n_points", "note"),
         required=("what", "parameter", "estimate"),
     ),
 }

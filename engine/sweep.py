@@ -195,7 +195,7 @@ def run_trial(config: dict) -> None:
         family=trial.family,
         micro_batch_size=trial.train.micro_batch_size,
         max_seq_len=spec.max_seq_len,
-        mlm_probability=trial.train.mlm_probability,
+        mlm_probability=trial.mlm_probability or 0.0,  # None: a clm family, which masks nothing
         packing=trial.train.packing,
         seed=trial.seed if trial.train.seed_data else 0,
     )
@@ -574,12 +574,13 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
     base = {
         "trial_id": trial.trial_id,
         "family": trial.family,
+        "mlm_probability": math.nan if trial.mlm_probability is None else trial.mlm_probability,
         "rung": trial.size.name,
         "seed": trial.seed,
         "n_params": result.n_params,
         "n_params_non_embedding": result.n_params_non_embedding,
         "budget_tokens": result.budget_tokens,
-        "unique_molecules": trial.unique_molecules or rd.manifest().counts.train.n_molecules,
+        "unique_molecules": trial.unique_molecules or _train_molecules(rd),
         "status": result.status,
     }
     if not result.checkpoints:
@@ -625,6 +626,11 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
         }
         for ck in result.checkpoints
     ]
+
+
+def _train_molecules(rd: RunDir) -> int | None:
+    """The train split's size, from the manifest; None for a run directory without one (standalone training)."""
+    return rd.manifest().counts.train.n_molecules if rd.data.has_manifest() else None
 
 
 def collect_pretrain_table(rd: RunDir, trials: list[Trial]) -> pd.DataFrame:

@@ -76,7 +76,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from clmscale.engine.config import LADDER, ResourcesConfig, TrainConfig, Trial
 from clmscale.engine.files import json_safe
-from clmscale.engine.ladder import Family
+from clmscale.engine.ladder import FAMILIES, Family, objective
 from clmscale.engine.models import (
     SPECIAL_IDS,
     batch_cost,
@@ -164,8 +164,8 @@ def data_use(n_tokens: int, train_split_tokens: int | None) -> tuple[float, floa
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, family: str) -> torch.Tensor:
     """Mean cross-entropy over the labelled positions (-100: none), computed in fp32 whatever the logits'
     dtype: a bf16 loss is rounded by ~0.4 %, more than the differences a scaling fit reads. clm
-    predicts the next token, so its labels shift left by one, as the HF models do inside."""
-    if family == "clm":
+    and llama predict the next token, so their labels shift left by one, as the HF models do inside."""
+    if objective(family) == "clm":
         logits, labels = logits[:, :-1], labels[:, 1:]
     return torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
@@ -677,9 +677,12 @@ def _record_restart(folder: TrialDir, trial_id: str, state: RunState) -> None:
 
 def max_seq_len_of(config: PreTrainedConfig) -> int:
     """The longest sequence the model takes (RoBERTa's position table has pad_token_id + 1 extra rows)."""
-    if family_of(config) == "mlm":
+    family = family_of(config)
+    if family == "mlm":
         return config.max_position_embeddings - config.pad_token_id - 1
-    return config.n_positions
+    if family == "clm":
+        return config.n_positions
+    return config.max_position_embeddings  # llama, modernbert: RoPE, no table; what build_config was given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1128,7 +1131,7 @@ def synthetic_batches(
     """Batches in the docs/CONTRACTS.md format with Zipf-distributed tokens of varying length, so a
     model's loss falls quickly (towards the unigram entropy); deterministic per (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    ids = SPECIAL_IDS[family]
+    ids = SPECIAL_IDS[objective(family)]
     first = 7  # the vocabulary starts after the seven special tokens
     weights = 1.0 / torch.arange(1, vocab_size - first + 1, dtype=torch.float64)
     batches = []
@@ -1140,7 +1143,7 @@ def synthetic_batches(
             input_ids[row, 0], input_ids[row, n + 1] = ids["bos_token_id"], ids["eos_token_id"]
             input_ids[row, 1 : n + 1] = body
         attention_mask = (input_ids != ids["pad_token_id"]).long()
-        if family == "clm":
+        if objective(family) == "clm":
             labels = input_ids.masked_fill(attention_mask == 0, -100)
         else:
             body_mask = attention_mask.bool() & (input_ids != ids["bos_token_id"]) & (input_ids != ids["eos_token_id"])
@@ -1176,7 +1179,7 @@ def smoke_trial(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Standalone pretraining run on synthetic batches (no Ray, no RDKit).")
     parser.add_argument("--smoke-test", action="store_true", help="tiny CPU-sized run (the defaults below)")
-    parser.add_argument("--family", choices=["mlm", "clm"], default="mlm")
+    parser.add_argument("--family", choices=list(FAMILIES), default="mlm")
     parser.add_argument("--size", default="xxs", choices=list(LADDER))
     parser.add_argument("--budget-tokens", type=float, default=20_000)
     parser.add_argument("--batch-size", type=int, default=8)

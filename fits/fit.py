@@ -39,6 +39,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -435,7 +436,10 @@ def downstream_trends(rows: pd.DataFrame, points: pd.DataFrame, s: FitSettings) 
             "counts": verdict_counts([]),
         }
     built: list[tuple[dict, dict[str, AxisTrend]]] = []
-    for (task, mode), group in rows.groupby(["task", "mode"], sort=True):
+    by_arm = "arm" in rows.columns  # several arms: one entry per (arm, task, mode), one correction over all arms
+    keys = ["arm", "task", "mode"] if by_arm else ["task", "mode"]
+    for key, group in rows.groupby(keys, sort=True):
+        arm, task, mode = key if by_arm else ("", *key)
         metric = str(group["metric"].iloc[0])
         higher_is_better = bool(group["higher_is_better"].iloc[0])
         label_sd = _label_sd(group)
@@ -468,7 +472,10 @@ def downstream_trends(rows: pd.DataFrame, points: pd.DataFrame, s: FitSettings) 
                 for key, trend in axes.items()
             }
         mine = points[(points["task"] == task) & (points["mode"] == mode)] if not points.empty else points
+        if by_arm and not mine.empty:
+            mine = mine[mine["arm"] == arm]
         entry = {
+            **({"arm": arm} if by_arm else {}),
             "task": task,
             "mode": mode,
             "metric": metric,
@@ -1273,15 +1280,35 @@ def _excluded_findings(excluded: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+ARM_ANCHOR = "--"  # an arm's anchors in the report: "<anchor>--<slug>"
+
+
+def arm_views(fits: dict) -> list[tuple[str, str, dict]]:
+    """(arm, slug, fits as one arm's) for each arm of a run split by its axes; one ("", "", fits) otherwise."""
+    if not fits.get("arms"):
+        return [("", "", fits)]
+    return [(arm["arm"], arm["slug"], {**fits, **arm}) for arm in fits["arms"]]
+
+
 def findings(fits: dict) -> list[tuple[str, str]]:
-    """(sentence, report anchor) pairs, from the JSON-ready fits dict."""
+    """(sentence, report anchor) pairs, from the JSON-ready fits dict; per arm, each sentence names its arm."""
+    if fits.get("arms"):
+        found = [
+            (f"[{arm}] {text}", f"{anchor}{ARM_ANCHOR}{slug}")
+            for arm, slug, view in arm_views(fits)
+            for text, anchor in _arm_findings(view)
+        ]
+        return found + _excluded_findings(fits["excluded"])
+    return _arm_findings(fits) + _excluded_findings(fits["excluded"])
+
+
+def _arm_findings(fits: dict) -> list[tuple[str, str]]:
     return (
         _law_findings(fits)
         + _downstream_findings(fits)
         + [(e["sentence"], "baselines") for e in fits["baselines"]]
         + _proxy_findings(fits["proxies"])
         + _ladder_findings(fits["task_ladder"])
-        + _excluded_findings(fits["excluded"])
     )
 
 
@@ -1412,8 +1439,8 @@ def fit_run(
     inputs = rd.fit_inputs()
     s = FitSettings.from_config(inputs.config.fits, n_bootstrap=n_bootstrap, n_jobs=n_jobs, n_starts=n_starts)
     checkpoints, points = inputs.checkpoints, inputs.points
-    rows = pretrained_rows(inputs.measured["finetune"], checkpoints)
-    per_checkpoint = checkpoint_table(rows, points)
+    finetune, hessian, landscape = (inputs.measured[name] for name in ("finetune", "hessian", "landscape"))
+    rows = pretrained_rows(finetune, checkpoints)
     log.info(
         "fit %s: %d checkpoints, %d downstream points, %d bootstrap resamples",
         inputs.config.name,
@@ -1421,37 +1448,127 @@ def fit_run(
         len(points),
         s.n_bootstrap,
     )
-    trends, trend_tests = downstream_trends(rows, points, s)
-    compared, baseline_tests = baselines(inputs.measured["finetune"], rows, s)
-    proxies = (
-        fit_proxies(checkpoint_proxies(per_checkpoint, inputs.measured["hessian"], inputs.measured["landscape"]), s)
-        if not per_checkpoint.empty
-        else skipped("no downstream results")
-    )
-    fits = {
+    fits: dict[str, Any] = {
         "run": inputs.config.name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": dataclasses.asdict(s),
         "tables": {name: (len(table) if inputs.present[name] else None) for name, table in inputs.tables.items()},
         "n_checkpoints": len(checkpoints),
         "excluded": inputs.excluded,
-        "loss_law": fit_loss_law(checkpoints, s),
-        "loss_law_backtest": backtest_loss_law(checkpoints, s),
-        "compute_law": fit_compute_law(checkpoints, s),
-        "downstream": trends,
-        "trend_tests": trend_tests,
-        "baselines": compared,
-        "baseline_tests": baseline_tests,
-        "proxies": proxies,
-        "task_ladder": task_ladders(per_checkpoint, s),
-        "task_characteristics": task_scaling(inputs.characteristics, trends),
     }
+    arms = checkpoint_arms(checkpoints)
+    if arms.nunique() <= 1:
+        trends, trend_tests = downstream_trends(rows, points, s)
+        fits.update(_arm_fits(checkpoints, points, rows, finetune, hessian, landscape, trends, inputs, s))
+        fits["trend_tests"] = trend_tests
+    else:
+        # never pooled across an axis: every law, proxy and ladder per arm; the downstream trends of all arms
+        # are computed together so that one correction covers every test the report makes
+        arm_of = dict(zip(checkpoints["trial_id"], arms, strict=True))
+        tagged_rows = rows.assign(arm=rows["trial_id"].map(arm_of)) if not rows.empty else rows
+        tagged_points = points.assign(arm=points["trial_id"].map(arm_of)) if not points.empty else points
+        trends, trend_tests = downstream_trends(tagged_rows, tagged_points, s)
+        fits["axes"] = {column: values for column, values in axis_values(checkpoints).items() if len(values) > 1}
+        fits["trend_tests"] = trend_tests
+        fits["arms"] = []
+        for arm in sorted(arms.unique()):
+            trials = set(checkpoints.loc[arms == arm, "trial_id"])
+
+            def mine(table: pd.DataFrame, trials: set = trials) -> pd.DataFrame:
+                return table[table["trial_id"].isin(trials)] if not table.empty else table
+
+            # the feature baselines (Morgan, random forests) belong to no trial: every arm is compared with them
+            arm_finetune = (
+                finetune[finetune["trial_id"].isin(trials) | ~finetune["mode"].isin([*PRETRAINED_MODES, "random_init"])]
+                if not finetune.empty
+                else finetune
+            )
+            arm_trends = [entry for entry in trends if entry["arm"] == arm]
+            section = _arm_fits(
+                mine(checkpoints), mine(points), mine(rows), arm_finetune, mine(hessian), mine(landscape),
+                arm_trends, inputs, s,
+            )  # fmt: skip
+            values = {column: _axis_value(value) for column, value in _axis_row(checkpoints[arms == arm]).items()}
+            fits["arms"].append(
+                {"arm": arm, "slug": arm_slug(arm), "axes": values, "n_checkpoints": len(mine(checkpoints)), **section}
+            )
     fits = json_safe(fits)
     found = findings(fits)
     fits["findings"] = [text for text, _ in found]
     fits["finding_links"] = [anchor for _, anchor in found]
     rd.write_fits(fits, fits_table(fits))
     return fits
+
+
+# --------------------------------------------------------------------------------------------
+# the grid's axes: a law or a verdict is fitted per arm (one value of each axis), never pooled across them
+
+AXIS_COLUMNS = ("family", "mlm_probability")  # pretrain.parquet's record of each trial's axis values
+
+
+def _axis_value(value):
+    if isinstance(value, float | np.floating):
+        return None if not math.isfinite(value) else float(value)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def axis_values(checkpoints: pd.DataFrame) -> dict[str, list]:
+    """Per axis column present: its distinct values among the checkpoints (None for not applicable or unrecorded)."""
+    out = {}
+    for column in AXIS_COLUMNS:
+        if column in checkpoints.columns and not checkpoints.empty:
+            values = {_axis_value(v) for v in checkpoints[column]}
+            out[column] = sorted(values, key=lambda v: (v is None, str(v)))
+    return out
+
+
+def _axis_row(rows: pd.DataFrame) -> dict:
+    return {column: rows[column].iloc[0] for column in AXIS_COLUMNS if column in rows.columns and not rows.empty}
+
+
+def checkpoint_arms(checkpoints: pd.DataFrame, axes_of: pd.DataFrame | None = None) -> pd.Series:
+    """Each checkpoint's arm: the values of the axes that vary in this run, e.g. "family=llama" or
+    "family=mlm, mlm_probability=0.3" ("" when no axis varies). A value that does not apply (the masking ratio of
+    a clm family) is left out of the label. axes_of: the rows that decide which axes vary (default: these)."""
+    reference = checkpoints if axes_of is None else axes_of
+    varying = [column for column, values in axis_values(reference).items() if len(values) > 1]
+    if checkpoints.empty or not varying:
+        return pd.Series([""] * len(checkpoints), index=checkpoints.index, dtype=object)
+
+    def label(row) -> str:
+        parts = [(column, _axis_value(row[column])) for column in varying]
+        return ", ".join(f"{column}={value:g}" if isinstance(value, float) else f"{column}={value}"
+                         for column, value in parts if value is not None)  # fmt: skip
+
+    return checkpoints.apply(label, axis=1).astype(object)
+
+
+def arm_slug(arm: str) -> str:
+    """An arm as a file-name and HTML-anchor suffix: "family=mlm, mlm_probability=0.3" ->
+    "family-mlm-mlm_probability-0.3"."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", arm).strip("-")
+
+
+def _arm_fits(checkpoints, points, rows, finetune, hessian, landscape, trends, inputs, s: FitSettings) -> dict:
+    """The fits of one arm (or of the whole run when no axis varies): laws, trends, baselines, proxies, ladders."""
+    per_checkpoint = checkpoint_table(rows, points)
+    compared, baseline_tests = baselines(finetune, rows, s)
+    proxies = (
+        fit_proxies(checkpoint_proxies(per_checkpoint, hessian, landscape), s)
+        if not per_checkpoint.empty
+        else skipped("no downstream results")
+    )
+    return {
+        "loss_law": fit_loss_law(checkpoints, s),
+        "loss_law_backtest": backtest_loss_law(checkpoints, s),
+        "compute_law": fit_compute_law(checkpoints, s),
+        "downstream": trends,
+        "baselines": compared,
+        "baseline_tests": baseline_tests,
+        "proxies": proxies,
+        "task_ladder": task_ladders(per_checkpoint, s),
+        "task_characteristics": task_scaling(inputs.characteristics, trends),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1714,17 +1831,21 @@ def task_scaling_rows(section: dict) -> list[dict]:
 
 
 def fits_table(fits: dict) -> pd.DataFrame:
-    """fits.json in long format: one row per estimated quantity (what, task, mode, x, parameter, estimate, CI)."""
-    rows = (
-        loss_law_rows(fits["loss_law"])
-        + backtest_rows(fits["loss_law_backtest"])
-        + compute_law_rows(fits["compute_law"])
-        + downstream_rows(fits["downstream"])
-        + baseline_rows(fits["baselines"])
-        + proxy_rows(fits["proxies"])
-        + ladder_rows(fits["task_ladder"])
-        + task_scaling_rows(fits.get("task_characteristics", {}))
-    )
+    """fits.json in long format: one row per estimated quantity (arm, what, task, mode, x, parameter, estimate, CI)."""
+    rows = [
+        {"arm": arm, **row}
+        for arm, _, view in arm_views(fits)
+        for row in (
+            loss_law_rows(view["loss_law"])
+            + backtest_rows(view["loss_law_backtest"])
+            + compute_law_rows(view["compute_law"])
+            + downstream_rows(view["downstream"])
+            + baseline_rows(view["baselines"])
+            + proxy_rows(view["proxies"])
+            + ladder_rows(view["task_ladder"])
+            + task_scaling_rows(view.get("task_characteristics", {}))
+        )
+    ]
     table = pd.DataFrame(rows, columns=list(TABLES["fits"].columns))
     for name in ("estimate", "ci_lo", "ci_hi", "n_points"):
         table[name] = pd.to_numeric(table[name], errors="coerce").astype(float)

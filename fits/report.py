@@ -14,6 +14,7 @@ import datetime
 import functools
 import html
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,16 @@ import pandas as pd
 from clmscale.engine.rundir import RunDir
 from clmscale.fits import figures
 from clmscale.fits.downstream import format_scale, format_with_uncertainty
-from clmscale.fits.fit import AXES, BASELINES, MODES, downstream_anchor, fit_run
+from clmscale.fits.fit import (
+    ARM_ANCHOR,
+    AXES,
+    BASELINES,
+    MODES,
+    arm_views,
+    checkpoint_arms,
+    downstream_anchor,
+    fit_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +81,49 @@ def build_report(run_dir: Path, **fit_options) -> Path:
         str(c) for c in pretrain.loc[left_out, "checkpoint"].dropna()
     )
     pca_view = {"order": order, "left_out": left_out_groups}
-    sections = _figures(checkpoints, inputs.left_out, fits, points, measured, tables["pca"], tasks, pca_view)
+    facets: list[Facet] = []
+    arms = checkpoint_arms(checkpoints)
+    for arm, slug, view in arm_views(fits):
+        if not slug:  # no axis varies: the whole run, as one
+            sections = _figures(checkpoints, inputs.left_out, fits, points, measured, tables["pca"], tasks, pca_view)
+        else:  # one facet per arm: its checkpoints, measurements and fits alone, figures and anchors suffixed
+            trials = set(checkpoints.loc[arms == arm, "trial_id"])
+            paths = set(checkpoints.loc[arms == arm, "checkpoint"].astype(str))
+            left = inputs.left_out[checkpoint_arms(inputs.left_out, axes_of=checkpoints) == arm]
+            mine = {name: _of_trials(table, trials) for name, table in measured.items()}
+            mine["finetune"] = measured["finetune"][
+                measured["finetune"]["trial_id"].isin(trials)
+                | ~measured["finetune"]["mode"].isin(["finetune", "probe", "random_init"])
+            ]
+            pca = tables["pca"][tables["pca"]["group"].astype(str).isin(trials | paths)]
+            sections = _figures(
+                checkpoints[arms == arm], left, view, _of_trials(points, trials), mine, pca, tasks, pca_view
+            )
+            for figure in (f for figure_list in sections.values() for f in figure_list):
+                figure.name = f"{figure.name}{ARM_ANCHOR}{slug}"
+        facets.append(Facet(arm, slug, view, sections))
     rd.report.mkdir(parents=True, exist_ok=True)
-    for figure_list in sections.values():
-        for figure in figure_list:
-            _draw(figure, rd.figure(figure.name))
+    for facet in facets:
+        for figure_list in facet.sections.values():
+            for figure in figure_list:
+                _draw(figure, rd.figure(figure.name))
     inputs_html = _inputs_html(rd.manifest() if rd.data.has_manifest() else None, tables["finetune"])
-    return rd.write_report(_page(cfg.name, rd, fits, sections, tasks, checkpoints, inputs_html))
+    return rd.write_report(_page(cfg.name, rd, fits, facets, tasks, checkpoints, inputs_html))
+
+
+@dataclasses.dataclass
+class Facet:
+    """One arm of the grid (one value of each axis that varies) as the report shows it; one facet, arm "", when
+    no axis varies."""
+
+    arm: str
+    slug: str
+    fits: dict  # fits.json as this arm's (fit.arm_views)
+    sections: dict[str, list[Figure]]
+
+
+def _of_trials(table: pd.DataFrame, trials: set[str]) -> pd.DataFrame:
+    return table[table["trial_id"].isin(trials)] if "trial_id" in table.columns and not table.empty else table
 
 
 def _draw(figure: Figure, target: Path) -> None:
@@ -297,7 +343,7 @@ def _findings_html(fits: dict) -> str:
         return "<li>No findings: nothing could be fitted.</li>"
     links = links if len(links) == len(texts) else [""] * len(texts)
     return "".join(
-        f'<li>{_e(text)} <a href="#{_e(link)}">({_e(ANCHOR_WORDS.get(link, "figure"))})</a></li>'
+        f'<li>{_e(text)} <a href="#{_e(link)}">({_e(ANCHOR_WORDS.get(link.split(ARM_ANCHOR)[0], "figure"))})</a></li>'
         if link
         else f"<li>{_e(text)}</li>"
         for text, link in zip(texts, links, strict=True)
@@ -318,11 +364,29 @@ ANCHOR_WORDS = {
 }
 
 
+def _suffix_anchors(html_text: str, slug: str) -> str:
+    """An arm's tables with their ids and in-page links made that arm's ("laws" -> "laws--<slug>")."""
+    if not slug:
+        return html_text
+    return re.sub(r'(id="|href="#)([^"]+)"', lambda m: f'{m.group(1)}{m.group(2)}{ARM_ANCHOR}{slug}"', html_text)
+
+
+def _faceted(topic: str, facets: list[Facet], parts: Callable[[Facet], list[str]]) -> list[str]:
+    """A section's content once per arm, each under a heading naming the arm (figures first, then tables)."""
+    if len(facets) == 1 and not facets[0].slug:
+        return parts(facets[0])
+    out = []
+    for facet in facets:
+        out.append(f'<h3 id="{_e(topic)}{ARM_ANCHOR}{_e(facet.slug)}" class="arm">{_e(facet.arm)}</h3>')
+        out += parts(facet)
+    return out
+
+
 def _page(
     name: str,
     rd: RunDir,
     fits: dict,
-    sections: dict[str, list[Figure]],
+    facets: list[Facet],
     tasks: list[str],
     checkpoints: pd.DataFrame,
     inputs_html: str = "",
@@ -346,29 +410,42 @@ def _page(
         '<section id="inputs"><h2>Corpus and task inputs</h2>',
         inputs_html,
         "</section>",
+        *([_axes_html(fits)] if fits.get("arms") else []),  # a run without axes reads as it always did
         '<section id="pretraining"><h2>Pretraining loss</h2>',
-        *(_figure_html(f) for f in sections["pretraining"]),
-        _law_tables(fits),
+        *_faceted(
+            "pretraining",
+            facets,
+            lambda f: [
+                *(_figure_html(x) for x in f.sections["pretraining"]),
+                _suffix_anchors(_law_tables(f.fits), f.slug),
+            ],
+        ),
         "</section>",
         '<section id="downstream"><h2>Downstream property prediction</h2>',
-        _baseline_html(fits),
-        *(_figure_html(f) for f in sections["downstream"]),
-        _trend_table(fits),
-        _tasks_html(fits),
-        *(_figure_html(f) for f in sections["tasks"]),
-        _ladder_html(fits),
+        *_faceted(
+            "downstream",
+            facets,
+            lambda f: [
+                _suffix_anchors(_baseline_html(f.fits), f.slug),
+                *(_figure_html(x) for x in f.sections["downstream"]),
+                _suffix_anchors(_trend_table(f.fits), f.slug),
+                _suffix_anchors(_tasks_html(f.fits), f.slug),
+                *(_figure_html(x) for x in f.sections["tasks"]),
+                _suffix_anchors(_ladder_html(f.fits), f.slug),
+            ],
+        ),
         "</section>",
         '<section id="proxies"><h2>What predicts downstream performance?</h2>',
-        _proxy_html(fits),
+        *_faceted("proxies", facets, lambda f: [_suffix_anchors(_proxy_html(f.fits), f.slug)]),
         "</section>",
         '<section id="hessian"><h2>Hessian spectrum</h2>',
-        *(_figure_html(f) for f in sections["hessian"]),
+        *_faceted("hessian", facets, lambda f: [_figure_html(x) for x in f.sections["hessian"]]),
         "</section>",
         '<section id="landscape"><h2>Loss landscape</h2>',
-        *(_figure_html(f) for f in sections["landscape"]),
+        *_faceted("landscape", facets, lambda f: [_figure_html(x) for x in f.sections["landscape"]]),
         "</section>",
         '<section id="pca"><h2>Parameter space</h2>',
-        *(_figure_html(f) for f in sections["pca"]),
+        *_faceted("pca", facets, lambda f: [_figure_html(x) for x in f.sections["pca"]]),
         "</section>",
         '<section id="excluded"><h2>Left out: diverged trials and failed measurements</h2>',
         _excluded_html(fits),
@@ -379,6 +456,29 @@ def _page(
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _axes_html(fits: dict) -> str:
+    """When the grid has axes besides size, budget and seed: which, and that every law and verdict is per arm."""
+    if not fits.get("arms"):
+        return ""
+
+    def words(value) -> str:
+        return "n/a" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    axes = "; ".join(
+        f"{_e(column)}: {_e(', '.join(words(v) for v in values))}" for column, values in fits.get("axes", {}).items()
+    )
+    arms = "".join(f"<li>{_e(arm['arm'])}: {arm['n_checkpoints']} checkpoints</li>" for arm in fits["arms"])
+    tests = fits.get("trend_tests", {})
+    return (
+        '<section id="axes"><h2>Axes of the grid</h2>'
+        f"<p>Beyond model size, tokens and seed this grid varies {axes}. Every law, verdict, baseline comparison, "
+        "proxy and task ladder below is computed for each arm (one value of each axis) on that arm's checkpoints "
+        "alone, never pooled across arms, and each section shows one facet per arm. The downstream trends of all "
+        f"arms are corrected together ({_e(tests.get('correction_name', ''))} over {tests.get('n_tests', 0)} tests); "
+        f"the baseline and proxy comparisons within each arm.</p><ul>{arms}</ul></section>"
+    )
 
 
 GREEK = {"alpha": "α", "beta": "β", "gamma": "γ"}

@@ -31,19 +31,39 @@ from clmscale.engine.models import (
 VOCAB, SEQ = 45, 128
 
 
-@pytest.mark.parametrize("family", ["mlm", "clm"])
+FAMILIES = ["mlm", "clm", "llama", "modernbert"]
+CLASSES = {"mlm": "RobertaForMaskedLM", "clm": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+           "modernbert": "ModernBertForMaskedLM"}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("rung", list(LADDER))
 def test_count_params_matches_transformers(family, rung):
     config = build_config(family, LADDER[rung], VOCAB, SEQ)
     with torch.device("meta"):  # shapes only: the 1.2B rung costs nothing
         model = build_model(config)
+    assert type(model).__name__ == CLASSES[family]
     n = count_params(config)
     assert n.total == model.num_parameters()
     assert n.non_embedding == model.num_parameters(exclude_embeddings=True)
-    # Kaplan's N: everything but the token, position (and RoBERTa's token-type) tables
-    n_types = config.type_vocab_size if family == "mlm" else 0
-    tables = (VOCAB + config.max_position_embeddings + n_types) * config.hidden_size
-    assert n.total - n.non_embedding == tables
+    # Kaplan's N: everything but the token, position (and RoBERTa's token-type) tables; RoPE has no table
+    positions = {"mlm": config.max_position_embeddings + 1, "clm": config.max_position_embeddings}.get(family, 0)
+    assert n.total - n.non_embedding == (VOCAB + positions) * config.hidden_size
+
+
+@pytest.mark.parametrize("family", ["llama", "modernbert"])
+def test_gated_families_keep_the_rung_shape_and_match_its_mlp_size(family):
+    """Same depth, width and heads as the rung; the gated MLP's three matrices about the GELU MLP's two."""
+    for rung in LADDER.values():
+        config = build_config(family, rung, VOCAB, SEQ)
+        assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (
+            rung.n_layer, rung.d_model, rung.n_head)  # fmt: skip
+        assert config.intermediate_size % 8 == 0 and 0 <= 3 * config.intermediate_size - 2 * rung.ffn_dim < 24
+        assert config.tie_word_embeddings and config.max_position_embeddings == SEQ
+    llama = build_config("llama", LADDER["m"], VOCAB, SEQ)
+    assert (llama.hidden_act, llama.attention_bias, llama.mlp_bias, llama.num_key_value_heads) == ("silu", False, False, 4)
+    bert = build_config("modernbert", LADDER["m"], VOCAB, SEQ)
+    assert set(bert.layer_types) == {"full_attention"} and (bert.cls_token_id, bert.sep_token_id) == (2, 3)
 
 
 def test_flops_per_token_counts_both_attention_products():
@@ -61,16 +81,18 @@ def _counted_flops_per_token(config, seq: int) -> float:
     return counter.get_total_flops() / ids.numel()
 
 
-@pytest.mark.parametrize("family", ["mlm", "clm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_flops_per_token_agrees_with_a_flop_counter(family):
     """torch's counter sees the matmuls of one forward + backward. Its count is our formula with the
     terms the formula leaves out put back: the tied output logits (6 d V) in, the parameters that are
-    no matmul's weight (biases, LayerNorms, the MLM head's vocabulary bias) out."""
+    no matmul's weight (biases, LayerNorms and RMSNorms, the MLM heads' vocabulary bias) out."""
     size = LADDER["m"]
-    d, n_layer, d_ff = size.d_model, size.n_layer, size.ffn_dim
+    d, n_layer = size.d_model, size.n_layer
     for seq in (16, 32):
         config = build_config(family, size, VOCAB, seq)
-        matmul_weights = n_layer * (4 * d * d + 2 * d * d_ff) + (d * d if family == "mlm" else 0)  # + MLM head dense
+        # a GELU MLP has two d x d_ff matrices, a gated one three d x d_glu; + the MLM heads' dense d x d
+        mlp = 2 * d * size.ffn_dim if family in ("mlm", "clm") else 3 * d * config.intermediate_size
+        matmul_weights = n_layer * (4 * d * d + mlp) + (d * d if family in ("mlm", "modernbert") else 0)
         not_matmul = count_params(config).non_embedding - matmul_weights
         measured = _counted_flops_per_token(config, seq)
         assert measured == flops_per_token(config, seq) + 6 * d * VOCAB - 6 * not_matmul
@@ -183,8 +205,30 @@ def test_gpt2_keeps_packed_molecules_apart():
     torch.testing.assert_close(logits[:, :6], model(input_ids=first).logits)
 
 
-def test_eager_attention_allows_double_backward():
-    config = build_config("mlm", LADDER["xxs"], VOCAB, 16)
+def test_llama_keeps_packed_molecules_apart_and_modernbert_reads_restarted_positions():
+    first, second = torch.randint(7, VOCAB, (1, 6)), torch.randint(7, VOCAB, (1, 7))
+    ids = torch.cat([first, second, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # + 3 padding
+    packed = {
+        "input_ids": ids,
+        "attention_mask": (ids != 0).long(),
+        "position_ids": torch.cat([torch.arange(6), torch.arange(7), torch.arange(3)]).unsqueeze(0),
+    }
+    config = build_config("llama", LADDER["xxs"], VOCAB, 16)
+    model = build_model(config).eval()
+    inputs = model_inputs(packed, config)
+    assert "attention_mask" not in inputs  # the decoder finds the molecules from the position restarts
+    logits = model(**inputs).logits
+    torch.testing.assert_close(logits[:, 6:13], model(input_ids=second).logits)
+    torch.testing.assert_close(logits[:, :6], model(input_ids=first).logits)
+    config = build_config("modernbert", LADDER["xxs"], VOCAB, 16)
+    inputs = model_inputs(packed, config)  # bidirectional: the mask stays, positions are RoPE's as given
+    assert torch.equal(inputs["position_ids"], packed["position_ids"]) and "attention_mask" in inputs
+    assert torch.isfinite(build_model(config).eval()(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_attention_allows_double_backward(family):
+    config = build_config(family, LADDER["xxs"], VOCAB, 16)
     model = use_eager_attention(build_model(config))
     assert model.config._attn_implementation == "eager"
     ids = torch.randint(7, VOCAB, (2, 16))

@@ -218,8 +218,9 @@ def test_diverged_trial_and_failed_run_are_left_out_and_named(fitted):
 
 def test_fits_parquet_is_long_format(fitted):
     table = pd.read_parquet(fitted[0] / "results/fits.parquet")
-    assert list(table.columns) == ["what", "task", "mode", "x", "parameter", "estimate", "ci_lo", "ci_hi",
+    assert list(table.columns) == ["arm", "what", "task", "mode", "x", "parameter", "estimate", "ci_lo", "ci_hi",
                                    "n_points", "note"]
+    assert set(table["arm"]) == {""}  # no axis varies: one arm, unnamed
     law = table[table["what"] == "loss_law"].set_index("parameter")
     assert set(law.index) == {"E", "A", "B", "alpha", "beta"}
     assert (law["ci_lo"] <= law["ci_hi"]).all() and (law["n_points"] == 10).all()
