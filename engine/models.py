@@ -29,6 +29,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,9 +90,19 @@ def build_config(
     ids = SPECIAL_IDS[objective(family)]
     bos = ids["bos_token_id"] if bos_token_id is None else bos_token_id
     eos = ids["eos_token_id"] if eos_token_id is None else eos_token_id
+    # what every family's config takes alike; attn_implementation is accepted at runtime (PreTrainedConfig's
+    # kwargs) though absent from v5's generated signatures
+    shared: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "pad_token_id": pad_token_id,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "tie_word_embeddings": True,
+        "attn_implementation": attn_implementation,
+    }
     if family == "mlm":
         return RobertaConfig(
-            vocab_size=vocab_size,
+            **shared,
             hidden_size=size.d_model,
             num_hidden_layers=size.n_layer,
             num_attention_heads=size.n_head,
@@ -104,16 +115,10 @@ def build_config(
             max_position_embeddings=max_seq_len + pad_token_id + 1,
             type_vocab_size=1,  # RoBERTa has no sentence-pair segments
             layer_norm_eps=1e-5,  # roberta-base's value; the class default 1e-12 is BERT's
-            pad_token_id=pad_token_id,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            tie_word_embeddings=True,
-            # accepted at runtime (PreTrainedConfig's kwargs), absent from v5's generated signature
-            attn_implementation=attn_implementation,  # type: ignore[call-arg]
         )
     if family == "clm":
         return GPT2Config(
-            vocab_size=vocab_size,
+            **shared,
             n_positions=max_seq_len,
             n_embd=size.d_model,
             n_layer=size.n_layer,
@@ -122,17 +127,11 @@ def build_config(
             resid_pdrop=dropout,
             embd_pdrop=dropout,
             attn_pdrop=dropout,
-            pad_token_id=pad_token_id,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            tie_word_embeddings=True,
             use_cache=False,  # training only; generation can turn it back on
-            # accepted at runtime (PreTrainedConfig's kwargs), absent from v5's generated signature
-            attn_implementation=attn_implementation,  # type: ignore[call-arg]
         )
     if family == "llama":
         return LlamaConfig(
-            vocab_size=vocab_size,
+            **shared,
             hidden_size=size.d_model,
             intermediate_size=glu_dim(size.ffn_dim),
             num_hidden_layers=size.n_layer,
@@ -145,16 +144,11 @@ def build_config(
             mlp_bias=False,
             attention_dropout=dropout,
             rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-            pad_token_id=pad_token_id,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            tie_word_embeddings=True,
             use_cache=False,
-            attn_implementation=attn_implementation,  # type: ignore[call-arg]
         )
     if family == "modernbert":
         return ModernBertConfig(
-            vocab_size=vocab_size,
+            **shared,
             hidden_size=size.d_model,
             intermediate_size=glu_dim(size.ffn_dim),
             num_hidden_layers=size.n_layer,
@@ -177,13 +171,8 @@ def build_config(
             attention_dropout=dropout,
             embedding_dropout=dropout,
             mlp_dropout=dropout,
-            pad_token_id=pad_token_id,
-            bos_token_id=bos,
-            eos_token_id=eos,
             cls_token_id=bos,
             sep_token_id=eos,
-            tie_word_embeddings=True,
-            attn_implementation=attn_implementation,  # type: ignore[call-arg]
         )
     raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))} (got {family!r})")
 

@@ -862,8 +862,10 @@ def usable_measurements(table: pd.DataFrame, kind: str, left_out_trials: set[str
         return table, []
     excluded = []
     if kind == "finetune":
-        table = table[table["primary"].fillna(True).astype(bool)]
-        flagged = (table["flag"].fillna("").astype(str) != "").to_numpy() & (table["status"] == "ok").to_numpy()
+        table = table[table["primary"].astype(object).fillna(True).astype(bool)]  # all-null columns read as float
+        flagged = (table["flag"].astype(object).fillna("").astype(str) != "").to_numpy() & (
+            table["status"] == "ok"
+        ).to_numpy()
         for (trial_id, task, mode, flag), rows in table[flagged].groupby(
             ["trial_id", "task", "mode", "flag"], sort=True, dropna=False
         ):

@@ -488,7 +488,10 @@ def _tune(
     """Ray Tune over `trials`, admitted by the packing searcher (largest first, by FLOPs within a size)."""
     from clmscale.engine.models import build_config, flops_per_token
 
-    epoch_tokens = [pass_tokens(rd, t) for t in trials]
+    # one read of the train shards' token counts per distinct unique-data size, not one per trial
+    by_unique = {t.unique_molecules: t for t in trials}
+    tokens_of = {n: pass_tokens(rd, t) for n, t in by_unique.items()}
+    epoch_tokens = [tokens_of[t.unique_molecules] for t in trials]
     specs = [
         TrialSpec(
             trial=t,

@@ -60,7 +60,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -732,19 +731,22 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 def _init_process_group(device: torch.device) -> None:
     """Reuse the group Ray Train (or torchrun) made; otherwise make a one-process one.
 
-    The group we make is kept for the life of the process: DeepSpeed caches it in module globals,
-    so destroying it would break the next engine.
+    torchrun's environment (WORLD_SIZE > 1 and MASTER_ADDR) is joined with `env://`. The one-process
+    group rendezvouses through an in-memory store: no port is chosen, so none can be taken by another
+    process between choosing and binding, and no MASTER_PORT is left in the environment for a child
+    process to collide with. The group is kept for the life of the process: DeepSpeed caches it in
+    module globals, so destroying it would break the next engine.
     """
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend)
+        return
+    for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed's engine reads LOCAL_RANK from the environment
+        os.environ.setdefault(key, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _import_deepspeed(device: torch.device):

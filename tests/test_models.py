@@ -190,9 +190,8 @@ def test_roberta_takes_full_length_and_packed_positions():
     torch.testing.assert_close(model(**model_inputs(packed, config)).logits, logits)
 
 
-def test_gpt2_keeps_packed_molecules_apart():
-    config = build_config("clm", LADDER["xxs"], VOCAB, 16)
-    model = build_model(config).eval()
+def packed_pair() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Two molecules (6 and 7 tokens) packed in one row with 3 padding positions, positions restarted."""
     first, second = torch.randint(7, VOCAB, (1, 6)), torch.randint(7, VOCAB, (1, 7))
     ids = torch.cat([first, second, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # + 3 padding
     packed = {
@@ -200,19 +199,20 @@ def test_gpt2_keeps_packed_molecules_apart():
         "attention_mask": (ids != 0).long(),
         "position_ids": torch.cat([torch.arange(6), torch.arange(7), torch.arange(3)]).unsqueeze(0),
     }
+    return first, second, packed
+
+
+def test_gpt2_keeps_packed_molecules_apart():
+    config = build_config("clm", LADDER["xxs"], VOCAB, 16)
+    model = build_model(config).eval()
+    first, second, packed = packed_pair()
     logits = model(**model_inputs(packed, config)).logits
     torch.testing.assert_close(logits[:, 6:13], model(input_ids=second).logits)
     torch.testing.assert_close(logits[:, :6], model(input_ids=first).logits)
 
 
 def test_llama_keeps_packed_molecules_apart_and_modernbert_reads_restarted_positions():
-    first, second = torch.randint(7, VOCAB, (1, 6)), torch.randint(7, VOCAB, (1, 7))
-    ids = torch.cat([first, second, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # + 3 padding
-    packed = {
-        "input_ids": ids,
-        "attention_mask": (ids != 0).long(),
-        "position_ids": torch.cat([torch.arange(6), torch.arange(7), torch.arange(3)]).unsqueeze(0),
-    }
+    first, second, packed = packed_pair()
     config = build_config("llama", LADDER["xxs"], VOCAB, 16)
     model = build_model(config).eval()
     inputs = model_inputs(packed, config)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -272,6 +275,25 @@ def test_zero3_two_processes(tmp_path):
     assert recs[-1]["n_tokens"] / recs[-1]["step"] > 2 * MICRO * SEQ // 2  # both workers' tokens count
     model = AutoModelForMaskedLM.from_pretrained(TrialDir(tmp_path).checkpoints()[-1])
     assert hf_val_loss(model, "mlm") == pytest.approx(result["val_loss"], rel=1e-5)
+
+
+ONE_PROCESS_GROUP = """
+import os, subprocess, sys, torch, torch.distributed as dist
+from clmscale.engine.train import _init_process_group
+_init_process_group(torch.device("cpu"))
+t = torch.ones(2); dist.all_reduce(t)
+assert dist.get_world_size() == 1 and t.tolist() == [1.0, 1.0]
+assert "MASTER_PORT" not in os.environ, os.environ["MASTER_PORT"]
+if len(sys.argv) == 1:  # a child started while this group lives makes its own (CI: gpu_readiness after test_axes)
+    subprocess.run([sys.executable, __file__, "child"], check=True, timeout=60)
+"""
+
+
+def test_one_process_group_claims_no_port_a_child_could_inherit(tmp_path):
+    script = tmp_path / "group.py"
+    script.write_text(ONE_PROCESS_GROUP)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120, env=env)
 
 
 def test_compiled_training_follows_the_eager_run(tmp_path):
