@@ -8,10 +8,13 @@ the whole corpus (`_Local`, `parallel=False`), both calling the same per-table s
   classify_partition  per hash partition of the canonical SMILES: the first occurrence (file, line) is the
                       molecule, later ones duplicates; then a task molecule by key (decontamination), the
                       size filters, else kept with its split hash and order hash (`stable_hash`, seeded);
-  tally_block / token_block   one-row counts per block, summed on the driver (the manifest's counts are exact);
-  part_rows + sort    each split sorted by its order hash, cut into shards of `shard_rows`;
+  tally_block / token_block   one-row counts per partition, summed on the driver (the manifest's counts are exact);
+  split_histogram     (scaffold split) where the val threshold meets the val target;
+  range_pieces + sorted_range   each split cut into ranges of its order hash, each range sorted: the split in order;
   write_shard         SMILES, n_tokens and token ids (`ids`), one Ray task per shard;
-and rejects.csv (invalid, decontaminated, filtered rows, in file and line order) written in parts by the workers.
+and rejects.csv (invalid, decontaminated, filtered rows, in file and line order) written per partition by the
+workers and merged. On Ray, only the first steps (to classify_partition) are a Ray Data execution; the later ones
+are plain Ray tasks on its materialised partitions, which start in milliseconds where an execution takes seconds.
 The vocabulary is the train split's token types (counted per block) plus the tasks' token types. The manifest is
 written last: its presence means the data directory is complete. `canonical_smiles` is the same canonicalisation
 for task SMILES downstream (engine.analyze).
@@ -456,24 +459,32 @@ def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks,
     for f, line, raw, why in first_invalid[:SHOW_INVALID]:
         log.warning("%s:%d: RDKit cannot use %r: %s", names[f], line, raw, why)
 
-    # ---- rejects.csv (written by the workers in parts, in file and line order, joined here), then the checks
+    # ---- rejects.csv: each partition's rejects written by a worker in file and line order, merged here (streamed)
     n_rejects = t["n_invalid"] + t["n_decontaminated"] + t["n_heavy"] + t["n_long"]
-    blocks, sizes = ex.sorted_blocks(reject_rows, ["file", "line"]) if n_rejects else ([], [])
-    parts = [b for b, n in zip(blocks, sizes, strict=True) if n]
-    ex.run(write_rejects_part, [(data, k, b, names) for k, b in enumerate(parts)])
-    data.join_rejects(len(parts))
-    del blocks
+    n_parts = (
+        sum(ex.run(write_rejects_part, [(data, k, b, names) for k, b in enumerate(ex.partitions)])) if n_rejects else 0
+    )
+    data.join_rejects(len(ex.partitions) if n_parts else 0, names)
     _check_counts(t, cfg, data, names, first_invalid)
 
     # ---- the split: a split hash below the threshold is val, except scaffold groups over half the val target;
     # a part that would be empty gets the one group nearest the threshold (tiny corpora)
     n_val_target = min(t["n_kept"] - 1, max(1, round(t["n_kept"] * cfg.val_fraction)))
-    to_train = ex.large_groups(n_val_target / 2) if cfg.split == "scaffold" else []
+    # random split: a fixed threshold, so a molecule's part does not depend on the rest of the corpus (a smaller
+    # corpus's train split is inside a larger one's); scaffold split: the threshold is placed where the val part
+    # meets its target, since a few large groups would otherwise swing it by tens of percent
+    to_train: list[int] = []
+    if cfg.split == "scaffold":
+        to_train = ex.large_groups(n_val_target / 2)
+        width = max(1, min(HASH_SPAN, 4 * val_threshold) // HIST_BINS)
+        hist = ex.per_block(split_histogram, to_train=to_train, width=width).column("counts").to_pylist()
+        edge = int(np.argmin(np.abs(np.cumsum(np.sum(hist, axis=0)) - n_val_target)))  # the edge nearest the target
+        val_threshold = min((edge + 1) * width, HASH_SPAN - 1)
     tokens = ex.per_block(token_block, val_threshold=val_threshold, to_train=to_train)
     n_val = int(pc.sum(tokens.column("n_val")).as_py() or 0)
     if n_val in (0, t["n_kept"]):
-        ends = ex.per_block(split_ends, val_threshold=val_threshold, to_train=to_train)
-        min_train, max_val = int(pc.min(ends.column("min_train")).as_py()), int(pc.max(ends.column("max_val")).as_py())
+        min_train = int(pc.min(tokens.column("min_train")).as_py())
+        max_val = int(pc.max(tokens.column("max_val")).as_py())
         val_threshold = min(min_train + 1, HASH_SPAN - 1) if n_val == 0 else max_val
         tokens = ex.per_block(token_block, val_threshold=val_threshold, to_train=to_train)
     train_tokens, val_tokens = Counter[str](), Counter[str]()
@@ -496,16 +507,15 @@ def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks,
     unk_id = specials[SPECIAL_TOKENS["unk_token"]]
     n_unk = sum(n for token, n in val_tokens.items() if vocab.get(token, unk_id) == unk_id)
 
-    # ---- shards: each part sorted by its seeded order hash, cut into shard_rows, tokenised and written by workers
+    # ---- shards: each part sorted by its seeded order hash (in ranges of it, one sort task per range), cut into
+    # shard_rows, tokenised and written by workers
     shards: list[ShardFile] = []
-    for split in ("train", "val"):
-        blocks, sizes = ex.sorted_blocks(
-            part_rows, ["order", "smiles"], split=split, val_threshold=val_threshold, to_train=to_train
-        )
+    parts = ex.sorted_parts(val_threshold, to_train, {s: -(-n // RANGE_ROWS) for s, n in n_part.items()})
+    for split, (blocks, sizes) in parts.items():
         plan = shard_plan(sizes, cfg.shard_rows)
         calls = [(data, split, k, [(blocks[b], s, e) for b, s, e in piece], vocab) for k, piece in enumerate(plan)]
         shards += ex.run(write_shard, calls)
-        del blocks
+    del parts
     n_tokens = {s: int(pc.sum(tokens.column(f"n_tokens_{s}")).as_py() or 0) for s in ("train", "val")}
     counts = Counts(
         n_in=t["n_in"],
@@ -721,6 +731,7 @@ def _key(inchikey: str | None, mode: str) -> str:
 
 SPLIT_SALT, ORDER_SALT = "split", "order"  # the two seeded hashes: which part, and the row order in it
 HASH_SPAN = 2**64
+HIST_BINS = 2**16  # bins of the split hash below 4x the val fraction, where a scaffold split's threshold is placed
 
 
 def stable_hash(values: Sequence[str], seed: int, salt: str) -> np.ndarray:
@@ -902,28 +913,27 @@ def in_val(split_hash: np.ndarray, val_threshold: int, to_train: Sequence[int]) 
     return below & ~np.isin(split_hash, np.asarray(to_train, dtype=np.uint64)) if len(to_train) else below
 
 
-def split_ends(block: pa.Table, val_threshold: int, to_train: Sequence[int]) -> pa.Table:
-    """One row: the smallest split hash in train that may move (not in `to_train`), the largest in val; the driver
-    moves that one group when a part would otherwise be empty (tiny corpora)."""
-    h = block.filter(pc.equal(block.column("status"), "kept")).column("split_hash").to_numpy()
-    val = in_val(h, val_threshold, to_train)
-    movable = h[~val & ~np.isin(h, np.asarray(to_train, dtype=np.uint64))]
-    return pa.table(
-        {
-            "min_train": pa.array([int(movable.min()) if len(movable) else HASH_SPAN - 1], pa.uint64()),
-            "max_val": pa.array([int(h[val].max()) if val.any() else 0], pa.uint64()),
-        }
-    )
-
-
 def group_sizes(block: pa.Table) -> pa.Table:
     """The split hash of each kept molecule (a column to count scaffold groups by)."""
     return block.filter(pc.equal(block.column("status"), "kept")).select(["split_hash"])
 
 
+def split_histogram(block: pa.Table, to_train: Sequence[int], width: int) -> pa.Table:
+    """One row: the kept molecules per bin (`width` wide) of the split hash, for the HIST_BINS lowest bins, groups in
+    `to_train` left out. The driver puts the val threshold at the bin edge nearest the val target, so a scaffold
+    split's val part is its target give or take a group, not give or take the luck of large groups' hashes."""
+    h = block.filter(pc.equal(block.column("status"), "kept")).column("split_hash").to_numpy()
+    if len(to_train):
+        h = h[~np.isin(h, np.asarray(to_train, dtype=np.uint64))]
+    bins = h // np.uint64(width)
+    counts = np.bincount(bins[bins < HIST_BINS].astype(np.int64), minlength=HIST_BINS)
+    return pa.table({"counts": pa.array([counts], pa.list_(pa.int64()))})
+
+
 def token_block(block: pa.Table, val_threshold: int, to_train: Sequence[int]) -> pa.Table:
     """One row: the token types of the kept train and val molecules with their counts (JSON), for the vocabulary
-    and for counting [UNK] in val; molecules and tokens per part."""
+    and for counting [UNK] in val; molecules and tokens per part; the smallest split hash in train that may move
+    (not in `to_train`) and the largest in val."""
     kept = block.filter(pc.equal(block.column("status"), "kept"))
     is_val = in_val(kept.column("split_hash").to_numpy(), val_threshold, to_train)
     smiles = kept.column("smiles").to_pylist()
@@ -931,6 +941,8 @@ def token_block(block: pa.Table, val_threshold: int, to_train: Sequence[int]) ->
     for s, v in zip(smiles, is_val, strict=True):
         (val if v else train).update(smiles_tokens(s))
     n_tokens = kept.column("n_tokens").to_numpy()
+    h = kept.column("split_hash").to_numpy()
+    movable = h[~is_val & ~np.isin(h, np.asarray(to_train, dtype=np.uint64))]
     return pa.table(
         {
             "train": [json.dumps(train)],
@@ -939,6 +951,9 @@ def token_block(block: pa.Table, val_threshold: int, to_train: Sequence[int]) ->
             "n_val": [int(is_val.sum())],
             "n_tokens_train": [int(n_tokens[~is_val].sum())],
             "n_tokens_val": [int(n_tokens[is_val].sum())],
+            # the ends of the two parts: the driver moves one group when a part would be empty (tiny corpora)
+            "min_train": pa.array([int(movable.min()) if len(movable) else HASH_SPAN - 1], pa.uint64()),
+            "max_val": pa.array([int(h[is_val].max()) if is_val.any() else 0], pa.uint64()),
         }
     )
 
@@ -948,6 +963,23 @@ def part_rows(block: pa.Table, split: Split, val_threshold: int, to_train: Seque
     kept = block.filter(pc.equal(block.column("status"), "kept"))
     val = in_val(kept.column("split_hash").to_numpy(), val_threshold, to_train)
     return kept.filter(pa.array(val if split == "val" else ~val)).select(["smiles", "n_tokens", "order"])
+
+
+def range_pieces(block: pa.Table, val_threshold: int, to_train: Sequence[int], n_ranges: dict[str, int]) -> list:
+    """The kept molecules of a partition, per part (train, then val) cut into `n_ranges[part]` equal ranges of the
+    order hash: a hash spreads evenly, so the ranges are about equally full, and sorting each range on its own sorts
+    the part (no sampling pass, no global sort)."""
+    pieces = []
+    for split, k in n_ranges.items():
+        rows = part_rows(block, split, val_threshold, to_train)  # type: ignore[arg-type]
+        which = ((rows.column("order").to_numpy() >> np.uint64(32)) * np.uint64(k)) >> np.uint64(32)
+        pieces += [rows.filter(pa.array(which == r)) for r in range(k)]
+    return pieces
+
+
+def sorted_range(*pieces: pa.Table) -> pa.Table:
+    """One range of a part's order hash, from every partition's piece of it, sorted (ties broken by the SMILES)."""
+    return pa.concat_tables(pieces).sort_by([("order", "ascending"), ("smiles", "ascending")])
 
 
 def reject_rows(block: pa.Table) -> pa.Table:
@@ -989,8 +1021,11 @@ def write_shard(data: DataDir, split: Split, index: int, pieces: Sequence[tuple]
 
 
 def write_rejects_part(data: DataDir, index: int, block, names: Sequence[str]) -> int:
-    """Write one sorted block of rejects as part `index` of rejects.csv; returns its row count."""
-    table = ray.get(block) if isinstance(block, ray.ObjectRef) else block
+    """Write one partition's rejects (invalid, decontaminated, filtered) in file and line order as part `index` of
+    rejects.csv; returns its row count."""
+    table = reject_rows(ray.get(block) if isinstance(block, ray.ObjectRef) else block).sort_by(
+        [("file", "ascending"), ("line", "ascending")]
+    )
     files = [names[i] for i in table.column("file").to_pylist()]
     rows = zip(files, table.column("line").to_pylist(), table.column("raw").to_pylist(),
                table.column("reason").to_pylist(), strict=True)  # fmt: skip
@@ -1038,9 +1073,10 @@ class _Local:
             if time.perf_counter() - last >= PROGRESS_EVERY_S:
                 progress(Progress(len(blocks), n_done, n_invalid, None, time.perf_counter() - t0))
                 last = time.perf_counter()
-        self.n_blocks = len(blocks)
         table = pa.concat_tables(blocks) if blocks else canonical_block(record_block(0, [], []), True, False, False)
         self.classified = classify_partition(table, rules)
+        self.partitions = [self.classified]
+        self.n_blocks = len(blocks)  # read blocks, for progress
 
     def per_block(self, fn: Callable[..., pa.Table], **kwargs) -> pa.Table:
         return fn(self.classified, **kwargs)
@@ -1049,9 +1085,13 @@ class _Local:
         hashes, sizes = np.unique(group_sizes(self.classified).column("split_hash").to_numpy(), return_counts=True)
         return sorted(int(h) for h in hashes[sizes > limit])
 
-    def sorted_blocks(self, fn: Callable[..., pa.Table], keys: list[str], **kwargs) -> tuple[list, list[int]]:
-        table = fn(self.classified, **kwargs).sort_by([(k, "ascending") for k in keys])
-        return [table], [table.num_rows]
+    def sorted_parts(self, val_threshold: int, to_train: Sequence[int], n_ranges: dict[str, int]) -> dict:
+        """Per part: its sorted rows (one table) and their count."""
+        out = {}
+        for split in n_ranges:
+            table = sorted_range(part_rows(self.classified, split, val_threshold, to_train))  # type: ignore[arg-type]
+            out[split] = ([table], [table.num_rows])
+        return out
 
     def run(self, fn: Callable, calls: list[tuple]) -> list:
         return [fn(*args) for args in calls]
@@ -1094,13 +1134,15 @@ class _OnRay:
             .map_batches(classify_partition, batch_format="pyarrow", batch_size=None, fn_kwargs={"rules": rules})  # type: ignore[arg-type]
             .materialize()
         )
-        self.n_blocks = self.classified.num_blocks()
+        self.partitions = self.classified.to_arrow_refs()
+        self.n_blocks = len(self.partitions)
         log.info("canonicalised and deduplicated on Ray in %.1f s (%d partitions)", time.perf_counter() - t0,
                  self.n_blocks)  # fmt: skip
 
     def per_block(self, fn: Callable[..., pa.Table], **kwargs) -> pa.Table:
-        out = self.classified.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
-        return pa.concat_tables(ray.get(out.to_arrow_refs(), timeout=RAY_TIMEOUT_S))
+        """`fn` on every partition, as plain Ray tasks on the materialised blocks (a Ray Data execution per step
+        would cost its start-up each time); the one-row results are joined here."""
+        return pa.concat_tables(ray.get([_call.remote(fn, b, kwargs) for b in self.partitions], timeout=RAY_TIMEOUT_S))
 
     def large_groups(self, limit: float) -> list[int]:
         """Scaffold groups (by split hash) of more than `limit` kept molecules: Ray Data's groupby and count; only
@@ -1113,11 +1155,20 @@ class _OnRay:
         tables = ray.get(large.to_arrow_refs(), timeout=RAY_TIMEOUT_S)
         return sorted(int(h) for t in tables for h in t.column("split_hash").to_pylist())
 
-    def sorted_blocks(self, fn: Callable[..., pa.Table], keys: list[str], **kwargs) -> tuple[list, list[int]]:
-        ds = self.classified.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
-        refs = ds.sort(keys).to_arrow_refs()
-        sizes = ray.get([_num_rows.remote(r) for r in refs], timeout=RAY_TIMEOUT_S)
-        return refs, sizes
+    def sorted_parts(self, val_threshold: int, to_train: Sequence[int], n_ranges: dict[str, int]) -> dict:
+        """Per part: the object references of its sorted ranges (in order) and their row counts. Each partition's
+        task returns its pieces of every range; one task per range sorts that range's pieces from all partitions."""
+        n = sum(n_ranges.values())
+        cut = ray.remote(num_cpus=1, num_returns=n)(range_pieces)
+        pieces = [cut.remote(block, val_threshold, to_train, n_ranges) for block in self.partitions]
+        pieces = [p if n > 1 else [p] for p in pieces]
+        ranges = [ray.remote(num_cpus=1)(sorted_range).remote(*[p[r] for p in pieces]) for r in range(n)]
+        sizes = ray.get([_num_rows.remote(r) for r in ranges], timeout=RAY_TIMEOUT_S)
+        out, start = {}, 0
+        for split, k in n_ranges.items():
+            out[split] = (ranges[start : start + k], sizes[start : start + k])
+            start += k
+        return out
 
     def run(self, fn: Callable, calls: list[tuple]) -> list:
         task = ray.remote(num_cpus=1)(fn)
@@ -1125,6 +1176,7 @@ class _OnRay:
 
 
 PARTITION_ROWS = 200_000  # records per hash partition: one partition is one block (far below 128 MiB)
+RANGE_ROWS = 200_000  # kept molecules per range of the order hash: one sort task each
 READ_CPUS = 0.0  # a reader streams its file for the whole pass: holding a CPU it would idle a canonicaliser slot
 RAY_TIMEOUT_S = 3600.0  # one wait on the cluster's write tasks; a hang becomes an error
 
@@ -1143,6 +1195,11 @@ def _read_group(batch: dict[str, np.ndarray], groups, paths, smiles_column, chun
 @ray.remote(num_cpus=0)
 def _num_rows(table: pa.Table) -> int:
     return table.num_rows
+
+
+@ray.remote(num_cpus=1)
+def _call(fn: Callable[..., pa.Table], block: pa.Table, kwargs: dict) -> pa.Table:
+    return fn(block, **kwargs)
 
 
 def _data_error_in(err: BaseException) -> DataError | None:

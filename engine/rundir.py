@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import heapq
 import json
 import logging
 import math
@@ -36,7 +37,8 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -219,14 +221,18 @@ class DataDir:
         with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
             csv.writer(f).writerows(rows)
 
-    def join_rejects(self, n_parts: int) -> None:
-        """rejects.csv: the header, then parts 0 .. n_parts-1 copied in order (streamed: no part is held whole)."""
-        with atomic_path(self.rejects_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
-            csv.writer(out).writerow(["file", "line", "smiles", "reason"])
-            out.flush()
-            for k in range(n_parts):
-                with open(self.rejects_parts / f"part-{k:06d}.csv", encoding="utf-8") as part:
-                    shutil.copyfileobj(part, out)
+    def join_rejects(self, n_parts: int, files: Sequence[str]) -> None:
+        """rejects.csv: the header, then the rows of parts 0 .. n_parts-1 (each in file and line order, `files`
+        giving the files' order) merged into file and line order; streamed, so no part is held whole."""
+        rank = {name: i for i, name in enumerate(files)}
+        with ExitStack() as stack:
+            parts = [csv.reader(stack.enter_context(open(self.rejects_parts / f"part-{k:06d}.csv", encoding="utf-8",
+                                                         newline="")))
+                     for k in range(n_parts)]  # fmt: skip
+            tmp = stack.enter_context(atomic_path(self.rejects_path))
+            out = csv.writer(stack.enter_context(open(tmp, "w", newline="", encoding="utf-8")))
+            out.writerow(["file", "line", "smiles", "reason"])
+            out.writerows(heapq.merge(*parts, key=lambda row: (rank[row[0]], int(row[1]))))
         shutil.rmtree(self.rejects_parts, ignore_errors=True)
 
     def entries(self) -> list[Path]:
