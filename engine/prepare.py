@@ -1123,7 +1123,9 @@ class _OnRay:
                 "max_molecules": cfg.max_molecules,
             },  # fmt: skip
         )
-        canonical = records.map_batches(
+        # a reader's blocks reach the next step merged up to Ray Data's target block size (128 MiB: a whole 1e5
+        # corpus), which would make one canonicalising task; cut back to chunk_rows, they spread over the CPUs
+        canonical = records.repartition(target_num_rows_per_block=chunk_rows).map_batches(
             canonical_block,  # type: ignore[arg-type]
             batch_format="pyarrow",
             batch_size=None,
