@@ -586,14 +586,21 @@ def _data_context(parallel: bool, workers: int | None) -> Iterator[None]:
 
     context = DataContext.get_current()
     options = context.execution_options
-    before = (options.preserve_order, options.resource_limits)
+    before = (options.preserve_order, options.resource_limits, context.op_resource_reservation_enabled,
+              context.hash_shuffle_operator_actor_num_cpus_override)  # fmt: skip
     options.preserve_order = True  # blocks come back in the order the sort made
     if workers is not None:
         options.resource_limits = options.resource_limits.copy(cpu=workers)
+    # The canonicaliser is the only step that needs the CPUs. Ray Data would reserve a share of them for each
+    # step and a quarter of the cluster for the shuffle's aggregators (which only concatenate), and on 2 CPUs
+    # that left one canonicalising task at a time.
+    context.op_resource_reservation_enabled = False
+    context.hash_shuffle_operator_actor_num_cpus_override = AGGREGATOR_CPUS
     try:
         yield
     finally:
-        options.preserve_order, options.resource_limits = before
+        (options.preserve_order, options.resource_limits, context.op_resource_reservation_enabled,
+         context.hash_shuffle_operator_actor_num_cpus_override) = before  # fmt: skip
 
 
 def _check_counts(t: dict[str, int], cfg: DataConfig, data: DataDir, names: list[str], first_invalid: list) -> None:
@@ -1179,6 +1186,7 @@ class _OnRay:
 
 PARTITION_ROWS = 200_000  # records per hash partition: one partition is one block (far below 128 MiB)
 RANGE_ROWS = 200_000  # kept molecules per range of the order hash: one sort task each
+AGGREGATOR_CPUS = 0.05  # per hash-shuffle aggregator actor (Ray Data's default: a quarter of the cluster in all)
 READ_CPUS = 0.0  # a reader streams its file for the whole pass: holding a CPU it would idle a canonicaliser slot
 RAY_TIMEOUT_S = 3600.0  # one wait on the cluster's write tasks; a hang becomes an error
 
