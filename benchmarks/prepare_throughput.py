@@ -7,7 +7,7 @@ What is timed, all in this one process and run:
 - baseline: `Chem.MolToSmiles(Chem.MolFromSmiles(s))` for each SMILES, already in memory
   (no file reading, no dedup, no writing): the pure RDKit cost that Ray spreads out;
 - prepare, in-process (`parallel=False`): the whole stage, from the gzipped file to manifest.json;
-- prepare on Ray: the same, canonicalisation as Ray tasks. `cold` is the first call on a fresh
+- prepare on Ray: the same, as a Ray Data pipeline (read, canonicalise, hash-partitioned dedup, sort, write). `cold` is the first call on a fresh
   cluster (workers still start and import RDKit and engine.prepare), `warm` the later calls.
   Each Ray run is paired with a baseline run just before it, so both see the same machine load;
   the speed-up is the median over the warm pairs.
@@ -21,7 +21,7 @@ On a shared machine the wall-clock ratio says little: Linux autogroup scheduling
 per session, and the local Ray cluster lives in the driver's session, so 2 Ray workers get no more
 CPU than the 1-process baseline when other sessions keep the CPUs busy. So each pair also reports
 the same loop split over a plain process pool (no Ray: the speed-up the machine offers at that
-moment), CPU seconds (the baseline process; the driver; every process of this session, Ray's
+moment), CPU seconds (the baseline process; the driver; every process on the machine, Ray's
 included) and an idle-machine model, baseline CPU / (driver CPU + other CPU / n_cpus): a model,
 not a measurement.
 """
@@ -57,18 +57,13 @@ def load_smiles(path: Path, n: int) -> list[str]:
         return [row[0] for _, row in zip(range(n), rows)]
 
 
-def session_cpu_s() -> float:
-    """CPU seconds used so far by every live process of this session: this driver, and the local
-    Ray cluster's raylet, GCS and workers (ray.init starts them in the driver's session)."""
-    sid, total = os.getsid(0), 0.0
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                cpu = proc.cpu_times()
-                total += cpu.user + cpu.system
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            pass
-    return total
+def machine_cpu_s() -> float:
+    """CPU seconds used so far by every process on the machine (user + system, all CPUs): the driver and
+    Ray's raylet, GCS and workers, which ray.init starts detached, and which Ray replaces when idle, so
+    per-process counters lose them. A difference of two readings is what one prepare cost, plus whatever
+    else ran meanwhile: run it on a quiet machine (the load average is printed beside it)."""
+    cpu = psutil.cpu_times()
+    return cpu.user + cpu.system
 
 
 def baseline(smiles: list[str]) -> tuple[float, float]:
@@ -92,13 +87,13 @@ def pool_loop(pool: multiprocessing.pool.Pool, smiles: list[str], n_procs: int) 
 
 
 def timed_prepare(cfg: DataConfig, parallel: bool, chunk_rows: int) -> tuple[float, float, float, int]:
-    """(wall s, driver CPU s, whole-session CPU s, molecules) of one prepare into a fresh directory."""
+    """(wall s, driver CPU s, machine-wide CPU s, molecules) of one prepare into a fresh directory."""
     out = Path(tempfile.mkdtemp(prefix="clmscale-bench-"))
     try:
-        t, c, s = time.perf_counter(), time.process_time(), session_cpu_s()
+        t, c, s = time.perf_counter(), time.process_time(), machine_cpu_s()
         manifest = prepare(cfg, out / "data", parallel=parallel, chunk_rows=chunk_rows, progress=lambda p: None)
         wall, driver_cpu = time.perf_counter() - t, time.process_time() - c
-        return wall, driver_cpu, session_cpu_s() - s, manifest.counts.n_in
+        return wall, driver_cpu, machine_cpu_s() - s, manifest.counts.n_in
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -112,7 +107,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="warm (baseline, Ray) pairs after the cold one")
     parser.add_argument("--skip-serial-prepare", action="store_true")
     parser.add_argument(
-        "--worker-niceness", type=int, default=0,
+        "--worker-niceness",
+        type=int,
+        default=0,
         help="Ray starts workers at nice 15, so on a busy machine they yield to everything else while "
         "the baseline runs at nice 0; 0 compares like with like, 15 is Ray's default",
     )
@@ -136,14 +133,19 @@ def main() -> None:
 
     t = time.perf_counter()
     ray.init(
-        address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+        address="local",
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
         _system_config={"worker_niceness": args.worker_niceness},
     )
-    print(f"ray.init, {args.cpus} CPUs, worker niceness {args.worker_niceness} (not timed below): "
-          f"{time.perf_counter() - t:.1f} s")
+    print(
+        f"ray.init, {args.cpus} CPUs, worker niceness {args.worker_niceness} (not timed below): "
+        f"{time.perf_counter() - t:.1f} s"
+    )
     # The machine may be shared: each repeat times the baseline loop and then prepare on Ray
     # back to back, so the two see the same load; the first Ray run also starts the workers (cold).
-    ratios, bounds, ceilings = [], [], []
+    ratios, bounds, ceilings, cpu_per_mol = [], [], [], []
     try:
         for repeat in range(args.repeats + 1):
             t_base, cpu_base = baseline(smiles)
@@ -157,9 +159,11 @@ def main() -> None:
                 f"({t_base:5.1f} s, {cpu_base:5.1f} CPU-s) | same loop in a {args.cpus}-process pool "
                 f"{t_base / t_pool:.2f}x | prepare on Ray {n / t_ray:6,.0f} mol/s ({t_ray:5.1f} s; "
                 f"CPU-s: driver {cpu_driver:4.1f}, all {cpu_all:5.1f}) | measured {t_base / t_ray:.2f}x, "
-                f"idle-machine model {bound:.2f}x"
+                f"idle-machine model {bound:.2f}x | CPU per molecule: loop {1e6 * cpu_base / len(smiles):.0f} µs, "
+                f"prepare on Ray {1e6 * cpu_all / n:.0f} µs"
             )
             if repeat:
+                cpu_per_mol.append((cpu_base / len(smiles), cpu_all / n))
                 ratios.append(t_base / t_ray)
                 bounds.append(bound)
                 ceilings.append(t_base / t_pool)
@@ -167,11 +171,21 @@ def main() -> None:
         ray.shutdown()
         pool.terminate()
     if ratios:
-        print(f"measured wall-clock speed-up, warm: median {statistics.median(ratios):.2f}x "
-              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} pairs)")
-        print(f"same loop in a plain {args.cpus}-process pool, same moments: median {statistics.median(ceilings):.2f}x "
-              f"(what this machine offers any parallel code right now)")
+        print(
+            f"measured wall-clock speed-up, warm: median {statistics.median(ratios):.2f}x "
+            f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} pairs)"
+        )
+        print(
+            f"same loop in a plain {args.cpus}-process pool, same moments: median {statistics.median(ceilings):.2f}x "
+            f"(what this machine offers any parallel code right now)"
+        )
         print(f"CPU-time model for {args.cpus} free CPUs (not a measurement): median {statistics.median(bounds):.2f}x")
+        loop_us = statistics.median(1e6 * c for c, _ in cpu_per_mol)
+        ray_us = statistics.median(1e6 * c for _, c in cpu_per_mol)
+        print(
+            f"CPU-seconds per molecule, warm medians: loop {loop_us:.0f} µs, prepare on Ray {ray_us:.0f} µs "
+            f"(every process on the machine: driver, raylet, GCS, workers) = {ray_us / loop_us:.2f}x the loop"
+        )
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 

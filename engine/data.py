@@ -2,11 +2,13 @@
 
 The story, top to bottom:
   encode    SMILES -> token ids, wrapped per objective (mlm, modernbert `[CLS] … [SEP]`; clm, llama
-            `[BOS] … [EOS]`), truncated.
+            `[BOS] … [EOS]`), truncated; shards from prepare carry the ids already (`ids` column), so the
+            training paths only wrap them.
   collate   token ids -> one batch dict (docs/CONTRACTS.md): padding, MLM masking or CLM labels, packing.
   local_batches / validation_batches   the plain path: pyarrow + numpy, no Ray (standalone or torch.distributed).
   train_dataset / worker_batches       the Ray path: Ray Data reads, shuffles, encodes and collates on its
-                                       own CPUs, one micro-batch per row; each Ray Train worker unpacks its
+                                       own CPUs (reading prepare's ids; encoding only older shards), one
+                                       micro-batch per row; each Ray Train worker unpacks its
                                        shard of those rows into tensors.
 
 Determinism: the masking RNG of a batch is seeded from (seed, epoch, the batch's token ids), so the same
@@ -19,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -45,6 +48,7 @@ PAD_MULTIPLE = 8  # pad lengths to a multiple of 8: tensor cores want it, and fe
 ENCODE_ROWS = 1024  # molecules per tokenizer call: the Rust batch encoder amortizes its overhead
 PACK_FACTOR = 8  # packing: molecules per Ray map call = 8x, so the one short batch per call is rare
 SMILES_COLUMN = "smiles"
+IDS_COLUMN = "ids"  # prepare's token ids per molecule, no special tokens (uint8 / uint16 list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +278,60 @@ def _encoded(smiles: Sequence[str], tokenizer, family: Family, max_seq_len: int)
         yield from encode(smiles[start : start + ENCODE_ROWS], tokenizer, family, max_seq_len)
 
 
+class TokenIds:
+    """The `ids` column of pre-tokenised shards (prepare's token ids, no special tokens) as one flat array and
+    offsets: molecule i is flat[offsets[i]:offsets[i + 1]]. A uint8 / uint16 array, not a Python list per molecule."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def wrapped(self, indices: Iterable[int], open_id: int, close_id: int, max_seq_len: int) -> Iterator[Any]:
+        """Molecules `indices` as `encode` gives them: [open, body cut to max_seq_len - 2, close], int64."""
+        body = max_seq_len - 2
+        for i in indices:
+            start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+            out = np.empty(min(stop - start, body) + 2, dtype=np.int64)
+            out[0], out[-1] = open_id, close_id
+            out[1:-1] = self.flat[start : start + len(out) - 2]
+            yield out
+
+
+def read_ids(shard_paths: Sequence[str | Path], tokenizer: PreTrainedTokenizerFast | None = None) -> TokenIds | None:
+    """The `ids` column of the shards, in the order given; None when a shard has none (shards of an older prepare:
+    callers encode the SMILES instead). With `tokenizer`, ids it does not have are an error naming the shard."""
+    chunks = []
+    for path in shard_paths:
+        if IDS_COLUMN not in pq.read_schema(path).names:
+            return None
+        column = pq.read_table(path, columns=[IDS_COLUMN]).column(IDS_COLUMN).combine_chunks()
+        if tokenizer is not None and len(column.values) and int(pc.max(column.values).as_py()) >= len(tokenizer):
+            raise ValueError(
+                f"{path}: token id {pc.max(column.values).as_py()} is not in the tokenizer ({len(tokenizer)} ids);"
+                " the shards and the tokenizer come from different prepares"
+            )
+        chunks.append(column)
+    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in chunks]) if chunks else np.zeros(0, np.int64)
+    flat = np.concatenate([c.values.to_numpy() for c in chunks]) if chunks else np.zeros(0, np.uint8)
+    return TokenIds(flat, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def _molecules(
+    shard_paths: Sequence[str | Path], tokenizer, family: Family, max_seq_len: int, n_molecules: int | None = None
+) -> tuple[int, Callable[[Any], Iterator[Any]]]:
+    """(number of molecules, a function from molecule indices to their wrapped token ids): read from the shards'
+    `ids` column when prepare wrote one, else encoded from the SMILES. `n_molecules`: only the first n."""
+    ids = read_ids(shard_paths, tokenizer)
+    if ids is not None:
+        open_id, close_id = _wrap_ids(tokenizer, family)
+        n = len(ids) if n_molecules is None else min(len(ids), n_molecules)
+        return n, lambda indices: ids.wrapped(indices, open_id, close_id, max_seq_len)
+    smiles = read_smiles(shard_paths)[:n_molecules]
+    return len(smiles), lambda indices: _encoded([smiles[i] for i in indices], tokenizer, family, max_seq_len)
+
+
 def local_batches(
     shard_paths: Sequence[str | Path],
     tokenizer: PreTrainedTokenizerFast | str | Path,
@@ -295,17 +353,17 @@ def local_batches(
     world_size-th molecule of it from r on, cut to an equal count per rank (at most world_size - 1 molecules
     of the epoch dropped), so ranks are disjoint and, without packing, run the same number of steps. With
     packing the number of rows per rank can differ by one batch: stop the loop on a step count.
-    Call it again with epoch + 1 for the next epoch. The SMILES column is held in memory; tokens are not.
+    Call it again with epoch + 1 for the next epoch. The shards' token ids are read, not encoded again (shards
+    without an `ids` column: their SMILES are held and encoded per batch).
     `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) (got rank: {rank} and world_size: {world_size})")
     tokenizer = _as_tokenizer(tokenizer)
-    smiles = read_smiles(shard_paths)[:n_molecules]
-    order = np.random.default_rng([seed, epoch]).permutation(len(smiles)) if shuffle else np.arange(len(smiles))
-    per_rank = len(smiles) // world_size
-    mine = [smiles[i] for i in order[rank : per_rank * world_size : world_size]]
-    seqs = _encoded(mine, tokenizer, family, max_seq_len)
+    n, molecules = _molecules(shard_paths, tokenizer, family, max_seq_len, n_molecules)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    per_rank = n // world_size
+    seqs = molecules(order[rank : per_rank * world_size : world_size])
     yield from _collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
                          mlm_probability, packing)  # fmt: skip
 
@@ -327,7 +385,8 @@ def validation_batches(
     is scored on the same tokens and the same masks, and validation losses are comparable.
     """
     tokenizer = _as_tokenizer(tokenizer)
-    seqs = _encoded(read_smiles(val_shard_paths), tokenizer, family, max_seq_len)
+    n, molecules = _molecules(val_shard_paths, tokenizer, family, max_seq_len)
+    seqs = molecules(range(n))
     stream = _collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, 0, mlm_probability, packing)
     batches = list(itertools.islice(stream, n_batches))
     if len(batches) < n_batches:
@@ -394,7 +453,14 @@ def _make_batches(
 
     # the pass of the pipeline this task belongs to: the same count RandomSeedConfig reseeds the shuffle with
     epoch = getattr(DataContext.get_current(), "_execution_idx", 0)
-    seqs = encode(batch[SMILES_COLUMN].tolist(), tokenizer, family, max_seq_len)
+    seqs: Sequence[Sequence[int]]
+    if IDS_COLUMN in batch:  # pre-tokenised shards: a read, no encoding
+        column = batch[IDS_COLUMN]
+        flat = TokenIds(np.concatenate(column) if len(column) else np.zeros(0, np.int64),
+                        np.concatenate([[0], np.cumsum([len(x) for x in column])]))  # fmt: skip
+        seqs = list(flat.wrapped(range(len(column)), *_wrap_ids(tokenizer, family), max_seq_len))
+    else:
+        seqs = encode(batch[SMILES_COLUMN].tolist(), tokenizer, family, max_seq_len)
     made = list(_collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
                           mlm_probability, packing))  # fmt: skip
     out = {"shape": np.array([b["input_ids"].shape for b in made], dtype=np.int64), "epoch": np.full(len(made), epoch)}
@@ -417,7 +483,9 @@ def train_dataset(
     shuffle: bool = True,
     n_molecules: int | None = None,
 ) -> ray.data.Dataset:
-    """The training stream for Ray Train: read -> shuffle per epoch -> encode + collate, one batch per row.
+    """The training stream for Ray Train: read -> shuffle per epoch -> (encode) + collate, one batch per row.
+
+    Shards with prepare's `ids` column are read as token ids and only wrapped and collated; older shards are encoded.
 
     Pass it as `datasets={"train": ds}` to a TorchTrainer; workers read their shard with `worker_batches`.
     Sets `engine.raydata`'s settings on the current DataContext (Train V2 copies the driver's DataContext when
@@ -435,7 +503,9 @@ def train_dataset(
     tokenizer = _as_tokenizer(tokenizer)
     _wrap_ids(tokenizer, family)  # fail here, on the driver, not inside a Ray task
     raydata.configure()
-    ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([SMILES_COLUMN])
+    # the token ids when prepare wrote them (every shard of one prepare has them), else the SMILES to encode
+    column = IDS_COLUMN if shard_paths and IDS_COLUMN in pq.read_schema(shard_paths[0]).names else SMILES_COLUMN
+    ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([column])
     if n_molecules is not None:
         ds = ds.limit(n_molecules)
     if shuffle:

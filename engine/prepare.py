@@ -1,20 +1,28 @@
-"""prepare: corpus files -> canonical, deduplicated train/val shards + manifest.json + tokenizer/.
+"""prepare: corpus files -> canonical, deduplicated, pre-tokenised train/val shards + manifest.json + tokenizer/.
 
-The story, in order: read the sweep's downstream tasks (local files only) and canonicalise them as
-the corpus will be, with InChIKeys; read SMILES from CSV / SMI / Parquet files (optionally gzipped)
-on the driver, canonicalise them with RDKit in chunks (Ray tasks across the cluster, or in-process
-with `parallel=False`; both run the same `canonicalize_chunk`, which also computes the InChIKeys
-when there is something to decontaminate), drop exact duplicates (first occurrence wins), drop
-molecules whose InChIKey (or its connectivity layer) is a task molecule's, apply the size filters,
-split train/val (random or Bemis-Murcko scaffold), write Parquet shards, `rejects.csv`, the
-tokenizer built from the train split plus the tasks' token types, and last `manifest.json`, all
-through `engine.rundir.DataDir`. The manifest is written last: its presence means the data
-directory is complete. The steps after canonicalisation are `_tally` (dedup, decontamination and
-filters), `_check_tally` (a corpus that leaves nothing to train on) and the split.
-`canonical_smiles` is the same canonicalisation for task SMILES downstream (engine.analyze).
+The story, in order: read the sweep's downstream tasks (local files only) and canonicalise them as the corpus
+will be, with InChIKeys. Then one pipeline, run by Ray Data across the cluster (`_OnRay`) or in this process on
+the whole corpus (`_Local`, `parallel=False`), both calling the same per-table steps:
+  read_blocks         records (file, line, text) from CSV / SMI / Parquet files, optionally gzipped;
+  canonical_block     RDKit canonical SMILES, heavy atoms, regex tokens, scaffold, InChIKey (`canonicalize_chunk`);
+  classify_partition  per hash partition of the canonical SMILES: the first occurrence (file, line) is the
+                      molecule, later ones duplicates; then a task molecule by key (decontamination), the
+                      size filters, else kept with its split hash and order hash (`stable_hash`, seeded);
+  tally_block / token_block   one-row counts per partition, summed on the driver (the manifest's counts are exact);
+  split_histogram     (scaffold split) where the val threshold meets the val target;
+  range_pieces + sorted_range   each split cut into ranges of its order hash, each range sorted: the split in order;
+  write_shard         SMILES, n_tokens and token ids (`ids`), one Ray task per shard;
+and rejects.csv (invalid, decontaminated, filtered rows, in file and line order) written per partition by the
+workers and merged. On Ray, only the first steps (to classify_partition) are a Ray Data execution; the later ones
+are plain Ray tasks on its materialised partitions, which start in milliseconds where an execution takes seconds.
+The vocabulary is the train split's token types (counted per block) plus the tasks' token types. The manifest is
+written last: its presence means the data directory is complete. `canonical_smiles` is the same canonicalisation
+for task SMILES downstream (engine.analyze).
 
 Counts add up: n_in = n_invalid + n_duplicate + n_decontaminated + n_filtered + n_kept.
-Rerunning with the same input bytes and options returns the existing manifest ("already prepared").
+Nothing depends on the corpus's order, its blocks or the number of workers, except which line of a duplicated
+molecule rejects.csv names (the first). Rerunning with the same input bytes and options returns the existing
+manifest ("already prepared").
 """
 
 from __future__ import annotations
@@ -24,17 +32,21 @@ import gzip
 import hashlib
 import io
 import itertools
+import json
 import logging
 import re
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from rdkit import Chem, rdBase
@@ -54,7 +66,13 @@ from clmscale.engine.rundir import (
     TaskOverlap,
     TokenizerInfo,
 )
-from clmscale.engine.tokenizer import build_vocab, count_unk, extend_vocab, smiles_tokens, tokenizer_from_vocab
+from clmscale.engine.tokenizer import (
+    SPECIAL_TOKENS,
+    extend_vocab,
+    extend_vocab_from_counts,
+    smiles_tokens,
+    tokenizer_from_vocab,
+)
 
 log = logging.getLogger("clmscale.prepare")
 
@@ -194,7 +212,14 @@ def read_corpus(path: Path, smiles_column: str | None = None) -> Iterator[tuple[
                     yield from _read_delimited(f, path, "," if kind == "csv" else "\t", smiles_column)
     except DataError:
         raise
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error, pa.ArrowException) as err:
+    except (
+        OSError,
+        EOFError,
+        UnicodeDecodeError,
+        csv.Error,
+        pa.ArrowException,
+        zlib.error,
+    ) as err:  # zlib: a bad member
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path}: cannot read as {what}: {reason}") from err
 
@@ -337,18 +362,18 @@ class Progress:
     n_chunks: int
     n_done: int  # SMILES canonicalised so far
     n_invalid: int
-    n_duplicate: int
+    n_duplicate: int | None  # known once dedup has run
     elapsed_s: float
 
 
 def log_progress(p: Progress) -> None:
     rate = p.n_done / p.elapsed_s if p.elapsed_s > 0 else 0.0
     log.info(
-        "canonicalised %s SMILES in %d chunks (%s invalid, %s duplicates), %.0f mol/s",
+        "canonicalised %s SMILES in %d chunks (%s invalid%s), %.0f mol/s",
         f"{p.n_done:,}",
         p.n_chunks,
         f"{p.n_invalid:,}",
-        f"{p.n_duplicate:,}",
+        f", {p.n_duplicate:,} duplicates" if p.n_duplicate is not None else "",
         rate,
     )
 
@@ -364,18 +389,23 @@ def prepare(
     downstream: DownstreamConfig | None = None,
     parallel: bool = True,
     overwrite: bool = False,
-    chunk_rows: int = 2_000,  # SMILES per Ray task: ~0.5 s of RDKit work, small enough to balance
+    chunk_rows: int = 2_000,  # records per block: ~0.5 s of RDKit work, small enough to balance
+    workers: int | None = None,  # Ray: CPUs Ray Data may use at once, and 2x as many partitions at least
     progress: Callable[[Progress], None] = log_progress,
 ) -> Manifest:
     """Turn `cfg.corpus` into shards, rejects.csv, tokenizer/ and manifest.json in `data` (a run's data/).
 
     `downstream` (the sweep's section): its tasks are read here, canonicalised as the corpus is, for
     decontamination (`cfg.decontaminate`) and so that the vocabulary covers their tokens.
-    `parallel=True` canonicalises on Ray (initialising it only if the caller has not).
+    `parallel=True` runs the pipeline on Ray Data (initialising Ray only if the caller has not): the corpus
+    lives in the cluster's object store, the driver holds block references and counts. `parallel=False`
+    runs the same steps in this process on the whole corpus at once (small corpora, tests).
     """
     data = data if isinstance(data, DataDir) else DataDir(data)
     inputs = [_describe_input(p) for p in cfg.corpus]
     vocab_tasks, decon_tasks = task_roles(cfg, downstream)
+    if parallel and not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / a running local cluster, else a new local one
     run = _canonicalize_on_ray if parallel else _canonicalize_serial
     molecules = load_task_molecules(
         [*dict.fromkeys([*vocab_tasks, *decon_tasks])], downstream, cfg.isomeric, run, chunk_rows
@@ -389,51 +419,143 @@ def prepare(
         return done
     data.path.mkdir(parents=True, exist_ok=True)
 
-    # ---- canonicalise (the expensive part), dedup, decontaminate and filter as chunks come back, in order
-    scaffolds = cfg.split == "scaffold"
-    contaminants = contaminant_keys([molecules[n] for n in decon_tasks], cfg.decontaminate_key)
-    chunks = read_chunks(cfg.corpus, cfg.smiles_column, chunk_rows, cfg.max_molecules)
-    results = run(chunks, cfg.isomeric, scaffolds, bool(decon_tasks))
-    tally = _tally(results, cfg, progress, contaminants)
-    data.write_rejects(tally.rejects)
-    _check_tally(tally, cfg, data)
+    # ---- read, canonicalise, dedup, decontaminate, filter, hash the split and the order: one pass
+    rules = Rules(
+        contaminants=contaminant_keys([molecules[n] for n in decon_tasks], cfg.decontaminate_key),
+        key_mode=cfg.decontaminate_key,
+        max_heavy_atoms=cfg.max_heavy_atoms,
+        max_tokens=cfg.max_tokens,
+        split=cfg.split,
+        seed=cfg.seed,
+    )
+    paths = [Path(p).resolve() for p in cfg.corpus]  # Ray workers may not share the driver's working directory
+    names = [str(p) for p in cfg.corpus]  # as given, for rejects.csv and messages
+    t0 = time.perf_counter()
+    try:
+        with _data_context(parallel, workers):
+            ex: _Local | _OnRay = (
+                _OnRay(cfg, paths, rules, bool(decon_tasks), chunk_rows, progress, workers)
+                if parallel
+                else _Local(cfg, paths, rules, bool(decon_tasks), chunk_rows, progress)
+            )
+            return _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks, names, progress, t0)
+    except Exception as err:  # a DataError raised in a Ray task arrives wrapped (RayTaskError(DataError))
+        found = _data_error_in(err)
+        if found is None or found is err:
+            raise
+        raise DataError(str(found).splitlines()[0]) from None  # Ray appends its retry advice on later lines
 
-    # ---- split, then write shards, tokenizer, manifest (last: it marks the directory complete)
-    kept = tally.kept
-    if scaffolds:
-        train_idx, val_idx = scaffold_val_split([c.scaffold or "" for c in kept], cfg.val_fraction, cfg.seed)
-    else:
-        train_idx, val_idx = random_val_split(len(kept), cfg.val_fraction, cfg.seed)
-    splits: dict[Split, list[Canonical]] = {"train": [kept[i] for i in train_idx], "val": [kept[i] for i in val_idx]}
-    tally.kept = kept = []  # the split lists hold the molecules now
-    shards = [s for split, rows in splits.items() for s in _write_shards(data, split, rows, cfg.shard_rows)]
-    # the vocabulary: the train split's tokens, then the token types only the tasks' canonical SMILES have
+
+def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks, names, progress, t0) -> Manifest:
+    """Counts, rejects.csv, the split, the vocabulary, the shards and last the manifest, from the classified records."""
+    val_threshold = min(int(cfg.val_fraction * HASH_SPAN), HASH_SPAN - 1)
+    tallies = ex.per_block(tally_block)
+    t = {name: int(pc.sum(tallies.column(name)).as_py() or 0) for name in _TALLY_SCHEMA.names if name.startswith("n_")}
+    removed: Counter[str] = Counter()
+    for text in tallies.column("removed").to_pylist():
+        removed.update(json.loads(text))
+    first_invalid = sorted(tuple(r) for text in tallies.column("first_invalid").to_pylist() for r in json.loads(text))
+    progress(Progress(ex.n_blocks, t["n_in"], t["n_invalid"], t["n_duplicate"], time.perf_counter() - t0))
+    for f, line, raw, why in first_invalid[:SHOW_INVALID]:
+        log.warning("%s:%d: RDKit cannot use %r: %s", names[f], line, raw, why)
+
+    # ---- rejects.csv: each partition's rejects written by a worker in file and line order, merged here (streamed)
+    n_rejects = t["n_invalid"] + t["n_decontaminated"] + t["n_heavy"] + t["n_long"]
+    n_parts = (
+        sum(ex.run(write_rejects_part, [(data, k, b, names) for k, b in enumerate(ex.partitions)])) if n_rejects else 0
+    )
+    data.join_rejects(len(ex.partitions) if n_parts else 0, names)
+    _check_counts(t, cfg, data, names, first_invalid)
+
+    # ---- the split: a split hash below the threshold is val, except scaffold groups over half the val target;
+    # a part that would be empty gets the one group nearest the threshold (tiny corpora)
+    n_val_target = min(t["n_kept"] - 1, max(1, round(t["n_kept"] * cfg.val_fraction)))
+    # random split: a fixed threshold, so a molecule's part does not depend on the rest of the corpus (a smaller
+    # corpus's train split is inside a larger one's); scaffold split: the threshold is placed where the val part
+    # meets its target, since a few large groups would otherwise swing it by tens of percent
+    to_train: list[int] = []
+    if cfg.split == "scaffold":
+        to_train = ex.large_groups(n_val_target / 2)
+        width = max(1, min(HASH_SPAN, 4 * val_threshold) // HIST_BINS)
+        hist = ex.per_block(split_histogram, to_train=to_train, width=width).column("counts").to_pylist()
+        edge = int(np.argmin(np.abs(np.cumsum(np.sum(hist, axis=0)) - n_val_target)))  # the edge nearest the target
+        val_threshold = min((edge + 1) * width, HASH_SPAN - 1)
+    tokens = ex.per_block(token_block, val_threshold=val_threshold, to_train=to_train)
+    n_val = int(pc.sum(tokens.column("n_val")).as_py() or 0)
+    if n_val in (0, t["n_kept"]):
+        min_train = int(pc.min(tokens.column("min_train")).as_py())
+        max_val = int(pc.max(tokens.column("max_val")).as_py())
+        val_threshold = min(min_train + 1, HASH_SPAN - 1) if n_val == 0 else max_val
+        tokens = ex.per_block(token_block, val_threshold=val_threshold, to_train=to_train)
+    train_tokens, val_tokens = Counter[str](), Counter[str]()
+    for a, b in zip(tokens.column("train").to_pylist(), tokens.column("val").to_pylist(), strict=True):
+        train_tokens.update(json.loads(a))
+        val_tokens.update(json.loads(b))
+    n_part = {s: int(pc.sum(tokens.column(f"n_{s}")).as_py() or 0) for s in ("train", "val")}
+    if not all(n_part.values()):
+        raise DataError(
+            f"{', '.join(names)}: scaffold split: no scaffold group fits a validation set of {n_val_target} "
+            f"({t['n_kept']:,} molecules); use split: random"
+        )
+
+    # ---- the vocabulary: the train split's tokens, then the token types only the tasks' canonical SMILES have
     # (types, never labels; without them a MOSES vocabulary reads a task's [C@@H] as [UNK])
-    corpus_vocab = build_vocab(c.smiles for c in splits["train"] if c.smiles is not None)
+    specials = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
+    corpus_vocab = extend_vocab_from_counts(specials, train_tokens)
     vocab = extend_vocab(corpus_vocab, (s for name in vocab_tasks for s in molecules[name].smiles))
     tokenizer = tokenizer_from_vocab(vocab, out_dir=data.tokenizer)
+    unk_id = specials[SPECIAL_TOKENS["unk_token"]]
+    n_unk = sum(n for token, n in val_tokens.items() if vocab.get(token, unk_id) == unk_id)
+
+    # ---- shards: each part sorted by its seeded order hash (in ranges of it, one sort task per range), cut into
+    # shard_rows, tokenised and written by workers
+    shards: list[ShardFile] = []
+    parts = ex.sorted_parts(val_threshold, to_train, {s: -(-n // RANGE_ROWS) for s, n in n_part.items()})
+    for split, (blocks, sizes) in parts.items():
+        plan = shard_plan(sizes, cfg.shard_rows)
+        calls = [(data, split, k, [(blocks[b], s, e) for b, s, e in piece], vocab) for k, piece in enumerate(plan)]
+        shards += ex.run(write_shard, calls)
+    del parts
+    n_tokens = {s: int(pc.sum(tokens.column(f"n_tokens_{s}")).as_py() or 0) for s in ("train", "val")}
+    counts = Counts(
+        n_in=t["n_in"],
+        n_invalid=t["n_invalid"],
+        n_duplicate=t["n_duplicate"],
+        n_decontaminated=t["n_decontaminated"],
+        n_filtered=t["n_heavy"] + t["n_long"],
+        n_filtered_heavy_atoms=t["n_heavy"],
+        n_filtered_tokens=t["n_long"],
+        n_kept=t["n_kept"],
+        train=SplitCounts(n_molecules=n_part["train"], n_tokens=n_tokens["train"]),
+        val=SplitCounts(n_molecules=n_part["val"], n_tokens=n_tokens["val"]),
+    )
+    assert counts.n_kept == counts.train.n_molecules + counts.val.n_molecules == sum(s.n_rows for s in shards)
+    assert (
+        counts.n_in
+        == counts.n_invalid + counts.n_duplicate + counts.n_decontaminated + counts.n_filtered + counts.n_kept
+    )
     manifest = Manifest(
         inputs=inputs,
         options=options,
         rdkit_version=rdBase.rdkitVersion,
-        counts=tally.counts(splits),
+        counts=counts,
         shards=shards,
         tokenizer=TokenizerInfo(
             path=data.tokenizer.name,
             vocab_size=len(tokenizer),
-            n_unk=count_unk(tokenizer, (c.smiles for c in splits["val"] if c.smiles is not None)),
+            n_unk=n_unk,
             tasks=list(vocab_tasks),
             task_tokens=list(vocab)[len(corpus_vocab) :],
         ),
         decontamination={
             name: TaskOverlap(
-                task_molecules=len(molecules[name].keys(cfg.decontaminate_key)), removed=tally.removed.get(name, 0)
+                task_molecules=len(molecules[name].keys(cfg.decontaminate_key)), removed=removed.get(name, 0)
             )
             for name in decon_tasks
         },
         decontamination_key=cfg.decontaminate_key if decon_tasks else None,
     )
-    data.write_manifest(manifest)
+    data.write_manifest(manifest)  # last: it marks the directory complete
     c = manifest.counts
     log.info(
         "%s: kept %s of %s SMILES (%s invalid, %s duplicates, %s task molecules, %s filtered): %s train / %s val, "
@@ -452,6 +574,66 @@ def prepare(
         manifest.tokenizer.n_unk,
     )
     return manifest
+
+
+@contextmanager
+def _data_context(parallel: bool, workers: int | None) -> Iterator[None]:
+    """Ray Data settings for prepare's pipeline, put back afterwards (the sweep's stream sets its own)."""
+    if not parallel:
+        yield
+        return
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    options = context.execution_options
+    before = (options.preserve_order, options.resource_limits, context.op_resource_reservation_enabled,
+              context.hash_shuffle_operator_actor_num_cpus_override)  # fmt: skip
+    options.preserve_order = True  # blocks come back in the order the sort made
+    if workers is not None:
+        options.resource_limits = options.resource_limits.copy(cpu=workers)
+    # The canonicaliser is the only step that needs the CPUs. Ray Data would reserve a share of them for each
+    # step and a quarter of the cluster for the shuffle's aggregators (which only concatenate), and on 2 CPUs
+    # that left one canonicalising task at a time.
+    context.op_resource_reservation_enabled = False
+    context.hash_shuffle_operator_actor_num_cpus_override = AGGREGATOR_CPUS
+    try:
+        yield
+    finally:
+        (options.preserve_order, options.resource_limits, context.op_resource_reservation_enabled,
+         context.hash_shuffle_operator_actor_num_cpus_override) = before  # fmt: skip
+
+
+def _check_counts(t: dict[str, int], cfg: DataConfig, data: DataDir, names: list[str], first_invalid: list) -> None:
+    """A corpus that leaves nothing to train on is an error that says why (rejects.csv is written first)."""
+    files, n_in, n_invalid = ", ".join(names), t["n_in"], t["n_invalid"]
+    if n_in == 0:
+        raise DataError(f"{files}: empty corpus, no SMILES records found")
+    if n_invalid == n_in:
+        f, line, raw, reason = first_invalid[0]
+        raise DataError(
+            f"{files}: all {n_in:,} SMILES are invalid, e.g. {names[f]}:{line}: {raw!r}: {reason}"
+            f" (see {data.rejects_path})"
+        )
+    if n_invalid:
+        log.warning(
+            "%s invalid SMILES of %s (%.2f%%), all in %s",
+            f"{n_invalid:,}",
+            f"{n_in:,}",
+            100 * n_invalid / n_in,
+            data.rejects_path,
+        )
+    if not t["n_kept"]:
+        which = [f"decontaminate (task molecules) removed {t['n_decontaminated']:,}"] if t["n_decontaminated"] else []
+        which += [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {t['n_heavy']:,}"] if t["n_heavy"] else []
+        which += [f"max_tokens={cfg.max_tokens} removed {t['n_long']:,}"] if t["n_long"] else []
+        n_unique = n_in - n_invalid - t["n_duplicate"]
+        raise DataError(
+            f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules"
+        )
+    if t["n_kept"] < 2:
+        raise DataError(
+            f"{files}: only {t['n_kept']} molecule left after cleaning; need at least 2 for a train/val split"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,205 +726,509 @@ def contaminant_keys(molecules: Iterable[TaskMolecules], mode: str) -> dict[str,
     return found
 
 
-# ---------------------------------------------------------------------------------------------
-# dedup, decontamination and filters
-
-
-@dataclass
-class Tally:
-    """What the dedup-and-filter pass saw: counts, the kept molecules in corpus order, the rejects."""
-
-    files: str  # the corpus files, for messages
-    n_in: int = 0
-    n_invalid: int = 0
-    n_duplicate: int = 0
-    n_decontaminated: int = 0  # the same molecule as a downstream task's
-    n_heavy: int = 0  # removed by max_heavy_atoms
-    n_long: int = 0  # removed by max_tokens
-    kept: list[Canonical] = field(default_factory=list)
-    rejects: list[tuple[str, int, str, str]] = field(default_factory=list)  # file, line, smiles, reason
-    removed: Counter[str] = field(default_factory=Counter)  # task -> corpus molecules removed as its molecules
-
-    def counts(self, splits: dict[Split, list[Canonical]]) -> Counts:
-        """Counts add up: n_in = n_invalid + n_duplicate + n_decontaminated + n_filtered + n_kept (= train + val)."""
-        n_filtered = self.n_heavy + self.n_long
-        per_split = {
-            split: SplitCounts(n_molecules=len(rows), n_tokens=sum(c.n_tokens for c in rows))
-            for split, rows in splits.items()
-        }
-        counts = Counts(
-            n_in=self.n_in,
-            n_invalid=self.n_invalid,
-            n_duplicate=self.n_duplicate,
-            n_decontaminated=self.n_decontaminated,
-            n_filtered=n_filtered,
-            n_filtered_heavy_atoms=self.n_heavy,
-            n_filtered_tokens=self.n_long,
-            n_kept=self.n_in - self.n_invalid - self.n_duplicate - self.n_decontaminated - n_filtered,
-            **per_split,
-        )
-        assert counts.n_kept == counts.train.n_molecules + counts.val.n_molecules
-        return counts
-
-
-def _tally(
-    results: Iterable[tuple[Chunk, list[Canonical]]],
-    cfg: DataConfig,
-    progress: Callable[[Progress], None],
-    contaminants: dict[str, list[str]] | None = None,
-) -> Tally:
-    """Exact duplicates dropped (first occurrence wins), then task molecules (`contaminants`: key -> tasks, keys
-    as `cfg.decontaminate_key`), then the size filters, chunk by chunk in order."""
-    tally = Tally(files=", ".join(str(p) for p in cfg.corpus))
-    seen: set[str] = set()
-    t0 = last_report = time.perf_counter()
-    n_chunks = 0
-    for chunk, canonical in results:
-        source = str(cfg.corpus[chunk.file_index])
-        for line, raw, c in zip(chunk.lines, chunk.smiles, canonical, strict=True):
-            tally.n_in += 1
-            if c.smiles is None:
-                tally.n_invalid += 1
-                tally.rejects.append((source, line, raw, c.error or "invalid"))
-                if tally.n_invalid <= SHOW_INVALID:
-                    log.warning("%s:%d: RDKit cannot use %r: %s", source, line, raw, c.error)
-            elif c.smiles in seen:
-                tally.n_duplicate += 1
-            else:
-                seen.add(c.smiles)
-                key = _key(c.inchikey, cfg.decontaminate_key) if contaminants else ""
-                if key and key in contaminants:  # type: ignore[operator]  # not None: `key` is "" without them
-                    names = contaminants[key]  # type: ignore[index]
-                    tally.n_decontaminated += 1
-                    tally.removed.update(names)
-                    tally.rejects.append(
-                        (
-                            source,
-                            line,
-                            raw,
-                            f"decontaminated: a molecule of task {', '.join(names)} ({cfg.decontaminate_key} {key})",
-                        )
-                    )
-                elif cfg.max_heavy_atoms is not None and c.n_heavy_atoms > cfg.max_heavy_atoms:
-                    tally.n_heavy += 1
-                    reason = f"filtered: {c.n_heavy_atoms} heavy atoms > max_heavy_atoms {cfg.max_heavy_atoms}"
-                    tally.rejects.append((source, line, raw, reason))
-                elif cfg.max_tokens is not None and c.n_tokens > cfg.max_tokens:
-                    tally.n_long += 1
-                    reason = f"filtered: {c.n_tokens} tokens > max_tokens {cfg.max_tokens}"
-                    tally.rejects.append((source, line, raw, reason))
-                else:
-                    tally.kept.append(c)
-        n_chunks += 1
-        if time.perf_counter() - last_report >= PROGRESS_EVERY_S:
-            progress(Progress(n_chunks, tally.n_in, tally.n_invalid, tally.n_duplicate, time.perf_counter() - t0))
-            last_report = time.perf_counter()
-    progress(Progress(n_chunks, tally.n_in, tally.n_invalid, tally.n_duplicate, time.perf_counter() - t0))
-    return tally
-
-
 def _key(inchikey: str | None, mode: str) -> str:
     if not inchikey:
         return ""
     return inchikey if mode == "inchikey" else inchikey[:14]
 
 
-def _check_tally(tally: Tally, cfg: DataConfig, data: DataDir) -> None:
-    """A corpus that leaves nothing to train on is an error that says why (rejects.csv is written first)."""
-    files, n_in, n_invalid = tally.files, tally.n_in, tally.n_invalid
-    if n_in == 0:
-        raise DataError(f"{files}: empty corpus, no SMILES records found")
-    if n_invalid == n_in:
-        source, line, raw, reason = tally.rejects[0]
-        raise DataError(
-            f"{files}: all {n_in:,} SMILES are invalid, e.g. {source}:{line}: {raw!r}: {reason}"
-            f" (see {data.rejects_path})"
-        )
-    if n_invalid:
-        log.warning(
-            "%s invalid SMILES of %s (%.2f%%), all in %s",
-            f"{n_invalid:,}",
-            f"{n_in:,}",
-            100 * n_invalid / n_in,
-            data.rejects_path,
-        )
-    if not tally.kept:
-        which = [f"decontaminate (task molecules) removed {tally.n_decontaminated:,}"] if tally.n_decontaminated else []
-        which += [f"max_heavy_atoms={cfg.max_heavy_atoms} removed {tally.n_heavy:,}"] if tally.n_heavy else []
-        which += [f"max_tokens={cfg.max_tokens} removed {tally.n_long:,}"] if tally.n_long else []
-        n_unique = n_in - n_invalid - tally.n_duplicate
-        raise DataError(
-            f"{files}: nothing left after filtering: {' and '.join(which)} of {n_unique:,} valid unique molecules"
-        )
-    if len(tally.kept) < 2:
-        raise DataError(
-            f"{files}: only {len(tally.kept)} molecule left after cleaning; need at least 2 for a train/val split"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
-# splits
+# the pipeline's steps: each takes one Arrow table (a Ray Data block, or in-process the whole corpus)
 
 
-def _n_val(n: int, val_fraction: float) -> int:
-    """At least one molecule on each side."""
-    return min(n - 1, max(1, round(n * val_fraction)))
+SPLIT_SALT, ORDER_SALT = "split", "order"  # the two seeded hashes: which part, and the row order in it
+HASH_SPAN = 2**64
+HIST_BINS = 2**16  # bins of the split hash below 4x the val fraction, where a scaffold split's threshold is placed
 
 
-def random_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled train and val indices; every shard is then a random sample."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = _n_val(n, val_fraction)
-    return order[n_val:], order[:n_val]
+def stable_hash(values: Sequence[str], seed: int, salt: str) -> np.ndarray:
+    """A seeded 64-bit BLAKE2b of each string (uint64): a function of the string and the seed only, so what it
+    decides does not depend on the corpus's order, its blocks or the number of workers."""
+    key = f"clmscale:{salt}:{seed}".encode()
+    digest = hashlib.blake2b
+    return np.fromiter(
+        (int.from_bytes(digest(v.encode(), digest_size=8, key=key).digest(), "little") for v in values),
+        dtype=np.uint64,
+        count=len(values),
+    )
 
 
-def scaffold_val_split(scaffolds: Sequence[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Whole Bemis-Murcko scaffold groups go to one side; groups are drawn in a seeded order.
+def record_block(file_index: int, lines: Sequence[int], smiles: Sequence[str]) -> pa.Table:
+    """One block of corpus records: the file's index in `corpus`, its line (or Parquet row), the text read."""
+    return pa.table(
+        {
+            "file": pa.array(np.full(len(lines), file_index, dtype=np.int32)),
+            "line": pa.array(lines, pa.int64()),
+            "raw": pa.array(smiles, pa.string()),
+        }
+    )
 
-    Groups larger than half the validation target always go to train (as in chemprop's balanced
-    scaffold split), so one big group cannot swallow the validation set. Acyclic molecules share
-    the empty scaffold.
+
+def read_blocks(
+    paths: Sequence[Path],
+    file_indices: Sequence[int],
+    smiles_column: str | None,
+    chunk_rows: int,
+    max_molecules: int | None,
+) -> Iterator[pa.Table]:
+    """Record blocks of the files `file_indices` of `paths`, in order, `chunk_rows` at most each."""
+    for chunk in read_chunks([paths[i] for i in file_indices], smiles_column, chunk_rows, max_molecules):
+        yield record_block(file_indices[chunk.file_index], chunk.lines, chunk.smiles)
+
+
+def canonical_block(records: pa.Table, isomeric: bool, scaffolds: bool, inchikeys: bool) -> pa.Table:
+    """The records with their canonicalisation beside them; `key` is what dedup groups on: the canonical SMILES,
+    or for an invalid record its own place (so invalid records spread over the partitions)."""
+    raw = records.column("raw").to_pylist()
+    out = canonicalize_chunk(raw, isomeric, scaffolds, inchikeys)
+    files, lines = records.column("file").to_pylist(), records.column("line").to_pylist()
+    keys = [c.smiles if c.smiles is not None else f"\0{f}:{n}" for c, f, n in zip(out, files, lines, strict=True)]
+    return (
+        records.append_column("smiles", pa.array([c.smiles for c in out], pa.string()))
+        .append_column("error", pa.array([c.error for c in out], pa.string()))
+        .append_column("n_heavy_atoms", pa.array([c.n_heavy_atoms for c in out], pa.int32()))
+        .append_column("n_tokens", pa.array([c.n_tokens for c in out], pa.int32()))
+        .append_column("scaffold", pa.array([c.scaffold for c in out], pa.string()))
+        .append_column("inchikey", pa.array([c.inchikey for c in out], pa.string()))
+        .append_column("key", pa.array(keys, pa.string()))
+    )
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What decides a unique molecule's fate after dedup: the tasks' keys (broadcast to every partition: the tasks
+    are small), the size filters, and the split's hash."""
+
+    contaminants: dict[str, list[str]]  # key -> the tasks that hold a molecule with it
+    key_mode: str  # inchikey | connectivity
+    max_heavy_atoms: int | None
+    max_tokens: int | None
+    split: str  # random | scaffold
+    seed: int
+
+
+STATUSES = ("invalid", "duplicate", "decontaminated", "heavy", "long", "kept")
+
+
+def classify_partition(block: pa.Table, rules: Rules) -> pa.Table:
+    """Every record of a hash partition (all records of a canonical SMILES are in the same one) with its fate.
+
+    The first occurrence (lowest file, then line) of a canonical SMILES is the molecule; later ones are
+    duplicates (only counted). The molecule is then matched against the tasks' keys, the size filters, and
+    given its split hash (of its scaffold or its SMILES) and its order hash (of its SMILES). Columns: file, line,
+    raw (rejects only), smiles (kept only), n_tokens, status, reason (rejects), tasks (decontaminated), split_hash,
+    order.
     """
-    groups: dict[str, list[int]] = {}
-    for i, scaffold in enumerate(scaffolds):
-        groups.setdefault(scaffold, []).append(i)
-    n_val_target = _n_val(len(scaffolds), val_fraction)
-    rng = np.random.default_rng(seed)
-    keys = sorted(groups)
-    train: list[int] = []
-    val: list[int] = []
-    for k in rng.permutation(len(keys)):
-        members = groups[keys[k]]
-        if len(members) <= n_val_target / 2 and len(val) + len(members) <= n_val_target:
-            val.extend(members)
+    if block.num_rows == 0:
+        return _classified([], [], [], [], [], [], [], [], rules)
+    block = block.take(pc.sort_indices(block, [("key", "ascending"), ("file", "ascending"), ("line", "ascending")]))
+    cols = block.select(["file", "line", "raw", "smiles", "error", "n_heavy_atoms", "n_tokens", "scaffold",
+                         "inchikey"]).to_pydict()  # fmt: skip
+    n = block.num_rows
+    status: list[str] = ["kept"] * n
+    reason: list[str | None] = [None] * n
+    tasks: list[str | None] = [None] * n
+    raw: list[str | None] = [None] * n
+    smiles: list[str | None] = [None] * n
+    hash_of: list[str] = [""] * n
+    previous = None
+    for i in range(n):
+        s = cols["smiles"][i]
+        if s is None:
+            status[i], reason[i], raw[i] = "invalid", cols["error"][i] or "invalid", cols["raw"][i]
+            continue
+        if s == previous:
+            status[i] = "duplicate"
+            continue
+        previous = s
+        key = _key(cols["inchikey"][i], rules.key_mode) if rules.contaminants else ""
+        heavy, n_tok = cols["n_heavy_atoms"][i], cols["n_tokens"][i]
+        if key and key in rules.contaminants:
+            names = rules.contaminants[key]
+            status[i], tasks[i] = "decontaminated", ",".join(names)
+            reason[i] = f"decontaminated: a molecule of task {', '.join(names)} ({rules.key_mode} {key})"
+        elif rules.max_heavy_atoms is not None and heavy > rules.max_heavy_atoms:
+            status[i], reason[i] = "heavy", f"filtered: {heavy} heavy atoms > max_heavy_atoms {rules.max_heavy_atoms}"
+        elif rules.max_tokens is not None and n_tok > rules.max_tokens:
+            status[i], reason[i] = "long", f"filtered: {n_tok} tokens > max_tokens {rules.max_tokens}"
         else:
-            train.extend(members)
-    if not val:
-        raise DataError(
-            f"scaffold split: no scaffold group fits a validation set of {n_val_target} "
-            f"({len(scaffolds)} molecules in {len(groups)} scaffolds); use split: random"
-        )
-    return rng.permutation(train), rng.permutation(val)
+            smiles[i] = s
+            hash_of[i] = (cols["scaffold"][i] or "") if rules.split == "scaffold" else s
+            continue
+        raw[i] = cols["raw"][i]
+    return _classified(cols["file"], cols["line"], raw, smiles, cols["n_tokens"], status, reason, tasks, rules,
+                       hash_of)  # fmt: skip
+
+
+def _classified(files, lines, raw, smiles, n_tokens, status, reason, tasks, rules: Rules, hash_of=()) -> pa.Table:
+    kept = [s is not None for s in smiles]
+    split_hash = np.zeros(len(files), dtype=np.uint64)
+    order = np.zeros(len(files), dtype=np.uint64)
+    if any(kept):
+        idx = np.flatnonzero(kept)
+        split_hash[idx] = stable_hash([hash_of[i] for i in idx], rules.seed, SPLIT_SALT)
+        order[idx] = stable_hash([smiles[i] for i in idx], rules.seed, ORDER_SALT)
+    return pa.table(
+        {
+            "file": pa.array(files, pa.int32()),
+            "line": pa.array(lines, pa.int64()),
+            "raw": pa.array(raw, pa.string()),
+            "smiles": pa.array(smiles, pa.string()),
+            "n_tokens": pa.array(n_tokens, pa.int32()),
+            "status": pa.array(status, pa.string()),
+            "reason": pa.array(reason, pa.string()),
+            "tasks": pa.array(tasks, pa.string()),
+            "split_hash": pa.array(split_hash, pa.uint64()),
+            "order": pa.array(order, pa.uint64()),
+        }
+    )
+
+
+def tally_block(block: pa.Table) -> pa.Table:
+    """One row of counts for a block of classified records (the driver adds the rows up): per status, task
+    molecules removed per task, the first invalid records."""
+    status = block.column("status").to_numpy(zero_copy_only=False)
+    counts = {s: int((status == s).sum()) for s in STATUSES}
+    removed: Counter[str] = Counter()
+    for names in block.filter(pc.equal(block.column("status"), "decontaminated")).column("tasks").to_pylist():
+        removed.update(names.split(","))
+    invalid = block.filter(pc.equal(block.column("status"), "invalid"))
+    invalid = invalid.take(pc.sort_indices(invalid, [("file", "ascending"), ("line", "ascending")])).slice(
+        0, SHOW_INVALID
+    )
+    first = [[f, n, r, why] for f, n, r, why in zip(*(invalid.column(c).to_pylist() for c in
+                                                       ("file", "line", "raw", "reason")), strict=True)]  # fmt: skip
+    row = {
+        "n_in": block.num_rows,
+        **{f"n_{s}": counts[s] for s in STATUSES},
+        "removed": json.dumps(removed),
+        "first_invalid": json.dumps(first),
+    }
+    return pa.table({k: [v] for k, v in row.items()}, schema=_TALLY_SCHEMA)
+
+
+_TALLY_SCHEMA = pa.schema(
+    [("n_in", pa.int64()), *[(f"n_{s}", pa.int64()) for s in STATUSES], ("removed", pa.string()),
+     ("first_invalid", pa.string())]
+)  # fmt: skip
+
+
+def in_val(split_hash: np.ndarray, val_threshold: int, to_train: Sequence[int]) -> np.ndarray:
+    """The split: a split hash below the threshold is val, unless its group is one of `to_train` (scaffold groups
+    larger than half the validation target, as in chemprop's balanced scaffold split)."""
+    below = split_hash < np.uint64(val_threshold)
+    return below & ~np.isin(split_hash, np.asarray(to_train, dtype=np.uint64)) if len(to_train) else below
+
+
+def group_sizes(block: pa.Table) -> pa.Table:
+    """The split hash of each kept molecule (a column to count scaffold groups by)."""
+    return block.filter(pc.equal(block.column("status"), "kept")).select(["split_hash"])
+
+
+def split_histogram(block: pa.Table, to_train: Sequence[int], width: int) -> pa.Table:
+    """One row: the kept molecules per bin (`width` wide) of the split hash, for the HIST_BINS lowest bins, groups in
+    `to_train` left out. The driver puts the val threshold at the bin edge nearest the val target, so a scaffold
+    split's val part is its target give or take a group, not give or take the luck of large groups' hashes."""
+    h = block.filter(pc.equal(block.column("status"), "kept")).column("split_hash").to_numpy()
+    if len(to_train):
+        h = h[~np.isin(h, np.asarray(to_train, dtype=np.uint64))]
+    bins = h // np.uint64(width)
+    counts = np.bincount(bins[bins < HIST_BINS].astype(np.int64), minlength=HIST_BINS)
+    return pa.table({"counts": pa.array([counts], pa.list_(pa.int64()))})
+
+
+def token_block(block: pa.Table, val_threshold: int, to_train: Sequence[int]) -> pa.Table:
+    """One row: the token types of the kept train and val molecules with their counts (JSON), for the vocabulary
+    and for counting [UNK] in val; molecules and tokens per part; the smallest split hash in train that may move
+    (not in `to_train`) and the largest in val."""
+    kept = block.filter(pc.equal(block.column("status"), "kept"))
+    is_val = in_val(kept.column("split_hash").to_numpy(), val_threshold, to_train)
+    smiles = kept.column("smiles").to_pylist()
+    train, val = Counter[str](), Counter[str]()
+    for s, v in zip(smiles, is_val, strict=True):
+        (val if v else train).update(smiles_tokens(s))
+    n_tokens = kept.column("n_tokens").to_numpy()
+    h = kept.column("split_hash").to_numpy()
+    movable = h[~is_val & ~np.isin(h, np.asarray(to_train, dtype=np.uint64))]
+    return pa.table(
+        {
+            "train": [json.dumps(train)],
+            "val": [json.dumps(val)],
+            "n_train": [int((~is_val).sum())],
+            "n_val": [int(is_val.sum())],
+            "n_tokens_train": [int(n_tokens[~is_val].sum())],
+            "n_tokens_val": [int(n_tokens[is_val].sum())],
+            # the ends of the two parts: the driver moves one group when a part would be empty (tiny corpora)
+            "min_train": pa.array([int(movable.min()) if len(movable) else HASH_SPAN - 1], pa.uint64()),
+            "max_val": pa.array([int(h[is_val].max()) if is_val.any() else 0], pa.uint64()),
+        }
+    )
+
+
+def part_rows(block: pa.Table, split: Split, val_threshold: int, to_train: Sequence[int]) -> pa.Table:
+    """The kept molecules of one part: smiles, n_tokens, order (the seeded hash the part is sorted by)."""
+    kept = block.filter(pc.equal(block.column("status"), "kept"))
+    val = in_val(kept.column("split_hash").to_numpy(), val_threshold, to_train)
+    return kept.filter(pa.array(val if split == "val" else ~val)).select(["smiles", "n_tokens", "order"])
+
+
+def range_pieces(block: pa.Table, val_threshold: int, to_train: Sequence[int], n_ranges: dict[str, int]) -> list:
+    """The kept molecules of a partition, per part (train, then val) cut into `n_ranges[part]` equal ranges of the
+    order hash: a hash spreads evenly, so the ranges are about equally full, and sorting each range on its own sorts
+    the part (no sampling pass, no global sort)."""
+    pieces = []
+    for split, k in n_ranges.items():
+        rows = part_rows(block, split, val_threshold, to_train)  # type: ignore[arg-type]
+        which = ((rows.column("order").to_numpy() >> np.uint64(32)) * np.uint64(k)) >> np.uint64(32)
+        pieces += [rows.filter(pa.array(which == r)) for r in range(k)]
+    return pieces
+
+
+def sorted_range(*pieces: pa.Table) -> pa.Table:
+    """One range of a part's order hash, from every partition's piece of it, sorted (ties broken by the SMILES)."""
+    return pa.concat_tables(pieces).sort_by([("order", "ascending"), ("smiles", "ascending")])
+
+
+def reject_rows(block: pa.Table) -> pa.Table:
+    """The rejected records (invalid, decontaminated, filtered; duplicates are only counted): file, line, raw, why."""
+    return block.filter(pc.is_valid(block.column("reason"))).select(["file", "line", "raw", "reason"])
+
+
+def id_type(vocab_size: int) -> pa.DataType:
+    """The narrowest unsigned type that holds every token id."""
+    return pa.uint8() if vocab_size <= 2**8 else pa.uint16() if vocab_size <= 2**16 else pa.uint32()
+
+
+def shard_table(smiles: Sequence[str], n_tokens: pa.Array, vocab: dict[str, int]) -> pa.Table:
+    """A shard's rows: the canonical SMILES, its regex token count and its token ids (no special tokens), so a
+    training pass reads ids instead of encoding again."""
+    tokenizer = tokenizer_from_vocab(vocab)
+    ids = tokenizer(list(smiles), add_special_tokens=False, padding=False, truncation=False,
+                    return_attention_mask=False)["input_ids"] if len(smiles) else []  # fmt: skip
+    return pa.table(
+        {
+            "smiles": pa.array(smiles, pa.string()),
+            "n_tokens": n_tokens.cast(pa.int32()),
+            "ids": pa.array(ids, pa.list_(id_type(len(vocab)))),
+        }
+    )
+
+
+def write_shard(data: DataDir, split: Split, index: int, pieces: Sequence[tuple], vocab: dict[str, int]) -> ShardFile:
+    """Write shard `index` of `split` from row ranges (table or Ray object ref, start, stop) of the sorted part."""
+    tables = [
+        (ray.get(t) if isinstance(t, ray.ObjectRef) else t).slice(start, stop - start) for t, start, stop in pieces
+    ]
+    rows = pa.concat_tables(tables) if tables else pa.table({"smiles": pa.array([], pa.string()),
+                                                             "n_tokens": pa.array([], pa.int32())})  # fmt: skip
+    table = shard_table(rows.column("smiles").to_pylist(), rows.column("n_tokens").combine_chunks(), vocab)
+    path = data.shard(split, index)
+    pq.write_table(table, path)
+    return ShardFile(path=path.name, split=split, n_rows=table.num_rows, sha256=sha256_file(path))
+
+
+def write_rejects_part(data: DataDir, index: int, block, names: Sequence[str]) -> int:
+    """Write one partition's rejects (invalid, decontaminated, filtered) in file and line order as part `index` of
+    rejects.csv; returns its row count."""
+    table = reject_rows(ray.get(block) if isinstance(block, ray.ObjectRef) else block).sort_by(
+        [("file", "ascending"), ("line", "ascending")]
+    )
+    files = [names[i] for i in table.column("file").to_pylist()]
+    rows = zip(files, table.column("line").to_pylist(), table.column("raw").to_pylist(),
+               table.column("reason").to_pylist(), strict=True)  # fmt: skip
+    data.write_rejects_part(index, rows)
+    return table.num_rows
+
+
+def shard_plan(sizes: Sequence[int], shard_rows: int) -> list[list[tuple[int, int, int]]]:
+    """Cut blocks of `sizes` rows (in order) into shards of `shard_rows` rows (the last one shorter):
+    per shard, (block index, start, stop) ranges."""
+    plan: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = shard_rows
+    for b, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            take = min(room, size - start)
+            current.append((b, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                plan.append(current)
+                current, room = [], shard_rows
+    if current:
+        plan.append(current)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
-# writing
+# two executors of the same steps: in-process (one partition), and Ray Data across the cluster
 
 
-def _write_shards(data: DataDir, split: Split, rows: list[Canonical], shard_rows: int) -> list[ShardFile]:
-    shards = []
-    for k, start in enumerate(range(0, len(rows), shard_rows)):
-        part = rows[start : start + shard_rows]
-        table = pa.table(
-            {
-                "smiles": pa.array([c.smiles for c in part], pa.string()),
-                "n_tokens": pa.array([c.n_tokens for c in part], pa.int32()),
-            }
+class _Local:
+    """The whole corpus as one table in this process: for small corpora and tests (`parallel=False`)."""
+
+    def __init__(self, cfg: DataConfig, paths: list[Path], rules: Rules, inchikeys: bool, chunk_rows: int,
+                 progress: Callable[[Progress], None]):  # fmt: skip
+        t0 = last = time.perf_counter()
+        blocks, n_done, n_invalid = [], 0, 0
+        for records in read_blocks(paths, range(len(paths)), cfg.smiles_column, chunk_rows, cfg.max_molecules):
+            block = canonical_block(records, cfg.isomeric, cfg.split == "scaffold", inchikeys)
+            blocks.append(block)
+            n_done += block.num_rows
+            n_invalid += block.column("smiles").null_count
+            if time.perf_counter() - last >= PROGRESS_EVERY_S:
+                progress(Progress(len(blocks), n_done, n_invalid, None, time.perf_counter() - t0))
+                last = time.perf_counter()
+        table = pa.concat_tables(blocks) if blocks else canonical_block(record_block(0, [], []), True, False, False)
+        self.classified = classify_partition(table, rules)
+        self.partitions = [self.classified]
+        self.n_blocks = len(blocks)  # read blocks, for progress
+
+    def per_block(self, fn: Callable[..., pa.Table], **kwargs) -> pa.Table:
+        return fn(self.classified, **kwargs)
+
+    def large_groups(self, limit: float) -> list[int]:
+        hashes, sizes = np.unique(group_sizes(self.classified).column("split_hash").to_numpy(), return_counts=True)
+        return sorted(int(h) for h in hashes[sizes > limit])
+
+    def sorted_parts(self, val_threshold: int, to_train: Sequence[int], n_ranges: dict[str, int]) -> dict:
+        """Per part: its sorted rows (one table) and their count."""
+        out = {}
+        for split in n_ranges:
+            table = sorted_range(part_rows(self.classified, split, val_threshold, to_train))  # type: ignore[arg-type]
+            out[split] = ([table], [table.num_rows])
+        return out
+
+    def run(self, fn: Callable, calls: list[tuple]) -> list:
+        return [fn(*args) for args in calls]
+
+
+class _OnRay:
+    """Ray Data: read (a task per file) -> canonicalise (map_batches) -> hash-partition on the canonical SMILES
+    (repartition with keys, Ray Data's own shuffle) -> classify each partition -> materialised in the object store.
+    The driver keeps only block references and the one-row tallies of each block."""
+
+    def __init__(self, cfg: DataConfig, paths: list[Path], rules: Rules, inchikeys: bool, chunk_rows: int,
+                 progress: Callable[[Progress], None], workers: int | None):  # fmt: skip
+        import ray.data
+
+        t0 = time.perf_counter()
+        # a cap reads the files in order, so the first max_molecules records are the same whoever reads them
+        groups = [list(range(len(paths)))] if cfg.max_molecules is not None else [[i] for i in range(len(paths))]
+        n_cpus = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n_partitions = max(2 * n_cpus, -(-_estimated_records(paths) // PARTITION_ROWS))
+        records = ray.data.from_items([{"group": g} for g in range(len(groups))]).map_batches(
+            _read_group,  # type: ignore[arg-type]  # its extra arguments arrive through fn_kwargs
+            batch_size=1,
+            num_cpus=READ_CPUS,  # not the canonicaliser's 1: a different request keeps the two from fusing
+            fn_kwargs={
+                "groups": groups,
+                "paths": paths,
+                "smiles_column": cfg.smiles_column,
+                "chunk_rows": chunk_rows,
+                "max_molecules": cfg.max_molecules,
+            },  # fmt: skip
         )
-        path = data.shard(split, k)
-        pq.write_table(table, path)
-        shards.append(ShardFile(path=path.name, split=split, n_rows=len(part), sha256=sha256_file(path)))
-    return shards
+        # a reader's blocks reach the next step merged up to Ray Data's target block size (128 MiB: a whole 1e5
+        # corpus), which would make one canonicalising task; cut back to chunk_rows, they spread over the CPUs
+        canonical = records.repartition(target_num_rows_per_block=chunk_rows).map_batches(
+            canonical_block,  # type: ignore[arg-type]
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"isomeric": cfg.isomeric, "scaffolds": cfg.split == "scaffold", "inchikeys": inchikeys},
+        )
+        self.classified = (
+            canonical.repartition(n_partitions, keys=["key"])
+            .map_batches(classify_partition, batch_format="pyarrow", batch_size=None, fn_kwargs={"rules": rules})  # type: ignore[arg-type]
+            .materialize()
+        )
+        self.partitions = self.classified.to_arrow_refs()
+        self.n_blocks = len(self.partitions)
+        log.info("canonicalised and deduplicated on Ray in %.1f s (%d partitions)", time.perf_counter() - t0,
+                 self.n_blocks)  # fmt: skip
+
+    def per_block(self, fn: Callable[..., pa.Table], **kwargs) -> pa.Table:
+        """`fn` on every partition, as plain Ray tasks on the materialised blocks (a Ray Data execution per step
+        would cost its start-up each time); the one-row results are joined here."""
+        return pa.concat_tables(ray.get([_call.remote(fn, b, kwargs) for b in self.partitions], timeout=RAY_TIMEOUT_S))
+
+    def large_groups(self, limit: float) -> list[int]:
+        """Scaffold groups (by split hash) of more than `limit` kept molecules: Ray Data's groupby and count; only
+        the few large ones come back to the driver."""
+        counts = self.classified.map_batches(group_sizes, batch_format="pyarrow", batch_size=None)
+        counts = counts.groupby("split_hash").count()
+        large = counts.map_batches(
+            lambda t: t.filter(pc.greater(t.column("count()"), limit)), batch_format="pyarrow", batch_size=None
+        )
+        tables = ray.get(large.to_arrow_refs(), timeout=RAY_TIMEOUT_S)
+        return sorted(int(h) for t in tables for h in t.column("split_hash").to_pylist())
+
+    def sorted_parts(self, val_threshold: int, to_train: Sequence[int], n_ranges: dict[str, int]) -> dict:
+        """Per part: the object references of its sorted ranges (in order) and their row counts. Each partition's
+        task returns its pieces of every range; one task per range sorts that range's pieces from all partitions."""
+        n = sum(n_ranges.values())
+        cut = ray.remote(num_cpus=1, num_returns=n)(range_pieces)
+        pieces = [cut.remote(block, val_threshold, to_train, n_ranges) for block in self.partitions]
+        pieces = [p if n > 1 else [p] for p in pieces]
+        ranges = [ray.remote(num_cpus=1)(sorted_range).remote(*[p[r] for p in pieces]) for r in range(n)]
+        sizes = ray.get([_num_rows.remote(r) for r in ranges], timeout=RAY_TIMEOUT_S)
+        out, start = {}, 0
+        for split, k in n_ranges.items():
+            out[split] = (ranges[start : start + k], sizes[start : start + k])
+            start += k
+        return out
+
+    def run(self, fn: Callable, calls: list[tuple]) -> list:
+        task = ray.remote(num_cpus=1)(fn)
+        return ray.get([task.remote(*args) for args in calls], timeout=RAY_TIMEOUT_S)
+
+
+PARTITION_ROWS = 200_000  # records per hash partition: one partition is one block (far below 128 MiB)
+RANGE_ROWS = 200_000  # kept molecules per range of the order hash: one sort task each
+AGGREGATOR_CPUS = 0.05  # per hash-shuffle aggregator actor (Ray Data's default: a quarter of the cluster in all)
+READ_CPUS = 0.0  # a reader streams its file for the whole pass: holding a CPU it would idle a canonicaliser slot
+RAY_TIMEOUT_S = 3600.0  # one wait on the cluster's write tasks; a hang becomes an error
+
+
+def _estimated_records(paths: Sequence[Path]) -> int:
+    """About how many records the files hold (~45 bytes per SMILES line, ~3x gzip), for the partition count."""
+    return sum(p.stat().st_size * (3 if p.name.lower().endswith(".gz") else 1) // 45 for p in paths)
+
+
+def _read_group(batch: dict[str, np.ndarray], groups, paths, smiles_column, chunk_rows, max_molecules):
+    """map_batches body: the record blocks of one group of files (a generator: blocks stream out as read)."""
+    for g in batch["group"]:
+        yield from read_blocks(paths, groups[int(g)], smiles_column, chunk_rows, max_molecules)
+
+
+@ray.remote(num_cpus=0)
+def _num_rows(table: pa.Table) -> int:
+    return table.num_rows
+
+
+@ray.remote(num_cpus=1)
+def _call(fn: Callable[..., pa.Table], block: pa.Table, kwargs: dict) -> pa.Table:
+    return fn(block, **kwargs)
+
+
+def _data_error_in(err: BaseException) -> DataError | None:
+    """The DataError a Ray task raised (a corpus file that cannot be read), found in the chain Ray wraps it in."""
+    stack, seen = [err], set()
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, DataError) and not isinstance(e, ray.exceptions.RayTaskError):
+            return e
+        stack.extend(x for x in (cause, e.__cause__, e.__context__) if isinstance(x, BaseException))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
 
 
 def _describe_input(path: Path) -> InputFile:

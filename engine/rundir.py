@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import heapq
 import json
 import logging
 import math
@@ -36,7 +37,8 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -206,6 +208,32 @@ class DataDir:
             writer = csv.writer(f)
             writer.writerow(["file", "line", "smiles", "reason"])
             writer.writerows(rows)
+
+    @property
+    def rejects_parts(self) -> Path:
+        """Where prepare's workers write rejects.csv in parts before the driver joins them (an output, cleared)."""
+        return self.path / ".rejects.csv.parts"
+
+    def write_rejects_part(self, index: int, rows: Iterable[tuple[str, int, str, str]]) -> None:
+        """Part `index` of rejects.csv, without the header (a worker writes it; `join_rejects` joins the parts)."""
+        self.rejects_parts.mkdir(parents=True, exist_ok=True)
+        path = self.rejects_parts / f"part-{index:06d}.csv"
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            csv.writer(f).writerows(rows)
+
+    def join_rejects(self, n_parts: int, files: Sequence[str]) -> None:
+        """rejects.csv: the header, then the rows of parts 0 .. n_parts-1 (each in file and line order, `files`
+        giving the files' order) merged into file and line order; streamed, so no part is held whole."""
+        rank = {name: i for i, name in enumerate(files)}
+        with ExitStack() as stack:
+            parts = [csv.reader(stack.enter_context(open(self.rejects_parts / f"part-{k:06d}.csv", encoding="utf-8",
+                                                         newline="")))
+                     for k in range(n_parts)]  # fmt: skip
+            tmp = stack.enter_context(atomic_path(self.rejects_path))
+            out = csv.writer(stack.enter_context(open(tmp, "w", newline="", encoding="utf-8")))
+            out.writerow(["file", "line", "smiles", "reason"])
+            out.writerows(heapq.merge(*parts, key=lambda row: (rank[row[0]], int(row[1]))))
+        shutil.rmtree(self.rejects_parts, ignore_errors=True)
 
     def entries(self) -> list[Path]:
         return sorted(self.path.iterdir()) if self.path.is_dir() else []

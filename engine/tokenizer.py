@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,7 +70,11 @@ def build_vocab(smiles: Iterable[str]) -> dict[str, int]:
 
 def extend_vocab(vocab: dict[str, int], smiles: Iterable[str]) -> dict[str, int]:
     """`vocab` plus the tokens of `smiles` it lacks, appended by falling frequency, ties alphabetical."""
-    counts = Counter(chain.from_iterable(map(smiles_tokens, smiles)))
+    return extend_vocab_from_counts(vocab, Counter(chain.from_iterable(map(smiles_tokens, smiles))))
+
+
+def extend_vocab_from_counts(vocab: dict[str, int], counts: Mapping[str, int]) -> dict[str, int]:
+    """`extend_vocab` from token counts already summed (prepare adds them up over blocks on the cluster)."""
     vocab = dict(vocab)
     for token, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         vocab.setdefault(token, len(vocab))  # a SMILES that contains the text '[UNK]' keeps id 1

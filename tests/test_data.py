@@ -357,3 +357,65 @@ def test_the_stream_s_scheduling_loop_backs_off_instead_of_spinning():
     start = time.perf_counter()
     backoff.on_execution_step(None)
     assert time.perf_counter() - start < raydata.BACKOFF_S
+
+
+# ---------------------------------------------------------------------------------------------
+# pre-tokenised shards (prepare's `ids` column): a read instead of an encode, the same batches
+
+
+@pytest.fixture(scope="module")
+def id_shards(shards, tokenizer, tmp_path_factory) -> dict[str, list[Path]]:
+    """The same molecules as `shards`, written as prepare writes them: smiles, n_tokens and the tokenizer's ids."""
+    from clmscale.engine.prepare import shard_table
+
+    root = tmp_path_factory.mktemp("id_shards")
+    out: dict[str, list[Path]] = {}
+    for split, paths in shards.items():
+        out[split] = []
+        for path in paths:
+            table = pq.read_table(path)
+            pq.write_table(shard_table(table["smiles"].to_pylist(), table["n_tokens"], tokenizer.get_vocab()),
+                           root / path.name, row_group_size=128)  # fmt: skip
+            out[split].append(root / path.name)
+    return out
+
+
+def same_batches(a, b) -> bool:
+    a, b = list(a), list(b)
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b, strict=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("family, packing, max_seq_len", [("mlm", False, 24), ("clm", True, 2 * MAX_SEQ_LEN)])
+def test_pre_tokenised_shards_give_the_batches_encoding_gives(shards, id_shards, tokenizer, family, packing,
+                                                              max_seq_len, monkeypatch):  # fmt: skip
+    """Ids read from the shards, wrapped and cut as `encode` does (24 tokens cuts long molecules): the same batches,
+    masks included (they are seeded by the ids), epoch by epoch and rank by rank; a unique-data prefix too."""
+    assert pq.read_schema(id_shards["train"][0]).field("ids").type == pa.list_(pa.uint8())
+    common = {"family": family, "micro_batch_size": 16, "max_seq_len": max_seq_len, "seed": 3, "packing": packing}
+    cases = ({"epoch": 0}, {"epoch": 1, "rank": 1, "world_size": 2}, {"epoch": 2, "n_molecules": 333})
+    encoded = [list(data.local_batches(shards["train"], tokenizer, **common, **kwargs)) for kwargs in cases]
+    val = list(data.validation_batches(shards["val"], tokenizer, n_batches=5, **{**common, "seed": 0}))
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("pre-tokenised shards were encoded again")
+
+    monkeypatch.setattr(data, "encode", no_encoding)
+    for kwargs, expected in zip(cases, encoded, strict=True):
+        assert same_batches(data.local_batches(id_shards["train"], tokenizer, **common, **kwargs), expected), kwargs
+    assert same_batches(data.validation_batches(id_shards["val"], tokenizer, n_batches=5, **{**common, "seed": 0}), val)
+
+
+@pytest.mark.timeout(180)
+def test_ray_stream_reads_ids_and_gives_the_same_batches(ray_cluster, shards, id_shards, tokenizer):
+    common = {"family": "mlm", "micro_batch_size": 16, "max_seq_len": 24, "seed": 5}
+    from_ids = data.train_dataset(id_shards["train"], tokenizer, **common)
+    from_smiles = data.train_dataset(shards["train"], tokenizer, **common)
+    for epoch in range(2):
+        assert same_batches(data.worker_batches(from_ids, epoch), data.worker_batches(from_smiles, epoch))
+
+
+def test_ids_from_another_vocabulary_are_refused(id_shards):
+    small = build_tokenizer(["CC"])  # 9 ids: MOSES shards hold larger ones
+    with pytest.raises(ValueError, match=r"train-00000.parquet: token id \d+ is not in the tokenizer"):
+        list(data.local_batches(id_shards["train"], small, "mlm", 16, MAX_SEQ_LEN, seed=0, epoch=0))
