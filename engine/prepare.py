@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -1169,8 +1169,8 @@ class _OnRay:
         task returns its pieces of every range; one task per range sorts that range's pieces from all partitions."""
         n = sum(n_ranges.values())
         cut = ray.remote(num_cpus=1, num_returns=n)(range_pieces)
-        pieces = [cut.remote(block, val_threshold, to_train, n_ranges) for block in self.partitions]
-        pieces = [p if n > 1 else [p] for p in pieces]
+        # n >= 2 (both parts hold molecules), so each call returns a list of n references
+        pieces: list[Any] = [cut.remote(block, val_threshold, to_train, n_ranges) for block in self.partitions]
         ranges = [ray.remote(num_cpus=1)(sorted_range).remote(*[p[r] for p in pieces]) for r in range(n)]
         sizes = ray.get([_num_rows.remote(r) for r in ranges], timeout=RAY_TIMEOUT_S)
         out, start = {}, 0

@@ -232,7 +232,7 @@ class DataDir:
             tmp = stack.enter_context(atomic_path(self.rejects_path))
             out = csv.writer(stack.enter_context(open(tmp, "w", newline="", encoding="utf-8")))
             out.writerow(["file", "line", "smiles", "reason"])
-            out.writerows(heapq.merge(*parts, key=lambda row: (rank[row[0]], int(row[1]))))
+            out.writerows(heapq.merge(*parts, key=lambda row: (rank[row[0]], int(row[1]))))  # type: ignore[index]
         shutil.rmtree(self.rejects_parts, ignore_errors=True)
 
     def entries(self) -> list[Path]:
