@@ -242,6 +242,9 @@ class TrainConfig(Strict):
     # share of tokens masked (80 % [MASK], 10 % random, 10 % kept) in the mlm families; a list makes it an axis
     mlm_probability: Annotated[float, Field(gt=0, lt=1)] | list[Annotated[float, Field(gt=0, lt=1)]] = 0.15
     packing: bool = False  # pack several SMILES per sequence instead of padding each
+    # without packing: batches of molecules of about one length (sorted within windows of ~1024 molecules,
+    # the windows' batches dealt in a seeded order), so less of each batch is padding
+    length_buckets: bool = False
     compile: bool = False  # torch.compile the model (batches padded to max_seq_len: one shape); off until measured
     checkpoints: int = Field(4, ge=1)  # log-spaced token milestones per run, the last at the budget
     log_every_steps: int = Field(10, gt=0)
@@ -264,6 +267,15 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"batch_size must be a multiple of micro_batch_size "
                 f"(got batch_size: {self.batch_size} and micro_batch_size: {self.micro_batch_size})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _buckets_or_packing(self) -> TrainConfig:
+        if self.length_buckets and self.packing:
+            raise ValueError(
+                "length_buckets and packing are two ways to cut padding; packing already fills each row, so "
+                "give one of them (got both true)"
             )
         return self
 

@@ -241,12 +241,38 @@ def _collated(
     epoch: int,
     mlm_probability: float,
     packing: bool,
+    length_buckets: bool = False,
 ) -> Iterator[Batch]:
     args = collate_args(tokenizer)
-    for group in _groups(seqs, micro_batch_size, packing, max_seq_len):
+    groups = (
+        _length_buckets(seqs, micro_batch_size, seed, epoch)
+        if length_buckets and not packing
+        else _groups(seqs, micro_batch_size, packing, max_seq_len)
+    )
+    for group in groups:
         rng = batch_rng(seed, epoch, group)
         yield collate(group, family, **args, mlm_probability=mlm_probability, rng=rng,
                       packing=packing, max_seq_len=max_seq_len)  # fmt: skip
+
+
+def bucket_window(micro_batch_size: int) -> int:
+    """Molecules per length-bucketing window: whole micro-batches, about ENCODE_ROWS (one Ray map call)."""
+    return micro_batch_size * max(1, ENCODE_ROWS // micro_batch_size)
+
+
+def _length_buckets(seqs: Iterable[Sequence[int]], micro_batch_size: int, seed: int, epoch: int):
+    """Micro-batches of molecules of about the same length, so little of a batch is padding (HF's
+    group_by_length): the (shuffled) stream is cut into windows of `bucket_window` molecules, each window
+    sorted by length (stably) and cut into micro-batches, and the window's micro-batches are dealt in an order
+    seeded by (seed, epoch, the window's ids), so no window goes from short to long molecules. Every molecule
+    is in exactly one batch; only the stream's last window can hold a short batch."""
+    window = bucket_window(micro_batch_size)
+    it = iter(seqs)
+    while chunk := list(itertools.islice(it, window)):
+        ordered = sorted(chunk, key=len)
+        groups = [ordered[i : i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
+        for k in batch_rng(seed, epoch, chunk).permutation(len(groups)):
+            yield groups[k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +372,7 @@ def local_batches(
     rank: int = 0,
     world_size: int = 1,
     n_molecules: int | None = None,
+    length_buckets: bool = False,
 ) -> Iterator[Batch]:
     """One epoch of batches without Ray: the standalone loop, or one rank of a torch.distributed run.
 
@@ -356,6 +383,7 @@ def local_batches(
     Call it again with epoch + 1 for the next epoch. The shards' token ids are read, not encoded again (shards
     without an `ids` column: their SMILES are held and encoded per batch).
     `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules).
+    `length_buckets` (train.length_buckets, not with packing): batches of molecules of about one length.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) (got rank: {rank} and world_size: {world_size})")
@@ -365,7 +393,7 @@ def local_batches(
     per_rank = n // world_size
     seqs = molecules(order[rank : per_rank * world_size : world_size])
     yield from _collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
-                         mlm_probability, packing)  # fmt: skip
+                         mlm_probability, packing, length_buckets)  # fmt: skip
 
 
 def validation_batches(
@@ -447,6 +475,7 @@ def _make_batches(
     seed: int,
     mlm_probability: float,
     packing: bool,
+    length_buckets: bool = False,
 ) -> dict[str, np.ndarray]:
     """map_batches body: SMILES -> whole micro-batches, one per output row (flattened, with its shape)."""
     from ray.data import DataContext
@@ -462,7 +491,7 @@ def _make_batches(
     else:
         seqs = encode(batch[SMILES_COLUMN].tolist(), tokenizer, family, max_seq_len)
     made = list(_collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
-                          mlm_probability, packing))  # fmt: skip
+                          mlm_probability, packing, length_buckets))  # fmt: skip
     out = {"shape": np.array([b["input_ids"].shape for b in made], dtype=np.int64), "epoch": np.full(len(made), epoch)}
     for name in BATCH_COLUMNS if packing else BATCH_COLUMNS[:3]:
         column = np.empty(len(made), dtype=object)
@@ -482,6 +511,7 @@ def train_dataset(
     packing: bool = False,
     shuffle: bool = True,
     n_molecules: int | None = None,
+    length_buckets: bool = False,
 ) -> ray.data.Dataset:
     """The training stream for Ray Train: read -> shuffle per epoch -> (encode) + collate, one batch per row.
 
@@ -493,7 +523,8 @@ def train_dataset(
     does not spin while the trainer holds the stream back.
     Ray Data needs CPUs left over by the train workers (notes/ray-deepspeed-on-cpu.md), or it stalls.
     `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules); with
-    `preserve_order` the limit takes the same ones at every pass.
+    `preserve_order` the limit takes the same ones at every pass. `length_buckets`: each map call (one
+    bucketing window, as in `local_batches`) makes batches of molecules of about one length.
     """
     import ray.data
     from ray.data import RandomSeedConfig
@@ -514,7 +545,7 @@ def train_dataset(
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     # exact-size blocks, so every map call gets whole micro-batches: the only short batch is the epoch's
     # last (with packing, also the last of each call, which holds PACK_FACTOR times more molecules)
-    per_call = micro_batch_size * max(1, ENCODE_ROWS // micro_batch_size) * (PACK_FACTOR if packing else 1)
+    per_call = bucket_window(micro_batch_size) * (PACK_FACTOR if packing else 1)
     ds = ds.repartition(target_num_rows_per_block=per_call, strict=True)
     return ds.map_batches(
         _make_batches,  # type: ignore[arg-type]  # its extra arguments arrive through fn_kwargs
@@ -528,6 +559,7 @@ def train_dataset(
             "seed": seed,
             "mlm_probability": mlm_probability,
             "packing": packing,
+            "length_buckets": length_buckets,
         },  # fmt: skip
     )
 

@@ -197,6 +197,7 @@ def run_trial(config: dict) -> None:
         max_seq_len=spec.max_seq_len,
         mlm_probability=trial.mlm_probability or 0.0,  # None: a clm family, which masks nothing
         packing=trial.train.packing,
+        length_buckets=trial.train.length_buckets,
         seed=trial.seed if trial.train.seed_data else 0,
     )
     trainer = TorchTrainer(

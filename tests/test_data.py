@@ -13,6 +13,7 @@ import torch
 from conftest import first_moses
 
 from clmscale.engine import data
+from clmscale.engine.config import TrainConfig
 from clmscale.engine.tokenizer import build_tokenizer, smiles_tokens
 
 MAX_SEQ_LEN = 64
@@ -300,6 +301,40 @@ def test_ray_dataset_packs_like_the_plain_path(ray_cluster, shards, tokenizer):
     plain = list(data.local_batches(shards["train"], tokenizer, epoch=0, shuffle=False, **common))
     assert len(through_ray) == len(plain)  # 640 molecules: one Ray map call, so the same grouping
     assert all(set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(through_ray, plain))
+
+
+def real_fraction(batches) -> float:
+    return sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
+
+
+def test_length_buckets_cut_the_padding_and_keep_every_molecule_once(shards, tokenizer):
+    """train.length_buckets: the same molecules, each once per epoch, in batches of about one length; the
+    batch order is seeded (the same run repeats it, another epoch deals it differently)."""
+    def run(epoch, buckets):
+        return list(data.local_batches(shards["train"], tokenizer, "mlm", 32, MAX_SEQ_LEN, 1, epoch,
+                                       length_buckets=buckets))  # fmt: skip
+
+    plain, bucketed = run(0, False), run(0, True)
+    assert len(bucketed) == len(plain) == N_TRAIN // 32
+    assert sorted(original_rows(bucketed)) == sorted(original_rows(plain))
+    # 77 % real tokens -> 90 % (what is left: widths rounded up to a multiple of 8)
+    assert real_fraction(plain) < 0.80 < 0.88 < real_fraction(bucketed)
+    assert same_batches(bucketed, run(0, True))
+    later = run(1, True)
+    assert original_rows(later) != original_rows(bucketed) and sorted(original_rows(later)) == sorted(original_rows(plain))
+    lengths = [len(r) for r in original_rows(bucketed)]
+    assert lengths[:32] != sorted(lengths)[:32]  # the window's batches are dealt in a shuffled order, not short first
+    with pytest.raises(ValueError, match="length_buckets"):
+        TrainConfig(packing=True, length_buckets=True)
+
+
+@pytest.mark.timeout(120)
+def test_ray_dataset_buckets_like_the_plain_path(ray_cluster, shards, tokenizer):
+    common = {"family": "mlm", "micro_batch_size": 32, "max_seq_len": MAX_SEQ_LEN, "seed": 0, "length_buckets": True}
+    through_ray = list(data.worker_batches(data.train_dataset(shards["train"], tokenizer, shuffle=False, **common), 0))
+    plain = list(data.local_batches(shards["train"], tokenizer, epoch=0, shuffle=False, **common))
+    assert same_batches(through_ray, plain)  # 640 molecules: one window, one Ray map call
+    assert real_fraction(plain) > 0.88
 
 
 @pytest.mark.timeout(300)  # ~30 s on an idle 2-core machine; shared machines are slower

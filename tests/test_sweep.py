@@ -170,8 +170,6 @@ def test_resume_refuses_another_sweep(grid, tmp_path):
         run_sweep(other, resume=True)
 
 
-@pytest.mark.skip(reason="passes alone (166 s), but waits out its timeout when run after the module's other "
-                  "sweeps in the same Ray session (CI 2026-12-07); open: see the session note")
 @pytest.mark.timeout(600)
 def test_unique_data_axis_trains_each_run_on_its_nested_subset(ray_cluster, tmp_path):
     """budget.unique_molecules x budget.epochs: each run's epochs are passes over its own first n molecules."""
