@@ -536,9 +536,14 @@ def train_dataset(
     raydata.configure()
     # the token ids when prepare wrote them (every shard of one prepare has them), else the SMILES to encode
     column = IDS_COLUMN if shard_paths and IDS_COLUMN in pq.read_schema(shard_paths[0]).names else SMILES_COLUMN
-    ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([column])
-    if n_molecules is not None:
-        ds = ds.limit(n_molecules)
+    if n_molecules is None:
+        ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([column])
+    else:
+        # Only the shards that hold the first n molecules are read. Their read tasks take no CPU: once the
+        # limit is reached, a read task that has more rows waits on backpressure until the pass ends, and
+        # holding a CPU it starved the shuffle's tasks behind it (a trial hung on a 2-CPU cluster).
+        ds = ray.data.read_parquet(_prefix_shards(shard_paths, n_molecules), ray_remote_args={"num_cpus": 0})
+        ds = ds.select_columns([column]).limit(n_molecules)
     if shuffle:
         # a full shuffle of short SMILES strings is cheap next to training; block order alone would
         # keep each shard's row groups together
@@ -562,6 +567,17 @@ def train_dataset(
             "length_buckets": length_buckets,
         },  # fmt: skip
     )
+
+
+def _prefix_shards(shard_paths: Sequence[str | Path], n_molecules: int) -> list[str]:
+    """The first shards, in order, that together hold at least `n_molecules` rows (from the Parquet footers)."""
+    out, rows = [], 0
+    for path in shard_paths:
+        if rows >= n_molecules:
+            break
+        out.append(str(path))
+        rows += pq.read_metadata(path).num_rows
+    return out
 
 
 def worker_batches(shard: ray.data.DataIterator | ray.data.Dataset, epoch: int) -> Iterator[Batch]:

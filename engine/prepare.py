@@ -75,6 +75,7 @@ from clmscale.engine.tokenizer import (
 )
 
 log = logging.getLogger("clmscale.prepare")
+RAY_DATA_LOG = logging.getLogger("ray.data")
 
 SHOW_INVALID = 3  # invalid SMILES logged one by one; the rest are only in rejects.csv
 PROGRESS_EVERY_S = 5.0  # at most one progress line per this many seconds, plus one at the end
@@ -596,11 +597,18 @@ def _data_context(parallel: bool, workers: int | None) -> Iterator[None]:
     # that left one canonicalising task at a time.
     context.op_resource_reservation_enabled = False
     context.hash_shuffle_operator_actor_num_cpus_override = AGGREGATOR_CPUS
+    # prepare reports its own progress; Ray Data's plan and progress lines would fill the console (and the
+    # output a CLI error message is read from)
+    quiet = (context.enable_progress_bars, context.print_on_execution_start, RAY_DATA_LOG.level)
+    context.enable_progress_bars, context.print_on_execution_start = False, False
+    RAY_DATA_LOG.setLevel(logging.CRITICAL)  # a task's error reaches the caller as an exception; logged, it came twice
     try:
         yield
     finally:
         (options.preserve_order, options.resource_limits, context.op_resource_reservation_enabled,
          context.hash_shuffle_operator_actor_num_cpus_override) = before  # fmt: skip
+        context.enable_progress_bars, context.print_on_execution_start, level = quiet
+        RAY_DATA_LOG.setLevel(level)
 
 
 def _check_counts(t: dict[str, int], cfg: DataConfig, data: DataDir, names: list[str], first_invalid: list) -> None:
@@ -1143,7 +1151,9 @@ class _OnRay:
             .map_batches(classify_partition, batch_format="pyarrow", batch_size=None, fn_kwargs={"rules": rules})  # type: ignore[arg-type]
             .materialize()
         )
-        self.partitions = self.classified.to_arrow_refs()
+        # an empty corpus has no partitions: one empty one keeps the steps below uniform
+        empty = classify_partition(canonical_block(record_block(0, [], []), True, False, False), rules)
+        self.partitions = self.classified.to_arrow_refs() or [ray.put(empty)]
         self.n_blocks = len(self.partitions)
         log.info("canonicalised and deduplicated on Ray in %.1f s (%d partitions)", time.perf_counter() - t0,
                  self.n_blocks)  # fmt: skip
