@@ -388,7 +388,7 @@ def prepare(
     data: DataDir | Path,
     *,
     downstream: DownstreamConfig | None = None,
-    parallel: bool = True,
+    parallel: bool | None = None,
     overwrite: bool = False,
     chunk_rows: int = 2_000,  # records per block: ~0.5 s of RDKit work, small enough to balance
     workers: int | None = None,  # Ray: CPUs Ray Data may use at once, and 2x as many partitions at least
@@ -400,11 +400,17 @@ def prepare(
     decontamination (`cfg.decontaminate`) and so that the vocabulary covers their tokens.
     `parallel=True` runs the pipeline on Ray Data (initialising Ray only if the caller has not): the corpus
     lives in the cluster's object store, the driver holds block references and counts. `parallel=False`
-    runs the same steps in this process on the whole corpus at once (small corpora, tests).
+    runs the same steps in this process on the whole corpus at once. `None` (the default) chooses by size:
+    in process below RAY_MIN_RECORDS records (about, from the files' sizes), where Ray Data's start-up costs
+    more than it saves (1e5 MOSES molecules: 12.6 s in process, 14-15 s on Ray, benchmarks/RESULTS.md)
+    and the driver's memory stays small; on Ray above.
     """
     data = data if isinstance(data, DataDir) else DataDir(data)
     inputs = [_describe_input(p) for p in cfg.corpus]
     vocab_tasks, decon_tasks = task_roles(cfg, downstream)
+    if parallel is None:
+        n_records = _estimated_records([Path(p) for p in cfg.corpus])
+        parallel = min(n_records, cfg.max_molecules or n_records) >= RAY_MIN_RECORDS
     if parallel and not ray.is_initialized():
         ray.init()  # RAY_ADDRESS / a running local cluster, else a new local one
     run = _canonicalize_on_ray if parallel else _canonicalize_serial
@@ -1195,6 +1201,7 @@ class _OnRay:
 
 
 PARTITION_ROWS = 200_000  # records per hash partition: one partition is one block (far below 128 MiB)
+RAY_MIN_RECORDS = 200_000  # prepare(parallel=None) runs on Ray from about this many records
 RANGE_ROWS = 200_000  # kept molecules per range of the order hash: one sort task each
 AGGREGATOR_CPUS = 0.05  # per hash-shuffle aggregator actor (Ray Data's default: a quarter of the cluster in all)
 READ_CPUS = 0.0  # a reader streams its file for the whole pass: holding a CPU it would idle a canonicaliser slot

@@ -129,7 +129,9 @@ def test_hessian_over_two_ray_train_workers_equals_one_worker(analyzed, loss):
     one = hessian_job(ctx, **job.args)[0]
     two = hessian_job(ctx.with_analysis(hessian_workers=2), **job.args)[0]
     assert (one["n_workers"], two["n_workers"]) == (1, 2) and one["n_batches"] == two["n_batches"] == 2
-    np.testing.assert_allclose(two["eigenvalues"], one["eigenvalues"], rtol=1e-6)
+    # float32 Hessian-vector products summed in another order: ~1e-6 relative after Lanczos' 30 steps (CI saw
+    # 2.1e-6 on a top eigenvalue of 254); a wrongly weighted half of the batches would be off by percents
+    np.testing.assert_allclose(two["eigenvalues"], one["eigenvalues"], rtol=1e-5)
     np.testing.assert_allclose([two["trace"], two["loss_value"], two["grad_norm"]],
                                [one["trace"], one["loss_value"], one["grad_norm"]], rtol=1e-6)
     # SLQ keeps no basis (bounded memory), so the all-reduce's other summation order grows through its
