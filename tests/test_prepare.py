@@ -462,6 +462,25 @@ def test_ray_workers_give_the_same_shards(ray_cluster, prepared, tmp_path):
         assert not (out / ".rejects.csv.parts").exists()
 
 
+def test_the_default_prepares_small_corpora_in_process_and_large_ones_on_ray(tmp_path, moses, monkeypatch):
+    import clmscale.engine.prepare as module
+
+    class OnRay(Exception):
+        pass
+
+    def on_ray(*args, **kwargs):
+        raise OnRay
+
+    monkeypatch.setattr(module, "_OnRay", on_ray)
+    monkeypatch.setattr(module.ray, "init", lambda *a, **k: None)  # nothing is started
+    cfg = DataConfig(corpus=[write_csv(tmp_path / "c.csv", [(s, "") for s in moses[:300]])])
+    assert prepare(cfg, tmp_path / "small").counts.n_kept == 300  # ~300 records < RAY_MIN_RECORDS: in process
+    monkeypatch.setattr(module, "RAY_MIN_RECORDS", 100)
+    with pytest.raises(OnRay):
+        prepare(cfg, tmp_path / "large")
+    assert prepare(cfg.model_copy(update={"max_molecules": 50}), tmp_path / "capped").counts.n_in == 50
+
+
 @pytest.mark.timeout(300)
 def test_ray_scaffold_split_equals_the_local_one(ray_cluster, prepared, tmp_path):
     """The scaffold split's threshold (placed from per-partition histograms) and its large groups (Ray Data's groupby)
