@@ -126,8 +126,7 @@ class RungOverrides(Strict):
     @field_validator("tokens")
     @classmethod
     def _distinct_positive(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or min(value) <= 0 or len(set(value)) != len(value)):
-            raise ValueError(f"tokens must be a non-empty list of distinct positive budgets (got {value})")
+        _distinct_positive_list(value, "tokens must be a non-empty list of distinct positive budgets")
         return value
 
     def split(self) -> tuple[dict, dict]:
@@ -135,6 +134,12 @@ class RungOverrides(Strict):
         set_ = {k: v for k, v in self.model_dump(exclude={"tokens"}).items() if v is not None}
         res = {k: set_.pop(k) for k in ("workers", "gpus_per_worker", "cpus_per_worker") if k in set_}
         return set_, res
+
+
+def _distinct_positive_list(value: list[int] | None, what: str) -> None:
+    """A list of counts (None: not given): at least one, all positive, none twice; else ValueError `what`."""
+    if value is not None and (not value or min(value) <= 0 or len(set(value)) != len(value)):
+        raise ValueError(f"{what} (got {value})")
 
 
 def _distinct(values: list) -> None:
@@ -212,8 +217,7 @@ class BudgetConfig(Strict):
     @field_validator("unique_molecules")
     @classmethod
     def _distinct_positive(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or min(value) <= 0 or len(set(value)) != len(value)):
-            raise ValueError(f"unique_molecules must be a non-empty list of distinct positive counts (got {value})")
+        _distinct_positive_list(value, "unique_molecules must be a non-empty list of distinct positive counts")
         return sorted(value) if value is not None else None
 
 

@@ -1158,8 +1158,9 @@ class _OnRay:
             .materialize()
         )
         # an empty corpus has no partitions: one empty one keeps the steps below uniform
-        empty = classify_partition(canonical_block(record_block(0, [], []), True, False, False), rules)
-        self.partitions = self.classified.to_arrow_refs() or [ray.put(empty)]
+        self.partitions = self.classified.to_arrow_refs() or [
+            ray.put(classify_partition(canonical_block(record_block(0, [], []), True, False, False), rules))
+        ]
         self.n_blocks = len(self.partitions)
         log.info("canonicalised and deduplicated on Ray in %.1f s (%d partitions)", time.perf_counter() - t0,
                  self.n_blocks)  # fmt: skip
