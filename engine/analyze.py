@@ -20,6 +20,7 @@ without weights, a split with no labels) becomes an `error` row with the message
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -332,7 +333,7 @@ def lr_search_job(ctx: Context, ck: CheckpointRef, task: str, mode: str, lr: flo
     from clmscale.engine import finetune
 
     ds = ctx.cfg.downstream
-    data = _task_split(ctx, task, ds.seeds[0])
+    data = _task_split(ctx, task, ds.seeds[0], ck)
     result = finetune.finetune(
         ctx.rd.path(ck.path),
         data,
@@ -381,7 +382,7 @@ def finetune_job(
     from clmscale.engine import finetune
 
     ds = ctx.cfg.downstream
-    data = _task_split(ctx, task, split_seed)
+    data = _task_split(ctx, task, split_seed, ck)
     settings = _finetune_settings(ctx)
     if mode == "probe":
         settings["probe_layer"] = ds.probe_layer
@@ -423,15 +424,22 @@ def feature_baseline_job(ctx: Context, task: str, split_seed: int, finetune_seed
     return _finetune_rows(ctx, data, mode, {**result, "finetune_seed": finetune_seed})
 
 
-def _task_split(ctx: Context, task: str, split_seed: int):
+def _task_split(ctx: Context, task: str, split_seed: int, ck: CheckpointRef | None = None):
     """The task's split as every model-facing job sees it: its SMILES through the corpus's canonicalisation
-    (`engine.prepare.canonical_smiles`, the sweep's `data.isomeric`), so they are spelled as in pretraining."""
+    (`engine.prepare.canonical_smiles`, the sweep's `data.isomeric`), so they are spelled as in pretraining, and
+    written in the representation the checkpoint `ck` read (SMILES without one: the feature baselines)."""
     from clmscale.engine.finetune import FinetuneData
     from clmscale.engine.prepare import canonical_smiles
+    from clmscale.engine.representations import convert
 
     loaded, split = _loaded_split(ctx, task, split_seed)
+    smiles = canonical_smiles(loaded.smiles, ctx.cfg.data.isomeric, what=f"task {loaded.name!r}")
+    representation = "smiles" if ck is None else ctx.trials[ck.trial_id].representation
+    texts = convert(smiles, representation, ctx.cfg.data.isomeric)  # all convert: `_loaded_split` kept only those
+    if None in texts:
+        raise ValueError(f"task {loaded.name!r}: {texts.count(None)} molecules cannot be written as {representation}")
     return FinetuneData(
-        smiles=canonical_smiles(loaded.smiles, ctx.cfg.data.isomeric, what=f"task {loaded.name!r}"),
+        smiles=texts,  # type: ignore[arg-type]
         labels=loaded.labels,
         task_type=loaded.task_type,
         n_classes=loaded.n_classes,
@@ -447,7 +455,43 @@ def _loaded_split(ctx: Context, task: str, split_seed: int):
     ds = ctx.cfg.downstream
     spec = next((c for c in ds.custom if c.name == task), task)
     loaded = tasks.load_task(spec, data_dir=ctx.data_dir or ds.data_dir, max_molecules=ds.max_molecules)
+    loaded = _representable(loaded, ctx.cfg.data.representations(), ctx.cfg.data.isomeric)
     return loaded, tasks.split_task(loaded, ds.split, ds.split_fractions, seed=split_seed)
+
+
+_TOLD: set[str] = set()
+
+
+def _representable(loaded, representations: list, isomeric: bool):
+    """The task's molecules that every representation of the grid writes and reads back, so each arm is scored on
+    the same molecules and the same splits; the others are logged and kept in `unconverted` (file row, SMILES, why).
+    """
+    from clmscale.engine.prepare import canonical_smiles
+    from clmscale.engine.representations import convert_with_reasons
+
+    others = [r for r in representations if r != "smiles"]
+    if not others:
+        return loaded
+    smiles = canonical_smiles(loaded.smiles, isomeric, what=f"task {loaded.name!r}")
+    why: list[str | None] = [None] * len(smiles)
+    for r in others:
+        for i, (_, reason) in enumerate(convert_with_reasons(smiles, r, isomeric)):
+            why[i] = why[i] or reason
+    keep = np.array([w is None for w in why], dtype=bool)
+    if keep.all():
+        return loaded
+    dropped = [(int(row), s, w) for row, s, w, k in zip(loaded.rows, loaded.smiles, why, keep, strict=True) if not k]
+    if loaded.name not in _TOLD:  # once per task and process, not once per job
+        _TOLD.add(loaded.name)
+        log.warning("task %r: %d molecules left out: not every representation of the grid writes them, e.g. row %d "
+                    "%r: %s", loaded.name, len(dropped), *dropped[0])  # fmt: skip
+    return dataclasses.replace(
+        loaded,
+        smiles=[s for s, k in zip(loaded.smiles, keep, strict=True) if k],
+        labels=loaded.labels[keep],
+        rows=loaded.rows[keep],
+        unconverted=dropped,
+    )
 
 
 def _finetune_rows(ctx: Context, data, mode: str, result: dict) -> list[dict]:
@@ -601,7 +645,7 @@ def hessian_problem(ctx: Context, ck: CheckpointRef, loss: str, device: str = "c
     )
     return task_problem(
         ctx.rd.path(ck.path),
-        _task_split(ctx, task, ds.seeds[0]),
+        _task_split(ctx, task, ds.seeds[0], ck),
         weights,
         pretrained_encoder=pretrained,
         n_batches=an.hessian_batches,
@@ -654,7 +698,7 @@ def probe_head(ctx: Context, ck: CheckpointRef, task: str) -> None:
     path = ctx.rd.probe_head(ck.trial_id, ck.tokens, task)
     if head_file(path).exists():
         return
-    data = _task_split(ctx, task, ds.seeds[0])
+    data = _task_split(ctx, task, ds.seeds[0], ck)
     finetune.finetune(
         ctx.rd.path(ck.path),
         data,

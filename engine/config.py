@@ -4,7 +4,7 @@ Every section is a frozen pydantic model with `extra="forbid"`, so a typo is an 
 silently ignored setting. `load_sweep(path)` parses the YAML, validates it and, on failure, raises
 `SweepFileError` naming the file, the YAML line and the field (with a "did you mean" for typos).
 `expand_grid(cfg)` turns the validated file into the list of pretraining trials
-(sizes x budgets x seeds, and families x masking ratios where those are lists), each with its per-rung
+(sizes x budgets x seeds, and representations x families x masking ratios where those are lists), each with its per-rung
 overrides applied.
 
 Derived quantities (parameter counts, FLOPs, token budgets from epochs) are computed elsewhere
@@ -14,6 +14,7 @@ from these fields; nothing here stores a copy of something that can be derived.
 from __future__ import annotations
 
 import difflib
+import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic_core import ErrorDetails
 
 from clmscale.engine import ladder
 from clmscale.engine.ladder import Family, objective
+from clmscale.engine.representations import Representation
 
 
 class Strict(BaseModel):
@@ -66,6 +68,33 @@ class DataConfig(Strict):
     # inchikey: the full InChIKey; connectivity: its first 14 characters, the skeleton without stereo,
     # isotopes or protonation (a stereoisomer of a task molecule is removed too)
     decontaminate_key: Literal["inchikey", "connectivity"] = "inchikey"
+    # the molecular string the models read (engine.representations): smiles, selfies, deepsmiles or safe; a list
+    # makes it an axis of the grid. prepare writes each from the canonical SMILES, keeping only molecules that
+    # every listed representation writes and reads back, so all arms see the same molecules
+    representation: Representation | list[Representation] = "smiles"
+    # SMILES augmentation (enumeration): each pass shows every molecule k times, each time in a random RDKit atom
+    # order (`doRandom`), drawn anew per pass; 0: the canonical SMILES once. Validation stays canonical
+    randomized_smiles: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _randomized_smiles_are_smiles(self) -> DataConfig:
+        if self.randomized_smiles and self.representations() != ["smiles"]:
+            raise ValueError(
+                f"randomized_smiles: random atom orderings are written as SMILES, and data.representation is "
+                f"{self.representation}; use representation: smiles, or randomized_smiles: 0"
+            )
+        return self
+
+    @field_validator("representation")
+    @classmethod
+    def _distinct_representations(cls, value: Representation | list[Representation]) -> Any:
+        if isinstance(value, list):
+            _distinct(value)
+        return value
+
+    def representations(self) -> list[Representation]:
+        """The grid's representations, in the order given."""
+        return self.representation if isinstance(self.representation, list) else [self.representation]
 
     @field_validator("decontaminate")
     @classmethod
@@ -441,6 +470,9 @@ class FitsConfig(Strict):
     # tokens: D is the tokens seen (Hoffmann et al.); effective: D' discounts repeated tokens, with R* fitted
     # (Muennighoff et al. 2023, fits.powerlaw.DataConstrainedFit): for grids whose points repeat their data
     data_law: Literal["tokens", "effective"] = "tokens"
+    # what D counts in the loss law: tokens (of each arm's own tokenizer), or molecules or characters seen
+    # (pretrain.parquet's molecules_seen / characters_seen), which do not change with data.representation
+    data_measure: Literal["tokens", "molecules", "characters"] = "tokens"
     seed: int = 0
     # equivalence margin of a downstream "plateau", metric -> metric units per decade of scale; a metric not
     # listed keeps its default (fits.verdicts.PLATEAU_MARGINS; the README gives each default's reason)
@@ -484,6 +516,7 @@ class Trial(Strict):
     trial_id: str
     family: Family
     size: ModelSize
+    representation: Representation = "smiles"  # the molecular string it reads (data.representation)
     budget_tokens: BigInt | None  # set when the budget is in tokens
     budget_epochs: float | None  # set when it is in epochs (tokens known after prepare)
     unique_molecules: BigInt | None = None  # the first n train molecules (budget.unique_molecules); None: all
@@ -540,11 +573,12 @@ class Trial(Strict):
 
 
 def expand_grid(cfg: SweepConfig) -> list[Trial]:
-    """Families x sizes x unique data x budgets x seeds x masking ratios, in that nesting order (smallest rung
-    first).
+    """Representations x families x sizes x unique data x budgets x seeds x masking ratios, in that nesting order
+    (smallest rung first).
 
-    Trial ids read `<rung>[_u<unique>]_<budget>_s<seed>[_<family>][_m<ratio>]`: the unique-data tag only with
-    budget.unique_molecules; the family and masking-ratio tags only when that axis is a list of several values.
+    Trial ids read `<rung>[_u<unique>]_<budget>_s<seed>[_<representation>][_<family>][_m<ratio>]`: the unique-data
+    tag only with budget.unique_molecules; the representation, family and masking-ratio tags only when that axis is
+    a list of several values.
     A grid without these axes keeps the ids it always had, so its run directories resume. The masking ratio is
     an axis of the mlm families only: a clm or llama trial is one trial whatever the list holds, without `_m`.
     A rung's `overrides.tokens` replaces budget.tokens for that rung."""
@@ -552,11 +586,14 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
     if problem is not None:
         raise ValueError(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}")
     families, ratios = cfg.model.families(), cfg.train.mlm_probabilities()
+    representations = cfg.data.representations()
     in_tokens = cfg.budget.tokens is not None
     uniques: list[int | None] = list(cfg.budget.unique_molecules) if cfg.budget.unique_molecules else [None]
     trials = []
-    for family in families:
-        family_tag = f"_{family}" if len(families) > 1 else ""
+    for representation, family in itertools.product(representations, families):
+        family_tag = (f"_{representation}" if len(representations) > 1 else "") + (
+            f"_{family}" if len(families) > 1 else ""
+        )
         masked = objective(family) == "mlm"
         for size in cfg.model.rungs():
             override = cfg.model.overrides.get(size.name, RungOverrides())
@@ -577,6 +614,7 @@ def expand_grid(cfg: SweepConfig) -> list[Trial]:
                                     trial_id=f"{size.name}{data_tag}_{tag}_s{seed}{family_tag}{ratio_tag}",
                                     family=family,
                                     size=size,
+                                    representation=representation,
                                     budget_tokens=budget if in_tokens else None,
                                     budget_epochs=None if in_tokens else budget,
                                     unique_molecules=unique,

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from clmscale.engine.ladder import Family, objective
+from clmscale.engine.representations import randomized_smiles
 
 if TYPE_CHECKING:
     import ray.data
@@ -299,6 +300,14 @@ def read_smiles(shard_paths: Sequence[str | Path]) -> list[str]:
     return out
 
 
+def _randomized_views(smiles: Sequence[str], k: int, seed: int, epoch: int) -> list[str]:
+    """The k random SMILES of every molecule of `smiles`, in a seeded random order (views of one molecule are not
+    kept together, so they rarely share a batch)."""
+    views = [v for vs in randomized_smiles(smiles, k, seed, epoch) for v in vs]
+    order = np.random.default_rng([seed, epoch, len(views)]).permutation(len(views))
+    return [views[i] for i in order]
+
+
 def _encoded(smiles: Sequence[str], tokenizer, family: Family, max_seq_len: int) -> Iterator[list[int]]:
     for start in range(0, len(smiles), ENCODE_ROWS):
         yield from encode(smiles[start : start + ENCODE_ROWS], tokenizer, family, max_seq_len)
@@ -373,6 +382,7 @@ def local_batches(
     world_size: int = 1,
     n_molecules: int | None = None,
     length_buckets: bool = False,
+    randomized: int = 0,
 ) -> Iterator[Batch]:
     """One epoch of batches without Ray: the standalone loop, or one rank of a torch.distributed run.
 
@@ -384,14 +394,24 @@ def local_batches(
     without an `ids` column: their SMILES are held and encoded per batch).
     `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules).
     `length_buckets` (train.length_buckets, not with packing): batches of molecules of about one length.
+    `randomized` (data.randomized_smiles): each of this rank's molecules `randomized` times, each a random SMILES
+    of it (`randomized_smiles`), encoded here; the views in a seeded random order.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) (got rank: {rank} and world_size: {world_size})")
     tokenizer = _as_tokenizer(tokenizer)
-    n, molecules = _molecules(shard_paths, tokenizer, family, max_seq_len, n_molecules)
+    if randomized:
+        n, molecules = len(smiles := read_smiles(shard_paths)[:n_molecules]), None
+    else:
+        n, molecules = _molecules(shard_paths, tokenizer, family, max_seq_len, n_molecules)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     per_rank = n // world_size
-    seqs = molecules(order[rank : per_rank * world_size : world_size])
+    mine = order[rank : per_rank * world_size : world_size]
+    if molecules is None:
+        views = _randomized_views([smiles[i] for i in mine], randomized, seed, epoch)
+        seqs: Iterable[Any] = _encoded(views, tokenizer, family, max_seq_len)
+    else:
+        seqs = molecules(mine)
     yield from _collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
                          mlm_probability, packing, length_buckets)  # fmt: skip
 
@@ -435,8 +455,8 @@ def trial_validation_batches(
     val_loss and the analysis' Hessians and landscapes of a checkpoint read the same tokens."""
     assert trial.train.micro_batch_size != "auto"  # a started trial's settings are concrete (trial.json)
     return validation_batches(
-        rd.shard_paths("val"),
-        tokenizer if tokenizer is not None else rd.tokenizer,
+        rd.data_of(trial).shard_paths("val"),
+        tokenizer if tokenizer is not None else rd.data_of(trial).tokenizer,
         family=trial.family,
         n_batches=trial.train.val_batches if n_batches is None else n_batches,
         micro_batch_size=trial.train.micro_batch_size,
@@ -476,6 +496,7 @@ def _make_batches(
     mlm_probability: float,
     packing: bool,
     length_buckets: bool = False,
+    randomized: int = 0,
 ) -> dict[str, np.ndarray]:
     """map_batches body: SMILES -> whole micro-batches, one per output row (flattened, with its shape)."""
     from ray.data import DataContext
@@ -488,6 +509,9 @@ def _make_batches(
         flat = TokenIds(np.concatenate(column) if len(column) else np.zeros(0, np.int64),
                         np.concatenate([[0], np.cumsum([len(x) for x in column])]))  # fmt: skip
         seqs = list(flat.wrapped(range(len(column)), *_wrap_ids(tokenizer, family), max_seq_len))
+    elif randomized:  # data.randomized_smiles: k random SMILES per molecule, this pass's
+        seqs = encode(_randomized_views(batch[SMILES_COLUMN].tolist(), randomized, seed, epoch), tokenizer, family,
+                      max_seq_len)  # fmt: skip
     else:
         seqs = encode(batch[SMILES_COLUMN].tolist(), tokenizer, family, max_seq_len)
     made = list(_collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
@@ -512,6 +536,7 @@ def train_dataset(
     shuffle: bool = True,
     n_molecules: int | None = None,
     length_buckets: bool = False,
+    randomized_smiles: int = 0,
 ) -> ray.data.Dataset:
     """The training stream for Ray Train: read -> shuffle per epoch -> (encode) + collate, one batch per row.
 
@@ -525,6 +550,8 @@ def train_dataset(
     `n_molecules`: only the first n molecules of the shards, in the order given (budget.unique_molecules); with
     `preserve_order` the limit takes the same ones at every pass. `length_buckets`: each map call (one
     bucketing window, as in `local_batches`) makes batches of molecules of about one length.
+    `randomized_smiles` (data.randomized_smiles): the SMILES are read, not the ids, and each map call writes each
+    of its molecules k times in a random atom order (drawn anew each pass) and encodes them.
     """
     import ray.data
     from ray.data import RandomSeedConfig
@@ -535,7 +562,8 @@ def train_dataset(
     _wrap_ids(tokenizer, family)  # fail here, on the driver, not inside a Ray task
     raydata.configure()
     # the token ids when prepare wrote them (every shard of one prepare has them), else the SMILES to encode
-    column = IDS_COLUMN if shard_paths and IDS_COLUMN in pq.read_schema(shard_paths[0]).names else SMILES_COLUMN
+    pretokenised = shard_paths and IDS_COLUMN in pq.read_schema(shard_paths[0]).names
+    column = IDS_COLUMN if pretokenised and not randomized_smiles else SMILES_COLUMN
     if n_molecules is None:
         ds = ray.data.read_parquet([str(p) for p in shard_paths]).select_columns([column])
     else:
@@ -565,6 +593,7 @@ def train_dataset(
             "mlm_probability": mlm_probability,
             "packing": packing,
             "length_buckets": length_buckets,
+            "randomized": randomized_smiles,
         },  # fmt: skip
     )
 

@@ -54,6 +54,14 @@ from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from clmscale.engine.config import DataConfig, DownstreamConfig
 from clmscale.engine.files import sha256_file
+from clmscale.engine.representations import (
+    Representation,
+    codec,
+    convert,
+    convert_with_reasons,
+    ordered,
+    randomized_smiles,
+)
 from clmscale.engine.rundir import (
     Counts,
     DataDir,
@@ -72,6 +80,7 @@ from clmscale.engine.tokenizer import (
     extend_vocab_from_counts,
     smiles_tokens,
     tokenizer_from_vocab,
+    tokens_of,
 )
 
 log = logging.getLogger("clmscale.prepare")
@@ -417,7 +426,14 @@ def prepare(
     molecules = load_task_molecules(
         [*dict.fromkeys([*vocab_tasks, *decon_tasks])], downstream, cfg.isomeric, run, chunk_rows
     )
-    options = cfg.model_dump(mode="json", exclude={"corpus"})
+    others = [r for r in ordered(cfg.representations()) if r != "smiles"]
+    options = cfg.model_dump(mode="json", exclude={"corpus", "representation", "randomized_smiles"})
+    if cfg.randomized_smiles:  # recorded only when on, as `representations` below
+        options["randomized_smiles"] = cfg.randomized_smiles
+    if others:  # recorded only when there are any, so data directories prepared before the axis stay valid
+        options["representations"] = others
+        for r in others:
+            codec(r)  # a missing package is an error here, before any work, not in a Ray task
     # the task molecule sets as read: a changed task file makes a different preparation
     options["task_molecules"] = {name: m.sha256 for name, m in molecules.items()}
     done = _existing_manifest(data, inputs, options, overwrite)
@@ -434,6 +450,8 @@ def prepare(
         max_tokens=cfg.max_tokens,
         split=cfg.split,
         seed=cfg.seed,
+        representations=tuple(others),
+        isomeric=cfg.isomeric,
     )
     paths = [Path(p).resolve() for p in cfg.corpus]  # Ray workers may not share the driver's working directory
     names = [str(p) for p in cfg.corpus]  # as given, for rejects.csv and messages
@@ -461,13 +479,16 @@ def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks,
     removed: Counter[str] = Counter()
     for text in tallies.column("removed").to_pylist():
         removed.update(json.loads(text))
+    unconverted: Counter[str] = Counter()
+    for text in tallies.column("unconverted").to_pylist():
+        unconverted.update(json.loads(text))
     first_invalid = sorted(tuple(r) for text in tallies.column("first_invalid").to_pylist() for r in json.loads(text))
     progress(Progress(ex.n_blocks, t["n_in"], t["n_invalid"], t["n_duplicate"], time.perf_counter() - t0))
     for f, line, raw, why in first_invalid[:SHOW_INVALID]:
         log.warning("%s:%d: RDKit cannot use %r: %s", names[f], line, raw, why)
 
     # ---- rejects.csv: each partition's rejects written by a worker in file and line order, merged here (streamed)
-    n_rejects = t["n_invalid"] + t["n_decontaminated"] + t["n_heavy"] + t["n_long"]
+    n_rejects = t["n_invalid"] + t["n_decontaminated"] + t["n_heavy"] + t["n_long"] + t["n_unconverted"]
     n_parts = (
         sum(ex.run(write_rejects_part, [(data, k, b, names) for k, b in enumerate(ex.partitions)])) if n_rejects else 0
     )
@@ -487,17 +508,23 @@ def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks,
         hist = ex.per_block(split_histogram, to_train=to_train, width=width).column("counts").to_pylist()
         edge = int(np.argmin(np.abs(np.cumsum(np.sum(hist, axis=0)) - n_val_target)))  # the edge nearest the target
         val_threshold = min((edge + 1) * width, HASH_SPAN - 1)
-    tokens = ex.per_block(token_block, val_threshold=val_threshold, to_train=to_train)
+    randomized = bool(cfg.randomized_smiles)
+    tokens = ex.per_block(token_block, val_threshold=val_threshold, to_train=to_train, randomized=randomized)
     n_val = int(pc.sum(tokens.column("n_val")).as_py() or 0)
     if n_val in (0, t["n_kept"]):
         min_train = int(pc.min(tokens.column("min_train")).as_py())
         max_val = int(pc.max(tokens.column("max_val")).as_py())
         val_threshold = min(min_train + 1, HASH_SPAN - 1) if n_val == 0 else max_val
-        tokens = ex.per_block(token_block, val_threshold=val_threshold, to_train=to_train)
-    train_tokens, val_tokens = Counter[str](), Counter[str]()
-    for a, b in zip(tokens.column("train").to_pylist(), tokens.column("val").to_pylist(), strict=True):
-        train_tokens.update(json.loads(a))
-        val_tokens.update(json.loads(b))
+        tokens = ex.per_block(token_block, val_threshold=val_threshold, to_train=to_train, randomized=randomized)
+    others: list[Representation] = options.get("representations", [])
+    train_tokens = {r: Counter[str]() for r in ["smiles", *others]}
+    val_tokens = {r: Counter[str]() for r in ["smiles", *others]}
+    for a, b, o in zip(*(tokens.column(c).to_pylist() for c in ("train", "val", "others")), strict=True):
+        train_tokens["smiles"].update(json.loads(a))
+        val_tokens["smiles"].update(json.loads(b))
+        for r, (train_r, val_r) in json.loads(o).items():
+            train_tokens[r].update(train_r)
+            val_tokens[r].update(val_r)
     n_part = {s: int(pc.sum(tokens.column(f"n_{s}")).as_py() or 0) for s in ("train", "val")}
     if not all(n_part.values()):
         raise DataError(
@@ -505,23 +532,43 @@ def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks,
             f"({t['n_kept']:,} molecules); use split: random"
         )
 
-    # ---- the vocabulary: the train split's tokens, then the token types only the tasks' canonical SMILES have
-    # (types, never labels; without them a MOSES vocabulary reads a task's [C@@H] as [UNK])
+    # ---- the vocabulary of each representation: the train split's tokens, then the token types only the tasks'
+    # canonical SMILES (or their texts) have (types, never labels; without them a MOSES vocabulary reads a task's
+    # [C@@H] as [UNK])
     specials = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
-    corpus_vocab = extend_vocab_from_counts(specials, train_tokens)
-    vocab = extend_vocab(corpus_vocab, (s for name in vocab_tasks for s in molecules[name].smiles))
-    tokenizer = tokenizer_from_vocab(vocab, out_dir=data.tokenizer)
-    unk_id = specials[SPECIAL_TOKENS["unk_token"]]
-    n_unk = sum(n for token, n in val_tokens.items() if vocab.get(token, unk_id) == unk_id)
+    task_smiles = [s for name in vocab_tasks for s in molecules[name].smiles]
+    vocabs, infos = {}, {}
+    random_tokens = Counter[str]()
+    for text in tokens.column("random").to_pylist():
+        random_tokens.update(json.loads(text))
+    for r in ["smiles", *others]:
+        corpus_vocab = extend_vocab_from_counts(specials, train_tokens[r])
+        if r == "smiles":  # after the canonical SMILES' own: their ids do not change
+            corpus_vocab = extend_vocab_from_counts(corpus_vocab, random_tokens)
+        task_texts = [x for x in convert(task_smiles, r, cfg.isomeric) if x is not None]
+        vocabs[r] = extend_vocab(corpus_vocab, task_texts, r)
+        tokenizer = tokenizer_from_vocab(vocabs[r], out_dir=data.representation(r).tokenizer, representation=r)
+        unk_id = specials[SPECIAL_TOKENS["unk_token"]]
+        infos[r] = TokenizerInfo(
+            path=data.tokenizer.name,
+            vocab_size=len(tokenizer),
+            n_unk=sum(n for token, n in val_tokens[r].items() if vocabs[r].get(token, unk_id) == unk_id),
+            tasks=list(vocab_tasks),
+            task_tokens=list(vocabs[r])[len(corpus_vocab) :],
+        )
 
     # ---- shards: each part sorted by its seeded order hash (in ranges of it, one sort task per range), cut into
     # shard_rows, tokenised and written by workers
-    shards: list[ShardFile] = []
+    shards: dict[str, list[ShardFile]] = {r: [] for r in vocabs}
+    for r in others:
+        data.representation(r).path.mkdir(exist_ok=True)
     parts = ex.sorted_parts(val_threshold, to_train, {s: -(-n // RANGE_ROWS) for s, n in n_part.items()})
     for split, (blocks, sizes) in parts.items():
         plan = shard_plan(sizes, cfg.shard_rows)
-        calls = [(data, split, k, [(blocks[b], s, e) for b, s, e in piece], vocab) for k, piece in enumerate(plan)]
-        shards += ex.run(write_shard, calls)
+        calls = [(data, split, k, [(blocks[b], s, e) for b, s, e in piece], vocabs) for k, piece in enumerate(plan)]
+        for written in ex.run(write_shard, calls):
+            for r, shard in written.items():
+                shards[r].append(shard)
     del parts
     n_tokens = {s: int(pc.sum(tokens.column(f"n_tokens_{s}")).as_py() or 0) for s in ("train", "val")}
     counts = Counts(
@@ -532,41 +579,43 @@ def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks,
         n_filtered=t["n_heavy"] + t["n_long"],
         n_filtered_heavy_atoms=t["n_heavy"],
         n_filtered_tokens=t["n_long"],
+        n_unconverted=t["n_unconverted"],
+        unconverted=dict(unconverted),
         n_kept=t["n_kept"],
         train=SplitCounts(n_molecules=n_part["train"], n_tokens=n_tokens["train"]),
         val=SplitCounts(n_molecules=n_part["val"], n_tokens=n_tokens["val"]),
     )
-    assert counts.n_kept == counts.train.n_molecules + counts.val.n_molecules == sum(s.n_rows for s in shards)
-    assert (
-        counts.n_in
-        == counts.n_invalid + counts.n_duplicate + counts.n_decontaminated + counts.n_filtered + counts.n_kept
-    )
-    manifest = Manifest(
-        inputs=inputs,
-        options=options,
-        rdkit_version=rdBase.rdkitVersion,
-        counts=counts,
-        shards=shards,
-        tokenizer=TokenizerInfo(
-            path=data.tokenizer.name,
-            vocab_size=len(tokenizer),
-            n_unk=n_unk,
-            tasks=list(vocab_tasks),
-            task_tokens=list(vocab)[len(corpus_vocab) :],
-        ),
-        decontamination={
-            name: TaskOverlap(
-                task_molecules=len(molecules[name].keys(cfg.decontaminate_key)), removed=removed.get(name, 0)
-            )
-            for name in decon_tasks
-        },
-        decontamination_key=cfg.decontaminate_key if decon_tasks else None,
-    )
-    data.write_manifest(manifest)  # last: it marks the directory complete
+    assert all(counts.n_kept == sum(s.n_rows for s in written) for written in shards.values())
+    assert counts.n_kept == counts.train.n_molecules + counts.val.n_molecules
+    assert counts.n_in == (counts.n_invalid + counts.n_duplicate + counts.n_decontaminated + counts.n_filtered
+                           + counts.n_unconverted + counts.n_kept)  # fmt: skip
+    decontamination = {
+        name: TaskOverlap(task_molecules=len(molecules[name].keys(cfg.decontaminate_key)), removed=removed.get(name, 0))
+        for name in decon_tasks
+    }
+    for r in [*others, "smiles"]:  # data/'s own manifest last: it marks the whole directory complete
+        r_tokens = {s: sum(c.values()) for s, c in (("train", train_tokens[r]), ("val", val_tokens[r]))}
+        r_counts = counts if r == "smiles" else counts.model_copy(update={
+            "train": SplitCounts(n_molecules=n_part["train"], n_tokens=r_tokens["train"]),
+            "val": SplitCounts(n_molecules=n_part["val"], n_tokens=r_tokens["val"]),
+        })  # fmt: skip
+        manifest = Manifest(
+            representation=r,
+            representations=others if r == "smiles" else [],
+            inputs=inputs,
+            options=options,
+            rdkit_version=rdBase.rdkitVersion,
+            counts=r_counts,
+            shards=shards[r],
+            tokenizer=infos[r],
+            decontamination=decontamination,
+            decontamination_key=cfg.decontaminate_key if decon_tasks else None,
+        )
+        data.representation(r).write_manifest(manifest)
     c = manifest.counts
     log.info(
-        "%s: kept %s of %s SMILES (%s invalid, %s duplicates, %s task molecules, %s filtered): %s train / %s val, "
-        "vocab %d (%d token types from the tasks only), %d [UNK] in val",
+        "%s: kept %s of %s SMILES (%s invalid, %s duplicates, %s task molecules, %s filtered, %s unconverted): "
+        "%s train / %s val, vocab %d (%d token types from the tasks only), %d [UNK] in val%s",
         data.path,
         f"{c.n_kept:,}",
         f"{c.n_in:,}",
@@ -574,11 +623,13 @@ def _finish(cfg, data, ex, inputs, options, molecules, vocab_tasks, decon_tasks,
         f"{c.n_duplicate:,}",
         f"{c.n_decontaminated:,}",
         f"{c.n_filtered:,}",
+        f"{c.n_unconverted:,}",
         f"{c.train.n_molecules:,}",
         f"{c.val.n_molecules:,}",
         manifest.tokenizer.vocab_size,
         len(manifest.tokenizer.task_tokens),
         manifest.tokenizer.n_unk,
+        "".join(f"; {r}: vocab {infos[r].vocab_size}, {infos[r].n_unk} [UNK] in val" for r in others),
     )
     return manifest
 
@@ -819,9 +870,11 @@ class Rules:
     max_tokens: int | None
     split: str  # random | scaffold
     seed: int
+    representations: tuple[Representation, ...] = ()  # besides smiles: each kept molecule must convert to these
+    isomeric: bool = True  # the canonicalisation a converted text must read back to
 
 
-STATUSES = ("invalid", "duplicate", "decontaminated", "heavy", "long", "kept")
+STATUSES = ("invalid", "duplicate", "decontaminated", "heavy", "long", "unconverted", "kept")
 
 
 def classify_partition(block: pa.Table, rules: Rules) -> pa.Table:
@@ -829,9 +882,10 @@ def classify_partition(block: pa.Table, rules: Rules) -> pa.Table:
 
     The first occurrence (lowest file, then line) of a canonical SMILES is the molecule; later ones are
     duplicates (only counted). The molecule is then matched against the tasks' keys, the size filters, and
-    given its split hash (of its scaffold or its SMILES) and its order hash (of its SMILES). Columns: file, line,
-    raw (rejects only), smiles (kept only), n_tokens, status, reason (rejects), tasks (decontaminated), split_hash,
-    order.
+    written in each of `rules.representations` (read back to the same canonical SMILES, else it is rejected as
+    unconverted) and given its split hash (of its scaffold or its SMILES) and its order hash (of its SMILES).
+    Columns: file, line, raw (rejects only), smiles (kept only), n_tokens, status, reason (rejects), tasks
+    (decontaminated), split_hash, order, and text_<representation> (kept only) per representation.
     """
     if block.num_rows == 0:
         return _classified([], [], [], [], [], [], [], [], rules)
@@ -870,11 +924,21 @@ def classify_partition(block: pa.Table, rules: Rules) -> pa.Table:
             hash_of[i] = (cols["scaffold"][i] or "") if rules.split == "scaffold" else s
             continue
         raw[i] = cols["raw"][i]
+    texts: dict[str, list[str | None]] = {}
+    for representation in rules.representations:  # after dedup and the filters: each molecule converted once
+        texts[representation] = [None] * n
+        kept = [i for i in range(n) if smiles[i] is not None]
+        converted = convert_with_reasons([smiles[i] or "" for i in kept], representation, rules.isomeric)
+        for i, (text, why) in zip(kept, converted, strict=True):
+            if text is None:
+                status[i], reason[i], raw[i], smiles[i] = "unconverted", why, cols["raw"][i], None
+            texts[representation][i] = text
     return _classified(cols["file"], cols["line"], raw, smiles, cols["n_tokens"], status, reason, tasks, rules,
-                       hash_of)  # fmt: skip
+                       hash_of, texts)  # fmt: skip
 
 
-def _classified(files, lines, raw, smiles, n_tokens, status, reason, tasks, rules: Rules, hash_of=()) -> pa.Table:
+def _classified(files, lines, raw, smiles, n_tokens, status, reason, tasks, rules: Rules, hash_of=(),
+                texts=None) -> pa.Table:  # fmt: skip
     kept = [s is not None for s in smiles]
     split_hash = np.zeros(len(files), dtype=np.uint64)
     order = np.zeros(len(files), dtype=np.uint64)
@@ -894,6 +958,16 @@ def _classified(files, lines, raw, smiles, n_tokens, status, reason, tasks, rule
             "tasks": pa.array(tasks, pa.string()),
             "split_hash": pa.array(split_hash, pa.uint64()),
             "order": pa.array(order, pa.uint64()),
+            **{
+                f"text_{r}": pa.array(
+                    [
+                        t if s is not None else None
+                        for t, s in zip((texts or {}).get(r, [None] * len(files)), smiles, strict=True)
+                    ],
+                    pa.string(),
+                )  # fmt: skip
+                for r in rules.representations
+            },
         }
     )
 
@@ -906,6 +980,10 @@ def tally_block(block: pa.Table) -> pa.Table:
     removed: Counter[str] = Counter()
     for names in block.filter(pc.equal(block.column("status"), "decontaminated")).column("tasks").to_pylist():
         removed.update(names.split(","))
+    unconverted = Counter(
+        why.split(":", 1)[0]
+        for why in block.filter(pc.equal(block.column("status"), "unconverted")).column("reason").to_pylist()
+    )
     invalid = block.filter(pc.equal(block.column("status"), "invalid"))
     invalid = invalid.take(pc.sort_indices(invalid, [("file", "ascending"), ("line", "ascending")])).slice(
         0, SHOW_INVALID
@@ -916,6 +994,7 @@ def tally_block(block: pa.Table) -> pa.Table:
         "n_in": block.num_rows,
         **{f"n_{s}": counts[s] for s in STATUSES},
         "removed": json.dumps(removed),
+        "unconverted": json.dumps(unconverted),
         "first_invalid": json.dumps(first),
     }
     return pa.table({k: [v] for k, v in row.items()}, schema=_TALLY_SCHEMA)
@@ -923,7 +1002,7 @@ def tally_block(block: pa.Table) -> pa.Table:
 
 _TALLY_SCHEMA = pa.schema(
     [("n_in", pa.int64()), *[(f"n_{s}", pa.int64()) for s in STATUSES], ("removed", pa.string()),
-     ("first_invalid", pa.string())]
+     ("unconverted", pa.string()), ("first_invalid", pa.string())]
 )  # fmt: skip
 
 
@@ -951,16 +1030,30 @@ def split_histogram(block: pa.Table, to_train: Sequence[int], width: int) -> pa.
     return pa.table({"counts": pa.array([counts], pa.list_(pa.int64()))})
 
 
-def token_block(block: pa.Table, val_threshold: int, to_train: Sequence[int]) -> pa.Table:
+def token_block(block: pa.Table, val_threshold: int, to_train: Sequence[int], randomized: bool = False) -> pa.Table:
     """One row: the token types of the kept train and val molecules with their counts (JSON), for the vocabulary
     and for counting [UNK] in val; molecules and tokens per part; the smallest split hash in train that may move
-    (not in `to_train`) and the largest in val."""
+    (not in `to_train`) and the largest in val. `randomized` (data.randomized_smiles): also the token types of one
+    random SMILES of each train molecule (`random`), so a random atom order's ring digits and stereo marks
+    (which flip with the order) have ids of their own."""
     kept = block.filter(pc.equal(block.column("status"), "kept"))
     is_val = in_val(kept.column("split_hash").to_numpy(), val_threshold, to_train)
     smiles = kept.column("smiles").to_pylist()
     train, val = Counter[str](), Counter[str]()
     for s, v in zip(smiles, is_val, strict=True):
         (val if v else train).update(smiles_tokens(s))
+    random = Counter[str]()
+    if randomized:
+        train_smiles = [s for s, v in zip(smiles, is_val, strict=True) if not v]
+        for [text] in randomized_smiles(train_smiles, 1, seed=0, epoch=-1):  # epoch -1: never a training pass's
+            random.update(smiles_tokens(text))
+    others = {}  # per other representation: its token types in train and in val
+    for column in [c for c in kept.column_names if c.startswith("text_")]:
+        split_tokens = tokens_of(column.removeprefix("text_"))
+        counts: tuple[Counter[str], Counter[str]] = Counter(), Counter()
+        for text, v in zip(kept.column(column).to_pylist(), is_val, strict=True):
+            counts[int(v)].update(split_tokens(text))
+        others[column.removeprefix("text_")] = counts
     n_tokens = kept.column("n_tokens").to_numpy()
     h = kept.column("split_hash").to_numpy()
     movable = h[~is_val & ~np.isin(h, np.asarray(to_train, dtype=np.uint64))]
@@ -968,6 +1061,8 @@ def token_block(block: pa.Table, val_threshold: int, to_train: Sequence[int]) ->
         {
             "train": [json.dumps(train)],
             "val": [json.dumps(val)],
+            "others": [json.dumps(others)],
+            "random": [json.dumps(random)],
             "n_train": [int((~is_val).sum())],
             "n_val": [int(is_val.sum())],
             "n_tokens_train": [int(n_tokens[~is_val].sum())],
@@ -980,10 +1075,12 @@ def token_block(block: pa.Table, val_threshold: int, to_train: Sequence[int]) ->
 
 
 def part_rows(block: pa.Table, split: Split, val_threshold: int, to_train: Sequence[int]) -> pa.Table:
-    """The kept molecules of one part: smiles, n_tokens, order (the seeded hash the part is sorted by)."""
+    """The kept molecules of one part: smiles, n_tokens, order (the seeded hash the part is sorted by), and their
+    text in each other representation (text_<representation>)."""
     kept = block.filter(pc.equal(block.column("status"), "kept"))
     val = in_val(kept.column("split_hash").to_numpy(), val_threshold, to_train)
-    return kept.filter(pa.array(val if split == "val" else ~val)).select(["smiles", "n_tokens", "order"])
+    texts = [c for c in kept.column_names if c.startswith("text_")]
+    return kept.filter(pa.array(val if split == "val" else ~val)).select(["smiles", "n_tokens", "order", *texts])
 
 
 def range_pieces(block: pa.Table, val_threshold: int, to_train: Sequence[int], n_ranges: dict[str, int]) -> list:
@@ -1013,32 +1110,56 @@ def id_type(vocab_size: int) -> pa.DataType:
     return pa.uint8() if vocab_size <= 2**8 else pa.uint16() if vocab_size <= 2**16 else pa.uint32()
 
 
-def shard_table(smiles: Sequence[str], n_tokens: pa.Array, vocab: dict[str, int]) -> pa.Table:
+def shard_table(
+    smiles: Sequence[str],
+    n_tokens: pa.Array | None,
+    vocab: dict[str, int],
+    representation: Representation = "smiles",
+    texts: Sequence[str] | None = None,
+) -> pa.Table:
     """A shard's rows: the canonical SMILES, its regex token count and its token ids (no special tokens), so a
-    training pass reads ids instead of encoding again."""
-    tokenizer = tokenizer_from_vocab(vocab)
-    ids = tokenizer(list(smiles), add_special_tokens=False, padding=False, truncation=False,
-                    return_attention_mask=False)["input_ids"] if len(smiles) else []  # fmt: skip
+    training pass reads ids instead of encoding again. Another representation's shard (`texts`) adds its text
+    (`text`), and counts and encodes that instead."""
+    tokenizer = tokenizer_from_vocab(vocab, representation=representation)
+    source = list(smiles if texts is None else texts)
+    ids = tokenizer(source, add_special_tokens=False, padding=False, truncation=False,
+                    return_attention_mask=False)["input_ids"] if source else []  # fmt: skip
+    if n_tokens is None:  # each regex token is one id (WordLevel), so the ids count the text's tokens
+        n_tokens = pa.array([len(i) for i in ids], pa.int32())
     return pa.table(
         {
             "smiles": pa.array(smiles, pa.string()),
+            **({} if texts is None else {"text": pa.array(texts, pa.string())}),
             "n_tokens": n_tokens.cast(pa.int32()),
             "ids": pa.array(ids, pa.list_(id_type(len(vocab)))),
         }
     )
 
 
-def write_shard(data: DataDir, split: Split, index: int, pieces: Sequence[tuple], vocab: dict[str, int]) -> ShardFile:
-    """Write shard `index` of `split` from row ranges (table or Ray object ref, start, stop) of the sorted part."""
+def write_shard(
+    data: DataDir, split: Split, index: int, pieces: Sequence[tuple], vocabs: dict[str, dict[str, int]]
+) -> dict[str, ShardFile]:
+    """Write shard `index` of `split` from row ranges (table or Ray object ref, start, stop) of the sorted part: in
+    data/ the SMILES, and the same rows in each other representation of `vocabs` in data/<representation>/."""
     tables = [
         (ray.get(t) if isinstance(t, ray.ObjectRef) else t).slice(start, stop - start) for t, start, stop in pieces
     ]
     rows = pa.concat_tables(tables) if tables else pa.table({"smiles": pa.array([], pa.string()),
                                                              "n_tokens": pa.array([], pa.int32())})  # fmt: skip
-    table = shard_table(rows.column("smiles").to_pylist(), rows.column("n_tokens").combine_chunks(), vocab)
-    path = data.shard(split, index)
-    pq.write_table(table, path)
-    return ShardFile(path=path.name, split=split, n_rows=table.num_rows, sha256=sha256_file(path))
+    smiles = rows.column("smiles").to_pylist()
+    written = {}
+    for representation, vocab in vocabs.items():
+        if representation == "smiles":
+            table = shard_table(smiles, rows.column("n_tokens").combine_chunks(), vocab)
+        else:
+            column = f"text_{representation}"
+            texts = rows.column(column).to_pylist() if column in rows.column_names else []
+            table = shard_table(smiles, None, vocab, representation, texts)  # type: ignore[arg-type]
+        path = data.representation(representation).shard(split, index)
+        pq.write_table(table, path)
+        written[representation] = ShardFile(path=path.name, split=split, n_rows=table.num_rows,
+                                            sha256=sha256_file(path))  # fmt: skip
+    return written
 
 
 def write_rejects_part(data: DataDir, index: int, block, names: Sequence[str]) -> int:
@@ -1322,4 +1443,12 @@ def _damage(manifest: Manifest, data: DataDir) -> str | None:
             )
     if not data.has_tokenizer():
         return f"{manifest.tokenizer.path}/ is missing"
+    for r in manifest.representations:
+        other = data.representation(r)
+        try:
+            problem = _damage(other.manifest(), other)
+        except ManifestError as err:
+            problem = str(err)
+        if problem is not None:
+            return f"{r}/: {problem}"
     return None

@@ -5,6 +5,8 @@
     runs/<sweep>/data/{train,val}-*.parquet         shard_paths(split); written by prepare, named by shard_name()
     runs/<sweep>/data/rejects.csv                   write_rejects()
     runs/<sweep>/data/tokenizer/                    tokenizer (a save_pretrained directory)
+    runs/<sweep>/data/<representation>/             data_of(trial): selfies, deepsmiles, safe (data.representation),
+                                                    each a data directory of its own (manifest, shards, tokenizer)
     runs/<sweep>/trials/<trial>/                    trial(id) -> TrialDir: trial.json, metrics.jsonl, nodes.txt,
                                                     result.json, checkpoints/<tokens:012d>/, stable/ (wsd)
     runs/<sweep>/tune/                              Ray Tune's and Ray Train's own state (for --resume)
@@ -57,6 +59,7 @@ from clmscale.engine.files import (
     write_parquet_atomic,
     write_text_atomic,
 )
+from clmscale.engine.representations import REPRESENTATIONS
 
 Split = Literal["train", "val"]
 
@@ -93,8 +96,10 @@ class Counts(Strict):
     n_filtered: int  # removed by max_heavy_atoms or max_tokens (also in rejects.csv)
     n_filtered_heavy_atoms: int
     n_filtered_tokens: int
+    n_unconverted: int = 0  # a representation of the grid cannot write them, or reads them back wrong (rejects.csv)
+    unconverted: dict[str, int] = {}  # representation -> molecules it rejected (the first that failed each)
     n_kept: int
-    train: SplitCounts
+    train: SplitCounts  # n_tokens: of this data directory's representation
     val: SplitCounts
 
 
@@ -113,6 +118,11 @@ class TaskOverlap(Strict):
 
 class Manifest(Strict):
     format_version: int = 1
+    # the molecular string of this directory's shards and tokenizer: data/ holds the canonical SMILES; each other
+    # representation of the grid is a data directory of its own inside it, data/<representation>/ (same molecules,
+    # same split, same order), listed in `representations` of data/'s manifest
+    representation: str = "smiles"
+    representations: list[str] = []
     inputs: list[InputFile]
     options: dict[str, Any]  # the DataConfig without `corpus`
     rdkit_version: str
@@ -195,8 +205,27 @@ class DataDir:
                 break
         return tokens + 2 * n_molecules
 
+    def pass_characters(self, n_molecules: int | None = None) -> int:
+        """Characters of one pass over the first n_molecules of the train split (None: all of it): of the text
+        the model reads (the `text` column of another representation's shards, else the SMILES)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        chars, left = 0, n_molecules if n_molecules is not None else self.manifest().counts.train.n_molecules
+        for path in self.shard_paths("train"):
+            column = "text" if "text" in pq.read_schema(path).names else "smiles"
+            texts = pq.read_table(path, columns=[column]).column(column).slice(0, left)
+            chars, left = chars + int(pc.sum(pc.utf8_length(texts)).as_py() or 0), left - len(texts)
+            if left == 0:
+                break
+        return chars
+
     def shard(self, split: Split, index: int) -> Path:
         return self.path / f"{split}-{index:05d}.parquet"
+
+    def representation(self, name: str) -> DataDir:
+        """The data directory of a representation: this one for smiles, data/<name>/ for the others."""
+        return self if name == "smiles" else DataDir(self.path / name)
 
     def write_rejects(self, rows: Iterable[tuple[str, int, str, str]]) -> None:
         """rejects.csv: file, line (1-based), smiles, reason."""
@@ -243,7 +272,7 @@ class DataDir:
         """A file or folder that prepare writes here (an earlier prepare's output, safe to clear)."""
         name = Path(path).name
         return (
-            name in ("manifest.json", "rejects.csv", "tokenizer")
+            name in ("manifest.json", "rejects.csv", "tokenizer", *REPRESENTATIONS)
             or name.startswith((".manifest.json.", ".rejects.csv."))  # an atomic writer's temporary file
             or (name.endswith(".parquet") and name.startswith(("train-", "val-")))
         )
@@ -573,12 +602,15 @@ TABLES: dict[str, Table] = {
             "trial_id",
             "family",
             "mlm_probability",
+            "representation",
             "rung",
             "seed",
             "n_params",
             "n_params_non_embedding",
             "budget_tokens",
             "tokens",
+            "molecules_seen",
+            "characters_seen",
             "flops",
             "annealed",
             "epochs",
@@ -1273,6 +1305,10 @@ class RunDir:
 
     def shard_paths(self, split: Split) -> list[Path]:
         return self.data.shard_paths(split)
+
+    def data_of(self, trial: Trial) -> DataDir:
+        """The data directory a trial reads: its representation's (data/ itself for smiles)."""
+        return self.data.representation(trial.representation)
 
     # ---- trials/ --------------------------------------------------------------------------------
     @property

@@ -60,6 +60,7 @@ class TrialSpec(Strict):
     run_dir: Path
     budget_tokens: int  # in tokens, after epochs were converted with the manifest
     train_split_tokens: int  # one pass over the molecules it draws from, specials included: epochs, unique tokens
+    randomized_smiles: int = 0  # data.randomized_smiles: k random SMILES per molecule per pass (0: canonical once)
     max_seq_len: int
     dropout: float
     worker_env: dict[str, str] = {}  # extra environment of the Train workers (fault injection in tests)
@@ -88,7 +89,7 @@ def pass_tokens(rd: RunDir, trial: Trial) -> int:
     """Tokens of one pass over the molecules the trial draws from (its `unique_molecules`, or the whole train
     split), 2 special tokens per molecule included; a SweepError when the split has fewer molecules."""
     try:
-        return rd.data.pass_tokens(trial.unique_molecules)
+        return rd.data_of(trial).pass_tokens(trial.unique_molecules)
     except ValueError as err:
         raise SweepError(f"{rd.sweep_yaml}: trial {trial.trial_id}: {err}") from None
 
@@ -189,9 +190,9 @@ def run_trial(config: dict) -> None:
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     train_ds = data.train_dataset(
-        shard_paths=rd.shard_paths("train"),
+        shard_paths=rd.data_of(trial).shard_paths("train"),
         n_molecules=trial.unique_molecules,
-        tokenizer=rd.tokenizer,
+        tokenizer=rd.data_of(trial).tokenizer,
         family=trial.family,
         micro_batch_size=trial.train.micro_batch_size,
         max_seq_len=spec.max_seq_len,
@@ -199,6 +200,7 @@ def run_trial(config: dict) -> None:
         packing=trial.train.packing,
         length_buckets=trial.train.length_buckets,
         seed=trial.seed if trial.train.seed_data else 0,
+        randomized_smiles=spec.randomized_smiles,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -276,7 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
         if pg is not None:
             folder.write_placement_group(pg.id.hex())
         folder.append_node(ray.get_runtime_context().get_node_id())
-    tokenizer = load_tokenizer(rd.tokenizer)
+    tokenizer = load_tokenizer(rd.data_of(trial).tokenizer)
     shard = ray.train.get_dataset_shard("train")
     model_config = build_config(trial.family, trial.size, len(tokenizer), spec.max_seq_len, dropout=spec.dropout)
     train(
@@ -287,7 +289,8 @@ def train_loop_per_worker(config: dict) -> None:
         model_config=model_config,
         budget_tokens=spec.budget_tokens,
         train_split_tokens=spec.train_split_tokens,
-        tokenizer_dir=rd.tokenizer,
+        views=max(1, spec.randomized_smiles),
+        tokenizer_dir=rd.data_of(trial).tokenizer,
         report=DashboardReporter(trial.trial_id, spec.budget_tokens),
         # Ray names a CUDA device for every worker given a GPU, logical ones too (a CPU test cluster's
         # `num_gpus`): torch decides whether there is one
@@ -457,7 +460,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> pd.DataFrame:
     check_fits(trials, nodes, ceiling)  # before any write
     rd.write_config(cfg)
     manifest = prepare(cfg.data, rd.data, downstream=cfg.downstream)
-    trials = resolve_auto(trials, list(ceiling.nodes or nodes), cfg, manifest.tokenizer.vocab_size)
+    vocab_size = max(rd.data.representation(r).manifest().tokenizer.vocab_size for r in cfg.data.representations())
+    trials = resolve_auto(trials, list(ceiling.nodes or nodes), cfg, vocab_size)
     check_fits(trials, nodes, ceiling)  # auto may have raised a trial's workers
     todo = [t for t in trials if rd.trial(t.trial_id).result() is None]
     log.info(
@@ -489,16 +493,19 @@ def _tune(
     """Ray Tune over `trials`, admitted by the packing searcher (largest first, by FLOPs within a size)."""
     from clmscale.engine.models import build_config, flops_per_token
 
-    # one read of the train shards' token counts per distinct unique-data size, not one per trial
-    by_unique = {t.unique_molecules: t for t in trials}
-    tokens_of = {n: pass_tokens(rd, t) for n, t in by_unique.items()}
-    epoch_tokens = [tokens_of[t.unique_molecules] for t in trials]
+    # one read of the train shards' token counts per representation and unique-data size, not one per trial; a
+    # pass shows each molecule `views` times (data.randomized_smiles), so an epoch budget counts them all
+    by_unique = {(t.representation, t.unique_molecules): t for t in trials}
+    tokens_of = {key: pass_tokens(rd, t) for key, t in by_unique.items()}
+    views = max(1, cfg.data.randomized_smiles)
+    epoch_tokens = [views * tokens_of[t.representation, t.unique_molecules] for t in trials]
     specs = [
         TrialSpec(
             trial=t,
             run_dir=rd.root,
             budget_tokens=token_budget(t, tokens),
             train_split_tokens=tokens,
+            randomized_smiles=cfg.data.randomized_smiles,
             max_seq_len=cfg.model.max_seq_len,
             dropout=cfg.model.dropout,
             worker_env=_fault_injection(t.trial_id),
@@ -507,7 +514,8 @@ def _tune(
     ]
     costs = [
         flops_per_token(
-            build_config(t.family, t.size, manifest.tokenizer.vocab_size, cfg.model.max_seq_len), cfg.model.max_seq_len
+            build_config(t.family, t.size, rd.data_of(t).manifest().tokenizer.vocab_size, cfg.model.max_seq_len),
+            cfg.model.max_seq_len,
         )
         * s["budget_tokens"]
         for t, s in zip(trials, specs, strict=True)
@@ -579,6 +587,7 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
         "trial_id": trial.trial_id,
         "family": trial.family,
         "mlm_probability": math.nan if trial.mlm_probability is None else trial.mlm_probability,
+        "representation": trial.representation,
         "rung": trial.size.name,
         "seed": trial.seed,
         "n_params": result.n_params,
@@ -593,6 +602,8 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
                 **base,
                 "checkpoint": None,
                 "tokens": result.n_tokens,
+                "molecules_seen": math.nan,
+                "characters_seen": math.nan,
                 "flops": result.flops,
                 "annealed": False,
                 "epochs": result.epochs,
@@ -609,11 +620,14 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
             }
         ]
     folder = rd.trial(trial.trial_id)
+    per_token = _seen_per_token(rd, trial)
     return [
         {
             **base,
             "checkpoint": rd.relative(folder.path / ck.path),
             "tokens": ck.n_tokens,
+            "molecules_seen": ck.n_tokens * per_token[0],
+            "characters_seen": ck.n_tokens * per_token[1],
             "flops": ck.flops,
             "annealed": ck.annealed,
             "epochs": ck.epochs,
@@ -630,6 +644,18 @@ def pretrain_rows(rd: RunDir, trial: Trial, result: TrainResult) -> list[dict[st
         }
         for ck in result.checkpoints
     ]
+
+
+def _seen_per_token(rd: RunDir, trial: Trial) -> tuple[float, float]:
+    """Molecules and characters per trained token of the trial's pass (its unique molecules, or the train split):
+    D in units that do not depend on the representation's tokenizer (data.representation; fits.data_measure).
+    Exact at whole passes, pro rata within one. NaN without a prepared data directory (standalone training)."""
+    data = rd.data_of(trial)
+    if not data.has_manifest():
+        return math.nan, math.nan
+    n = trial.unique_molecules or data.manifest().counts.train.n_molecules
+    tokens = data.pass_tokens(trial.unique_molecules)
+    return n / tokens, data.pass_characters(trial.unique_molecules) / tokens
 
 
 def _train_molecules(rd: RunDir) -> int | None:

@@ -27,7 +27,7 @@ import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, NamedTuple
 
@@ -394,6 +394,8 @@ class TaskData:
     n_rows: int  # data rows in the file
     invalid: list[tuple[int, str]]  # (line in the file, SMILES) that RDKit cannot parse; dropped
     n_unlabeled: int  # rows with no label at all; dropped
+    # (row, SMILES, why) of molecules not every representation of the grid can write; dropped (engine.analyze)
+    unconverted: list[tuple[int, str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.smiles)

@@ -11,19 +11,23 @@ first with ties broken alphabetically, so ids are deterministic; then (`extend_v
 types that only the downstream tasks' canonical SMILES have, in the same order, so a MOSES corpus
 without stereo still gives `[C@@H]` an id of its own instead of [UNK]. The corpus's ids do not
 depend on the tasks. The result is a `PreTrainedTokenizerFast` directory that
-`transformers.AutoTokenizer.from_pretrained` loads.
+`transformers.AutoTokenizer.from_pretrained` loads. The other representations' tokenizers
+(engine.representations) are built the same way with their own regex (SELFIES: one token per bracket symbol).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from clmscale.engine.representations import Representation, token_regex
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -44,16 +48,17 @@ SPECIAL_TOKENS = {
 }
 
 
-def smiles_tokens(smiles: str) -> list[str]:
-    """Regex tokens of one SMILES, with each unmatched run kept as a token (no vocabulary involved).
+def smiles_tokens(smiles: str, pattern: re.Pattern[str] = _SMILES_RE) -> list[str]:
+    """Regex tokens of one SMILES (or of another representation's text, with its `pattern`), with each unmatched
+    run kept as a token (no vocabulary involved).
 
     Gives exactly the pieces of the `Split(..., "isolated")` pre-tokenizer below.
     """
-    tokens = _SMILES_RE.findall(smiles)
+    tokens = pattern.findall(smiles)
     if sum(map(len, tokens)) == len(smiles):  # the usual case: the regex covers every character
         return tokens
     tokens, end = [], 0
-    for match in _SMILES_RE.finditer(smiles):
+    for match in pattern.finditer(smiles):
         if match.start() > end:
             tokens.append(smiles[end : match.start()])  # an unmatched run
         tokens.append(match.group())
@@ -63,14 +68,21 @@ def smiles_tokens(smiles: str) -> list[str]:
     return tokens
 
 
-def build_vocab(smiles: Iterable[str]) -> dict[str, int]:
+def tokens_of(representation: Representation) -> Callable[[str], list[str]]:
+    """The token splitter of a representation's texts (`smiles_tokens` with its regex)."""
+    return functools.partial(smiles_tokens, pattern=re.compile(token_regex(representation)))
+
+
+def build_vocab(smiles: Iterable[str], representation: Representation = "smiles") -> dict[str, int]:
     """Special tokens first, then tokens by falling frequency, ties alphabetical."""
-    return extend_vocab({token: i for i, token in enumerate(SPECIAL_TOKENS.values())}, smiles)
+    return extend_vocab({token: i for i, token in enumerate(SPECIAL_TOKENS.values())}, smiles, representation)
 
 
-def extend_vocab(vocab: dict[str, int], smiles: Iterable[str]) -> dict[str, int]:
+def extend_vocab(
+    vocab: dict[str, int], smiles: Iterable[str], representation: Representation = "smiles"
+) -> dict[str, int]:
     """`vocab` plus the tokens of `smiles` it lacks, appended by falling frequency, ties alphabetical."""
-    return extend_vocab_from_counts(vocab, Counter(chain.from_iterable(map(smiles_tokens, smiles))))
+    return extend_vocab_from_counts(vocab, Counter(chain.from_iterable(map(tokens_of(representation), smiles))))
 
 
 def extend_vocab_from_counts(vocab: dict[str, int], counts: Mapping[str, int]) -> dict[str, int]:
@@ -81,17 +93,22 @@ def extend_vocab_from_counts(vocab: dict[str, int], counts: Mapping[str, int]) -
     return vocab
 
 
-def build_tokenizer(smiles: Iterable[str], out_dir: Path | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    smiles: Iterable[str], out_dir: Path | None = None, representation: Representation = "smiles"
+) -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer over the regex tokens of `smiles`; saved to `out_dir` when given."""
-    return tokenizer_from_vocab(build_vocab(smiles), out_dir)
+    return tokenizer_from_vocab(build_vocab(smiles, representation), out_dir, representation)
 
 
-def tokenizer_from_vocab(vocab: dict[str, int], out_dir: Path | None = None) -> PreTrainedTokenizerFast:
-    """The WordLevel tokenizer of a `build_vocab` / `extend_vocab` vocabulary; saved to `out_dir` when given."""
+def tokenizer_from_vocab(
+    vocab: dict[str, int], out_dir: Path | None = None, representation: Representation = "smiles"
+) -> PreTrainedTokenizerFast:
+    """The WordLevel tokenizer of a `build_vocab` / `extend_vocab` vocabulary, splitting texts of `representation`
+    (engine.representations); saved to `out_dir` when given."""
     from transformers import PreTrainedTokenizerFast  # seconds to import; Ray workers only need smiles_tokens
 
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(SMILES_REGEX), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(token_regex(representation)), behavior="isolated")
     core.decoder = decoders.Fuse()  # tokens are glued back together with no spaces
     cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
     core.post_processor = processors.TemplateProcessing(

@@ -143,9 +143,11 @@ def anneals(cfg: TrainConfig) -> bool:
     return cfg.lr_min_ratio < 1 and (cfg.schedule != "constant_cooldown" or cfg.cooldown_fraction > 0)
 
 
-def data_use(n_tokens: int, train_split_tokens: int | None) -> tuple[float, float, str]:
+def data_use(n_tokens: int, train_split_tokens: int | None, views: int = 1) -> tuple[float, float, str]:
     """(epochs, unique tokens, warning) at `n_tokens`: passes over the train split, tokens of distinct
-    molecules (all of the split once it has been seen whole), and a warning past MAX_EPOCHS."""
+    molecules (all of the split once it has been seen whole), and a warning past MAX_EPOCHS. `views`: each pass
+    shows every molecule that many times (data.randomized_smiles, in `train_split_tokens` already); a molecule's
+    tokens count once in the unique tokens however it is spelled (conservative: a new atom order is not new data)."""
     if not train_split_tokens:
         return math.nan, math.nan, ""
     epochs = n_tokens / train_split_tokens
@@ -157,7 +159,7 @@ def data_use(n_tokens: int, train_split_tokens: int | None) -> tuple[float, floa
         if epochs > MAX_EPOCHS
         else ""
     )
-    return epochs, float(min(n_tokens, train_split_tokens)), warning
+    return epochs, float(min(n_tokens, train_split_tokens / views)), warning
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, family: str) -> torch.Tensor:
@@ -208,6 +210,7 @@ class _Run:
     budget: int
     milestones: tuple[int, ...]
     train_split_tokens: int | None  # the train split's size in tokens (epochs, unique tokens); None: unknown
+    views: int  # times each pass shows every molecule (data.randomized_smiles; 1: once, canonical)
     grad_accum: int
     world: int
     rank: int
@@ -260,6 +263,7 @@ def train(
     *,
     budget_tokens: int | None = None,
     train_split_tokens: int | None = None,
+    views: int = 1,
     tokenizer_dir: Path | None = None,
     report: Callable[[dict], None] = log_metrics,
     device: str | torch.device | None = None,
@@ -270,7 +274,8 @@ def train(
     `make_batches(epoch)` yields this worker's micro-batches (docs/CONTRACTS.md), the same ones for
     the same epoch; `val_batches` are the fixed validation batches, evaluated whole on every rank.
     `train_split_tokens` is the train split's size in the tokens the run counts (the sweep's
-    manifest), for each checkpoint's epochs and unique tokens (NaN without it).
+    manifest; with `views` > 1, data.randomized_smiles, one pass shows each molecule `views` times and
+    `train_split_tokens` counts them all), for each checkpoint's epochs and unique tokens (NaN without it).
     `report(metrics)` is called on every rank with the same (global) numbers, as Ray Train V2's
     `ray.train.report` requires. Resumes from the latest complete checkpoint in `trial_dir`
     (wsd: the latest stable state).
@@ -321,6 +326,7 @@ def train(
         budget=budget,
         milestones=tuple(milestones(budget, cfg.checkpoints)),
         train_split_tokens=train_split_tokens,
+        views=views,
         grad_accum=grad_accum,
         world=world,
         rank=rank,
@@ -366,7 +372,7 @@ def train(
     at = last if finished and last is not None else None
     n_tokens, n_steps = (at.n_tokens, at.step) if at else (state.n_tokens, state.step)
     tokens_spent = at.tokens_spent if at and at.tokens_spent is not None else state.tokens_spent
-    epochs, unique_tokens, _ = data_use(n_tokens, train_split_tokens)
+    epochs, unique_tokens, _ = data_use(n_tokens, train_split_tokens, views)
     n_params = count_params(model_config)
     result = TrainResult(
         trial_id=trial.trial_id,
@@ -840,7 +846,7 @@ def _save_checkpoint(loop: _Loop, milestone: int, *, annealed: bool, optimizer_s
     val_loss = _evaluate(engine, loop.val_batches, run.model_config)
     positions = _save_state(engine, folder, path, run, state) if optimizer_state else _positions(run, state)
     params = _full_fp32_params(engine)  # collective; the values only on rank 0
-    epochs, unique_tokens, warning = data_use(record["n_tokens"], run.train_split_tokens)
+    epochs, unique_tokens, warning = data_use(record["n_tokens"], run.train_split_tokens, run.views)
     info = CheckpointInfo(
         n_tokens=record["n_tokens"],
         path=str(path.relative_to(folder.path)),

@@ -172,8 +172,12 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
         raise NoData(f"no L(N, D) fit ({law.get('reason', 'none was made')})")
     figure = _figure(11.5, 4.6)
     surface_ax, frontier_ax = figure.subplots(1, 2, width_ratios=[1.15, 1])
+    from clmscale.fits.fit import D_COLUMNS
+
+    measure = law.get("data_measure", "tokens")  # D's unit: fits.data_measure
+    d_points = points[D_COLUMNS[measure]]
     n_lo, n_hi = points["n_params_non_embedding"].min() / 4, points["n_params_non_embedding"].max() * 10
-    d_lo, d_hi = points["tokens"].min() / 4, points["tokens"].max() * 10
+    d_lo, d_hi = d_points.min() / 4, d_points.max() * 10
     n_grid, d_grid = np.meshgrid(
         np.logspace(math.log10(n_lo), math.log10(n_hi), 120), np.logspace(math.log10(d_lo), math.log10(d_hi), 120)
     )
@@ -184,7 +188,7 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
     surface_ax.clabel(lines, fmt="%.2f", fontsize=7)
     surface_ax.scatter(
         points["n_params_non_embedding"],
-        points["tokens"],
+        d_points,
         c=points["val_loss"],
         cmap="viridis_r",
         norm=filled.norm,
@@ -207,7 +211,7 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
         xlim=(n_lo, n_hi),
         ylim=(d_lo, d_hi),
         xlabel="non-embedding parameters N",
-        ylabel="training tokens D",
+        ylabel=f"training {measure} D",
         title=f"Fitted L(N, D) (nats/token{identified})",
     )
     surface_ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
@@ -225,7 +229,7 @@ def loss_surface(points: pd.DataFrame, fits: dict, out: Path) -> Path:
 
     flops = np.asarray(frontier["flops"], float)
     frontier_ax.plot(flops, frontier["n_params"], color="tab:purple", lw=2, label="N* (parameters)")
-    frontier_ax.plot(flops, frontier["n_tokens"], color="tab:brown", lw=2, label="D* (tokens)")
+    frontier_ax.plot(flops, frontier["n_tokens"], color="tab:brown", lw=2, label=f"D* ({measure})")
     measured = points["flops"].to_numpy(float)
     measured = measured[np.isfinite(measured) & (measured > 0)]
     if measured.size:

@@ -144,6 +144,7 @@ class FitSettings:
     holdout_rungs: int
     annealed_only: bool = True  # recorded here; RunDir.fit_inputs applies it
     data_law: str = "tokens"  # tokens: L(N, D); effective: L(N, D') with repeated data discounted
+    data_measure: str = "tokens"  # D counts tokens, molecules or characters seen (D_COLUMNS)
     plateau_margin: dict[str, float] = dataclasses.field(default_factory=dict)  # metric -> margin per decade
     slope_method: str = "cluster_jackknife"  # a key of fits.slopes.METHODS: the run-level interval of a slope
     n_jobs: int | None = None  # bootstrap processes; None: one per CPU
@@ -215,10 +216,23 @@ def _chinchilla(s: FitSettings, n_bootstrap: int | None = None) -> ChinchillaFit
     )
 
 
+D_COLUMNS = {"tokens": "tokens", "molecules": "molecules_seen", "characters": "characters_seen"}  # fits.data_measure
+
+
 def _law_data(points: pd.DataFrame, s: FitSettings) -> tuple[np.ndarray, ...]:
-    """(N, D, loss), and each point's unique tokens when the law is the data-constrained one."""
-    names = ("n_params_non_embedding", "tokens", "val_loss") + (("unique_tokens",) if s.data_law == "effective" else ())
-    return tuple(points[name].to_numpy(float) for name in names)
+    """(N, D, loss), and each point's unique data (in D's unit) when the law is the data-constrained one; D in
+    the unit of `fits.data_measure`."""
+    n, tokens, loss = (points[name].to_numpy(float) for name in ("n_params_non_embedding", "tokens", "val_loss"))
+    d = _d_of(points, s.data_measure)
+    unique = (points["unique_tokens"].to_numpy(float) * d / tokens,) if s.data_law == "effective" else ()
+    return (n, d, loss, *unique)
+
+
+def _d_of(points: pd.DataFrame, measure: str) -> np.ndarray:
+    column = D_COLUMNS[measure]
+    if column not in points.columns:
+        return np.full(len(points), np.nan)
+    return points[column].to_numpy(float)
 
 
 def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
@@ -227,6 +241,11 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     unpinned law is not a number to print)."""
     data = _law_data(points, s)
     n, d = data[0], data[1]
+    if not np.isfinite(d).all():
+        return skipped(
+            f"fits.data_measure is {s.data_measure}, and {int((~np.isfinite(d)).sum())} checkpoints have no "
+            f"{D_COLUMNS[s.data_measure]} (trained without a prepared data directory, or before it was recorded)"
+        )
     n_distinct = len(set(zip(n, d, strict=True)))
     if n_distinct < MIN_LAW_POINTS:
         return skipped(
@@ -241,9 +260,9 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     result = _fitted(law, *data)
     if result["status"] != "ok":
         return result
-    result.update(n_distinct_points=n_distinct, n_rungs=int(np.unique(n).size))
+    result.update(n_distinct_points=n_distinct, n_rungs=int(np.unique(n).size), data_measure=s.data_measure)
     if result["identified"]:
-        result["frontier"] = {"status": "ok", **result["frontier"], **_frontier(law, points)}
+        result["frontier"] = {"status": "ok", **result["frontier"], **_frontier(law, points, s.data_measure)}
     else:
         result["frontier"] = skipped(
             "L(N, D) is not identified from this grid, so no compute-optimal allocation "
@@ -253,14 +272,15 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     return result
 
 
-def _frontier(law: ChinchillaFit, points: pd.DataFrame) -> dict:
+def _frontier(law: ChinchillaFit, points: pd.DataFrame, measure: str = "tokens") -> dict:
     """N*(C), D*(C) over the measured range of C and two decades beyond, with bootstrap intervals of the exponents.
 
     C is taken as flops_per_param_token·N·D with the constant measured on this run (the median of
     flops / (N·D) over its checkpoints; 6 when no FLOPs were recorded), so the curve shares the FLOPs axis of
     the data instead of assuming the 6·N·D of Kaplan et al. for models whose embeddings and attention count.
     """
-    n, d, flops = (points[name].to_numpy(float) for name in ("n_params_non_embedding", "tokens", "flops"))
+    n, flops = (points[name].to_numpy(float) for name in ("n_params_non_embedding", "flops"))
+    d = _d_of(points, measure)
     ratio = flops / (n * d)
     ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
     per_param_token = float(np.median(ratio)) if ratio.size else 6.0
@@ -1503,7 +1523,7 @@ def fit_run(
 # --------------------------------------------------------------------------------------------
 # the grid's axes: a law or a verdict is fitted per arm (one value of each axis), never pooled across them
 
-AXIS_COLUMNS = ("family", "mlm_probability")  # pretrain.parquet's record of each trial's axis values
+AXIS_COLUMNS = ("representation", "family", "mlm_probability")  # pretrain.parquet's record of each trial's axis values
 
 
 def _axis_value(value):

@@ -510,12 +510,14 @@ def _fit_rows(what: str, result: dict) -> list[list]:
 def _law_tables(fits: dict) -> str:
     law, compute = fits.get("loss_law", {}), fits.get("compute_law", {})
     effective = "R_star" in law.get("params", {})
+    unit = {"tokens": "tokens", "molecules": "molecules", "characters": "characters"}.get(
+        law.get("data_measure", "tokens"), "tokens"
+    )  # fits.data_measure: what D counts
     rows = _fit_rows(
-        "L(N, D, U) = E + A/N^α + B/D′^β, D′ = U + U·R*·(1 − e^(−(D/U − 1)/R*))"
-        if effective
-        else "L(N, D) = E + A/N^α + B/D^β",
+        ("L(N, D, U) = E + A/N^α + B/D′^β, D′ = U + U·R*·(1 − e^(−(D/U − 1)/R*))"
+         if effective else "L(N, D) = E + A/N^α + B/D^β") + f", D in {unit} seen",
         law,
-    )
+    )  # fmt: skip
     if compute.get("status") == "ok":
         rows += _fit_rows("L(C) = E + A·C^−γ, compute frontier", compute.get("saturating_frontier"))
         rows += _fit_rows("L(C) = E + A·C^−γ, all checkpoints", compute.get("saturating_all"))
