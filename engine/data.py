@@ -7,13 +7,14 @@ The story, top to bottom:
   collate   token ids -> one batch dict (docs/CONTRACTS.md): padding, MLM masking or CLM labels, packing.
   local_batches / validation_batches   the plain path: pyarrow + numpy, no Ray (standalone or torch.distributed).
   train_dataset / worker_batches       the Ray path: Ray Data reads, shuffles, encodes and collates on its
-                                       own CPUs (reading prepare's ids; encoding only older shards), one
-                                       micro-batch per row; each Ray Train worker unpacks its
-                                       shard of those rows into tensors.
+                                       own CPUs (reading prepare's ids; encoding only older shards, or
+                                       random SMILES with data.randomized_smiles), one micro-batch per
+                                       row, mlm rows unmasked; each Ray Train worker unpacks its shard of
+                                       those rows into tensors on its device and masks them there.
 
-Determinism: the masking RNG of a batch is seeded from (seed, epoch, the batch's token ids), so the same
-molecules in the same order get the same masks whichever process collates them. Everything above the Ray
-section imports without Ray.
+Determinism: the masking generator of a batch (`mask_tokens`, torch) is seeded from (seed, epoch, the batch's
+token ids), so the same molecules in the same order get the same masks whichever process masks them, on one
+kind of device. Everything above the Ray section imports without Ray.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,12 +93,22 @@ def collate_args(tokenizer: PreTrainedTokenizerFast) -> dict:
     }
 
 
-def batch_rng(seed: int, epoch: int, ids: Sequence[Sequence[int]]) -> np.random.Generator:
-    """The masking RNG of one batch: a function of (seed, epoch, its token ids) and nothing else."""
+def _ids_digest(ids: Sequence[Sequence[int]]) -> int:
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     digest = hashlib.blake2b(lengths.tobytes(), digest_size=8)  # lengths first: [1,2],[3] != [1],[2,3]
     digest.update(np.concatenate([np.asarray(s, dtype=np.int64) for s in ids]).tobytes() if ids else b"")
-    return np.random.default_rng([seed % 2**63, epoch % 2**63, int.from_bytes(digest.digest(), "little")])
+    return int.from_bytes(digest.digest(), "little")
+
+
+def batch_rng(seed: int, epoch: int, ids: Sequence[Sequence[int]]) -> np.random.Generator:
+    """A batch's RNG (length buckets' order): a function of (seed, epoch, its token ids) and nothing else."""
+    return np.random.default_rng([seed % 2**63, epoch % 2**63, _ids_digest(ids)])
+
+
+def batch_seed(seed: int, epoch: int, ids: Sequence[Sequence[int]]) -> int:
+    """The masking seed of one batch (a torch generator's, `mask_tokens`): a function of (seed, epoch, its token
+    ids) and nothing else, below 2**63."""
+    return int(np.random.default_rng([seed % 2**63, epoch % 2**63, _ids_digest(ids)]).integers(2**63))
 
 
 def _padded_length(longest: int, max_seq_len: int | None) -> int:
@@ -132,11 +144,14 @@ def collate(
     vocab_size: int,
     special_ids: Sequence[int],
     mlm_probability: float,
-    rng: np.random.Generator,
+    mask_seed: int | None,
     packing: bool = False,
     max_seq_len: int | None = None,
 ) -> Batch:
     """One batch dict of int64 tensors (docs/CONTRACTS.md) from encoded sequences.
+
+    mlm families: masked here with `mask_tokens` seeded by `mask_seed`; `mask_seed=None` leaves the batch
+    unmasked and without labels, for the Ray Train worker to mask on its device (`worker_batches`).
 
     Without packing: one molecule per row, right-padded to the longest (rounded up to a multiple of 8,
     never past max_seq_len). With packing: molecules fill rows of at most max_seq_len tokens in order
@@ -171,44 +186,56 @@ def collate(
         position_ids[real] = offsets
         batch["position_ids"] = position_ids
 
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
     if masked:
-        batch["input_ids"], batch["labels"] = _mask_tokens(
-            input_ids, real, special_ids, mask_id, vocab_size, mlm_probability, rng
-        )
+        if mask_seed is not None:
+            tensors["input_ids"], tensors["labels"] = mask_tokens(
+                tensors["input_ids"], tensors["attention_mask"], special_ids, mask_id, vocab_size, mlm_probability,
+                mask_seed,
+            )  # fmt: skip
+        return tensors
     else:
         labels = np.where(real, input_ids, IGNORE_INDEX)
         if packing:  # no loss on predicting a molecule's [BOS] from the previous molecule's [EOS]
             flat_labels = labels[real]
             flat_labels[starts] = IGNORE_INDEX
             labels[real] = flat_labels
-        batch["labels"] = labels
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
+        tensors["labels"] = torch.from_numpy(labels)
+    return tensors
 
 
-def _mask_tokens(
-    input_ids: np.ndarray,
-    real: np.ndarray,
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
     special_ids: Sequence[int],
     mask_id: int,
     vocab_size: int,
     probability: float,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """BERT masking (Devlin et al. 2019): pick `probability` of the non-special tokens; 80 % -> [MASK],
-    10 % -> a random non-special token, 10 % unchanged. At least one token per batch is picked, so the
-    loss is never an empty mean."""
-    candidates = real & ~np.isin(input_ids, special_ids)  # (B, T)
-    picked = candidates & (rng.random(input_ids.shape) < probability)
-    if not picked.any() and candidates.any():
-        picked.flat[rng.choice(np.flatnonzero(candidates))] = True
-    labels = np.where(picked, input_ids, IGNORE_INDEX)
-    action = rng.random(input_ids.shape)
-    to_mask = picked & (action < 0.8)
-    to_random = picked & (action >= 0.8) & (action < 0.9)
-    ordinary = np.setdiff1d(np.arange(vocab_size), special_ids)
-    masked = input_ids.copy()
-    masked[to_mask] = mask_id
-    masked[to_random] = rng.choice(ordinary, size=int(to_random.sum()))
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking (Devlin et al. 2019) with torch on the tensors' device: pick `probability` of the non-special
+    tokens; 80 % -> [MASK], 10 % -> a random non-special token, 10 % unchanged. At least one token per batch is
+    picked, so the loss is never an empty mean. A torch generator on that device seeded with `seed` draws every
+    choice, so a batch gets the same masks wherever it is masked on one kind of device (CPU and CUDA generators
+    differ). No host synchronisation: the at-least-one rule is a tensor operation, not a branch."""
+    device = input_ids.device
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    specials = torch.as_tensor(list(special_ids), dtype=input_ids.dtype, device=device)
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, specials)  # (B, T)
+    picked = candidates & (torch.rand(input_ids.shape, generator=g, device=device) < probability)
+    # a batch with nothing picked gets its candidate of the highest random score (a no-op when one is picked)
+    scores = torch.where(candidates, torch.rand(input_ids.shape, generator=g, device=device), -1.0).flatten()
+    none = ~picked.any() & candidates.any()
+    best = scores.argmax().unsqueeze(0)
+    flat = picked.flatten()
+    picked = flat.scatter(0, best, flat.gather(0, best) | none.unsqueeze(0)).view(input_ids.shape)
+    labels = torch.where(picked, input_ids, IGNORE_INDEX)
+    action = torch.rand(input_ids.shape, generator=g, device=device)
+    ordinary = torch.as_tensor(np.setdiff1d(np.arange(vocab_size), list(special_ids)), device=device)
+    random = ordinary[torch.randint(len(ordinary), input_ids.shape, generator=g, device=device)]
+    masked = torch.where(picked & (action < 0.8), mask_id, input_ids)
+    masked = torch.where(picked & (action >= 0.8) & (action < 0.9), random, masked)
     return masked, labels
 
 
@@ -243,7 +270,10 @@ def _collated(
     mlm_probability: float,
     packing: bool,
     length_buckets: bool = False,
+    defer_masking: bool = False,
 ) -> Iterator[Batch]:
+    """Batches of `seqs`; `defer_masking`: mlm batches left unmasked, each with its `mask_seed` (a 0-d tensor) for
+    the Ray Train worker to mask on its device (`worker_batches`)."""
     args = collate_args(tokenizer)
     groups = (
         _length_buckets(seqs, micro_batch_size, seed, epoch)
@@ -251,9 +281,12 @@ def _collated(
         else _groups(seqs, micro_batch_size, packing, max_seq_len)
     )
     for group in groups:
-        rng = batch_rng(seed, epoch, group)
-        yield collate(group, family, **args, mlm_probability=mlm_probability, rng=rng,
-                      packing=packing, max_seq_len=max_seq_len)  # fmt: skip
+        mask_seed = batch_seed(seed, epoch, group)
+        batch = collate(group, family, **args, mlm_probability=mlm_probability, packing=packing,
+                        mask_seed=None if defer_masking else mask_seed, max_seq_len=max_seq_len)  # fmt: skip
+        if defer_masking and "labels" not in batch:
+            batch["mask_seed"] = torch.tensor(mask_seed)
+        yield batch
 
 
 def bucket_window(micro_batch_size: int) -> int:
@@ -515,9 +548,11 @@ def _make_batches(
     else:
         seqs = encode(batch[SMILES_COLUMN].tolist(), tokenizer, family, max_seq_len)
     made = list(_collated(seqs, tokenizer, family, micro_batch_size, max_seq_len, seed, epoch,
-                          mlm_probability, packing, length_buckets))  # fmt: skip
+                          mlm_probability, packing, length_buckets, defer_masking=True))  # fmt: skip
     out = {"shape": np.array([b["input_ids"].shape for b in made], dtype=np.int64), "epoch": np.full(len(made), epoch)}
-    for name in BATCH_COLUMNS if packing else BATCH_COLUMNS[:3]:
+    if made and "mask_seed" in made[0]:  # mlm: the worker masks each batch on its device with this seed
+        out["mask_seed"] = np.array([int(b["mask_seed"]) for b in made], dtype=np.int64)
+    for name in [n for n in (BATCH_COLUMNS if packing else BATCH_COLUMNS[:3]) if not made or n in made[0]]:
         column = np.empty(len(made), dtype=object)
         column[:] = [b[name].numpy().ravel() for b in made]  # 1-D per row: one Arrow type for every width
         out[name] = column
@@ -570,7 +605,7 @@ def train_dataset(
         # Only the shards that hold the first n molecules are read. Their read tasks take no CPU: once the
         # limit is reached, a read task that has more rows waits on backpressure until the pass ends, and
         # holding a CPU it starved the shuffle's tasks behind it (a trial hung on a 2-CPU cluster).
-        ds = ray.data.read_parquet(_prefix_shards(shard_paths, n_molecules), ray_remote_args={"num_cpus": 0})
+        ds = ray.data.read_parquet(_prefix_shards(shard_paths, n_molecules), num_cpus=0)
         ds = ds.select_columns([column]).limit(n_molecules)
     if shuffle:
         # a full shuffle of short SMILES strings is cheap next to training; block order alone would
@@ -609,8 +644,32 @@ def _prefix_shards(shard_paths: Sequence[str | Path], n_molecules: int) -> list[
     return out
 
 
-def worker_batches(shard: ray.data.DataIterator | ray.data.Dataset, epoch: int) -> Iterator[Batch]:
+@dataclass(frozen=True)
+class Masking:
+    """What a Train worker needs to mask mlm batches itself (`mask_tokens`): the tokenizer's ids and the ratio."""
+
+    special_ids: tuple[int, ...]
+    mask_id: int
+    vocab_size: int
+    probability: float
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerFast, probability: float) -> Masking:
+        args = collate_args(tokenizer)
+        return cls(tuple(args["special_ids"]), args["mask_id"], args["vocab_size"], probability)
+
+
+def worker_batches(
+    shard: ray.data.DataIterator | ray.data.Dataset,
+    epoch: int,
+    masking: Masking | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[Batch]:
     """One epoch of this worker's batches from its shard (`ray.train.get_dataset_shard("train")`).
+
+    mlm streams arrive unmasked, each batch with its seed: they are moved to `device` (default: stay on the CPU)
+    and masked there (`mask_tokens` with `masking`), so the masking runs on the worker's GPU when it has one and
+    the data CPUs only read and pad. On the CPU the masks equal `local_batches`' for the same batch.
 
     Call it once per epoch: each call is a new pass over the dataset (see the note above). `epoch` is the
     caller's count; when it differs from the pipeline's own (a restarted worker group starts again at 0,
@@ -624,5 +683,15 @@ def worker_batches(shard: ray.data.DataIterator | ray.data.Dataset, epoch: int) 
             if rows["epoch"][i] != epoch and not warned:
                 logger.warning("batches of pipeline pass %d read as epoch %d", rows["epoch"][i], epoch)
                 warned = True
-            yield {name: torch.from_numpy(np.array(rows[name][i], dtype=np.int64).reshape(n_rows, width))
-                   for name in BATCH_COLUMNS if name in rows}  # fmt: skip
+            batch = {name: torch.from_numpy(np.array(rows[name][i], dtype=np.int64).reshape(n_rows, width))
+                     for name in BATCH_COLUMNS if name in rows}  # fmt: skip
+            if device is not None:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if "mask_seed" in rows:
+                if masking is None:
+                    raise ValueError("an mlm stream's batches are masked by the worker: pass masking=Masking.of(...)")
+                batch["input_ids"], batch["labels"] = mask_tokens(
+                    batch["input_ids"], batch["attention_mask"], masking.special_ids, masking.mask_id,
+                    masking.vocab_size, masking.probability, int(rows["mask_seed"][i]),
+                )  # fmt: skip
+            yield batch

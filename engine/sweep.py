@@ -280,11 +280,15 @@ def train_loop_per_worker(config: dict) -> None:
         folder.append_node(ray.get_runtime_context().get_node_id())
     tokenizer = load_tokenizer(rd.data_of(trial).tokenizer)
     shard = ray.train.get_dataset_shard("train")
+    # Ray names a CUDA device for every worker given a GPU, logical ones too (a CPU test cluster's `num_gpus`):
+    # torch decides whether there is one
+    device = get_device() if torch.cuda.is_available() else torch.device("cpu")
+    masking = data.Masking.of(tokenizer, trial.mlm_probability) if trial.mlm_probability is not None else None
     model_config = build_config(trial.family, trial.size, len(tokenizer), spec.max_seq_len, dropout=spec.dropout)
     train(
         trial,
         folder,
-        make_batches=lambda epoch: data.worker_batches(shard, epoch),
+        make_batches=lambda epoch: data.worker_batches(shard, epoch, masking, device),  # masked on the device
         val_batches=data.trial_validation_batches(rd, trial, spec.max_seq_len, tokenizer=tokenizer),
         model_config=model_config,
         budget_tokens=spec.budget_tokens,
@@ -292,9 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
         views=max(1, spec.randomized_smiles),
         tokenizer_dir=rd.data_of(trial).tokenizer,
         report=DashboardReporter(trial.trial_id, spec.budget_tokens),
-        # Ray names a CUDA device for every worker given a GPU, logical ones too (a CPU test cluster's
-        # `num_gpus`): torch decides whether there is one
-        device=get_device() if torch.cuda.is_available() else torch.device("cpu"),
+        device=device,
     )
 
 

@@ -992,6 +992,16 @@ def _inputs_html(manifest, finetune: pd.DataFrame) -> str:
             f"{manifest.counts.n_decontaminated:,} in all (listed in <code>data/rejects.csv</code>).</p>",
             _table(["task", "task molecules", "removed from corpus"], rows, numeric={1, 2}),
         ]
+    if manifest is not None and manifest.representations:
+        c = manifest.counts
+        refused = ", ".join(f"{r}: {n:,}" for r, n in c.unconverted.items()) or "none"
+        parts.append(
+            f"<h3>Representations</h3><p>Every molecule was prepared as SMILES and as "
+            f"{_e(', '.join(manifest.representations))}, each read back to the same canonical SMILES; "
+            f"{c.n_unconverted:,} molecules that a representation could not write or read back were left out of all "
+            f"of them ({_e(refused)}; listed in <code>data/rejects.csv</code>), so every arm trained on the same "
+            f"{c.n_kept:,} molecules.</p>"
+        )
     if manifest is not None and manifest.tokenizer.task_tokens:
         parts.append(
             f"<p>Token types only the tasks have, added to the vocabulary after the corpus's (no labels "

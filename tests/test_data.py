@@ -49,7 +49,7 @@ def shards(moses, tmp_path_factory) -> dict[str, list[Path]]:
 
 def collate(ids, tokenizer, family, seed=0, **kwargs):
     args = {**data.collate_args(tokenizer), "mlm_probability": 0.15, **kwargs}
-    return data.collate(ids, family, rng=np.random.default_rng(seed), **args)
+    return data.collate(ids, family, mask_seed=seed, **args)
 
 
 def real_rows(batch) -> list[tuple[int, ...]]:
@@ -213,7 +213,7 @@ def test_masks_depend_on_seed_epoch_and_content_only(tokenizer, moses):
     args = {**data.collate_args(tokenizer), "mlm_probability": 0.15}
 
     def masked(seed, epoch, seqs):
-        return data.collate(seqs, "mlm", rng=data.batch_rng(seed, epoch, seqs), **args)["labels"]
+        return data.collate(seqs, "mlm", mask_seed=data.batch_seed(seed, epoch, seqs), **args)["labels"]
 
     assert torch.equal(masked(0, 0, ids), masked(0, 0, [list(s) for s in ids]))
     assert not torch.equal(masked(0, 0, ids), masked(0, 1, ids))
@@ -264,7 +264,7 @@ def test_ray_dataset_reshuffles_per_pass_and_repeats_per_run(ray_cluster, shards
 
     def passes(n):
         ds = data.train_dataset(shards["train"], tokenizer, "mlm", 32, MAX_SEQ_LEN, seed=3)
-        return [list(data.worker_batches(ds, epoch)) for epoch in range(n)]
+        return [list(data.worker_batches(ds, epoch, data.Masking.of(tokenizer, 0.15))) for epoch in range(n)]
 
     run = passes(2)
     epoch0, epoch1 = original_rows(run[0]), original_rows(run[1])
@@ -331,9 +331,15 @@ def test_length_buckets_cut_the_padding_and_keep_every_molecule_once(shards, tok
 @pytest.mark.timeout(120)
 def test_ray_dataset_buckets_like_the_plain_path(ray_cluster, shards, tokenizer):
     common = {"family": "mlm", "micro_batch_size": 32, "max_seq_len": MAX_SEQ_LEN, "seed": 0, "length_buckets": True}
-    through_ray = list(data.worker_batches(data.train_dataset(shards["train"], tokenizer, shuffle=False, **common), 0))
+    probe = data.train_dataset(shards["train"], tokenizer, shuffle=False, **common)
+    [row] = probe.take(1)  # the data CPUs only pad: an mlm row is unmasked, without labels, with its masking seed
+    assert "labels" not in row and "mask_seed" in row and tokenizer.mask_token_id not in row["input_ids"]
+    with pytest.raises(ValueError, match="masked by the worker"):
+        next(data.worker_batches(probe, 0))
+    ds = data.train_dataset(shards["train"], tokenizer, shuffle=False, **common)  # a fresh one: passes from 0
+    through_ray = list(data.worker_batches(ds, 0, data.Masking.of(tokenizer, 0.15), device="cpu"))
     plain = list(data.local_batches(shards["train"], tokenizer, epoch=0, shuffle=False, **common))
-    assert same_batches(through_ray, plain)  # 640 molecules: one window, one Ray map call
+    assert same_batches(through_ray, plain)  # 640 molecules: one window, one Ray map call; the same masks
     assert real_fraction(plain) > 0.88
 
 
@@ -447,7 +453,8 @@ def test_ray_stream_reads_ids_and_gives_the_same_batches(ray_cluster, shards, id
     from_ids = data.train_dataset(id_shards["train"], tokenizer, **common)
     from_smiles = data.train_dataset(shards["train"], tokenizer, **common)
     for epoch in range(2):
-        assert same_batches(data.worker_batches(from_ids, epoch), data.worker_batches(from_smiles, epoch))
+        masking = data.Masking.of(tokenizer, 0.15)
+        assert same_batches(data.worker_batches(from_ids, epoch, masking), data.worker_batches(from_smiles, epoch, masking))
 
 
 def test_ids_from_another_vocabulary_are_refused(id_shards):
