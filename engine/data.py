@@ -667,9 +667,10 @@ def worker_batches(
 ) -> Iterator[Batch]:
     """One epoch of this worker's batches from its shard (`ray.train.get_dataset_shard("train")`).
 
-    mlm streams arrive unmasked, each batch with its seed: they are moved to `device` (default: stay on the CPU)
-    and masked there (`mask_tokens` with `masking`), so the masking runs on the worker's GPU when it has one and
-    the data CPUs only read and pad. On the CPU the masks equal `local_batches`' for the same batch.
+    Ray prefetches two blocks ahead. mlm streams arrive unmasked, each batch with its seed: they are moved to
+    `device` (default: stay on the CPU; a CUDA device through pinned memory, the copy asynchronous) and masked
+    there (`mask_tokens` with `masking`), so the masking runs on the worker's GPU when it has one and the data
+    CPUs only read and pad. On the CPU the masks equal `local_batches`' for the same batch.
 
     Call it once per epoch: each call is a new pass over the dataset (see the note above). `epoch` is the
     caller's count; when it differs from the pipeline's own (a restarted worker group starts again at 0,
@@ -685,8 +686,10 @@ def worker_batches(
                 warned = True
             batch = {name: torch.from_numpy(np.array(rows[name][i], dtype=np.int64).reshape(n_rows, width))
                      for name in BATCH_COLUMNS if name in rows}  # fmt: skip
-            if device is not None:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if device is not None and torch.device(device).type == "cuda":  # pinned, so the copy overlaps the step
+                batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+            elif device is not None:
+                batch = {k: v.to(device) for k, v in batch.items()}
             if "mask_seed" in rows:
                 if masking is None:
                     raise ValueError("an mlm stream's batches are masked by the worker: pass masking=Masking.of(...)")
