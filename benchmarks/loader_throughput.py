@@ -10,7 +10,8 @@ driver and Ray's workers, for the Ray ones: run it alone in its session).
   local ids    `data.local_batches` on the pre-tokenised shards: shuffle, wrap, collate, MLM masking.
   local encode `data.local_batches` on the SMILES-only shards: the same, encoding every pass.
   ray ids / ray encode   `data.train_dataset` iterated with `data.worker_batches` (a Ray Train worker's code,
-               minus the split), second pass of the dataset (the first includes pipeline start-up).
+               minus the split; mlm batches masked by it, on the CPU here), second pass of the dataset (the first
+               includes pipeline start-up).
 
     python benchmarks/loader_throughput.py                         # 100k MOSES molecules, 2 CPUs
     python benchmarks/loader_throughput.py --molecules 20000 --family clm --packing
@@ -126,10 +127,12 @@ def main() -> None:
 
             ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="warning")
             ray.data.DataContext.get_current().enable_progress_bars = False
+            # mlm: the worker masks each batch (on its device; here the CPU), as a Ray Train worker does
+            masking = data.Masking.of(tokenizer, 0.15) if args.family == "mlm" else None
             for name, paths in (("ray ids", ids), ("ray encode", plain)):
                 ds = data.train_dataset(paths, tokenizer, seed=0, **common)
-                timed(data.worker_batches(ds, epoch=0))  # pass 1: pipeline start-up
-                results[name] = timed(data.worker_batches(ds, epoch=1), session_cpu_s)
+                timed(data.worker_batches(ds, 0, masking))  # pass 1: pipeline start-up
+                results[name] = timed(data.worker_batches(ds, 1, masking), session_cpu_s)
             ray.shutdown()
 
     print(f"{len(smiles)} molecules, {args.family}, micro_batch_size={args.micro_batch_size}, "

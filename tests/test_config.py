@@ -37,6 +37,18 @@ def test_shipped_sweeps_validate(name):
     assert len({t.trial_id for t in trials}) == len(trials)
 
 
+def test_axes_demo_makes_the_representation_an_axis():
+    """sweeps/axes-demo.yaml (issue 20): every rung once per representation, D of the laws in molecules."""
+    cfg = load_sweep(SWEEPS / "axes-demo.yaml")
+    trials = expand_grid(cfg)
+    assert cfg.data.representations() == ["smiles", "selfies", "safe"] and cfg.fits.data_measure == "molecules"
+    assert len(trials) == 3 * len(cfg.model.sizes) * len(cfg.budget.tokens) * len(cfg.seeds)
+    assert {(t.size.name, t.representation) for t in trials} == {
+        (size, r) for size in ("xxs", "xs", "s") for r in ("smiles", "selfies", "safe")
+    }
+    assert all(t.trial_id.endswith(f"_{t.representation}") for t in trials)
+
+
 def test_small_study_is_laid_out_to_identify_its_law():
     """sweeps/small.yaml (issue 14): >= 5 rungs from ~1e4 to a few 1e6 non-embedding parameters, wsd with >= 4
     milestones, the 100k shipped MOSES molecules, two downstream tasks."""
