@@ -430,16 +430,16 @@ def _task_split(ctx: Context, task: str, split_seed: int, ck: CheckpointRef | No
     written in the representation the checkpoint `ck` read (SMILES without one: the feature baselines)."""
     from clmscale.engine.finetune import FinetuneData
     from clmscale.engine.prepare import canonical_smiles
-    from clmscale.engine.representations import convert
 
     loaded, split = _loaded_split(ctx, task, split_seed)
     smiles = canonical_smiles(loaded.smiles, ctx.cfg.data.isomeric, what=f"task {loaded.name!r}")
     representation = "smiles" if ck is None else ctx.trials[ck.trial_id].representation
-    texts = convert(smiles, representation, ctx.cfg.data.isomeric)  # all convert: `_loaded_split` kept only those
+    # all convert: `_loaded_split` kept only those
+    texts = [text for text, _ in _converted(tuple(smiles), representation, ctx.cfg.data.isomeric)]
     if None in texts:
         raise ValueError(f"task {loaded.name!r}: {texts.count(None)} molecules cannot be written as {representation}")
     return FinetuneData(
-        smiles=texts,  # type: ignore[arg-type]
+        smiles=texts,
         labels=loaded.labels,
         task_type=loaded.task_type,
         n_classes=loaded.n_classes,
@@ -462,12 +462,20 @@ def _loaded_split(ctx: Context, task: str, split_seed: int):
 _TOLD: set[str] = set()
 
 
+@functools.lru_cache(maxsize=32)
+def _converted(smiles: tuple[str, ...], representation: str, isomeric: bool) -> tuple:
+    """`convert_with_reasons` of a task's SMILES, kept per process: every job of a task reads the same molecules,
+    and a Ray worker runs many jobs (SAFE costs ~2 ms a molecule)."""
+    from clmscale.engine.representations import convert_with_reasons
+
+    return tuple(convert_with_reasons(smiles, representation, isomeric))  # type: ignore[arg-type]
+
+
 def _representable(loaded, representations: list, isomeric: bool):
     """The task's molecules that every representation of the grid writes and reads back, so each arm is scored on
     the same molecules and the same splits; the others are logged and kept in `unconverted` (file row, SMILES, why).
     """
     from clmscale.engine.prepare import canonical_smiles
-    from clmscale.engine.representations import convert_with_reasons
 
     others = [r for r in representations if r != "smiles"]
     if not others:
@@ -475,7 +483,7 @@ def _representable(loaded, representations: list, isomeric: bool):
     smiles = canonical_smiles(loaded.smiles, isomeric, what=f"task {loaded.name!r}")
     why: list[str | None] = [None] * len(smiles)
     for r in others:
-        for i, (_, reason) in enumerate(convert_with_reasons(smiles, r, isomeric)):
+        for i, (_, reason) in enumerate(_converted(tuple(smiles), r, isomeric)):
             why[i] = why[i] or reason
     keep = np.array([w is None for w in why], dtype=bool)
     if keep.all():

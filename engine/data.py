@@ -19,6 +19,7 @@ kind of device. Everything above the Ray section imports without Ray.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -204,6 +205,14 @@ def collate(
     return tensors
 
 
+@functools.lru_cache(maxsize=8)
+def _id_tensors(special_ids: tuple[int, ...], vocab_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The special ids and the ordinary ones (a random replacement's choices) on `device`, made once, not per
+    batch (on a GPU each would be a host-to-device copy)."""
+    ordinary = np.setdiff1d(np.arange(vocab_size), special_ids)
+    return torch.as_tensor(special_ids, dtype=torch.int64, device=device), torch.as_tensor(ordinary, device=device)
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -221,7 +230,7 @@ def mask_tokens(
     device = input_ids.device
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    specials = torch.as_tensor(list(special_ids), dtype=input_ids.dtype, device=device)
+    specials, ordinary = _id_tensors(tuple(special_ids), vocab_size, device)
     candidates = attention_mask.bool() & ~torch.isin(input_ids, specials)  # (B, T)
     picked = candidates & (torch.rand(input_ids.shape, generator=g, device=device) < probability)
     # a batch with nothing picked gets its candidate of the highest random score (a no-op when one is picked)
@@ -232,7 +241,6 @@ def mask_tokens(
     picked = flat.scatter(0, best, flat.gather(0, best) | none.unsqueeze(0)).view(input_ids.shape)
     labels = torch.where(picked, input_ids, IGNORE_INDEX)
     action = torch.rand(input_ids.shape, generator=g, device=device)
-    ordinary = torch.as_tensor(np.setdiff1d(np.arange(vocab_size), list(special_ids)), device=device)
     random = ordinary[torch.randint(len(ordinary), input_ids.shape, generator=g, device=device)]
     masked = torch.where(picked & (action < 0.8), mask_id, input_ids)
     masked = torch.where(picked & (action >= 0.8) & (action < 0.9), random, masked)
