@@ -39,7 +39,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -195,30 +195,30 @@ class DataDir:
                 f"budget.unique_molecules: {n_molecules:,} molecules asked for, but the train split of "
                 f"{self.manifest_path} has {train.n_molecules:,}"
             )
-        import pyarrow.parquet as pq
-
-        tokens, left = 0, n_molecules
-        for path in self.shard_paths("train"):
-            counts = pq.read_table(path, columns=["n_tokens"]).column("n_tokens").to_numpy()[:left]
-            tokens, left = tokens + int(counts.sum()), left - counts.size
-            if left == 0:
-                break
-        return tokens + 2 * n_molecules
+        return self._train_prefix_sum(n_molecules, lambda names: "n_tokens", lambda a: a) + 2 * n_molecules
 
     def pass_characters(self, n_molecules: int | None = None) -> int:
         """Characters of one pass over the first n_molecules of the train split (None: all of it): of the text
         the model reads (the `text` column of another representation's shards, else the SMILES)."""
         import pyarrow.compute as pc
+
+        n = n_molecules if n_molecules is not None else self.manifest().counts.train.n_molecules
+        return self._train_prefix_sum(n, lambda names: "text" if "text" in names else "smiles", pc.utf8_length)
+
+    def _train_prefix_sum(self, n_molecules: int, column_of: Callable, value: Callable) -> int:
+        """The sum of `value(column)` over the first n_molecules rows of the train shards, in shard order, the
+        column chosen per shard from its column names (`column_of`); only the shards that hold them are read."""
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        chars, left = 0, n_molecules if n_molecules is not None else self.manifest().counts.train.n_molecules
+        total, left = 0, n_molecules
         for path in self.shard_paths("train"):
-            column = "text" if "text" in pq.read_schema(path).names else "smiles"
-            texts = pq.read_table(path, columns=[column]).column(column).slice(0, left)
-            chars, left = chars + int(pc.sum(pc.utf8_length(texts)).as_py() or 0), left - len(texts)
+            column = column_of(pq.read_schema(path).names)
+            rows = pq.read_table(path, columns=[column]).column(column).slice(0, left)
+            total, left = total + int(pc.sum(value(rows)).as_py() or 0), left - len(rows)
             if left == 0:
                 break
-        return chars
+        return total
 
     def shard(self, split: Split, index: int) -> Path:
         return self.path / f"{split}-{index:05d}.parquet"
