@@ -261,6 +261,7 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
     if result["status"] != "ok":
         return result
     result.update(n_distinct_points=n_distinct, n_rungs=int(np.unique(n).size), data_measure=s.data_measure)
+    result["in_sample"] = in_sample_errors(n, data[2], law.predict(*data[:2], *data[3:]))
     if result["identified"]:
         result["frontier"] = {"status": "ok", **result["frontier"], **_frontier(law, points, s.data_measure)}
     else:
@@ -270,6 +271,20 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
             f"{result['identification']['what_would_identify']}"
         )
     return result
+
+
+def in_sample_errors(n_params: np.ndarray, loss: np.ndarray, predicted: np.ndarray) -> dict:
+    """How far the fitted law misses the points it was fitted on: the mean and largest absolute relative error
+    and, per model size, the mean signed one ((predicted − loss) / loss, as the back-test counts it). Intervals
+    say how well the data pin the parameters *if the form is right*; these say whether the form follows the
+    data at all: sizes the law puts too low next to sizes it puts too high are a shape its N term cannot make."""
+    relative = predicted / loss - 1
+    by_size = pd.Series(relative).groupby(n_params).mean()
+    return {
+        "mean_abs_relative_error": float(np.abs(relative).mean()),
+        "max_abs_relative_error": float(np.abs(relative).max()),
+        "by_n_params": {"n_params": by_size.index.tolist(), "mean_relative_error": by_size.tolist()},
+    }
 
 
 def _frontier(law: ChinchillaFit, points: pd.DataFrame, measure: str = "tokens") -> dict:

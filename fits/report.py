@@ -537,6 +537,19 @@ def _law_tables(fits: dict) -> str:
         )
     else:
         back = f"Back-test skipped: {test.get('reason', 'not run')}."
+    fitted = law.get("in_sample")
+    if fitted:
+        by_size = fitted["by_n_params"]
+        sizes = ", ".join(
+            f"{format_scale(n)} {e:+.1%}"
+            for n, e in zip(by_size["n_params"], by_size["mean_relative_error"], strict=True)
+        )
+        back = (
+            f"In sample, L(N, D) misses the losses it was fitted on by {fitted['mean_abs_relative_error']:.1%} on "
+            f"average (largest {fitted['max_abs_relative_error']:.1%}); mean signed error (fitted / measured − 1) "
+            f"by N: {sizes}. The intervals assume the form is right; a size the law puts too high next to one "
+            f"it puts too low is a shape the form cannot follow. {back}"
+        )
     unpinned = [row[0] for row in rows if row[0] and row[-1].startswith("no")]
     note = (
         f"<p>Not identified from this grid: {_e(', '.join(unpinned))}. Their parameters are listed so that the "

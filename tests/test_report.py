@@ -73,6 +73,8 @@ def test_fits_json_has_every_section(fitted):
     if law["identified"]:
         assert len(law["frontier"]["flops"]) == len(law["frontier"]["n_params"]) > 10
     assert on_disk["loss_law_backtest"]["status"] == "ok" and on_disk["loss_law_backtest"]["n_holdout"] == 2
+    fit = law["in_sample"]  # the form is the fixture's truth: it misses its own points by about the noise (0.4 %)
+    assert fit["mean_abs_relative_error"] < 0.01 and len(fit["by_n_params"]["n_params"]) == law["n_rungs"] == 3
     assert on_disk["compute_law"]["loglog_frontier"]["params"]["k"] < 0
 
     pairs = {(entry["task"], entry["mode"]) for entry in on_disk["downstream"]}
@@ -294,6 +296,9 @@ def test_report_shows_verdicts_margins_corrections_and_proxy_evaluation(page):
         assert words in trends, words
     assert "chosen on validation" in downstream and "paired difference" in downstream
     assert 'id="task-ladder"' in downstream and "pretraining-loss law error" in downstream
+    laws = page.read_text(encoding="utf-8")
+    laws = laws[laws.index('id="laws"'):]
+    assert "In sample, L(N, D) misses the losses it was fitted on by" in laws and "by N: " in laws
     proxies = section(page.read_text(encoding="utf-8"), "proxies")
     for words in ("Leave one model size out", "sign-flip test", "Selection regret", "Rank correlations (descriptive)",
                   "after fine-tuning (descriptive)", "task-loss Hessian λmax at the pretrained weights"):
