@@ -1,10 +1,12 @@
 """Profile of L(N, D)'s floor E on a finished run: the fit's objective with E held at each of a few values.
 
 `clmscale fit` reports E at its bound 0 when the data prefer no floor; this says how strongly. For each E, the
-other four parameters (A, B, α, β) are refitted by the same Huber loss on log residuals as fits.ChinchillaFit
-(δ = fits.huber_delta), from a small grid of starts. A profile that rises steadily from E = 0 says the points
-prefer no floor; a flat one says they do not pin it. `--min-tokens` drops the early checkpoints (a rung still
-on its plateau), to see whether they alone push E to 0.
+other four parameters (A, B, alpha, beta) are refitted by the same Huber loss on log residuals as
+fits.ChinchillaFit (delta = fits.huber_delta), from a small grid of starts. A profile that rises steadily from
+E = 0 says the points prefer no floor; a flat one says they do not pin it. Printed beside each: its ratio to
+the lowest objective of the profile (the baseline: the best of the floors asked for, E = 0 included by
+default). `--min-tokens` drops the early checkpoints (a rung still on its plateau), to see whether they alone
+push E to 0.
 
     PYTHONPATH=$PWD python benchmarks/law_profile.py runs/small
     PYTHONPATH=$PWD python benchmarks/law_profile.py runs/small --min-tokens 1.2e6 --floors 0 0.1 0.2
@@ -54,11 +56,12 @@ def main() -> None:
     n, d, loss = (points[c].to_numpy(float) for c in ("n_params_non_embedding", "tokens", "val_loss"))
     delta = rd.config().fits.huber_delta
     print(f"{args.run_dir}: {len(points)} checkpoints with D >= {args.min_tokens:g}, Huber delta {delta:g}")
-    print(f"{'E':>6} {'objective':>10} {'A':>9} {'B':>9} {'alpha':>6} {'beta':>6}")
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # starts far from the fit overflow
-        for floor in args.floors:
-            value, (a, b, alpha, beta) = profile(n, d, loss, floor, delta)
-            print(f"{floor:6.3f} {value:10.5f} {a:9.3g} {b:9.3g} {alpha:6.3f} {beta:6.3f}")
+        rows = [(floor, *profile(n, d, loss, floor, delta)) for floor in args.floors]
+    lowest = min(value for _, value, _ in rows)
+    print(f"{'E':>6} {'objective':>10} {'/ lowest':>8} {'A':>9} {'B':>9} {'alpha':>6} {'beta':>6}")
+    for floor, value, (a, b, alpha, beta) in rows:
+        print(f"{floor:6.3f} {value:10.5f} {value / lowest:8.3f} {a:9.3g} {b:9.3g} {alpha:6.3f} {beta:6.3f}")
 
 
 if __name__ == "__main__":

@@ -389,6 +389,26 @@ def test_fit_stage_says_how_far_the_law_misses_its_own_points():
         assert wrong["mean_abs_relative_error"] > 0.05 and by_size[0] < -0.03 and by_size[-1] > 0.03
 
 
+def test_law_profile_is_lowest_at_the_true_floor():
+    """benchmarks/law_profile.py: on the known law, holding E at its truth fits better than at 0 or on either
+    side, and the refit there recovers the exponents."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("law_profile", REPO / "benchmarks" / "law_profile.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    profile = script.profile
+    n_params, n_tokens, loss = synthetic_grid(seed=4)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        fits = {floor: profile(n_params, n_tokens, loss, floor, 1e-3) for floor in (0.0, 1.4, TRUTH["E"], 1.85)}
+    best = fits[TRUTH["E"]][0]
+    assert all(best < value for floor, (value, _) in fits.items() if floor != TRUTH["E"])
+    _, (_, _, alpha, beta) = fits[TRUTH["E"]]
+    assert alpha == pytest.approx(TRUTH["alpha"], rel=0.1) and beta == pytest.approx(TRUTH["beta"], rel=0.1)
+
+
 def test_cli_fits_the_effective_law_to_a_table_and_names_a_missing_column(tmp_path):
     from typer.testing import CliRunner
 
