@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from clmscale.engine.config import SweepConfig, Trial
+from clmscale.engine.config import AnalysisConfig, SweepConfig, Trial
 from clmscale.engine.rundir import ANALYSIS_TABLES, IDENTITY, TABLES, RunDir, TrialDir, check_columns
 
 log = logging.getLogger("clmscale")
@@ -103,11 +103,22 @@ def _job(
     return Job(table, tuple(fields[c] for c in TABLES[table].key), fn, args, identity, after, workers)
 
 
-def select_checkpoints(counted: pd.DataFrame, which: str) -> pd.DataFrame:
-    """Of the checkpoints that count: the last of each trial (`final`) or every one (`all`)."""
-    if which == "final":
-        counted = counted.sort_values("tokens").groupby("trial_id", sort=False).tail(1)
-    return counted.sort_values(["n_params", "tokens"]).reset_index(drop=True)
+MILESTONE_RTOL = 0.02  # a checkpoint lands a few whole batches past its milestone (fits.verdicts' stratum_rtol)
+
+
+def select_checkpoints(counted: pd.DataFrame, analysis: AnalysisConfig) -> pd.DataFrame:
+    """Of the checkpoints that count: the last of each trial (`analysis.checkpoints: final`) or every one (`all`),
+    and with `analysis.tokens` also each one within MILESTONE_RTOL of a listed token count."""
+    chosen = counted
+    if analysis.checkpoints == "final":
+        chosen = counted.sort_values("tokens").groupby("trial_id", sort=False).tail(1)
+        if analysis.tokens:
+            tokens = counted["tokens"].to_numpy(float)[:, None]
+            hits = np.abs(tokens - np.asarray(analysis.tokens, float)) <= MILESTONE_RTOL * tokens
+            for count in np.asarray(analysis.tokens)[~hits.any(axis=0)]:
+                log.warning(f"analysis.tokens: no checkpoint within {MILESTONE_RTOL:.0%} of {count:,} tokens")
+            chosen = counted[hits.any(axis=1) | counted.index.isin(chosen.index)]
+    return chosen.sort_values(["n_params", "tokens"]).reset_index(drop=True)
 
 
 def sound_checkpoints(
@@ -954,7 +965,7 @@ def run_analysis(run_dir: Path | RunDir, *, data_dir: Path | None = None) -> dic
     counted = rd.counted_checkpoints().checkpoints
     # each checkpoint's weights hashed once per run, for the choice of checkpoints and for the PCA
     corrupt = functools.cache(lambda path: TrialDir.verify(rd.path(path), weights_only=True))
-    checkpoints = sound_checkpoints(rd, counted, select_checkpoints(counted, ctx.cfg.analysis.checkpoints), corrupt)
+    checkpoints = sound_checkpoints(rd, counted, select_checkpoints(counted, ctx.cfg.analysis), corrupt)
     jobs = plan_jobs(ctx, checkpoints)
     tables = {name: rd.read_table(name) for name in ANALYSIS_TABLES}
     tables = {name: t[t["status"] == "ok"] for name, t in tables.items()}  # error rows are retried, so they go

@@ -420,6 +420,17 @@ class DownstreamConfig(Strict):
 class AnalysisConfig(Strict):
     run_after_sweep: bool = False  # `clmscale sweep` then runs `analyze` on its checkpoints
     checkpoints: Literal["final", "all"] = "final"
+    # token milestones analysed as well, in every trial that has one (a checkpoint within 2 %, engine.analyze.
+    # MILESTONE_RTOL): with per-rung budgets each rung's last checkpoint sits at its own D, and a milestone the
+    # rungs share is where downstream trends along N at fixed D can be measured
+    tokens: list[BigInt] | None = None
+
+    @field_validator("tokens")
+    @classmethod
+    def _distinct_positive(cls, value: list[int] | None) -> list[int] | None:
+        _distinct_positive_list(value, "tokens must be a non-empty list of distinct positive token counts")
+        return value
+
     hessian_top_k: int = Field(5, ge=0)  # 0 skips Hessian spectra
     hessian_batches: int = Field(2, gt=0)  # validation batches the Hessian is taken over
     hessian_micro_batch: int = Field(32, gt=0)  # rows per HVP piece: bounds the double backward's activations

@@ -95,7 +95,7 @@ def analysis_rows(rd: RunDir) -> list[dict[str, Any]]:
 
     ctx = Context.of(rd)
     counted = rd.counted_checkpoints().checkpoints
-    jobs = plan_jobs(ctx, select_checkpoints(counted, ctx.cfg.analysis.checkpoints))
+    jobs = plan_jobs(ctx, select_checkpoints(counted, ctx.cfg.analysis))
     rows = []
     for name in ANALYSIS_TABLES:
         planned = {j.key for j in jobs if j.table == name}

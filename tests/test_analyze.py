@@ -24,7 +24,7 @@ from test_sweep import write_sweep  # pytest puts tests/ on sys.path (rootdir-re
 from fixtures.claims import check_claims
 
 from clmscale.engine.analyze import Context, hessian_job, plan_jobs, run_analysis, select_checkpoints
-from clmscale.engine.config import SweepConfig, load_sweep
+from clmscale.engine.config import AnalysisConfig, SweepConfig, load_sweep
 from clmscale.engine.rundir import ANALYSIS_TABLES, TABLES, RunDir
 
 TASK = "freesolv_demo"  # shipped with the package: no download, no ../shared
@@ -69,7 +69,24 @@ def read(rd: RunDir, table: str) -> pd.DataFrame:
 
 
 def counted(rd: RunDir, which: str) -> pd.DataFrame:
-    return select_checkpoints(rd.counted_checkpoints().checkpoints, which)
+    return select_checkpoints(rd.counted_checkpoints().checkpoints, AnalysisConfig(checkpoints=which))
+
+
+def test_checkpoints_at_a_shared_milestone_are_analysed_beside_each_trials_last(caplog):
+    """analysis.tokens: with per-rung budgets each trial's last checkpoint sits at its own D; a listed milestone
+    adds each trial's checkpoint within 2 % of it (they land a few batches past it), and a count no trial
+    reached is named in a warning."""
+    table = pd.DataFrame({"trial_id": ["a"] * 3 + ["b"] * 2, "n_params": [1, 1, 1, 2, 2],
+                          "tokens": [1.2e6, 2.41e6, 4.8e6, 1.21e6, 2.4e6], "checkpoint": list("pqrst")})
+    assert list(select_checkpoints(table, AnalysisConfig())["checkpoint"]) == ["r", "t"]
+    assert list(select_checkpoints(table, AnalysisConfig(tokens=[2.4e6]))["checkpoint"]) == ["q", "r", "t"]
+    assert len(select_checkpoints(table, AnalysisConfig(checkpoints="all", tokens=[2.4e6]))) == 5
+    with caplog.at_level("WARNING", logger="clmscale"):
+        assert list(select_checkpoints(table, AnalysisConfig(tokens=[1.2e6, 9.6e6]))["checkpoint"]) == ["p", "r", "s", "t"]
+    assert "analysis.tokens: no checkpoint within 2% of 9,600,000 tokens" in caplog.text
+    for bad in ([], [0], [2.4e6, 2.4e6]):
+        with pytest.raises(ValueError, match="tokens must be"):
+            AnalysisConfig(tokens=bad)
 
 
 def test_every_job_writes_its_rows(analyzed):
