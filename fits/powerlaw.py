@@ -827,6 +827,17 @@ def identification(law) -> Identification:
         )
     elif E > (1 - AT_BOUND) * floor_of:
         problems.append(("E", f"at its upper bound, the lowest observed value {floor_of:.3g}", "floor"))
+    elif (interval := _interval(law, "E")) is not None and interval[1] >= floor_of:
+        # resamples put the floor at or above points that were measured: the curve has not bent toward a
+        # floor below the data, and E is only where its lowest points stopped
+        problems.append(
+            (
+                "E",
+                f"its interval {interval[0]:.3g}…{interval[1]:.3g} reaches the lowest observed value "
+                f"{floor_of:.3g}: the floor cannot be told from the last points",
+                "floor",
+            )
+        )
     for column, (amplitude, exponent, symbol, n_needed) in terms.items():
         grid = law.grid_[column]
         if grid["n_distinct"] < n_needed:

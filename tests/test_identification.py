@@ -97,3 +97,25 @@ def test_to_dict_carries_identification_and_the_grid(law):
 def test_identification_before_fit():
     with pytest.raises(ValueError, match="not fitted yet"):
         identification(ChinchillaFit())
+
+
+# the compute frontier of sweeps/small.yaml's third layout (benchmarks/RESULTS.md, measured 2026-12-07): FLOPs and
+# validation loss of its 9 frontier checkpoints; the last two level off because r5 (4e6 parameters, 2.4e6 tokens)
+# is far from trained, not because the loss has reached a floor
+SMALL_FRONTIER_FLOPS = [4.1126944116e10, 8.2345446984e10, 1.64599540812e11, 3.29027134836e11, 6.57960175236e11,
+                        2.101660103604e12, 4.202719179204e12, 1.1138129473128e13, 6.0508922274936e13]
+SMALL_FRONTIER_LOSS = [1.8973100, 1.3626212, 1.0514509, 0.8357090, 0.7225997, 0.6072579, 0.4847295, 0.4268222,
+                       0.4168482]
+
+
+def test_a_floor_whose_interval_reaches_the_last_points_is_flagged():
+    """E just under the lowest measured loss, its interval above it: the curve stopped, no floor was seen.
+    The same x with a real floor well below the data stays identified."""
+    x, y = np.array(SMALL_FRONTIER_FLOPS), np.array(SMALL_FRONTIER_LOSS)
+    law = SaturatingPowerLaw(n_bootstrap=200, n_jobs=1, seed=0).fit(x, y)
+    assert law.E_ < y.min() and law.ci_["E"][1] >= y.min()  # the case: not at the bound, interval past the data
+    result = identification(law)
+    assert not result.identified
+    assert any(p["parameter"] == "E" and "reaches the lowest observed value" in p["problem"] for p in result.problems)
+    clean = (0.3 + 2e4 * x**-0.3) * np.exp(np.random.default_rng(0).normal(0, 0.002, x.size))
+    assert identification(SaturatingPowerLaw(n_bootstrap=200, n_jobs=1, seed=0).fit(x, clean)).identified
