@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from clmscale.engine import ladder
@@ -44,6 +53,14 @@ def _as_int(value: Any) -> Any:
 
 
 BigInt = Annotated[int, BeforeValidator(_as_int)]
+
+
+def _token_counts(value: list[int]) -> list[int]:
+    _distinct_positive_list(value, "tokens must be a non-empty list of distinct positive token counts")
+    return value
+
+
+TokenCounts = Annotated[list[BigInt], AfterValidator(_token_counts)]  # a rung's budgets, analysis.tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,13 +167,7 @@ class RungOverrides(Strict):
     cpus_per_worker: float | None = Field(None, gt=0)
     # this rung's token budgets in place of budget.tokens: e.g. small rungs trained long enough to flatten
     # (an isoFLOP-style design); only with budget.tokens
-    tokens: list[BigInt] | None = None
-
-    @field_validator("tokens")
-    @classmethod
-    def _distinct_positive(cls, value: list[int] | None) -> list[int] | None:
-        _distinct_positive_list(value, "tokens must be a non-empty list of distinct positive budgets")
-        return value
+    tokens: TokenCounts | None = None
 
     def split(self) -> tuple[dict, dict]:
         """(train updates, resources updates): the training and resource fields that are set, by section."""
@@ -423,13 +434,7 @@ class AnalysisConfig(Strict):
     # token milestones analysed as well, in every trial that has one (a checkpoint within 2 %, engine.analyze.
     # MILESTONE_RTOL): with per-rung budgets each rung's last checkpoint sits at its own D, and a milestone the
     # rungs share is where downstream trends along N at fixed D can be measured
-    tokens: list[BigInt] | None = None
-
-    @field_validator("tokens")
-    @classmethod
-    def _distinct_positive(cls, value: list[int] | None) -> list[int] | None:
-        _distinct_positive_list(value, "tokens must be a non-empty list of distinct positive token counts")
-        return value
+    tokens: TokenCounts | None = None
 
     hessian_top_k: int = Field(5, ge=0)  # 0 skips Hessian spectra
     hessian_batches: int = Field(2, gt=0)  # validation batches the Hessian is taken over
