@@ -553,9 +553,10 @@ def _law_tables(fits: dict) -> str:
     unpinned = [row[0] for row in rows if row[0] and row[-1].startswith("no")]
     note = (
         f"<p>Not identified from this grid: {_e(', '.join(unpinned))}. Their parameters are listed so that the "
-        "fit can be checked, not as findings: a parameter at its bound, or an interval spanning more than an "
-        "order of magnitude, means the grid cannot pin it, and nothing derived from such a law (exponents, the "
-        "compute-optimal frontier) is stated or drawn.</p>"
+        "fit can be checked, not as findings: a parameter at its bound, an interval spanning more than an "
+        "order of magnitude, or a floor whose interval reaches the lowest measured value means the grid cannot "
+        "pin it, and nothing derived from such a law (exponents, the compute-optimal frontier) is stated or "
+        "drawn.</p>"
         if unpinned
         else ""
     )
