@@ -110,12 +110,22 @@ SMALL_FRONTIER_LOSS = [1.8973100, 1.3626212, 1.0514509, 0.8357090, 0.7225997, 0.
 
 def test_a_floor_whose_interval_reaches_the_last_points_is_flagged():
     """E just under the lowest measured loss, its interval above it: the curve stopped, no floor was seen.
-    The same x with a real floor well below the data stays identified."""
+    At the rate it should be: the measured frontier, redrawn with 1 % noise, is not identified in (nearly) every
+    draw (measured: 19 of 20); the same x on a law with a real floor below the data (0.2 % noise) never trips
+    the rule and is identified every time (measured: 20 of 20)."""
     x, y = np.array(SMALL_FRONTIER_FLOPS), np.array(SMALL_FRONTIER_LOSS)
     law = SaturatingPowerLaw(n_bootstrap=200, n_jobs=1, seed=0).fit(x, y)
     assert law.E_ < y.min() and law.ci_["E"][1] >= y.min()  # the case: not at the bound, interval past the data
     result = identification(law)
     assert not result.identified
     assert any(p["parameter"] == "E" and "reaches the lowest observed value" in p["problem"] for p in result.problems)
-    clean = (0.3 + 2e4 * x**-0.3) * np.exp(np.random.default_rng(0).normal(0, 0.002, x.size))
-    assert identification(SaturatingPowerLaw(n_bootstrap=200, n_jobs=1, seed=0).fit(x, clean)).identified
+
+    def found(values, seed):
+        return identification(SaturatingPowerLaw(n_bootstrap=100, n_jobs=1, seed=seed).fit(x, values))
+
+    rng = np.random.default_rng(0)
+    stopped = [found(y * np.exp(rng.normal(0, 0.01, x.size)), seed) for seed in range(20)]
+    assert sum(not r.identified for r in stopped) >= 17
+    clean = [found((0.3 + 2e4 * x**-0.3) * np.exp(rng.normal(0, 0.002, x.size)), seed) for seed in range(20)]
+    assert sum(r.identified for r in clean) >= 19
+    assert not any("reaches the lowest" in p["problem"] for r in clean for p in r.problems)
