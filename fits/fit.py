@@ -276,8 +276,9 @@ def fit_loss_law(points: pd.DataFrame, s: FitSettings) -> dict:
 def in_sample_errors(n_params: np.ndarray, loss: np.ndarray, predicted: np.ndarray) -> dict:
     """How far the fitted law misses the points it was fitted on: the mean and largest absolute relative error
     and, per model size, the mean signed one ((predicted − loss) / loss, as the back-test counts it). Intervals
-    say how well the data pin the parameters *if the form is right*; these say whether the form follows the
-    data at all: sizes the law puts too low next to sizes it puts too high are a shape its N term cannot make."""
+    say how well the data pin the parameters *if the form is right*; these say how closely the form follows the
+    data (a mean miss far above the loss's noise, of opposite signs at the small and the large sizes, is the
+    shape a plateau that larger models leave sooner gives it: tests/test_fits.py)."""
     relative = predicted / loss - 1
     by_size = pd.Series(relative).groupby(n_params).mean()
     return {

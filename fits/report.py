@@ -547,8 +547,8 @@ def _law_tables(fits: dict) -> str:
         back = (
             f"In sample, L(N, D) misses the losses it was fitted on by {fitted['mean_abs_relative_error']:.1%} on "
             f"average (largest {fitted['max_abs_relative_error']:.1%}); mean signed error (fitted / measured − 1) "
-            f"by N: {sizes}. The intervals assume the form is right; a size the law puts too high next to one "
-            f"it puts too low is a shape the form cannot follow. {back}"
+            f"by N: {sizes}. The intervals above assume the form is right; these misses say how closely it "
+            f"follows the points. {back}"
         )
     unpinned = [row[0] for row in rows if row[0] and row[-1].startswith("no")]
     note = (
